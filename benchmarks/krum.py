@@ -1,0 +1,74 @@
+"""Krum's cost against one Gram-matrix matmul and a naive pairwise loop, in the same run.
+
+Goal: `krum/matmul ratio` of 1.5 or less (Krum is the Gram product plus O(n^2) work).
+
+    python benchmarks/krum.py [--n 50] [--d 1000000] [--repeats 5] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from services.aggregator.robust import krum
+
+
+def naive_krum(x: torch.Tensor, f: int) -> int:
+    """Krum with a Python loop over pairs: the baseline the Gram product replaces."""
+    n = x.shape[0]
+    dist = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = float(((x[i] - x[j]) ** 2).sum())
+            dist[i][j] = dist[j][i] = d
+    scores = [sum(sorted(dist[i][:i] + dist[i][i + 1 :])[: n - f - 2]) for i in range(n)]
+    return min(range(n), key=scores.__getitem__)
+
+
+def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """Median wall time of fn over `repeats` runs after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--d", type=int, default=1_000_000)
+    p.add_argument("--f", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n, args.d, generator=gen).to(device)
+
+    t_matmul = timed(lambda: x @ x.T, args.repeats, sync)
+    t_krum = timed(lambda: krum(x, args.f), args.repeats, sync)
+    t_naive = timed(lambda: naive_krum(x, args.f), 1, sync)
+    assert naive_krum(x, args.f) == krum(x, args.f).kept[0], "Krum disagrees with the naive loop"
+
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"n={args.n} updates of d={args.d:,} float32, f={args.f}")
+    print(f"gram matmul  {t_matmul * 1e3:9.2f} ms")
+    print(f"krum         {t_krum * 1e3:9.2f} ms")
+    print(f"naive loop   {t_naive * 1e3:9.2f} ms  ({t_naive / t_krum:.1f}x slower than krum)")
+    print(f"krum/matmul ratio: {t_krum / t_matmul:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The `flclustering` command.
+
+`flclustering local` runs a whole federation in one process on the embedded digits data
+(the learning core end to end, without the network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import FLClusteringError
+from services.common.flags import OneLineParser, env, optional_int, parse_bool
+from services.common.strategies import STRATEGIES
+
+logger = logging.getLogger("flclustering")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from services.common.local_run import RunConfig
+    from services.participant.attacks import ATTACKS
+    from services.participant.datasets import DATASETS
+    from services.participant.models import MODELS
+    from services.participant.partition import PARTITIONS
+
+    d = RunConfig()
+    e = "FLCLUSTERING_"
+    p.add_argument(
+        "--strategy", choices=sorted(STRATEGIES), default=env(e + "STRATEGY", d.strategy)
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=env(e + "DATASET", d.dataset))
+    p.add_argument("--data-dir", default=env(e + "DATA_DIR", d.data_dir))
+    p.add_argument(
+        "--download",
+        type=parse_bool,
+        default=env(e + "DOWNLOAD", d.download),
+        help="download a missing dataset into --data-dir (true/false)",
+    )
+    p.add_argument("--partition", choices=PARTITIONS, default=env(e + "PARTITION", d.partition))
+    p.add_argument("--participants", type=int, default=env(e + "PARTICIPANTS", d.participants))
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=env(e + "GROUPS", d.groups),
+        help="ground-truth label groups of practical-noniid",
+    )
+    p.add_argument(
+        "--clusters",
+        type=optional_int,
+        default=env(e + "CLUSTERS", d.clusters, optional_int),
+        help="k, or 'auto' to choose it from the deltas",
+    )
+    p.add_argument("--select", type=int, default=env(e + "SELECT", d.select))
+    p.add_argument("--rounds", type=int, default=env(e + "ROUNDS", d.rounds))
+    p.add_argument("--local-epochs", type=int, default=env(e + "LOCAL_EPOCHS", d.local_epochs))
+    p.add_argument("--batch-size", type=int, default=env(e + "BATCH_SIZE", d.batch_size))
+    p.add_argument("--lr", type=float, default=env(e + "LR", d.lr))
+    p.add_argument("--momentum", type=float, default=env(e + "MOMENTUM", d.momentum))
+    p.add_argument("--model", choices=sorted(MODELS), default=env(e + "MODEL", d.model))
+    p.add_argument("--q", type=float, default=env(e + "Q", d.q))
+    p.add_argument("--pre-steps", type=int, default=env(e + "PRE_STEPS", d.pre_steps))
+    p.add_argument(
+        "--adjusted",
+        type=parse_bool,
+        default=env(e + "ADJUSTED", d.adjusted),
+        help="sample adjustment strategy for pre-training (true/false)",
+    )
+    p.add_argument(
+        "--byzantine-fraction",
+        type=float,
+        default=env(e + "BYZANTINE_FRACTION", d.byzantine_fraction),
+    )
+    p.add_argument("--attack", choices=ATTACKS, default=env(e + "ATTACK", d.attack))
+    p.add_argument("--attack-rate", type=float, default=env(e + "ATTACK_RATE", d.attack_rate))
+    p.add_argument("--attack-factor", type=float, default=env(e + "ATTACK_FACTOR", d.attack_factor))
+    p.add_argument("--attack-every", type=int, default=env(e + "ATTACK_EVERY", d.attack_every))
+    p.add_argument(
+        "--attack-placement",
+        choices=("per-group", "random"),
+        default=env(e + "ATTACK_PLACEMENT", d.attack_placement),
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=env(e + "ALPHA", d.alpha),
+        help="Dirichlet concentration of the dirichlet partition",
+    )
+    p.add_argument("--seed", type=int, default=env(e + "SEED", d.seed))
+    p.add_argument("--device", default=env(e + "DEVICE", d.device))
+    p.add_argument("--out", type=Path, default=env(e + "OUT", Path("runs/local")))
+
+
+def _progress(total: int, started: float) -> Any:
+    def show(record: dict[str, Any]) -> None:
+        done = record["round"] + 1
+        width = 30
+        bar = "#" * (width * done // total) + "-" * (width - width * done // total)
+        sys.stderr.write(
+            f"\r[{bar}] round {done}/{total}  accuracy {record['mean_accuracy']:.3f}  "
+            f"{time.perf_counter() - started:.0f}s"
+        )
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def run_local_command(args: argparse.Namespace) -> int:
+    """`flclustering local`: run, print a summary table, write the results."""
+    from services.common.local_run import RunConfig, run_local
+    from services.common.report import write_results
+    from services.participant.device import resolve_device
+
+    names = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["device"] = str(resolve_device(values["device"]))
+    config = RunConfig(**values)
+    result = run_local(config, _progress(config.rounds, time.perf_counter()))
+    payload = {
+        "config": result.config,
+        "rounds": result.rounds,
+        "clusters": result.clusters,
+        "clustering": result.clustering,
+        "final": result.final,
+    }
+    written = write_results(args.out, payload)
+    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'std':>6} {'worst':>6} {'rejected':>8}")
+    step = max(1, len(result.rounds) // 10)
+    shown = result.rounds[::step]
+    if shown[-1] is not result.rounds[-1]:
+        shown.append(result.rounds[-1])
+    for r in shown:
+        print(
+            f"{r['round']:>5} {r['mean_accuracy']:>9.3f} {r['mean_loss']:>7.3f} "
+            f"{r['accuracy_std']:>6.3f} {r['worst_accuracy']:>6.3f} {r['rejected']:>8}"
+        )
+    if result.clustering:
+        c = result.clustering
+        purity = "n/a" if c["purity"] is None else f"{c['purity']:.2f}"
+        print(f"clustering: k={c['k']} ({c['k_from']}), purity {purity}")
+    f = result.final
+    print(
+        f"final: mean accuracy {f['mean_accuracy']:.3f}, std {f['accuracy_std']:.3f}, "
+        f"worst {f['worst_accuracy']:.3f}; results in {written[0].parent}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `flclustering` parser with its sub-commands."""
+    parser = OneLineParser(prog="flclustering", description=__doc__)
+    parser.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    local = sub.add_parser("local", help="run a whole federation in one process")
+    _add_run_flags(local)
+    local.set_defaults(func=run_local_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `flclustering` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except FLClusteringError as exc:
+        sys.stderr.write(f"flclustering: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("flclustering: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

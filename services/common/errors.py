@@ -1,0 +1,26 @@
+"""The project's exception hierarchy: typed errors whose messages tell the user what to do.
+
+Services map these to gRPC status codes in one place; the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+
+class FLClusteringError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+
+class ConfigError(FLClusteringError, ValueError):
+    """A flag, option or argument has a value that cannot work."""
+
+
+class DatasetUnavailableError(FLClusteringError, FileNotFoundError):
+    """A dataset is neither on disk nor downloadable."""
+
+
+class PreconditionError(FLClusteringError):
+    """An algorithm's precondition does not hold (and no fallback was allowed)."""
+
+
+class SpecMismatchError(FLClusteringError, ValueError):
+    """Tensors do not match the model's specification (names, shapes, dtypes)."""

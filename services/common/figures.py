@@ -1,0 +1,42 @@
+"""Figures a round is judged by: accuracy across participants, and clustering purity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AccuracySummary:
+    """Mean, standard deviation (the fairness figure), worst decile and worst accuracy."""
+
+    mean: float
+    std: float
+    worst_decile: float  # mean accuracy of the worst 10% of participants (at least one)
+    worst: float
+
+
+def accuracy_summary(accuracies: Sequence[float] | np.ndarray) -> AccuracySummary:
+    """Summarise per-participant accuracies (population standard deviation)."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no accuracies to summarise")
+    tail = max(1, int(np.ceil(0.1 * a.size)))
+    return AccuracySummary(
+        float(a.mean()), float(a.std()), float(np.sort(a)[:tail].mean()), float(a.min())
+    )
+
+
+def purity(assignment: Sequence[int] | np.ndarray, truth: Sequence[int] | np.ndarray) -> float:
+    """Share of participants whose cluster's majority ground-truth group is their own."""
+    pred = np.asarray(assignment)
+    true = np.asarray(truth)
+    if pred.shape != true.shape or pred.size == 0:
+        raise ValueError("assignment and truth must be non-empty and of equal length")
+    total = 0
+    for c in np.unique(pred):
+        _, counts = np.unique(true[pred == c], return_counts=True)
+        total += int(counts.max())
+    return total / pred.size

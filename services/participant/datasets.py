@@ -1,0 +1,264 @@
+"""Datasets by name, as in-memory tensors with a fixed train/test split.
+
+`digits` (scikit-learn's embedded 8x8 digits) is the offline default. `mnist`, `fmnist` and
+`cifar10` come from a data directory (downloaded there when the machine is online); `folder`
+reads a participant's own images, one sub-folder per class. CIFAR-10 is read from its binary
+release, never from the pickled Python release: a participant must not unpickle files.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common.errors import ConfigError, DatasetUnavailableError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images as float tensors (N, C, H, W) with int64 labels, train and test.
+
+    Pixels are standardised per channel with the train split's mean and standard deviation
+    (a property of the dataset, like MNIST's well-known 0.1307 / 0.3081): from-scratch
+    models then leave the initial plateau in a few steps instead of a few hundred.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    classes: tuple[str, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one example."""
+        c, h, w = self.x_train.shape[1:]
+        return (int(c), int(h), int(w))
+
+
+def standardised(ds: Dataset) -> Dataset:
+    """The dataset with pixels scaled to zero mean and unit variance per channel."""
+    dims = (0, 2, 3)
+    mean = ds.x_train.mean(dim=dims, keepdim=True)
+    std = ds.x_train.std(dim=dims, keepdim=True).clamp(min=1e-6)
+    return replace(ds, x_train=(ds.x_train - mean) / std, x_test=(ds.x_test - mean) / std)
+
+
+def load_digits_dataset(test_fraction: float = 0.25) -> Dataset:
+    """scikit-learn's 1,797 embedded 8x8 digits, split once, stratified, with a fixed seed.
+
+    The split is part of the dataset's definition (seed 0), not of an experiment's seed,
+    so every participant agrees on it without talking to anyone.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, stratify=y, random_state=0
+    )
+    return Dataset(
+        "digits",
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+        10,
+        tuple(str(i) for i in range(10)),
+    )
+
+
+def _unavailable(name: str, root: Path, files: list[str], reason: str) -> DatasetUnavailableError:
+    listed = ", ".join(str(root / f) for f in files)
+    return DatasetUnavailableError(
+        f"{name}: not found in {root} (expected {listed}) and not downloadable: {reason}"
+    )
+
+
+def _load_torchvision_idx(name: str, root: Path, download: bool) -> Dataset:
+    """MNIST or Fashion-MNIST through torchvision (idx files, no pickle)."""
+    from torchvision import datasets as tvd
+
+    cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+    folder = cls.__name__
+    files = [
+        f"{folder}/raw/{f}"
+        for f in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    ]
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as exc:  # torchvision raises RuntimeError or URLError variants
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not download:
+            reason = "download disabled"
+        raise _unavailable(name, root, files, reason) from exc
+
+    def images(ds: tvd.MNIST) -> torch.Tensor:
+        return ds.data.to(torch.float32).div_(255.0).unsqueeze(1)
+
+    return Dataset(
+        name,
+        images(train),
+        train.targets.to(torch.int64),
+        images(test),
+        test.targets.to(torch.int64),
+        10,
+        tuple(str(c) for c in train.classes),
+    )
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def read_cifar10_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one CIFAR-10 binary batch: records of 1 label byte and 3,072 pixel bytes."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise DatasetUnavailableError(
+            f"cifar10: {path} is not a CIFAR-10 binary batch ({raw.size} bytes)"
+        )
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    labels = torch.from_numpy(records[:, 0].astype(np.int64))
+    if int(labels.max()) > 9:
+        raise DatasetUnavailableError(f"cifar10: {path} holds labels above 9")
+    images = torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+    return images, labels
+
+
+def _load_cifar10(root: Path, download: bool) -> Dataset:
+    folder = root / "cifar-10-batches-bin"
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    if not all((folder / n).is_file() for n in names):
+        files = [f"cifar-10-batches-bin/{n}" for n in names]
+        if not download:
+            raise _unavailable("cifar10", root, files, "download disabled")
+        try:
+            from torchvision.datasets.utils import download_url
+
+            download_url(CIFAR10_URL, str(root), md5=CIFAR10_MD5)
+            with tarfile.open(root / "cifar-10-binary.tar.gz") as tar:
+                tar.extractall(root, filter="data")
+        except Exception as exc:
+            raise _unavailable("cifar10", root, files, str(exc).splitlines()[0]) from exc
+    train = [read_cifar10_batch(folder / n) for n in names[:5]]
+    x_te, y_te = read_cifar10_batch(folder / names[5])
+    return Dataset(
+        "cifar10",
+        torch.cat([x for x, _ in train]),
+        torch.cat([y for _, y in train]),
+        x_te,
+        y_te,
+        10,
+        CIFAR10_CLASSES,
+    )
+
+
+def load_image_folder(
+    root: Path,
+    size: tuple[int, int] | None = None,
+    grayscale: bool = True,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> Dataset:
+    """Images in one sub-folder per class (sorted names are the classes), split per class.
+
+    Seed 002's handwritten maths symbols are such a folder (45x45 grey images). The image
+    size defaults to the first image's.
+    """
+    from PIL import Image
+
+    if not root.is_dir():
+        raise DatasetUnavailableError(f"folder: {root} is not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(class_dirs) < 2:
+        raise DatasetUnavailableError(
+            f"folder: {root} needs at least 2 class sub-folders, found {len(class_dirs)}"
+        )
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    for label, d in enumerate(class_dirs):
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            with Image.open(f) as raw:
+                im = raw.convert("L" if grayscale else "RGB")
+            if size is None:
+                size = (im.height, im.width)
+            if (im.height, im.width) != size:
+                im = im.resize((size[1], size[0]))
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+            xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DatasetUnavailableError(f"folder: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+    x = torch.from_numpy(np.stack(xs))
+    y = torch.tensor(ys, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(split_seed)
+    test_idx: list[int] = []
+    for label in range(len(class_dirs)):
+        idx = torch.nonzero(y == label).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_test = round(idx.numel() * test_fraction)
+        test_idx.extend(idx[:n_test].tolist())
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[test_idx] = True
+    return Dataset(
+        "folder",
+        x[~is_test],
+        y[~is_test],
+        x[is_test],
+        y[is_test],
+        len(class_dirs),
+        tuple(d.name for d in class_dirs),
+    )
+
+
+def _loaders(data_dir: Path, download: bool) -> dict[str, Callable[[], Dataset]]:
+    return {
+        "digits": load_digits_dataset,
+        "mnist": lambda: _load_torchvision_idx("mnist", data_dir, download),
+        "fmnist": lambda: _load_torchvision_idx("fmnist", data_dir, download),
+        "cifar10": lambda: _load_cifar10(data_dir, download),
+        "folder": lambda: load_image_folder(data_dir),
+    }
+
+
+DATASETS = ("digits", "mnist", "fmnist", "cifar10", "folder")
+
+
+def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True) -> Dataset:
+    """Load a dataset by name; `data_dir` is where files live (the folder itself for `folder`)."""
+    loaders = _loaders(Path(data_dir), download)
+    if name not in loaders:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return standardised(loaders[name]())

@@ -1,0 +1,127 @@
+"""Models by name, sized from the dataset's input shape and class count (ALGORITHM.md 1)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from services.common.errors import ConfigError
+
+Shape = tuple[int, int, int]
+
+
+def _flat_dim(features: nn.Module, shape: Shape) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *shape)).numel())
+
+
+class CNN(nn.Module):
+    """The seed's CNN: conv16-pool-conv32-pool-fc128-fc(classes), 5x5 'same' convolutions."""
+
+    def __init__(self, shape: Shape, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(shape[0], 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_dim(self.features, shape), 128), nn.ReLU(), nn.Linear(128, classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def mlp(shape: Shape, classes: int, hidden: tuple[int, ...]) -> nn.Module:
+    """A fully connected network over the flattened image."""
+    dims = [shape[0] * shape[1] * shape[2], *hidden]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], classes))
+    return nn.Sequential(*layers)
+
+
+class RowLSTM(nn.Module):
+    """An LSTM reading the image row by row; the last hidden state feeds the classifier."""
+
+    def __init__(self, shape: Shape, classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(shape[0] * shape[2], hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 1, 3).reshape(b, h, c * w)
+        out, _ = self.lstm(rows)
+        return self.fc(out[:, -1])
+
+
+class KerasCNN(nn.Module):
+    """Seed 002's Keras CNN: conv32-pool-conv32-pool-dense128-drop-dense128-drop-dense.
+
+    Keras uses 'valid' convolutions; images under 14 pixels (digits) would shrink to nothing,
+    so they get 'same' padding instead.
+    """
+
+    def __init__(self, shape: Shape, classes: int) -> None:
+        super().__init__()
+        pad = 0 if min(shape[1], shape[2]) >= 14 else 1
+        self.features = nn.Sequential(
+            nn.Conv2d(shape[0], 32, 3, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_dim(self.features, shape), 128),
+            nn.ReLU(),
+            nn.Dropout(0.25),
+            nn.Linear(128, 128),
+            nn.ReLU(),
+            nn.Dropout(0.25),
+            nn.Linear(128, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def resnet18(shape: Shape, classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, no max-pool)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=classes)
+    model.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
+    "cnn": CNN,
+    "mclr": lambda s, c: mlp(s, c, (512, 512)),
+    "2nn": lambda s, c: mlp(s, c, (200, 200)),
+    "lstm": RowLSTM,
+    "resnet18": resnet18,
+    "keras-cnn": KerasCNN,
+}
+
+
+def build_model(name: str, input_shape: Shape, num_classes: int, seed: int = 0) -> nn.Module:
+    """A freshly initialised model; the same (name, shape, classes, seed) gives the same w0."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](input_shape, num_classes)

@@ -1,0 +1,240 @@
+"""Deterministic partitions of a dataset over N participants.
+
+Every participant computes the whole partition from (labels, scheme, N, seed) and keeps only
+its own shard: the partition is a pure function, so no server hands data out and all
+participants agree without talking. Index computations only, so this is cheap even for
+thousands of participants.
+
+Disjointness: `iid`, `noniid` and `dirichlet` give disjoint train and disjoint test shards.
+`practical-noniid` draws each participant's samples from its group's pool like the research
+code does, so shards of different participants may overlap (a participant never holds a
+sample twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import ConfigError
+
+PARTITIONS = ("iid", "noniid", "practical-noniid", "dirichlet")
+
+# The research code's practical-noniid sizes for MNIST (60,000 train / 10,000 test).
+PRACTICAL_MAX_TRAIN = 2000
+PRACTICAL_TRAIN_RATIO = 10  # smallest : largest = 1 : 10
+PRACTICAL_OTHER_PER_2000 = 100
+PRACTICAL_TEST = 400
+PRACTICAL_TEST_OTHER = 20
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One participant's share: indices into the train and test sets, and its true group."""
+
+    index: int
+    train: np.ndarray
+    test: np.ndarray
+    group: int = -1  # ground-truth group (practical-noniid); -1 where a partition has none
+
+
+def label_groups(num_classes: int, k: int) -> list[list[int]]:
+    """Split labels into k disjoint groups; the last takes the remainder.
+
+    10 classes, k=3 -> {0,1,2}, {3,4,5}, {6,7,8,9}; k=5 -> pairs (ALGORITHM.md section 1).
+    """
+    if not 1 <= k <= num_classes:
+        raise ConfigError(f"groups must be between 1 and {num_classes}, got {k}")
+    size = num_classes // k
+    groups = [list(range(g * size, (g + 1) * size)) for g in range(k)]
+    groups[-1].extend(range(k * size, num_classes))
+    return groups
+
+
+def _rng(seed: int, scheme: str) -> np.random.Generator:
+    # Separate streams per scheme so adding one does not change another's draws.
+    return np.random.default_rng([seed, sum(map(ord, scheme))])
+
+
+def _iid(y_train: np.ndarray, y_test: np.ndarray, n: int, rng: np.random.Generator) -> list[Shard]:
+    tr = np.array_split(rng.permutation(len(y_train)), n)
+    te = np.array_split(rng.permutation(len(y_test)), n)
+    return [Shard(i, np.sort(tr[i]), np.sort(te[i])) for i in range(n)]
+
+
+def noniid_labels(n: int, num_classes: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Two distinct labels per participant, each label held by about 2n / C participants."""
+    perm = rng.permutation(num_classes)
+    pairs = []
+    for i in range(n):
+        shift = 1 + (i // num_classes) % (num_classes - 1)
+        a = perm[i % num_classes]
+        b = perm[(i % num_classes + shift) % num_classes]
+        pairs.append((int(a), int(b)))
+    return pairs
+
+
+def _split_by_holders(
+    y: np.ndarray, holders: dict[int, list[int]], rng: np.random.Generator, n: int
+) -> list[list[np.ndarray]]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for label, who in holders.items():
+        idx = rng.permutation(np.flatnonzero(y == label))
+        for chunk, p in zip(np.array_split(idx, len(who)), who, strict=True):
+            parts[p].append(chunk)
+    return parts
+
+
+def _noniid(
+    y_train: np.ndarray, y_test: np.ndarray, n: int, num_classes: int, rng: np.random.Generator
+) -> list[Shard]:
+    pairs = noniid_labels(n, num_classes, rng)
+    holders: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        for label in pair:
+            holders.setdefault(label, []).append(i)
+    tr = _split_by_holders(y_train, holders, rng, n)
+    te = _split_by_holders(y_test, holders, rng, n)
+    return [
+        Shard(i, np.sort(np.concatenate(tr[i])), np.sort(np.concatenate(te[i]))) for i in range(n)
+    ]
+
+
+def practical_sizes(train_pool: int, test_pool: int) -> tuple[int, int, int, int, int]:
+    """(min train, max train, others in train, test, others in test) scaled to the pools.
+
+    The research sizes (200-2,000 + 100 others; 400 + 20 test) are capped by the smallest
+    group pool, keeping the 1:10 imbalance and the share of other groups' samples.
+    """
+    max_train = min(PRACTICAL_MAX_TRAIN, train_pool)
+    min_train = max(1, max_train // PRACTICAL_TRAIN_RATIO)
+    other_train = max(1, round(max_train * PRACTICAL_OTHER_PER_2000 / PRACTICAL_MAX_TRAIN))
+    n_test = min(PRACTICAL_TEST, test_pool)
+    other_test = max(1, round(n_test * PRACTICAL_TEST_OTHER / PRACTICAL_TEST))
+    return min_train, max_train, other_train, n_test, other_test
+
+
+def _practical(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    n: int,
+    num_classes: int,
+    k: int,
+    rng: np.random.Generator,
+) -> list[Shard]:
+    groups = label_groups(num_classes, k)
+    in_group_tr = [np.flatnonzero(np.isin(y_train, g)) for g in groups]
+    in_group_te = [np.flatnonzero(np.isin(y_test, g)) for g in groups]
+    min_tr, max_tr, other_tr, n_te, other_te = practical_sizes(
+        min(len(p) for p in in_group_tr), min(len(p) for p in in_group_te)
+    )
+    assignment = rng.permutation(np.arange(n) % k)
+    shards = []
+    for i in range(n):
+        g = int(assignment[i])
+        out_tr = np.flatnonzero(~np.isin(y_train, groups[g]))
+        out_te = np.flatnonzero(~np.isin(y_test, groups[g]))
+        size = int(rng.integers(min_tr, max_tr + 1))
+        train = np.concatenate(
+            [
+                rng.choice(in_group_tr[g], size, replace=False),
+                rng.choice(out_tr, min(other_tr, len(out_tr)), replace=False),
+            ]
+        )
+        test = np.concatenate(
+            [
+                rng.choice(in_group_te[g], n_te, replace=False),
+                rng.choice(out_te, min(other_te, len(out_te)), replace=False),
+            ]
+        )
+        shards.append(Shard(i, np.sort(train), np.sort(test), g))
+    return shards
+
+
+def _dirichlet(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    n: int,
+    num_classes: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int,
+    tries: int = 100,
+) -> list[Shard]:
+    if alpha <= 0:
+        raise ConfigError(f"dirichlet alpha must be positive, got {alpha}")
+    for _ in range(tries):
+        props = rng.dirichlet(np.full(n, alpha), size=num_classes)  # (C, n)
+        tr = _split_by_props(y_train, props, rng, n)
+        if min(len(t) for t in tr) >= min_size:
+            te = _split_by_props(y_test, props, rng, n)
+            return [Shard(i, tr[i], te[i]) for i in range(n)]
+    raise ConfigError(
+        f"dirichlet(alpha={alpha}) could not give each of {n} participants {min_size} train "
+        f"samples in {tries} draws; raise alpha or lower the number of participants"
+    )
+
+
+def _split_by_props(
+    y: np.ndarray, props: np.ndarray, rng: np.random.Generator, n: int
+) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for c in range(props.shape[0]):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cuts = (np.cumsum(props[c])[:-1] * len(idx)).astype(int)
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def partition(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    scheme: str,
+    num_participants: int,
+    seed: int,
+    num_classes: int | None = None,
+    groups: int = 3,
+    alpha: float = 0.5,
+) -> list[Shard]:
+    """All participants' shards for a partition scheme, deterministic from the seed."""
+    y_train = np.asarray(y_train)
+    y_test = np.asarray(y_test)
+    n = num_participants
+    c = int(num_classes if num_classes is not None else max(y_train.max(), y_test.max()) + 1)
+    if n < 1:
+        raise ConfigError(f"number of participants must be at least 1, got {n}")
+    rng = _rng(seed, scheme)
+    if scheme == "iid":
+        if n > len(y_test):
+            raise ConfigError(f"iid: {n} participants but only {len(y_test)} test samples")
+        return _iid(y_train, y_test, n, rng)
+    if scheme == "noniid":
+        if c < 2:
+            raise ConfigError("noniid needs at least 2 classes")
+        return _noniid(y_train, y_test, n, c, rng)
+    if scheme == "practical-noniid":
+        return _practical(y_train, y_test, n, c, groups, rng)
+    if scheme == "dirichlet":
+        min_size = max(1, min(10, len(y_train) // (2 * n)))
+        return _dirichlet(y_train, y_test, n, c, alpha, rng, min_size)
+    raise ConfigError(f"unknown partition {scheme!r}; choose one of {', '.join(PARTITIONS)}")
+
+
+def shard_for(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    scheme: str,
+    num_participants: int,
+    index: int,
+    seed: int,
+    num_classes: int | None = None,
+    groups: int = 3,
+    alpha: float = 0.5,
+) -> Shard:
+    """The shard of participant `index`: what a participant computes on its own."""
+    if not 0 <= index < num_participants:
+        raise ConfigError(f"participant index must be in [0, {num_participants}), got {index}")
+    shards = partition(y_train, y_test, scheme, num_participants, seed, num_classes, groups, alpha)
+    return shards[index]

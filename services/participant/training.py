@@ -1,0 +1,164 @@
+"""Local training, pre-training deltas and evaluation on a participant's own data.
+
+Pure in the sense that matters here: every function takes the model, the data, the settings
+and a seeded generator, and returns results; nothing global is read or written.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from services.common.tensors import flatten, spec_of
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD settings of local training; the rate decays once per global round."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    lr_decay: float = 0.99
+    weight_decay: float = 0.0
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of global round `round_` (the seed's exponential decay)."""
+        return self.lr * self.lr_decay ** max(0, round_)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of local training did."""
+
+    loss: float  # mean training loss over the last epoch
+    examples: int  # examples processed (all epochs)
+    steps: int
+    seconds: float
+
+
+def batches(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Shuffled index batches over n examples (one epoch)."""
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield perm[start : start + batch_size]
+
+
+def _sgd(model: nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def local_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    round_: int,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Train `model` in place for `config.epochs` epochs on (x, y), on the model's device."""
+    if len(y) == 0:
+        raise ValueError("no training examples")
+    device = _device_of(model)
+    x, y = x.to(device), y.to(device)
+    opt = _sgd(model, config.lr_at(round_), config.momentum, config.weight_decay)
+    model.train()
+    start = time.perf_counter()
+    steps = examples = 0
+    epoch_loss = 0.0
+    for _ in range(config.epochs):
+        total = 0.0
+        for idx in batches(len(y), config.batch_size, generator):
+            idx = idx.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            steps += 1
+            examples += len(idx)
+        epoch_loss = total / len(y)
+    return TrainResult(epoch_loss, examples, steps, time.perf_counter() - start)
+
+
+def pre_train_delta(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    adjusted: bool = True,
+    steps: int = 20,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+) -> torch.Tensor:
+    """The pre-training delta w_i - w0 that clustering groups (ALGORITHM.md section 2).
+
+    With the sample adjustment strategy (`adjusted`) every participant runs the same number of
+    one-mini-batch steps, so ten times more data does not mean a ten times longer delta;
+    without it, `epochs` full passes (the unadjusted variant, kept for comparison).
+    `model` is left untouched; its copy is trained.
+    """
+    work = copy.deepcopy(model)
+    spec = spec_of(work.state_dict())
+    before = flatten(work.state_dict(), spec).clone()
+    device = _device_of(work)
+    x, y = x.to(device), y.to(device)
+    opt = _sgd(work, lr, momentum, 0.0)
+    work.train()
+
+    def step(idx: torch.Tensor) -> None:
+        idx = idx.to(device)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(work(x[idx]), y[idx]).backward()
+        opt.step()
+
+    if adjusted:
+        done = 0
+        while done < steps:
+            for idx in batches(len(y), batch_size, generator):
+                step(idx)
+                done += 1
+                if done == steps:
+                    break
+    else:
+        for _ in range(epochs):
+            for idx in batches(len(y), batch_size, generator):
+                step(idx)
+    return flatten(work.state_dict(), spec).cpu() - before.cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of `model` on (x, y)."""
+    if len(y) == 0:
+        raise ValueError("no evaluation examples")
+    device = _device_of(model)
+    model.eval()
+    loss_sum = 0.0
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / len(y), correct / len(y)

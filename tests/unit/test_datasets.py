@@ -1,0 +1,92 @@
+"""Dataset loaders on real digits and on small files made in the formats they read."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import ConfigError, DatasetUnavailableError
+from services.participant.datasets import load_dataset, read_cifar10_batch
+
+
+def test_digits_is_the_offline_default():
+    d = load_dataset("digits")
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10
+    assert len(d.y_train) + len(d.y_test) == 1797
+    assert abs(float(d.x_train.mean())) < 1e-5 and abs(float(d.x_train.std()) - 1) < 1e-3
+    assert set(d.y_test.tolist()) == set(range(10))
+    again = load_dataset("digits")
+    assert torch.equal(d.y_test, again.y_test)  # the split is fixed
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    magic = {1: 0x801, 3: 0x803}[array.ndim]
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_loads_idx_files_from_data_dir(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    d = load_dataset("mnist", tmp_path, download=False)
+    assert d.x_train.shape == (12, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
+    assert d.y_train.tolist() == [i % 10 for i in range(12)]
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist", "cifar10"])
+def test_missing_dataset_gives_one_clear_line(tmp_path, name):
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_dataset(name, tmp_path, download=False)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path) in message and "expected" in message
+
+
+def test_cifar10_binary_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([3, 9, 0], dtype=np.uint8)
+    pixels = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    path = tmp_path / "batch.bin"
+    path.write_bytes(np.concatenate([labels[:, None], pixels], axis=1).tobytes())
+    x, y = read_cifar10_batch(path)
+    assert y.tolist() == [3, 9, 0] and x.shape == (3, 3, 32, 32)
+    assert abs(float(x[1, 2, 31, 31]) - pixels[1, -1] / 255.0) < 1e-6
+    (tmp_path / "bad.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(DatasetUnavailableError):
+        read_cifar10_batch(tmp_path / "bad.bin")
+
+
+def test_folder_dataset(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("plus", "minus", "times"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            arr = rng.integers(0, 256, (45, 45), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "plus" / "notes.txt").write_text("not an image")
+    d = load_dataset("folder", tmp_path)
+    assert d.classes == ("minus", "plus", "times")
+    assert d.input_shape == (1, 45, 45)
+    assert len(d.y_train) == 24 and len(d.y_test) == 6
+    assert np.bincount(d.y_test.numpy()).tolist() == [2, 2, 2]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DatasetUnavailableError, match="not a directory"):
+        load_dataset("folder", tmp_path / "nope")
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DatasetUnavailableError, match="at least 2"):
+        load_dataset("folder", tmp_path)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_dataset("imagenet")

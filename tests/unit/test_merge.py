@@ -1,0 +1,81 @@
+"""Fair global merges: q-weights, weighted merges and the q-FFL baseline."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given
+
+from services.aggregator.merge import (
+    accuracy_merge,
+    mean_merge,
+    q_weights,
+    qffl_merge,
+    sample_merge,
+    weighted_merge,
+)
+from services.common.errors import ConfigError
+
+
+def seed_formula(accs, q):
+    """The research code's weights, written out as it states them."""
+    a = [0.1 if x == 0 else x for x in accs]
+    raw = [x ** (-q) for x in a]
+    return [r / sum(raw) for r in raw]
+
+
+@given(
+    st.lists(st.just(0.0) | st.floats(1e-6, 1), min_size=1, max_size=12),
+    st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+)
+def test_q_weights_sum_to_one_and_match_seed(accs, q):
+    w = q_weights(accs, q)
+    assert abs(float(w.sum()) - 1) < 1e-9
+    assert torch.allclose(w, torch.tensor(seed_formula(accs, q), dtype=torch.float64))
+
+
+def test_worse_served_clusters_weigh_more():
+    w = q_weights([0.9, 0.5, 0.2], 0.5)
+    assert w[2] > w[1] > w[0]
+    # Hand-computed: 0.9^-.5=1.0541, 0.5^-.5=1.4142, 0.2^-.5=2.2361; sum 4.7044
+    assert torch.allclose(
+        w, torch.tensor([0.22406, 0.30062, 0.47532], dtype=torch.float64), atol=1e-4
+    )
+    assert torch.allclose(
+        q_weights([0.9, 0.5, 0.2], 0.0), torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
+
+
+def test_zero_accuracy_counts_as_point_one():
+    assert torch.allclose(q_weights([0.0, 0.1]), torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_q_weights_reject_bad_accuracies():
+    for bad in ([], [1.5], [-0.1], [float("nan")]):
+        with pytest.raises(ConfigError):
+            q_weights(bad)
+
+
+def test_merges():
+    m = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
+    torch.testing.assert_close(mean_merge(m), torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(sample_merge(m, [1, 3]), torch.tensor([1.5, 3.5]))
+    torch.testing.assert_close(weighted_merge(m, [0.25, 0.75]), torch.tensor([1.5, 3.5]))
+    acc = accuracy_merge(m, [1.0, 0.25], q=1.0)  # weights 1:4
+    torch.testing.assert_close(acc, torch.tensor([1.6, 3.6]))
+    with pytest.raises(ConfigError):
+        weighted_merge(m, [0.5, 0.6])
+
+
+def test_qffl_with_q0_is_the_mean_of_local_models():
+    g = torch.zeros(3)
+    local = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    torch.testing.assert_close(qffl_merge(g, local, [0.5, 2.0], q=0.0, lr=0.1), local.mean(0))
+
+
+def test_qffl_pulls_towards_high_loss_participants():
+    g = torch.zeros(2)
+    local = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = qffl_merge(g, local, [0.2, 2.0], q=1.0, lr=0.1)
+    assert out[1] > out[0] > 0

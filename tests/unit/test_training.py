@@ -1,0 +1,56 @@
+"""Local training, pre-training deltas and evaluation on real digits."""
+
+from __future__ import annotations
+
+import torch
+
+from services.participant.datasets import load_dataset
+from services.participant.models import build_model
+from services.participant.partition import shard_for
+from services.participant.training import TrainConfig, evaluate, local_train, pre_train_delta
+
+DATA = load_dataset("digits")
+
+
+def shard(index=0, n=3):
+    s = shard_for(DATA.y_train.numpy(), DATA.y_test.numpy(), "iid", n, index, 0, 10)
+    return DATA.x_train[s.train], DATA.y_train[s.train], DATA.x_test[s.test], DATA.y_test[s.test]
+
+
+def test_local_training_raises_test_accuracy():
+    x, y, xt, yt = shard()
+    model = build_model("cnn", DATA.input_shape, 10, seed=0)
+    loss0, acc0 = evaluate(model, xt, yt)
+    result = local_train(
+        model,
+        x,
+        y,
+        TrainConfig(epochs=5, lr=0.1, momentum=0.9),
+        0,
+        torch.Generator().manual_seed(0),
+    )
+    loss1, acc1 = evaluate(model, xt, yt)
+    assert acc0 < 0.3
+    assert acc1 >= 0.7 and acc1 > acc0 + 0.4
+    assert loss1 < loss0
+    assert result.examples == 5 * len(y) and result.steps == 5 * -(-len(y) // 32)
+
+
+def test_pre_train_delta_steps_are_fixed_when_adjusted():
+    model = build_model("2nn", DATA.input_shape, 10, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = DATA.x_train, DATA.y_train
+    small = pre_train_delta(model, x[:64], y[:64], torch.Generator().manual_seed(1), steps=10)
+    large = pre_train_delta(model, x, y, torch.Generator().manual_seed(1), steps=10)
+    full = pre_train_delta(model, x, y, torch.Generator().manual_seed(1), adjusted=False)
+    # The model itself is untouched.
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    # Same number of steps: comparable lengths; a full epoch on all data: a much longer one.
+    ratio = float(large.norm() / small.norm())
+    assert 0.5 < ratio < 2.0
+    assert float(full.norm()) > 1.5 * float(large.norm())
+
+
+def test_lr_decays_per_round():
+    cfg = TrainConfig(lr=0.1, lr_decay=0.5)
+    assert cfg.lr_at(0) == 0.1 and cfg.lr_at(2) == 0.025
