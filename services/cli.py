@@ -1,7 +1,7 @@
 """The `flclustering` command.
 
-`flclustering local` runs a whole federation in one process on the embedded digits data
-(the learning core end to end, without the network).
+`flclustering simulate` runs the federation as separate local processes over real gRPC;
+`flclustering local` runs the same algorithm in one process, without the network.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from services.common.strategies import STRATEGIES
 logger = logging.getLogger("flclustering")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, out: str) -> None:
     from services.common.local_run import RunConfig
     from services.participant.attacks import ATTACKS
     from services.participant.datasets import DATASETS
@@ -92,8 +92,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="Dirichlet concentration of the dirichlet partition",
     )
     p.add_argument("--seed", type=int, default=env(e + "SEED", d.seed))
-    p.add_argument("--device", default=env(e + "DEVICE", d.device))
-    p.add_argument("--out", type=Path, default=env(e + "OUT", Path("runs/local")))
+    p.add_argument("--device", default=env(e + "DEVICE", "auto"), help="auto, cpu or cuda[:n]")
+    p.add_argument("--out", type=Path, default=env(e + "OUT", Path(out)))
 
 
 def _progress(total: int, started: float) -> Any:
@@ -131,25 +131,45 @@ def run_local_command(args: argparse.Namespace) -> int:
         "final": result.final,
     }
     written = write_results(args.out, payload)
+    purity = result.clustering.get("purity") if result.clustering else None
+    _summary(result.rounds, result.final, purity, written[0].parent)
+    return 0
+
+
+def _summary(
+    rounds: list[dict[str, Any]], final: dict[str, float], purity: float | None, where: Path
+) -> None:
     print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'std':>6} {'worst':>6} {'rejected':>8}")
-    step = max(1, len(result.rounds) // 10)
-    shown = result.rounds[::step]
-    if shown[-1] is not result.rounds[-1]:
-        shown.append(result.rounds[-1])
+    step = max(1, len(rounds) // 10)
+    shown = rounds[::step]
+    if shown[-1] is not rounds[-1]:
+        shown.append(rounds[-1])
     for r in shown:
         print(
             f"{r['round']:>5} {r['mean_accuracy']:>9.3f} {r['mean_loss']:>7.3f} "
             f"{r['accuracy_std']:>6.3f} {r['worst_accuracy']:>6.3f} {r['rejected']:>8}"
         )
-    if result.clustering:
-        c = result.clustering
-        purity = "n/a" if c["purity"] is None else f"{c['purity']:.2f}"
-        print(f"clustering: k={c['k']} ({c['k_from']}), purity {purity}")
-    f = result.final
+    if purity is not None:
+        print(f"clustering purity against the true groups: {purity:.2f}")
     print(
-        f"final: mean accuracy {f['mean_accuracy']:.3f}, std {f['accuracy_std']:.3f}, "
-        f"worst {f['worst_accuracy']:.3f}; results in {written[0].parent}"
+        f"final: mean accuracy {final['mean_accuracy']:.3f}, std {final['accuracy_std']:.3f}, "
+        f"worst {final['worst_accuracy']:.3f}; results in {where}"
     )
+
+
+def run_simulate_command(args: argparse.Namespace) -> int:
+    """`flclustering simulate`: the federation as local processes over gRPC."""
+    from services.simulate import SimulateConfig, simulate
+
+    names = {f.name for f in fields(SimulateConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["out"] = str(values["out"])
+    config = SimulateConfig(**values)
+    started = time.perf_counter()
+    show = _progress(config.rounds, started)
+    results = simulate(config, lambda record, _total: show(record))
+    _summary(results["rounds"], results["final"], results["clustering"]["purity"], Path(config.out))
+    print(f"took {time.perf_counter() - started:.0f}s")
     return 0
 
 
@@ -158,8 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flclustering", description=__doc__)
     parser.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    local = sub.add_parser("local", help="run a whole federation in one process")
-    _add_run_flags(local)
+    sim = sub.add_parser(
+        "simulate", help="run the federation as local processes over gRPC (the main job)"
+    )
+    _add_run_flags(sim, "runs/simulate")
+    e = "FLCLUSTERING_"
+    sim.add_argument(
+        "--per-process",
+        type=int,
+        default=env(e + "PER_PROCESS", 10),
+        help="participants hosted by each participant process",
+    )
+    sim.add_argument("--round-timeout-s", type=float, default=env(e + "ROUND_TIMEOUT_S", 120.0))
+    sim.add_argument("--aggregator-port", type=int, default=env("AGGREGATOR_PORT", 0))
+    sim.add_argument("--clusterer-port", type=int, default=env("CLUSTERER_PORT", 0))
+    sim.set_defaults(func=run_simulate_command)
+    local = sub.add_parser("local", help="run the same algorithm in one process, no network")
+    _add_run_flags(local, "runs/local")
     local.set_defaults(func=run_local_command)
     return parser
 

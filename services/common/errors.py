@@ -24,3 +24,15 @@ class PreconditionError(FLClusteringError):
 
 class SpecMismatchError(FLClusteringError, ValueError):
     """Tensors do not match the model's specification (names, shapes, dtypes)."""
+
+
+class NotFoundError(FLClusteringError, LookupError):
+    """An unknown participant, model version or other named thing."""
+
+
+class StateError(FLClusteringError):
+    """The request does not fit the current state: wrong round, duplicate, too late."""
+
+
+class AuthError(FLClusteringError):
+    """The caller could not be authenticated."""

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.aggregator.defence import DefenceConfig, defend
-from services.aggregator.merge import q_weights, qffl_merge, weighted_merge
+from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import cluster
 from services.clusterer.selection import fair_select
 from services.common.errors import ConfigError
@@ -208,13 +207,6 @@ def run_local(
         }
         for p in people
     ]
-    defence = DefenceConfig(
-        strategy.rule,
-        config.byzantine_fraction,
-        3.0 if strategy.defended else None,
-        3.0 if strategy.defended else None,
-    )
-
     for rnd in range(config.rounds):
         start = time.perf_counter()
         # Fair selection; per-participant groups select plain random S.
@@ -254,19 +246,22 @@ def run_local(
                 labels.append(c)
                 updates.append(w - global_w)
         deltas = torch.stack(updates)
-        samples = [people[i].samples for i in rows]
-        outcome = defend(deltas, labels, defence, samples)
-        if strategy.merge == "qffl":
-            losses = [group_loss.get(i, 1.0) for i in rows]
-            global_w = qffl_merge(global_w, global_w + deltas, losses, lr=train_cfg.lr_at(rnd))
-        elif outcome.cluster_deltas:
-            cs = sorted(outcome.cluster_deltas)
-            stacked = torch.stack([outcome.cluster_deltas[c] for c in cs])
-            if strategy.merge == "accuracy" and rnd > 0:
-                weights = q_weights([group_acc[c] for c in cs], config.q)
-            else:
-                weights = torch.full((len(cs),), 1.0 / len(cs), dtype=torch.float64)
-            global_w = global_w + weighted_merge(stacked, weights)
+        losses = [group_loss.get(i, 1.0) for i in rows] if strategy.merge == "qffl" else None
+        result_round = aggregate_round(
+            global_w,
+            deltas,
+            labels,
+            [people[i].samples for i in rows],
+            strategy,
+            rnd,
+            group_acc,
+            config.q,
+            config.byzantine_fraction,
+            losses,
+            train_cfg.lr_at(rnd),
+        )
+        global_w = result_round.global_weights
+        outcome = result_round.defence
         rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
         # Every participant evaluates the new global model on its own test split.
         load(global_w)

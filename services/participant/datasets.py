@@ -262,3 +262,12 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     if name not in loaders:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return standardised(loaders[name]())
+
+
+# Input shape and class count per dataset, for services that build the model without data.
+SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fmnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}

@@ -1,0 +1,165 @@
+"""The aggregator's state, in one place: versioned global models and the open round.
+
+All mutation goes through methods holding one lock. `snapshot()` gives everything needed to
+restore the service (the later persistence work writes it with safetensors).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from services.aggregator.rounds import aggregate_round
+from services.common.errors import NotFoundError, StateError
+from services.common.strategies import get_strategy
+from services.common.tensors import TensorSpec, flatten, spec_of, unflatten
+
+
+@dataclass
+class PendingUpdate:
+    """One participant's accepted update for the open round, as a delta."""
+
+    participant: str
+    cluster: int
+    samples: int
+    delta: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What Aggregate did."""
+
+    version: int
+    updates: int
+    rejected: dict[str, str]
+    cluster_weights: dict[int, float]
+    rejected_clusters: dict[int, str]
+    fallbacks: dict[int, str]
+
+
+class AggregatorState:
+    """Global model versions, the open round and its pending updates."""
+
+    def __init__(self, initial: OrderedDict[str, torch.Tensor], keep_versions: int = 3) -> None:
+        self.spec: tuple[TensorSpec, ...] = spec_of(initial)
+        self.reference = OrderedDict((k, v.clone()) for k, v in initial.items())
+        self.keep_versions = max(2, keep_versions)
+        self.versions: OrderedDict[int, torch.Tensor] = OrderedDict(
+            {0: flatten(initial, self.spec)}
+        )
+        self.version = 0
+        self.open_round = 0
+        self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
+        self._receiving: set[str] = set()
+        self.lock = threading.Lock()
+
+    def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
+        """A stored version as named tensors (-1: the newest)."""
+        with self.lock:
+            v = self.version if version < 0 else version
+            if v not in self.versions:
+                raise NotFoundError(
+                    f"model version {v} is not kept (have {', '.join(map(str, self.versions))})"
+                )
+            flat = self.versions[v]
+        return v, unflatten(flat, self.spec, self.reference)
+
+    def begin_update(self, participant: str, round_: int, base_version: int) -> torch.Tensor:
+        """Check that an update may start; reserve the participant; return the base model."""
+        with self.lock:
+            if round_ != self.open_round:
+                raise StateError(
+                    f"round {round_} is not open (the open round is {self.open_round})"
+                )
+            if base_version != self.version:
+                raise StateError(
+                    f"update was trained from model version {base_version}; "
+                    f"round {round_} expects version {self.version}"
+                )
+            if participant in self.pending or participant in self._receiving:
+                raise StateError(f"{participant} already submitted an update for round {round_}")
+            self._receiving.add(participant)
+            return self.versions[self.version]
+
+    def end_update(self, update: PendingUpdate | None, round_: int) -> None:
+        """Accept a fully validated update (or release the reservation when None)."""
+        with self.lock:
+            self._receiving.discard(update.participant if update else "")
+            if update is None:
+                return
+            if round_ != self.open_round:
+                raise StateError(f"round {round_} closed while the update was streaming")
+            self.pending[update.participant] = update
+
+    def release(self, participant: str) -> None:
+        """Forget a reservation whose stream failed."""
+        with self.lock:
+            self._receiving.discard(participant)
+
+    def aggregate(
+        self,
+        round_: int,
+        strategy_name: str,
+        cluster_accuracy: dict[int, float],
+        q: float,
+        byzantine_fraction: float,
+        lr: float,
+        abandon: bool = False,
+    ) -> RoundReport:
+        """Close the open round: defence and merge into a new version (or drop it all)."""
+        strategy = get_strategy(strategy_name)
+        with self.lock:
+            if round_ != self.open_round:
+                raise StateError(
+                    f"round {round_} is not open (the open round is {self.open_round})"
+                )
+            updates = list(self.pending.values())
+            base = self.versions[self.version]
+            if abandon or not updates:
+                self.pending.clear()
+                self.open_round += 1
+                return RoundReport(self.version, 0, {}, {}, {}, {})
+            outcome = aggregate_round(
+                base,
+                torch.stack([u.delta for u in updates]),
+                [u.cluster for u in updates],
+                [u.samples for u in updates],
+                strategy,
+                round_,
+                cluster_accuracy,
+                q,
+                byzantine_fraction,
+                [u.metrics.get("loss_before", 1.0) for u in updates],
+                lr,
+            )
+            changed = not torch.equal(outcome.global_weights, base)
+            if changed:
+                self.version += 1
+                self.versions[self.version] = outcome.global_weights
+                while len(self.versions) > self.keep_versions:
+                    self.versions.popitem(last=False)
+            self.pending.clear()
+            self.open_round += 1
+            d = outcome.defence
+            return RoundReport(
+                self.version,
+                len(updates),
+                {updates[i].participant: why for i, why in d.rejected_updates.items()},
+                outcome.cluster_weights,
+                d.rejected_clusters,
+                d.fallbacks,
+            )
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything needed to restore this state."""
+        with self.lock:
+            return {
+                "version": self.version,
+                "open_round": self.open_round,
+                "versions": dict(self.versions),
+                "reference": dict(self.reference),
+            }

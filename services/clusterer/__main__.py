@@ -1,0 +1,115 @@
+"""`python -m services.clusterer`: run the clusterer service."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from services.clusterer.clustering import METHODS
+from services.clusterer.config import ClustererConfig
+from services.clusterer.server import build_service
+from services.common.errors import FLClusteringError
+from services.common.flags import OneLineParser, env, optional_int, parse_bool
+from services.common.grpc_util import serve_until_signal, write_ready_file
+from services.common.strategies import STRATEGIES
+
+logger = logging.getLogger("services.clusterer")
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ClustererConfig, str]:
+    """Flags with CLUSTERER_* / FLCLUSTERING_* environment-variable fallbacks."""
+    d = ClustererConfig()
+    e = "CLUSTERER_"
+    f = "FLCLUSTERING_"
+    p = OneLineParser(prog="python -m services.clusterer", description=__doc__)
+    p.add_argument("--host", default=env(e + "HOST", d.host))
+    p.add_argument("--port", type=int, default=env(e + "PORT", d.port))
+    p.add_argument("--aggregator", default=env("AGGREGATOR_ADDR", d.aggregator), help="host:port")
+    p.add_argument(
+        "--strategy", choices=sorted(STRATEGIES), default=env(f + "STRATEGY", d.strategy)
+    )
+    p.add_argument(
+        "--participants",
+        type=int,
+        default=env(f + "PARTICIPANTS", d.participants),
+        help="participants to wait for before pre-training",
+    )
+    p.add_argument("--rounds", type=int, default=env(f + "ROUNDS", d.rounds))
+    p.add_argument("--select", type=int, default=env(f + "SELECT", d.select))
+    p.add_argument(
+        "--clusters", type=optional_int, default=env(f + "CLUSTERS", d.clusters, optional_int)
+    )
+    p.add_argument("--cluster-method", choices=METHODS, default=env(e + "METHOD", d.cluster_method))
+    p.add_argument("--q", type=float, default=env(f + "Q", d.q))
+    p.add_argument(
+        "--byzantine-fraction",
+        type=float,
+        default=env(f + "BYZANTINE_FRACTION", d.byzantine_fraction),
+    )
+    p.add_argument(
+        "--eval-per-cluster", type=int, default=env(e + "EVAL_PER_CLUSTER", d.eval_per_cluster)
+    )
+    p.add_argument("--local-epochs", type=int, default=env(f + "LOCAL_EPOCHS", d.local_epochs))
+    p.add_argument("--batch-size", type=int, default=env(f + "BATCH_SIZE", d.batch_size))
+    p.add_argument("--lr", type=float, default=env(f + "LR", d.lr))
+    p.add_argument("--lr-decay", type=float, default=env(f + "LR_DECAY", d.lr_decay))
+    p.add_argument("--momentum", type=float, default=env(f + "MOMENTUM", d.momentum))
+    p.add_argument("--pre-steps", type=int, default=env(f + "PRE_STEPS", d.pre_steps))
+    p.add_argument("--adjusted", type=parse_bool, default=env(f + "ADJUSTED", d.adjusted))
+    p.add_argument(
+        "--round-timeout-s", type=float, default=env(e + "ROUND_TIMEOUT_S", d.round_timeout_s)
+    )
+    p.add_argument(
+        "--eval-timeout-s", type=float, default=env(e + "EVAL_TIMEOUT_S", d.eval_timeout_s)
+    )
+    p.add_argument(
+        "--pretrain-timeout-s",
+        type=float,
+        default=env(e + "PRETRAIN_TIMEOUT_S", d.pretrain_timeout_s),
+    )
+    p.add_argument("--min-share", type=float, default=env(e + "MIN_SHARE", d.min_share))
+    p.add_argument("--liveness-s", type=float, default=env(e + "LIVENESS_S", d.liveness_s))
+    p.add_argument("--seed", type=int, default=env(f + "SEED", d.seed))
+    p.add_argument("--auth-token", default=env(f + "AUTH_TOKEN", None, str))
+    p.add_argument(
+        "--max-update-bytes", type=int, default=env(e + "MAX_UPDATE_BYTES", d.max_update_bytes)
+    )
+    p.add_argument("--grace-s", type=float, default=env(e + "GRACE_S", d.grace_s))
+    p.add_argument("--ready-file", default=env(e + "READY_FILE", None, str))
+    p.add_argument("--log-level", default=env(f + "LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    names = {fl.name for fl in fields(ClustererConfig)}
+    values = {k: v for k, v in vars(a).items() if k in names}
+    values["auth_token"] = values["auth_token"] or None
+    try:
+        return ClustererConfig(**values), a.log_level
+    except FLClusteringError as exc:
+        p.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until SIGTERM."""
+    config, level = parse_args(argv)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        service = build_service(config)
+    except FLClusteringError as exc:
+        sys.stderr.write(f"clusterer: error: {exc}\n")
+        return 2
+    service.server.start()
+    service.coordinator.start()
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    logger.info(
+        "clusterer serving on %s:%d, aggregator at %s", host, service.port, config.aggregator
+    )
+    write_ready_file(config.ready_file, {"grpc": f"{host}:{service.port}"})
+    serve_until_signal(service.server, service.health, config.grace_s, service.coordinator.shutdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

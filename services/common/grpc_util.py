@@ -1,0 +1,279 @@
+"""gRPC plumbing shared by the services: server factory parts, status mapping, auth, retries.
+
+Domain errors map to status codes here, once; servicers stay thin.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import (
+    AuthError,
+    ConfigError,
+    FLClusteringError,
+    NotFoundError,
+    SpecMismatchError,
+    StateError,
+)
+from services.common.wire import MAX_MESSAGE_BYTES, WireError
+
+logger = logging.getLogger(__name__)
+
+# Every chunk is at most 1 MiB; 4 MiB leaves room for headers and refuses anything larger.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (StateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SpecMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code a domain error maps to."""
+    if isinstance(exc, WireError):
+        return getattr(grpc.StatusCode, exc.code)
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(name: str) -> Callable[[F], F]:
+    """Decorate a servicer method: domain errors become statuses with a `[name]` log line.
+
+    Works for unary and server-streaming methods (generators) alike.
+    """
+
+    def wrap(fn: F) -> F:
+        def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+            code = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("[%s] internal error", name)
+                context.abort(code, f"internal error: {type(exc).__name__}")
+            logger.info("[%s] %s: %s", name, code.name, exc)
+            context.abort(code, str(exc))
+
+        if _is_generator(fn):
+
+            @functools.wraps(fn)
+            def gen(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from fn(self, request, context)
+                except FLClusteringError as exc:
+                    fail(context, exc)
+
+            return gen  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return fn(self, request, context)
+            except FLClusteringError as exc:
+                fail(context, exc)
+
+        return unary  # type: ignore[return-value]
+
+    return wrap
+
+
+def _is_generator(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)
+
+
+class Authenticator(Protocol):
+    """Decides who a caller is from its metadata; None means unauthenticated."""
+
+    def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None: ...
+
+
+class TokenAuthenticator:
+    """A shared bearer token (`authorization: Bearer TOKEN`); mTLS can replace it later."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+        for key, value in metadata:
+            if key == "authorization" and value == f"Bearer {self._token}":
+                return "token"
+        return None
+
+
+EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls the authenticator does not accept (health and reflection exempt)."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        if method.startswith(EXEMPT) or self._auth.identity(
+            handler_call_details.invocation_metadata
+        ):
+            return continuation(handler_call_details)
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def new_server(
+    max_workers: int,
+    token: str | None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> grpc.Server:
+    """A thread-pool server with message limits, keepalive settings and optional auth."""
+    chain = list(interceptors)
+    if token:
+        chain.append(AuthInterceptor(TokenAuthenticator(token)))
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=SERVER_OPTIONS,
+        interceptors=chain,
+    )
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind host:port (0 picks a free port); a taken port is one clear ConfigError."""
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: port in use or not allowed") from exc
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {host}:{port}: port in use or not allowed")
+    return bound
+
+
+def add_health_and_reflection(
+    server: grpc.Server, service_names: Sequence[str]
+) -> health.HealthServicer:
+    """The standard health service (SERVING for '' and each service) and server reflection."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *service_names):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return servicer
+
+
+def serve_until_signal(
+    server: grpc.Server,
+    health_servicer: health.HealthServicer,
+    grace_s: float,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
+    """Block until SIGTERM/SIGINT; then NOT_SERVING, stop within the grace period, clean up."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: Any) -> None:
+        logger.info("signal %s: shutting down (grace %.0fs)", signum, grace_s)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    if on_stop is not None:
+        on_stop()
+    server.stop(grace_s).wait()
+
+
+def write_ready_file(path: str | None, addresses: dict[str, str]) -> None:
+    """Atomically write the service's bound addresses as JSON (for launchers and tests)."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(addresses))
+    tmp.replace(target)
+
+
+def channel(address: str) -> grpc.Channel:
+    """An insecure channel with the project's message limits and keepalive."""
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata carrying the bearer token, if any."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+T = TypeVar("T")
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 8,
+    base_s: float = 0.2,
+    cap_s: float = 10.0,
+    rng: random.Random | None = None,
+    stop: threading.Event | None = None,
+) -> T:
+    """Call fn, retrying only UNAVAILABLE with exponential backoff and full jitter."""
+    rng = rng or random.Random()
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                raise
+            delay = rng.uniform(0, min(cap_s, base_s * 2**attempt))
+            logger.info("%s: UNAVAILABLE, retrying in %.2fs", what, delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    raise
+            else:
+                time.sleep(delay)
+    raise AssertionError("unreachable")

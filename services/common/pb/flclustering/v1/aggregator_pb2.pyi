@@ -1,0 +1,120 @@
+from services.common.pb.flclustering.v1 import tensors_pb2 as _tensors_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("model", "cluster")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    model: _tensors_pb2.ModelHeader
+    cluster: int
+    def __init__(self, model: _Optional[_Union[_tensors_pb2.ModelHeader, _Mapping]] = ..., cluster: _Optional[int] = ...) -> None: ...
+
+class ForwardUpdateRequest(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    trailer: _tensors_pb2.ModelTrailer
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensors_pb2.ModelTrailer, _Mapping]] = ...) -> None: ...
+
+class ForwardUpdateResponse(_message.Message):
+    __slots__ = ("accepted", "round")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    round: int
+    def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+
+class AggregateRequest(_message.Message):
+    __slots__ = ("round", "strategy", "cluster_accuracy", "q", "byzantine_fraction", "lr", "abandon")
+    class ClusterAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    strategy: str
+    cluster_accuracy: _containers.ScalarMap[int, float]
+    q: float
+    byzantine_fraction: float
+    lr: float
+    abandon: bool
+    def __init__(self, round: _Optional[int] = ..., strategy: _Optional[str] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., lr: _Optional[float] = ..., abandon: _Optional[bool] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("participant_id", "reason")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    reason: str
+    def __init__(self, participant_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AggregateResponse(_message.Message):
+    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates")
+    class ClusterWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
+    cluster_weights: _containers.ScalarMap[int, float]
+    rejected_clusters: _containers.RepeatedScalarFieldContainer[str]
+    fallbacks: _containers.RepeatedScalarFieldContainer[str]
+    updates: int
+    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_version",)
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    def __init__(self, model_version: _Optional[int] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: _tensors_pb2.ModelHeader
+    data: bytes
+    trailer: _tensors_pb2.ModelTrailer
+    def __init__(self, header: _Optional[_Union[_tensors_pb2.ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensors_pb2.ModelTrailer, _Mapping]] = ...) -> None: ...
+
+class GetAggregatorStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetAggregatorStatusResponse(_message.Message):
+    __slots__ = ("model_version", "open_round", "pending_updates")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PENDING_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    open_round: int
+    pending_updates: int
+    def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ...) -> None: ...

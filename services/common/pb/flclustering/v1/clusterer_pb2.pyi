@@ -1,0 +1,221 @@
+from services.common.pb.flclustering.v1 import tensors_pb2 as _tensors_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_WAIT: _ClassVar[TaskKind]
+    TASK_KIND_PRETRAIN: _ClassVar[TaskKind]
+    TASK_KIND_TRAIN: _ClassVar[TaskKind]
+    TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+    TASK_KIND_DONE: _ClassVar[TaskKind]
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_WAIT: TaskKind
+TASK_KIND_PRETRAIN: TaskKind
+TASK_KIND_TRAIN: TaskKind
+TASK_KIND_EVALUATE: TaskKind
+TASK_KIND_DONE: TaskKind
+
+class JoinRequest(_message.Message):
+    __slots__ = ("participant_id", "num_train", "num_test", "group", "device")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    num_train: int
+    num_test: int
+    group: int
+    device: str
+    def __init__(self, participant_id: _Optional[str] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., group: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("participant_id", "participants")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    participants: int
+    def __init__(self, participant_id: _Optional[str] = ..., participants: _Optional[int] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("participant_id", "wait_s")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    wait_s: float
+    def __init__(self, participant_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class TrainingSettings(_message.Message):
+    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    PRE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    pre_steps: int
+    adjusted: bool
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ...) -> None: ...
+
+class GetTaskResponse(_message.Message):
+    __slots__ = ("kind", "round", "model_version", "training", "evaluation_id")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: TaskKind
+    round: int
+    model_version: int
+    training: TrainingSettings
+    evaluation_id: str
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., evaluation_id: _Optional[str] = ...) -> None: ...
+
+class SubmitUpdateRequest(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: _tensors_pb2.ModelHeader
+    data: bytes
+    trailer: _tensors_pb2.ModelTrailer
+    def __init__(self, header: _Optional[_Union[_tensors_pb2.ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensors_pb2.ModelTrailer, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateResponse(_message.Message):
+    __slots__ = ("accepted", "round")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    round: int
+    def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReportEvaluationRequest(_message.Message):
+    __slots__ = ("participant_id", "evaluation_id", "model_version", "accuracy", "loss", "num_examples")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    evaluation_id: str
+    model_version: int
+    accuracy: float
+    loss: float
+    num_examples: int
+    def __init__(self, participant_id: _Optional[str] = ..., evaluation_id: _Optional[str] = ..., model_version: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class ReportEvaluationResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class DownloadModelRequest(_message.Message):
+    __slots__ = ("model_version",)
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    def __init__(self, model_version: _Optional[int] = ...) -> None: ...
+
+class DownloadModelResponse(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: _tensors_pb2.ModelHeader
+    data: bytes
+    trailer: _tensors_pb2.ModelTrailer
+    def __init__(self, header: _Optional[_Union[_tensors_pb2.ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensors_pb2.ModelTrailer, _Mapping]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks")
+    class ClusterWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_STD_FIELD_NUMBER: _ClassVar[int]
+    WORST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORST_DECILE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    mean_accuracy: float
+    mean_loss: float
+    accuracy_std: float
+    worst_accuracy: float
+    duration_s: float
+    rejected: int
+    selected: int
+    received: int
+    timed_out: int
+    model_version: int
+    worst_decile_accuracy: float
+    cluster_weights: _containers.ScalarMap[int, float]
+    rejected_clusters: int
+    fallbacks: int
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ...) -> None: ...
+
+class ParticipantCluster(_message.Message):
+    __slots__ = ("participant_id", "cluster", "group")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    cluster: int
+    group: int
+    def __init__(self, participant_id: _Optional[str] = ..., cluster: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    PURITY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    round: int
+    rounds: int
+    participants: int
+    model_version: int
+    history: _containers.RepeatedCompositeFieldContainer[RoundSummary]
+    clusters: _containers.RepeatedCompositeFieldContainer[ParticipantCluster]
+    purity: float
+    done: bool
+    strategy: str
+    error: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

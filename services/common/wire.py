@@ -1,0 +1,252 @@
+"""Model weights on the wire: a header of tensor specs, raw little-endian chunks, a SHA-256.
+
+Nothing is pickled. The reader validates as bytes arrive: the header against the expected
+spec (names, dtypes, shapes, total size) before any data, every float element for
+finiteness chunk by chunk, the byte count against the header, and the checksum at the end.
+It can keep the float tensors as one flat float32 vector (the form robust rules take) or
+only check them while the bytes are forwarded (the clusterer's case), so no service holds
+more than it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.common.errors import FLClusteringError
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.tensors import TensorSpec
+
+CHUNK_BYTES = 1 << 20  # 1 MiB of data per message
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC message cap set on every channel and server
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(FLClusteringError):
+    """A stream of weights is malformed; `code` names the gRPC status it maps to."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> WireError:
+    """Malformed content (names, shapes, dtypes, values)."""
+    return WireError("INVALID_ARGUMENT", message)
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def nbytes(spec: TensorSpec) -> int:
+    """Bytes of one tensor."""
+    return spec.numel * element_size(spec.dtype)
+
+
+def spec_to_pb(spec: Sequence[TensorSpec]) -> list[tensors_pb2.TensorSpec]:
+    """Tensor specs as protobuf messages."""
+    return [tensors_pb2.TensorSpec(name=s.name, dtype=NAMES[s.dtype], shape=s.shape) for s in spec]
+
+
+def spec_from_pb(items: Sequence[tensors_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
+    """Tensor specs from protobuf messages; unknown dtypes or bad shapes are INVALID_ARGUMENT."""
+    out = []
+    for t in items:
+        if t.dtype not in DTYPES:
+            raise invalid(f"tensor {t.name!r} has unsupported dtype {t.dtype!r}")
+        if any(d < 0 for d in t.shape):
+            raise invalid(f"tensor {t.name!r} has a negative dimension {list(t.shape)}")
+        out.append(TensorSpec(t.name, tuple(int(d) for d in t.shape), DTYPES[t.dtype]))
+    return tuple(out)
+
+
+def check_header_spec(got: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:
+    """The header must list exactly the expected tensors, in order, with their dtypes and shapes."""
+    want = {s.name: s for s in expected}
+    names = [s.name for s in got]
+    if len(set(names)) != len(names):
+        raise invalid("tensor names repeat in the header")
+    unknown = [n for n in names if n not in want]
+    if unknown:
+        raise invalid(f"unknown tensor name(s) {', '.join(map(repr, unknown[:3]))}")
+    missing = [s.name for s in expected if s.name not in set(names)]
+    if missing:
+        raise invalid(f"missing tensor(s) {', '.join(map(repr, missing[:3]))}")
+    for g in got:
+        e = want[g.name]
+        if g.dtype != e.dtype:
+            raise invalid(
+                f"tensor {g.name!r} has dtype {NAMES[g.dtype]}, expected {NAMES[e.dtype]}"
+            )
+        if g.shape != e.shape:
+            raise invalid(f"tensor {g.name!r} has shape {list(g.shape)}, expected {list(e.shape)}")
+    if names != [s.name for s in expected]:
+        raise invalid("tensors are not in the model's order")
+
+
+def _to_bytes(t: torch.Tensor) -> bytes | memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+    arr = t.numpy()
+    if arr.dtype.byteorder == ">":
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    return arr.reshape(-1).view(np.uint8).data
+
+
+def encode(
+    weights: Mapping[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES
+) -> tuple[tuple[TensorSpec, ...], Iterator[bytes], hashlib._Hash]:
+    """The spec, an iterator of data chunks, and the hash those chunks feed as they go.
+
+    The hash's digest is complete once the iterator is exhausted, so a sender streams the
+    chunks and then sends `digest()` as the trailer without a second pass.
+    """
+    spec = tuple(TensorSpec(k, tuple(v.shape), v.dtype) for k, v in weights.items())
+    digest = hashlib.sha256()
+
+    def chunks() -> Iterator[bytes]:
+        pending = bytearray()
+        for t in weights.values():
+            view = _to_bytes(t)
+            start = 0
+            while start < len(view):
+                take = min(chunk_bytes - len(pending), len(view) - start)
+                pending += view[start : start + take]
+                start += take
+                if len(pending) == chunk_bytes:
+                    out = bytes(pending)
+                    digest.update(out)
+                    yield out
+                    pending = bytearray()
+        if pending:
+            out = bytes(pending)
+            digest.update(out)
+            yield out
+
+    return spec, chunks(), digest
+
+
+@dataclass
+class _Slot:
+    spec: TensorSpec
+    start: int  # byte offset in the stream
+    flat_offset: int  # element offset in the flat float32 vector (floats only)
+
+
+class StreamReader:
+    """Validates (and optionally keeps) a stream of tensor bytes against a spec.
+
+    Feed chunks with `feed`, then `finish(sha256)`. Errors are WireError with the status
+    code they map to: INVALID_ARGUMENT for malformed content, DATA_LOSS for truncation and
+    checksum mismatches, RESOURCE_EXHAUSTED for streams larger than declared or allowed.
+    """
+
+    def __init__(
+        self, spec: Sequence[TensorSpec], keep: bool = True, max_bytes: int | None = None
+    ) -> None:
+        self.spec = tuple(spec)
+        self.total = sum(nbytes(s) for s in self.spec)
+        if max_bytes is not None and self.total > max_bytes:
+            raise WireError(
+                "RESOURCE_EXHAUSTED",
+                f"model of {self.total:,} bytes is over the limit of {max_bytes:,} bytes",
+            )
+        self.keep = keep
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._slots: list[_Slot] = []
+        start = flat = 0
+        for s in self.spec:
+            self._slots.append(_Slot(s, start, flat))
+            start += nbytes(s)
+            if s.dtype.is_floating_point:
+                flat += s.numel
+        self.flat = torch.empty(flat, dtype=torch.float32) if keep else None
+        self.others: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._other_bytes: dict[str, bytearray] = {}
+        self._slot = 0
+        self._carry = b""  # bytes of an element split across chunks
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next chunk of bytes."""
+        if self.received + len(data) > self.total:
+            raise WireError(
+                "RESOURCE_EXHAUSTED",
+                f"stream carries more than the {self.total:,} bytes its header declares",
+            )
+        self._hash.update(data)
+        buf = memoryview(self._carry + data) if self._carry else memoryview(data)
+        pos = self.received - len(self._carry)
+        self.received += len(data)
+        self._carry = b""
+        while len(buf) and self._slot < len(self._slots):
+            slot = self._slots[self._slot]
+            end = slot.start + nbytes(slot.spec)
+            take = min(len(buf), end - pos)
+            esize = element_size(slot.spec.dtype)
+            whole = take - (take % esize) if pos + take < end else take
+            if whole:
+                self._consume(slot, pos, buf[:whole])
+            if whole < take:
+                self._carry = bytes(buf[whole:take])
+                return
+            buf = buf[take:]
+            pos += take
+            if pos == end:
+                self._slot += 1
+
+    def _consume(self, slot: _Slot, pos: int, data: memoryview) -> None:
+        s = slot.spec
+        if not s.dtype.is_floating_point:
+            if self.keep:
+                self._other_bytes.setdefault(s.name, bytearray()).extend(data)
+            return
+        if s.dtype == torch.bfloat16:
+            raw = np.frombuffer(data, dtype="<i2").astype(np.int32) << 16
+            values = torch.from_numpy(raw.astype(np.uint32).view(np.float32))
+        else:
+            np_dtype = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}[s.dtype]
+            values = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).astype(np.float32))
+        if not bool(torch.isfinite(values).all()):
+            raise invalid(f"tensor {s.name!r} contains NaN or Inf")
+        if self.flat is not None:
+            esize = element_size(s.dtype)
+            first = slot.flat_offset + (pos - slot.start) // esize
+            self.flat[first : first + values.numel()] = values
+
+    def finish(self, sha256: bytes) -> None:
+        """Check the byte count and the checksum; assemble the non-float tensors."""
+        if self.received < self.total:
+            raise WireError(
+                "DATA_LOSS",
+                f"stream ended after {self.received:,} of {self.total:,} declared bytes",
+            )
+        if self._hash.digest() != sha256:
+            raise WireError("DATA_LOSS", "checksum mismatch: the bytes were corrupted in transit")
+        for s in self.spec:
+            if not s.dtype.is_floating_point and self.keep:
+                raw = bytes(self._other_bytes.get(s.name, b""))
+                if raw:
+                    t = torch.frombuffer(bytearray(raw), dtype=s.dtype)
+                else:
+                    t = torch.empty(0, dtype=s.dtype)
+                self.others[s.name] = t.reshape(s.shape).clone()

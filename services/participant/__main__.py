@@ -1,0 +1,202 @@
+"""`python -m services.participant`: one or several participants against a clusterer."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.common.errors import FLClusteringError
+from services.common.flags import OneLineParser, env, parse_bool
+from services.common.grpc_util import channel
+from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.participant.attacks import ATTACKS, AttackConfig
+from services.participant.datasets import DATASETS, load_dataset
+from services.participant.device import resolve_device
+from services.participant.models import MODELS
+from services.participant.partition import PARTITIONS, partition
+from services.participant.worker import ModelStore, Participant, WorkerSettings
+
+logger = logging.getLogger("services.participant")
+
+
+@dataclass(frozen=True)
+class ParticipantConfig:
+    """Settings of a participant process."""
+
+    clusterer: str = "clusterer:50051"
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = True
+    partition: str = "practical-noniid"
+    num_participants: int = 30
+    index: int = 0
+    count: int = 1
+    groups: int = 3
+    alpha: float = 0.5
+    seed: int = 0
+    model: str = "cnn"
+    device: str = "auto"
+    auth_token: str | None = None
+    poll_wait_s: float = 10.0
+    attack: str = "none"
+    attack_factor: float = -1.0
+    attack_every: int = 5
+    attack_indices: tuple[int, ...] | None = None  # None: every hosted participant attacks
+
+
+def parse_indices(raw: str) -> tuple[int, ...]:
+    """'1,5,9' as indices; '' as none."""
+    return tuple(int(x) for x in raw.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ParticipantConfig, str]:
+    """Flags with environment-variable fallbacks (CLUSTERER_ADDR, PARTICIPANT_INDEX, ...)."""
+    d = ParticipantConfig()
+    p = OneLineParser(prog="python -m services.participant", description=__doc__)
+    p.add_argument(
+        "--clusterer", default=env("CLUSTERER_ADDR", d.clusterer), help="host:port of the clusterer"
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=env("FLCLUSTERING_DATASET", d.dataset))
+    p.add_argument("--data-dir", default=env("FLCLUSTERING_DATA_DIR", d.data_dir))
+    p.add_argument("--download", type=parse_bool, default=env("FLCLUSTERING_DOWNLOAD", d.download))
+    p.add_argument(
+        "--partition", choices=PARTITIONS, default=env("FLCLUSTERING_PARTITION", d.partition)
+    )
+    p.add_argument(
+        "--num-participants", type=int, default=env("FLCLUSTERING_PARTICIPANTS", d.num_participants)
+    )
+    p.add_argument(
+        "--index",
+        type=int,
+        default=env("PARTICIPANT_INDEX", d.index),
+        help="this participant's index (the first one's, with --count)",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=env("PARTICIPANT_COUNT", d.count),
+        help="host this many participants (index, index+1, ...) in one process",
+    )
+    p.add_argument("--groups", type=int, default=env("FLCLUSTERING_GROUPS", d.groups))
+    p.add_argument("--alpha", type=float, default=env("FLCLUSTERING_ALPHA", d.alpha))
+    p.add_argument("--seed", type=int, default=env("FLCLUSTERING_SEED", d.seed))
+    p.add_argument("--model", choices=sorted(MODELS), default=env("FLCLUSTERING_MODEL", d.model))
+    p.add_argument(
+        "--device", default=env("PARTICIPANT_DEVICE", d.device), help="auto, cpu or cuda[:n]"
+    )
+    p.add_argument("--auth-token", default=env("FLCLUSTERING_AUTH_TOKEN", None, str))
+    p.add_argument(
+        "--poll-wait-s", type=float, default=env("PARTICIPANT_POLL_WAIT_S", d.poll_wait_s)
+    )
+    p.add_argument(
+        "--attack",
+        choices=ATTACKS,
+        default=env("PARTICIPANT_ATTACK", d.attack),
+        help="SIMULATION ONLY: make these participants attackers",
+    )
+    p.add_argument(
+        "--attack-factor", type=float, default=env("PARTICIPANT_ATTACK_FACTOR", d.attack_factor)
+    )
+    p.add_argument(
+        "--attack-every", type=int, default=env("PARTICIPANT_ATTACK_EVERY", d.attack_every)
+    )
+    p.add_argument(
+        "--attack-indices",
+        type=parse_indices,
+        default=env("PARTICIPANT_ATTACK_INDICES", None, parse_indices),
+        help="which hosted indices attack (default: all of them)",
+    )
+    p.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    if a.count < 1 or not a.index >= 0 or a.index + a.count > a.num_participants:
+        p.error(
+            f"--index {a.index} --count {a.count} must lie within "
+            f"--num-participants {a.num_participants}"
+        )
+    values: dict[str, Any] = {k: v for k, v in vars(a).items() if k != "log_level"}
+    values["auth_token"] = values["auth_token"] or None
+    return ParticipantConfig(**values), a.log_level
+
+
+def run(config: ParticipantConfig, stop: threading.Event) -> int:
+    """Host config.count participants until the federation is done or stop is set."""
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # many participants per process: one core each is fastest
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    shards = partition(
+        data.y_train.numpy(),
+        data.y_test.numpy(),
+        config.partition,
+        config.num_participants,
+        config.seed,
+        data.num_classes,
+        config.groups,
+        config.alpha,
+    )
+    stub = pb_grpc.ClustererStub(channel(config.clusterer))
+    settings = WorkerSettings(
+        config.model, device, config.auth_token, config.poll_wait_s, config.seed
+    )
+    store = ModelStore(stub, config.auth_token)
+    hosted = range(config.index, config.index + config.count)
+    attackers = set(hosted) if config.attack_indices is None else set(config.attack_indices)
+    participants = []
+    for i in hosted:
+        attack = AttackConfig(
+            config.attack if i in attackers else "none", config.attack_factor, config.attack_every
+        )
+        participants.append(Participant(i, data, shards[i], settings, stub, store, attack, stop))
+    logger.info(
+        "hosting %d participant(s) %d..%d on %s against %s",
+        len(participants),
+        config.index,
+        config.index + config.count - 1,
+        device,
+        config.clusterer,
+    )
+    errors: list[BaseException] = []
+
+    def work(p: Participant) -> None:
+        try:
+            p.run()
+        except Exception as exc:  # one participant's failure is logged; the others go on
+            logger.exception("%s failed", p.id)
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, args=(p,), name=p.id, daemon=True) for p in participants
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=1.0)
+    return 1 if errors and not stop.is_set() else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    config, level = parse_args(argv)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        return run(config, stop)
+    except FLClusteringError as exc:
+        sys.stderr.write(f"participant: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""A participant's life: join, long-poll tasks, pre-train, train, evaluate, stream weights.
+
+Several participants can live in one process (`--count`); they share the dataset and the
+downloaded global models but each trains its own copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.common.errors import SpecMismatchError
+from services.common.grpc_util import call_metadata
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.streams import build_stream, read_model
+from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
+from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
+from services.participant.datasets import Dataset
+from services.participant.models import build_model
+from services.participant.partition import Shard
+from services.participant.training import TrainConfig, evaluate, local_train, pre_train_delta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every participant of a process shares."""
+
+    model: str
+    device: torch.device
+    auth_token: str | None
+    poll_wait_s: float = 10.0
+    seed: int = 0
+
+
+class ModelStore:
+    """Global model versions downloaded once per process, shared by its participants."""
+
+    def __init__(self, stub: pb_grpc.ClustererStub, token: str | None, keep: int = 3) -> None:
+        self._stub = stub
+        self._token = token
+        self._keep = keep
+        self._models: OrderedDict[int, OrderedDict[str, torch.Tensor]] = OrderedDict()
+        self._locks: dict[int, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: int) -> OrderedDict[str, torch.Tensor]:
+        """The weights of a version, downloading them on first use."""
+        with self._lock:
+            if version in self._models:
+                return self._models[version]
+            lock = self._locks.setdefault(version, threading.Lock())
+        with lock:
+            with self._lock:
+                if version in self._models:
+                    return self._models[version]
+            stream = self._stub.DownloadModel(
+                pb.DownloadModelRequest(model_version=version),
+                metadata=call_metadata(self._token),
+                timeout=600,
+            )
+            header, weights = read_model(stream)
+            if header.model_version != version:
+                raise SpecMismatchError(f"asked for version {version}, got {header.model_version}")
+            with self._lock:
+                self._models[version] = weights
+                while len(self._models) > self._keep:
+                    self._models.popitem(last=False)
+                self._locks.pop(version, None)
+            return weights
+
+
+class Participant:
+    """One data owner: its shard, its model, its attack (simulations only)."""
+
+    def __init__(
+        self,
+        index: int,
+        data: Dataset,
+        shard: Shard,
+        settings: WorkerSettings,
+        stub: pb_grpc.ClustererStub,
+        store: ModelStore,
+        attack: AttackConfig,
+        stop: threading.Event,
+    ) -> None:
+        self.id = f"participant-{index:05d}"
+        self.index = index
+        self.x_train = data.x_train[shard.train].to(settings.device)
+        self.y_train = data.y_train[shard.train].to(settings.device)
+        self.x_test = data.x_test[shard.test].to(settings.device)
+        self.y_test = data.y_test[shard.test].to(settings.device)
+        self.group = shard.group
+        self.settings = settings
+        self.stub = stub
+        self.store = store
+        self.attack = attack
+        self.stop = stop
+        self.model = build_model(settings.model, data.input_shape, data.num_classes).to(
+            settings.device
+        )
+        self.spec = spec_of(self.model.state_dict())
+        self.gen = torch.Generator().manual_seed(settings.seed * 100_003 + index)
+        self.rng = random.Random(settings.seed * 7919 + index)
+        self.meta = call_metadata(settings.auth_token)
+        if attack.kind != "none":
+            logger.warning(
+                "SIMULATED ATTACK: %s is an attacker (%s, factor %s, every %d rounds)",
+                self.id,
+                attack.kind,
+                attack.factor,
+                attack.every,
+            )
+
+    # ---- plumbing --------------------------------------------------------------------
+    def _backoff(self, attempt: int) -> None:
+        self.stop.wait(self.rng.uniform(0, min(10.0, 0.2 * 2 ** min(attempt, 10))))
+
+    def _call(self, what: str, fn: Callable[[], object]) -> object:
+        """Call the clusterer; retry UNAVAILABLE forever (until stopped), rejoin on NOT_FOUND."""
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    logger.info("%s: %s %s, retrying", self.id, what, code.name)
+                    self._backoff(attempt)
+                    attempt += 1
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND and what != "Join":
+                    logger.info("%s: unknown to the clusterer (restarted?), joining again", self.id)
+                    self.join()
+                    continue
+                raise
+        return None
+
+    def join(self) -> None:
+        """Register with the clusterer (idempotent)."""
+        request = pb.JoinRequest(
+            participant_id=self.id,
+            num_train=len(self.y_train),
+            num_test=len(self.y_test),
+            group=self.group,
+            device=str(self.settings.device),
+        )
+        self._call("Join", lambda: self.stub.Join(request, metadata=self.meta, timeout=30))
+
+    def _load(self, version: int) -> None:
+        weights = self.store.get(version)
+        check_spec(weights, self.spec)
+        self.model.load_state_dict(weights)
+
+    def _send(
+        self,
+        kind: str,
+        round_: int,
+        version: int,
+        weights: OrderedDict[str, torch.Tensor],
+        metrics: dict[str, float],
+    ) -> None:
+        header = tensors_pb2.ModelHeader(
+            sender=self.id,
+            round=round_,
+            model_version=version,
+            num_samples=len(self.y_train),
+            kind=kind,
+            metrics=metrics,
+        )
+        self._call(
+            "SubmitUpdate",
+            lambda: self.stub.SubmitUpdate(
+                build_stream(pb.SubmitUpdateRequest, header, header, weights),
+                metadata=self.meta,
+                timeout=3600,
+            ),
+        )
+
+    # ---- tasks -----------------------------------------------------------------------
+    def pretrain(self, task: pb.GetTaskResponse) -> None:
+        """Send the pre-training delta that clustering groups."""
+        self._load(task.model_version)
+        t = task.training
+        delta = pre_train_delta(
+            self.model,
+            self.x_train,
+            self.y_train,
+            self.gen,
+            t.adjusted,
+            t.pre_steps or 20,
+            batch_size=t.batch_size or 32,
+        )
+        reference = self.store.get(task.model_version)
+        self._send(
+            "pretrain-delta", -1, task.model_version, unflatten(delta, self.spec, reference), {}
+        )
+
+    def train(self, task: pb.GetTaskResponse) -> None:
+        """Train from the global model and stream the weights (attacked when simulated)."""
+        self._load(task.model_version)
+        t = task.training
+        loss_before, _ = evaluate(self.model, self.x_train, self.y_train)
+        y = self.y_train
+        if self.attack.poisons_data:
+            logger.warning("SIMULATED ATTACK: %s trains on flipped labels", self.id)
+            y = flip_labels(y, self.attack.flip_from, self.attack.flip_to)
+        cfg = TrainConfig(t.epochs, t.batch_size, t.lr, t.momentum, lr_decay=1.0)
+        result = local_train(self.model, self.x_train, y, cfg, 0, self.gen)
+        weights = state_of(self.model)
+        if self.attack.fires(task.round) and not self.attack.poisons_data:
+            reference = self.store.get(task.model_version)
+            flat = apply_model_attack(
+                self.attack,
+                flatten(weights, self.spec),
+                flatten(reference, self.spec),
+                task.round,
+                self.gen,
+            )
+            weights = unflatten(flat, self.spec, weights)
+            logger.warning(
+                "SIMULATED ATTACK: %s sends %s weights in round %d",
+                self.id,
+                self.attack.kind,
+                task.round,
+            )
+        self._send(
+            "weights",
+            task.round,
+            task.model_version,
+            weights,
+            {
+                "loss_before": loss_before,
+                "train_loss": result.loss,
+                "train_seconds": result.seconds,
+            },
+        )
+
+    def evaluate(self, task: pb.GetTaskResponse) -> None:
+        """Evaluate a global model version on the own test split and report it."""
+        self._load(task.model_version)
+        loss, acc = evaluate(self.model, self.x_test, self.y_test)
+        request = pb.ReportEvaluationRequest(
+            participant_id=self.id,
+            evaluation_id=task.evaluation_id,
+            model_version=task.model_version,
+            accuracy=acc,
+            loss=loss,
+            num_examples=len(self.y_test),
+        )
+        self._call(
+            "ReportEvaluation",
+            lambda: self.stub.ReportEvaluation(request, metadata=self.meta, timeout=30),
+        )
+
+    def run(self) -> None:
+        """Work until the clusterer says DONE or the process is stopped."""
+        self.join()
+        handlers = {
+            pb.TASK_KIND_PRETRAIN: self.pretrain,
+            pb.TASK_KIND_TRAIN: self.train,
+            pb.TASK_KIND_EVALUATE: self.evaluate,
+        }
+        wait = self.settings.poll_wait_s
+        while not self.stop.is_set():
+            task = self._call(
+                "GetTask",
+                lambda: self.stub.GetTask(
+                    pb.GetTaskRequest(participant_id=self.id, wait_s=wait),
+                    metadata=self.meta,
+                    timeout=wait + 30,
+                ),
+            )
+            if not isinstance(task, pb.GetTaskResponse):
+                break
+            if task.kind == pb.TASK_KIND_DONE:
+                logger.info("%s: federation done", self.id)
+                return
+            handler = handlers.get(task.kind)
+            if handler is None:
+                continue
+            try:
+                handler(task)
+            except grpc.RpcError as exc:
+                # Late, duplicate or rejected: the clusterer said why; go on with the next task.
+                logger.warning(
+                    "%s: %s refused: %s %s",
+                    self.id,
+                    pb.TaskKind.Name(task.kind),
+                    exc.code().name,
+                    exc.details(),
+                )

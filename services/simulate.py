@@ -1,0 +1,390 @@
+"""`flclustering simulate`: the whole federation as separate local processes over real gRPC.
+
+Starts the aggregator, the clusterer and N participants (several per process) on
+127.0.0.1, follows the rounds, and writes results.json, rounds.csv, the plots and
+endpoints.json. Attackers are simulated participants, placed per ground-truth group or at
+random, and say so loudly in their logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from services.common.errors import FLClusteringError
+from services.common.grpc_util import call_metadata, channel
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.strategies import get_strategy
+from services.participant.attacks import AttackConfig
+
+
+class SimulationError(FLClusteringError):
+    """A service of the simulation failed; the message is its last words."""
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Everything a simulation depends on; recorded in results.json."""
+
+    strategy: str = "flclustering"
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = True
+    partition: str = "practical-noniid"
+    participants: int = 30
+    groups: int = 3
+    clusters: int | None = 3
+    select: int = 15
+    rounds: int = 30
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    model: str = "cnn"
+    q: float = 0.5
+    pre_steps: int = 20
+    adjusted: bool = True
+    byzantine_fraction: float = 0.2
+    attack: str = "none"
+    attack_rate: float = 0.0
+    attack_factor: float = -1.0
+    attack_every: int = 5
+    attack_placement: str = "per-group"
+    alpha: float = 0.5
+    seed: int = 0
+    per_process: int = 10
+    round_timeout_s: float = 120.0
+    aggregator_port: int = 0
+    clusterer_port: int = 0
+    device: str = "auto"
+    out: str = "runs/simulate"
+
+    def __post_init__(self) -> None:
+        get_strategy(self.strategy)
+        AttackConfig(self.attack, self.attack_factor, self.attack_every)
+        if self.participants < 2 or self.per_process < 1 or self.rounds < 1:
+            raise FLClusteringError("need at least 2 participants, 1 per process and 1 round")
+        if not 0 <= self.attack_rate < 1:
+            raise FLClusteringError(f"attack rate must be in [0, 1), got {self.attack_rate}")
+        if self.attack_placement not in ("per-group", "random"):
+            raise FLClusteringError("attack placement must be per-group or random")
+
+
+def attacker_indices(config: SimulateConfig) -> list[int]:
+    """Which participants attack: round(rate * N), per ground-truth group or at random."""
+    if config.attack == "none" or config.attack_rate == 0:
+        return []
+    from services.common.local_run import choose_attackers
+    from services.participant.datasets import load_dataset
+    from services.participant.partition import partition
+
+    data = load_dataset(config.dataset, config.data_dir, config.download)
+    shards = partition(
+        data.y_train.numpy(),
+        data.y_test.numpy(),
+        config.partition,
+        config.participants,
+        config.seed,
+        data.num_classes,
+        config.groups,
+        config.alpha,
+    )
+    groups = np.array([s.group for s in shards])
+    rng = np.random.default_rng(config.seed + 1)
+    return sorted(choose_attackers(groups, config.attack_rate, config.attack_placement, rng))
+
+
+class Processes:
+    """Child processes with their logs; all are stopped on exit."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        """Start `python -m ARGS` logging to logs/NAME.log."""
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        self.children[name] = (proc, log)
+
+    def check(self) -> None:
+        """Raise SimulationError if a child died with an error."""
+        for name, (proc, log) in self.children.items():
+            code = proc.poll()
+            if code not in (None, 0):
+                raise SimulationError(f"{name} exited with status {code}: {last_line(log)}")
+
+    def wait_ready(self, name: str, ready: Path, timeout: float = 120.0) -> str:
+        """The address a service wrote to its ready file."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready.exists():
+                return str(json.loads(ready.read_text())["grpc"])
+            self.check()
+            time.sleep(0.1)
+        raise SimulationError(
+            f"{name} did not start within {timeout:.0f}s: {last_line(self.children[name][1])}"
+        )
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM everyone, then SIGKILL what is left after the grace period."""
+        for proc, _ in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc, _ in self.children.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def last_line(log: Path) -> str:
+    """The last non-empty line of a log (what a failing service said last)."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(no output)"
+
+
+def simulate(
+    config: SimulateConfig,
+    progress: Callable[[dict[str, Any], int], None] | None = None,
+    serve: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run the federation; return the results written to config.out."""
+    from services.common.report import write_results
+
+    out = Path(config.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in logs.glob("*.ready"):
+        stale.unlink()
+    attackers = attacker_indices(config)
+    token = secrets.token_hex(16)  # only this simulation's processes can talk to each other
+    env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    procs = Processes(logs)
+    common = ["--seed", str(config.seed), "--log-level", "INFO"]
+    try:
+        procs.start(
+            "aggregator",
+            [
+                "services.aggregator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(config.aggregator_port),
+                "--model",
+                config.model,
+                "--dataset",
+                config.dataset,
+                "--ready-file",
+                str(logs / "aggregator.ready"),
+                *common,
+            ],
+            env,
+        )
+        aggregator = procs.wait_ready("aggregator", logs / "aggregator.ready")
+        procs.start(
+            "clusterer",
+            [
+                "services.clusterer",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(config.clusterer_port),
+                "--aggregator",
+                aggregator,
+                "--strategy",
+                config.strategy,
+                "--participants",
+                str(config.participants),
+                "--rounds",
+                str(config.rounds),
+                "--select",
+                str(config.select),
+                "--clusters",
+                "auto" if config.clusters is None else str(config.clusters),
+                "--q",
+                str(config.q),
+                "--byzantine-fraction",
+                str(config.byzantine_fraction),
+                "--local-epochs",
+                str(config.local_epochs),
+                "--batch-size",
+                str(config.batch_size),
+                "--lr",
+                str(config.lr),
+                "--momentum",
+                str(config.momentum),
+                "--round-timeout-s",
+                str(config.round_timeout_s),
+                "--ready-file",
+                str(logs / "clusterer.ready"),
+                *common,
+            ],
+            env,
+        )
+        clusterer = procs.wait_ready("clusterer", logs / "clusterer.ready")
+        n_procs = math.ceil(config.participants / config.per_process)
+        for k in range(n_procs):
+            first = k * config.per_process
+            count = min(config.per_process, config.participants - first)
+            hosted = [i for i in attackers if first <= i < first + count]
+            args = [
+                "services.participant",
+                "--clusterer",
+                clusterer,
+                "--dataset",
+                config.dataset,
+                "--data-dir",
+                config.data_dir,
+                "--download",
+                str(config.download).lower(),
+                "--partition",
+                config.partition,
+                "--num-participants",
+                str(config.participants),
+                "--index",
+                str(first),
+                "--count",
+                str(count),
+                "--groups",
+                str(config.groups),
+                "--alpha",
+                str(config.alpha),
+                "--model",
+                config.model,
+                "--device",
+                config.device,
+                *common,
+            ]
+            if hosted:
+                args += [
+                    "--attack",
+                    config.attack,
+                    "--attack-factor",
+                    str(config.attack_factor),
+                    "--attack-every",
+                    str(config.attack_every),
+                    "--attack-indices",
+                    ",".join(map(str, hosted)),
+                ]
+            procs.start(f"participants-{k}", args, env)
+        endpoints = {"aggregator": {"grpc": aggregator}, "clusterer": {"grpc": clusterer}}
+        (out / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
+        status = follow(clusterer, token, procs, progress)
+        results = collect(config, status, attackers, endpoints)
+        write_results(out, results)
+        if serve is not None:
+            serve()
+        return results
+    finally:
+        procs.stop()
+
+
+def follow(
+    address: str,
+    token: str,
+    procs: Processes,
+    progress: Callable[[dict[str, Any], int], None] | None,
+) -> pb.GetStatusResponse:
+    """Watch the clusterer until the federation is done; report each new round."""
+    stub = pb_grpc.ClustererStub(channel(address))
+    seen = 0
+    while True:
+        procs.check()
+        try:
+            status = stub.GetStatus(
+                pb.GetStatusRequest(), metadata=call_metadata(token), timeout=10
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                time.sleep(0.5)
+                continue
+            raise
+        for h in status.history[seen:]:
+            if progress is not None:
+                progress(round_dict(h), status.rounds)
+        seen = len(status.history)
+        if status.phase == "failed":
+            raise SimulationError(f"the federation failed: {status.error}")
+        if status.done:
+            return status
+        time.sleep(0.25)
+
+
+def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
+    """A round summary as a plain dict with every field present."""
+    d = MessageToDict(
+        h, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for key in (
+        "round",
+        "rejected",
+        "selected",
+        "received",
+        "timed_out",
+        "model_version",
+        "rejected_clusters",
+        "fallbacks",
+    ):
+        d[key] = int(d.get(key, 0))
+    d["cluster_weights"] = {int(k): float(v) for k, v in d.get("cluster_weights", {}).items()}
+    return d
+
+
+def collect(
+    config: SimulateConfig,
+    status: pb.GetStatusResponse,
+    attackers: list[int],
+    endpoints: dict[str, Any],
+) -> dict[str, Any]:
+    """results.json's content from the clusterer's final status."""
+    rounds = [round_dict(h) for h in status.history]
+    last = rounds[-1]
+    bad = set(attackers)
+    return {
+        "config": asdict(config),
+        "rounds": rounds,
+        "clusters": [
+            {
+                "participant": c.participant_id,
+                "cluster": c.cluster,
+                "group": c.group,
+                "attacker": int(c.participant_id.rsplit("-", 1)[-1]) in bad,
+            }
+            for c in status.clusters
+        ],
+        "clustering": {"purity": None if status.purity < 0 else status.purity},
+        "final": {
+            "mean_accuracy": last["mean_accuracy"],
+            "accuracy_std": last["accuracy_std"],
+            "worst_accuracy": last["worst_accuracy"],
+            "worst_decile_accuracy": last["worst_decile_accuracy"],
+        },
+        "endpoints": endpoints,
+    }
