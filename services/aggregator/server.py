@@ -100,7 +100,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 m.sender,
                 int(received.header.cluster),
                 int(m.num_samples),
-                received.reader.flat - base,
+                received.reader.flat.sub_(base),  # in place: no second model-sized buffer
                 dict(m.metrics),
             )
             self.state.end_update(update, m.round)

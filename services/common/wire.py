@@ -22,7 +22,7 @@ from services.common.errors import FLClusteringError
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.tensors import TensorSpec
 
-CHUNK_BYTES = 1 << 20  # 1 MiB of data per message
+CHUNK_BYTES = 2 << 20  # 2 MiB of data per message (the cap is 4 MiB)
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC message cap set on every channel and server
 
 DTYPES: dict[str, torch.dtype] = {
@@ -181,6 +181,7 @@ class StreamReader:
             if s.dtype.is_floating_point:
                 flat += s.numel
         self.flat = torch.empty(flat, dtype=torch.float32) if keep else None
+        self._flat_np = self.flat.numpy() if self.flat is not None else None
         self.others: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._other_bytes: dict[str, bytearray] = {}
         self._slot = 0
@@ -221,17 +222,17 @@ class StreamReader:
                 self._other_bytes.setdefault(s.name, bytearray()).extend(data)
             return
         if s.dtype == torch.bfloat16:
-            raw = np.frombuffer(data, dtype="<i2").astype(np.int32) << 16
-            values = torch.from_numpy(raw.astype(np.uint32).view(np.float32))
+            bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+            values = bits.view(np.float32)
         else:
             np_dtype = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}[s.dtype]
-            values = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).astype(np.float32))
-        if not bool(torch.isfinite(values).all()):
+            values = np.frombuffer(data, dtype=np_dtype)  # a view: no copy
+        if not np.isfinite(values).all():
             raise invalid(f"tensor {s.name!r} contains NaN or Inf")
-        if self.flat is not None:
+        if self._flat_np is not None:
             esize = element_size(s.dtype)
             first = slot.flat_offset + (pos - slot.start) // esize
-            self.flat[first : first + values.numel()] = values
+            self._flat_np[first : first + values.size] = values  # converts to float32 in place
 
     def finish(self, sha256: bytes) -> None:
         """Check the byte count and the checksum; assemble the non-float tensors."""

@@ -1,0 +1,184 @@
+"""Every malformed or unwelcome upload gets its status code and changes nothing."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import grpc
+import pytest
+
+from services.common.grpc_util import channel
+from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.streams import build_stream, read_model
+
+from .conftest import META, rpc_code
+
+C = grpc.StatusCode
+PID = "participant-00000"
+
+
+@pytest.fixture
+def open_round(federation_factory):
+    """A fedavg federation of 3 raw clients, all selected, round 0 collecting updates."""
+    fed = federation_factory(
+        strategy="fedavg", participants=3, select=3, rounds=1, round_timeout_s=600
+    )
+    for i in range(3):
+        fed.stub.Join(
+            pb.JoinRequest(
+                participant_id=f"participant-{i:05d}", num_train=50, num_test=20, group=-1
+            ),
+            metadata=META,
+            timeout=10,
+        )
+    task = fed.stub.GetTask(
+        pb.GetTaskRequest(participant_id=PID, wait_s=20), metadata=META, timeout=30
+    )
+    assert task.kind == pb.TASK_KIND_TRAIN and task.round == 0
+    _, weights = read_model(
+        fed.stub.DownloadModel(pb.DownloadModelRequest(model_version=0), metadata=META)
+    )
+    return fed, weights
+
+
+def header(sender=PID, round_=0, version=0):
+    return tensors_pb2.ModelHeader(
+        sender=sender, round=round_, model_version=version, num_samples=50, kind="weights"
+    )
+
+
+def messages(weights, h=None, chunk=4096):
+    h = h or header()
+    return list(build_stream(pb.SubmitUpdateRequest, h, h, weights, chunk_bytes=chunk))
+
+
+def submit(fed, msgs, metadata=META):
+    return rpc_code(lambda: fed.stub.SubmitUpdate(iter(msgs), metadata=metadata, timeout=30))
+
+
+def unchanged(fed):
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    return status.model_version == 0 and status.pending_updates == 0
+
+
+def mutated(weights, name=None, value=None, tensor=None):
+    out = OrderedDict((k, v.clone()) for k, v in weights.items())
+    if tensor is not None:
+        out[name] = tensor
+    elif value is not None:
+        out[name].view(-1)[0] = value
+    return out
+
+
+def renamed(weights):
+    return OrderedDict(("bogus" if i == 0 else k, v) for i, (k, v) in enumerate(weights.items()))
+
+
+def test_each_bad_upload_gets_its_code_and_changes_nothing(open_round):
+    fed, w = open_round
+    first = next(iter(w))
+    cases = {
+        "wrong tensor name": (messages(renamed(w)), C.INVALID_ARGUMENT),
+        "wrong shape": (
+            messages(mutated(w, first, tensor=w[first].reshape(-1))),
+            C.INVALID_ARGUMENT,
+        ),
+        "wrong dtype": (messages(mutated(w, first, tensor=w[first].double())), C.INVALID_ARGUMENT),
+        "NaN": (messages(mutated(w, first, value=float("nan"))), C.INVALID_ARGUMENT),
+        "Inf": (messages(mutated(w, first, value=float("inf"))), C.INVALID_ARGUMENT),
+        "truncated stream": (messages(w)[:-2], C.DATA_LOSS),
+        "bad checksum": (
+            [
+                *messages(w)[:-1],
+                pb.SubmitUpdateRequest(trailer=tensors_pb2.ModelTrailer(sha256=b"x" * 32)),
+            ],
+            C.DATA_LOSS,
+        ),
+        "bytes beyond the header's size": (
+            [*messages(w)[:-1], pb.SubmitUpdateRequest(data=b"\x00" * 8), messages(w)[-1]],
+            C.RESOURCE_EXHAUSTED,
+        ),
+        "message over the size cap": (
+            [*messages(w)[:1], pb.SubmitUpdateRequest(data=b"\x00" * (5 << 20))],
+            C.RESOURCE_EXHAUSTED,
+        ),
+        "no header first": (messages(w)[1:], C.INVALID_ARGUMENT),
+        "unknown participant": (messages(w, header(sender="participant-99999")), C.NOT_FOUND),
+        "wrong round": (messages(w, header(round_=5)), C.FAILED_PRECONDITION),
+        "stale model version": (messages(w, header(version=7)), C.FAILED_PRECONDITION),
+    }
+    for name, (msgs, expected) in cases.items():
+        assert submit(fed, msgs) == expected, name
+        assert unchanged(fed), name
+    assert submit(fed, messages(w), metadata=()) == C.UNAUTHENTICATED
+    assert unchanged(fed)
+    # The service kept running and lost nothing: a good update is accepted...
+    assert submit(fed, messages(w)) == C.OK
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert status.pending_updates == 1 and status.model_version == 0
+    # ...and sending it again is a duplicate.
+    assert submit(fed, messages(w)) == C.FAILED_PRECONDITION
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert status.pending_updates == 1
+
+
+def test_bad_reports_and_requests(open_round):
+    fed, _ = open_round
+    bad_eval = pb.ReportEvaluationRequest(
+        participant_id=PID, evaluation_id="x", accuracy=1.5, loss=0.1, num_examples=3
+    )
+    assert (
+        rpc_code(lambda: fed.stub.ReportEvaluation(bad_eval, metadata=META)) == C.INVALID_ARGUMENT
+    )
+    no_task = pb.ReportEvaluationRequest(
+        participant_id=PID, evaluation_id="x", accuracy=0.5, loss=0.1, num_examples=3
+    )
+    assert (
+        rpc_code(lambda: fed.stub.ReportEvaluation(no_task, metadata=META)) == C.FAILED_PRECONDITION
+    )
+    assert (
+        rpc_code(
+            lambda: fed.stub.GetTask(pb.GetTaskRequest(participant_id="nobody"), metadata=META)
+        )
+        == C.NOT_FOUND
+    )
+    assert (
+        rpc_code(lambda: fed.stub.Join(pb.JoinRequest(participant_id=""), metadata=META))
+        == C.INVALID_ARGUMENT
+    )
+    missing = pb.DownloadModelRequest(model_version=42)
+    assert rpc_code(lambda: list(fed.stub.DownloadModel(missing, metadata=META))) == C.NOT_FOUND
+
+
+def test_aggregator_checks_rounds_and_versions(open_round):
+    fed, _ = open_round
+    wrong = agg_pb.AggregateRequest(round=3, strategy="fedavg")
+    assert rpc_code(lambda: fed.agg_stub.Aggregate(wrong, metadata=META)) == C.FAILED_PRECONDITION
+    bad_acc = agg_pb.AggregateRequest(round=0, strategy="fedavg", cluster_accuracy={0: 2.0})
+    assert rpc_code(lambda: fed.agg_stub.Aggregate(bad_acc, metadata=META)) == C.INVALID_ARGUMENT
+    gone = agg_pb.GetModelRequest(model_version=9)
+    assert rpc_code(lambda: list(fed.agg_stub.GetModel(gone, metadata=META))) == C.NOT_FOUND
+    assert (
+        rpc_code(lambda: fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest()))
+        == C.UNAUTHENTICATED
+    )
+    assert unchanged(fed)
+
+
+def test_health_and_reflection_are_served(open_round):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    fed, _ = open_round
+    health = health_pb2_grpc.HealthStub(channel(fed.address))
+    reply = health.Check(health_pb2.HealthCheckRequest(service="flclustering.v1.Clusterer"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel(fed.address))
+    answers = refl.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for a in answers for s in a.list_services_response.service}
+    assert "flclustering.v1.Clusterer" in names
