@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -157,6 +158,18 @@ def _summary(
     )
 
 
+def _serve_until_interrupted() -> None:
+    """Keep the federation's services up (for dashboards) until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    sys.stderr.write("results written; services keep serving (Ctrl-C stops them)\n")
+    with contextlib.suppress(KeyboardInterrupt):
+        done.wait()
+
+
 def run_simulate_command(args: argparse.Namespace) -> int:
     """`flclustering simulate`: the federation as local processes over gRPC."""
     from services.simulate import SimulateConfig, simulate
@@ -167,7 +180,8 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     config = SimulateConfig(**values)
     started = time.perf_counter()
     show = _progress(config.rounds, started)
-    results = simulate(config, lambda record, _total: show(record))
+    serve = _serve_until_interrupted if args.serve else None
+    results = simulate(config, lambda record, _total: show(record), serve=serve)
     _summary(results["rounds"], results["final"], results["clustering"]["purity"], Path(config.out))
     print(f"took {time.perf_counter() - started:.0f}s")
     return 0
@@ -192,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-timeout-s", type=float, default=env(e + "ROUND_TIMEOUT_S", 120.0))
     sim.add_argument("--aggregator-port", type=int, default=env("AGGREGATOR_PORT", 0))
     sim.add_argument("--clusterer-port", type=int, default=env("CLUSTERER_PORT", 0))
+    sim.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the services up after the last round, until Ctrl-C",
+    )
     sim.set_defaults(func=run_simulate_command)
     local = sub.add_parser("local", help="run the same algorithm in one process, no network")
     _add_run_flags(local, "runs/local")

@@ -71,6 +71,7 @@ class SimulateConfig:
     aggregator_port: int = 0
     clusterer_port: int = 0
     device: str = "auto"
+    metrics: bool = True  # every service serves /metrics on a free loopback port
     out: str = "runs/simulate"
 
     def __post_init__(self) -> None:
@@ -135,12 +136,12 @@ class Processes:
             if code not in (None, 0):
                 raise SimulationError(f"{name} exited with status {code}: {last_line(log)}")
 
-    def wait_ready(self, name: str, ready: Path, timeout: float = 120.0) -> str:
-        """The address a service wrote to its ready file."""
+    def wait_ready(self, name: str, ready: Path, timeout: float = 120.0) -> dict[str, str]:
+        """The addresses a process wrote to its ready file."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready.exists():
-                return str(json.loads(ready.read_text())["grpc"])
+                return dict(json.loads(ready.read_text()))
             self.check()
             time.sleep(0.1)
         raise SimulationError(
@@ -187,7 +188,16 @@ def simulate(
     token = secrets.token_hex(16)  # only this simulation's processes can talk to each other
     env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     procs = Processes(logs)
-    common = ["--seed", str(config.seed), "--log-level", "INFO"]
+    common = [
+        "--seed",
+        str(config.seed),
+        "--log-level",
+        "INFO",
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "auto" if config.metrics else "0",
+    ]
     try:
         procs.start(
             "aggregator",
@@ -207,7 +217,8 @@ def simulate(
             ],
             env,
         )
-        aggregator = procs.wait_ready("aggregator", logs / "aggregator.ready")
+        aggregator_ready = procs.wait_ready("aggregator", logs / "aggregator.ready")
+        aggregator = aggregator_ready["grpc"]
         procs.start(
             "clusterer",
             [
@@ -248,7 +259,8 @@ def simulate(
             ],
             env,
         )
-        clusterer = procs.wait_ready("clusterer", logs / "clusterer.ready")
+        clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
+        clusterer = clusterer_ready["grpc"]
         n_procs = math.ceil(config.participants / config.per_process)
         for k in range(n_procs):
             first = k * config.per_process
@@ -280,8 +292,12 @@ def simulate(
                 config.model,
                 "--device",
                 config.device,
+                "--ready-file",
+                str(logs / f"participants-{k}.ready"),
                 *common,
             ]
+            if serve is not None:
+                args.append("--linger")
             if hosted:
                 args += [
                     "--attack",
@@ -294,7 +310,18 @@ def simulate(
                     ",".join(map(str, hosted)),
                 ]
             procs.start(f"participants-{k}", args, env)
-        endpoints = {"aggregator": {"grpc": aggregator}, "clusterer": {"grpc": clusterer}}
+        participants = [
+            {
+                "name": f"participants-{k}",
+                **procs.wait_ready(f"participants-{k}", logs / f"participants-{k}.ready"),
+            }
+            for k in range(n_procs)
+        ]
+        endpoints: dict[str, Any] = {
+            "aggregator": aggregator_ready,
+            "clusterer": clusterer_ready,
+            "participants": participants,
+        }
         (out / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
         status = follow(clusterer, token, procs, progress)
         results = collect(config, status, attackers, endpoints)

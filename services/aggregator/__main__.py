@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from services.aggregator.server import AggregatorConfig, build_service
 from services.common.errors import FLClusteringError
 from services.common.flags import OneLineParser, env
-from services.common.grpc_util import serve_until_signal, write_ready_file
+from services.common.grpc_util import ready_addresses, serve_until_signal, write_ready_file
+from services.common.metrics import parse_metrics_port
 from services.participant.models import MODELS
 
 logger = logging.getLogger("services.aggregator")
@@ -55,6 +56,13 @@ def parse_args(argv: Sequence[str] | None) -> AggregatorConfig:
         default=env(e + "READY_FILE", None, str),
         help="write the bound addresses as JSON here once serving",
     )
+    p.add_argument("--metrics-host", default=env(e + "METRICS_HOST", d.metrics_host))
+    p.add_argument(
+        "--metrics-port",
+        type=parse_metrics_port,
+        default=env(e + "METRICS_PORT", d.metrics_port, parse_metrics_port),
+        help="port of /metrics; 0 disables, auto picks a free one",
+    )
     p.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -73,6 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> AggregatorConfig:
         auth_token=a.auth_token or None,
         grace_s=a.grace_s,
         ready_file=a.ready_file,
+        metrics_host=a.metrics_host,
+        metrics_port=a.metrics_port,
     )
 
 
@@ -84,10 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FLClusteringError as exc:
         sys.stderr.write(f"aggregator: error: {exc}\n")
         return 2
-    service.server.start()
-    address = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{service.port}"
-    logger.info("aggregator serving on %s (model %s)", address, config.model)
-    write_ready_file(config.ready_file, {"grpc": address})
+    try:
+        service.start()
+    except FLClusteringError as exc:
+        sys.stderr.write(f"aggregator: error: {exc}\n")
+        return 2
+    ready = ready_addresses(config.host, service.port, config.metrics_host, service.metrics_port)
+    logger.info("aggregator serving on %s (model %s)", ready, config.model)
+    write_ready_file(config.ready_file, ready)
     serve_until_signal(service.server, service.health, config.grace_s)
     return 0
 

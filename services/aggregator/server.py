@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1.health import HealthServicer
+from prometheus_client import CollectorRegistry
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import ConfigError
+from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_util import (
     add_health_and_reflection,
     bind,
     new_server,
     rpc,
+    status_for,
+)
+from services.common.metrics import (
+    AggregatorMetrics,
+    ServerMetricsInterceptor,
+    cluster_label,
+    reason_label,
+    serve_metrics,
 )
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
@@ -48,6 +58,8 @@ class AggregatorConfig:
     max_workers: int = 16
     grace_s: float = 10.0
     ready_file: str | None = None
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9102  # None: no /metrics; -1: any free port
 
     def shape(self) -> tuple[tuple[int, int, int], int]:
         """Input shape and class count of the model."""
@@ -64,13 +76,29 @@ class AggregatorConfig:
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     """Receives grouped updates, aggregates rounds, serves global models."""
 
-    def __init__(self, state: AggregatorState, config: AggregatorConfig) -> None:
+    def __init__(
+        self, state: AggregatorState, config: AggregatorConfig, metrics: AggregatorMetrics
+    ) -> None:
         self.state = state
         self.config = config
+        self.metrics = metrics
+        metrics.model_version.set(state.version)
 
     @rpc("Aggregator.ForwardUpdate")
     def ForwardUpdate(
         self, request_iterator: Iterator[pb.ForwardUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.ForwardUpdateResponse:
+        try:
+            return self._receive(request_iterator)
+        except FLClusteringError as exc:
+            self.metrics.updates_rejected.labels(status_for(exc).name.lower()).inc()
+            raise
+        except grpc.RpcError:
+            self.metrics.updates_rejected.labels("cancelled").inc()
+            raise
+
+    def _receive(
+        self, request_iterator: Iterator[pb.ForwardUpdateRequest]
     ) -> pb.ForwardUpdateResponse:
         received = Received()
         reserved: list[str] = []
@@ -104,6 +132,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 dict(m.metrics),
             )
             self.state.end_update(update, m.round)
+            self.metrics.rpc.received_bytes.inc(received.reader.received)
+            self.metrics.update_bytes.observe(received.reader.received)
         finally:
             for who in reserved:
                 self.state.release(who)
@@ -119,6 +149,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
         if not 0.0 <= request.byzantine_fraction < 0.5:
             raise invalid("byzantine_fraction must be in [0, 0.5)")
+        start = time.perf_counter()
         report = self.state.aggregate(
             request.round,
             request.strategy or "flclustering",
@@ -128,6 +159,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             request.lr or 0.05,
             request.abandon,
         )
+        m = self.metrics
+        m.aggregation_seconds.observe(time.perf_counter() - start)
+        m.updates_aggregated.inc(report.updates)
+        m.model_version.set(report.version)
+        for reason in report.rejected.values():
+            m.updates_rejected.labels(reason_label(reason)).inc()
+        for c, n in report.rejected_per_cluster.items():
+            m.robust_rejections.labels(cluster_label(c)).inc(n)
+        m.cluster_rejections.inc(len(report.rejected_clusters))
+        m.fallbacks.inc(len(report.fallbacks))
         logger.info(
             "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
             request.round,
@@ -150,7 +191,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     ) -> Iterator[pb.GetModelResponse]:
         version, weights = self.state.weights(request.model_version)
         header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind="weights")
-        yield from build_stream(pb.GetModelResponse, header, header, weights)
+        for msg in build_stream(pb.GetModelResponse, header, header, weights):
+            if msg.WhichOneof("part") == "data":
+                self.metrics.rpc.sent_bytes.inc(len(msg.data))
+            yield msg
 
     @rpc("Aggregator.GetAggregatorStatus")
     def GetAggregatorStatus(
@@ -179,16 +223,28 @@ class AggregatorService:
     port: int
     servicer: AggregatorServicer
     health: HealthServicer
+    registry: CollectorRegistry
+    metrics_port: int | None = None
+
+    def start(self) -> None:
+        """Start serving gRPC and /metrics."""
+        self.server.start()
+        config = self.servicer.config
+        self.metrics_port = serve_metrics(self.registry, config.metrics_host, config.metrics_port)
 
 
 def build_service(config: AggregatorConfig) -> AggregatorService:
     """Build the aggregator server and everything it serves."""
-    servicer = AggregatorServicer(initial_state(config), config)
-    server = new_server(config.max_workers, config.auth_token)
+    registry = CollectorRegistry()
+    metrics = AggregatorMetrics(registry)
+    servicer = AggregatorServicer(initial_state(config), config, metrics)
+    server = new_server(
+        config.max_workers, config.auth_token, [ServerMetricsInterceptor(metrics.rpc)]
+    )
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, config.host, config.port)
-    return AggregatorService(server, port, servicer, health)
+    return AggregatorService(server, port, servicer, health, registry)
 
 
 def create_server(config: AggregatorConfig) -> tuple[grpc.Server, int]:

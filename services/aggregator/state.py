@@ -39,6 +39,7 @@ class RoundReport:
     cluster_weights: dict[int, float]
     rejected_clusters: dict[int, str]
     fallbacks: dict[int, str]
+    rejected_per_cluster: dict[int, int] = field(default_factory=dict)
 
 
 class AggregatorState:
@@ -145,6 +146,9 @@ class AggregatorState:
             self.pending.clear()
             self.open_round += 1
             d = outcome.defence
+            per_cluster: dict[int, int] = {}
+            for i in d.rejected_updates:
+                per_cluster[updates[i].cluster] = per_cluster.get(updates[i].cluster, 0) + 1
             return RoundReport(
                 self.version,
                 len(updates),
@@ -152,6 +156,7 @@ class AggregatorState:
                 outcome.cluster_weights,
                 d.rejected_clusters,
                 d.fallbacks,
+                per_cluster,
             )
 
     def snapshot(self) -> dict[str, object]:

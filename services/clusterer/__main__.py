@@ -12,7 +12,8 @@ from services.clusterer.config import ClustererConfig
 from services.clusterer.server import build_service
 from services.common.errors import FLClusteringError
 from services.common.flags import OneLineParser, env, optional_int, parse_bool
-from services.common.grpc_util import serve_until_signal, write_ready_file
+from services.common.grpc_util import ready_addresses, serve_until_signal, write_ready_file
+from services.common.metrics import parse_metrics_port
 from services.common.strategies import STRATEGIES
 
 logger = logging.getLogger("services.clusterer")
@@ -78,6 +79,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ClustererConfig, str]:
     )
     p.add_argument("--grace-s", type=float, default=env(e + "GRACE_S", d.grace_s))
     p.add_argument("--ready-file", default=env(e + "READY_FILE", None, str))
+    p.add_argument("--metrics-host", default=env(e + "METRICS_HOST", d.metrics_host))
+    p.add_argument(
+        "--metrics-port",
+        type=parse_metrics_port,
+        default=env(e + "METRICS_PORT", d.metrics_port, parse_metrics_port),
+        help="port of /metrics; 0 disables, auto picks a free one",
+    )
     p.add_argument("--log-level", default=env(f + "LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     names = {fl.name for fl in fields(ClustererConfig)}
@@ -100,13 +108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FLClusteringError as exc:
         sys.stderr.write(f"clusterer: error: {exc}\n")
         return 2
-    service.server.start()
-    service.coordinator.start()
+    try:
+        service.start()
+    except FLClusteringError as exc:
+        sys.stderr.write(f"clusterer: error: {exc}\n")
+        return 2
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     logger.info(
         "clusterer serving on %s:%d, aggregator at %s", host, service.port, config.aggregator
     )
-    write_ready_file(config.ready_file, {"grpc": f"{host}:{service.port}"})
+    write_ready_file(
+        config.ready_file,
+        ready_addresses(config.host, service.port, config.metrics_host, service.metrics_port),
+    )
     serve_until_signal(service.server, service.health, config.grace_s, service.coordinator.shutdown)
     return 0
 

@@ -43,6 +43,8 @@ class ClustererConfig:
     max_workers: int = 256
     grace_s: float = 10.0
     ready_file: str | None = None
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9101  # None: no /metrics; -1: any free port
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)

@@ -25,6 +25,7 @@ from services.clusterer.selection import fair_select
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.figures import accuracy_summary, purity
 from services.common.grpc_util import call_metadata, with_retries
+from services.common.metrics import ClustererMetrics, cluster_label, reason_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -101,13 +102,18 @@ class Coordinator:
         state: ClustererState,
         aggregator: agg_grpc.AggregatorStub,
         models: ModelCache,
+        metrics: ClustererMetrics,
     ) -> None:
+        self.metrics = metrics
         self.config = config
         self.state = state
         self.aggregator = aggregator
         self.models = models
         self.strategy = get_strategy(config.strategy)
         self.rng = np.random.default_rng(config.seed)
+        metrics.rounds_total.set(config.rounds)
+        metrics.round.set(-1)
+        metrics.phase.state("waiting")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
         self.on_round: Callable[[dict[str, Any]], None] | None = None
@@ -136,7 +142,7 @@ class Coordinator:
                     return
                 self._round(r)
             with self.state.cond:
-                self.state.phase = "done"
+                self._phase("done")
                 for p in self.state.members:
                     self.state.tasks[p] = Task(
                         pb.TASK_KIND_DONE, self.config.rounds, self.state.model_version
@@ -146,11 +152,16 @@ class Coordinator:
         except Exception as exc:  # the service stays up and reports the failure
             logger.exception("coordinator failed")
             with self.state.cond:
-                self.state.phase = "failed"
+                self._phase("failed")
                 self.state.error = f"{type(exc).__name__}: {exc}"
                 self.state.cond.notify_all()
 
     # ---- helpers ---------------------------------------------------------------------
+    def _phase(self, name: str) -> None:
+        """Set the phase (cond held) and export it."""
+        self.state.phase = name
+        self.metrics.phase.state(name)
+
     def _meta(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.config.auth_token)
 
@@ -197,7 +208,7 @@ class Coordinator:
     # ---- phases ----------------------------------------------------------------------
     def _wait_for_members(self) -> None:
         with self.state.cond:
-            self.state.phase = "waiting"
+            self._phase("waiting")
             while len(self.state.members) < self.config.participants and not self.stop.is_set():
                 self.state.cond.wait(5.0)
         logger.info("%d participants joined", len(self.state.members))
@@ -209,19 +220,21 @@ class Coordinator:
 
     def _pretrain_and_cluster(self) -> None:
         with self.state.cond:
-            self.state.phase = "pretraining"
+            self._phase("pretraining")
             members = sorted(self.state.members)
             self._assign({p: Task(pb.TASK_KIND_PRETRAIN, -1, 0) for p in members})
             self._wait(
                 lambda: all(p in self.state.pretrain_deltas for p in members),
                 self.config.pretrain_timeout_s,
             )
-            self._cancel(members, pb.TASK_KIND_PRETRAIN)
+            missed = self._cancel(members, pb.TASK_KIND_PRETRAIN)
+            self.metrics.timed_out.labels("pretrain").inc(len(missed))
             have = sorted(self.state.pretrain_deltas)
             deltas = torch.stack([self.state.pretrain_deltas[p] for p in have])
-            self.state.phase = "clustering"
+            self._phase("clustering")
         k = None if self.config.clusters is None else min(self.config.clusters, len(have))
-        result = cluster(deltas, k=k, method=self.config.cluster_method, seed=self.config.seed)
+        with self.metrics.clustering_seconds.time():
+            result = cluster(deltas, k=k, method=self.config.cluster_method, seed=self.config.seed)
         with self.state.cond:
             for p, c in zip(have, result.assignment.tolist(), strict=True):
                 self.state.members[p].cluster = int(c)
@@ -230,6 +243,10 @@ class Coordinator:
             groups = np.array([self.state.members[p].group for p in have])
             if (groups >= 0).all():
                 self.state.purity = purity(result.assignment, groups)
+            self.metrics.purity.set(-1 if self.state.purity is None else self.state.purity)
+            sizes = np.bincount(result.assignment, minlength=result.k)
+            for c, size in enumerate(sizes.tolist()):
+                self.metrics.cluster_size.labels(cluster_label(c)).set(size)
         logger.info(
             "clustered %d participants into k=%d (%s), silhouette %.3f, purity %s",
             len(have),
@@ -252,7 +269,8 @@ class Coordinator:
             )
             got = self.state.evaluations[tag]
             self._wait(lambda: all(p in got for p in participants), self.config.eval_timeout_s)
-            self._cancel(participants, pb.TASK_KIND_EVALUATE)
+            missed = self._cancel(participants, pb.TASK_KIND_EVALUATE)
+            self.metrics.timed_out.labels("evaluate").inc(len(missed))
             return dict(self.state.evaluations.pop(tag))
 
     def _round(self, r: int) -> None:
@@ -260,8 +278,10 @@ class Coordinator:
         cfg = self.config
         with self.state.cond:
             self.state.round = r
-            self.state.phase = "selecting"
+            self.metrics.round.set(r)
+            self._phase("selecting")
             active = self.state.active(cfg.liveness_s)
+            self.metrics.active.set(len(active))
             labels = {
                 p: self.state.members[p].cluster
                 for p in active
@@ -280,11 +300,12 @@ class Coordinator:
                 self.rng,
             )
             selected = {pids[i]: c for c, members in picks.items() for i in members}
+        self.metrics.selected.set(len(selected))
         # Accuracy of the current global model per cluster, for the fair merge.
         cluster_acc: dict[int, float] = {}
         if r > 0 and self.strategy.merge == "accuracy":
             with self.state.cond:
-                self.state.phase = "evaluating"
+                self._phase("evaluating")
             if self.strategy.per_participant:
                 sample = list(selected)
             else:
@@ -300,9 +321,10 @@ class Coordinator:
                 accs = [e.accuracy for p, e in evals.items() if labels.get(p) == c]
                 if accs:
                     cluster_acc[c] = float(np.mean(accs))
+                    self.metrics.cluster_accuracy.labels(cluster_label(c)).set(cluster_acc[c])
         # Training: collect updates until all selected answered or the deadline.
         with self.state.cond:
-            self.state.phase = "training"
+            self._phase("training")
             self.state.selected = dict(selected)
             self.state.received = set()
             self.state.collecting_round = r
@@ -313,8 +335,9 @@ class Coordinator:
             self._wait(lambda: self.state.received >= set(selected), cfg.round_timeout_s)
             self.state.collecting_round = None
             timed_out = self._cancel(selected, pb.TASK_KIND_TRAIN)
+            self.metrics.timed_out.labels("train").inc(len(timed_out))
             received = len(self.state.received)
-            self.state.phase = "aggregating"
+            self._phase("aggregating")
         needed = math.ceil(cfg.min_share * len(selected))
         abandon = received < needed
         if abandon:
@@ -378,6 +401,18 @@ class Coordinator:
                 mean_loss=0.0,
             )
         record["duration_s"] = time.monotonic() - start
+        m = self.metrics
+        m.round_seconds.observe(record["duration_s"])
+        m.rounds_completed.inc()
+        m.model_version.set(reply.model_version)
+        m.accuracy_mean.set(record["mean_accuracy"])
+        m.accuracy_std.set(record["accuracy_std"])
+        m.accuracy_worst.set(record["worst_accuracy"])
+        m.loss_mean.set(record["mean_loss"])
+        for c, w in record["cluster_weights"].items():
+            m.cluster_weight.labels(cluster_label(c)).set(w)
+        for rej in reply.rejected:
+            m.updates_rejected.labels(reason_label(rej.reason)).inc()
         with self.state.cond:
             self.state.history.append(record)
             self.state.cond.notify_all()

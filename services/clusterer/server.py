@@ -12,11 +12,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1.health import HealthServicer
+from prometheus_client import CollectorRegistry
 
 from services.clusterer.config import ClustererConfig
 from services.clusterer.coordinator import Coordinator, ModelCache
 from services.clusterer.state import ClustererState, Evaluation, Member, Task
-from services.common.errors import NotFoundError, StateError
+from services.common.errors import FLClusteringError, NotFoundError, StateError
 from services.common.grpc_util import (
     add_health_and_reflection,
     bind,
@@ -24,6 +25,13 @@ from services.common.grpc_util import (
     channel,
     new_server,
     rpc,
+    status_for,
+)
+from services.common.metrics import (
+    ClustererMetrics,
+    ServerMetricsInterceptor,
+    instrument_channel,
+    serve_metrics,
 )
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
@@ -48,7 +56,9 @@ class ClustererServicer(pb_grpc.ClustererServicer):
         coordinator: Coordinator,
         aggregator: agg_grpc.AggregatorStub,
         models: ModelCache,
+        metrics: ClustererMetrics,
     ) -> None:
+        self.metrics = metrics
         self.config = config
         self.state = state
         self.coordinator = coordinator
@@ -101,6 +111,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
                 elif self.state.phase == "pretraining":
                     self.state.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
                 logger.info("[Clusterer.Join] %s joined (%s)", pid, request.device or "?")
+                self.metrics.joined.set(len(self.state.members))
             else:
                 known.last_seen = time.monotonic()
             self.state.cond.notify_all()
@@ -137,6 +148,24 @@ class ClustererServicer(pb_grpc.ClustererServicer):
     @rpc("Clusterer.SubmitUpdate")
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateResponse:
+        try:
+            reply = self._submit(request_iterator)
+        except _Relayed as exc:
+            self.metrics.updates_rejected.labels(exc.code.name.lower()).inc()
+            raise
+        except FLClusteringError as exc:
+            self.metrics.updates_rejected.labels(status_for(exc).name.lower()).inc()
+            raise
+        except grpc.RpcError:
+            self.metrics.updates_rejected.labels("cancelled").inc()
+            raise
+        if reply.round >= 0:
+            self.metrics.updates_received.inc()
+        return reply
+
+    def _submit(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest]
     ) -> pb.SubmitUpdateResponse:
         it = iter(request_iterator)
         first = next(it, None)
@@ -202,6 +231,8 @@ class ClustererServicer(pb_grpc.ClustererServicer):
                             header=agg_pb.UpdateHeader(model=msg.header, cluster=cluster)
                         )
                     elif part == "data":
+                        self.metrics.rpc.received_bytes.inc(len(msg.data))
+                        self.metrics.rpc.sent_bytes.inc(len(msg.data))
                         yield agg_pb.ForwardUpdateRequest(data=msg.data)
                     else:
                         yield agg_pb.ForwardUpdateRequest(trailer=msg.trailer)
@@ -234,6 +265,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
 
         got = read_all(messages, on_header)
         assert got.reader is not None and got.reader.flat is not None
+        self.metrics.rpc.received_bytes.inc(got.reader.received)
         with self.state.cond:
             task = self.state.tasks.get(pid)
             if task is None or task.kind != pb.TASK_KIND_PRETRAIN:
@@ -280,6 +312,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
         if cached is None:
             raise NotFoundError(f"model version {request.model_version} is not available")
         header, chunks, sha = cached
+        self.metrics.rpc.sent_bytes.inc(header.total_bytes)
         yield from encoded_stream(pb.DownloadModelResponse, header, chunks, sha)
 
     @rpc("Clusterer.GetStatus")
@@ -332,6 +365,16 @@ class ClustererService:
     coordinator: Coordinator
     health: HealthServicer
     aggregator_channel: grpc.Channel
+    registry: CollectorRegistry
+    metrics_port: int | None = None
+
+    def start(self) -> None:
+        """Start serving gRPC and /metrics, then the round protocol."""
+        self.server.start()
+        self.metrics_port = serve_metrics(
+            self.registry, self.servicer.config.metrics_host, self.servicer.config.metrics_port
+        )
+        self.coordinator.start()
 
 
 class _RelayInterceptor(grpc.ServerInterceptor):
@@ -358,15 +401,18 @@ def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
     state = ClustererState()
     models = ModelCache()
+    registry = CollectorRegistry()
+    metrics = ClustererMetrics(registry)
     agg_channel = channel(config.aggregator)
-    aggregator = agg_grpc.AggregatorStub(agg_channel)
-    coordinator = Coordinator(config, state, aggregator, models)
-    servicer = ClustererServicer(config, state, coordinator, aggregator, models)
-    server = new_server(config.max_workers, config.auth_token, [_RelayInterceptor()])
+    aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
+    coordinator = Coordinator(config, state, aggregator, models, metrics)
+    servicer = ClustererServicer(config, state, coordinator, aggregator, models, metrics)
+    interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]
+    server = new_server(config.max_workers, config.auth_token, interceptors)
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, config.host, config.port)
-    return ClustererService(server, port, servicer, coordinator, health, agg_channel)
+    return ClustererService(server, port, servicer, coordinator, health, agg_channel, registry)
 
 
 def create_server(config: ClustererConfig) -> tuple[grpc.Server, int]:

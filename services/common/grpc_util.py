@@ -239,6 +239,20 @@ def write_ready_file(path: str | None, addresses: dict[str, str]) -> None:
     tmp.replace(target)
 
 
+def ready_addresses(
+    host: str, port: int, metrics_host: str | None = None, metrics_port: int | None = None
+) -> dict[str, str]:
+    """The addresses a ready file lists (wildcard hosts written as 127.0.0.1)."""
+
+    def local(h: str) -> str:
+        return "127.0.0.1" if h in ("0.0.0.0", "::", "") else h
+
+    out = {"grpc": f"{local(host)}:{port}"}
+    if metrics_port is not None and metrics_host is not None:
+        out["metrics"] = f"{local(metrics_host)}:{metrics_port}"
+    return out
+
+
 def channel(address: str) -> grpc.Channel:
     """An insecure channel with the project's message limits and keepalive."""
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)

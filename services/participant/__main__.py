@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from services.common.errors import FLClusteringError
 from services.common.flags import OneLineParser, env, parse_bool
-from services.common.grpc_util import channel
+from services.common.grpc_util import channel, ready_addresses, write_ready_file
+from services.common.metrics import (
+    ParticipantMetrics,
+    instrument_channel,
+    parse_metrics_port,
+    serve_metrics,
+)
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import ATTACKS, AttackConfig
 from services.participant.datasets import DATASETS, load_dataset
@@ -49,6 +56,10 @@ class ParticipantConfig:
     attack_factor: float = -1.0
     attack_every: int = 5
     attack_indices: tuple[int, ...] | None = None  # None: every hosted participant attacks
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None  # None: no /metrics; -1: any free port
+    ready_file: str | None = None
+    linger: bool = False  # after the federation is done, keep serving /metrics until stopped
 
 
 def parse_indices(raw: str) -> tuple[int, ...]:
@@ -113,6 +124,23 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ParticipantConfig, str]:
         default=env("PARTICIPANT_ATTACK_INDICES", None, parse_indices),
         help="which hosted indices attack (default: all of them)",
     )
+    p.add_argument("--metrics-host", default=env("PARTICIPANT_METRICS_HOST", d.metrics_host))
+    p.add_argument(
+        "--metrics-port",
+        type=parse_metrics_port,
+        default=env("PARTICIPANT_METRICS_PORT", d.metrics_port, parse_metrics_port),
+        help="port of /metrics for all hosted participants; 0 (default) disables, auto picks one",
+    )
+    p.add_argument(
+        "--ready-file",
+        default=env("PARTICIPANT_READY_FILE", None, str),
+        help="write the metrics address as JSON here once serving",
+    )
+    p.add_argument(
+        "--linger",
+        action="store_true",
+        help="after the federation is done keep serving /metrics until SIGTERM",
+    )
     p.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.count < 1 or not a.index >= 0 or a.index + a.count > a.num_participants:
@@ -141,11 +169,20 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         config.groups,
         config.alpha,
     )
-    stub = pb_grpc.ClustererStub(channel(config.clusterer))
+    registry = CollectorRegistry()
+    metrics = ParticipantMetrics(registry)
+    metrics.device.info({"device": str(device), "model": config.model, "dataset": config.dataset})
+    metrics_port = serve_metrics(registry, config.metrics_host, config.metrics_port)
+    if config.ready_file:
+        ready = ready_addresses("", 0, config.metrics_host, metrics_port)
+        del ready["grpc"]  # participants serve no gRPC
+        ready["participants"] = f"{config.index}..{config.index + config.count - 1}"
+        write_ready_file(config.ready_file, ready)
+    stub = pb_grpc.ClustererStub(instrument_channel(channel(config.clusterer), metrics.rpc))
     settings = WorkerSettings(
         config.model, device, config.auth_token, config.poll_wait_s, config.seed
     )
-    store = ModelStore(stub, config.auth_token)
+    store = ModelStore(stub, config.auth_token, on_bytes=metrics.rpc.received_bytes.inc)
     hosted = range(config.index, config.index + config.count)
     attackers = set(hosted) if config.attack_indices is None else set(config.attack_indices)
     participants = []
@@ -153,7 +190,9 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         attack = AttackConfig(
             config.attack if i in attackers else "none", config.attack_factor, config.attack_every
         )
-        participants.append(Participant(i, data, shards[i], settings, stub, store, attack, stop))
+        participants.append(
+            Participant(i, data, shards[i], settings, stub, store, attack, stop, metrics)
+        )
     logger.info(
         "hosting %d participant(s) %d..%d on %s against %s",
         len(participants),
@@ -179,6 +218,9 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     for t in threads:
         while t.is_alive():
             t.join(timeout=1.0)
+    if config.linger:
+        logger.info("federation done; serving metrics until stopped")
+        stop.wait()
     return 1 if errors and not stop.is_set() else 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from services.common.errors import SpecMismatchError
 from services.common.grpc_util import call_metadata
+from services.common.metrics import ParticipantMetrics
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
@@ -46,7 +47,14 @@ class WorkerSettings:
 class ModelStore:
     """Global model versions downloaded once per process, shared by its participants."""
 
-    def __init__(self, stub: pb_grpc.ClustererStub, token: str | None, keep: int = 3) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.ClustererStub,
+        token: str | None,
+        keep: int = 3,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self._on_bytes = on_bytes
         self._stub = stub
         self._token = token
         self._keep = keep
@@ -70,6 +78,8 @@ class ModelStore:
                 timeout=600,
             )
             header, weights = read_model(stream)
+            if self._on_bytes is not None:
+                self._on_bytes(header.total_bytes)
             if header.model_version != version:
                 raise SpecMismatchError(f"asked for version {version}, got {header.model_version}")
             with self._lock:
@@ -93,7 +103,10 @@ class Participant:
         store: ModelStore,
         attack: AttackConfig,
         stop: threading.Event,
+        metrics: ParticipantMetrics,
     ) -> None:
+        self.metrics = metrics
+        self.label = str(index)
         self.id = f"participant-{index:05d}"
         self.index = index
         self.x_train = data.x_train[shard.train].to(settings.device)
@@ -186,6 +199,7 @@ class Participant:
                 timeout=3600,
             ),
         )
+        self.metrics.rpc.sent_bytes.inc(header.total_bytes)
 
     # ---- tasks -----------------------------------------------------------------------
     def pretrain(self, task: pb.GetTaskResponse) -> None:
@@ -217,6 +231,9 @@ class Participant:
             y = flip_labels(y, self.attack.flip_from, self.attack.flip_to)
         cfg = TrainConfig(t.epochs, t.batch_size, t.lr, t.momentum, lr_decay=1.0)
         result = local_train(self.model, self.x_train, y, cfg, 0, self.gen)
+        self.metrics.training_seconds.labels(self.label).observe(result.seconds)
+        self.metrics.training_loss.labels(self.label).set(result.loss)
+        self.metrics.examples.labels(self.label).inc(result.examples)
         weights = state_of(self.model)
         if self.attack.fires(task.round) and not self.attack.poisons_data:
             reference = self.store.get(task.model_version)
@@ -250,6 +267,7 @@ class Participant:
         """Evaluate a global model version on the own test split and report it."""
         self._load(task.model_version)
         loss, acc = evaluate(self.model, self.x_test, self.y_test)
+        self.metrics.test_accuracy.labels(self.label).set(acc)
         request = pb.ReportEvaluationRequest(
             participant_id=self.id,
             evaluation_id=task.evaluation_id,
@@ -291,6 +309,7 @@ class Participant:
                 continue
             try:
                 handler(task)
+                self.metrics.tasks.labels(self.label, pb.TaskKind.Name(task.kind)).inc()
             except grpc.RpcError as exc:
                 # Late, duplicate or rejected: the clusterer said why; go on with the next task.
                 logger.warning(
