@@ -187,6 +187,23 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scrape_config_command(args: argparse.Namespace) -> int:
+    """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
+    import json
+
+    from services.common.errors import ConfigError
+    from services.simulate import scrape_config
+
+    try:
+        endpoints = json.loads(args.endpoints.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read {args.endpoints}: run flclustering simulate --serve first"
+        ) from exc
+    sys.stdout.write(scrape_config(endpoints, args.rules, args.interval))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `flclustering` parser with its sub-commands."""
     parser = OneLineParser(prog="flclustering", description=__doc__)
@@ -212,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the services up after the last round, until Ctrl-C",
     )
     sim.set_defaults(func=run_simulate_command)
+    scrape = sub.add_parser(
+        "scrape-config", help="print a Prometheus config scraping a simulation's services"
+    )
+    scrape.add_argument(
+        "endpoints", type=Path, nargs="?", default=Path("runs/simulate/endpoints.json")
+    )
+    scrape.add_argument(
+        "--rules", help="alerting rules file to load (deploy/prometheus/alerts.yml)"
+    )
+    scrape.add_argument("--interval", default="5s")
+    scrape.set_defaults(func=run_scrape_config_command)
     local = sub.add_parser("local", help="run the same algorithm in one process, no network")
     _add_run_flags(local, "runs/local")
     local.set_defaults(func=run_local_command)

@@ -415,3 +415,26 @@ def collect(
         },
         "endpoints": endpoints,
     }
+
+
+def scrape_config(endpoints: dict[str, Any], rules: str | None = None, interval: str = "5s") -> str:
+    """A Prometheus configuration scraping every service listed in an endpoints.json."""
+    jobs: dict[str, list[str]] = {
+        "aggregator": [endpoints["aggregator"].get("metrics", "")],
+        "clusterer": [endpoints["clusterer"].get("metrics", "")],
+        "participants": [p.get("metrics", "") for p in endpoints.get("participants", [])],
+    }
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}"]
+    if rules:
+        lines += ["rule_files:", f"  - {rules}"]
+    lines.append("scrape_configs:")
+    for job, targets in jobs.items():
+        targets = [t for t in targets if t]
+        if not targets:
+            continue
+        lines += [
+            f"  - job_name: {job}",
+            "    static_configs:",
+            f"      - targets: {json.dumps(targets)}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -146,7 +146,7 @@ class AggregatorState:
             self.pending.clear()
             self.open_round += 1
             d = outcome.defence
-            per_cluster: dict[int, int] = {}
+            per_cluster = {u.cluster: 0 for u in updates}  # zero counts are exported too
             for i in d.rejected_updates:
                 per_cluster[updates[i].cluster] = per_cluster.get(updates[i].cluster, 0) + 1
             return RoundReport(

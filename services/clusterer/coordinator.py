@@ -25,7 +25,7 @@ from services.clusterer.selection import fair_select
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.figures import accuracy_summary, purity
 from services.common.grpc_util import call_metadata, with_retries
-from services.common.metrics import ClustererMetrics, cluster_label, reason_label
+from services.common.metrics import ClustererMetrics, cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -411,8 +411,6 @@ class Coordinator:
         m.loss_mean.set(record["mean_loss"])
         for c, w in record["cluster_weights"].items():
             m.cluster_weight.labels(cluster_label(c)).set(w)
-        for rej in reply.rejected:
-            m.updates_rejected.labels(reason_label(rej.reason)).inc()
         with self.state.cond:
             self.state.history.append(record)
             self.state.cond.notify_all()

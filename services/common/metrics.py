@@ -23,6 +23,19 @@ PREFIX = "flclustering"
 MAX_CLUSTER_LABELS = 32
 SIZE_BUCKETS = tuple(float(2**k) for k in range(10, 34, 2))  # 1 KiB .. 8 GiB
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Label values created up front, so every series a dashboard or rule names exists from the
+# first scrape (a labelled metric with no children is not exposed at all).
+REFUSAL_REASONS = (
+    "invalid_argument",
+    "data_loss",
+    "resource_exhausted",
+    "not_found",
+    "failed_precondition",
+    "unauthenticated",
+    "cancelled",
+)
+DEFENCE_REASONS = ("norm", "non-finite", "robust-rule")
+TASKS = ("pretrain", "train", "evaluate")
 PHASES = (
     "waiting",
     "pretraining",
@@ -307,6 +320,10 @@ class ClustererMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in REFUSAL_REASONS:
+            self.updates_rejected.labels(reason)
+        for task in TASKS:
+            self.timed_out.labels(task)
         self.cluster_size = Gauge(
             f"{PREFIX}_cluster_size", "Members per cluster.", ["cluster"], registry=r
         )
@@ -370,6 +387,8 @@ class AggregatorMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in REFUSAL_REASONS + DEFENCE_REASONS:
+            self.updates_rejected.labels(reason)
         self.robust_rejections = Counter(
             f"{PREFIX}_robust_rejections_total",
             "Updates the defence rejected, per cluster.",
