@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from services.aggregator.server import AggregatorConfig, build_service
 from services.common.errors import FLClusteringError
-from services.common.flags import OneLineParser, env
+from services.common.flags import OneLineParser, add_auth_flags, env, resolve_token
 from services.common.grpc_util import ready_addresses, serve_until_signal, write_ready_file
 from services.common.metrics import parse_metrics_port
 from services.participant.models import MODELS
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> AggregatorConfig:
         "--max-update-bytes", type=int, default=env(e + "MAX_UPDATE_BYTES", d.max_update_bytes)
     )
     p.add_argument("--keep-versions", type=int, default=env(e + "KEEP_VERSIONS", d.keep_versions))
-    p.add_argument("--auth-token", default=env("FLCLUSTERING_AUTH_TOKEN", None, str))
+    add_auth_flags(p)
     p.add_argument("--grace-s", type=float, default=env(e + "GRACE_S", d.grace_s))
     p.add_argument(
         "--ready-file",
@@ -62,6 +62,11 @@ def parse_args(argv: Sequence[str] | None) -> AggregatorConfig:
         type=parse_metrics_port,
         default=env(e + "METRICS_PORT", d.metrics_port, parse_metrics_port),
         help="port of /metrics; 0 disables, auto picks a free one",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=env(e + "STATE_DIR", None, str),
+        help="keep the newest global model here (safetensors) and resume from it",
     )
     p.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -78,11 +83,12 @@ def parse_args(argv: Sequence[str] | None) -> AggregatorConfig:
         seed=a.seed,
         max_update_bytes=a.max_update_bytes,
         keep_versions=a.keep_versions,
-        auth_token=a.auth_token or None,
+        auth_token=resolve_token(p, a),
         grace_s=a.grace_s,
         ready_file=a.ready_file,
         metrics_host=a.metrics_host,
         metrics_port=a.metrics_port,
+        state_dir=a.state_dir or None,
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1.health import HealthServicer
@@ -60,6 +61,7 @@ class AggregatorConfig:
     ready_file: str | None = None
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9102  # None: no /metrics; -1: any free port
+    state_dir: str | None = None  # where the newest global model survives restarts
 
     def shape(self) -> tuple[tuple[int, int, int], int]:
         """Input shape and class count of the model."""
@@ -169,6 +171,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             m.robust_rejections.labels(cluster_label(c)).inc(n)
         m.cluster_rejections.inc(len(report.rejected_clusters))
         m.fallbacks.inc(len(report.fallbacks))
+        if self.config.state_dir:
+            self.state.save(Path(self.config.state_dir))
         logger.info(
             "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
             request.round,
@@ -212,7 +216,15 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
     """Version 0: the initial model w0, the same for every participant."""
     shape, classes = config.shape()
     model = build_model(config.model, shape, classes, config.seed)
-    return AggregatorState(state_of(model), config.keep_versions)
+    state = AggregatorState(state_of(model), config.keep_versions)
+    if config.state_dir and state.restore(Path(config.state_dir)):
+        logger.info(
+            "restored model version %d (open round %d) from %s",
+            state.version,
+            state.open_round,
+            config.state_dir,
+        )
+    return state
 
 
 @dataclass

@@ -6,16 +6,18 @@ restore the service (the later persistence work writes it with safetensors).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from services.aggregator.rounds import aggregate_round
 from services.common.errors import NotFoundError, StateError
 from services.common.strategies import get_strategy
-from services.common.tensors import TensorSpec, flatten, spec_of, unflatten
+from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
 
 @dataclass
@@ -158,6 +160,49 @@ class AggregatorState:
                 d.fallbacks,
                 per_cluster,
             )
+
+    def save(self, directory: Path) -> None:
+        """Write the newest global model (safetensors) and the round counters, atomically.
+
+        Called after every aggregation; `restore` reads it back after a restart.
+        """
+        from safetensors.torch import save_file
+
+        with self.lock:
+            version, open_round = self.version, self.open_round
+            flat = self.versions[version]
+        weights = unflatten(flat, self.spec, self.reference)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = directory / f"model-v{version}.safetensors"
+        tmp = model.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        tmp.replace(model)
+        meta = directory / "state.json"
+        meta.with_suffix(".tmp").write_text(
+            json.dumps({"version": version, "open_round": open_round, "model": model.name})
+        )
+        meta.with_suffix(".tmp").replace(meta)
+        for old in directory.glob("model-v*.safetensors"):
+            if old != model:
+                old.unlink(missing_ok=True)
+
+    def restore(self, directory: Path) -> bool:
+        """Load a saved state if there is one (its tensors must match this model's spec)."""
+        from safetensors.torch import load_file
+
+        meta = directory / "state.json"
+        if not meta.exists():
+            return False
+        info = json.loads(meta.read_text())
+        weights = load_file(str(directory / info["model"]))  # safetensors: no pickle
+        ordered = OrderedDict((s.name, weights[s.name]) for s in self.spec if s.name in weights)
+        check_spec(ordered, self.spec)
+        with self.lock:
+            self.version = int(info["version"])
+            self.open_round = int(info["open_round"])
+            self.versions = OrderedDict({self.version: flatten(ordered, self.spec)})
+            self.reference = ordered
+        return True
 
     def snapshot(self) -> dict[str, object]:
         """Everything needed to restore this state."""

@@ -11,7 +11,14 @@ from services.clusterer.clustering import METHODS
 from services.clusterer.config import ClustererConfig
 from services.clusterer.server import build_service
 from services.common.errors import FLClusteringError
-from services.common.flags import OneLineParser, env, optional_int, parse_bool
+from services.common.flags import (
+    OneLineParser,
+    add_auth_flags,
+    env,
+    optional_int,
+    parse_bool,
+    resolve_token,
+)
 from services.common.grpc_util import ready_addresses, serve_until_signal, write_ready_file
 from services.common.metrics import parse_metrics_port
 from services.common.strategies import STRATEGIES
@@ -73,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ClustererConfig, str]:
     p.add_argument("--min-share", type=float, default=env(e + "MIN_SHARE", d.min_share))
     p.add_argument("--liveness-s", type=float, default=env(e + "LIVENESS_S", d.liveness_s))
     p.add_argument("--seed", type=int, default=env(f + "SEED", d.seed))
-    p.add_argument("--auth-token", default=env(f + "AUTH_TOKEN", None, str))
+    add_auth_flags(p)
     p.add_argument(
         "--max-update-bytes", type=int, default=env(e + "MAX_UPDATE_BYTES", d.max_update_bytes)
     )
@@ -86,11 +93,26 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ClustererConfig, str]:
         default=env(e + "METRICS_PORT", d.metrics_port, parse_metrics_port),
         help="port of /metrics; 0 disables, auto picks a free one",
     )
+    p.add_argument(
+        "--tls-port",
+        type=int,
+        default=env(e + "TLS_PORT", None, int),
+        help="also serve TLS here (for participants outside the cluster)",
+    )
+    p.add_argument(
+        "--tls-cert", default=env(e + "TLS_CERT", None, str), help="PEM certificate chain"
+    )
+    p.add_argument("--tls-key", default=env(e + "TLS_KEY", None, str), help="PEM private key")
+    p.add_argument(
+        "--state-dir",
+        default=env(e + "STATE_DIR", None, str),
+        help="write the rounds' history here (history.json)",
+    )
     p.add_argument("--log-level", default=env(f + "LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     names = {fl.name for fl in fields(ClustererConfig)}
     values = {k: v for k, v in vars(a).items() if k in names}
-    values["auth_token"] = values["auth_token"] or None
+    values["auth_token"] = resolve_token(p, a)
     try:
         return ClustererConfig(**values), a.log_level
     except FLClusteringError as exc:

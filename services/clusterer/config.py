@@ -45,6 +45,10 @@ class ClustererConfig:
     ready_file: str | None = None
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9101  # None: no /metrics; -1: any free port
+    state_dir: str | None = None  # history.json of the rounds is written here
+    tls_port: int | None = None  # an extra TLS port, for participants outside the cluster
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)
@@ -56,6 +60,8 @@ class ClustererConfig:
             raise ConfigError(
                 f"byzantine fraction must be in [0, 0.5), got {self.byzantine_fraction}"
             )
+        if self.tls_port is not None and not (self.tls_cert and self.tls_key):
+            raise ConfigError("--tls-port needs --tls-cert and --tls-key")
         for name in ("round_timeout_s", "eval_timeout_s", "pretrain_timeout_s", "liveness_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")

@@ -9,11 +9,13 @@ the shared state; it never busy-waits.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,7 +139,21 @@ class Coordinator:
                 self._pretrain_and_cluster()
             else:
                 self._assign_without_clustering()
-            for r in range(self.config.rounds):
+            status = with_retries(
+                lambda: self.aggregator.GetAggregatorStatus(
+                    agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=30
+                ),
+                "Aggregator.GetAggregatorStatus",
+                stop=self.stop,
+            )
+            first = int(status.open_round)
+            if first > 0 or status.model_version > 0:
+                # The aggregator kept its state over a restart: go on where it is.
+                logger.info("resuming at round %d, model version %d", first, status.model_version)
+                self._refresh_model(int(status.model_version))
+                with self.state.cond:
+                    self.state.model_version = int(status.model_version)
+            for r in range(first, self.config.rounds):
                 if self.stop.is_set():
                     return
                 self._round(r)
@@ -413,6 +429,9 @@ class Coordinator:
             m.cluster_weight.labels(cluster_label(c)).set(w)
         with self.state.cond:
             self.state.history.append(record)
+        if self.config.state_dir:
+            self._save_history()
+        with self.state.cond:
             self.state.cond.notify_all()
         logger.info(
             "round %d: accuracy %.3f (std %.3f), %d/%d updates, %d rejected, %.1fs",
@@ -426,6 +445,14 @@ class Coordinator:
         )
         if self.on_round is not None:
             self.on_round(record)
+
+    def _save_history(self) -> None:
+        """Write the rounds so far and the clustering to state_dir/history.json."""
+        directory = Path(self.config.state_dir or ".")
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "history.json.tmp"
+        tmp.write_text(json.dumps(self.state.snapshot(), default=float))
+        tmp.replace(directory / "history.json")
 
     # ---- called by handlers (cond held) ----------------------------------------------
     def accept_pretrain_delta(self, participant: str, delta: torch.Tensor) -> None:

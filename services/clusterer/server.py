@@ -21,6 +21,7 @@ from services.common.errors import FLClusteringError, NotFoundError, StateError
 from services.common.grpc_util import (
     add_health_and_reflection,
     bind,
+    bind_tls,
     call_metadata,
     channel,
     new_server,
@@ -367,6 +368,7 @@ class ClustererService:
     aggregator_channel: grpc.Channel
     registry: CollectorRegistry
     metrics_port: int | None = None
+    tls_port: int | None = None
 
     def start(self) -> None:
         """Start serving gRPC and /metrics, then the round protocol."""
@@ -412,7 +414,12 @@ def build_service(config: ClustererConfig) -> ClustererService:
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, config.host, config.port)
-    return ClustererService(server, port, servicer, coordinator, health, agg_channel, registry)
+    tls_port = None
+    if config.tls_port is not None and config.tls_cert and config.tls_key:
+        tls_port = bind_tls(server, config.host, config.tls_port, config.tls_cert, config.tls_key)
+    return ClustererService(
+        server, port, servicer, coordinator, health, agg_channel, registry, tls_port=tls_port
+    )
 
 
 def create_server(config: ClustererConfig) -> tuple[grpc.Server, int]:

@@ -49,3 +49,35 @@ def parse_bool(raw: str) -> bool:
 def optional_int(raw: str) -> int | None:
     """An integer, or 'auto' / 'none' for None."""
     return None if raw.strip().lower() in ("auto", "none", "") else int(raw)
+
+
+def add_auth_flags(parser: argparse.ArgumentParser) -> None:
+    """--auth-token and --auth-token-file (FLCLUSTERING_AUTH_TOKEN[_FILE]); the file wins.
+
+    A file is how Kubernetes should hand the token over (a mounted Secret, not an
+    environment variable that every child process and crash dump can read).
+    """
+    parser.add_argument(
+        "--auth-token",
+        default=env("FLCLUSTERING_AUTH_TOKEN", None, str),
+        help="shared bearer token guarding every RPC (health excepted)",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        default=env("FLCLUSTERING_AUTH_TOKEN_FILE", None, str),
+        help="read the token from this file instead",
+    )
+
+
+def resolve_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The token from --auth-token-file or --auth-token; a missing file is one clear error."""
+    path = getattr(args, "auth_token_file", None)
+    if path:
+        try:
+            token = open(path, encoding="utf-8").read().strip()  # noqa: SIM115
+        except OSError as exc:
+            parser.error(f"--auth-token-file {path}: {exc.strerror}")
+        if not token:
+            parser.error(f"--auth-token-file {path} is empty")
+        return token
+    return args.auth_token or None

@@ -193,6 +193,21 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
+def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> int:
+    """Bind a TLS port with a PEM certificate chain and key; errors are one ConfigError."""
+    try:
+        creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use") from exc
+    if bound == 0:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
+    return bound
+
+
 def add_health_and_reflection(
     server: grpc.Server, service_names: Sequence[str]
 ) -> health.HealthServicer:
@@ -253,9 +268,20 @@ def ready_addresses(
     return out
 
 
-def channel(address: str) -> grpc.Channel:
-    """An insecure channel with the project's message limits and keepalive."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(
+    address: str, tls_ca: str | None = None, tls_server_name: str | None = None
+) -> grpc.Channel:
+    """A channel with the project's message limits and keepalive; TLS when given a CA file."""
+    if not tls_ca:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        roots = Path(tls_ca).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS CA file {tls_ca}: {exc.strerror}") from exc
+    options = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import FLClusteringError
-from services.common.flags import OneLineParser, env, parse_bool
+from services.common.flags import OneLineParser, add_auth_flags, env, parse_bool, resolve_token
 from services.common.grpc_util import channel, ready_addresses, write_ready_file
 from services.common.metrics import (
     ParticipantMetrics,
@@ -59,6 +59,8 @@ class ParticipantConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None  # None: no /metrics; -1: any free port
     ready_file: str | None = None
+    tls_ca: str | None = None  # CA file: talk TLS to the clusterer (edge devices)
+    tls_server_name: str | None = None
     linger: bool = False  # after the federation is done, keep serving /metrics until stopped
 
 
@@ -102,7 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ParticipantConfig, str]:
     p.add_argument(
         "--device", default=env("PARTICIPANT_DEVICE", d.device), help="auto, cpu or cuda[:n]"
     )
-    p.add_argument("--auth-token", default=env("FLCLUSTERING_AUTH_TOKEN", None, str))
+    add_auth_flags(p)
     p.add_argument(
         "--poll-wait-s", type=float, default=env("PARTICIPANT_POLL_WAIT_S", d.poll_wait_s)
     )
@@ -137,6 +139,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ParticipantConfig, str]:
         help="write the metrics address as JSON here once serving",
     )
     p.add_argument(
+        "--tls-ca",
+        default=env("PARTICIPANT_TLS_CA", None, str),
+        help="PEM CA certificate: connect to the clusterer over TLS",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        default=env("PARTICIPANT_TLS_SERVER_NAME", None, str),
+        help="name the clusterer's certificate is issued for, if not its address",
+    )
+    p.add_argument(
         "--linger",
         action="store_true",
         help="after the federation is done keep serving /metrics until SIGTERM",
@@ -148,8 +160,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ParticipantConfig, str]:
             f"--index {a.index} --count {a.count} must lie within "
             f"--num-participants {a.num_participants}"
         )
-    values: dict[str, Any] = {k: v for k, v in vars(a).items() if k != "log_level"}
-    values["auth_token"] = values["auth_token"] or None
+    values: dict[str, Any] = {
+        k: v for k, v in vars(a).items() if k not in ("log_level", "auth_token_file")
+    }
+    values["auth_token"] = resolve_token(p, a)
     return ParticipantConfig(**values), a.log_level
 
 
@@ -178,7 +192,8 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         del ready["grpc"]  # participants serve no gRPC
         ready["participants"] = f"{config.index}..{config.index + config.count - 1}"
         write_ready_file(config.ready_file, ready)
-    stub = pb_grpc.ClustererStub(instrument_channel(channel(config.clusterer), metrics.rpc))
+    base = channel(config.clusterer, config.tls_ca, config.tls_server_name)
+    stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
     settings = WorkerSettings(
         config.model, device, config.auth_token, config.poll_wait_s, config.seed
     )

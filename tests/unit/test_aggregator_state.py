@@ -1,0 +1,56 @@
+"""The aggregator's state: rounds, duplicates, and surviving a restart through safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.aggregator.state import AggregatorState, PendingUpdate
+from services.common.errors import StateError
+from services.common.tensors import state_of
+from services.participant.models import build_model
+
+
+def fresh() -> AggregatorState:
+    return AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)))
+
+
+def add(state: AggregatorState, who: str, delta: torch.Tensor, round_: int = 0) -> None:
+    state.begin_update(who, round_, state.version)
+    state.end_update(PendingUpdate(who, 0, 10, delta), round_)
+
+
+def test_round_moves_the_model_and_refuses_duplicates_and_wrong_rounds():
+    s = fresh()
+    d = s.versions[0].numel()
+    add(s, "a", torch.full((d,), 0.1))
+    with pytest.raises(StateError, match="already submitted"):
+        s.begin_update("a", 0, 0)
+    with pytest.raises(StateError, match="not open"):
+        s.begin_update("b", 1, 0)
+    add(s, "b", torch.full((d,), 0.3))
+    report = s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+    assert report.version == 1 and report.updates == 2
+    assert torch.allclose(s.versions[1] - s.versions[0], torch.full((d,), 0.2))
+    with pytest.raises(StateError):
+        s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+
+
+def test_abandoned_round_keeps_the_model():
+    s = fresh()
+    add(s, "a", torch.ones(s.versions[0].numel()))
+    report = s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05, abandon=True)
+    assert report.version == 0 and s.open_round == 1 and not s.pending
+
+
+def test_state_survives_a_restart(tmp_path):
+    s = fresh()
+    add(s, "a", torch.full((s.versions[0].numel(),), 0.5))
+    s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+    s.save(tmp_path)
+    assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "model-v1.safetensors").exists()
+    again = fresh()
+    assert again.restore(tmp_path)
+    assert again.version == 1 and again.open_round == 1
+    assert torch.equal(again.versions[1], s.versions[1])
+    assert not fresh().restore(tmp_path / "empty")
