@@ -31,7 +31,7 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = []
-    for path in sorted(out.rglob("*.py*")):
+    for path in sorted(p for p in out.rglob("*") if p.suffix in (".py", ".pyi")):
         text = path.read_text()
         text = re.sub(
             r"^from flclustering\.v1 import",
@@ -41,7 +41,8 @@ def generate(out: Path) -> list[Path]:
         )
         path.write_text(text)
         written.append(path)
-    for d in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
+    dirs = [p for p in out.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    for d in [out, *sorted(dirs)]:
         init = d / "__init__.py"
         if not init.exists():
             init.write_text("")

@@ -15,8 +15,15 @@ def test_regenerated_stubs_match_committed(tmp_path):
     spec.loader.exec_module(gen)
     gen.generate(tmp_path)
     committed = ROOT / "services" / "common" / "pb"
-    fresh = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.rglob("*.py*")}
-    have = {p.relative_to(committed): p.read_text() for p in committed.rglob("*.py*")}
+
+    def sources(root: Path) -> dict[Path, str]:
+        return {
+            p.relative_to(root): p.read_text()
+            for p in root.rglob("*")
+            if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+        }
+
+    fresh, have = sources(tmp_path), sources(committed)
     assert sorted(fresh) == sorted(have)
     stale = [str(k) for k in fresh if fresh[k] != have[k]]
     assert not stale, f"stubs differ from proto/: run python scripts/gen_proto.py ({stale})"
