@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -182,8 +183,24 @@ def new_server(
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError if host:port is taken (checked before gRPC logs its own complaint)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's own listeners do
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: port in use ({exc.strerror})"
+            ) from exc
+
+
 def bind(server: grpc.Server, host: str, port: int) -> int:
     """Bind host:port (0 picks a free port); a taken port is one clear ConfigError."""
+    check_port_free(host, port)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
@@ -199,6 +216,7 @@ def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> 
         creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
     except OSError as exc:
         raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
+    check_port_free(host, port)
     try:
         bound = server.add_secure_port(f"{host}:{port}", creds)
     except RuntimeError as exc:
