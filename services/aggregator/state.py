@@ -19,6 +19,8 @@ from services.common.errors import NotFoundError, StateError
 from services.common.strategies import get_strategy
 from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
+RELEASE_WAIT_S = 5.0
+
 
 @dataclass
 class PendingUpdate:
@@ -58,7 +60,7 @@ class AggregatorState:
         self.open_round = 0
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
         self._receiving: set[str] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
         """A stored version as named tensors (-1: the newest)."""
@@ -83,6 +85,9 @@ class AggregatorState:
                     f"update was trained from model version {base_version}; "
                     f"round {round_} expects version {self.version}"
                 )
+            # A stream of the same participant still being torn down (its sender gave up or
+            # was cut off) releases its reservation in a moment: wait for that, briefly.
+            self.lock.wait_for(lambda: participant not in self._receiving, timeout=RELEASE_WAIT_S)
             if participant in self.pending or participant in self._receiving:
                 raise StateError(f"{participant} already submitted an update for round {round_}")
             self._receiving.add(participant)
@@ -92,6 +97,7 @@ class AggregatorState:
         """Accept a fully validated update (or release the reservation when None)."""
         with self.lock:
             self._receiving.discard(update.participant if update else "")
+            self.lock.notify_all()
             if update is None:
                 return
             if round_ != self.open_round:
@@ -102,6 +108,7 @@ class AggregatorState:
         """Forget a reservation whose stream failed."""
         with self.lock:
             self._receiving.discard(participant)
+            self.lock.notify_all()
 
     def aggregate(
         self,

@@ -147,6 +147,20 @@ class Coordinator:
                 stop=self.stop,
             )
             first = int(status.open_round)
+            if status.pending_updates > 0:
+                # A previous clusterer died mid-round: its half-collected round cannot be
+                # completed fairly, so it is dropped and the next one starts clean.
+                logger.warning(
+                    "dropping interrupted round %d (%d updates)", first, status.pending_updates
+                )
+                self.aggregator.Aggregate(
+                    agg_pb.AggregateRequest(
+                        round=first, strategy=self.config.strategy, abandon=True
+                    ),
+                    metadata=self._meta(),
+                    timeout=60,
+                )
+                first += 1
             if first > 0 or status.model_version > 0:
                 # The aggregator kept its state over a restart: go on where it is.
                 logger.info("resuming at round %d, model version %d", first, status.model_version)

@@ -51,3 +51,29 @@ def test_dead_participant_does_not_hold_the_round(federation_factory):
     assert first.duration_s < 3.0 + 5.0 + 3.0  # deadline + evaluation deadline + slack
     assert all(h.selected == 5 for h in status.history[1:])  # no longer live: not selected
     assert time.monotonic() - started < 60
+
+
+def test_participants_reconnect_when_the_clusterer_restarts(federation_factory):
+    from dataclasses import replace
+
+    from services.clusterer.server import build_service
+
+    fed = federation_factory(
+        strategy="fedavg", participants=3, select=3, rounds=6, round_timeout_s=20
+    )
+    fed.add_participants(0, 3, num_participants=3)
+    fed.wait_for(lambda s: len(s.history) >= 2, timeout=120)
+    # The clusterer dies (mid-round or between rounds) and comes back on the same port.
+    old = fed.clusterer
+    old.coordinator.shutdown()
+    old.server.stop(0).wait()
+    config = replace(old.servicer.config, port=old.port)
+    fed.clusterer = build_service(config)
+    fed.clusterer.server.start()
+    fed.clusterer.coordinator.start()
+    status = fed.wait_for(lambda s: s.done, timeout=180)
+    # The participants re-joined the new clusterer, which went on from the aggregator's round.
+    assert status.participants == 3
+    assert status.history and status.history[0].round >= 2
+    assert status.history[-1].round == 5
+    assert status.history[-1].mean_accuracy > 0.2
