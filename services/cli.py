@@ -172,14 +172,15 @@ def _serve_until_interrupted() -> None:
 
 def run_simulate_command(args: argparse.Namespace) -> int:
     """`flclustering simulate`: the federation as local processes over gRPC."""
+    from services.common.local_run import RunConfig
     from services.simulate import SimulateConfig, simulate
 
-    names = {f.name for f in fields(SimulateConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["out"] = str(values["out"])
-    config = SimulateConfig(**values)
+    flags = vars(args)
+    run = RunConfig(**{f.name: flags[f.name] for f in fields(RunConfig) if f.name in flags})
+    hosting = {f.name: flags[f.name] for f in fields(SimulateConfig) if f.name in flags}
+    config = SimulateConfig(run=run, **{**hosting, "out": str(hosting["out"])})
     started = time.perf_counter()
-    show = _progress(config.rounds, started)
+    show = _progress(config.run.rounds, started)
     serve = _serve_until_interrupted if args.serve else None
     results = simulate(config, lambda record, _total: show(record), serve=serve)
     _summary(results["rounds"], results["final"], results["clustering"]["purity"], Path(config.out))

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,11 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from services.common.errors import FLClusteringError
+from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_util import call_metadata, channel
+from services.common.local_run import RunConfig
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
-from services.common.strategies import get_strategy
-from services.participant.attacks import AttackConfig
 
 
 class SimulationError(FLClusteringError):
@@ -38,75 +37,45 @@ class SimulationError(FLClusteringError):
 
 @dataclass(frozen=True)
 class SimulateConfig:
-    """Everything a simulation depends on; recorded in results.json."""
+    """The experiment (the same RunConfig `flclustering local` takes) and how to host it."""
 
-    strategy: str = "flclustering"
-    dataset: str = "digits"
-    data_dir: str = "data"
-    download: bool = True
-    partition: str = "practical-noniid"
-    participants: int = 30
-    groups: int = 3
-    clusters: int | None = 3
-    select: int = 15
-    rounds: int = 30
-    local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    model: str = "cnn"
-    q: float = 0.5
-    pre_steps: int = 20
-    adjusted: bool = True
-    byzantine_fraction: float = 0.2
-    attack: str = "none"
-    attack_rate: float = 0.0
-    attack_factor: float = -1.0
-    attack_every: int = 5
-    attack_placement: str = "per-group"
-    alpha: float = 0.5
-    seed: int = 0
+    run: RunConfig = field(default_factory=lambda: RunConfig(device="auto"))
     per_process: int = 10
     round_timeout_s: float = 120.0
     aggregator_port: int = 0
     clusterer_port: int = 0
-    device: str = "auto"
     metrics: bool = True  # every service serves /metrics on a free loopback port
     out: str = "runs/simulate"
 
     def __post_init__(self) -> None:
-        get_strategy(self.strategy)
-        AttackConfig(self.attack, self.attack_factor, self.attack_every)
-        if self.participants < 2 or self.per_process < 1 or self.rounds < 1:
-            raise FLClusteringError("need at least 2 participants, 1 per process and 1 round")
-        if not 0 <= self.attack_rate < 1:
-            raise FLClusteringError(f"attack rate must be in [0, 1), got {self.attack_rate}")
-        if self.attack_placement not in ("per-group", "random"):
-            raise FLClusteringError("attack placement must be per-group or random")
+        if self.per_process < 1 or self.round_timeout_s <= 0:
+            raise ConfigError("--per-process must be at least 1 and --round-timeout-s positive")
 
 
 def attacker_indices(config: SimulateConfig) -> list[int]:
     """Which participants attack: round(rate * N), per ground-truth group or at random."""
-    if config.attack == "none" or config.attack_rate == 0:
+    if config.run.attack == "none" or config.run.attack_rate == 0:
         return []
     from services.common.local_run import choose_attackers
     from services.participant.datasets import load_dataset
     from services.participant.partition import partition
 
-    data = load_dataset(config.dataset, config.data_dir, config.download)
+    data = load_dataset(config.run.dataset, config.run.data_dir, config.run.download)
     shards = partition(
         data.y_train.numpy(),
         data.y_test.numpy(),
-        config.partition,
-        config.participants,
-        config.seed,
+        config.run.partition,
+        config.run.participants,
+        config.run.seed,
         data.num_classes,
-        config.groups,
-        config.alpha,
+        config.run.groups,
+        config.run.alpha,
     )
     groups = np.array([s.group for s in shards])
-    rng = np.random.default_rng(config.seed + 1)
-    return sorted(choose_attackers(groups, config.attack_rate, config.attack_placement, rng))
+    rng = np.random.default_rng(config.run.seed + 1)
+    return sorted(
+        choose_attackers(groups, config.run.attack_rate, config.run.attack_placement, rng)
+    )
 
 
 class Processes:
@@ -190,7 +159,7 @@ def simulate(
     procs = Processes(logs)
     common = [
         "--seed",
-        str(config.seed),
+        str(config.run.seed),
         "--log-level",
         "INFO",
         "--metrics-host",
@@ -208,9 +177,9 @@ def simulate(
                 "--port",
                 str(config.aggregator_port),
                 "--model",
-                config.model,
+                config.run.model,
                 "--dataset",
-                config.dataset,
+                config.run.dataset,
                 "--ready-file",
                 str(logs / "aggregator.ready"),
                 *common,
@@ -230,29 +199,35 @@ def simulate(
                 "--aggregator",
                 aggregator,
                 "--strategy",
-                config.strategy,
+                config.run.strategy,
                 "--participants",
-                str(config.participants),
+                str(config.run.participants),
                 "--rounds",
-                str(config.rounds),
+                str(config.run.rounds),
                 "--select",
-                str(config.select),
+                str(config.run.select),
                 "--clusters",
-                "auto" if config.clusters is None else str(config.clusters),
+                "auto" if config.run.clusters is None else str(config.run.clusters),
                 "--q",
-                str(config.q),
+                str(config.run.q),
                 "--byzantine-fraction",
-                str(config.byzantine_fraction),
+                str(config.run.byzantine_fraction),
                 "--local-epochs",
-                str(config.local_epochs),
+                str(config.run.local_epochs),
                 "--batch-size",
-                str(config.batch_size),
+                str(config.run.batch_size),
                 "--lr",
-                str(config.lr),
+                str(config.run.lr),
                 "--momentum",
-                str(config.momentum),
+                str(config.run.momentum),
                 "--round-timeout-s",
                 str(config.round_timeout_s),
+                "--pre-steps",
+                str(config.run.pre_steps),
+                "--adjusted",
+                str(config.run.adjusted).lower(),
+                "--eval-per-cluster",
+                str(config.run.eval_per_cluster),
                 "--ready-file",
                 str(logs / "clusterer.ready"),
                 *common,
@@ -261,37 +236,37 @@ def simulate(
         )
         clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
         clusterer = clusterer_ready["grpc"]
-        n_procs = math.ceil(config.participants / config.per_process)
+        n_procs = math.ceil(config.run.participants / config.per_process)
         for k in range(n_procs):
             first = k * config.per_process
-            count = min(config.per_process, config.participants - first)
+            count = min(config.per_process, config.run.participants - first)
             hosted = [i for i in attackers if first <= i < first + count]
             args = [
                 "services.participant",
                 "--clusterer",
                 clusterer,
                 "--dataset",
-                config.dataset,
+                config.run.dataset,
                 "--data-dir",
-                config.data_dir,
+                config.run.data_dir,
                 "--download",
-                str(config.download).lower(),
+                str(config.run.download).lower(),
                 "--partition",
-                config.partition,
+                config.run.partition,
                 "--num-participants",
-                str(config.participants),
+                str(config.run.participants),
                 "--index",
                 str(first),
                 "--count",
                 str(count),
                 "--groups",
-                str(config.groups),
+                str(config.run.groups),
                 "--alpha",
-                str(config.alpha),
+                str(config.run.alpha),
                 "--model",
-                config.model,
+                config.run.model,
                 "--device",
-                config.device,
+                config.run.device,
                 "--ready-file",
                 str(logs / f"participants-{k}.ready"),
                 *common,
@@ -301,11 +276,11 @@ def simulate(
             if hosted:
                 args += [
                     "--attack",
-                    config.attack,
+                    config.run.attack,
                     "--attack-factor",
-                    str(config.attack_factor),
+                    str(config.run.attack_factor),
                     "--attack-every",
-                    str(config.attack_every),
+                    str(config.run.attack_every),
                     "--attack-indices",
                     ",".join(map(str, hosted)),
                 ]

@@ -66,6 +66,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)
+        AttackConfig(self.attack, self.attack_factor, self.attack_every)
         if self.participants < 2:
             raise ConfigError("a federation needs at least 2 participants")
         if not 0 <= self.attack_rate < 1:
