@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
@@ -103,7 +104,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self, request_iterator: Iterator[pb.ForwardUpdateRequest]
     ) -> pb.ForwardUpdateResponse:
         received = Received()
-        reserved: list[str] = []
+        reserved: list[tuple[str, torch.Tensor]] = []  # (sender, the model it trained from)
 
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
@@ -114,8 +115,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if m.num_samples < 0:
                 raise invalid("num_samples must not be negative")
             check_header_spec(spec_from_pb(m.tensors), self.state.spec)
-            self.state.begin_update(m.sender, m.round, m.model_version)
-            reserved.append(m.sender)
+            reserved.append((m.sender, self.state.begin_update(m.sender, m.round, m.model_version)))
             return StreamReader(self.state.spec, keep=True, max_bytes=self.config.max_update_bytes)
 
         try:
@@ -123,9 +123,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 pass
             m = received.header.model
             assert received.reader is not None and received.reader.flat is not None
-            base = self.state.versions.get(m.model_version)
-            if base is None:
-                raise invalid(f"model version {m.model_version} is no longer kept")
+            base = reserved[0][1]
             update = PendingUpdate(
                 m.sender,
                 int(received.header.cluster),
@@ -137,7 +135,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.metrics.rpc.received_bytes.inc(received.reader.received)
             self.metrics.update_bytes.observe(received.reader.received)
         finally:
-            for who in reserved:
+            for who, _ in reserved:
                 self.state.release(who)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
         return pb.ForwardUpdateResponse(accepted=True, round=m.round)

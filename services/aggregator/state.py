@@ -150,8 +150,10 @@ class AggregatorState:
             if changed:
                 self.version += 1
                 self.versions[self.version] = outcome.global_weights
-                while len(self.versions) > self.keep_versions:
-                    self.versions.popitem(last=False)
+                # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train from it.
+                while len(self.versions) > self.keep_versions + 1:
+                    oldest = next(v for v in self.versions if v != 0)
+                    del self.versions[oldest]
             self.pending.clear()
             self.open_round += 1
             d = outcome.defence
@@ -207,7 +209,8 @@ class AggregatorState:
         with self.lock:
             self.version = int(info["version"])
             self.open_round = int(info["open_round"])
-            self.versions = OrderedDict({self.version: flatten(ordered, self.spec)})
+            initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
+            self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
             self.reference = ordered
         return True
 

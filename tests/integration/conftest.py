@@ -38,7 +38,10 @@ class Federation:
     workers: list[tuple[threading.Thread, threading.Event]]
 
     def status(self) -> pb.GetStatusResponse:
-        return self.stub.GetStatus(pb.GetStatusRequest(), metadata=META, timeout=10)
+        # wait_for_ready: across a clusterer restart the channel reconnects instead of failing.
+        return self.stub.GetStatus(
+            pb.GetStatusRequest(), metadata=META, timeout=30, wait_for_ready=True
+        )
 
     def wait_for(
         self, check: Callable[[pb.GetStatusResponse], bool], timeout: float

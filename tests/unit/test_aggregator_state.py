@@ -54,3 +54,13 @@ def test_state_survives_a_restart(tmp_path):
     assert again.version == 1 and again.open_round == 1
     assert torch.equal(again.versions[1], s.versions[1])
     assert not fresh().restore(tmp_path / "empty")
+
+
+def test_initial_model_is_always_kept():
+    s = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), keep_versions=2)
+    d = s.versions[0].numel()
+    for r in range(5):
+        add(s, "a", torch.full((d,), 0.1), round_=r)
+        s.aggregate(r, "fedavg", {}, 0.5, 0.0, 0.05)
+    assert list(s.versions) == [0, 4, 5]
+    assert s.weights(0)[0] == 0
