@@ -117,11 +117,9 @@ def run_local_command(args: argparse.Namespace) -> int:
     """`flclustering local`: run, print a summary table, write the results."""
     from services.common.local_run import RunConfig, run_local
     from services.common.report import write_results
-    from services.participant.device import resolve_device
 
     names = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    values["device"] = str(resolve_device(values["device"]))
     config = RunConfig(**values)
     result = run_local(config, _progress(config.rounds, time.perf_counter()))
     payload = {

@@ -39,7 +39,7 @@ class SimulationError(FLClusteringError):
 class SimulateConfig:
     """The experiment (the same RunConfig `flclustering local` takes) and how to host it."""
 
-    run: RunConfig = field(default_factory=lambda: RunConfig(device="auto"))
+    run: RunConfig = field(default_factory=RunConfig)
     per_process: int = 10
     round_timeout_s: float = 120.0
     aggregator_port: int = 0

@@ -97,10 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         service = build_service(config)
-    except FLClusteringError as exc:
-        sys.stderr.write(f"aggregator: error: {exc}\n")
-        return 2
-    try:
         service.start()
     except FLClusteringError as exc:
         sys.stderr.write(f"aggregator: error: {exc}\n")

@@ -88,6 +88,3 @@ def qffl_merge(
     h = q * f.pow(q - 1) * dw.pow(2).sum(dim=1) + big_l * fq
     step = (fq @ dw) / h.sum()
     return (global_model.to(torch.float64) - step).to(global_model.dtype)
-
-
-MERGES = ("mean", "accuracy", "samples", "qffl")

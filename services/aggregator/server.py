@@ -14,18 +14,18 @@ from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import ConfigError, FLClusteringError
+from services.common.errors import ConfigError
 from services.common.grpc_util import (
     add_health_and_reflection,
     bind,
     new_server,
     rpc,
-    status_for,
 )
 from services.common.metrics import (
     AggregatorMetrics,
     ServerMetricsInterceptor,
     cluster_label,
+    counting_refusals,
     reason_label,
     serve_metrics,
 )
@@ -91,14 +91,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def ForwardUpdate(
         self, request_iterator: Iterator[pb.ForwardUpdateRequest], context: grpc.ServicerContext
     ) -> pb.ForwardUpdateResponse:
-        try:
+        with counting_refusals(self.metrics.updates_rejected):
             return self._receive(request_iterator)
-        except FLClusteringError as exc:
-            self.metrics.updates_rejected.labels(status_for(exc).name.lower()).inc()
-            raise
-        except grpc.RpcError:
-            self.metrics.updates_rejected.labels("cancelled").inc()
-            raise
 
     def _receive(
         self, request_iterator: Iterator[pb.ForwardUpdateRequest]

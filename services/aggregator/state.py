@@ -1,7 +1,7 @@
 """The aggregator's state, in one place: versioned global models and the open round.
 
-All mutation goes through methods holding one lock. `snapshot()` gives everything needed to
-restore the service (the later persistence work writes it with safetensors).
+All mutation goes through methods holding one lock; `save` and `restore` carry the newest
+global model and the round counters over a restart (safetensors, never pickle).
 """
 
 from __future__ import annotations
@@ -213,13 +213,3 @@ class AggregatorState:
             self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
             self.reference = ordered
         return True
-
-    def snapshot(self) -> dict[str, object]:
-        """Everything needed to restore this state."""
-        with self.lock:
-            return {
-                "version": self.version,
-                "open_round": self.open_round,
-                "versions": dict(self.versions),
-                "reference": dict(self.reference),
-            }

@@ -127,22 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         service = build_service(config)
-    except FLClusteringError as exc:
-        sys.stderr.write(f"clusterer: error: {exc}\n")
-        return 2
-    try:
         service.start()
     except FLClusteringError as exc:
         sys.stderr.write(f"clusterer: error: {exc}\n")
         return 2
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    logger.info(
-        "clusterer serving on %s:%d, aggregator at %s", host, service.port, config.aggregator
-    )
-    write_ready_file(
-        config.ready_file,
-        ready_addresses(config.host, service.port, config.metrics_host, service.metrics_port),
-    )
+    ready = ready_addresses(config.host, service.port, config.metrics_host, service.metrics_port)
+    logger.info("clusterer serving on %s, aggregator at %s", ready, config.aggregator)
+    write_ready_file(config.ready_file, ready)
     serve_until_signal(service.server, service.health, config.grace_s, service.coordinator.shutdown)
     return 0
 

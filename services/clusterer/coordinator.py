@@ -359,9 +359,7 @@ class Coordinator:
             self.state.received = set()
             self.state.collecting_round = r
             version = self.state.model_version
-            self._assign(
-                {p: Task(pb.TASK_KIND_TRAIN, r, version, cluster=c) for p, c in selected.items()}
-            )
+            self._assign({p: Task(pb.TASK_KIND_TRAIN, r, version) for p in selected})
             self._wait(lambda: self.state.received >= set(selected), cfg.round_timeout_s)
             self.state.collecting_round = None
             timed_out = self._cancel(selected, pb.TASK_KIND_TRAIN)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from services.clusterer.config import ClustererConfig
 from services.clusterer.coordinator import Coordinator, ModelCache
 from services.clusterer.state import ClustererState, Evaluation, Member, Task
-from services.common.errors import FLClusteringError, NotFoundError, StateError
+from services.common.errors import NotFoundError, StateError
 from services.common.grpc_util import (
     add_health_and_reflection,
     bind,
@@ -26,11 +26,11 @@ from services.common.grpc_util import (
     channel,
     new_server,
     rpc,
-    status_for,
 )
 from services.common.metrics import (
     ClustererMetrics,
     ServerMetricsInterceptor,
+    counting_refusals,
     instrument_channel,
     serve_metrics,
 )
@@ -150,17 +150,8 @@ class ClustererServicer(pb_grpc.ClustererServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
-        try:
+        with counting_refusals(self.metrics.updates_rejected):
             reply = self._submit(request_iterator)
-        except _Relayed as exc:
-            self.metrics.updates_rejected.labels(exc.code.name.lower()).inc()
-            raise
-        except FLClusteringError as exc:
-            self.metrics.updates_rejected.labels(status_for(exc).name.lower()).inc()
-            raise
-        except grpc.RpcError:
-            self.metrics.updates_rejected.labels("cancelled").inc()
-            raise
         if reply.round >= 0:
             self.metrics.updates_received.inc()
         return reply
@@ -212,9 +203,10 @@ class ClustererServicer(pb_grpc.ClustererServicer):
             self.state.cond.notify_all()
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 
-    def _on_header(self, header: Any) -> StreamReader:
+    def _reader_for(self, header: Any, keep: bool = False) -> StreamReader:
+        """Check an upload's header against the model; the reader for its bytes."""
         check_header_spec(spec_from_pb(header.tensors), self.models.spec)
-        return StreamReader(self.models.spec, keep=False, max_bytes=self.config.max_update_bytes)
+        return StreamReader(self.models.spec, keep=keep, max_bytes=self.config.max_update_bytes)
 
     def _forward(self, first: pb.SubmitUpdateRequest, rest: Iterator[Any], cluster: int) -> None:
         """Validate the upload chunk by chunk while streaming it on to the aggregator."""
@@ -223,9 +215,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
 
         def requests() -> Iterator[agg_pb.ForwardUpdateRequest]:
             try:
-                for msg in validated(
-                    itertools.chain([first], rest), lambda h: self._on_header(h), received
-                ):
+                for msg in validated(itertools.chain([first], rest), self._reader_for, received):
                     part = msg.WhichOneof("part")
                     if part == "header":
                         yield agg_pb.ForwardUpdateRequest(
@@ -260,11 +250,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
             if task is None or task.kind != pb.TASK_KIND_PRETRAIN:
                 raise StateError(f"{pid} has no pre-training task")
 
-        def on_header(h: Any) -> StreamReader:
-            check_header_spec(spec_from_pb(h.tensors), self.models.spec)
-            return StreamReader(self.models.spec, keep=True, max_bytes=self.config.max_update_bytes)
-
-        got = read_all(messages, on_header)
+        got = read_all(messages, lambda h: self._reader_for(h, keep=True))
         assert got.reader is not None and got.reader.flat is not None
         self.metrics.rpc.received_bytes.inc(got.reader.received)
         with self.state.cond:

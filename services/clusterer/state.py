@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -40,7 +39,6 @@ class Task:
     round: int
     model_version: int
     evaluation_id: str = ""
-    cluster: int = -1
 
     def to_pb(self, training: pb.TrainingSettings) -> pb.GetTaskResponse:
         """The GetTask answer for this task."""
@@ -96,10 +94,6 @@ class ClustererState:
         return sorted(
             p for p, m in self.members.items() if now - m.last_seen <= liveness_s or p in self.tasks
         )
-
-    def assignment(self) -> np.ndarray:
-        """Cluster of every member in id order (-1: not yet clustered)."""
-        return np.array([self.members[p].cluster for p in sorted(self.members)])
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able view of everything but the cached deltas and the lock."""

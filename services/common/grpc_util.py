@@ -6,6 +6,7 @@ Domain errors map to status codes here, once; servicers stay thin.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import random
@@ -88,7 +89,7 @@ def rpc(name: str) -> Callable[[F], F]:
             logger.info("[%s] %s: %s", name, code.name, exc)
             context.abort(code, str(exc))
 
-        if _is_generator(fn):
+        if inspect.isgeneratorfunction(fn):
 
             @functools.wraps(fn)
             def gen(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -109,12 +110,6 @@ def rpc(name: str) -> Callable[[F], F]:
         return unary  # type: ignore[return-value]
 
     return wrap
-
-
-def _is_generator(fn: Callable[..., Any]) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 class Authenticator(Protocol):

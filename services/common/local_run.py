@@ -24,6 +24,7 @@ from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
 from services.participant.datasets import Dataset, load_dataset
+from services.participant.device import resolve_device
 from services.participant.models import build_model
 from services.participant.partition import partition
 from services.participant.training import TrainConfig, evaluate, local_train, pre_train_delta
@@ -62,7 +63,7 @@ class RunConfig:
     attack_placement: str = "per-group"
     alpha: float = 0.5
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto, cpu or cuda[:n]
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)
@@ -163,7 +164,7 @@ def run_local(
     attack = AttackConfig(config.attack, config.attack_factor, config.attack_every)
     data = load_dataset(config.dataset, config.data_dir, config.download)
     people = build_participants(config, data)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
     spec = spec_of(model.state_dict())
     reference = model.state_dict()

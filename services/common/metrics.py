@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -57,6 +58,24 @@ def cluster_label(cluster: int) -> str:
 def reason_label(reason: str) -> str:
     """A defence rejection reason as a bounded label value."""
     return reason if reason in ("norm", "non-finite") else "robust-rule"
+
+
+@contextmanager
+def counting_refusals(counter: Counter) -> Iterator[None]:
+    """Count an upload that fails, labelled by the status code it is answered with."""
+    try:
+        yield
+    except grpc.RpcError:  # the sender's own stream broke
+        counter.labels("cancelled").inc()
+        raise
+    except Exception as exc:
+        code = getattr(exc, "code", None)  # a relayed status carries its code
+        if not isinstance(code, grpc.StatusCode):
+            from services.common.grpc_util import status_for
+
+            code = status_for(exc)
+        counter.labels(code.name.lower()).inc()
+        raise
 
 
 def parse_metrics_port(raw: str) -> int | None:

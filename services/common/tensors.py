@@ -98,13 +98,6 @@ def unflatten(
     return out
 
 
-def stack(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack flat updates into the (n, d) matrix the robust rules take."""
-    if not vectors:
-        raise ValueError("no updates to stack")
-    return torch.stack(list(vectors))
-
-
 def state_of(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A detached CPU copy of a model's state (parameters and buffers)."""
     return OrderedDict((k, v.detach().to("cpu").clone()) for k, v in model.state_dict().items())
