@@ -16,7 +16,8 @@ import statistics
 import time
 from typing import Any
 
-from services.common.local_run import RunConfig, run_local
+from services.experiment import ExperimentConfig
+from services.local import run_local
 
 SCALING = {"attack": "scaling", "attack_rate": 0.3}
 CASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -61,7 +62,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--rounds", type=int, default=RunConfig().rounds)
+    p.add_argument("--rounds", type=int, default=ExperimentConfig().federation.rounds)
     p.add_argument("--cases", choices=sorted(CASES), default="default")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
@@ -74,7 +75,9 @@ def main() -> None:
         per_seed = []
         for seed in args.seeds:
             start = time.perf_counter()
-            cfg = RunConfig(strategy=strategy, rounds=args.rounds, seed=seed, **extra)
+            cfg = ExperimentConfig().replace(
+                strategy=strategy, rounds=args.rounds, seed=seed, **extra
+            )
             per_seed.append(summarise(run_local(cfg).rounds) | {"s": time.perf_counter() - start})
         mean = {k: statistics.fmean(r[k] for r in per_seed) for k in per_seed[0]}
         case = ", ".join(f"{k}={v}" for k, v in extra.items()) or "clean"

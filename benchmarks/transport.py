@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.grpc_util import call_metadata, channel
+from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2

@@ -12,89 +12,14 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import FLClusteringError
-from services.common.flags import OneLineParser, env, optional_int, parse_bool
-from services.common.strategies import STRATEGIES
+from services.common.flags import OneLineParser, SettingsParser, add_log_flag
+from services.experiment import LOCAL_GROUPS, SIMULATE_GROUPS, ExperimentConfig, SimulateConfig
 
 logger = logging.getLogger("flclustering")
-
-
-def _add_run_flags(p: argparse.ArgumentParser, out: str) -> None:
-    from services.common.local_run import RunConfig
-    from services.participant.attacks import ATTACKS
-    from services.participant.datasets import DATASETS
-    from services.participant.models import MODELS
-    from services.participant.partition import PARTITIONS
-
-    d = RunConfig()
-    e = "FLCLUSTERING_"
-    p.add_argument(
-        "--strategy", choices=sorted(STRATEGIES), default=env(e + "STRATEGY", d.strategy)
-    )
-    p.add_argument("--dataset", choices=DATASETS, default=env(e + "DATASET", d.dataset))
-    p.add_argument("--data-dir", default=env(e + "DATA_DIR", d.data_dir))
-    p.add_argument(
-        "--download",
-        type=parse_bool,
-        default=env(e + "DOWNLOAD", d.download),
-        help="download a missing dataset into --data-dir (true/false)",
-    )
-    p.add_argument("--partition", choices=PARTITIONS, default=env(e + "PARTITION", d.partition))
-    p.add_argument("--participants", type=int, default=env(e + "PARTICIPANTS", d.participants))
-    p.add_argument(
-        "--groups",
-        type=int,
-        default=env(e + "GROUPS", d.groups),
-        help="ground-truth label groups of practical-noniid",
-    )
-    p.add_argument(
-        "--clusters",
-        type=optional_int,
-        default=env(e + "CLUSTERS", d.clusters, optional_int),
-        help="k, or 'auto' to choose it from the deltas",
-    )
-    p.add_argument("--select", type=int, default=env(e + "SELECT", d.select))
-    p.add_argument("--rounds", type=int, default=env(e + "ROUNDS", d.rounds))
-    p.add_argument("--local-epochs", type=int, default=env(e + "LOCAL_EPOCHS", d.local_epochs))
-    p.add_argument("--batch-size", type=int, default=env(e + "BATCH_SIZE", d.batch_size))
-    p.add_argument("--lr", type=float, default=env(e + "LR", d.lr))
-    p.add_argument("--momentum", type=float, default=env(e + "MOMENTUM", d.momentum))
-    p.add_argument("--model", choices=sorted(MODELS), default=env(e + "MODEL", d.model))
-    p.add_argument("--q", type=float, default=env(e + "Q", d.q))
-    p.add_argument("--pre-steps", type=int, default=env(e + "PRE_STEPS", d.pre_steps))
-    p.add_argument(
-        "--adjusted",
-        type=parse_bool,
-        default=env(e + "ADJUSTED", d.adjusted),
-        help="sample adjustment strategy for pre-training (true/false)",
-    )
-    p.add_argument(
-        "--byzantine-fraction",
-        type=float,
-        default=env(e + "BYZANTINE_FRACTION", d.byzantine_fraction),
-    )
-    p.add_argument("--attack", choices=ATTACKS, default=env(e + "ATTACK", d.attack))
-    p.add_argument("--attack-rate", type=float, default=env(e + "ATTACK_RATE", d.attack_rate))
-    p.add_argument("--attack-factor", type=float, default=env(e + "ATTACK_FACTOR", d.attack_factor))
-    p.add_argument("--attack-every", type=int, default=env(e + "ATTACK_EVERY", d.attack_every))
-    p.add_argument(
-        "--attack-placement",
-        choices=("per-group", "random"),
-        default=env(e + "ATTACK_PLACEMENT", d.attack_placement),
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=env(e + "ALPHA", d.alpha),
-        help="Dirichlet concentration of the dirichlet partition",
-    )
-    p.add_argument("--seed", type=int, default=env(e + "SEED", d.seed))
-    p.add_argument("--device", default=env(e + "DEVICE", "auto"), help="auto, cpu or cuda[:n]")
-    p.add_argument("--out", type=Path, default=env(e + "OUT", Path(out)))
 
 
 def _progress(total: int, started: float) -> Any:
@@ -113,15 +38,12 @@ def _progress(total: int, started: float) -> Any:
     return show
 
 
-def run_local_command(args: argparse.Namespace) -> int:
+def run_local_command(config: ExperimentConfig) -> int:
     """`flclustering local`: run, print a summary table, write the results."""
-    from services.common.local_run import RunConfig, run_local
     from services.common.report import write_results
+    from services.local import run_local
 
-    names = {f.name for f in fields(RunConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    config = RunConfig(**values)
-    result = run_local(config, _progress(config.rounds, time.perf_counter()))
+    result = run_local(config, _progress(config.federation.rounds, time.perf_counter()))
     payload = {
         "config": result.config,
         "rounds": result.rounds,
@@ -129,7 +51,7 @@ def run_local_command(args: argparse.Namespace) -> int:
         "clustering": result.clustering,
         "final": result.final,
     }
-    written = write_results(args.out, payload)
+    written = write_results(Path(config.run.out), payload)
     purity = result.clustering.get("purity") if result.clustering else None
     _summary(result.rounds, result.final, purity, written[0].parent)
     return 0
@@ -168,20 +90,16 @@ def _serve_until_interrupted() -> None:
         done.wait()
 
 
-def run_simulate_command(args: argparse.Namespace) -> int:
+def run_simulate_command(config: SimulateConfig) -> int:
     """`flclustering simulate`: the federation as local processes over gRPC."""
-    from services.common.local_run import RunConfig
-    from services.simulate import SimulateConfig, simulate
+    from services.simulate import simulate
 
-    flags = vars(args)
-    run = RunConfig(**{f.name: flags[f.name] for f in fields(RunConfig) if f.name in flags})
-    hosting = {f.name: flags[f.name] for f in fields(SimulateConfig) if f.name in flags}
-    config = SimulateConfig(run=run, **{**hosting, "out": str(hosting["out"])})
     started = time.perf_counter()
-    show = _progress(config.run.rounds, started)
-    serve = _serve_until_interrupted if args.serve else None
+    show = _progress(config.federation.rounds, started)
+    serve = _serve_until_interrupted if config.hosting.serve else None
     results = simulate(config, lambda record, _total: show(record), serve=serve)
-    _summary(results["rounds"], results["final"], results["clustering"]["purity"], Path(config.out))
+    where = Path(config.run.out)
+    _summary(results["rounds"], results["final"], results["clustering"]["purity"], where)
     print(f"took {time.perf_counter() - started:.0f}s")
     return 0
 
@@ -203,55 +121,57 @@ def run_scrape_config_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `flclustering` parser with its sub-commands."""
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
+    """The `flclustering` parser, and the settings parser of each experiment sub-command."""
     parser = OneLineParser(prog="flclustering", description=__doc__)
-    parser.add_argument("--log-level", default=env("FLCLUSTERING_LOG_LEVEL", "WARNING"))
+    add_log_flag(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sim = sub.add_parser(
-        "simulate", help="run the federation as local processes over gRPC (the main job)"
+        "simulate",
+        help="run the federation as local processes over gRPC (the main job)",
+        description="Run the federation as local processes over real gRPC.",
     )
-    _add_run_flags(sim, "runs/simulate")
-    e = "FLCLUSTERING_"
-    sim.add_argument(
-        "--per-process",
-        type=int,
-        default=env(e + "PER_PROCESS", 10),
-        help="participants hosted by each participant process",
+    local = sub.add_parser(
+        "local",
+        help="run the same algorithm in one process, no network",
+        description="Run the same algorithm in one process, without the network.",
     )
-    sim.add_argument("--round-timeout-s", type=float, default=env(e + "ROUND_TIMEOUT_S", 120.0))
-    sim.add_argument("--aggregator-port", type=int, default=env("AGGREGATOR_PORT", 0))
-    sim.add_argument("--clusterer-port", type=int, default=env("CLUSTERER_PORT", 0))
-    sim.add_argument(
-        "--serve",
-        action="store_true",
-        help="keep the services up after the last round, until Ctrl-C",
-    )
-    sim.set_defaults(func=run_simulate_command)
+    settings = {
+        "simulate": SettingsParser(sim, SimulateConfig, SIMULATE_GROUPS),
+        "local": SettingsParser(local, ExperimentConfig, LOCAL_GROUPS),
+    }
     scrape = sub.add_parser(
-        "scrape-config", help="print a Prometheus config scraping a simulation's services"
+        "scrape-config",
+        help="print a Prometheus config scraping a simulation's services",
+        description="Print a Prometheus configuration scraping a running simulation.",
     )
     scrape.add_argument(
-        "endpoints", type=Path, nargs="?", default=Path("runs/simulate/endpoints.json")
+        "endpoints",
+        type=Path,
+        nargs="?",
+        default=Path("runs/simulate/endpoints.json"),
+        help="endpoints.json of a simulation (default: runs/simulate/endpoints.json)",
     )
     scrape.add_argument(
-        "--rules", help="alerting rules file to load (deploy/prometheus/alerts.yml)"
+        "--rules",
+        help="alerting rules file to load, e.g. deploy/prometheus/alerts.yml (default: none)",
     )
-    scrape.add_argument("--interval", default="5s")
-    scrape.set_defaults(func=run_scrape_config_command)
-    local = sub.add_parser("local", help="run the same algorithm in one process, no network")
-    _add_run_flags(local, "runs/local")
-    local.set_defaults(func=run_local_command)
-    return parser
+    scrape.add_argument("--interval", default="5s", help="scrape interval (default: 5s)")
+    return parser, settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flclustering` console script."""
-    parser = build_parser()
+    parser, settings = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args))
+        if args.command == "scrape-config":
+            return run_scrape_config_command(args)
+        config = settings[args.command].from_namespace(args)
+        if args.command == "simulate":
+            return run_simulate_command(config)
+        return run_local_command(config)
     except FLClusteringError as exc:
         sys.stderr.write(f"flclustering: error: {exc}\n")
         return 2

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,58 +23,29 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from services.common.errors import ConfigError, FLClusteringError
-from services.common.grpc_util import call_metadata, channel
-from services.common.local_run import RunConfig
+from services.common.errors import FLClusteringError
+from services.common.flags import write_settings_file
+from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.settings import Settings
+from services.experiment import EXPERIMENT_GROUPS, SimulateConfig
+from services.local import attacker_indices
+from services.participant.datasets import load_dataset
+from services.participant.partition import shards_of
 
 
 class SimulationError(FLClusteringError):
     """A service of the simulation failed; the message is its last words."""
 
 
-@dataclass(frozen=True)
-class SimulateConfig:
-    """The experiment (the same RunConfig `flclustering local` takes) and how to host it."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    per_process: int = 10
-    round_timeout_s: float = 120.0
-    aggregator_port: int = 0
-    clusterer_port: int = 0
-    metrics: bool = True  # every service serves /metrics on a free loopback port
-    out: str = "runs/simulate"
-
-    def __post_init__(self) -> None:
-        if self.per_process < 1 or self.round_timeout_s <= 0:
-            raise ConfigError("--per-process must be at least 1 and --round-timeout-s positive")
-
-
-def attacker_indices(config: SimulateConfig) -> list[int]:
-    """Which participants attack: round(rate * N), per ground-truth group or at random."""
-    if config.run.attack == "none" or config.run.attack_rate == 0:
+def attackers_of(config: SimulateConfig) -> list[int]:
+    """Which participants attack: the same draw as `flclustering local` makes."""
+    if config.adversary.attack == "none" or config.adversary.attack_rate == 0:
         return []
-    from services.common.local_run import choose_attackers
-    from services.participant.datasets import load_dataset
-    from services.participant.partition import partition
-
-    data = load_dataset(config.run.dataset, config.run.data_dir, config.run.download)
-    shards = partition(
-        data.y_train.numpy(),
-        data.y_test.numpy(),
-        config.run.partition,
-        config.run.participants,
-        config.run.seed,
-        data.num_classes,
-        config.run.groups,
-        config.run.alpha,
-    )
-    groups = np.array([s.group for s in shards])
-    rng = np.random.default_rng(config.run.seed + 1)
-    return sorted(
-        choose_attackers(groups, config.run.attack_rate, config.run.attack_placement, rng)
-    )
+    data = load_dataset(config.federation.dataset, config.data.data_dir, config.data.download)
+    shards = shards_of(config.federation, config.data, data)
+    return sorted(attacker_indices(config, np.array([s.group for s in shards])))
 
 
 class Processes:
@@ -145,145 +115,92 @@ def simulate(
     progress: Callable[[dict[str, Any], int], None] | None = None,
     serve: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the federation; return the results written to config.out."""
+    """Run the federation; return the results written to config.run.out."""
     from services.common.report import write_results
 
-    out = Path(config.out)
+    out = Path(config.run.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for stale in logs.glob("*.ready"):
         stale.unlink()
-    attackers = attacker_indices(config)
-    token = secrets.token_hex(16)  # only this simulation's processes can talk to each other
+    attackers = attackers_of(config)
+    # Every process reads the experiment from one settings file; the token travels in the
+    # environment only (never written to disk), and only these processes know it.
+    settings = out / "settings.json"
+    groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
+    write_settings_file(settings, {**groups, "transport": config.transport})
+    token = secrets.token_hex(16)
     env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     procs = Processes(logs)
-    common = [
-        "--seed",
-        str(config.run.seed),
-        "--log-level",
-        "INFO",
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        "auto" if config.metrics else "0",
-    ]
+    metrics_port = "auto" if config.hosting.metrics else "0"
+
+    def service_args(name: str, port: int) -> list[str]:
+        return [
+            "--settings",
+            str(settings),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            metrics_port,
+            "--ready-file",
+            str(logs / f"{name}.ready"),
+        ]
+
     try:
         procs.start(
             "aggregator",
-            [
-                "services.aggregator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(config.aggregator_port),
-                "--model",
-                config.run.model,
-                "--dataset",
-                config.run.dataset,
-                "--ready-file",
-                str(logs / "aggregator.ready"),
-                *common,
-            ],
+            ["services.aggregator", *service_args("aggregator", config.hosting.aggregator_port)],
             env,
         )
         aggregator_ready = procs.wait_ready("aggregator", logs / "aggregator.ready")
-        aggregator = aggregator_ready["grpc"]
         procs.start(
             "clusterer",
             [
                 "services.clusterer",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(config.clusterer_port),
+                *service_args("clusterer", config.hosting.clusterer_port),
                 "--aggregator",
-                aggregator,
-                "--strategy",
-                config.run.strategy,
-                "--participants",
-                str(config.run.participants),
-                "--rounds",
-                str(config.run.rounds),
-                "--select",
-                str(config.run.select),
-                "--clusters",
-                "auto" if config.run.clusters is None else str(config.run.clusters),
-                "--q",
-                str(config.run.q),
-                "--byzantine-fraction",
-                str(config.run.byzantine_fraction),
-                "--local-epochs",
-                str(config.run.local_epochs),
-                "--batch-size",
-                str(config.run.batch_size),
-                "--lr",
-                str(config.run.lr),
-                "--momentum",
-                str(config.run.momentum),
-                "--round-timeout-s",
-                str(config.round_timeout_s),
-                "--pre-steps",
-                str(config.run.pre_steps),
-                "--adjusted",
-                str(config.run.adjusted).lower(),
-                "--eval-per-cluster",
-                str(config.run.eval_per_cluster),
-                "--ready-file",
-                str(logs / "clusterer.ready"),
-                *common,
+                aggregator_ready["grpc"],
+                "--state-dir",
+                str(out / "state" / "clusterer"),
             ],
             env,
         )
         clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
         clusterer = clusterer_ready["grpc"]
-        n_procs = math.ceil(config.run.participants / config.per_process)
+        n = config.federation.participants
+        per = config.hosting.per_process
+        n_procs = math.ceil(n / per)
         for k in range(n_procs):
-            first = k * config.per_process
-            count = min(config.per_process, config.run.participants - first)
+            first = k * per
+            count = min(per, n - first)
             hosted = [i for i in attackers if first <= i < first + count]
             args = [
                 "services.participant",
+                "--settings",
+                str(settings),
                 "--clusterer",
                 clusterer,
-                "--dataset",
-                config.run.dataset,
-                "--data-dir",
-                config.run.data_dir,
-                "--download",
-                str(config.run.download).lower(),
-                "--partition",
-                config.run.partition,
-                "--num-participants",
-                str(config.run.participants),
                 "--index",
                 str(first),
                 "--count",
                 str(count),
-                "--groups",
-                str(config.run.groups),
-                "--alpha",
-                str(config.run.alpha),
-                "--model",
-                config.run.model,
                 "--device",
                 config.run.device,
+                "--attack-indices",
+                ",".join(map(str, hosted)),
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                metrics_port,
                 "--ready-file",
                 str(logs / f"participants-{k}.ready"),
-                *common,
             ]
             if serve is not None:
-                args.append("--linger")
-            if hosted:
-                args += [
-                    "--attack",
-                    config.run.attack,
-                    "--attack-factor",
-                    str(config.run.attack_factor),
-                    "--attack-every",
-                    str(config.run.attack_every),
-                    "--attack-indices",
-                    ",".join(map(str, hosted)),
-                ]
+                args += ["--linger", "true"]
             procs.start(f"participants-{k}", args, env)
         participants = [
             {
@@ -370,7 +287,7 @@ def collect(
     last = rounds[-1]
     bad = set(attackers)
     return {
-        "config": asdict(config),
+        "config": config.model_dump(mode="json", exclude={"transport": {"auth_token"}}),
         "rounds": rounds,
         "clusters": [
             {

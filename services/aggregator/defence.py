@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.aggregator.robust import AggregateResult, attackers_for, fedavg, get_rule
+from services.aggregator.robust import RULES, AggregateResult, attackers_for
 from services.common.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ class DefenceConfig:
     cluster_factor: float | None = 3.0  # None switches the cluster check off
 
     def __post_init__(self) -> None:
-        get_rule(self.rule)
+        RULES[self.rule]
         attackers_for(1, self.byzantine_fraction)
         for name in ("norm_factor", "cluster_factor"):
             v = getattr(self, name)
@@ -68,17 +68,6 @@ def norm_screen(deltas: torch.Tensor, factor: float) -> torch.Tensor:
     if float(med) == 0.0:
         return norms == 0
     return norms <= factor * med
-
-
-def _run_rule(
-    x: torch.Tensor, rule: str, fraction: float, weights: torch.Tensor | None
-) -> AggregateResult:
-    f = attackers_for(x.shape[0], fraction)
-    if rule == "fedavg":
-        return fedavg(x, weights=weights)
-    if rule == "median":
-        return get_rule(rule)(x)
-    return get_rule(rule)(x, f)
 
 
 def defend(
@@ -116,10 +105,9 @@ def defend(
             out.rejected_clusters[c] = "no update survived screening"
             continue
         idx = torch.tensor(rows)
-        res = _run_rule(
+        res = RULES[config.rule](
             deltas.index_select(0, idx),
-            config.rule,
-            config.byzantine_fraction,
+            attackers_for(len(rows), config.byzantine_fraction),
             None if w_all is None else w_all[idx],
         )
         # Map the rule's local indices back to rows of `deltas`.

@@ -7,11 +7,13 @@ baseline from the literature.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from services.common.errors import ConfigError
+from services.common.registry import Registry
 
 ZERO_ACCURACY = 0.1  # the research code treats an accuracy of exactly 0 as 0.1
 MIN_ACCURACY = 1e-6
@@ -41,26 +43,6 @@ def weighted_merge(models: torch.Tensor, weights: Sequence[float] | torch.Tensor
     return w.to(models.dtype).to(models.device) @ models
 
 
-def mean_merge(models: torch.Tensor) -> torch.Tensor:
-    """The plain mean (round 0 of FLClustering)."""
-    return models.mean(dim=0)
-
-
-def accuracy_merge(
-    models: torch.Tensor, accuracies: Sequence[float], q: float = 0.5
-) -> torch.Tensor:
-    """The fair q-weighted merge: worse-served clusters weigh more."""
-    return weighted_merge(models, q_weights(accuracies, q))
-
-
-def sample_merge(models: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Weights proportional to sample counts (FedAvg across clusters or participants)."""
-    s = torch.as_tensor(samples, dtype=torch.float64)
-    if bool((s < 0).any()) or float(s.sum()) <= 0:
-        raise ConfigError(f"sample counts must be non-negative with a positive sum: {s.tolist()}")
-    return weighted_merge(models, s / s.sum())
-
-
 def qffl_merge(
     global_model: torch.Tensor,
     local_models: torch.Tensor,
@@ -88,3 +70,66 @@ def qffl_merge(
     h = q * f.pow(q - 1) * dw.pow(2).sum(dim=1) + big_l * fq
     step = (fq @ dw) / h.sum()
     return (global_model.to(torch.float64) - step).to(global_model.dtype)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a merge may use: the round's base model, the defended deltas and the figures."""
+
+    global_w: torch.Tensor
+    cluster_deltas: Mapping[int, torch.Tensor]  # surviving groups' robust deltas
+    deltas: torch.Tensor  # every update of the round, as rows
+    kept: Sequence[int]  # rows the defence did not reject
+    round: int
+    cluster_accuracy: Mapping[int, float] = field(default_factory=dict)
+    losses: Sequence[float] | None = None  # per row: loss of the global model before training
+    q: float = 0.5
+    lr: float = 0.05
+
+
+MergeResult = tuple[torch.Tensor, dict[int, float]]  # next global model, weight per group
+
+
+def _even(inputs: MergeInputs) -> MergeResult:
+    cs = sorted(inputs.cluster_deltas)
+    if not cs:
+        return inputs.global_w, {}
+    weights = torch.full((len(cs),), 1.0 / len(cs), dtype=torch.float64)
+    return _apply(inputs, cs, weights)
+
+
+def _apply(inputs: MergeInputs, cs: list[int], weights: torch.Tensor) -> MergeResult:
+    stacked = torch.stack([inputs.cluster_deltas[c] for c in cs])
+    new = inputs.global_w + weighted_merge(stacked, weights)
+    return new, {c: float(w) for c, w in zip(cs, weights, strict=True)}
+
+
+def mean_merge(inputs: MergeInputs) -> MergeResult:
+    """Every surviving group counts the same."""
+    return _even(inputs)
+
+
+def accuracy_merge(inputs: MergeInputs) -> MergeResult:
+    """The fair merge: group c weighs acc_c^-q; round 0 (no accuracies yet) is the mean."""
+    cs = sorted(inputs.cluster_deltas)
+    if not cs or inputs.round == 0 or not all(c in inputs.cluster_accuracy for c in cs):
+        return _even(inputs)
+    return _apply(inputs, cs, q_weights([inputs.cluster_accuracy[c] for c in cs], inputs.q))
+
+
+def qffl_round(inputs: MergeInputs) -> MergeResult:
+    """q-FFL over the participants the defence kept (it has no per-group weights)."""
+    if inputs.losses is None or len(inputs.losses) != inputs.deltas.shape[0]:
+        raise ConfigError("q-FFL needs one pre-training loss per update")
+    keep = list(inputs.kept)
+    if not keep:
+        return inputs.global_w, {}
+    idx = torch.tensor(keep)
+    local = inputs.global_w + inputs.deltas.index_select(0, idx)
+    losses = [inputs.losses[i] for i in keep]
+    return qffl_merge(inputs.global_w, local, losses, lr=inputs.lr), {}
+
+
+MERGES: Registry[Callable[[MergeInputs], MergeResult]] = Registry(
+    "merge", {"mean": mean_merge, "accuracy": accuracy_merge, "qffl": qffl_round}
+)

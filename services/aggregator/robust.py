@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import ConfigError, PreconditionError
+from services.common.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -146,22 +147,20 @@ def fedavg(x: torch.Tensor, f: int = 0, weights: torch.Tensor | None = None) -> 
     return AggregateResult(agg, "fedavg", tuple(range(n)), ())
 
 
-Rule = Callable[..., AggregateResult]
+# Every rule in the registry takes (updates, f, weights): f attackers assumed, weights the
+# sample counts (only FedAvg uses them), so callers never special-case a rule.
+Rule = Callable[[torch.Tensor, int, "torch.Tensor | None"], AggregateResult]
 
-RULES: dict[str, Rule] = {
-    "krum": krum,
-    "multi-krum": multi_krum,
-    "median": coordinate_median,
-    "trimmed-mean": trimmed_mean,
-    "fedavg": fedavg,
-}
-
-
-def get_rule(name: str) -> Rule:
-    """A robust rule by name."""
-    if name not in RULES:
-        raise ConfigError(f"unknown aggregation rule {name!r}; choose one of {', '.join(RULES)}")
-    return RULES[name]
+RULES: Registry[Rule] = Registry(
+    "aggregation rule",
+    {
+        "krum": lambda x, f, w: krum(x, f),
+        "multi-krum": lambda x, f, w: multi_krum(x, f),
+        "median": lambda x, f, w: coordinate_median(x),
+        "trimmed-mean": lambda x, f, w: trimmed_mean(x, f),
+        "fedavg": lambda x, f, w: fedavg(x, weights=w),
+    },
+)
 
 
 def attackers_for(n: int, byzantine_fraction: float) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,67 +14,28 @@ import torch
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
+from services.aggregator.metrics import AggregatorMetrics, reason_label
+from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import ConfigError
-from services.common.grpc_util import (
-    add_health_and_reflection,
-    bind,
-    new_server,
-    rpc,
-)
+from services.common.grpc_server import add_health_and_reflection, bind, new_server, rpc
 from services.common.metrics import (
-    AggregatorMetrics,
     ServerMetricsInterceptor,
     cluster_label,
     counting_refusals,
-    reason_label,
     serve_metrics,
 )
+from services.common.models import build_model
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.strategies import get_strategy
 from services.common.streams import Received, build_stream, validated
 from services.common.tensors import state_of
 from services.common.wire import StreamReader, check_header_spec, invalid, spec_from_pb
-from services.participant.datasets import SHAPES
-from services.participant.models import build_model
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Aggregator"
-
-
-@dataclass(frozen=True)
-class AggregatorConfig:
-    """Settings of the aggregator service."""
-
-    host: str = "0.0.0.0"
-    port: int = 50052
-    model: str = "cnn"
-    dataset: str = "digits"
-    input_shape: tuple[int, int, int] | None = None  # default: the dataset's
-    num_classes: int | None = None
-    seed: int = 0
-    max_update_bytes: int = 2 << 30
-    keep_versions: int = 3
-    auth_token: str | None = None
-    max_workers: int = 16
-    grace_s: float = 10.0
-    ready_file: str | None = None
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = 9102  # None: no /metrics; -1: any free port
-    state_dir: str | None = None  # where the newest global model survives restarts
-
-    def shape(self) -> tuple[tuple[int, int, int], int]:
-        """Input shape and class count of the model."""
-        if self.input_shape is not None and self.num_classes is not None:
-            return self.input_shape, self.num_classes
-        if self.dataset not in SHAPES:
-            raise ConfigError(
-                f"dataset {self.dataset!r} has no known shape: give --input-shape and --num-classes"
-            )
-        shape, classes = SHAPES[self.dataset]
-        return self.input_shape or shape, self.num_classes or classes
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -110,7 +72,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise invalid("num_samples must not be negative")
             check_header_spec(spec_from_pb(m.tensors), self.state.spec)
             reserved.append((m.sender, self.state.begin_update(m.sender, m.round, m.model_version)))
-            return StreamReader(self.state.spec, keep=True, max_bytes=self.config.max_update_bytes)
+            return StreamReader(
+                self.state.spec, keep=True, max_bytes=self.config.transport.max_update_bytes
+            )
 
         try:
             for _ in validated(request_iterator, on_header, received):
@@ -139,17 +103,21 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self, request: pb.AggregateRequest, context: grpc.ServicerContext
     ) -> pb.AggregateResponse:
         for c, acc in request.cluster_accuracy.items():
-            if not 0.0 <= acc <= 1.0:
+            if not 0.0 <= acc <= 1.0:  # NaN fails this too
                 raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
-        if not 0.0 <= request.byzantine_fraction < 0.5:
-            raise invalid("byzantine_fraction must be in [0, 0.5)")
+        if not (math.isfinite(request.lr) and request.lr >= 0):
+            raise invalid("lr must be finite and non-negative")
+        strategy = get_strategy(request.strategy[:64] or "flclustering")
+        # The request's q and Byzantine share, validated like any setting (NaN refused).
+        defence = self.config.defence.replace(
+            q=request.q, byzantine_fraction=request.byzantine_fraction
+        )
         start = time.perf_counter()
         report = self.state.aggregate(
             request.round,
-            request.strategy or "flclustering",
+            strategy,
             dict(request.cluster_accuracy),
-            request.q,
-            request.byzantine_fraction,
+            defence,
             request.lr or 0.05,
             request.abandon,
         )
@@ -163,8 +131,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             m.robust_rejections.labels(cluster_label(c)).inc(n)
         m.cluster_rejections.inc(len(report.rejected_clusters))
         m.fallbacks.inc(len(report.fallbacks))
-        if self.config.state_dir:
-            self.state.save(Path(self.config.state_dir))
+        if self.config.service.state_dir:
+            self.state.save(Path(self.config.service.state_dir))
         logger.info(
             "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
             request.round,
@@ -206,15 +174,17 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
 def initial_state(config: AggregatorConfig) -> AggregatorState:
     """Version 0: the initial model w0, the same for every participant."""
-    shape, classes = config.shape()
-    model = build_model(config.model, shape, classes, config.seed)
-    state = AggregatorState(state_of(model), config.keep_versions)
-    if config.state_dir and state.restore(Path(config.state_dir)):
+    shape, classes = config.shape()  # a dataset without a known shape: one clear error
+    fed = config.federation
+    model = build_model(fed.model, shape, classes, fed.seed)
+    state = AggregatorState(state_of(model), config.store.keep_versions)
+    state_dir = config.service.state_dir
+    if state_dir and state.restore(Path(state_dir)):
         logger.info(
             "restored model version %d (open round %d) from %s",
             state.version,
             state.open_round,
-            config.state_dir,
+            state_dir,
         )
     return state
 
@@ -230,11 +200,15 @@ class AggregatorService:
     registry: CollectorRegistry
     metrics_port: int | None = None
 
+    def on_stop(self) -> None:
+        """Nothing to stop before the server: every round's state is saved as it closes."""
+
     def start(self) -> None:
         """Start serving gRPC and /metrics."""
         self.server.start()
         config = self.servicer.config
-        self.metrics_port = serve_metrics(self.registry, config.metrics_host, config.metrics_port)
+        svc = config.service
+        self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
 
 
 def build_service(config: AggregatorConfig) -> AggregatorService:
@@ -242,12 +216,13 @@ def build_service(config: AggregatorConfig) -> AggregatorService:
     registry = CollectorRegistry()
     metrics = AggregatorMetrics(registry)
     servicer = AggregatorServicer(initial_state(config), config, metrics)
+    svc = config.service
     server = new_server(
-        config.max_workers, config.auth_token, [ServerMetricsInterceptor(metrics.rpc)]
+        svc.max_workers, config.transport.token(), [ServerMetricsInterceptor(metrics.rpc)]
     )
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, config.host, config.port)
+    port = bind(server, svc.host, svc.port)
     return AggregatorService(server, port, servicer, health, registry)
 
 

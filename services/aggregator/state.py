@@ -16,7 +16,8 @@ import torch
 
 from services.aggregator.rounds import aggregate_round
 from services.common.errors import NotFoundError, StateError
-from services.common.strategies import get_strategy
+from services.common.settings import DefenceSettings
+from services.common.strategies import Strategy
 from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
 RELEASE_WAIT_S = 5.0
@@ -113,15 +114,13 @@ class AggregatorState:
     def aggregate(
         self,
         round_: int,
-        strategy_name: str,
+        strategy: Strategy,
         cluster_accuracy: dict[int, float],
-        q: float,
-        byzantine_fraction: float,
+        defence: DefenceSettings,
         lr: float,
         abandon: bool = False,
     ) -> RoundReport:
         """Close the open round: defence and merge into a new version (or drop it all)."""
-        strategy = get_strategy(strategy_name)
         with self.lock:
             if round_ != self.open_round:
                 raise StateError(
@@ -141,8 +140,7 @@ class AggregatorState:
                 strategy,
                 round_,
                 cluster_accuracy,
-                q,
-                byzantine_fraction,
+                defence,
                 [u.metrics.get("loss_before", 1.0) for u in updates],
                 lr,
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,21 +13,14 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
-from services.clusterer.config import ClustererConfig
-from services.clusterer.coordinator import Coordinator, ModelCache
-from services.clusterer.state import ClustererState, Evaluation, Member, Task
+from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCache
+from services.clusterer.metrics import ClustererMetrics
+from services.clusterer.settings import ClustererConfig
+from services.clusterer.state import ClustererState, Evaluation
 from services.common.errors import NotFoundError, StateError
-from services.common.grpc_util import (
-    add_health_and_reflection,
-    bind,
-    bind_tls,
-    call_metadata,
-    channel,
-    new_server,
-    rpc,
-)
+from services.common.grpc_client import call_metadata, channel
+from services.common.grpc_server import add_health_and_reflection, bind, bind_tls, new_server, rpc
 from services.common.metrics import (
-    ClustererMetrics,
     ServerMetricsInterceptor,
     counting_refusals,
     instrument_channel,
@@ -38,6 +30,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.strategies import get_strategy
 from services.common.streams import Received, encoded_stream, read_all, validated
 from services.common.wire import StreamReader, WireError, check_header_spec, invalid, spec_from_pb
 
@@ -47,40 +40,20 @@ SERVICE = "flclustering.v1.Clusterer"
 MAX_ID_LENGTH = 128
 
 
-class ClustererServicer(pb_grpc.ClustererServicer):
-    """Thin handlers over the shared state; the coordinator thread runs the rounds."""
+class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
+    """Unpack, call the state's rules, pack: the coordinator thread runs the rounds."""
 
-    def __init__(
-        self,
-        config: ClustererConfig,
-        state: ClustererState,
-        coordinator: Coordinator,
-        aggregator: agg_grpc.AggregatorStub,
-        models: ModelCache,
-        metrics: ClustererMetrics,
-    ) -> None:
-        self.metrics = metrics
-        self.config = config
-        self.state = state
-        self.coordinator = coordinator
-        self.aggregator = aggregator
-        self.models = models
+    def __init__(self, *parts: Any) -> None:  # ClustererParts' arguments
+        ClustererParts.__init__(self, *parts)
+        t = self.config.training
         self.training = pb.TrainingSettings(
-            epochs=config.local_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            momentum=config.momentum,
-            pre_steps=config.pre_steps,
-            adjusted=config.adjusted,
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            pre_steps=t.pre_steps,
+            adjusted=t.adjusted,
         )
-
-    def _member(self, participant: str) -> Member:
-        """The member (cond held); unknown ids are NOT_FOUND so clients re-join."""
-        m = self.state.members.get(participant)
-        if m is None:
-            raise NotFoundError(f"unknown participant {participant!r}: call Join first")
-        m.last_seen = time.monotonic()
-        return m
 
     @rpc("Clusterer.Join")
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -89,62 +62,33 @@ class ClustererServicer(pb_grpc.ClustererServicer):
             raise invalid(f"participant_id must be 1-{MAX_ID_LENGTH} printable characters")
         if request.num_train < 0 or request.num_test < 0:
             raise invalid("sample counts must not be negative")
-        with self.state.cond:
-            known = self.state.members.get(pid)
-            if known is None:
-                member = Member(
-                    pid,
-                    request.num_train,
-                    request.num_test,
-                    request.group,
-                    request.device,
-                    time.monotonic(),
-                )
-                self.state.members[pid] = member
-                strategy = self.coordinator.strategy
-                if self.state.phase not in ("waiting", "pretraining"):
-                    if strategy.clustered:
-                        self.state.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
-                    else:
-                        member.cluster = (
-                            len(self.state.members) - 1 if strategy.per_participant else 0
-                        )
-                elif self.state.phase == "pretraining":
-                    self.state.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
-                logger.info("[Clusterer.Join] %s joined (%s)", pid, request.device or "?")
-                self.metrics.joined.set(len(self.state.members))
-            else:
-                known.last_seen = time.monotonic()
-            self.state.cond.notify_all()
-            return pb.JoinResponse(participant_id=pid, participants=len(self.state.members))
+        device = request.device[:MAX_ID_LENGTH]
+        if self.state.join(pid, request.num_train, request.num_test, request.group, device):
+            logger.info("[Clusterer.Join] %s joined (%s)", pid, device or "?")
+        joined = self.state.joined()
+        self.metrics.joined.set(joined)
+        return pb.JoinResponse(participant_id=pid, participants=joined)
 
     @rpc("Clusterer.GetTask")
     def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.ServicerContext
     ) -> pb.GetTaskResponse:
-        wait = min(max(request.wait_s, 0.0), self.config.poll_cap_s)
-        pid = request.participant_id
-        with self.state.cond:
-            self._member(pid)
-            deadline = time.monotonic() + wait
-            while pid not in self.state.tasks and context.is_active():
-                left = deadline - time.monotonic()
-                if left <= 0 or self.state.phase in ("done", "failed"):
-                    break
-                self.state.cond.wait(left)
-            self.state.touch(pid)
-            task = self.state.tasks.get(pid)
-            if task is not None:
-                training = pb.TrainingSettings()
-                training.CopyFrom(self.training)
-                training.lr = self.config.lr_at(max(task.round, 0))
-                return task.to_pb(training)
-            kind = (
-                pb.TASK_KIND_DONE if self.state.phase in ("done", "failed") else pb.TASK_KIND_WAIT
-            )
-            return pb.GetTaskResponse(
-                kind=kind, round=self.state.round, model_version=self.state.model_version
-            )
+        cap = self.config.transport.poll_cap_s
+        wait = min(max(request.wait_s, 0.0), cap) if math.isfinite(request.wait_s) else 0.0
+        task = self.state.next_task(request.participant_id, wait, context.is_active)
+        if task is None:
+            kind, round_, version = self.state.idle_answer()
+            return pb.GetTaskResponse(kind=kind, round=round_, model_version=version)  # type: ignore[arg-type]
+        training = pb.TrainingSettings()
+        training.CopyFrom(self.training)
+        training.lr = self.config.training.lr_at(task.round)
+        return pb.GetTaskResponse(
+            kind=task.kind,  # type: ignore[arg-type]
+            round=task.round,
+            model_version=task.model_version,
+            training=training,
+            evaluation_id=task.evaluation_id,
+        )
 
     @rpc("Clusterer.SubmitUpdate")
     def SubmitUpdate(
@@ -167,46 +111,24 @@ class ClustererServicer(pb_grpc.ClustererServicer):
         if h.kind == "pretrain-delta":
             return self._pretrain_delta(h, itertools.chain([first], it))
         if h.kind != "weights":
-            raise invalid(f"unknown update kind {h.kind!r} (weights or pretrain-delta)")
-        pid = h.sender
-        with self.state.cond:
-            self._member(pid)
-            r = self.state.collecting_round
-            if pid in self.state.received or pid in self.state.in_flight:
-                raise StateError(
-                    f"duplicate submission: {pid} already sent its update for round {h.round}"
-                )
-            if r is None or h.round != r:
-                open_ = "no round is open" if r is None else f"the open round is {r}"
-                raise StateError(f"round {h.round} does not take updates now ({open_})")
-            if pid not in self.state.selected:
-                raise StateError(f"{pid} was not selected in round {r}")
-            if h.model_version != self.state.model_version:
-                raise StateError(
-                    f"trained from model version {h.model_version}, "
-                    f"round {r} uses {self.state.model_version}"
-                )
-            if h.num_samples < 0:
-                raise invalid("num_samples must not be negative")
-            cluster = self.state.selected[pid]
-            self.state.in_flight.add(pid)
+            raise invalid(f"unknown update kind {h.kind[:32]!r} (weights or pretrain-delta)")
+        if h.num_samples < 0:
+            raise invalid("num_samples must not be negative")
+        cluster = self.state.begin_upload(h.sender, h.round, h.model_version)
+        accepted = False
         try:
             self._forward(first, it, cluster)
+            accepted = True
         finally:
-            with self.state.cond:
-                self.state.in_flight.discard(pid)
-        with self.state.cond:
-            self.state.received.add(pid)
-            task = self.state.tasks.get(pid)
-            if task is not None and task.kind == pb.TASK_KIND_TRAIN:
-                del self.state.tasks[pid]
-            self.state.cond.notify_all()
+            self.state.finish_upload(h.sender, h.round, accepted)
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 
     def _reader_for(self, header: Any, keep: bool = False) -> StreamReader:
         """Check an upload's header against the model; the reader for its bytes."""
         check_header_spec(spec_from_pb(header.tensors), self.models.spec)
-        return StreamReader(self.models.spec, keep=keep, max_bytes=self.config.max_update_bytes)
+        return StreamReader(
+            self.models.spec, keep=keep, max_bytes=self.config.transport.max_update_bytes
+        )
 
     def _forward(self, first: pb.SubmitUpdateRequest, rest: Iterator[Any], cluster: int) -> None:
         """Validate the upload chunk by chunk while streaming it on to the aggregator."""
@@ -233,7 +155,7 @@ class ClustererServicer(pb_grpc.ClustererServicer):
 
         try:
             self.aggregator.ForwardUpdate(
-                requests(), metadata=call_metadata(self.config.auth_token), timeout=3600
+                requests(), metadata=call_metadata(self.token), timeout=3600
             )
         except grpc.RpcError as exc:
             if failure and isinstance(failure[0], (WireError, StateError)):
@@ -243,23 +165,11 @@ class ClustererServicer(pb_grpc.ClustererServicer):
             raise _Relayed(exc) from None
 
     def _pretrain_delta(self, header: Any, messages: Iterator[Any]) -> pb.SubmitUpdateResponse:
-        pid = header.sender
-        with self.state.cond:
-            self._member(pid)
-            task = self.state.tasks.get(pid)
-            if task is None or task.kind != pb.TASK_KIND_PRETRAIN:
-                raise StateError(f"{pid} has no pre-training task")
-
+        self.state.check_pretrain_task(header.sender)
         got = read_all(messages, lambda h: self._reader_for(h, keep=True))
         assert got.reader is not None and got.reader.flat is not None
         self.metrics.rpc.received_bytes.inc(got.reader.received)
-        with self.state.cond:
-            task = self.state.tasks.get(pid)
-            if task is None or task.kind != pb.TASK_KIND_PRETRAIN:
-                raise StateError(f"{pid}'s pre-training task was withdrawn (too late)")
-            self.coordinator.accept_pretrain_delta(pid, got.reader.flat)
-            del self.state.tasks[pid]
-            self.state.cond.notify_all()
+        self.state.accept_pretrain_delta(header.sender, got.reader.flat)
         return pb.SubmitUpdateResponse(accepted=True, round=-1)
 
     @rpc("Clusterer.ReportEvaluation")
@@ -272,23 +182,10 @@ class ClustererServicer(pb_grpc.ClustererServicer):
             raise invalid(f"loss {request.loss} must be finite and non-negative")
         if request.num_examples <= 0:
             raise invalid("num_examples must be positive")
-        pid = request.participant_id
-        with self.state.cond:
-            self._member(pid)
-            task = self.state.tasks.get(pid)
-            tag = request.evaluation_id
-            if task is None or task.kind != pb.TASK_KIND_EVALUATE or task.evaluation_id != tag:
-                raise StateError(f"{pid} has no open evaluation {tag!r}")
-            if request.model_version != task.model_version:
-                raise StateError(
-                    f"evaluated version {request.model_version}, "
-                    f"the task asked for {task.model_version}"
-                )
-            results = self.state.evaluations.get(tag)
-            if results is not None:
-                results[pid] = Evaluation(request.accuracy, request.loss, request.num_examples)
-            del self.state.tasks[pid]
-            self.state.cond.notify_all()
+        result = Evaluation(request.accuracy, request.loss, request.num_examples)
+        self.state.record_evaluation(
+            request.participant_id, request.evaluation_id, request.model_version, result
+        )
         return pb.ReportEvaluationResponse(accepted=True)
 
     @rpc("Clusterer.DownloadModel")
@@ -306,28 +203,26 @@ class ClustererServicer(pb_grpc.ClustererServicer):
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
-        with self.state.cond:
-            s = self.state
-            history = [
-                pb.RoundSummary(**{k: v for k, v in h.items() if k in ROUND_FIELDS})
-                for h in s.history
-            ]
-            return pb.GetStatusResponse(
-                phase=s.phase,
-                round=s.round,
-                rounds=self.config.rounds,
-                participants=len(s.members),
-                model_version=s.model_version,
-                history=history,
-                clusters=[
-                    pb.ParticipantCluster(participant_id=p, cluster=m.cluster, group=m.group)
-                    for p, m in sorted(s.members.items())
-                ],
-                purity=-1.0 if s.purity is None else s.purity,
-                done=s.phase == "done",
-                strategy=self.config.strategy,
-                error=s.error,
-            )
+        v = self.state.view()
+        return pb.GetStatusResponse(
+            phase=v.phase,
+            round=v.round,
+            rounds=self.config.federation.rounds,
+            participants=len(v.clusters),
+            model_version=v.model_version,
+            history=[
+                pb.RoundSummary(**{k: x for k, x in h.items() if k in ROUND_FIELDS})
+                for h in v.history
+            ],
+            clusters=[
+                pb.ParticipantCluster(participant_id=p, cluster=c, group=g)
+                for p, c, g in v.clusters
+            ],
+            purity=-1.0 if v.purity is None else v.purity,
+            done=v.phase == "done",
+            strategy=self.config.federation.strategy,
+            error=v.error,
+        )
 
 
 ROUND_FIELDS = set(pb.RoundSummary.DESCRIPTOR.fields_by_name)
@@ -356,11 +251,17 @@ class ClustererService:
     metrics_port: int | None = None
     tls_port: int | None = None
 
+    def on_stop(self) -> None:
+        """Stop the round protocol (SIGTERM)."""
+        self.coordinator.shutdown()
+
     def start(self) -> None:
         """Start serving gRPC and /metrics, then the round protocol."""
         self.server.start()
         self.metrics_port = serve_metrics(
-            self.registry, self.servicer.config.metrics_host, self.servicer.config.metrics_port
+            self.registry,
+            self.servicer.config.service.metrics_host,
+            self.servicer.config.service.metrics_port,
         )
         self.coordinator.start()
 
@@ -387,22 +288,24 @@ class _RelayInterceptor(grpc.ServerInterceptor):
 
 def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
-    state = ClustererState()
+    state = ClustererState(get_strategy(config.federation.strategy), config.federation.seed)
     models = ModelCache()
     registry = CollectorRegistry()
     metrics = ClustererMetrics(registry)
-    agg_channel = channel(config.aggregator)
+    agg_channel = channel(config.clustering.aggregator)
     aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
     coordinator = Coordinator(config, state, aggregator, models, metrics)
-    servicer = ClustererServicer(config, state, coordinator, aggregator, models, metrics)
+    servicer = ClustererServicer(config, state, aggregator, models, metrics)
     interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]
-    server = new_server(config.max_workers, config.auth_token, interceptors)
+    svc = config.service
+    server = new_server(svc.max_workers, config.transport.token(), interceptors)
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, config.host, config.port)
+    port = bind(server, svc.host, svc.port)
     tls_port = None
-    if config.tls_port is not None and config.tls_cert and config.tls_key:
-        tls_port = bind_tls(server, config.host, config.tls_port, config.tls_cert, config.tls_key)
+    c = config.clustering
+    if c.tls_port is not None and c.tls_cert and c.tls_key:
+        tls_port = bind_tls(server, svc.host, c.tls_port, c.tls_cert, c.tls_key)
     return ClustererService(
         server, port, servicer, coordinator, health, agg_channel, registry, tls_port=tls_port
     )

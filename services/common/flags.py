@@ -1,14 +1,34 @@
-"""Command-line plumbing shared by every entry point: env fallbacks and one-line errors."""
+"""Command lines built from settings groups: flags, help, environment and settings files.
+
+Every flag is generated from a settings field (services.common.settings): `--kebab-name`,
+its description as help with the default and the environment variable shown, its choices
+from the field's registry. Values are read, lowest precedence first, from the defaults, a
+JSON settings file (`--settings`), environment variables, then flags; pydantic validates
+the result once, and a bad value is one line naming the flag (or variable) it came from.
+
+Why not jsonargparse or pydantic-settings: both derive one environment prefix per parser
+from the field names, but the deployed names are shared across services by group
+(FLCLUSTERING_ROUNDS in one ConfigMap for all three) and per service for the rest
+(CLUSTERER_PORT, AGGREGATOR_PORT); and both print multi-line usage errors. Generating
+argparse flags from pydantic fields is this one small module.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-T = TypeVar("T")
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from services.common.settings import Choice, Settings, env_name
+
+SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -18,66 +38,194 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def env(name: str, default: T, convert: Callable[[str], T] | None = None) -> T:
-    """The value of environment variable `name` converted like `default`, else `default`.
+@dataclass(frozen=True)
+class Group:
+    """A settings group of a command: its field in the config, env prefix, exposed fields."""
 
-    A malformed value stops the program with one line naming the variable.
-    """
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    conv: Callable[[str], Any] = convert or (type(default) if default is not None else str)
-    if conv is bool:
-        conv = parse_bool
-    try:
-        return cast(T, conv(raw))
-    except (TypeError, ValueError):
-        sys.stderr.write(f"error: environment variable {name}={raw!r} is not a valid value\n")
-        raise SystemExit(2) from None
+    key: str
+    env_prefix: str = "FLCLUSTERING_"
+    only: tuple[str, ...] | None = None  # None: every field is a flag
 
 
-def parse_bool(raw: str) -> bool:
-    """'1', 'true', 'yes', 'on' and their opposites, any case."""
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
+def flag_of(name: str) -> str:
+    """The flag of a field name."""
+    return "--" + name.replace("_", "-")
 
 
-def optional_int(raw: str) -> int | None:
-    """An integer, or 'auto' / 'none' for None."""
-    return None if raw.strip().lower() in ("auto", "none", "") else int(raw)
+def _choices(info: FieldInfo) -> tuple[str, ...] | None:
+    for meta in info.metadata:
+        func = getattr(meta, "func", None)
+        if isinstance(func, Choice):
+            return func.names
+    return None
 
 
-def add_auth_flags(parser: argparse.ArgumentParser) -> None:
-    """--auth-token and --auth-token-file (FLCLUSTERING_AUTH_TOKEN[_FILE]); the file wins.
-
-    A file is how Kubernetes should hand the token over (a mounted Secret, not an
-    environment variable that every child process and crash dump can read).
-    """
-    parser.add_argument(
-        "--auth-token",
-        default=env("FLCLUSTERING_AUTH_TOKEN", None, str),
-        help="shared bearer token guarding every RPC (health excepted)",
-    )
-    parser.add_argument(
-        "--auth-token-file",
-        default=env("FLCLUSTERING_AUTH_TOKEN_FILE", None, str),
-        help="read the token from this file instead",
-    )
+def _is_bool(info: FieldInfo) -> bool:
+    return info.annotation is bool
 
 
-def resolve_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The token from --auth-token-file or --auth-token; a missing file is one clear error."""
-    path = getattr(args, "auth_token_file", None)
-    if path:
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+class SettingsParser:
+    """The flags of one command's config (a Settings model whose fields are groups)."""
+
+    def __init__(
+        self,
+        parser: argparse.ArgumentParser,
+        config: type[Settings],
+        groups: Sequence[Group],
+        defaults: Settings | None = None,
+    ) -> None:
+        self.parser = parser
+        self.config = config
+        self.groups = list(groups)
+        self.defaults = defaults if defaults is not None else config()
+        self.fields: dict[str, tuple[str, str, str]] = {}  # dest -> (group, field, env)
+        parser.add_argument(
+            "--settings",
+            default=os.environ.get(SETTINGS_ENV) or None,
+            metavar="FILE",
+            help=f"read settings from this JSON file; environment variables and flags "
+            f"override it (default: none; env {SETTINGS_ENV})",
+        )
+        for group in self.groups:
+            model = self._group_model(group.key)
+            current = getattr(self.defaults, group.key)
+            title = (model.__doc__ or group.key).strip().splitlines()[0]
+            section = parser.add_argument_group(f"{group.key} settings", title)
+            for name, info in model.model_fields.items():
+                if group.only is not None and name not in group.only:
+                    continue
+                if name in self.fields:
+                    raise AssertionError(f"setting {name} is declared by two groups")
+                env = env_name(info) or group.env_prefix + name.upper()
+                self.fields[name] = (group.key, name, env)
+                choices = _choices(info)
+                kwargs: dict[str, Any] = {
+                    "dest": name,
+                    "default": argparse.SUPPRESS,
+                    "help": f"{info.description} (default: {_shown(getattr(current, name))};"
+                    f" env {env})",
+                }
+                if choices:
+                    kwargs["metavar"] = "{" + ",".join(choices) + "}"
+                elif _is_bool(info):
+                    kwargs.update(nargs="?", const="true", metavar="{true,false}")
+                elif info.annotation in (int, float):
+                    kwargs["metavar"] = "N" if info.annotation is int else "X"
+                else:
+                    kwargs["metavar"] = name.split("_")[-1].upper()
+                section.add_argument(flag_of(name), **kwargs)
+
+    @classmethod
+    def command(
+        cls, prog: str, description: str | None, config: type[Settings], groups: Sequence[Group]
+    ) -> SettingsParser:
+        """The settings parser of a whole command (its own one-line-error parser)."""
+        return cls(OneLineParser(prog=prog, description=description), config, groups)
+
+    def _group_model(self, key: str) -> type[Settings]:
+        annotation = self.config.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, Settings)):
+            raise AssertionError(f"{self.config.__name__}.{key} is not a settings group")
+        return annotation
+
+    def parse(self, argv: Sequence[str] | None = None) -> Any:
+        """Parse argv (and the environment, and --settings) into the config; exit 2 on error."""
+        ns = self.parser.parse_args(argv)
+        return self.from_namespace(ns)
+
+    def from_namespace(self, ns: argparse.Namespace) -> Any:
+        """The config from parsed flags, the environment and the settings file."""
+        data: dict[str, Any] = self.defaults.model_dump()
+        source: dict[tuple[str, str], str] = {}
+        if getattr(ns, "settings", None):
+            for key, values in read_settings_file(self.parser, ns.settings).items():
+                if key in data and isinstance(values, Mapping):
+                    data[key] = {**data[key], **values}
+        for name, (key, field, env) in self.fields.items():
+            raw = os.environ.get(env)
+            if raw not in (None, ""):
+                data[key][field] = raw
+                source[(key, field)] = env
+            if name in ns:
+                data[key][field] = getattr(ns, name)
+                source[(key, field)] = flag_of(name)
         try:
-            token = open(path, encoding="utf-8").read().strip()  # noqa: SIM115
-        except OSError as exc:
-            parser.error(f"--auth-token-file {path}: {exc.strerror}")
-        if not token:
-            parser.error(f"--auth-token-file {path} is empty")
-        return token
-    return args.auth_token or None
+            return self.config.model_validate(data)
+        except ValidationError as exc:
+            self.parser.error(self._describe(exc, source))
+
+    def _describe(self, exc: ValidationError, source: dict[tuple[str, str], str]) -> str:
+        parts = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if len(loc) >= 2:
+                where = source.get((loc[0], loc[1]))
+                if where is None:
+                    where = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
+                got = err.get("input")
+                shown = "" if got is None or isinstance(got, Mapping) else f" (got {got!r:.40})"
+                parts.append(f"{where}: {msg}{shown}")
+            else:
+                parts.append(msg)
+        return "; ".join(parts)
+
+
+def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """A JSON object of settings groups; a missing or malformed file is one parser error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        parser.error(f"--settings {path}: {exc.strerror}")
+    except ValueError as exc:
+        parser.error(f"--settings {path}: not JSON ({exc})")
+    if not isinstance(data, dict):
+        parser.error(f"--settings {path}: expected a JSON object of settings groups")
+    return data
+
+
+def write_settings_file(path: str | os.PathLike[str], groups: Mapping[str, Settings]) -> None:
+    """Write settings groups as the JSON a `--settings` flag reads."""
+    payload = {key: value.model_dump(mode="json") for key, value in groups.items()}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+
+
+def add_log_flag(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+    """--log-level, for commands that have no service settings group."""
+    env = "FLCLUSTERING_LOG_LEVEL"
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get(env) or default,
+        help=f"log level (default: {default}; env {env})",
+    )
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Print one error line and exit 2 (for errors found after parsing)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(2)
+
+
+__all__ = [
+    "Group",
+    "OneLineParser",
+    "SettingsParser",
+    "add_log_flag",
+    "fail",
+    "flag_of",
+    "read_settings_file",
+    "write_settings_file",
+]

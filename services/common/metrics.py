@@ -1,4 +1,5 @@
-"""Prometheus metrics: one registry per service, a gRPC interceptor, an HTTP endpoint.
+"""Prometheus metrics: one registry per service, gRPC interceptors, an HTTP endpoint, and
+`Catalogue`, the table form each service declares its own metrics in (in its metrics.py).
 
 Names follow Prometheus conventions: the `flclustering_` prefix, base units (`_seconds`,
 `_bytes`), `_total` on counters, histograms for durations and sizes. Label values come from
@@ -14,10 +15,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import start_http_server
 
 PREFIX = "flclustering"
@@ -35,29 +37,11 @@ REFUSAL_REASONS = (
     "unauthenticated",
     "cancelled",
 )
-DEFENCE_REASONS = ("norm", "non-finite", "robust-rule")
-TASKS = ("pretrain", "train", "evaluate")
-PHASES = (
-    "waiting",
-    "pretraining",
-    "clustering",
-    "selecting",
-    "evaluating",
-    "training",
-    "aggregating",
-    "done",
-    "failed",
-)
 
 
 def cluster_label(cluster: int) -> str:
     """A cluster id as a label value; ids past the cap share one value."""
     return str(cluster) if 0 <= cluster < MAX_CLUSTER_LABELS else "other"
-
-
-def reason_label(reason: str) -> str:
-    """A defence rejection reason as a bounded label value."""
-    return reason if reason in ("norm", "non-finite") else "robust-rule"
 
 
 @contextmanager
@@ -71,24 +55,11 @@ def counting_refusals(counter: Counter) -> Iterator[None]:
     except Exception as exc:
         code = getattr(exc, "code", None)  # a relayed status carries its code
         if not isinstance(code, grpc.StatusCode):
-            from services.common.grpc_util import status_for
+            from services.common.grpc_server import status_for
 
             code = status_for(exc)
         counter.labels(code.name.lower()).inc()
         raise
-
-
-def parse_metrics_port(raw: str) -> int | None:
-    """'0' disables metrics (None); 'auto' picks a free port (-1); else a port number."""
-    raw = raw.strip().lower()
-    if raw in ("0", "", "off", "none"):
-        return None
-    if raw == "auto":
-        return -1
-    port = int(raw)
-    if not 0 < port < 65536:
-        raise ValueError(raw)
-    return port
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int | None) -> int | None:
@@ -106,46 +77,6 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int | None) -> i
 
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
     return int(server.server_port)
-
-
-class RpcMetrics:
-    """Latency and status codes of every RPC, served and made."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.server_handled = Counter(
-            f"{PREFIX}_grpc_server_handled_total",
-            "RPCs completed by the server.",
-            ["grpc_service", "grpc_method", "grpc_code"],
-            registry=registry,
-        )
-        self.server_seconds = Histogram(
-            f"{PREFIX}_grpc_server_handling_seconds",
-            "Time to handle an RPC (streams: whole stream).",
-            ["grpc_service", "grpc_method"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.client_handled = Counter(
-            f"{PREFIX}_grpc_client_handled_total",
-            "RPCs completed as a client.",
-            ["grpc_service", "grpc_method", "grpc_code"],
-            registry=registry,
-        )
-        self.client_seconds = Histogram(
-            f"{PREFIX}_grpc_client_handling_seconds",
-            "Time an RPC made as a client took.",
-            ["grpc_service", "grpc_method"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.received_bytes = Counter(
-            f"{PREFIX}_received_bytes_total",
-            "Model bytes received in weight streams.",
-            registry=registry,
-        )
-        self.sent_bytes = Counter(
-            f"{PREFIX}_sent_bytes_total", "Model bytes sent in weight streams.", registry=registry
-        )
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -177,36 +108,31 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
             m.server_seconds.labels(service, method).observe(time.perf_counter() - start)
             m.server_handled.labels(service, method, code).inc()
 
+        @contextmanager
+        def timed(context: grpc.ServicerContext) -> Iterator[None]:
+            start = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                yield
+                code = _code_of(context)
+            except Exception:
+                code = _code_of(context)
+                code = "UNKNOWN" if code == "OK" else code
+                raise
+            finally:
+                observe(start, code)
+
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def inner(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "UNKNOWN"
-                try:
-                    result = fn(request, context)
-                    code = _code_of(context)
-                    return result
-                except Exception:
-                    code = _code_of(context)
-                    code = "UNKNOWN" if code == "OK" else code
-                    raise
-                finally:
-                    observe(start, code)
+                with timed(context):
+                    return fn(request, context)
 
             return inner
 
         def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def inner(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                code = "UNKNOWN"
-                try:
+                with timed(context):
                     yield from fn(request, context)
-                    code = _code_of(context)
-                except Exception:
-                    code = _code_of(context)
-                    code = "UNKNOWN" if code == "OK" else code
-                    raise
-                finally:
-                    observe(start, code)
 
             return inner
 
@@ -291,181 +217,110 @@ def instrument_channel(channel: grpc.Channel, metrics: RpcMetrics | None) -> grp
     return grpc.intercept_channel(channel, _ClientInterceptor(metrics))
 
 
-class ClustererMetrics:
-    """What the clusterer exports (no per-participant labels)."""
+@dataclass(frozen=True)
+class Metric:
+    """One row of a service's metric table."""
+
+    attr: str  # attribute of the catalogue
+    kind: type  # Counter, Gauge, Histogram, Enum or Info
+    name: str  # without the flclustering_ prefix
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+    states: tuple[str, ...] | None = None  # Enum
+    init: tuple[str, ...] = ()  # label values (one label) created up front
+
+    def create(self, registry: CollectorRegistry) -> Any:
+        """The prometheus_client object of this row, in registry."""
+        kwargs: dict[str, Any] = {"registry": registry}
+        if self.labels:
+            kwargs["labelnames"] = list(self.labels)
+        if self.buckets is not None:
+            kwargs["buckets"] = self.buckets
+        if self.states is not None:
+            kwargs["states"] = list(self.states)
+        metric = self.kind(f"{PREFIX}_{self.name}", self.help, **kwargs)
+        for value in self.init:
+            metric.labels(value)
+        return metric
+
+
+class Table:
+    """Metrics declared as a TABLE of Metric rows, created in one registry."""
+
+    TABLE: ClassVar[tuple[Metric, ...]] = ()
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.rpc = RpcMetrics(r)
-        self.round = Gauge(
-            f"{PREFIX}_round", "Current global round (-1 before the first).", registry=r
-        )
-        self.rounds_total = Gauge(
-            f"{PREFIX}_rounds_planned", "Rounds the federation will run.", registry=r
-        )
-        self.phase = Enum(
-            f"{PREFIX}_phase", "Phase of the round state machine.", states=list(PHASES), registry=r
-        )
-        self.round_seconds = Histogram(
-            f"{PREFIX}_round_duration_seconds",
-            "Wall time of a whole round.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.rounds_completed = Counter(
-            f"{PREFIX}_rounds_completed_total", "Rounds finished.", registry=r
-        )
-        self.joined = Gauge(
-            f"{PREFIX}_participants_joined", "Participants that joined.", registry=r
-        )
-        self.active = Gauge(
-            f"{PREFIX}_participants_active", "Participants heard from recently.", registry=r
-        )
-        self.selected = Gauge(
-            f"{PREFIX}_participants_selected", "Participants selected this round.", registry=r
-        )
-        self.timed_out = Counter(
-            f"{PREFIX}_participants_timed_out_total",
-            "Tasks withdrawn at a deadline.",
-            ["task"],
-            registry=r,
-        )
-        self.updates_received = Counter(
-            f"{PREFIX}_updates_received_total", "Updates accepted and forwarded.", registry=r
-        )
-        self.updates_rejected = Counter(
-            f"{PREFIX}_updates_rejected_total",
-            "Updates refused or rejected, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        for reason in REFUSAL_REASONS:
-            self.updates_rejected.labels(reason)
-        for task in TASKS:
-            self.timed_out.labels(task)
-        self.cluster_size = Gauge(
-            f"{PREFIX}_cluster_size", "Members per cluster.", ["cluster"], registry=r
-        )
-        self.cluster_weight = Gauge(
-            f"{PREFIX}_cluster_weight",
-            "q-weight of each cluster in the last merge.",
-            ["cluster"],
-            registry=r,
-        )
-        self.cluster_accuracy = Gauge(
-            f"{PREFIX}_cluster_accuracy",
-            "Mean test accuracy of the global model per cluster.",
-            ["cluster"],
-            registry=r,
-        )
-        self.accuracy_mean = Gauge(
-            f"{PREFIX}_accuracy_mean", "Mean test accuracy over participants.", registry=r
-        )
-        self.accuracy_std = Gauge(
-            f"{PREFIX}_accuracy_std",
-            "Standard deviation of accuracy across participants (fairness).",
-            registry=r,
-        )
-        self.accuracy_worst = Gauge(
-            f"{PREFIX}_accuracy_worst", "Worst participant's accuracy.", registry=r
-        )
-        self.loss_mean = Gauge(
-            f"{PREFIX}_loss_mean", "Mean test loss over participants.", registry=r
-        )
-        self.clustering_seconds = Histogram(
-            f"{PREFIX}_clustering_duration_seconds",
-            "Time to cluster the pre-training deltas.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.purity = Gauge(
-            f"{PREFIX}_clustering_purity", "Purity against known groups (-1: unknown).", registry=r
-        )
-        self.model_version = Gauge(f"{PREFIX}_model_version", "Global model version.", registry=r)
+        for row in self.TABLE:
+            setattr(self, row.attr, row.create(registry))
+
+    def __getattr__(self, name: str) -> Any:  # the table's attributes, for type checkers
+        raise AttributeError(name)
 
 
-class AggregatorMetrics:
-    """What the aggregator exports."""
+CALL = ("grpc_service", "grpc_method")
+CODED = (*CALL, "grpc_code")
+
+
+class RpcMetrics(Table):
+    """Latency and status codes of every RPC, served and made, and model bytes moved."""
+
+    TABLE = (
+        Metric(
+            "server_handled",
+            Counter,
+            "grpc_server_handled_total",
+            "RPCs completed by the server.",
+            CODED,
+        ),
+        Metric(
+            "server_seconds",
+            Histogram,
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC (streams: whole stream).",
+            CALL,
+            DURATION_BUCKETS,
+        ),
+        Metric(
+            "client_handled",
+            Counter,
+            "grpc_client_handled_total",
+            "RPCs completed as a client.",
+            CODED,
+        ),
+        Metric(
+            "client_seconds",
+            Histogram,
+            "grpc_client_handling_seconds",
+            "Time an RPC made as a client took.",
+            CALL,
+            DURATION_BUCKETS,
+        ),
+        Metric(
+            "received_bytes",
+            Counter,
+            "received_bytes_total",
+            "Model bytes received in weight streams.",
+        ),
+        Metric("sent_bytes", Counter, "sent_bytes_total", "Model bytes sent in weight streams."),
+    )
+
+
+def refusals(*extra: str) -> Metric:
+    """The updates-refused counter every receiving service exports, by reason."""
+    return Metric(
+        "updates_rejected",
+        Counter,
+        "updates_rejected_total",
+        "Updates refused or rejected, by reason.",
+        ("reason",),
+        init=REFUSAL_REASONS + extra,
+    )
+
+
+class Catalogue(Table):
+    """A service's metrics: its TABLE plus the RPC metrics (`.rpc`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.rpc = RpcMetrics(r)
-        self.model_version = Gauge(f"{PREFIX}_model_version", "Global model version.", registry=r)
-        self.aggregation_seconds = Histogram(
-            f"{PREFIX}_aggregation_duration_seconds",
-            "Time of defence plus merge for a round.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.updates_aggregated = Counter(
-            f"{PREFIX}_updates_aggregated_total", "Updates that entered an aggregation.", registry=r
-        )
-        self.updates_rejected = Counter(
-            f"{PREFIX}_updates_rejected_total",
-            "Updates refused or rejected, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        for reason in REFUSAL_REASONS + DEFENCE_REASONS:
-            self.updates_rejected.labels(reason)
-        self.robust_rejections = Counter(
-            f"{PREFIX}_robust_rejections_total",
-            "Updates the defence rejected, per cluster.",
-            ["cluster"],
-            registry=r,
-        )
-        self.cluster_rejections = Counter(
-            f"{PREFIX}_cluster_models_rejected_total",
-            "Cluster models dropped by the cluster check.",
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            f"{PREFIX}_robust_fallbacks_total",
-            "Clusters whose rule fell back to the median.",
-            registry=r,
-        )
-        self.update_bytes = Histogram(
-            f"{PREFIX}_update_size_bytes",
-            "Size of received updates.",
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-
-
-class ParticipantMetrics:
-    """What a participant process exports, labelled by hosted participant."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.rpc = RpcMetrics(r)
-        self.training_seconds = Histogram(
-            f"{PREFIX}_local_training_duration_seconds",
-            "Local training time per task.",
-            ["participant"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.training_loss = Gauge(
-            f"{PREFIX}_training_loss",
-            "Mean training loss of the last local epoch.",
-            ["participant"],
-            registry=r,
-        )
-        self.examples = Counter(
-            f"{PREFIX}_examples_processed_total",
-            "Training examples processed.",
-            ["participant"],
-            registry=r,
-        )
-        self.tasks = Counter(
-            f"{PREFIX}_tasks_total", "Tasks done, by kind.", ["participant", "kind"], registry=r
-        )
-        self.test_accuracy = Gauge(
-            f"{PREFIX}_participant_accuracy",
-            "Test accuracy of the last evaluated global model.",
-            ["participant"],
-            registry=r,
-        )
-        self.device = Info(
-            f"{PREFIX}_device", "Device the participants of this process train on.", registry=r
-        )
+        super().__init__(registry)
+        self.rpc = RpcMetrics(registry)

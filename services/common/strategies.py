@@ -1,14 +1,17 @@
-"""Strategies by name: whether participants are clustered, the rule inside a group, the merge.
+"""Strategies by name: how participants are grouped, the rule inside a group, the merge.
 
-The unclustered strategies treat all participants as one cluster, so one code path serves
-them all (alpha-FedAvg treats each participant as its own group for the q-weights).
+Every place that behaves differently per strategy asks the strategy (its `grouping`, `rule`,
+`merge`, `defended`), never its name: the clusterer's round plan, the aggregator's round.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from services.common.errors import ConfigError
+from services.common.registry import Registry
+
+Grouping = Literal["clusters", "one", "each"]
 
 
 @dataclass(frozen=True)
@@ -16,32 +19,47 @@ class Strategy:
     """How a round turns updates into the next global model."""
 
     name: str
-    clustered: bool
-    rule: str  # robust rule inside each group
-    merge: str  # "accuracy" (q-weights), "samples", "mean" or "qffl"
+    grouping: Grouping  # clusters: pre-train and cluster; one: a single group; each: per member
+    rule: str  # robust rule inside each group (aggregator.robust.RULES)
+    merge: str  # global merge of the groups (aggregator.merge.MERGES)
     defended: bool  # norm screen and cluster check on
-    per_participant: bool = False  # alpha-FedAvg: each participant its own group
+
+    @property
+    def clustered(self) -> bool:
+        """Whether participants pre-train and are clustered before round 0."""
+        return self.grouping == "clusters"
+
+    @property
+    def needs_accuracy(self) -> bool:
+        """Whether the merge weighs groups by how well the global model serves them."""
+        return self.merge == "accuracy"
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether the merge needs each participant's loss of the global model (q-FFL)."""
+        return self.merge == "qffl"
 
 
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s
-    for s in (
-        Strategy("flclustering", True, "multi-krum", "accuracy", True),
-        Strategy("flclustering-krum", True, "krum", "accuracy", False),
-        Strategy("flclustering-fedavg", True, "fedavg", "accuracy", False),
-        Strategy("fedavg", False, "fedavg", "mean", False),
-        Strategy("krum", False, "krum", "mean", False),
-        Strategy("multi-krum", False, "multi-krum", "mean", False),
-        Strategy("median", False, "median", "mean", False),
-        Strategy("trimmed-mean", False, "trimmed-mean", "mean", False),
-        Strategy("alpha-fedavg", False, "fedavg", "accuracy", False, per_participant=True),
-        Strategy("qffl", False, "fedavg", "qffl", False),
-    )
-}
+STRATEGIES: Registry[Strategy] = Registry(
+    "strategy",
+    {
+        s.name: s
+        for s in (
+            Strategy("flclustering", "clusters", "multi-krum", "accuracy", True),
+            Strategy("flclustering-krum", "clusters", "krum", "accuracy", False),
+            Strategy("flclustering-fedavg", "clusters", "fedavg", "accuracy", False),
+            Strategy("fedavg", "one", "fedavg", "mean", False),
+            Strategy("krum", "one", "krum", "mean", False),
+            Strategy("multi-krum", "one", "multi-krum", "mean", False),
+            Strategy("median", "one", "median", "mean", False),
+            Strategy("trimmed-mean", "one", "trimmed-mean", "mean", False),
+            Strategy("alpha-fedavg", "each", "fedavg", "accuracy", False),
+            Strategy("qffl", "one", "fedavg", "qffl", False),
+        )
+    },
+)
 
 
 def get_strategy(name: str) -> Strategy:
-    """A strategy by name."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    """A strategy by name (ConfigError naming the choices when unknown)."""
     return STRATEGIES[name]

@@ -133,3 +133,23 @@ def read_model(
     assert got.reader is not None and got.reader.flat is not None
     weights = unflatten(got.reader.flat, spec_box[0], got.reader.others)
     return got.header, weights
+
+
+def read_encoded(
+    messages: Iterable[Any], max_bytes: int | None = None
+) -> tuple[tensors_pb2.ModelHeader, list[bytes], bytes]:
+    """Validate a model stream and keep it encoded (header, chunks, checksum) to serve again."""
+    chunks: list[bytes] = []
+    received = Received()
+
+    def on_header(header: tensors_pb2.ModelHeader) -> StreamReader:
+        return StreamReader(spec_from_pb(header.tensors), keep=False, max_bytes=max_bytes)
+
+    sha = b""
+    for msg in validated(messages, on_header, received):
+        part = msg.WhichOneof("part")
+        if part == "data":
+            chunks.append(msg.data)
+        elif part == "trailer":
+            sha = msg.trailer.sha256
+    return received.header, chunks, sha

@@ -6,13 +6,20 @@ logs loudly that it is doing it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
+import numpy as np
 import torch
+from pydantic import Field
 
 from services.common.errors import ConfigError
+from services.common.registry import Registry
+from services.common.settings import Settings, choice
 
 ATTACKS = ("none", "scaling", "label-flip", "sign-flip", "gaussian", "same-value")
+PLACEMENTS = ("per-group", "random")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,21 @@ def same_value(weights: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full_like(weights, value)
 
 
+# Model attacks by name; each takes (config, weights, reference, generator).
+MODEL_ATTACKS: Registry[
+    Callable[[AttackConfig, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+] = Registry(
+    "model attack",
+    {
+        "scaling": lambda c, w, ref, gen: scale(w, c.factor),
+        "sign-flip": lambda c, w, ref, gen: sign_flip(w, ref),
+        "gaussian": lambda c, w, ref, gen: gaussian(w, c.noise_std, gen),
+        "same-value": lambda c, w, ref, gen: same_value(w, c.value),
+    },
+)
+assert set(ATTACKS) == {"none", "label-flip", *MODEL_ATTACKS}
+
+
 def apply_model_attack(
     config: AttackConfig,
     weights: torch.Tensor,
@@ -83,10 +105,41 @@ def apply_model_attack(
     """The flat weights an attacker sends in this round (unchanged when it does not fire)."""
     if config.poisons_data or not config.fires(round_):
         return weights
-    if config.kind == "scaling":
-        return scale(weights, config.factor)
-    if config.kind == "sign-flip":
-        return sign_flip(weights, reference)
-    if config.kind == "gaussian":
-        return gaussian(weights, config.noise_std, generator)
-    return same_value(weights, config.value)
+    return MODEL_ATTACKS[config.kind](config, weights, reference, generator)
+
+
+def choose_attackers(
+    groups: np.ndarray, rate: float, placement: str, rng: np.random.Generator
+) -> set[int]:
+    """round(rate * N) attackers, spread evenly over true groups (per-group) or at random."""
+    n = len(groups)
+    count = round(rate * n)
+    if count == 0:
+        return set()
+    if placement == "random" or (groups < 0).all():
+        return {int(i) for i in rng.choice(n, count, replace=False)}
+    chosen: list[int] = []
+    members = [rng.permutation(np.flatnonzero(groups == g)).tolist() for g in np.unique(groups)]
+    while len(chosen) < count:
+        for m in members:
+            if m and len(chosen) < count:
+                chosen.append(m.pop())
+    return set(chosen)
+
+
+class AttackSettings(Settings):
+    """SIMULATION ONLY: which participants attack, how and when."""
+
+    attack: Annotated[str, choice(ATTACKS)] = Field("none", description="attack to simulate")
+    attack_rate: float = Field(
+        0.0, ge=0, lt=1, description="share of participants that attack (simulations)"
+    )
+    attack_factor: float = Field(-1.0, description="scaling attack: weights times this")
+    attack_every: int = Field(5, ge=1, description="model attacks fire every this many rounds")
+    attack_placement: Annotated[str, choice(PLACEMENTS)] = Field(
+        "per-group", description="spread attackers over the true groups, or at random"
+    )
+
+    def config(self) -> AttackConfig:
+        """The attack as the participant applies it."""
+        return AttackConfig(self.attack, self.attack_factor, self.attack_every)

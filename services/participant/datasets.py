@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.errors import ConfigError, DatasetUnavailableError
+from services.common.errors import DatasetUnavailableError
+from services.common.models import DATASETS
+from services.common.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -243,31 +245,20 @@ def load_image_folder(
     )
 
 
-def _loaders(data_dir: Path, download: bool) -> dict[str, Callable[[], Dataset]]:
-    return {
-        "digits": load_digits_dataset,
-        "mnist": lambda: _load_torchvision_idx("mnist", data_dir, download),
-        "fmnist": lambda: _load_torchvision_idx("fmnist", data_dir, download),
-        "cifar10": lambda: _load_cifar10(data_dir, download),
-        "folder": lambda: load_image_folder(data_dir),
-    }
-
-
-DATASETS = ("digits", "mnist", "fmnist", "cifar10", "folder")
+# Every loader takes (data_dir, download); `folder` reads data_dir itself.
+LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
+    "dataset",
+    {
+        "digits": lambda root, download: load_digits_dataset(),
+        "mnist": lambda root, download: _load_torchvision_idx("mnist", root, download),
+        "fmnist": lambda root, download: _load_torchvision_idx("fmnist", root, download),
+        "cifar10": _load_cifar10,
+        "folder": lambda root, download: load_image_folder(root),
+    },
+)
+assert tuple(LOADERS) == DATASETS, "every dataset the settings accept has a loader"
 
 
 def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True) -> Dataset:
     """Load a dataset by name; `data_dir` is where files live (the folder itself for `folder`)."""
-    loaders = _loaders(Path(data_dir), download)
-    if name not in loaders:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return standardised(loaders[name]())
-
-
-# Input shape and class count per dataset, for services that build the model without data.
-SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "digits": ((1, 8, 8), 10),
-    "mnist": ((1, 28, 28), 10),
-    "fmnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
+    return standardised(LOADERS[name](Path(data_dir), download))

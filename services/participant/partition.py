@@ -13,13 +13,19 @@ sample twice).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from services.common.errors import ConfigError
+from services.common.registry import Registry
+from services.common.settings import FederationSettings
+from services.participant.datasets import Dataset
 
-PARTITIONS = ("iid", "noniid", "practical-noniid", "dirichlet")
+if TYPE_CHECKING:  # settings.py imports this module for the partition names
+    from services.participant.settings import DataSettings
 
 # The research code's practical-noniid sizes for MNIST (60,000 train / 10,000 test).
 PRACTICAL_MAX_TRAIN = 2000
@@ -205,36 +211,58 @@ def partition(
     c = int(num_classes if num_classes is not None else max(y_train.max(), y_test.max()) + 1)
     if n < 1:
         raise ConfigError(f"number of participants must be at least 1, got {n}")
-    rng = _rng(seed, scheme)
-    if scheme == "iid":
-        if n > len(y_test):
-            raise ConfigError(f"iid: {n} participants but only {len(y_test)} test samples")
-        return _iid(y_train, y_test, n, rng)
-    if scheme == "noniid":
-        if c < 2:
-            raise ConfigError("noniid needs at least 2 classes")
-        return _noniid(y_train, y_test, n, c, rng)
-    if scheme == "practical-noniid":
-        return _practical(y_train, y_test, n, c, groups, rng)
-    if scheme == "dirichlet":
-        min_size = max(1, min(10, len(y_train) // (2 * n)))
-        return _dirichlet(y_train, y_test, n, c, alpha, rng, min_size)
-    raise ConfigError(f"unknown partition {scheme!r}; choose one of {', '.join(PARTITIONS)}")
+    return PARTITIONS[scheme](y_train, y_test, n, c, groups, alpha, _rng(seed, scheme))
 
 
-def shard_for(
-    y_train: np.ndarray,
-    y_test: np.ndarray,
-    scheme: str,
-    num_participants: int,
-    index: int,
-    seed: int,
-    num_classes: int | None = None,
-    groups: int = 3,
-    alpha: float = 0.5,
-) -> Shard:
-    """The shard of participant `index`: what a participant computes on its own."""
-    if not 0 <= index < num_participants:
-        raise ConfigError(f"participant index must be in [0, {num_participants}), got {index}")
-    shards = partition(y_train, y_test, scheme, num_participants, seed, num_classes, groups, alpha)
-    return shards[index]
+def _checked_iid(
+    y_train: np.ndarray, y_test: np.ndarray, n: int, c: int, groups: int, alpha: float, rng: Any
+) -> list[Shard]:
+    if n > len(y_test):
+        raise ConfigError(f"iid: {n} participants but only {len(y_test)} test samples")
+    return _iid(y_train, y_test, n, rng)
+
+
+def _checked_noniid(
+    y_train: np.ndarray, y_test: np.ndarray, n: int, c: int, groups: int, alpha: float, rng: Any
+) -> list[Shard]:
+    if c < 2:
+        raise ConfigError("noniid needs at least 2 classes")
+    return _noniid(y_train, y_test, n, c, rng)
+
+
+def _sized_dirichlet(
+    y_train: np.ndarray, y_test: np.ndarray, n: int, c: int, groups: int, alpha: float, rng: Any
+) -> list[Shard]:
+    min_size = max(1, min(10, len(y_train) // (2 * n)))
+    return _dirichlet(y_train, y_test, n, c, alpha, rng, min_size)
+
+
+# Every scheme takes (y_train, y_test, n, classes, groups, alpha, rng).
+PARTITIONS: Registry[Callable[..., list[Shard]]] = Registry(
+    "partition",
+    {
+        "iid": _checked_iid,
+        "noniid": _checked_noniid,
+        "practical-noniid": lambda ytr, yte, n, c, groups, alpha, rng: _practical(
+            ytr, yte, n, c, groups, rng
+        ),
+        "dirichlet": _sized_dirichlet,
+    },
+)
+
+
+def shards_of(
+    federation: FederationSettings, data_settings: DataSettings, data: Dataset
+) -> list[Shard]:
+    """Every participant's shard for the federation's settings (each participant computes
+    the whole partition from the shared seed and keeps its own)."""
+    return partition(
+        data.y_train.numpy(),
+        data.y_test.numpy(),
+        data_settings.partition,
+        federation.participants,
+        federation.seed,
+        data.num_classes,
+        data_settings.groups,
+        data_settings.alpha,
+    )

@@ -15,23 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from services.common.settings import TrainingSettings
 from services.common.tensors import flatten, spec_of
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """SGD settings of local training; the rate decays once per global round."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    lr_decay: float = 0.99
-    weight_decay: float = 0.0
-
-    def lr_at(self, round_: int) -> float:
-        """The learning rate of global round `round_` (the seed's exponential decay)."""
-        return self.lr * self.lr_decay ** max(0, round_)
 
 
 @dataclass(frozen=True)
@@ -54,8 +39,8 @@ def batches(
         yield perm[start : start + batch_size]
 
 
-def _sgd(model: nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+def _sgd(model: nn.Module, lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -67,21 +52,21 @@ def local_train(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    config: TrainConfig,
+    config: TrainingSettings,
     round_: int,
     generator: torch.Generator,
 ) -> TrainResult:
-    """Train `model` in place for `config.epochs` epochs on (x, y), on the model's device."""
+    """Train `model` in place for `config.local_epochs` epochs on (x, y), on its device."""
     if len(y) == 0:
         raise ValueError("no training examples")
     device = _device_of(model)
     x, y = x.to(device), y.to(device)
-    opt = _sgd(model, config.lr_at(round_), config.momentum, config.weight_decay)
+    opt = _sgd(model, config.lr_at(round_), config.momentum)
     model.train()
     start = time.perf_counter()
     steps = examples = 0
     epoch_loss = 0.0
-    for _ in range(config.epochs):
+    for _ in range(config.local_epochs):
         total = 0.0
         for idx in batches(len(y), config.batch_size, generator):
             idx = idx.to(device)
@@ -120,7 +105,7 @@ def pre_train_delta(
     before = flatten(work.state_dict(), spec).clone()
     device = _device_of(work)
     x, y = x.to(device), y.to(device)
-    opt = _sgd(work, lr, momentum, 0.0)
+    opt = _sgd(work, lr, momentum)
     work.train()
 
     def step(idx: torch.Tensor) -> None:

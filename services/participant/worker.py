@@ -16,21 +16,37 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from services.common.errors import SpecMismatchError
-from services.common.grpc_util import call_metadata
-from services.common.metrics import ParticipantMetrics
+from services.common.errors import SpecMismatchError, StateError
+from services.common.grpc_client import RetryPolicy, call_metadata, with_retries
+from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.settings import TrainingSettings
 from services.common.streams import build_stream, read_model
 from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
 from services.participant.datasets import Dataset
-from services.participant.models import build_model
+from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard
-from services.participant.training import TrainConfig, evaluate, local_train, pre_train_delta
+from services.participant.training import evaluate, local_train, pre_train_delta
 
 logger = logging.getLogger(__name__)
+
+# A participant outlives a clusterer restart: about three minutes of jittered retries
+# (waits capped at 10 s) before it gives up; uploads are not retried after a deadline.
+PARTICIPANT_RETRIES = RetryPolicy(
+    attempts=24,
+    codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}),
+)
+UPLOAD_RETRIES = RetryPolicy(attempts=24)
+MAX_REJOINS = 5
+
+
+def participant_generator(seed: int, index: int) -> torch.Generator:
+    """The generator participant `index` draws its batches from (the in-process federation
+    uses the same, so both runs train alike)."""
+    return torch.Generator().manual_seed(seed * 100_003 + index)
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,7 @@ class Participant:
             settings.device
         )
         self.spec = spec_of(self.model.state_dict())
-        self.gen = torch.Generator().manual_seed(settings.seed * 100_003 + index)
+        self.gen = participant_generator(settings.seed, index)
         self.rng = random.Random(settings.seed * 7919 + index)
         self.meta = call_metadata(settings.auth_token)
         if attack.kind != "none":
@@ -136,28 +152,24 @@ class Participant:
             )
 
     # ---- plumbing --------------------------------------------------------------------
-    def _backoff(self, attempt: int) -> None:
-        self.stop.wait(self.rng.uniform(0, min(10.0, 0.2 * 2 ** min(attempt, 10))))
+    def _call(self, what: str, fn: Callable[[], object], idempotent: bool = True) -> object:
+        """Call the clusterer with bounded retries; re-join once it forgot us (NOT_FOUND).
 
-    def _call(self, what: str, fn: Callable[[], object]) -> object:
-        """Call the clusterer; retry UNAVAILABLE forever (until stopped), rejoin on NOT_FOUND."""
-        attempt = 0
-        while not self.stop.is_set():
+        Returns None when the process is stopping.
+        """
+        policy = PARTICIPANT_RETRIES if idempotent else UPLOAD_RETRIES
+        for _ in range(MAX_REJOINS):
             try:
-                return fn()
+                return with_retries(fn, f"{self.id} {what}", policy, self.rng, self.stop)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    logger.info("%s: %s %s, retrying", self.id, what, code.name)
-                    self._backoff(attempt)
-                    attempt += 1
-                    continue
-                if code == grpc.StatusCode.NOT_FOUND and what != "Join":
+                if self.stop.is_set():
+                    return None
+                if exc.code() == grpc.StatusCode.NOT_FOUND and what != "Join":
                     logger.info("%s: unknown to the clusterer (restarted?), joining again", self.id)
                     self.join()
                     continue
                 raise
-        return None
+        raise StateError(f"{self.id}: the clusterer keeps forgetting this participant")
 
     def join(self) -> None:
         """Register with the clusterer (idempotent)."""
@@ -198,6 +210,7 @@ class Participant:
                 metadata=self.meta,
                 timeout=3600,
             ),
+            idempotent=False,
         )
         self.metrics.rpc.sent_bytes.inc(header.total_bytes)
 
@@ -229,7 +242,10 @@ class Participant:
         if self.attack.poisons_data:
             logger.warning("SIMULATED ATTACK: %s trains on flipped labels", self.id)
             y = flip_labels(y, self.attack.flip_from, self.attack.flip_to)
-        cfg = TrainConfig(t.epochs, t.batch_size, t.lr, t.momentum, lr_decay=1.0)
+        # The clusterer already decayed the rate for this round; the values are checked here.
+        cfg = TrainingSettings.build(
+            local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
+        )
         result = local_train(self.model, self.x_train, y, cfg, 0, self.gen)
         self.metrics.training_seconds.labels(self.label).observe(result.seconds)
         self.metrics.training_loss.labels(self.label).set(result.loss)

@@ -5,22 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
-from services.aggregator.server import AggregatorConfig, AggregatorService
+from services.aggregator.server import AggregatorService
 from services.aggregator.server import build_service as build_aggregator
-from services.clusterer.config import ClustererConfig
+from services.aggregator.settings import AggregatorConfig
 from services.clusterer.server import ClustererService
 from services.clusterer.server import build_service as build_clusterer
-from services.common.grpc_util import call_metadata, channel
+from services.clusterer.settings import ClustererConfig
+from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
-from services.participant.__main__ import ParticipantConfig, run
+from services.participant.__main__ import run
+from services.participant.settings import ParticipantConfig
 
 TOKEN = "test-token"
 META = call_metadata(TOKEN)
@@ -59,17 +61,17 @@ class Federation:
 
     def add_participants(self, index: int, count: int, **overrides: Any) -> None:
         """Host participants in a thread, talking real gRPC to the clusterer."""
-        config = replace(
-            ParticipantConfig(
-                clusterer=self.address,
-                num_participants=overrides.pop("num_participants", 6),
-                index=index,
-                count=count,
-                device="cpu",
-                auth_token=TOKEN,
-                poll_wait_s=2.0,
-            ),
-            **overrides,
+        config = ParticipantConfig().replace(
+            **{
+                "clusterer": self.address,
+                "participants": 6,
+                "index": index,
+                "count": count,
+                "device": "cpu",
+                "auth_token": TOKEN,
+                "poll_wait_s": 2.0,
+                **overrides,
+            }
         )
         stop = threading.Event()
         t = threading.Thread(target=run, args=(config, stop), daemon=True)
@@ -82,9 +84,11 @@ def federation_factory() -> Iterator[Callable[..., Federation]]:
     started: list[Federation] = []
 
     def make(**clusterer_overrides: Any) -> Federation:
-        agg = build_aggregator(AggregatorConfig(host="127.0.0.1", port=0, auth_token=TOKEN))
+        agg = build_aggregator(
+            AggregatorConfig().replace(host="127.0.0.1", port=0, auth_token=TOKEN)
+        )
         agg.server.start()
-        config = ClustererConfig(
+        config = ClustererConfig().replace(
             host="127.0.0.1",
             port=0,
             aggregator=f"127.0.0.1:{agg.port}",

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import grpc
 import pytest
 
-from services.common.grpc_util import channel
+from services.common.grpc_client import channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2

@@ -54,20 +54,19 @@ def test_dead_participant_does_not_hold_the_round(federation_factory):
 
 
 def test_participants_reconnect_when_the_clusterer_restarts(federation_factory):
-    from dataclasses import replace
 
     from services.clusterer.server import build_service
 
     fed = federation_factory(
         strategy="fedavg", participants=3, select=3, rounds=6, round_timeout_s=20
     )
-    fed.add_participants(0, 3, num_participants=3)
+    fed.add_participants(0, 3, participants=3)
     fed.wait_for(lambda s: len(s.history) >= 2, timeout=120)
     # The clusterer dies (mid-round or between rounds) and comes back on the same port.
     old = fed.clusterer
     old.coordinator.shutdown()
     old.server.stop(0).wait()
-    config = replace(old.servicer.config, port=old.port)
+    config = old.servicer.config.replace(port=old.port)
     fed.clusterer = build_service(config)
     fed.clusterer.server.start()
     fed.clusterer.coordinator.start()

@@ -23,10 +23,10 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
         ("services.aggregator", ["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
         ("services.aggregator", ["--dataset", "folder"], "--input-shape"),
         ("services.clusterer", ["--rounds", "-"], "--rounds"),
-        ("services.clusterer", ["--min-share", "2"], "min share"),
+        ("services.clusterer", ["--min-share", "2"], "--min-share"),
         ("services.clusterer", ["--tls-port", "50443"], "--tls-cert"),
         ("services.clusterer", ["--metrics-port", "70000"], "--metrics-port"),
-        ("services.participant", ["--index", "40", "--num-participants", "30"], "--index"),
+        ("services.participant", ["--index", "40", "--participants", "30"], "--index"),
         ("services.participant", ["--device", "tpu"], "device"),
         (
             "services.participant",

@@ -140,3 +140,31 @@ def test_port_in_use_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "in use" in lines[0], proc.stderr
+
+
+def test_local_and_simulate_share_the_round_plan(tmp_path):
+    """Same seed, same experiment: the in-process federation and the services cluster the
+    participants alike and select the same participants into the same clusters in round 1
+    (both call clusterer.plan.plan_round on the same seeded stream)."""
+    flags = ["--participants", "9", "--select", "6", "--rounds", "1", "--seed", "4"]
+    _, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "3")
+    local_out = tmp_path / "local"
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "local", "--out", str(local_out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    local = json.loads((local_out / "results.json").read_text())
+    history = json.loads((out / "state" / "clusterer" / "history.json").read_text())
+    sim_clusters = {int(p.rsplit("-", 1)[1]): m["cluster"] for p, m in history["members"].items()}
+    local_clusters = {c["participant"]: c["cluster"] for c in local["clusters"]}
+    assert sim_clusters == local_clusters
+    assert len(set(local_clusters.values())) == 3
+    sim_selection = {
+        int(p.rsplit("-", 1)[1]): c for p, c in history["history"][0]["selection"].items()
+    }
+    local_selection = {int(p): c for p, c in local["rounds"][0]["selection"].items()}
+    assert sim_selection == local_selection
+    assert len(local_selection) == 6 and set(local_selection.values()) == {0, 1, 2}

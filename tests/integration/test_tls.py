@@ -8,10 +8,10 @@ import subprocess
 import grpc
 import pytest
 
-from services.clusterer.config import ClustererConfig
 from services.clusterer.server import build_service
+from services.clusterer.settings import ClustererConfig
 from services.common.errors import ConfigError
-from services.common.grpc_util import call_metadata, channel
+from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 
@@ -48,7 +48,7 @@ def certificate(tmp_path):
 
 def test_participants_join_over_tls(certificate):
     cert, key = certificate
-    config = ClustererConfig(
+    config = ClustererConfig().replace(
         host="127.0.0.1",
         port=0,
         aggregator="127.0.0.1:1",
@@ -86,4 +86,4 @@ def test_participants_join_over_tls(certificate):
 
 def test_tls_needs_cert_and_key():
     with pytest.raises(ConfigError, match="--tls-cert"):
-        ClustererConfig(tls_port=50443)
+        ClustererConfig().replace(tls_port=50443)

@@ -7,8 +7,13 @@ import torch
 
 from services.aggregator.state import AggregatorState, PendingUpdate
 from services.common.errors import StateError
+from services.common.models import build_model
+from services.common.settings import DefenceSettings
+from services.common.strategies import STRATEGIES
 from services.common.tensors import state_of
-from services.participant.models import build_model
+
+FEDAVG = STRATEGIES["fedavg"]
+DEFENCE = DefenceSettings(byzantine_fraction=0.0)
 
 
 def fresh() -> AggregatorState:
@@ -29,24 +34,24 @@ def test_round_moves_the_model_and_refuses_duplicates_and_wrong_rounds():
     with pytest.raises(StateError, match="not open"):
         s.begin_update("b", 1, 0)
     add(s, "b", torch.full((d,), 0.3))
-    report = s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+    report = s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
     assert report.version == 1 and report.updates == 2
     assert torch.allclose(s.versions[1] - s.versions[0], torch.full((d,), 0.2))
     with pytest.raises(StateError):
-        s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+        s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
 
 
 def test_abandoned_round_keeps_the_model():
     s = fresh()
     add(s, "a", torch.ones(s.versions[0].numel()))
-    report = s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05, abandon=True)
+    report = s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05, abandon=True)
     assert report.version == 0 and s.open_round == 1 and not s.pending
 
 
 def test_state_survives_a_restart(tmp_path):
     s = fresh()
     add(s, "a", torch.full((s.versions[0].numel(),), 0.5))
-    s.aggregate(0, "fedavg", {}, 0.5, 0.0, 0.05)
+    s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
     s.save(tmp_path)
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "model-v1.safetensors").exists()
     again = fresh()
@@ -61,6 +66,6 @@ def test_initial_model_is_always_kept():
     d = s.versions[0].numel()
     for r in range(5):
         add(s, "a", torch.full((d,), 0.1), round_=r)
-        s.aggregate(r, "fedavg", {}, 0.5, 0.0, 0.05)
+        s.aggregate(r, FEDAVG, {}, DEFENCE, 0.05)
     assert list(s.versions) == [0, 4, 5]
     assert s.weights(0)[0] == 0

@@ -9,8 +9,8 @@ import torch
 from services.clusterer.clustering import cluster, count_sketch, energy_k
 from services.common.errors import ConfigError
 from services.common.figures import purity
+from services.common.models import build_model
 from services.participant.datasets import load_dataset
-from services.participant.models import build_model
 from services.participant.partition import partition
 from services.participant.training import pre_train_delta
 

@@ -9,11 +9,13 @@ import pytest
 
 from services.cli import main
 from services.common.errors import ConfigError
-from services.common.local_run import RunConfig, choose_attackers, run_local
+from services.experiment import ExperimentConfig
+from services.local import run_local
+from services.participant.attacks import choose_attackers
 
 
 def test_flclustering_learns_and_clusters_correctly():
-    result = run_local(RunConfig(rounds=10, seed=3))
+    result = run_local(ExperimentConfig().replace(rounds=10, seed=3))
     accs = [r["mean_accuracy"] for r in result.rounds]
     assert result.clustering["purity"] >= 0.9
     assert accs[-1] >= 0.75 and accs[-1] > accs[0] + 0.3
@@ -24,8 +26,8 @@ def test_defence_holds_where_fedavg_collapses():
     # Attackers (30%, spread over the groups) send their negated model every 2nd round;
     # the last round is an attack round.
     common = dict(rounds=10, attack="scaling", attack_rate=0.3, attack_every=2, seed=1)
-    defended = run_local(RunConfig(strategy="flclustering", **common))
-    plain = run_local(RunConfig(strategy="fedavg", **common))
+    defended = run_local(ExperimentConfig().replace(strategy="flclustering", **common))
+    plain = run_local(ExperimentConfig().replace(strategy="fedavg", **common))
     assert sum(r["attackers_selected"] for r in defended.rounds) > 0
     assert sum(r["rejected_attackers"] for r in defended.rounds) > 0
     assert defended.final["mean_accuracy"] >= 0.7
@@ -40,10 +42,12 @@ def test_attackers_spread_per_group():
 
 
 def test_bad_config():
-    with pytest.raises(ConfigError):
-        RunConfig(strategy="nope")
-    with pytest.raises(ConfigError):
-        RunConfig(attack_rate=1.5)
+    with pytest.raises(ConfigError, match="strategy"):
+        ExperimentConfig().replace(strategy="nope")
+    with pytest.raises(ConfigError, match="--attack-rate"):
+        ExperimentConfig().replace(attack_rate=1.5)
+    with pytest.raises(ConfigError, match="rounds"):
+        ExperimentConfig().replace(rounds=float("nan"))
 
 
 def test_cli_writes_results(tmp_path, capsys):

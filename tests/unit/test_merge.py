@@ -7,14 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from services.aggregator.merge import (
-    accuracy_merge,
-    mean_merge,
-    q_weights,
-    qffl_merge,
-    sample_merge,
-    weighted_merge,
-)
+from services.aggregator.merge import MERGES, MergeInputs, q_weights, qffl_merge, weighted_merge
 from services.common.errors import ConfigError
 
 
@@ -59,13 +52,24 @@ def test_q_weights_reject_bad_accuracies():
 
 def test_merges():
     m = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
-    torch.testing.assert_close(mean_merge(m), torch.tensor([1.0, 3.0]))
-    torch.testing.assert_close(sample_merge(m, [1, 3]), torch.tensor([1.5, 3.5]))
+    g = torch.zeros(2)
+
+    def inputs(round_, acc):
+        return MergeInputs(g, {0: m[0], 1: m[1]}, m, [0, 1], round_, acc, q=1.0)
+
+    new, weights = MERGES["mean"](inputs(3, {0: 1.0, 1: 0.25}))
+    torch.testing.assert_close(new, torch.tensor([1.0, 3.0]))
+    assert weights == {0: 0.5, 1: 0.5}
     torch.testing.assert_close(weighted_merge(m, [0.25, 0.75]), torch.tensor([1.5, 3.5]))
-    acc = accuracy_merge(m, [1.0, 0.25], q=1.0)  # weights 1:4
-    torch.testing.assert_close(acc, torch.tensor([1.6, 3.6]))
+    new, weights = MERGES["accuracy"](inputs(3, {0: 1.0, 1: 0.25}))  # weights 1:4
+    torch.testing.assert_close(new, torch.tensor([1.6, 3.6]))
+    assert weights[1] == pytest.approx(0.8)
+    new, _ = MERGES["accuracy"](inputs(0, {0: 1.0, 1: 0.25}))  # round 0: the plain mean
+    torch.testing.assert_close(new, torch.tensor([1.0, 3.0]))
     with pytest.raises(ConfigError):
         weighted_merge(m, [0.5, 0.6])
+    with pytest.raises(ConfigError, match="unknown merge"):
+        MERGES["median-of-means"]
 
 
 def test_qffl_with_q0_is_the_mean_of_local_models():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.common.errors import ConfigError
-from services.participant.models import MODELS, build_model
+from services.common.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -11,7 +11,6 @@ from services.participant.partition import (
     label_groups,
     partition,
     practical_sizes,
-    shard_for,
 )
 
 DATA = load_dataset("digits")
@@ -31,8 +30,7 @@ def test_deterministic_and_per_participant(scheme):
     for sa, sb in zip(a, b, strict=True):
         assert np.array_equal(sa.train, sb.train) and np.array_equal(sa.test, sb.test)
     assert any(not np.array_equal(sa.train, sc.train) for sa, sc in zip(a, c, strict=True))
-    own = shard_for(YTR, YTE, scheme, 20, 5, 7, 10)
-    assert np.array_equal(own.train, a[5].train) and own.group == a[5].group
+    assert [s.index for s in a] == list(range(20))
 
 
 @pytest.mark.parametrize("scheme", ["iid", "noniid", "dirichlet"])
@@ -104,4 +102,4 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="unknown partition"):
         all_shards("bogus")
     with pytest.raises(ConfigError):
-        shard_for(YTR, YTE, "iid", 5, 5, 0)
+        all_shards("iid", n=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from services.common.errors import SpecMismatchError
+from services.common.models import build_model
 from services.common.tensors import check_spec, flatten, spec_of, unflatten
-from services.participant.models import build_model
 
 
 def test_flatten_round_trip_keeps_int_buffers_from_reference():

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from services.common.models import build_model
+from services.common.settings import TrainingSettings
 from services.participant.datasets import load_dataset
-from services.participant.models import build_model
-from services.participant.partition import shard_for
-from services.participant.training import TrainConfig, evaluate, local_train, pre_train_delta
+from services.participant.partition import partition
+from services.participant.training import evaluate, local_train, pre_train_delta
 
 DATA = load_dataset("digits")
 
 
 def shard(index=0, n=3):
-    s = shard_for(DATA.y_train.numpy(), DATA.y_test.numpy(), "iid", n, index, 0, 10)
+    s = partition(DATA.y_train.numpy(), DATA.y_test.numpy(), "iid", n, 0, 10)[index]
     return DATA.x_train[s.train], DATA.y_train[s.train], DATA.x_test[s.test], DATA.y_test[s.test]
 
 
@@ -25,7 +26,7 @@ def test_local_training_raises_test_accuracy():
         model,
         x,
         y,
-        TrainConfig(epochs=5, lr=0.1, momentum=0.9),
+        TrainingSettings(local_epochs=5, lr=0.1, momentum=0.9),
         0,
         torch.Generator().manual_seed(0),
     )
@@ -52,5 +53,5 @@ def test_pre_train_delta_steps_are_fixed_when_adjusted():
 
 
 def test_lr_decays_per_round():
-    cfg = TrainConfig(lr=0.1, lr_decay=0.5)
+    cfg = TrainingSettings(lr=0.1, lr_decay=0.5)
     assert cfg.lr_at(0) == 0.1 and cfg.lr_at(2) == 0.025

@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by the services: server factory parts, status mapping, auth, retries.
+"""The server side of gRPC: building servers, mapping domain errors to statuses, auth.
 
 Domain errors map to status codes here, once; servicers stay thin.
 """
@@ -9,11 +9,10 @@ import functools
 import inspect
 import json
 import logging
-import random
 import signal
 import socket
+import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -31,22 +30,13 @@ from services.common.errors import (
     SpecMismatchError,
     StateError,
 )
-from services.common.wire import MAX_MESSAGE_BYTES, WireError
+from services.common.settings import ServiceSettings
+from services.common.wire import MESSAGE_LIMITS, WireError
 
 logger = logging.getLogger(__name__)
 
-# Every chunk is at most 1 MiB; 4 MiB leaves room for headers and refuses anything larger.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *MESSAGE_LIMITS,
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
@@ -281,52 +271,38 @@ def ready_addresses(
     return out
 
 
-def channel(
-    address: str, tls_ca: str | None = None, tls_server_name: str | None = None
-) -> grpc.Channel:
-    """A channel with the project's message limits and keepalive; TLS when given a CA file."""
-    if not tls_ca:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Service(Protocol):
+    """A built service: a gRPC server (not started), its port, health and /metrics."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    metrics_port: int | None
+
+    def start(self) -> None:
+        """Start serving."""
+
+    def on_stop(self) -> None:
+        """Called on SIGTERM, before the server stops."""
+
+
+def serve_main(name: str, settings: ServiceSettings, build: Callable[[], Service]) -> int:
+    """A service's main(): build and start it, announce where it listens, serve until
+    SIGTERM. A start-up failure (port taken, file missing) is one line and exit status 2."""
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
     try:
-        roots = Path(tls_ca).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the TLS CA file {tls_ca}: {exc.strerror}") from exc
-    options = list(CHANNEL_OPTIONS)
-    if tls_server_name:
-        options.append(("grpc.ssl_target_name_override", tls_server_name))
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
-
-
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Metadata carrying the bearer token, if any."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-T = TypeVar("T")
-
-
-def with_retries(
-    fn: Callable[[], T],
-    what: str,
-    attempts: int = 8,
-    base_s: float = 0.2,
-    cap_s: float = 10.0,
-    rng: random.Random | None = None,
-    stop: threading.Event | None = None,
-) -> T:
-    """Call fn, retrying only UNAVAILABLE with exponential backoff and full jitter."""
-    rng = rng or random.Random()
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-                raise
-            delay = rng.uniform(0, min(cap_s, base_s * 2**attempt))
-            logger.info("%s: UNAVAILABLE, retrying in %.2fs", what, delay)
-            if stop is not None:
-                if stop.wait(delay):
-                    raise
-            else:
-                time.sleep(delay)
-    raise AssertionError("unreachable")
+        service = build()
+        service.start()
+    except FLClusteringError as exc:
+        sys.stderr.write(f"{name}: error: {exc}\n")
+        return 2
+    ready = ready_addresses(
+        settings.host, service.port, settings.metrics_host, service.metrics_port
+    )
+    logger.info("%s serving on %s", name, ready)
+    write_ready_file(settings.ready_file, ready)
+    serve_until_signal(service.server, service.health, settings.grace_s, service.on_stop)
+    return 0

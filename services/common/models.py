@@ -1,4 +1,8 @@
-"""Models by name, sized from the dataset's input shape and class count (ALGORITHM.md 1)."""
+"""Models by name, sized from the dataset's input shape and class count (ALGORITHM.md 1).
+
+In the common floor because the participant trains them and the aggregator builds w0 from
+them; the dataset shapes are here for the same reason (the aggregator has no data).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from services.common.errors import ConfigError
+from services.common.registry import Registry
 
 Shape = tuple[int, int, int]
 
@@ -108,20 +112,31 @@ def resnet18(shape: Shape, classes: int) -> nn.Module:
     return model
 
 
-MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
-    "cnn": CNN,
-    "mclr": lambda s, c: mlp(s, c, (512, 512)),
-    "2nn": lambda s, c: mlp(s, c, (200, 200)),
-    "lstm": RowLSTM,
-    "resnet18": resnet18,
-    "keras-cnn": KerasCNN,
+MODELS: Registry[Callable[[Shape, int], nn.Module]] = Registry(
+    "model",
+    {
+        "cnn": CNN,
+        "mclr": lambda s, c: mlp(s, c, (512, 512)),
+        "2nn": lambda s, c: mlp(s, c, (200, 200)),
+        "lstm": RowLSTM,
+        "resnet18": resnet18,
+        "keras-cnn": KerasCNN,
+    },
+)
+
+# Input shape and class count of the built-in datasets; `folder` datasets bring their own.
+DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fmnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
 }
+DATASETS = (*DATASET_SHAPES, "folder")
 
 
 def build_model(name: str, input_shape: Shape, num_classes: int, seed: int = 0) -> nn.Module:
     """A freshly initialised model; the same (name, shape, classes, seed) gives the same w0."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    make = MODELS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](input_shape, num_classes)
+        return make(input_shape, num_classes)

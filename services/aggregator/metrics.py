@@ -1,0 +1,68 @@
+"""What the aggregator exports."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import (
+    DURATION_BUCKETS,
+    SIZE_BUCKETS,
+    Catalogue,
+    Metric,
+    refusals,
+)
+
+DEFENCE_REASONS = ("norm", "non-finite", "robust-rule")
+
+
+def reason_label(reason: str) -> str:
+    """A defence rejection reason as a bounded label value."""
+    return reason if reason in ("norm", "non-finite") else "robust-rule"
+
+
+class AggregatorMetrics(Catalogue):
+    """The aggregator's metric table."""
+
+    TABLE = (
+        Metric("model_version", Gauge, "model_version", "Global model version."),
+        Metric(
+            "aggregation_seconds",
+            Histogram,
+            "aggregation_duration_seconds",
+            "Time of defence plus merge for a round.",
+            buckets=DURATION_BUCKETS,
+        ),
+        Metric(
+            "updates_aggregated",
+            Counter,
+            "updates_aggregated_total",
+            "Updates that entered an aggregation.",
+        ),
+        refusals(*DEFENCE_REASONS),
+        Metric(
+            "robust_rejections",
+            Counter,
+            "robust_rejections_total",
+            "Updates the defence rejected, per cluster.",
+            ("cluster",),
+        ),
+        Metric(
+            "cluster_rejections",
+            Counter,
+            "cluster_models_rejected_total",
+            "Cluster models dropped by the cluster check.",
+        ),
+        Metric(
+            "fallbacks",
+            Counter,
+            "robust_fallbacks_total",
+            "Clusters whose rule fell back to the median.",
+        ),
+        Metric(
+            "update_bytes",
+            Histogram,
+            "update_size_bytes",
+            "Size of received updates.",
+            buckets=SIZE_BUCKETS,
+        ),
+    )

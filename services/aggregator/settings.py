@@ -1,0 +1,56 @@
+"""Settings of the aggregator service: the shared groups plus its own."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from services.common.errors import ConfigError
+from services.common.models import DATASET_SHAPES, Shape
+from services.common.settings import (
+    DefenceSettings,
+    FederationSettings,
+    IntList,
+    ServiceSettings,
+    Settings,
+    TransportSettings,
+)
+
+
+class ModelStoreSettings(Settings):
+    """The model's shape when the dataset has no built-in one, and how many versions stay."""
+
+    input_shape: IntList = Field(
+        (), description="C,H,W of the input when the dataset's shape is not built in (folder)"
+    )
+    num_classes: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="classes of the model when the dataset's are not built in"
+    )
+    keep_versions: int = Field(3, ge=2, description="global model versions kept for downloads")
+
+
+class AggregatorConfig(Settings):
+    """Everything the aggregator runs on; one frozen value built at start-up."""
+
+    service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102)
+    transport: TransportSettings = TransportSettings()
+    federation: FederationSettings = FederationSettings()
+    defence: DefenceSettings = DefenceSettings()
+    store: ModelStoreSettings = ModelStoreSettings()
+
+    def shape(self) -> tuple[Shape, int]:
+        """Input shape and class count of the model."""
+        given = self.store.input_shape
+        if given and (len(given) != 3 or min(given) < 1):
+            raise ConfigError(f"--input-shape must be three positive integers C,H,W, got {given}")
+        if len(given) == 3 and self.store.num_classes is not None:
+            return (given[0], given[1], given[2]), self.store.num_classes
+        known = DATASET_SHAPES.get(self.federation.dataset)
+        if known is None:
+            raise ConfigError(
+                f"dataset {self.federation.dataset!r} has no known shape: "
+                "give --input-shape and --num-classes"
+            )
+        shape = (given[0], given[1], given[2]) if len(given) == 3 else known[0]
+        return shape, self.store.num_classes or known[1]

@@ -1,0 +1,86 @@
+"""One round's plan as a pure function: who is selected in which group, who evaluates.
+
+The clusterer's coordinator and the in-process federation (`flclustering local`) both call
+`plan_round`, so with the same seed they select the same participants (ALGORITHM.md
+section 4). Identifiers are any sortable ids: participant names here, indices in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from services.clusterer.selection import fair_select, random_select
+from services.common.strategies import Strategy
+
+P = TypeVar("P", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class RoundPlan(Generic[P]):
+    """Selected participants with their group, and who evaluates the model beforehand."""
+
+    round: int
+    selected: dict[P, int]  # participant -> group, in id order
+    evaluators: tuple[P, ...]  # evaluate the current global model for the fair merge
+
+
+def static_group(strategy: Strategy, position: int) -> int | None:
+    """The group of the participant at `position` when the strategy does not cluster."""
+    if strategy.grouping == "one":
+        return 0
+    if strategy.grouping == "each":
+        return position
+    return None
+
+
+def plan_round(
+    strategy: Strategy,
+    groups: Mapping[P, int],
+    round_: int,
+    select: int,
+    eval_per_group: int,
+    rng: np.random.Generator,
+) -> RoundPlan[P]:
+    """Select fairly (the same number per group; per-participant groups draw `select` at
+    random), then, when the merge needs it and a model has been trained, draw up to
+    `eval_per_group` evaluators per selected group among its members.
+
+    A `select` below the number of groups takes one per group (every group is served).
+    """
+    ids = sorted(groups)  # type: ignore[type-var]
+    if not ids:
+        return RoundPlan(round_, {}, ())
+    labels = np.array([groups[p] for p in ids])
+    if strategy.grouping == "each":
+        chosen = random_select(len(ids), min(select, len(ids)), rng)
+        selected = {ids[i]: int(labels[i]) for i in chosen}
+    else:
+        picks = fair_select(labels, max(select, len(set(labels.tolist()))), rng)
+        selected = {ids[i]: c for c, members in picks.items() for i in members}
+        selected = {p: selected[p] for p in ids if p in selected}
+    evaluators: list[P] = []
+    if strategy.needs_accuracy and round_ > 0:
+        if strategy.grouping == "each":
+            evaluators = list(selected)
+        else:
+            for c in sorted(set(selected.values())):
+                pool = [p for p in ids if groups[p] == c]
+                take = rng.choice(len(pool), min(eval_per_group, len(pool)), replace=False)
+                evaluators += [pool[i] for i in sorted(take)]
+    return RoundPlan(round_, selected, tuple(evaluators))
+
+
+def group_accuracy(
+    accuracies: Mapping[P, float], groups: Mapping[P, int], selected: Mapping[P, int]
+) -> dict[int, float]:
+    """Mean accuracy per selected group over the evaluators that answered."""
+    out: dict[int, float] = {}
+    for c in sorted(set(selected.values())):
+        accs = [a for p, a in accuracies.items() if groups.get(p) == c]
+        if accs:
+            out[c] = float(np.mean(accs))
+    return out

@@ -1,0 +1,57 @@
+"""Settings of the clusterer service: the shared groups plus its own."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+from typing_extensions import Self
+
+from services.clusterer.clustering import METHODS
+from services.common.settings import (
+    DefenceSettings,
+    FederationSettings,
+    OptionalPort,
+    OptionalStr,
+    ServiceSettings,
+    Settings,
+    TrainingSettings,
+    TransportSettings,
+    check_tls,
+    choice,
+)
+
+
+class ClusteringSettings(Settings):
+    """Where the aggregator is, how participants are clustered, TLS for edge participants."""
+
+    aggregator: str = Field(
+        "aggregator:50052",
+        description="host:port of the aggregator",
+        json_schema_extra={"env": "AGGREGATOR_ADDR"},
+    )
+    cluster_method: Annotated[str, choice(METHODS)] = Field(
+        "hierarchical", description="how pre-training deltas are clustered"
+    )
+    tls_port: OptionalPort = Field(
+        None, description="also serve TLS here (participants outside the cluster)"
+    )
+    tls_cert: OptionalStr = Field(None, description="PEM certificate chain of the TLS port")
+    tls_key: OptionalStr = Field(None, description="PEM private key of the TLS port")
+
+
+class ClustererConfig(Settings):
+    """Everything the clusterer runs on; one frozen value built at start-up."""
+
+    service: ServiceSettings = ServiceSettings(port=50051, metrics_port=9101, max_workers=256)
+    transport: TransportSettings = TransportSettings()
+    federation: FederationSettings = FederationSettings()
+    training: TrainingSettings = TrainingSettings()
+    defence: DefenceSettings = DefenceSettings()
+    clustering: ClusteringSettings = ClusteringSettings()
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        c = self.clustering
+        check_tls(c.tls_port, c.tls_cert, c.tls_key)
+        return self

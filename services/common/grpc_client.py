@@ -1,0 +1,98 @@
+"""The client side of gRPC: channels with the project's limits, metadata, bounded retries.
+
+Only what is safe to repeat is retried: UNAVAILABLE (the call never reached a handler)
+always, DEADLINE_EXCEEDED only for idempotent calls (polls, joins, downloads). Every retry
+loop is bounded and backs off exponentially with full jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from services.common.errors import ConfigError
+from services.common.wire import MESSAGE_LIMITS
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *MESSAGE_LIMITS,
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def channel(
+    address: str, tls_ca: str | None = None, tls_server_name: str | None = None
+) -> grpc.Channel:
+    """A channel with the project's message limits and keepalive; TLS when given a CA file."""
+    if not tls_ca:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        roots = Path(tls_ca).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS CA file {tls_ca}: {exc.strerror}") from exc
+    options = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata carrying the bearer token, if any."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which status codes are retried, how often at most, and how long the waits grow."""
+
+    attempts: int = 8
+    base_s: float = 0.2
+    cap_s: float = 10.0
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+# For calls that are safe to repeat after a deadline: long polls, joins, downloads.
+IDEMPOTENT = RetryPolicy(
+    codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    policy: RetryPolicy = RetryPolicy(),
+    rng: random.Random | None = None,
+    stop: threading.Event | None = None,
+) -> T:
+    """Call fn, retrying the policy's codes with exponential backoff and full jitter.
+
+    The last error is raised when the attempts are used up, a code is not retryable, or
+    `stop` is set while waiting.
+    """
+    rng = rng or random.Random()
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code not in policy.codes or attempt == policy.attempts - 1:
+                raise
+            delay = rng.uniform(0, min(policy.cap_s, policy.base_s * 2**attempt))
+            logger.info("%s: %s, retry %d in %.2fs", what, code.name, attempt + 1, delay)
+            if (stop or threading.Event()).wait(delay):
+                raise
+    raise AssertionError("unreachable")

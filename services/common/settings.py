@@ -1,0 +1,273 @@
+"""Settings: one frozen, validated definition per group, shared by every command.
+
+Each group is a pydantic model (frozen, unknown keys refused, NaN and infinities refused,
+ranges declared on the field). A field's `description` is its `--help` line; its flag,
+environment variable and choices are derived from it by `services.common.flags`, so a
+setting is declared once and every CLI, settings file and Kubernetes ConfigMap reads the
+same thing. A bad value is a ConfigError with one line naming the setting.
+
+Why pydantic: it validates (types, ranges, NaN, choices) and reads and writes JSON in one
+place; the flags are a thin table over its fields (see flags.py for why not a CLI library).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from typing_extensions import Self
+
+from services.common.errors import ConfigError
+from services.common.models import DATASETS, MODELS
+from services.common.strategies import STRATEGIES
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A field whose value must be one of `names` (a registry's keys); shown in --help."""
+
+    names: tuple[str, ...]
+
+    def __call__(self, value: str) -> str:
+        if value not in self.names:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.names)}")
+        return value
+
+
+def choice(names: Collection[str]) -> Any:
+    """Annotation metadata restricting a str field to names."""
+    return AfterValidator(Choice(tuple(names)))
+
+
+def _none_words(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
+        return None
+    return value
+
+
+def _csv_ints(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(int(p) for p in value.split(",") if p.strip())
+    return value
+
+
+def _metrics_port(value: Any) -> Any:
+    """'0'/'off' disables metrics (None); 'auto' picks a free port (-1)."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("0", "", "off", "none"):
+            return None
+        if low == "auto":
+            return -1
+    if value == 0:
+        return None
+    return value
+
+
+OptionalCount = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_none_words)]
+OptionalPort = Annotated[Annotated[int, Field(ge=0, le=65535)] | None, BeforeValidator(_none_words)]
+OptionalStr = Annotated[str | None, BeforeValidator(_none_words)]
+IntList = Annotated[tuple[int, ...], BeforeValidator(_csv_ints)]
+MetricsPort = Annotated[
+    Annotated[int, Field(ge=-1, le=65535)] | None, BeforeValidator(_metrics_port)
+]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+def env_name(field: Any) -> str | None:
+    """The explicit environment variable a field declares (json_schema_extra 'env')."""
+    extra = field.json_schema_extra
+    return extra.get("env") if isinstance(extra, dict) else None
+
+
+def one_line(exc: ValidationError) -> str:
+    """A pydantic error as one readable line naming each bad setting by its flag."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        name = loc[-1] if loc else ""
+        where = "--" + name.replace("_", "-") if name else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, Mapping) or got is None else f" (got {str(got)[:40]!r})"
+        parts.append(f"{where}: {msg}{shown}" if where else msg)
+    return "; ".join(parts)
+
+
+class Settings(BaseModel):
+    """Base of every settings group: frozen, strict about keys, NaN refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @classmethod
+    def build(cls, **data: Any) -> Self:
+        """Validate data into settings; a bad value is one ConfigError line naming it.
+
+        (Not an __init__ override: pydantic would call that for nested groups too and lose
+        where in the model the bad value sits.)
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc)) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some settings changed, validated again.
+
+        A key is a field of this model (a dict for a group merges into it) or, on a model of
+        groups, a field of exactly one of its groups: `config.replace(port=0, rounds=3)`.
+        """
+        data = self.model_dump()
+        fields = type(self).model_fields
+        for key, value in changes.items():
+            current = getattr(self, key, None) if key in fields else None
+            if isinstance(current, Settings) and isinstance(value, Mapping):
+                data[key] = {**data[key], **value}
+            elif key in fields:
+                data[key] = value
+            else:
+                owners = [
+                    g
+                    for g in fields
+                    if isinstance(getattr(self, g), Settings)
+                    and key in type(getattr(self, g)).model_fields
+                ]
+                if len(owners) != 1:
+                    raise ConfigError(f"{type(self).__name__} has no single setting {key!r}")
+                data[owners[0]][key] = value
+        return type(self).build(**data)
+
+
+class FederationSettings(Settings):
+    """What the federation trains, with how many participants, for how long."""
+
+    strategy: Annotated[str, choice(STRATEGIES)] = Field(
+        "flclustering", description="how updates become the next global model"
+    )
+    model: Annotated[str, choice(MODELS)] = Field("cnn", description="model architecture")
+    dataset: Annotated[str, choice(DATASETS)] = Field(
+        "digits", description="dataset (sets the model's input shape and classes)"
+    )
+    participants: int = Field(30, ge=1, description="participants in the federation")
+    rounds: int = Field(30, ge=0, description="global rounds to run")
+    select: int = Field(15, ge=1, description="participants selected per round")
+    clusters: OptionalCount = Field(
+        3, description="number of clusters k, or 'auto' to choose it from the deltas"
+    )
+    eval_per_cluster: int = Field(
+        5, ge=1, description="members per cluster that evaluate the model for the q-weights"
+    )
+    min_share: float = Field(
+        0.5, gt=0, le=1, description="share of selected updates a round needs to be aggregated"
+    )
+    seed: int = Field(0, ge=0, description="seed of w0, partitions, selection and clustering")
+
+
+class TrainingSettings(Settings):
+    """Local SGD of every participant, and the pre-training that clustering groups."""
+
+    local_epochs: int = Field(2, ge=1, description="local epochs per round")
+    batch_size: int = Field(32, ge=1, description="mini-batch size")
+    lr: float = Field(0.05, gt=0, description="learning rate of round 0")
+    lr_decay: float = Field(0.99, gt=0, le=1, description="learning-rate decay per round")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    pre_steps: int = Field(20, ge=1, description="mini-batch steps of pre-training")
+    adjusted: bool = Field(
+        True, description="sample adjustment: the same pre-training steps for every participant"
+    )
+
+    def lr_at(self, round_: int) -> float:
+        """Learning rate of a global round (the seed's exponential decay)."""
+        return self.lr * self.lr_decay ** max(0, round_)
+
+
+class DefenceSettings(Settings):
+    """How hard the aggregator defends and how fair its merge is."""
+
+    q: float = Field(0.5, ge=0, description="fairness exponent of the q-weighted merge")
+    byzantine_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="share of attackers the robust rule assumes per cluster"
+    )
+    norm_factor: float = Field(
+        3.0, gt=1, description="reject deltas longer than this times the round's median"
+    )
+    cluster_factor: float = Field(
+        3.0, gt=1, description="drop cluster deltas longer than this times their median"
+    )
+
+
+class TransportSettings(Settings):
+    """Credentials, size limits and deadlines of the calls between services."""
+
+    auth_token: OptionalStr = Field(
+        None, description="shared bearer token guarding every RPC (health excepted)"
+    )
+    auth_token_file: OptionalStr = Field(
+        None, description="read the bearer token from this file (wins over --auth-token)"
+    )
+    max_update_bytes: int = Field(2 << 30, ge=1, description="largest model stream accepted")
+    round_timeout_s: Positive = Field(120.0, description="seconds a round waits for updates")
+    eval_timeout_s: Positive = Field(60.0, description="seconds a round waits for evaluations")
+    pretrain_timeout_s: Positive = Field(
+        300.0, description="seconds to wait for pre-training deltas"
+    )
+    liveness_s: Positive = Field(
+        60.0, description="a participant unheard of for this long is not selected"
+    )
+    poll_cap_s: Positive = Field(20.0, description="longest GetTask long poll the server holds")
+
+    def token(self) -> str | None:
+        """The token from the file (read now) or the flag; a bad file is one ConfigError."""
+        if self.auth_token_file:
+            try:
+                with open(self.auth_token_file, encoding="utf-8") as fh:
+                    token = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"--auth-token-file {self.auth_token_file}: {exc.strerror}"
+                ) from None
+            if not token:
+                raise ConfigError(f"--auth-token-file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token or None
+
+
+class ServiceSettings(Settings):
+    """Where a process listens, exports metrics and keeps its state."""
+
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: Port = Field(0, description="gRPC port (0 picks a free one)")
+    metrics_host: str = Field("0.0.0.0", description="address /metrics binds")
+    metrics_port: MetricsPort = Field(
+        None, description="port of /metrics; 0 disables, auto picks a free one"
+    )
+    ready_file: OptionalStr = Field(
+        None, description="write the bound addresses as JSON here once serving"
+    )
+    grace_s: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
+    max_workers: int = Field(16, ge=1, description="gRPC server threads")
+    state_dir: OptionalStr = Field(
+        None, description="keep state here and resume from it after a restart"
+    )
+    log_level: Annotated[str, BeforeValidator(lambda v: str(v).upper())] = Field(
+        "INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
+        description="log level",
+        json_schema_extra={"env": "FLCLUSTERING_LOG_LEVEL"},
+    )
+
+
+def check_tls(port: int | None, cert: str | None, key: str | None) -> None:
+    """A TLS port needs both a certificate and a key."""
+    if port is not None and not (cert and key):
+        raise ValueError("--tls-port needs --tls-cert and --tls-key")

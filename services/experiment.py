@@ -1,0 +1,78 @@
+"""An experiment: the settings groups that define a federation run, shared by
+`flclustering local` (in one process) and `flclustering simulate` (as services).
+
+Both commands build their flags from these groups, and `simulate` hands them to the
+processes it starts as one settings file, so the two run the same experiment.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.clusterer.settings import ClusteringSettings
+from services.common.flags import Group
+from services.common.settings import (
+    DefenceSettings,
+    FederationSettings,
+    Settings,
+    TrainingSettings,
+    TransportSettings,
+)
+from services.participant.attacks import AttackSettings
+from services.participant.settings import DataSettings
+
+
+class RunSettings(Settings):
+    """Where the run trains and writes its results."""
+
+    device: str = Field("auto", description="auto, cpu or cuda[:n] (participants' device)")
+    out: str = Field("runs/local", description="directory of results.json, rounds.csv, plots")
+
+
+class HostingSettings(Settings):
+    """How `flclustering simulate` hosts the federation on this machine."""
+
+    per_process: int = Field(10, ge=1, description="participants hosted by each process")
+    aggregator_port: int = Field(0, ge=0, le=65535, description="aggregator port (0: any free)")
+    clusterer_port: int = Field(0, ge=0, le=65535, description="clusterer port (0: any free)")
+    metrics: bool = Field(True, description="every service serves /metrics on a loopback port")
+    serve: bool = Field(False, description="keep the services up after the last round")
+
+
+class ExperimentConfig(Settings):
+    """Everything a run depends on; recorded with its results."""
+
+    federation: FederationSettings = FederationSettings()
+    training: TrainingSettings = TrainingSettings()
+    defence: DefenceSettings = DefenceSettings()
+    data: DataSettings = DataSettings()
+    adversary: AttackSettings = AttackSettings()
+    clustering: ClusteringSettings = ClusteringSettings()
+    run: RunSettings = RunSettings()
+
+
+class SimulateConfig(ExperimentConfig):
+    """An experiment and how `flclustering simulate` hosts it."""
+
+    run: RunSettings = RunSettings(out="runs/simulate")
+    transport: TransportSettings = TransportSettings()
+    hosting: HostingSettings = HostingSettings()
+
+
+# The settings file simulate writes for its processes carries these groups.
+EXPERIMENT_GROUPS = ("federation", "training", "defence", "data", "adversary", "clustering")
+
+LOCAL_GROUPS = (
+    Group("federation"),
+    Group("training"),
+    Group("defence"),
+    Group("data"),
+    Group("adversary"),
+    Group("clustering", only=("cluster_method",)),
+    Group("run"),
+)
+SIMULATE_GROUPS = (
+    *LOCAL_GROUPS,
+    Group("transport", only=("round_timeout_s", "eval_timeout_s", "pretrain_timeout_s")),
+    Group("hosting"),
+)

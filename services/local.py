@@ -1,0 +1,222 @@
+"""A whole federation in one process: the learning core end to end, without the network.
+
+This is the reference loop the gRPC services distribute (ALGORITHM.md sections 1-7), and
+what `flclustering local` runs. It shares every decision with the services: the partition
+and the attackers (participant), the clustering and the round plan (clusterer), the
+defence and merge (aggregator); participants pre-train and train with the same seeded
+generators as the participant service, so with the same seed both runs select the same
+participants into the same clusters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.aggregator.rounds import aggregate_round
+from services.clusterer.clustering import cluster
+from services.clusterer.plan import group_accuracy, plan_round, static_group
+from services.common.figures import accuracy_summary, purity
+from services.common.models import build_model
+from services.common.strategies import get_strategy
+from services.common.tensors import flatten, spec_of, unflatten
+from services.experiment import ExperimentConfig
+from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
+from services.participant.datasets import Dataset, load_dataset
+from services.participant.device import resolve_device
+from services.participant.partition import shards_of
+from services.participant.training import evaluate, local_train, pre_train_delta
+from services.participant.worker import participant_generator
+
+
+@dataclass
+class Participant:
+    """One simulated data owner."""
+
+    index: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    group: int
+    attacker: bool
+    gen: torch.Generator
+
+    @property
+    def samples(self) -> int:
+        """Training samples, all of them (the research code forgot the other groups')."""
+        return len(self.y_train)
+
+
+@dataclass
+class RunResult:
+    """Per-round figures, the clustering and the final summary."""
+
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clusters: list[dict[str, int]] = field(default_factory=list)
+    clustering: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+
+
+def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
+    """Which participants attack (the same draw for local runs and simulations)."""
+    a = config.adversary
+    if a.attack == "none" or a.attack_rate == 0:
+        return set()
+    rng = np.random.default_rng(config.federation.seed + 1)
+    return choose_attackers(groups, a.attack_rate, a.attack_placement, rng)
+
+
+def build_participants(config: ExperimentConfig, data: Dataset) -> list[Participant]:
+    """Shards per participant and the attackers among them."""
+    shards = shards_of(config.federation, config.data, data)
+    attackers = attacker_indices(config, np.array([s.group for s in shards]))
+    seed = config.federation.seed
+    return [
+        Participant(
+            s.index,
+            data.x_train[s.train],
+            data.y_train[s.train],
+            data.x_test[s.test],
+            data.y_test[s.test],
+            s.group,
+            s.index in attackers,
+            participant_generator(seed, s.index),
+        )
+        for s in shards
+    ]
+
+
+def run_local(
+    config: ExperimentConfig, progress: Callable[[dict[str, Any]], None] | None = None
+) -> RunResult:
+    """Run a federation in-process and return its figures."""
+    fed, train = config.federation, config.training
+    strategy = get_strategy(fed.strategy)
+    attack = config.adversary.config()
+    data = load_dataset(fed.dataset, config.data.data_dir, config.data.download)
+    people = build_participants(config, data)
+    device = resolve_device(config.run.device)
+    model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed).to(device)
+    spec = spec_of(model.state_dict())
+    reference = model.state_dict()
+    global_w = flatten(reference, spec)
+    rng = np.random.default_rng(fed.seed)  # the round plan's stream, as in the clusterer
+    result = RunResult(config=config.model_dump(mode="json"))
+
+    def load(w: torch.Tensor) -> None:
+        model.load_state_dict(unflatten(w, spec, reference))
+
+    # Pre-training and clustering.
+    if strategy.clustered:
+        start = time.perf_counter()
+        deltas = torch.stack(
+            [
+                pre_train_delta(
+                    model,
+                    p.x_train,
+                    p.y_train,
+                    p.gen,
+                    train.adjusted,
+                    train.pre_steps,
+                    batch_size=train.batch_size,
+                )
+                for p in people
+            ]
+        )
+        k = None if fed.clusters is None else min(fed.clusters, len(people))
+        res = cluster(deltas, k=k, method=config.clustering.cluster_method, seed=fed.seed)
+        assignment = res.assignment
+        truth = np.array([p.group for p in people])
+        result.clustering = {
+            "k": res.k,
+            "k_from": res.k_from,
+            "silhouette": res.score,
+            "purity": purity(assignment, truth) if (truth >= 0).all() else None,
+            "seconds": time.perf_counter() - start,
+        }
+    else:
+        assignment = np.array([static_group(strategy, i) for i in range(len(people))])
+    groups = {p.index: int(assignment[p.index]) for p in people}
+    result.clusters = [
+        {
+            "participant": p.index,
+            "cluster": groups[p.index],
+            "group": p.group,
+            "attacker": int(p.attacker),
+        }
+        for p in people
+    ]
+    for rnd in range(fed.rounds):
+        start = time.perf_counter()
+        plan = plan_round(strategy, groups, rnd, fed.select, fed.eval_per_cluster, rng)
+        # Accuracy of the current global model per group, for the fair merge.
+        load(global_w)
+        accs = {i: evaluate(model, people[i].x_test, people[i].y_test)[1] for i in plan.evaluators}
+        group_acc = group_accuracy(accs, groups, plan.selected)
+        rows: list[int] = []
+        updates: list[torch.Tensor] = []
+        losses: list[float] = []
+        for i in plan.selected:
+            p = people[i]
+            load(global_w)
+            if strategy.needs_losses:
+                losses.append(evaluate(model, p.x_train, p.y_train)[0])
+            y = flip_labels(p.y_train) if p.attacker and attack.poisons_data else p.y_train
+            local_train(model, p.x_train, y, train, rnd, p.gen)
+            w = flatten(model.state_dict(), spec)
+            if p.attacker:
+                w = apply_model_attack(attack, w, global_w, rnd, p.gen)
+            rows.append(i)
+            updates.append(w - global_w)
+        outcome_round = aggregate_round(
+            global_w,
+            torch.stack(updates),
+            [plan.selected[i] for i in rows],
+            [people[i].samples for i in rows],
+            strategy,
+            rnd,
+            group_acc,
+            config.defence,
+            losses or None,
+            train.lr_at(rnd),
+        )
+        global_w = outcome_round.global_weights
+        outcome = outcome_round.defence
+        rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
+        # Every participant evaluates the new global model on its own test split.
+        load(global_w)
+        figs = [evaluate(model, p.x_test, p.y_test) for p in people]
+        summary = accuracy_summary([a for _, a in figs])
+        record = {
+            "round": rnd,
+            "mean_accuracy": summary.mean,
+            "mean_loss": float(np.mean([lo for lo, _ in figs])),
+            "accuracy_std": summary.std,
+            "worst_accuracy": summary.worst,
+            "worst_decile_accuracy": summary.worst_decile,
+            "duration_s": time.perf_counter() - start,
+            "rejected": len(outcome.rejected_updates),
+            "rejected_attackers": rejected_attackers,
+            "attackers_selected": sum(people[i].attacker for i in rows),
+            "rejected_clusters": len(outcome.rejected_clusters),
+            "fallbacks": len(outcome.fallbacks),
+            "selection": {str(i): c for i, c in plan.selected.items()},
+        }
+        result.rounds.append(record)
+        if progress is not None:
+            progress(record)
+    last = result.rounds[-1]
+    result.final = {
+        "mean_accuracy": last["mean_accuracy"],
+        "accuracy_std": last["accuracy_std"],
+        "worst_accuracy": last["worst_accuracy"],
+        "worst_decile_accuracy": last["worst_decile_accuracy"],
+    }
+    return result

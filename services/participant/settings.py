@@ -1,0 +1,79 @@
+"""Settings of a participant process: the shared groups plus its data and its own."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+from typing_extensions import Self
+
+from services.common.settings import (
+    FederationSettings,
+    IntList,
+    OptionalStr,
+    ServiceSettings,
+    Settings,
+    TransportSettings,
+    choice,
+)
+from services.participant.attacks import AttackSettings
+from services.participant.partition import PARTITIONS
+
+
+class DataSettings(Settings):
+    """Where the data lives and how it is split among participants."""
+
+    data_dir: str = Field("data", description="directory of the dataset files")
+    download: bool = Field(True, description="download a missing dataset into --data-dir")
+    partition: Annotated[str, choice(PARTITIONS)] = Field(
+        "practical-noniid", description="how the data is split among participants"
+    )
+    groups: int = Field(3, ge=1, description="ground-truth label groups of practical-noniid")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the dirichlet split")
+
+
+class ParticipantSettings(Settings):
+    """Which participants this process hosts, against which clusterer, on which device."""
+
+    clusterer: str = Field(
+        "clusterer:50051",
+        description="host:port of the clusterer",
+        json_schema_extra={"env": "CLUSTERER_ADDR"},
+    )
+    index: int = Field(0, ge=0, description="index of the (first) hosted participant")
+    count: int = Field(1, ge=1, description="host this many participants (index, index+1, ...)")
+    device: str = Field("auto", description="auto, cpu or cuda[:n]")
+    poll_wait_s: float = Field(10.0, gt=0, le=300, description="seconds a task poll waits")
+    attack_indices: IntList | None = Field(
+        None, description="SIMULATION ONLY: hosted indices that attack (none given: every one)"
+    )
+    tls_ca: OptionalStr = Field(
+        None, description="PEM CA certificate: connect to the clusterer over TLS"
+    )
+    tls_server_name: OptionalStr = Field(
+        None, description="name the clusterer's certificate is issued for, if not its address"
+    )
+    linger: bool = Field(
+        False, description="after the federation is done keep serving /metrics until SIGTERM"
+    )
+
+
+class ParticipantConfig(Settings):
+    """Everything a participant process runs on."""
+
+    service: ServiceSettings = ServiceSettings()
+    transport: TransportSettings = TransportSettings()
+    federation: FederationSettings = FederationSettings()
+    data: DataSettings = DataSettings()
+    adversary: AttackSettings = AttackSettings()
+    participant: ParticipantSettings = ParticipantSettings()
+
+    @model_validator(mode="after")
+    def _hosted_within_federation(self) -> Self:
+        p = self.participant
+        if p.index + p.count > self.federation.participants:
+            raise ValueError(
+                f"--index {p.index} --count {p.count} must lie within "
+                f"--participants {self.federation.participants}"
+            )
+        return self

@@ -1,0 +1,94 @@
+"""Settings: every flag documented with its default; file < environment < flag; one-line
+errors that name the flag or variable a bad value came from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from services.aggregator.__main__ import parser as aggregator_parser
+from services.cli import build_parser
+from services.clusterer.__main__ import parser as clusterer_parser
+from services.common.errors import ConfigError
+from services.common.settings import DefenceSettings, FederationSettings, TrainingSettings
+from services.participant.__main__ import parser as participant_parser
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    top, _ = build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        "clusterer": clusterer_parser().parser,
+        "aggregator": aggregator_parser().parser,
+        "participant": participant_parser().parser,
+        "flclustering": top,
+        **{f"flclustering {name}": p for name, p in sub.choices.items()},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(parsers()))
+def test_every_flag_says_what_it_does_and_its_default(name):
+    parser = parsers()[name]
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    flags += [a for a in parser._actions if not a.option_strings and a.help and a.nargs == "?"]
+    assert flags, name
+    for action in flags:
+        assert action.help and len(action.help) > 20, (name, action.option_strings)
+        assert "(default: " in action.help, (name, action.option_strings, action.help)
+
+
+def test_file_then_environment_then_flag(tmp_path, monkeypatch):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"federation": {"rounds": 7, "select": 4}, "other": {}}))
+    p = clusterer_parser()
+    assert p.parse(["--settings", str(settings)]).federation.rounds == 7
+    monkeypatch.setenv("FLCLUSTERING_ROUNDS", "8")
+    config = p.parse(["--settings", str(settings)])
+    assert (config.federation.rounds, config.federation.select) == (8, 4)
+    assert p.parse(["--settings", str(settings), "--rounds", "9"]).federation.rounds == 9
+    # A group's defaults of the command stay unless something sets them.
+    assert config.service.port == 50051 and config.service.max_workers == 256
+
+
+def test_bad_values_name_their_source(monkeypatch, capsys):
+    p = clusterer_parser()
+    with pytest.raises(SystemExit) as exc:
+        p.parse(["--q", "nan"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--q" in err and "finite" in err
+    monkeypatch.setenv("CLUSTERER_PORT", "http")
+    with pytest.raises(SystemExit):
+        p.parse([])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CLUSTERER_PORT" in err
+
+
+def test_settings_files_must_be_json_objects(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        aggregator_parser().parse(["--settings", str(bad)])
+    assert "JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        aggregator_parser().parse(["--settings", str(tmp_path / "missing.json")])
+    assert "--settings" in capsys.readouterr().err
+
+
+def test_groups_validate_ranges_nan_and_names():
+    with pytest.raises(ConfigError, match="--byzantine-fraction"):
+        DefenceSettings.build(byzantine_fraction=0.5)
+    with pytest.raises(ConfigError, match="--lr"):
+        TrainingSettings.build(lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"--strategy.*flclustering"):
+        FederationSettings.build(strategy="nope")
+    with pytest.raises(ConfigError, match="no single setting"):
+        FederationSettings().replace(bogus=1)
+    assert FederationSettings().replace(clusters="auto").clusters is None
+
+
+def test_one_learning_rate_schedule():
+    t = TrainingSettings(lr=0.1, lr_decay=0.5)
+    assert [t.lr_at(r) for r in (-1, 0, 2)] == [0.1, 0.1, 0.025]
