@@ -7,7 +7,8 @@ processes it starts as one settings file, so the two run the same experiment.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from typing_extensions import Self
 
 from services.clusterer.settings import ClusteringSettings
 from services.common.flags import Group
@@ -49,6 +50,12 @@ class ExperimentConfig(Settings):
     adversary: AttackSettings = AttackSettings()
     clustering: ClusteringSettings = ClusteringSettings()
     run: RunSettings = RunSettings()
+
+    @model_validator(mode="after")
+    def _runnable(self) -> Self:
+        if self.federation.rounds < 1 or self.federation.participants < 2:
+            raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
+        return self
 
 
 class SimulateConfig(ExperimentConfig):

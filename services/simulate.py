@@ -48,6 +48,18 @@ def attackers_of(config: SimulateConfig) -> list[int]:
     return sorted(attacker_indices(config, np.array([s.group for s in shards])))
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment without any variable a service would read as a setting:
+    the settings file is the experiment, and an ambient FLCLUSTERING_ROUNDS (or a sourced
+    ConfigMap) must not change what one child runs."""
+    from services.aggregator.__main__ import parser as aggregator
+    from services.clusterer.__main__ import parser as clusterer
+    from services.participant.__main__ import parser as participant
+
+    settings = set().union(*(p().env_names() for p in (aggregator, clusterer, participant)))
+    return {k: v for k, v in os.environ.items() if k not in settings}
+
+
 class Processes:
     """Child processes with their logs; all are stopped on exit."""
 
@@ -130,7 +142,7 @@ def simulate(
     groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
     write_settings_file(settings, {**groups, "transport": config.transport})
     token = secrets.token_hex(16)
-    env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    env = {**child_environment(), "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     procs = Processes(logs)
     metrics_port = "auto" if config.hosting.metrics else "0"
 

@@ -29,6 +29,24 @@ from pydantic.fields import FieldInfo
 from services.common.settings import Choice, Settings, env_name
 
 SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
+# Every group any command has; a settings file may carry any of them (each command takes
+# its own), and nothing else.
+SETTINGS_GROUPS = frozenset(
+    {
+        "service",
+        "transport",
+        "federation",
+        "training",
+        "defence",
+        "data",
+        "adversary",
+        "participant",
+        "clustering",
+        "store",
+        "run",
+        "hosting",
+    }
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -97,6 +115,7 @@ class SettingsParser:
             f"override it (default: none; env {SETTINGS_ENV})",
         )
         for group in self.groups:
+            assert group.key in SETTINGS_GROUPS, group.key
             model = self._group_model(group.key)
             current = getattr(self.defaults, group.key)
             title = (model.__doc__ or group.key).strip().splitlines()[0]
@@ -125,6 +144,10 @@ class SettingsParser:
                     kwargs["metavar"] = name.split("_")[-1].upper()
                 section.add_argument(flag_of(name), **kwargs)
 
+    def env_names(self) -> set[str]:
+        """Every environment variable this command reads."""
+        return {env for _, _, env in self.fields.values()} | {SETTINGS_ENV}
+
     @classmethod
     def command(
         cls, prog: str, description: str | None, config: type[Settings], groups: Sequence[Group]
@@ -149,8 +172,15 @@ class SettingsParser:
         source: dict[tuple[str, str], str] = {}
         if getattr(ns, "settings", None):
             for key, values in read_settings_file(self.parser, ns.settings).items():
-                if key in data and isinstance(values, Mapping):
+                if key not in SETTINGS_GROUPS or not isinstance(values, Mapping):
+                    self.parser.error(
+                        f"--settings {ns.settings}: {key[:40]!r} is not a settings group "
+                        f"({', '.join(sorted(SETTINGS_GROUPS))})"
+                    )
+                if key in data:  # a file shared by all services: each takes its groups
                     data[key] = {**data[key], **values}
+                    for field in values:
+                        source[(key, str(field))] = f"{ns.settings}: {key}.{field}"
         for name, (key, field, env) in self.fields.items():
             raw = os.environ.get(env)
             if raw not in (None, ""):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class RetryPolicy:
     base_s: float = 0.2
     cap_s: float = 10.0
     codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    budget_s: float | None = None  # give up once this long has passed since the first try
 
 
 # For calls that are safe to repeat after a deadline: long polls, joins, downloads.
@@ -84,6 +86,7 @@ def with_retries(
     `stop` is set while waiting.
     """
     rng = rng or random.Random()
+    started = time.monotonic()
     for attempt in range(policy.attempts):
         try:
             return fn()
@@ -91,7 +94,11 @@ def with_retries(
             code = exc.code()
             if code not in policy.codes or attempt == policy.attempts - 1:
                 raise
-            delay = rng.uniform(0, min(policy.cap_s, policy.base_s * 2**attempt))
+            delay = rng.uniform(0, min(policy.cap_s, policy.base_s * 2 ** min(attempt, 30)))
+            spent = time.monotonic() - started
+            if policy.budget_s is not None and spent + delay > policy.budget_s:
+                logger.warning("%s: %s for %.0fs, giving up", what, code.name, spent)
+                raise
             logger.info("%s: %s, retry %d in %.2fs", what, code.name, attempt + 1, delay)
             if (stop or threading.Event()).wait(delay):
                 raise

@@ -25,6 +25,13 @@ class Registry(Mapping[str, T]):
                 f"unknown {self.kind} {name!r}; choose one of {', '.join(self._items)}"
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def get(self, name: str, default: T | None = None) -> T | None:  # type: ignore[override]
+        """The implementation, or default when the name is unknown."""
+        return self._items.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

@@ -54,6 +54,10 @@ def _none_words(value: Any) -> Any:
     return value
 
 
+def _empty_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
 def _csv_ints(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(int(p) for p in value.split(",") if p.strip())
@@ -75,7 +79,8 @@ def _metrics_port(value: Any) -> Any:
 
 OptionalCount = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_none_words)]
 OptionalPort = Annotated[Annotated[int, Field(ge=0, le=65535)] | None, BeforeValidator(_none_words)]
-OptionalStr = Annotated[str | None, BeforeValidator(_none_words)]
+# Paths and secrets: only an empty value means unset (a token may well be "none").
+OptionalStr = Annotated[str | None, BeforeValidator(_empty_none)]
 IntList = Annotated[tuple[int, ...], BeforeValidator(_csv_ints)]
 MetricsPort = Annotated[
     Annotated[int, Field(ge=-1, le=65535)] | None, BeforeValidator(_metrics_port)

@@ -70,7 +70,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         write_ready_file(svc.ready_file, ready)
     base = channel(me.clusterer, me.tls_ca, me.tls_server_name)
     stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
-    settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed)
+    settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s)
     store = ModelStore(stub, token, on_bytes=metrics.rpc.received_bytes.inc)
     hosted = range(me.index, me.index + me.count)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)

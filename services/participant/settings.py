@@ -44,6 +44,9 @@ class ParticipantSettings(Settings):
     count: int = Field(1, ge=1, description="host this many participants (index, index+1, ...)")
     device: str = Field("auto", description="auto, cpu or cuda[:n]")
     poll_wait_s: float = Field(10.0, gt=0, le=300, description="seconds a task poll waits")
+    retry_budget_s: float = Field(
+        900.0, gt=0, description="seconds to keep retrying an unreachable clusterer, then fail"
+    )
     attack_indices: IntList | None = Field(
         None, description="SIMULATION ONLY: hosted indices that attack (none given: every one)"
     )

@@ -33,13 +33,9 @@ from services.participant.training import evaluate, local_train, pre_train_delta
 
 logger = logging.getLogger(__name__)
 
-# A participant outlives a clusterer restart: about three minutes of jittered retries
-# (waits capped at 10 s) before it gives up; uploads are not retried after a deadline.
-PARTICIPANT_RETRIES = RetryPolicy(
-    attempts=24,
-    codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}),
-)
-UPLOAD_RETRIES = RetryPolicy(attempts=24)
+# A participant outlives a clusterer restart or a slow start: it retries for the retry
+# budget (--retry-budget-s), waits capped at 10 s; uploads are not retried after a deadline.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_REJOINS = 5
 
 
@@ -58,6 +54,7 @@ class WorkerSettings:
     auth_token: str | None
     poll_wait_s: float = 10.0
     seed: int = 0
+    retry_budget_s: float = 900.0
 
 
 class ModelStore:
@@ -157,7 +154,11 @@ class Participant:
 
         Returns None when the process is stopping.
         """
-        policy = PARTICIPANT_RETRIES if idempotent else UPLOAD_RETRIES
+        policy = RetryPolicy(
+            attempts=1 << 20,
+            codes=RETRYABLE if idempotent else RetryPolicy().codes,
+            budget_s=self.settings.retry_budget_s,
+        )
         for _ in range(MAX_REJOINS):
             try:
                 return with_retries(fn, f"{self.id} {what}", policy, self.rng, self.stop)
@@ -307,14 +308,20 @@ class Participant:
         }
         wait = self.settings.poll_wait_s
         while not self.stop.is_set():
-            task = self._call(
-                "GetTask",
-                lambda: self.stub.GetTask(
-                    pb.GetTaskRequest(participant_id=self.id, wait_s=wait),
-                    metadata=self.meta,
-                    timeout=wait + 30,
-                ),
-            )
+            try:
+                task = self._call(
+                    "GetTask",
+                    lambda: self.stub.GetTask(
+                        pb.GetTaskRequest(participant_id=self.id, wait_s=wait),
+                        metadata=self.meta,
+                        timeout=wait + 30,
+                    ),
+                )
+            except grpc.RpcError as exc:
+                raise StateError(
+                    f"{self.id}: the clusterer stayed unreachable ({exc.code().name}) for the "
+                    f"retry budget of {self.settings.retry_budget_s:.0f}s"
+                ) from None
             if not isinstance(task, pb.GetTaskResponse):
                 break
             if task.kind == pb.TASK_KIND_DONE:

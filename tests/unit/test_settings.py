@@ -41,7 +41,7 @@ def test_every_flag_says_what_it_does_and_its_default(name):
 
 def test_file_then_environment_then_flag(tmp_path, monkeypatch):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"federation": {"rounds": 7, "select": 4}, "other": {}}))
+    settings.write_text(json.dumps({"federation": {"rounds": 7, "select": 4}, "store": {}}))
     p = clusterer_parser()
     assert p.parse(["--settings", str(settings)]).federation.rounds == 7
     monkeypatch.setenv("FLCLUSTERING_ROUNDS", "8")
@@ -92,3 +92,43 @@ def test_groups_validate_ranges_nan_and_names():
 def test_one_learning_rate_schedule():
     t = TrainingSettings(lr=0.1, lr_decay=0.5)
     assert [t.lr_at(r) for r in (-1, 0, 2)] == [0.1, 0.1, 0.025]
+
+
+def test_settings_file_groups_are_checked_and_named_in_errors(tmp_path, capsys):
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"federaton": {"rounds": 3}}))
+    with pytest.raises(SystemExit):
+        clusterer_parser().parse(["--settings", str(typo)])
+    assert "'federaton' is not a settings group" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"federation": {"rounds": -2}}))
+    with pytest.raises(SystemExit):
+        clusterer_parser().parse(["--settings", str(bad)])
+    assert f"{bad}: federation.rounds" in capsys.readouterr().err
+
+
+def test_simulate_children_read_the_settings_file_not_the_ambient_environment(monkeypatch):
+    from services.simulate import child_environment
+
+    monkeypatch.setenv("FLCLUSTERING_ROUNDS", "30")
+    monkeypatch.setenv("CLUSTERER_CLUSTER_METHOD", "kmeans")
+    monkeypatch.setenv("PARTICIPANT_ATTACK", "scaling")
+    env = child_environment()
+    assert not {"FLCLUSTERING_ROUNDS", "CLUSTERER_CLUSTER_METHOD", "PARTICIPANT_ATTACK"} & set(env)
+    assert env["PATH"]
+
+
+def test_experiments_need_a_round_and_two_participants():
+    from services.experiment import ExperimentConfig
+
+    with pytest.raises(ConfigError, match="at least 1"):
+        ExperimentConfig().replace(rounds=0)
+    with pytest.raises(ConfigError, match="at least 2"):
+        ExperimentConfig().replace(participants=1)
+
+
+def test_tokens_are_taken_literally():
+    from services.common.settings import TransportSettings
+
+    assert TransportSettings.build(auth_token="none").token() == "none"
+    assert TransportSettings.build(auth_token="").token() is None
