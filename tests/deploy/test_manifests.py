@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from tests.deploy.checkov import run_checkov
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -74,28 +75,9 @@ def test_manifests_validate_strictly_against_kubernetes_1_30():
 
 
 def test_checkov_passes_with_justified_exceptions():
-    checkov = str(ROOT / ".venv-tools" / "bin" / "checkov")
-    assert Path(checkov).exists(), "checkov is missing from .venv-tools: run scripts/install"
-    run = subprocess.run(
-        [
-            checkov,
-            "-d",
-            str(K8S),
-            "--framework",
-            "kubernetes",
-            "--compact",
-            "--quiet",
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"BC_SKIP_MAPPING": "TRUE", "PATH": "/usr/bin:/bin"},
-    )
-    report = json.loads(run.stdout)
-    summary = report["summary"]
-    assert summary["failed"] == 0, run.stdout[-3000:]
+    reports, out = run_checkov(K8S)
+    summary = reports[0]["summary"]
+    assert summary["failed"] == 0, out[-3000:]
     assert summary["passed"] > 200
     # Every exception is written next to its object, with a reason.
     for doc in workloads(documents()):

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.checkov import run_checkov
+
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ROOT / "deploy" / "kustomize" / "overlays"
 NAMES = ("cpu", "registry", "prometheus-operator", "edge")
@@ -121,29 +123,9 @@ def test_edge_overlay_serves_tls_through_a_load_balancer():
 
 
 def test_checkov_passes_on_rendered_overlays(tmp_path):
-    checkov = ROOT / ".venv-tools" / "bin" / "checkov"
-    assert checkov.exists(), "checkov is missing from .venv-tools: run scripts/install"
     for name in NAMES:
         docs = [d for d in render(name) if d["kind"] not in OPERATOR_KINDS]
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(docs))
-    run = subprocess.run(
-        [
-            str(checkov),
-            "-d",
-            str(tmp_path),
-            "--framework",
-            "kubernetes",
-            "--compact",
-            "--quiet",
-            "--output",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"BC_SKIP_MAPPING": "TRUE", "PATH": "/usr/bin:/bin"},
-    )
-    reports = json.loads(run.stdout)
-    reports = reports if isinstance(reports, list) else [reports]
+    reports, out = run_checkov(tmp_path)
     failed = sum(r["summary"]["failed"] for r in reports)
-    assert failed == 0, run.stdout[-3000:]
+    assert failed == 0, out[-3000:]
