@@ -26,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 from services.common.errors import FLClusteringError
 from services.common.flags import write_settings_file
 from services.common.grpc_client import call_metadata, channel
+from services.common.lifecycle import ParentPipe
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
@@ -66,6 +67,7 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.children: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.parent = ParentPipe()  # children stop when this process ends, however it ends
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
         """Start `python -m ARGS` logging to logs/NAME.log."""
@@ -75,8 +77,9 @@ class Processes:
                 [sys.executable, "-m", *args],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env={**env, **self.parent.child_env()},
                 stdin=subprocess.DEVNULL,
+                pass_fds=(self.parent.read_fd,),
             )
         self.children[name] = (proc, log)
 
@@ -111,6 +114,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.parent.close()
 
 
 def last_line(log: Path) -> str:

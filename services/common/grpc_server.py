@@ -6,6 +6,7 @@ Domain errors map to status codes here, once; servicers stay thin.
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import json
 import logging
@@ -30,6 +31,7 @@ from services.common.errors import (
     SpecMismatchError,
     StateError,
 )
+from services.common.lifecycle import exit_with_parent
 from services.common.settings import ServiceSettings
 from services.common.wire import MESSAGE_LIMITS, WireError
 
@@ -109,16 +111,21 @@ class Authenticator(Protocol):
 
 
 class TokenAuthenticator:
-    """A shared bearer token (`authorization: Bearer TOKEN`); mTLS can replace it later."""
+    """A shared bearer token (`authorization: Bearer TOKEN`), compared in constant time.
+
+    Exactly one authorization entry is accepted: a wrong one followed by the right one is
+    refused, so a proxy or client library that adds its own header cannot be bypassed.
+    """
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        self._expected = f"Bearer {token}".encode()
 
     def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
-        for key, value in metadata:
-            if key == "authorization" and value == f"Bearer {self._token}":
-                return "token"
-        return None
+        values = [v for k, v in metadata if k == "authorization"]
+        if len(values) != 1:
+            return None
+        given = values[0].encode() if isinstance(values[0], str) else values[0]
+        return "token" if hmac.compare_digest(given, self._expected) else None
 
 
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -299,6 +306,7 @@ def serve_main(name: str, settings: ServiceSettings, build: Callable[[], Service
     except FLClusteringError as exc:
         sys.stderr.write(f"{name}: error: {exc}\n")
         return 2
+    exit_with_parent()
     ready = ready_addresses(
         settings.host, service.port, settings.metrics_host, service.metrics_port
     )

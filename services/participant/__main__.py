@@ -15,6 +15,7 @@ from services.common.errors import FLClusteringError
 from services.common.flags import Group, SettingsParser
 from services.common.grpc_client import channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
+from services.common.lifecycle import exit_with_parent
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import AttackConfig
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    exit_with_parent()
     try:
         return run(config, stop)
     except FLClusteringError as exc:

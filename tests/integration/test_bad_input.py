@@ -158,12 +158,21 @@ def test_aggregator_checks_rounds_and_versions(open_round):
     assert rpc_code(lambda: fed.agg_stub.Aggregate(wrong, metadata=META)) == C.FAILED_PRECONDITION
     bad_acc = agg_pb.AggregateRequest(round=0, strategy="fedavg", cluster_accuracy={0: 2.0})
     assert rpc_code(lambda: fed.agg_stub.Aggregate(bad_acc, metadata=META)) == C.INVALID_ARGUMENT
+    nan_q = agg_pb.AggregateRequest(round=0, strategy="fedavg", q=float("nan"))
+    assert rpc_code(lambda: fed.agg_stub.Aggregate(nan_q, metadata=META)) == C.INVALID_ARGUMENT
     gone = agg_pb.GetModelRequest(model_version=9)
     assert rpc_code(lambda: list(fed.agg_stub.GetModel(gone, metadata=META))) == C.NOT_FOUND
     assert (
         rpc_code(lambda: fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest()))
         == C.UNAUTHENTICATED
     )
+    wrong_then_right = (("authorization", "Bearer nope"), *META)
+    status = agg_pb.GetAggregatorStatusRequest()
+    assert (
+        rpc_code(lambda: fed.agg_stub.GetAggregatorStatus(status, metadata=wrong_then_right))
+        == C.UNAUTHENTICATED
+    )
+    assert rpc_code(lambda: fed.agg_stub.GetAggregatorStatus(status, metadata=META)) == C.OK
     assert unchanged(fed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -168,3 +169,41 @@ def test_local_and_simulate_share_the_round_plan(tmp_path):
     local_selection = {int(p): c for p, c in local["rounds"][0]["selection"].items()}
     assert sim_selection == local_selection
     assert len(local_selection) == 6 and set(local_selection.values()) == {0, 1, 2}
+
+
+def _processes_naming(needle: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if needle.encode() in fh.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_children_do_not_outlive_a_killed_simulate(tmp_path):
+    """kill -9 of `flclustering simulate` stops its aggregator, clusterer and participants
+    (they watch a pipe only the launcher holds) instead of leaving them holding ports."""
+    out = tmp_path / "orphans"
+    small = ["--participants", "6", "--select", "6", "--rounds", "50", "--per-process", "3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "simulate", "--out", str(out), *small],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    needle = str(out / "settings.json")
+    deadline = time.monotonic() + 120
+    while not (out / "endpoints.json").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "simulate did not start"
+        time.sleep(0.2)
+    children = _processes_naming(needle)
+    assert len(children) == 4  # aggregator, clusterer, two participant processes
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 40
+    while _processes_naming(needle) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(needle) == []

@@ -1,0 +1,62 @@
+"""Children that do not outlive their launcher.
+
+`flclustering simulate` hands each child the read end of a pipe whose write end only the
+launcher holds (FLCLUSTERING_PARENT_FD). However the launcher ends, SIGKILL included, the
+kernel closes the write end; the child reads end-of-file and sends itself SIGTERM, so it
+shuts down as it would on `kubectl delete` (NOT_SERVING, grace period, exit). A pipe
+rather than Linux's parent-death signal: it works on every platform and needs no code to
+run between fork and exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+
+logger = logging.getLogger(__name__)
+
+PARENT_FD_ENV = "FLCLUSTERING_PARENT_FD"
+
+
+def exit_with_parent() -> None:
+    """If launched with a parent pipe, SIGTERM this process when the launcher is gone."""
+    raw = os.environ.get(PARENT_FD_ENV)
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        logger.warning("%s=%r is not an open file descriptor; ignored", PARENT_FD_ENV, raw)
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        logger.warning("the launching process is gone: shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class ParentPipe:
+    """The launcher's side: the pipe every child watches (close it to stop them all)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()  # neither is inherited unless passed
+
+    def child_env(self) -> dict[str, str]:
+        """The variable telling a child which descriptor to watch."""
+        return {PARENT_FD_ENV: str(self.read_fd)}
+
+    def close(self) -> None:
+        """Close both ends (the children then shut down)."""
+        for fd in (self.read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
