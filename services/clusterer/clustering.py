@@ -48,6 +48,22 @@ def count_sketch(x: torch.Tensor, dim: int, seed: int = 0, chunk: int = 1 << 20)
     return out
 
 
+def screen_deltas(deltas: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
+    """Mask of pre-training deltas fit to cluster: finite, and at most `factor` times the
+    median length (lengths in float64, so values near the float32 limit cannot overflow).
+
+    Pre-training runs the same number of steps everywhere, so honest lengths are alike; one
+    participant's absurd delta must not fail the clustering of everyone else.
+    """
+    x = deltas.double()
+    finite = torch.isfinite(x).all(dim=1)
+    norms = torch.where(finite, x.nan_to_num(0.0).norm(dim=1), torch.inf)
+    ok = finite & torch.isfinite(norms)
+    if int(ok.sum()) >= 3:
+        ok &= norms <= factor * norms[ok].median()
+    return ok
+
+
 def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.metrics import silhouette_score
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.clusterer.clustering import cluster
+from services.clusterer.clustering import cluster, screen_deltas
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.plan import group_accuracy, plan_round
 from services.clusterer.settings import ClustererConfig
@@ -246,15 +246,26 @@ class Coordinator(ClustererParts):
         self.metrics.timed_out.labels("pretrain").inc(len(missed))
         have, deltas = self.state.pretrained()
         self._phase("clustering")
+        stacked = torch.stack(deltas)
+        fit = screen_deltas(stacked)
+        refused = [p for p, ok in zip(have, fit.tolist(), strict=True) if not ok]
+        if refused:
+            logger.warning(
+                "%d pre-training delta(s) refused (non-finite or too long): %s",
+                len(refused),
+                ", ".join(p[:64] for p in refused[:10]),
+            )
+            self.metrics.updates_rejected.labels("invalid_argument").inc(len(refused))
+        have = [p for p, ok in zip(have, fit.tolist(), strict=True) if ok]
+        stacked = stacked[fit]
+        if not have:
+            raise RuntimeError("no pre-training delta was fit to cluster")
         k = None if self.fed.clusters is None else min(self.fed.clusters, len(have))
         with self.metrics.clustering_seconds.time():
             result = cluster(
-                torch.stack(deltas),
-                k=k,
-                method=self.config.clustering.cluster_method,
-                seed=self.fed.seed,
+                stacked, k=k, method=self.config.clustering.cluster_method, seed=self.fed.seed
             )
-        score = self.state.set_clusters(have, result.assignment, torch.stack(deltas))
+        score = self.state.set_clusters(have, result.assignment, stacked)
         self.metrics.purity.set(-1 if score is None else score)
         for c, size in enumerate(np.bincount(result.assignment, minlength=result.k).tolist()):
             self.metrics.cluster_size.labels(cluster_label(c)).set(size)

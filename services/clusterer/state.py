@@ -134,7 +134,7 @@ class ClustererState:
     def _member(self, pid: str) -> Member:
         m = self.members.get(pid)
         if m is None:
-            raise NotFoundError(f"unknown participant {pid!r}: call Join first")
+            raise NotFoundError(f"unknown participant {pid[:64]!r}: call Join first")
         m.last_seen = time.monotonic()
         return m
 
@@ -170,7 +170,7 @@ class ClustererState:
                 now = "no round is open" if open_ is None else f"the open round is {open_.round}"
                 raise StateError(f"round {round_} does not take updates now ({now})")
             if pid not in open_.selected:
-                raise StateError(f"{pid} was not selected in round {open_.round}")
+                raise StateError(f"{pid[:64]} was not selected in round {open_.round}")
             if model_version != open_.model_version:
                 raise StateError(
                     f"trained from model version {model_version}, "
@@ -211,7 +211,8 @@ class ClustererState:
                 raise StateError(f"{pid}'s pre-training task was withdrawn (too late)")
             self.pretrain_deltas[pid] = delta
             member = self.members[pid]
-            if self.centroids and member.cluster < 0:
+            fit = bool(torch.isfinite(delta.double().norm()))
+            if self.centroids and member.cluster < 0 and fit:
                 dist = {c: float((delta - v).norm()) for c, v in self.centroids.items()}
                 member.cluster = min(dist, key=dist.__getitem__)
             del self.tasks[pid]

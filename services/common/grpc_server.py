@@ -65,6 +65,14 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+MAX_DETAILS = 400  # characters of an error message sent back or logged
+
+
+def bounded(message: str, limit: int = MAX_DETAILS) -> str:
+    """A message cut to `limit` characters: whatever a caller sent, an error quoting it
+    stays a short status detail and a short log line."""
+    return message if len(message) <= limit else message[: limit - 14] + " ...(truncated)"
+
 
 def rpc(name: str) -> Callable[[F], F]:
     """Decorate a servicer method: domain errors become statuses with a `[name]` log line.
@@ -78,8 +86,9 @@ def rpc(name: str) -> Callable[[F], F]:
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("[%s] internal error", name)
                 context.abort(code, f"internal error: {type(exc).__name__}")
-            logger.info("[%s] %s: %s", name, code.name, exc)
-            context.abort(code, str(exc))
+            message = bounded(str(exc))
+            logger.info("[%s] %s: %s", name, code.name, message)
+            context.abort(code, message)
 
         if inspect.isgeneratorfunction(fn):
 
@@ -128,11 +137,13 @@ class TokenAuthenticator:
         return "token" if hmac.compare_digest(given, self._expected) else None
 
 
-EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health stays open (Kubernetes probes carry no token); reflection, which lists the
+# services and their messages, needs the token like any other call.
+EXEMPT = ("/grpc.health.v1.Health/",)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls the authenticator does not accept (health and reflection exempt)."""
+    """Rejects calls the authenticator does not accept (health exempt)."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator

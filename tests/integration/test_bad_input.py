@@ -186,8 +186,30 @@ def test_health_and_reflection_are_served(open_round):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     refl = reflection_pb2_grpc.ServerReflectionStub(channel(fed.address))
-    answers = refl.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-    )
-    names = {s.name for a in answers for s in a.list_services_response.service}
-    assert "flclustering.v1.Clusterer" in names
+
+    def services(metadata=()):
+        request = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        answers = refl.ServerReflectionInfo(request, metadata=metadata, timeout=10)
+        return {s.name for a in answers for s in a.list_services_response.service}
+
+    assert "flclustering.v1.Clusterer" in services(META)
+    # Reflection lists what the server offers: only to callers with the token.
+    assert rpc_code(lambda: services()) == C.UNAUTHENTICATED
+
+
+def test_long_strings_are_not_echoed_whole(open_round):
+    """A 1 MiB participant id comes back as a short status detail, not as the id itself
+    (which gRPC would refuse as oversized metadata) and not as a 1 MiB log line."""
+    fed, _ = open_round
+    huge = "x" * (1 << 20)
+    for call in (
+        lambda: fed.stub.GetTask(pb.GetTaskRequest(participant_id=huge), metadata=META),
+        lambda: fed.stub.Join(pb.JoinRequest(participant_id=huge), metadata=META),
+        lambda: fed.agg_stub.Aggregate(
+            agg_pb.AggregateRequest(round=0, strategy=huge), metadata=META
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() in (C.NOT_FOUND, C.INVALID_ARGUMENT)
+        assert len(err.value.details()) <= 400

@@ -76,3 +76,31 @@ def test_participants_reconnect_when_the_clusterer_restarts(federation_factory):
     assert status.history and status.history[0].round >= 2
     assert status.history[-1].round == 5
     assert status.history[-1].mean_accuracy > 0.2
+
+
+def test_one_absurd_pretraining_delta_cannot_fail_the_federation(federation_factory):
+    """A pre-training delta of finite but huge values (3e38, near float32's limit) used to
+    overflow the clustering and fail the whole federation; it is now refused alone."""
+    from collections import OrderedDict
+
+    from services.common.pb.flclustering.v1 import tensors_pb2
+    from services.common.streams import build_stream, read_model
+
+    fed = federation_factory(participants=7, select=6, rounds=1, clusters=3)
+    fed.add_participants(0, 6, participants=7)
+    pid = "participant-00006"
+    fed.stub.Join(pb.JoinRequest(participant_id=pid, num_train=10, num_test=10), metadata=META)
+    task = fed.stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=30), metadata=META)
+    assert task.kind == pb.TASK_KIND_PRETRAIN
+    _, w0 = read_model(fed.stub.DownloadModel(pb.DownloadModelRequest(), metadata=META))
+    huge = OrderedDict((k, v.clone().fill_(3e38)) for k, v in w0.items())
+    header = tensors_pb2.ModelHeader(sender=pid, round=-1, kind="pretrain-delta")
+    reply = fed.stub.SubmitUpdate(
+        build_stream(pb.SubmitUpdateRequest, header, header, huge), metadata=META, timeout=60
+    )
+    assert reply.accepted
+    status = fed.wait_for(lambda s: s.done, timeout=240)
+    clusters = {c.participant_id: c.cluster for c in status.clusters}
+    assert clusters[pid] == -1  # refused: never selected, never grouped
+    assert all(c >= 0 for p, c in clusters.items() if p != pid)
+    assert status.history[0].received == status.history[0].selected == 6

@@ -96,3 +96,14 @@ def test_bad_input():
         cluster(torch.full((5, 3), float("nan")), k=2)
     with pytest.raises(ConfigError):
         cluster(torch.zeros(5, 3), method="spectral")
+
+
+def test_screen_refuses_non_finite_and_absurd_deltas_only():
+    from services.clusterer.clustering import screen_deltas
+
+    x = torch.randn(6, 50)
+    x[1] = 3e38  # finite in float32, but its length overflows float32
+    x[3, 0] = float("nan")
+    x[4] *= 100
+    assert screen_deltas(x).tolist() == [True, False, True, False, False, True]
+    assert screen_deltas(torch.randn(2, 5)).all()  # too few to judge lengths: finite is enough
