@@ -18,7 +18,7 @@ from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation
 from services.common.errors import NotFoundError, StateError
-from services.common.grpc_client import call_metadata, channel
+from services.common.grpc_client import call_metadata, channel, quiet_refused_streams
 from services.common.grpc_server import add_health_and_reflection, bind, bind_tls, new_server, rpc
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -288,10 +288,15 @@ class _RelayInterceptor(grpc.ServerInterceptor):
 
 def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
-    state = ClustererState(get_strategy(config.federation.strategy), config.federation.seed)
+    state = ClustererState(
+        get_strategy(config.federation.strategy),
+        config.federation.seed,
+        config.clustering.max_participants,
+    )
     models = ModelCache()
     registry = CollectorRegistry()
     metrics = ClustererMetrics(registry)
+    quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
     agg_channel = channel(config.clustering.aggregator)
     aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
     coordinator = Coordinator(config, state, aggregator, models, metrics)

@@ -30,6 +30,9 @@ class ClusteringSettings(Settings):
         description="host:port of the aggregator",
         json_schema_extra={"env": "AGGREGATOR_ADDR"},
     )
+    max_participants: int = Field(
+        10_000, ge=1, description="members admitted at most; further joins: RESOURCE_EXHAUSTED"
+    )
     cluster_method: Annotated[str, choice(METHODS)] = Field(
         "hierarchical", description="how pre-training deltas are clustered"
     )

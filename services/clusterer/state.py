@@ -20,7 +20,7 @@ import torch
 
 from services.clusterer.clustering import count_sketch
 from services.clusterer.plan import static_group
-from services.common.errors import NotFoundError, StateError
+from services.common.errors import CapacityError, NotFoundError, StateError
 from services.common.figures import purity
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.strategies import Strategy
@@ -90,9 +90,10 @@ class StatusView:
 class ClustererState:
     """Members, tasks, the open round and what every finished round measured."""
 
-    def __init__(self, strategy: Strategy, seed: int = 0) -> None:
+    def __init__(self, strategy: Strategy, seed: int = 0, max_members: int = 10_000) -> None:
         self.strategy = strategy
         self.seed = seed
+        self.max_members = max_members
         # waiting, pretraining, clustering, selecting, evaluating, training, aggregating,
         # done, failed
         self.phase = "waiting"
@@ -121,6 +122,10 @@ class ClustererState:
             if known is not None:
                 known.last_seen = time.monotonic()
                 return False
+            if len(self.members) >= self.max_members:
+                raise CapacityError(
+                    f"the federation is full ({self.max_members} participants, --max-participants)"
+                )
             member = Member(pid, num_train, num_test, group, device, time.monotonic())
             self.members[pid] = member
             if self.phase != "waiting":

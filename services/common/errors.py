@@ -36,3 +36,7 @@ class StateError(FLClusteringError):
 
 class AuthError(FLClusteringError):
     """The caller could not be authenticated."""
+
+
+class CapacityError(FLClusteringError):
+    """A configured limit is reached (participants, streams): try later or elsewhere."""

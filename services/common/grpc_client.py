@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from services.common.errors import ConfigError
+from services.common.errors import ConfigError, FLClusteringError
 from services.common.wire import MESSAGE_LIMITS
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,23 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 T = TypeVar("T")
+
+
+class _RefusedStreamFilter(logging.Filter):
+    """Drops gRPC's traceback for a request stream we ended on purpose with a domain error
+    (a relay refusing a bad upload mid-stream): the refusal is answered and logged as one
+    line where it is decided."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, FLClusteringError)
+
+
+def quiet_refused_streams() -> None:
+    """Install the filter on gRPC's channel logger (once; relays call it when built)."""
+    log = logging.getLogger("grpc._channel")
+    if not any(isinstance(f, _RefusedStreamFilter) for f in log.filters):
+        log.addFilter(_RefusedStreamFilter())
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.errors import (
     AuthError,
+    CapacityError,
     ConfigError,
     FLClusteringError,
     NotFoundError,
@@ -33,7 +34,7 @@ from services.common.errors import (
 )
 from services.common.lifecycle import exit_with_parent
 from services.common.settings import ServiceSettings
-from services.common.wire import MESSAGE_LIMITS, WireError
+from services.common.wire import MESSAGE_LIMITS, WireError, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (StateError, grpc.StatusCode.FAILED_PRECONDITION),
     (SpecMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -170,6 +172,68 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class _Unparseable:
+    """What a request that is not a valid message deserializes to (instead of raising,
+    which gRPC answers with INTERNAL and a traceback in the log)."""
+
+    def __init__(self, method: str, exc: Exception) -> None:
+        self.error = invalid(f"the request is not a valid {method} message ({type(exc).__name__})")
+
+
+class ParseInterceptor(grpc.ServerInterceptor):
+    """Unparseable request bodies are INVALID_ARGUMENT, logged as one line."""
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1][:64]
+        deserialize = handler.request_deserializer
+
+        def parse(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as exc:
+                return _Unparseable(method, exc)
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Unparseable):
+                logger.info("[%s] INVALID_ARGUMENT: %s", method, request.error)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
+            return request
+
+        def messages(it: Iterator[Any]) -> Iterator[Any]:
+            for request in it:
+                if isinstance(request, _Unparseable):
+                    raise request.error  # a domain error: the handler maps it like any other
+                yield request
+
+        def aborting(it: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            for request in it:
+                yield checked(request, context)
+
+        out = handler.response_serializer
+        if handler.unary_unary:
+            fn = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(
+                lambda r, c: fn(checked(r, c), c), parse, out
+            )
+        if handler.unary_stream:
+            gen = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda r, c: gen(checked(r, c), c), parse, out
+            )
+        if handler.stream_unary:
+            su = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda it, c: su(messages(it), c), parse, out
+            )
+        ss = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(
+            lambda it, c: ss(aborting(it, c), c), parse, out
+        )
+
+
 def new_server(
     max_workers: int,
     token: str | None,
@@ -179,6 +243,7 @@ def new_server(
     chain = list(interceptors)
     if token:
         chain.append(AuthInterceptor(TokenAuthenticator(token)))
+    chain.append(ParseInterceptor())  # innermost: its deserializers are the ones used
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,

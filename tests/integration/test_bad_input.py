@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import grpc
@@ -213,3 +214,47 @@ def test_long_strings_are_not_echoed_whole(open_round):
             call()
         assert err.value.code() in (C.NOT_FOUND, C.INVALID_ARGUMENT)
         assert len(err.value.details()) <= 400
+
+
+def test_unparseable_bodies_are_invalid_argument(open_round, caplog):
+    """Bytes that are no protobuf message: INVALID_ARGUMENT and one log line, for a unary
+    call and for an upload stream, and the service goes on."""
+    fed, w = open_round
+    ch = channel(fed.address)
+    garbage = b"\xff\xff\xff\xff\xff"
+    join = ch.unary_unary("/flclustering.v1.Clusterer/Join")
+    upload = ch.stream_unary("/flclustering.v1.Clusterer/SubmitUpdate")
+    for call in (
+        lambda: join(garbage, metadata=META, timeout=10),
+        lambda: upload(iter([garbage]), metadata=META, timeout=10),
+        lambda: upload(iter([messages(w)[0].SerializeToString(), garbage]), metadata=META),
+    ):
+        assert rpc_code(call) == C.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback logged
+    assert submit(fed, messages(w)) == C.OK
+
+
+def test_joins_beyond_the_limit_are_refused(federation_factory):
+    fed = federation_factory(strategy="fedavg", participants=2, max_participants=2)
+
+    def join(pid):
+        return rpc_code(
+            lambda: fed.stub.Join(pb.JoinRequest(participant_id=pid), metadata=META, timeout=10)
+        )
+
+    assert join("participant-00000") == join("participant-00001") == C.OK
+    assert join("sybil-1") == C.RESOURCE_EXHAUSTED
+    assert join("participant-00001") == C.OK  # a member joining again is not a new one
+    assert fed.status().participants == 2
+
+
+def test_a_nan_poll_does_not_spin(open_round):
+    fed, _ = open_round
+    started = time.monotonic()
+    reply = fed.stub.GetTask(
+        pb.GetTaskRequest(participant_id="participant-00002", wait_s=float("nan")),
+        metadata=META,
+        timeout=10,
+    )
+    assert reply.kind in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_WAIT)
+    assert time.monotonic() - started < 2.0
