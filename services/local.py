@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.aggregator.rounds import aggregate_round
-from services.clusterer.clustering import cluster
+from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.figures import accuracy_summary, purity
 from services.common.models import build_model
@@ -130,24 +130,25 @@ def run_local(
                 for p in people
             ]
         )
-        k = None if fed.clusters is None else min(fed.clusters, len(people))
-        res = cluster(deltas, k=k, method=config.clustering.cluster_method, seed=fed.seed)
-        assignment = res.assignment
+        fit, res = group_deltas(deltas, fed.clusters, config.clustering.cluster_method, fed.seed)
+        # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).
+        assignment = np.full(len(people), -1)
+        assignment[fit.numpy()] = res.assignment
         truth = np.array([p.group for p in people])
         result.clustering = {
             "k": res.k,
             "k_from": res.k_from,
             "silhouette": res.score,
-            "purity": purity(assignment, truth) if (truth >= 0).all() else None,
+            "purity": purity(res.assignment, truth[fit.numpy()]) if (truth >= 0).all() else None,
             "seconds": time.perf_counter() - start,
         }
     else:
         assignment = np.array([static_group(strategy, i) for i in range(len(people))])
-    groups = {p.index: int(assignment[p.index]) for p in people}
+    groups = {p.index: int(assignment[p.index]) for p in people if assignment[p.index] >= 0}
     result.clusters = [
         {
             "participant": p.index,
-            "cluster": groups[p.index],
+            "cluster": int(assignment[p.index]),
             "group": p.group,
             "attacker": int(p.attacker),
         }

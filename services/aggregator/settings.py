@@ -11,9 +11,9 @@ from services.common.models import DATASET_SHAPES, Shape
 from services.common.settings import (
     DefenceSettings,
     FederationSettings,
-    IntList,
     ServiceSettings,
     Settings,
+    Shape3,
     TransportSettings,
 )
 
@@ -21,7 +21,7 @@ from services.common.settings import (
 class ModelStoreSettings(Settings):
     """The model's shape when the dataset has no built-in one, and how many versions stay."""
 
-    input_shape: IntList = Field(
+    input_shape: Shape3 = Field(
         (), description="C,H,W of the input when the dataset's shape is not built in (folder)"
     )
     num_classes: Annotated[int, Field(ge=2)] | None = Field(
@@ -41,16 +41,14 @@ class AggregatorConfig(Settings):
 
     def shape(self) -> tuple[Shape, int]:
         """Input shape and class count of the model."""
-        given = self.store.input_shape
-        if given and (len(given) != 3 or min(given) < 1):
-            raise ConfigError(f"--input-shape must be three positive integers C,H,W, got {given}")
-        if len(given) == 3 and self.store.num_classes is not None:
-            return (given[0], given[1], given[2]), self.store.num_classes
+        given = self.store.input_shape  # validated: empty or C,H,W
+        shape = (given[0], given[1], given[2]) if given else None
+        if shape is not None and self.store.num_classes is not None:
+            return shape, self.store.num_classes
         known = DATASET_SHAPES.get(self.federation.dataset)
         if known is None:
             raise ConfigError(
                 f"dataset {self.federation.dataset!r} has no known shape: "
                 "give --input-shape and --num-classes"
             )
-        shape = (given[0], given[1], given[2]) if len(given) == 3 else known[0]
-        return shape, self.store.num_classes or known[1]
+        return shape or known[0], self.store.num_classes or known[1]

@@ -170,3 +170,18 @@ def cluster(
             best = (s, labels, kk)
     assert best is not None
     return ClusterResult(best[1], best[2], best[0], method, "silhouette", projected)
+
+
+def group_deltas(
+    deltas: torch.Tensor, clusters: int | None, method: str = "hierarchical", seed: int = 0
+) -> tuple[torch.Tensor, ClusterResult]:
+    """Screen the pre-training deltas and cluster those fit to it into k (at most one per
+    delta; None: chosen automatically). The clusterer and the in-process federation both
+    group participants through here. Returns the fit mask and the clustering of its rows.
+    """
+    fit = screen_deltas(deltas)
+    kept = deltas[fit]
+    if kept.shape[0] == 0:
+        raise ConfigError("no pre-training delta is fit to cluster (all non-finite or absurd)")
+    k = None if clusters is None else min(clusters, kept.shape[0])
+    return fit, cluster(kept, k=k, method=method, seed=seed)

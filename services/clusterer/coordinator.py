@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.clusterer.clustering import cluster, screen_deltas
+from services.clusterer.clustering import group_deltas
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.plan import group_accuracy, plan_round
 from services.clusterer.settings import ClustererConfig
@@ -116,13 +116,14 @@ class ClustererParts:
         aggregator: agg_grpc.AggregatorStub,
         models: ModelCache,
         metrics: ClustererMetrics,
+        token: str | None,
     ) -> None:
         self.config = config
         self.state = state
         self.aggregator = aggregator
         self.models = models
         self.metrics = metrics
-        self.token = config.transport.token()
+        self.token = token  # read once, by build_service
 
 
 class Coordinator(ClustererParts):
@@ -136,7 +137,6 @@ class Coordinator(ClustererParts):
         self.rng = np.random.default_rng(self.fed.seed)
         self.metrics.rounds_total.set(self.fed.rounds)
         self.metrics.round.set(-1)
-        self.metrics.phase.state("waiting")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
         self.on_round: Callable[[dict[str, Any]], None] | None = None
@@ -165,19 +165,13 @@ class Coordinator(ClustererParts):
                 if self.stop.is_set():
                     return
                 self._round(r)
-            self._phase("done")
             self.state.finish(self.fed.rounds)
             logger.info("federation done after %d rounds", self.fed.rounds)
         except Exception as exc:  # the service stays up and reports the failure
             logger.exception("coordinator failed")
-            self.metrics.phase.state("failed")
             self.state.fail(f"{type(exc).__name__}: {exc}")
 
     # ---- helpers ---------------------------------------------------------------------
-    def _phase(self, name: str) -> None:
-        self.state.set_phase(name)
-        self.metrics.phase.state(name)
-
     def _meta(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.token)
 
@@ -230,13 +224,12 @@ class Coordinator(ClustererParts):
 
     # ---- phases ----------------------------------------------------------------------
     def _wait_for_members(self) -> None:
-        self._phase("waiting")
+        self.state.set_phase("waiting")
         self.state.wait_until(lambda: self.state.joined() >= self.fed.participants, None, self.stop)
         logger.info("%d participants joined", self.state.joined())
 
     def _pretrain_and_cluster(self) -> None:
         members = self.state.start_pretraining()
-        self.metrics.phase.state("pretraining")
         self.state.wait_until(
             lambda: self.state.has_pretrained(members),
             self.timing.pretrain_timeout_s,
@@ -245,9 +238,14 @@ class Coordinator(ClustererParts):
         missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
         self.metrics.timed_out.labels("pretrain").inc(len(missed))
         have, deltas = self.state.pretrained()
-        self._phase("clustering")
+        if not have:
+            raise RuntimeError("no participant sent a pre-training delta")
+        self.state.set_phase("clustering")
         stacked = torch.stack(deltas)
-        fit = screen_deltas(stacked)
+        with self.metrics.clustering_seconds.time():
+            fit, result = group_deltas(
+                stacked, self.fed.clusters, self.config.clustering.cluster_method, self.fed.seed
+            )
         refused = [p for p, ok in zip(have, fit.tolist(), strict=True) if not ok]
         if refused:
             logger.warning(
@@ -258,13 +256,6 @@ class Coordinator(ClustererParts):
             self.metrics.updates_rejected.labels("invalid_argument").inc(len(refused))
         have = [p for p, ok in zip(have, fit.tolist(), strict=True) if ok]
         stacked = stacked[fit]
-        if not have:
-            raise RuntimeError("no pre-training delta was fit to cluster")
-        k = None if self.fed.clusters is None else min(self.fed.clusters, len(have))
-        with self.metrics.clustering_seconds.time():
-            result = cluster(
-                stacked, k=k, method=self.config.clustering.cluster_method, seed=self.fed.seed
-            )
         score = self.state.set_clusters(have, result.assignment, stacked)
         self.metrics.purity.set(-1 if score is None else score)
         for c, size in enumerate(np.bincount(result.assignment, minlength=result.k).tolist()):
@@ -292,7 +283,6 @@ class Coordinator(ClustererParts):
         start = time.monotonic()
         self.state.start_round(r)
         self.metrics.round.set(r)
-        self.metrics.phase.state("selecting")
         groups = self.state.active_groups(self.timing.liveness_s)
         self.metrics.active.set(len(groups))
         if not groups:
@@ -303,7 +293,7 @@ class Coordinator(ClustererParts):
         self.metrics.selected.set(len(plan.selected))
         cluster_acc: dict[int, float] = {}
         if plan.evaluators:
-            self._phase("evaluating")
+            self.state.set_phase("evaluating")
             evals = self._evaluate(list(plan.evaluators), f"pre-{r}")
             cluster_acc = group_accuracy(
                 {p: e.accuracy for p, e in evals.items()}, groups, plan.selected
@@ -312,11 +302,9 @@ class Coordinator(ClustererParts):
                 self.metrics.cluster_accuracy.labels(cluster_label(c)).set(acc)
         # Training: collect updates until all selected answered or the deadline.
         self.state.open_round(r, plan.selected)
-        self.metrics.phase.state("training")
         version = self.state.model_version
         self.state.wait_until(self.state.all_received, self.timing.round_timeout_s, self.stop)
         received, timed_out = self.state.close_round()
-        self.metrics.phase.state("aggregating")
         self.metrics.timed_out.labels("train").inc(len(timed_out))
         needed = math.ceil(self.fed.min_share * len(plan.selected))
         abandon = received < needed

@@ -288,22 +288,25 @@ class _RelayInterceptor(grpc.ServerInterceptor):
 
 def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
+    token = config.transport.token()  # the file is read once
+    models = ModelCache()
+    registry = CollectorRegistry()
+    metrics = ClustererMetrics(registry)
     state = ClustererState(
         get_strategy(config.federation.strategy),
         config.federation.seed,
         config.clustering.max_participants,
+        on_phase=metrics.phase.state,
     )
-    models = ModelCache()
-    registry = CollectorRegistry()
-    metrics = ClustererMetrics(registry)
     quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
     agg_channel = channel(config.clustering.aggregator)
     aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
-    coordinator = Coordinator(config, state, aggregator, models, metrics)
-    servicer = ClustererServicer(config, state, aggregator, models, metrics)
+    parts = (config, state, aggregator, models, metrics, token)
+    coordinator = Coordinator(*parts)
+    servicer = ClustererServicer(*parts)
     interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]
     svc = config.service
-    server = new_server(svc.max_workers, config.transport.token(), interceptors)
+    server = new_server(svc.max_workers, token, interceptors)
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, svc.host, svc.port)

@@ -17,7 +17,6 @@ from services.common.settings import (
     Settings,
     TrainingSettings,
     TransportSettings,
-    check_tls,
     choice,
 )
 
@@ -56,5 +55,6 @@ class ClustererConfig(Settings):
     @model_validator(mode="after")
     def _tls_complete(self) -> Self:
         c = self.clustering
-        check_tls(c.tls_port, c.tls_cert, c.tls_key)
+        if c.tls_port is not None and not (c.tls_cert and c.tls_key):
+            raise ValueError("--tls-port needs --tls-cert and --tls-key")
         return self

@@ -90,13 +90,21 @@ class StatusView:
 class ClustererState:
     """Members, tasks, the open round and what every finished round measured."""
 
-    def __init__(self, strategy: Strategy, seed: int = 0, max_members: int = 10_000) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        seed: int = 0,
+        max_members: int = 10_000,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> None:
         self.strategy = strategy
         self.seed = seed
         self.max_members = max_members
+        self._on_phase = on_phase  # told every phase change (the phase metric)
         # waiting, pretraining, clustering, selecting, evaluating, training, aggregating,
         # done, failed
-        self.phase = "waiting"
+        self.phase = ""
+        self._enter("waiting")
         self.round = -1
         self.model_version = 0
         self.members: dict[str, Member] = {}
@@ -241,10 +249,16 @@ class ClustererState:
             self.cond.notify_all()
 
     # ---- the coordinator's side -------------------------------------------------------
+    def _enter(self, name: str) -> None:
+        """Change phase (cond held); the listener hears of it."""
+        self.phase = name
+        if self._on_phase is not None:
+            self._on_phase(name)
+
     def set_phase(self, name: str) -> None:
         """Enter a phase and wake the waiters."""
         with self.cond:
-            self.phase = name
+            self._enter(name)
             self.cond.notify_all()
 
     def wait_until(
@@ -289,7 +303,7 @@ class ClustererState:
     def start_pretraining(self) -> list[str]:
         """Give every member a pre-training task; the members asked."""
         with self.cond:
-            self.phase = "pretraining"
+            self._enter("pretraining")
             members = sorted(self.members)
             self.tasks.update({p: Task(pb.TASK_KIND_PRETRAIN, -1, 0) for p in members})
             self.cond.notify_all()
@@ -331,7 +345,7 @@ class ClustererState:
         """Enter round_: selection comes next."""
         with self.cond:
             self.round = round_
-            self.phase = "selecting"
+            self._enter("selecting")
             self.cond.notify_all()
 
     def active_groups(self, liveness_s: float) -> dict[str, int]:
@@ -368,7 +382,7 @@ class ClustererState:
     def open_round(self, round_: int, selected: Mapping[str, int]) -> None:
         """Start collecting round_'s updates from the selected participants."""
         with self.cond:
-            self.phase = "training"
+            self._enter("training")
             self.collecting = RoundCollection(round_, self.model_version, dict(selected))
             self.tasks.update(
                 {p: Task(pb.TASK_KIND_TRAIN, round_, self.model_version) for p in selected}
@@ -385,7 +399,7 @@ class ClustererState:
         with self.cond:
             c = self.collecting
             self.collecting = None
-            self.phase = "aggregating"
+            self._enter("aggregating")
             if c is None:
                 return 0, []
             late = [
@@ -413,7 +427,7 @@ class ClustererState:
     def finish(self, rounds: int) -> None:
         """The federation is done: every member's next task is DONE."""
         with self.cond:
-            self.phase = "done"
+            self._enter("done")
             for p in self.members:
                 self.tasks[p] = Task(pb.TASK_KIND_DONE, rounds, self.model_version)
             self.cond.notify_all()
@@ -421,7 +435,7 @@ class ClustererState:
     def fail(self, error: str) -> None:
         """The federation failed; the service stays up to report it."""
         with self.cond:
-            self.phase = "failed"
+            self._enter("failed")
             self.error = error
             self.cond.notify_all()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -26,7 +25,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from services.common.settings import Choice, Settings, env_name
+from services.common.settings import Choice, Settings, env_name, flag_of, one_line
 
 SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
 # Every group any command has; a settings file may carry any of them (each command takes
@@ -65,21 +64,12 @@ class Group:
     only: tuple[str, ...] | None = None  # None: every field is a flag
 
 
-def flag_of(name: str) -> str:
-    """The flag of a field name."""
-    return "--" + name.replace("_", "-")
-
-
 def _choices(info: FieldInfo) -> tuple[str, ...] | None:
     for meta in info.metadata:
         func = getattr(meta, "func", None)
         if isinstance(func, Choice):
             return func.names
     return None
-
-
-def _is_bool(info: FieldInfo) -> bool:
-    return info.annotation is bool
 
 
 def _shown(value: Any) -> str:
@@ -100,12 +90,10 @@ class SettingsParser:
         parser: argparse.ArgumentParser,
         config: type[Settings],
         groups: Sequence[Group],
-        defaults: Settings | None = None,
     ) -> None:
         self.parser = parser
         self.config = config
-        self.groups = list(groups)
-        self.defaults = defaults if defaults is not None else config()
+        self.defaults = config()
         self.fields: dict[str, tuple[str, str, str]] = {}  # dest -> (group, field, env)
         parser.add_argument(
             "--settings",
@@ -114,7 +102,7 @@ class SettingsParser:
             help=f"read settings from this JSON file; environment variables and flags "
             f"override it (default: none; env {SETTINGS_ENV})",
         )
-        for group in self.groups:
+        for group in groups:
             assert group.key in SETTINGS_GROUPS, group.key
             model = self._group_model(group.key)
             current = getattr(self.defaults, group.key)
@@ -136,7 +124,7 @@ class SettingsParser:
                 }
                 if choices:
                     kwargs["metavar"] = "{" + ",".join(choices) + "}"
-                elif _is_bool(info):
+                elif info.annotation is bool:
                     kwargs.update(nargs="?", const="true", metavar="{true,false}")
                 elif info.annotation in (int, float):
                     kwargs["metavar"] = "N" if info.annotation is int else "X"
@@ -195,20 +183,13 @@ class SettingsParser:
             self.parser.error(self._describe(exc, source))
 
     def _describe(self, exc: ValidationError, source: dict[tuple[str, str], str]) -> str:
-        parts = []
-        for err in exc.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if len(loc) >= 2:
-                where = source.get((loc[0], loc[1]))
-                if where is None:
-                    where = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
-                got = err.get("input")
-                shown = "" if got is None or isinstance(got, Mapping) else f" (got {got!r:.40})"
-                parts.append(f"{where}: {msg}{shown}")
-            else:
-                parts.append(msg)
-        return "; ".join(parts)
+        def where(loc: tuple[str, ...]) -> str:
+            if len(loc) < 2:
+                return ".".join(loc)
+            named = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
+            return source.get((loc[0], loc[1]), named)
+
+        return one_line(exc, where)
 
 
 def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -241,21 +222,3 @@ def add_log_flag(parser: argparse.ArgumentParser, default: str = "INFO") -> None
         default=os.environ.get(env) or default,
         help=f"log level (default: {default}; env {env})",
     )
-
-
-def fail(prog: str, message: str) -> NoReturn:
-    """Print one error line and exit 2 (for errors found after parsing)."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    raise SystemExit(2)
-
-
-__all__ = [
-    "Group",
-    "OneLineParser",
-    "SettingsParser",
-    "add_log_flag",
-    "fail",
-    "flag_of",
-    "read_settings_file",
-    "write_settings_file",
-]

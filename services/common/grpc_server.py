@@ -181,13 +181,27 @@ class _Unparseable:
 
 
 class ParseInterceptor(grpc.ServerInterceptor):
-    """Unparseable request bodies are INVALID_ARGUMENT, logged as one line."""
+    """Unparseable request bodies are INVALID_ARGUMENT, logged as one line.
+
+    Innermost, so the handler it wraps is the servicer's own: one wrapped handler per
+    method, built on the first call and reused.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = continuation(details)
+        done = self._wrapped.get(details.method)
+        if done is None:
+            done = self._wrap(continuation(details), details.method)
+            if done is not None:
+                self._wrapped[details.method] = done
+        return done
+
+    def _wrap(self, handler: Any, full_method: str) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1][:64]
+        method = full_method.rsplit("/", 1)[-1][:64]
         deserialize = handler.request_deserializer
 
         def parse(data: bytes) -> Any:

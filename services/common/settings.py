@@ -12,7 +12,7 @@ place; the flags are a thin table over its fields (see flags.py for why not a CL
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -82,6 +82,15 @@ OptionalPort = Annotated[Annotated[int, Field(ge=0, le=65535)] | None, BeforeVal
 # Paths and secrets: only an empty value means unset (a token may well be "none").
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_none)]
 IntList = Annotated[tuple[int, ...], BeforeValidator(_csv_ints)]
+
+
+def _shape(value: tuple[int, ...]) -> tuple[int, ...]:
+    if value and (len(value) != 3 or min(value) < 1):
+        raise ValueError("must be three positive integers C,H,W")
+    return value
+
+
+Shape3 = Annotated[IntList, AfterValidator(_shape)]  # C,H,W, or empty: not given
 MetricsPort = Annotated[
     Annotated[int, Field(ge=-1, le=65535)] | None, BeforeValidator(_metrics_port)
 ]
@@ -95,17 +104,24 @@ def env_name(field: Any) -> str | None:
     return extra.get("env") if isinstance(extra, dict) else None
 
 
-def one_line(exc: ValidationError) -> str:
-    """A pydantic error as one readable line naming each bad setting by its flag."""
+def flag_of(name: str) -> str:
+    """The flag of a field name."""
+    return "--" + name.replace("_", "-")
+
+
+def one_line(exc: ValidationError, where: Callable[[tuple[str, ...]], str] | None = None) -> str:
+    """A pydantic error as one readable line naming each bad setting: by `where(loc)` when
+    given (a flag, a variable, a settings file), else by the field's flag."""
     parts = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-        name = loc[-1] if loc else ""
-        where = "--" + name.replace("_", "-") if name else ""
+        loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
         msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            parts.append(msg)
+            continue
         got = err.get("input")
         shown = "" if isinstance(got, Mapping) or got is None else f" (got {str(got)[:40]!r})"
-        parts.append(f"{where}: {msg}{shown}" if where else msg)
+        parts.append(f"{where(loc) if where else flag_of(loc[-1])}: {msg}{shown}")
     return "; ".join(parts)
 
 
@@ -270,9 +286,3 @@ class ServiceSettings(Settings):
         description="log level",
         json_schema_extra={"env": "FLCLUSTERING_LOG_LEVEL"},
     )
-
-
-def check_tls(port: int | None, cert: str | None, key: str | None) -> None:
-    """A TLS port needs both a certificate and a key."""
-    if port is not None and not (cert and key):
-        raise ValueError("--tls-port needs --tls-cert and --tls-key")

@@ -139,6 +139,11 @@ class Participant:
         self.gen = participant_generator(settings.seed, index)
         self.rng = random.Random(settings.seed * 7919 + index)
         self.meta = call_metadata(settings.auth_token)
+        # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
+        self.retries = RetryPolicy(
+            attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
+        )
+        self.upload_retries = RetryPolicy(attempts=1 << 20, budget_s=settings.retry_budget_s)
         if attack.kind != "none":
             logger.warning(
                 "SIMULATED ATTACK: %s is an attacker (%s, factor %s, every %d rounds)",
@@ -154,11 +159,7 @@ class Participant:
 
         Returns None when the process is stopping.
         """
-        policy = RetryPolicy(
-            attempts=1 << 20,
-            codes=RETRYABLE if idempotent else RetryPolicy().codes,
-            budget_s=self.settings.retry_budget_s,
-        )
+        policy = self.retries if idempotent else self.upload_retries
         for _ in range(MAX_REJOINS):
             try:
                 return with_retries(fn, f"{self.id} {what}", policy, self.rng, self.stop)
