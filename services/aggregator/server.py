@@ -31,11 +31,18 @@ from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.strategies import get_strategy
 from services.common.streams import Received, build_stream, validated
 from services.common.tensors import state_of
-from services.common.wire import StreamReader, check_header_spec, invalid, spec_from_pb
+from services.common.wire import (
+    StreamReader,
+    check_header_spec,
+    check_update_header,
+    invalid,
+    spec_from_pb,
+)
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Aggregator"
+MAX_CLUSTERS = 4096  # cluster ids and accuracies a round may carry
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -64,12 +71,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
-            if not m.sender:
-                raise invalid("the update names no sender")
+            check_update_header(m)
             if m.kind != "weights":
-                raise invalid(f"the aggregator takes weights, not {m.kind!r}")
-            if m.num_samples < 0:
-                raise invalid("num_samples must not be negative")
+                raise invalid(f"the aggregator takes weights, not {m.kind[:32]!r}")
+            if not 0 <= header.cluster < MAX_CLUSTERS:
+                raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
             check_header_spec(spec_from_pb(m.tensors), self.state.spec)
             reserved.append((m.sender, self.state.begin_update(m.sender, m.round, m.model_version)))
             return StreamReader(
@@ -102,6 +108,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def Aggregate(
         self, request: pb.AggregateRequest, context: grpc.ServicerContext
     ) -> pb.AggregateResponse:
+        if len(request.cluster_accuracy) > MAX_CLUSTERS:
+            raise invalid(f"at most {MAX_CLUSTERS} cluster accuracies")
         for c, acc in request.cluster_accuracy.items():
             if not 0.0 <= acc <= 1.0:  # NaN fails this too
                 raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")

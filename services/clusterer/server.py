@@ -32,12 +32,20 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.strategies import get_strategy
 from services.common.streams import Received, encoded_stream, read_all, validated
-from services.common.wire import StreamReader, WireError, check_header_spec, invalid, spec_from_pb
+from services.common.wire import (
+    MAX_ID_LENGTH,
+    MAX_SAMPLES,
+    StreamReader,
+    WireError,
+    check_header_spec,
+    check_update_header,
+    invalid,
+    spec_from_pb,
+)
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Clusterer"
-MAX_ID_LENGTH = 128
 
 
 class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
@@ -60,8 +68,10 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         pid = request.participant_id
         if not pid or len(pid) > MAX_ID_LENGTH or not pid.isprintable():
             raise invalid(f"participant_id must be 1-{MAX_ID_LENGTH} printable characters")
-        if request.num_train < 0 or request.num_test < 0:
-            raise invalid("sample counts must not be negative")
+        if not (0 <= request.num_train <= MAX_SAMPLES and 0 <= request.num_test <= MAX_SAMPLES):
+            raise invalid(f"sample counts must be in [0, {MAX_SAMPLES}]")
+        if request.group < -1:
+            raise invalid("group must be -1 (unknown) or a group index")
         device = request.device[:MAX_ID_LENGTH]
         if self.state.join(pid, request.num_train, request.num_test, request.group, device):
             logger.info("[Clusterer.Join] %s joined (%s)", pid, device or "?")
@@ -108,12 +118,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         if first is None or first.WhichOneof("part") != "header":
             raise invalid("a weights stream must start with a header")
         h = first.header
+        check_update_header(h)
         if h.kind == "pretrain-delta":
             return self._pretrain_delta(h, itertools.chain([first], it))
         if h.kind != "weights":
             raise invalid(f"unknown update kind {h.kind[:32]!r} (weights or pretrain-delta)")
-        if h.num_samples < 0:
-            raise invalid("num_samples must not be negative")
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version)
         accepted = False
         try:

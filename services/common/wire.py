@@ -11,6 +11,7 @@ more than it needs.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,31 @@ class WireError(FLClusteringError):
 def invalid(message: str) -> WireError:
     """Malformed content (names, shapes, dtypes, values)."""
     return WireError("INVALID_ARGUMENT", message)
+
+
+MAX_ID_LENGTH = 128  # participant ids
+MAX_METRICS = 16  # entries of an update's metrics map
+MAX_SAMPLES = 1 << 40
+
+
+def check_update_header(header: tensors_pb2.ModelHeader) -> None:
+    """The scalar fields of an uploaded model's header: who, how many samples, its metrics.
+
+    A metric value feeds the aggregation (q-FFL reads loss_before), so a NaN or a flood of
+    entries is refused here rather than failing the round later.
+    """
+    sender = header.sender
+    if not sender or len(sender) > MAX_ID_LENGTH or not sender.isprintable():
+        raise invalid(f"sender must be 1-{MAX_ID_LENGTH} printable characters")
+    if not 0 <= header.num_samples <= MAX_SAMPLES:
+        raise invalid(f"num_samples must be in [0, {MAX_SAMPLES}]")
+    if len(header.metrics) > MAX_METRICS:
+        raise invalid(f"at most {MAX_METRICS} metrics per update, got {len(header.metrics)}")
+    for key, value in header.metrics.items():
+        if not key or len(key) > 64:
+            raise invalid("metric names must be 1-64 characters")
+        if not math.isfinite(value) or value < 0:
+            raise invalid(f"metric {key[:64]!r} must be finite and non-negative, got {value}")
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -258,3 +258,56 @@ def test_a_nan_poll_does_not_spin(open_round):
     )
     assert reply.kind in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_WAIT)
     assert time.monotonic() - started < 2.0
+
+
+def test_every_scalar_field_has_a_limit(open_round):
+    """Hostile values in each field the changed RPCs read: the documented code, and the
+    round goes on unchanged."""
+    fed, w = open_round
+
+    def join(**fields):
+        request = pb.JoinRequest(participant_id="participant-00001", **fields)
+        return rpc_code(lambda: fed.stub.Join(request, metadata=META, timeout=10))
+
+    assert join(group=-5) == C.INVALID_ARGUMENT
+    assert join(num_train=1 << 62) == C.INVALID_ARGUMENT
+    assert join(device="d" * (1 << 20)) == C.OK  # stored cut to 128 characters
+
+    def upload(**fields):
+        h = header()
+        for key, value in fields.items():
+            if key == "metrics":
+                h.metrics.update(value)
+            else:
+                setattr(h, key, value)
+        return submit(fed, messages(w, h))
+
+    assert upload(metrics={"loss_before": float("nan")}) == C.INVALID_ARGUMENT
+    assert upload(metrics={f"m{i}": 1.0 for i in range(100)}) == C.INVALID_ARGUMENT
+    assert upload(sender="s" * (1 << 20)) == C.INVALID_ARGUMENT
+    assert upload(num_samples=1 << 50) == C.INVALID_ARGUMENT
+    nan_eval = pb.ReportEvaluationRequest(
+        participant_id=PID, evaluation_id="x", accuracy=float("nan"), loss=0.1, num_examples=3
+    )
+    assert rpc_code(lambda: fed.stub.ReportEvaluation(nan_eval, metadata=META)) == (
+        C.INVALID_ARGUMENT
+    )
+
+    def aggregate(**fields):
+        request = agg_pb.AggregateRequest(round=0, strategy="fedavg", **fields)
+        return rpc_code(lambda: fed.agg_stub.Aggregate(request, metadata=META))
+
+    assert aggregate(lr=float("nan")) == C.INVALID_ARGUMENT
+    assert aggregate(lr=-1.0) == C.INVALID_ARGUMENT
+    assert aggregate(byzantine_fraction=0.7) == C.INVALID_ARGUMENT
+    assert aggregate(cluster_accuracy={c: 0.5 for c in range(5000)}) == C.INVALID_ARGUMENT
+    assert aggregate(cluster_accuracy={0: float("nan")}) == C.INVALID_ARGUMENT
+    forward = agg_pb.ForwardUpdateRequest(
+        header=agg_pb.UpdateHeader(model=messages(w)[0].header, cluster=-1)
+    )
+    assert (
+        rpc_code(lambda: fed.agg_stub.ForwardUpdate(iter([forward]), metadata=META))
+        == C.INVALID_ARGUMENT
+    )
+    assert unchanged(fed)
+    assert submit(fed, messages(w)) == C.OK  # the round still takes the good update
