@@ -95,7 +95,15 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 received.reader.flat.sub_(base),  # in place: no second model-sized buffer
                 dict(m.metrics),
             )
-            self.state.end_update(update, m.round)
+            state_dir = self.config.service.state_dir
+            # Durable before acknowledged: a kill -9 after the answer loses nothing.
+            saved = self.state.persist(update, m.round, Path(state_dir)) if state_dir else None
+            try:
+                self.state.end_update(update, m.round)
+            except Exception:
+                if saved is not None:
+                    saved.unlink(missing_ok=True)
+                raise
             self.metrics.rpc.received_bytes.inc(received.reader.received)
             self.metrics.update_bytes.observe(received.reader.received)
         finally:
@@ -189,9 +197,10 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
     state_dir = config.service.state_dir
     if state_dir and state.restore(Path(state_dir)):
         logger.info(
-            "restored model version %d (open round %d) from %s",
+            "restored model version %d, open round %d with %d accepted update(s), from %s",
             state.version,
             state.open_round,
+            len(state.pending),
             state_dir,
         )
     return state

@@ -1,26 +1,57 @@
 """The aggregator's state, in one place: versioned global models and the open round.
 
-All mutation goes through methods holding one lock; `save` and `restore` carry the newest
-global model and the round counters over a restart (safetensors, never pickle).
+All mutation goes through methods holding one lock; `persist`, `save` and `restore` carry
+the accepted updates of the open round, the newest global model and the round counters
+over a restart (safetensors, never pickle; each file written durably before it counts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from services.aggregator.rounds import aggregate_round
-from services.common.errors import NotFoundError, StateError
+from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
 from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
 RELEASE_WAIT_S = 5.0
+PENDING = "pending"  # accepted updates of the open round, one safetensors file each
+
+
+def durable_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp), then flush it to disk, rename it over path and flush the directory: a
+    crash leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _round_of(path: Path) -> int:
+    """The round in a persisted update's file name (r{round}-{id}.safetensors)."""
+    try:
+        return int(path.name[1:].split("-", 1)[0])
+    except ValueError:
+        return -1
 
 
 @dataclass
@@ -168,8 +199,30 @@ class AggregatorState:
                 per_cluster,
             )
 
+    def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
+        """Write an accepted update durably (written, flushed, renamed) before it is
+        acknowledged; `restore` brings it back into its round after a crash."""
+        from safetensors.torch import save_file
+
+        pending = directory / PENDING
+        pending.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(update.participant.encode()).hexdigest()[:24]
+        path = pending / f"r{round_}-{digest}.safetensors"
+        meta = {
+            "participant": update.participant,
+            "cluster": str(update.cluster),
+            "samples": str(update.samples),
+            "round": str(round_),
+            "metrics": json.dumps(update.metrics),
+        }
+        durable_write(
+            path, lambda tmp: save_file({"delta": update.delta.contiguous()}, str(tmp), meta)
+        )
+        return path
+
     def save(self, directory: Path) -> None:
-        """Write the newest global model (safetensors) and the round counters, atomically.
+        """Write the newest global model (safetensors) and the round counters, durably;
+        then drop the persisted updates of closed rounds.
 
         Called after every aggregation; `restore` reads it back after a restart.
         """
@@ -181,33 +234,56 @@ class AggregatorState:
         weights = unflatten(flat, self.spec, self.reference)
         directory.mkdir(parents=True, exist_ok=True)
         model = directory / f"model-v{version}.safetensors"
-        tmp = model.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-        tmp.replace(model)
-        meta = directory / "state.json"
-        meta.with_suffix(".tmp").write_text(
-            json.dumps({"version": version, "open_round": open_round, "model": model.name})
+        durable_write(
+            model, lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
         )
-        meta.with_suffix(".tmp").replace(meta)
+        state = json.dumps({"version": version, "open_round": open_round, "model": model.name})
+        durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
         for old in directory.glob("model-v*.safetensors"):
             if old != model:
                 old.unlink(missing_ok=True)
+        for done in (directory / PENDING).glob("r*.safetensors"):
+            if _round_of(done) < open_round:
+                done.unlink(missing_ok=True)
 
     def restore(self, directory: Path) -> bool:
-        """Load a saved state if there is one (its tensors must match this model's spec)."""
+        """Load a saved state and the persisted updates of its open round, if there are any
+        (tensors must match this model's spec; nothing is unpickled)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         meta = directory / "state.json"
-        if not meta.exists():
-            return False
-        info = json.loads(meta.read_text())
-        weights = load_file(str(directory / info["model"]))  # safetensors: no pickle
-        ordered = OrderedDict((s.name, weights[s.name]) for s in self.spec if s.name in weights)
-        check_spec(ordered, self.spec)
-        with self.lock:
-            self.version = int(info["version"])
-            self.open_round = int(info["open_round"])
-            initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
-            self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
-            self.reference = ordered
-        return True
+        restored = False
+        if meta.exists():
+            info = json.loads(meta.read_text())
+            weights = load_file(str(directory / info["model"]))  # safetensors: no pickle
+            ordered = OrderedDict((s.name, weights[s.name]) for s in self.spec if s.name in weights)
+            check_spec(ordered, self.spec)
+            with self.lock:
+                self.version = int(info["version"])
+                self.open_round = int(info["open_round"])
+                initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
+                self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
+                self.reference = ordered
+            restored = True
+        size = self.versions[self.version].numel()
+        for path in sorted((directory / PENDING).glob("r*.safetensors")):
+            if _round_of(path) != self.open_round:
+                path.unlink(missing_ok=True)  # a closed round's (or a stale) update
+                continue
+            with safe_open(str(path), "pt") as fh:
+                info = fh.metadata()
+                delta = fh.get_tensor("delta")
+            if delta.shape != (size,) or not bool(torch.isfinite(delta).all()):
+                raise SpecMismatchError(f"{path} does not hold an update of this model")
+            update = PendingUpdate(
+                info["participant"],
+                int(info["cluster"]),
+                int(info["samples"]),
+                delta,
+                {k: float(v) for k, v in json.loads(info["metrics"]).items()},
+            )
+            with self.lock:
+                self.pending[update.participant] = update
+            restored = True
+        return restored

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import StateError
+from services.common.errors import SpecMismatchError, StateError
 from services.common.models import build_model
 from services.common.settings import DefenceSettings
 from services.common.strategies import STRATEGIES
@@ -69,3 +69,37 @@ def test_initial_model_is_always_kept():
         s.aggregate(r, FEDAVG, {}, DEFENCE, 0.05)
     assert list(s.versions) == [0, 4, 5]
     assert s.weights(0)[0] == 0
+
+
+def test_accepted_updates_survive_a_crash_of_the_open_round(tmp_path):
+    """Persisted before acknowledged: a new process restores the open round's updates (as
+    after kill -9) and aggregates exactly them; a closed round's files go."""
+    s = fresh()
+    d = s.versions[0].numel()
+    for who, value in (("a", 0.1), ("b", 0.3)):
+        update = PendingUpdate(who, 1, 10, torch.full((d,), value), {"loss_before": 0.5})
+        s.begin_update(who, 0, 0)
+        s.persist(update, 0, tmp_path)
+        s.end_update(update, 0)
+    crashed = fresh()  # nothing else of `s` survives
+    assert crashed.restore(tmp_path)
+    assert sorted(crashed.pending) == ["a", "b"]
+    assert crashed.pending["a"].cluster == 1 and crashed.pending["a"].metrics["loss_before"] == 0.5
+    assert torch.equal(crashed.pending["b"].delta, torch.full((d,), 0.3))
+    report = crashed.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
+    assert report.updates == 2
+    crashed.save(tmp_path)
+    assert not list((tmp_path / "pending").glob("*.safetensors"))
+    again = fresh()
+    assert again.restore(tmp_path) and again.open_round == 1 and not again.pending
+    assert torch.allclose(again.versions[again.version], crashed.versions[crashed.version])
+
+
+def test_a_foreign_update_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "pending").mkdir()
+    meta = {"participant": "x", "cluster": "0", "samples": "1", "round": "0", "metrics": "{}"}
+    save_file({"delta": torch.zeros(7)}, str(tmp_path / "pending" / "r0-x.safetensors"), meta)
+    with pytest.raises(SpecMismatchError):
+        fresh().restore(tmp_path)
