@@ -12,9 +12,20 @@ from services.common.grpc_server import serve_main
 
 GROUPS = (
     Group("service", "AGGREGATOR_"),
-    Group("transport", only=("auth_token", "auth_token_file", "max_update_bytes")),
-    Group("federation", only=("model", "dataset", "seed")),
-    Group("defence", only=("norm_factor", "cluster_factor")),
+    Group(
+        "transport",
+        only=(
+            "tls_dir",
+            "auth_token",
+            "auth_token_file",
+            "max_update_bytes",
+            "stream_idle_s",
+            "stream_max_s",
+        ),
+    ),
+    Group("federation", only=("strategy", "model", "dataset", "seed")),
+    Group("defence"),
+    Group("training", only=("lr", "lr_decay")),
     Group("store", "AGGREGATOR_"),
 )
 

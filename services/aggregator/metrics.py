@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from services.common.metrics import (
     DURATION_BUCKETS,
@@ -25,6 +25,12 @@ class AggregatorMetrics(Catalogue):
 
     TABLE = (
         Metric("model_version", Gauge, "model_version", "Global model version."),
+        Metric(
+            "policy",
+            Info,
+            "defence_policy",
+            "The defence the aggregator was started with (strategy, q, Byzantine share).",
+        ),
         Metric(
             "aggregation_seconds",
             Histogram,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,13 +10,22 @@ from pathlib import Path
 
 import grpc
 import torch
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.grpc_server import add_health_and_reflection, bind, new_server, rpc
+from services.common.grpc_server import (
+    Policy,
+    StallWatch,
+    add_health_and_reflection,
+    bind_service,
+    credentials,
+    new_server,
+    rpc,
+)
 from services.common.metrics import (
     ServerMetricsInterceptor,
     cluster_label,
@@ -54,14 +62,25 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.state = state
         self.config = config
         self.metrics = metrics
+        t = config.transport
+        self.watch = StallWatch(t.stream_idle_s, t.stream_max_s)
         metrics.model_version.set(state.version)
+        d = config.defence
+        self.policy = pb.DefencePolicy(
+            strategy=config.federation.strategy,
+            q=d.q,
+            byzantine_fraction=d.byzantine_fraction,
+            norm_factor=d.norm_factor,
+            cluster_factor=d.cluster_factor,
+        )
+        metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 
     @rpc("Aggregator.ForwardUpdate")
     def ForwardUpdate(
         self, request_iterator: Iterator[pb.ForwardUpdateRequest], context: grpc.ServicerContext
     ) -> pb.ForwardUpdateResponse:
         with counting_refusals(self.metrics.updates_rejected):
-            return self._receive(request_iterator)
+            return self._receive(self.watch.watch(request_iterator, context, "ForwardUpdate"))
 
     def _receive(
         self, request_iterator: Iterator[pb.ForwardUpdateRequest]
@@ -119,22 +138,20 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         if len(request.cluster_accuracy) > MAX_CLUSTERS:
             raise invalid(f"at most {MAX_CLUSTERS} cluster accuracies")
         for c, acc in request.cluster_accuracy.items():
+            if not 0 <= c < MAX_CLUSTERS:
+                raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
             if not 0.0 <= acc <= 1.0:  # NaN fails this too
                 raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
-        if not (math.isfinite(request.lr) and request.lr >= 0):
-            raise invalid("lr must be finite and non-negative")
-        strategy = get_strategy(request.strategy[:64] or "flclustering")
-        # The request's q and Byzantine share, validated like any setting (NaN refused).
-        defence = self.config.defence.replace(
-            q=request.q, byzantine_fraction=request.byzantine_fraction
-        )
+        # Strategy, q, the Byzantine share and q-FFL's rate are this service's own settings.
+        strategy = get_strategy(self.config.federation.strategy)
+        lr = self.config.training.lr_at(int(request.round))
         start = time.perf_counter()
         report = self.state.aggregate(
             request.round,
             strategy,
             dict(request.cluster_accuracy),
-            defence,
-            request.lr or 0.05,
+            self.config.defence,
+            lr,
             request.abandon,
         )
         m = self.metrics
@@ -163,6 +180,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             rejected_clusters=[f"{c}: {r}" for c, r in report.rejected_clusters.items()],
             fallbacks=[f"{c}: {r}" for c, r in report.fallbacks.items()],
             updates=report.updates,
+            round=request.round,
         )
 
     @rpc("Aggregator.GetModel")
@@ -185,6 +203,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 model_version=self.state.version,
                 open_round=self.state.open_round,
                 pending_updates=len(self.state.pending),
+                pending_participants=list(self.state.pending),
+                policy=self.policy,
             )
 
 
@@ -228,18 +248,38 @@ class AggregatorService:
         self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
 
 
+def policy(max_workers: int) -> Policy:
+    """Only the clusterer writes (and reads models); operators may read the status. Upload
+    streams leave threads free for health, status and Aggregate."""
+    streams = max(1, max_workers - 8)
+    return Policy(
+        roles={
+            "ForwardUpdate": frozenset({"clusterer"}),
+            "Aggregate": frozenset({"clusterer"}),
+            "GetModel": frozenset({"clusterer"}),
+            "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
+        },
+        per_identity={"ForwardUpdate": streams, "GetModel": 8},
+        total={"ForwardUpdate": streams, "GetModel": 8},
+    )
+
+
 def build_service(config: AggregatorConfig) -> AggregatorService:
     """Build the aggregator server and everything it serves."""
     registry = CollectorRegistry()
     metrics = AggregatorMetrics(registry)
+    authenticator, tls = credentials(config.transport, "aggregator")
     servicer = AggregatorServicer(initial_state(config), config, metrics)
     svc = config.service
     server = new_server(
-        svc.max_workers, config.transport.token(), [ServerMetricsInterceptor(metrics.rpc)]
+        svc.max_workers,
+        authenticator,
+        policy(svc.max_workers),
+        [ServerMetricsInterceptor(metrics.rpc)],
     )
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, svc.host, svc.port)
+    port = bind_service(server, svc.host, svc.port, tls)
     return AggregatorService(server, port, servicer, health, registry)
 
 

@@ -14,6 +14,7 @@ from services.common.settings import (
     ServiceSettings,
     Settings,
     Shape3,
+    TrainingSettings,
     TransportSettings,
 )
 
@@ -33,10 +34,13 @@ class ModelStoreSettings(Settings):
 class AggregatorConfig(Settings):
     """Everything the aggregator runs on; one frozen value built at start-up."""
 
-    service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102)
+    service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102, max_workers=64)
     transport: TransportSettings = TransportSettings()
     federation: FederationSettings = FederationSettings()
+    # The defence policy is the aggregator's own, fixed at start (callers cannot change it);
+    # the training rate is q-FFL's step size.
     defence: DefenceSettings = DefenceSettings()
+    training: TrainingSettings = TrainingSettings()
     store: ModelStoreSettings = ModelStoreSettings()
 
     def shape(self) -> tuple[Shape, int]:

@@ -20,7 +20,6 @@ GROUPS = (
         only=tuple(f for f in FederationSettings.model_fields if f not in ("model", "dataset")),
     ),
     Group("training"),
-    Group("defence", only=("q", "byzantine_fraction")),
     Group("clustering", "CLUSTERER_"),
 )
 

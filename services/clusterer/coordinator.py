@@ -26,6 +26,7 @@ from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.plan import group_accuracy, plan_round
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation
+from services.common.errors import ConfigError
 from services.common.figures import accuracy_summary
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
@@ -154,6 +155,7 @@ class Coordinator(ClustererParts):
 
     def _run(self) -> None:
         try:
+            self._aggregator_status()  # the same strategy on both sides, before anyone waits
             self._refresh_model(0)
             self._wait_for_members()
             if self.strategy.clustered:
@@ -194,9 +196,9 @@ class Coordinator(ClustererParts):
         self.models.put(model)
         self.state.set_model_version(model[0].model_version)
 
-    def _resume_point(self) -> int:
-        """The first round to run: where the aggregator is (it may have outlived us)."""
-        status = with_retries(
+    def _aggregator_status(self) -> agg_pb.GetAggregatorStatusResponse:
+        """The aggregator's round, pending updates and defence policy (retried)."""
+        status: agg_pb.GetAggregatorStatusResponse = with_retries(
             lambda: self.aggregator.GetAggregatorStatus(
                 agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=30
             ),
@@ -204,6 +206,16 @@ class Coordinator(ClustererParts):
             IDEMPOTENT,
             stop=self.stop,
         )
+        if status.policy.strategy != self.fed.strategy:
+            raise ConfigError(
+                f"the aggregator runs strategy {status.policy.strategy!r}, this clusterer "
+                f"{self.fed.strategy!r}: start both with the same --strategy"
+            )
+        return status
+
+    def _resume_point(self) -> int:
+        """The first round to run: where the aggregator is (it may have outlived us)."""
+        status = self._aggregator_status()
         first = int(status.open_round)
         if status.pending_updates > 0:
             # A previous clusterer died mid-round: its half-collected round cannot be
@@ -212,7 +224,7 @@ class Coordinator(ClustererParts):
                 "dropping interrupted round %d (%d updates)", first, status.pending_updates
             )
             self.aggregator.Aggregate(
-                agg_pb.AggregateRequest(round=first, strategy=self.fed.strategy, abandon=True),
+                agg_pb.AggregateRequest(round=first, abandon=True),
                 metadata=self._meta(),
                 timeout=60,
             )
@@ -318,15 +330,7 @@ class Coordinator(ClustererParts):
             )
         reply: agg_pb.AggregateResponse = with_retries(
             lambda: self.aggregator.Aggregate(
-                agg_pb.AggregateRequest(
-                    round=r,
-                    strategy=self.fed.strategy,
-                    cluster_accuracy=cluster_acc,
-                    q=self.config.defence.q,
-                    byzantine_fraction=self.config.defence.byzantine_fraction,
-                    lr=self.config.training.lr_at(r),
-                    abandon=abandon,
-                ),
+                agg_pb.AggregateRequest(round=r, cluster_accuracy=cluster_acc, abandon=abandon),
                 metadata=self._meta(),
                 timeout=600,
             ),

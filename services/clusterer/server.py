@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,20 @@ from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCac
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation
+from services.common.credentials import TokenTable
 from services.common.errors import NotFoundError, StateError
 from services.common.grpc_client import call_metadata, channel, quiet_refused_streams
-from services.common.grpc_server import add_health_and_reflection, bind, bind_tls, new_server, rpc
+from services.common.grpc_server import (
+    Policy,
+    StallWatch,
+    act_as,
+    add_health_and_reflection,
+    bind_service,
+    bind_tls,
+    credentials,
+    new_server,
+    rpc,
+)
 from services.common.metrics import (
     ServerMetricsInterceptor,
     counting_refusals,
@@ -38,6 +50,7 @@ from services.common.wire import (
     StreamReader,
     WireError,
     check_header_spec,
+    check_id,
     check_update_header,
     invalid,
     spec_from_pb,
@@ -53,6 +66,9 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     def __init__(self, *parts: Any) -> None:  # ClustererParts' arguments
         ClustererParts.__init__(self, *parts)
+        self.polls = threading.BoundedSemaphore(max(1, self.config.service.max_workers // 2))
+        tr = self.config.transport
+        self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
         t = self.config.training
         self.training = pb.TrainingSettings(
             epochs=t.local_epochs,
@@ -66,13 +82,15 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     @rpc("Clusterer.Join")
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         pid = request.participant_id
-        if not pid or len(pid) > MAX_ID_LENGTH or not pid.isprintable():
-            raise invalid(f"participant_id must be 1-{MAX_ID_LENGTH} printable characters")
+        check_id(pid, "participant_id")
+        act_as(pid)
         if not (0 <= request.num_train <= MAX_SAMPLES and 0 <= request.num_test <= MAX_SAMPLES):
             raise invalid(f"sample counts must be in [0, {MAX_SAMPLES}]")
-        if request.group < -1:
-            raise invalid("group must be -1 (unknown) or a group index")
+        if not -1 <= request.group < MAX_GROUPS:
+            raise invalid(f"group must be -1 (unknown) or a group index below {MAX_GROUPS}")
         device = request.device[:MAX_ID_LENGTH]
+        if not device.isprintable():
+            raise invalid("device must be printable text")
         if self.state.join(pid, request.num_train, request.num_test, request.group, device):
             logger.info("[Clusterer.Join] %s joined (%s)", pid, device or "?")
         joined = self.state.joined()
@@ -83,12 +101,27 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.ServicerContext
     ) -> pb.GetTaskResponse:
+        pid = request.participant_id
+        check_id(pid, "participant_id")
+        act_as(pid)
         cap = self.config.transport.poll_cap_s
         wait = min(max(request.wait_s, 0.0), cap) if math.isfinite(request.wait_s) else 0.0
-        task = self.state.next_task(request.participant_id, wait, context.is_active)
+        # A long poll holds a server thread: past the poll slots, the answer comes at once
+        # with a hint when to ask again, so waiting participants never starve other calls.
+        held = self.polls.acquire(blocking=False)
+        try:
+            task = self.state.next_task(pid, wait if held else 0.0, context.is_active)
+        finally:
+            if held:
+                self.polls.release()
         if task is None:
             kind, round_, version = self.state.idle_answer()
-            return pb.GetTaskResponse(kind=kind, round=round_, model_version=version)  # type: ignore[arg-type]
+            return pb.GetTaskResponse(
+                kind=kind,  # type: ignore[arg-type]
+                round=round_,
+                model_version=version,
+                next_poll_s=0.0 if held or wait == 0 else min(wait, BUSY_POLL_S),
+            )
         training = pb.TrainingSettings()
         training.CopyFrom(self.training)
         training.lr = self.config.training.lr_at(task.round)
@@ -105,7 +138,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
         with counting_refusals(self.metrics.updates_rejected):
-            reply = self._submit(request_iterator)
+            reply = self._submit(self.watch.watch(request_iterator, context, "SubmitUpdate"))
         if reply.round >= 0:
             self.metrics.updates_received.inc()
         return reply
@@ -119,6 +152,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             raise invalid("a weights stream must start with a header")
         h = first.header
         check_update_header(h)
+        act_as(h.sender)
         if h.kind == "pretrain-delta":
             return self._pretrain_delta(h, itertools.chain([first], it))
         if h.kind != "weights":
@@ -185,12 +219,15 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     def ReportEvaluation(
         self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.ReportEvaluationResponse:
+        check_id(request.participant_id, "participant_id")
+        act_as(request.participant_id)
+        check_id(request.evaluation_id, "evaluation_id")
         if not (0.0 <= request.accuracy <= 1.0):
             raise invalid(f"accuracy {request.accuracy} is outside [0, 1]")
         if not math.isfinite(request.loss) or request.loss < 0:
             raise invalid(f"loss {request.loss} must be finite and non-negative")
-        if request.num_examples <= 0:
-            raise invalid("num_examples must be positive")
+        if not 0 < request.num_examples <= MAX_SAMPLES:
+            raise invalid(f"num_examples must be in [1, {MAX_SAMPLES}]")
         result = Evaluation(request.accuracy, request.loss, request.num_examples)
         self.state.record_evaluation(
             request.participant_id, request.evaluation_id, request.model_version, result
@@ -212,12 +249,16 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
-        v = self.state.view()
+        members = page(request.members_offset, request.members_limit, 100, MAX_PAGE)
+        rounds = page(request.history_offset, request.history_limit, MAX_PAGE, MAX_PAGE)
+        v = self.state.view(members, rounds)
         return pb.GetStatusResponse(
             phase=v.phase,
             round=v.round,
             rounds=self.config.federation.rounds,
-            participants=len(v.clusters),
+            participants=v.members_total,
+            members_total=v.members_total,
+            history_total=v.history_total,
             model_version=v.model_version,
             history=[
                 pb.RoundSummary(**{k: x for k, x in h.items() if k in ROUND_FIELDS})
@@ -235,6 +276,18 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
 
 ROUND_FIELDS = set(pb.RoundSummary.DESCRIPTOR.fields_by_name)
+MAX_PAGE = 1000  # members or rounds in one GetStatus answer
+MAX_GROUPS = 1 << 16
+BUSY_POLL_S = 2.0  # when every poll slot is taken, ask again after about this long
+
+
+def page(offset: int, limit: int, default: int, most: int) -> slice:
+    """The slice a (offset, limit) request asks for; limits outside [0, most] are refused."""
+    if offset < 0 or limit < 0:
+        raise invalid("offsets and limits must not be negative")
+    if limit > most:
+        raise invalid(f"at most {most} entries per page, asked for {limit}")
+    return slice(offset, offset + (limit or default))
 
 
 class _Relayed(Exception):
@@ -295,9 +348,36 @@ class _RelayInterceptor(grpc.ServerInterceptor):
         )
 
 
+def policy(max_workers: int) -> Policy:
+    """Participants call the participant RPCs (as themselves: the servicer checks ids);
+    status is for operators. Per identity: one poll and one upload at a time (plus one
+    being torn down); uploads and downloads together leave threads for everything else."""
+    part = frozenset({"participant"})
+    return Policy(
+        roles={
+            "Join": part,
+            "GetTask": part,
+            "SubmitUpdate": part,
+            "ReportEvaluation": part,
+            "DownloadModel": part,
+            "GetStatus": frozenset({"operator"}),
+        },
+        per_identity={"GetTask": 2, "SubmitUpdate": 2, "DownloadModel": 2},
+        default_per_identity=4,
+        total={
+            "SubmitUpdate": max(1, max_workers // 4),
+            "DownloadModel": max(1, max_workers // 4),
+        },
+    )
+
+
 def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
     token = config.transport.token()  # the file is read once
+    tokens = config.clustering.participant_tokens
+    authenticator, tls = credentials(
+        config.transport, "clusterer", TokenTable.load(tokens) if tokens else None
+    )
     models = ModelCache()
     registry = CollectorRegistry()
     metrics = ClustererMetrics(registry)
@@ -308,17 +388,17 @@ def build_service(config: ClustererConfig) -> ClustererService:
         on_phase=metrics.phase.state,
     )
     quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
-    agg_channel = channel(config.clustering.aggregator)
+    agg_channel = channel(config.clustering.aggregator, client=tls)
     aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
     parts = (config, state, aggregator, models, metrics, token)
     coordinator = Coordinator(*parts)
     servicer = ClustererServicer(*parts)
     interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]
     svc = config.service
-    server = new_server(svc.max_workers, token, interceptors)
+    server = new_server(svc.max_workers, authenticator, policy(svc.max_workers), interceptors)
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, svc.host, svc.port)
+    port = bind_service(server, svc.host, svc.port, tls)
     tls_port = None
     c = config.clustering
     if c.tls_port is not None and c.tls_cert and c.tls_key:

@@ -9,7 +9,6 @@ from typing_extensions import Self
 
 from services.clusterer.clustering import METHODS
 from services.common.settings import (
-    DefenceSettings,
     FederationSettings,
     OptionalPort,
     OptionalStr,
@@ -35,8 +34,14 @@ class ClusteringSettings(Settings):
     cluster_method: Annotated[str, choice(METHODS)] = Field(
         "hierarchical", description="how pre-training deltas are clustered"
     )
+    participant_tokens: OptionalStr = Field(
+        None,
+        description="JSON {participant id: sha256 of its token's secret} (`flclustering "
+        "tokens`): participants that cannot hold certificates authenticate with these",
+    )
     tls_port: OptionalPort = Field(
-        None, description="also serve TLS here (participants outside the cluster)"
+        None,
+        description="also serve server-side TLS here, for edge participants with tokens",
     )
     tls_cert: OptionalStr = Field(None, description="PEM certificate chain of the TLS port")
     tls_key: OptionalStr = Field(None, description="PEM private key of the TLS port")
@@ -49,7 +54,6 @@ class ClustererConfig(Settings):
     transport: TransportSettings = TransportSettings()
     federation: FederationSettings = FederationSettings()
     training: TrainingSettings = TrainingSettings()
-    defence: DefenceSettings = DefenceSettings()
     clustering: ClusteringSettings = ClusteringSettings()
 
     @model_validator(mode="after")

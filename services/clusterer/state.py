@@ -85,6 +85,8 @@ class StatusView:
     clusters: list[tuple[str, int, int]]  # participant, cluster, true group
     purity: float | None
     error: str
+    members_total: int = 0
+    history_total: int = 0
 
 
 class ClustererState:
@@ -439,17 +441,21 @@ class ClustererState:
             self.error = error
             self.cond.notify_all()
 
-    def view(self) -> StatusView:
-        """What GetStatus reports, copied under the lock."""
+    def view(self, members: slice = slice(None), rounds: slice = slice(None)) -> StatusView:
+        """What GetStatus reports (a page of the members, in id order, and of the rounds),
+        copied under the lock."""
         with self.cond:
+            ids = sorted(self.members)[members]
             return StatusView(
                 self.phase,
                 self.round,
                 self.model_version,
-                list(self.history),
-                [(p, m.cluster, m.group) for p, m in sorted(self.members.items())],
+                self.history[rounds],
+                [(p, self.members[p].cluster, self.members[p].group) for p in ids],
                 self.purity,
                 self.error,
+                len(self.members),
+                len(self.history),
             )
 
     def snapshot(self) -> dict[str, Any]:

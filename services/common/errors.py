@@ -38,5 +38,9 @@ class AuthError(FLClusteringError):
     """The caller could not be authenticated."""
 
 
+class ForbiddenError(FLClusteringError):
+    """The caller is known but may not do this (another party's id, a service's RPC)."""
+
+
 class CapacityError(FLClusteringError):
     """A configured limit is reached (participants, streams): try later or elsewhere."""

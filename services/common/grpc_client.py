@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from services.common.credentials import TlsFiles
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.wire import MESSAGE_LIMITS
 
@@ -33,18 +34,25 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 def channel(
-    address: str, tls_ca: str | None = None, tls_server_name: str | None = None
+    address: str,
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
+    client: TlsFiles | None = None,
 ) -> grpc.Channel:
-    """A channel with the project's message limits and keepalive; TLS when given a CA file."""
+    """A channel with the project's message limits and keepalive: mutual TLS with a
+    client's kit, server-verified TLS with a CA file, plain otherwise."""
+    options = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    if client is not None:
+        creds = grpc.ssl_channel_credentials(client.ca, client.key, client.cert)
+        return grpc.secure_channel(address, creds, options=options)
     if not tls_ca:
         return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     try:
         roots = Path(tls_ca).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the TLS CA file {tls_ca}: {exc.strerror}") from exc
-    options = list(CHANNEL_OPTIONS)
-    if tls_server_name:
-        options.append(("grpc.ssl_target_name_override", tls_server_name))
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
 
 

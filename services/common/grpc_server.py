@@ -8,14 +8,19 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
+import itertools
 import json
 import logging
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
+from contextvars import ContextVar
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -23,17 +28,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.credentials import (
+    Identity,
+    TlsFiles,
+    TokenTable,
+    load_tls,
+    parse_spiffe_id,
+)
 from services.common.errors import (
     AuthError,
     CapacityError,
     ConfigError,
     FLClusteringError,
+    ForbiddenError,
     NotFoundError,
     SpecMismatchError,
     StateError,
 )
 from services.common.lifecycle import exit_with_parent
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, TransportSettings
 from services.common.wire import MESSAGE_LIMITS, WireError, invalid
 
 logger = logging.getLogger(__name__)
@@ -47,6 +60,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (ForbiddenError, grpc.StatusCode.PERMISSION_DENIED),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (StateError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -115,61 +129,275 @@ def rpc(name: str) -> Callable[[F], F]:
     return wrap
 
 
-class Authenticator(Protocol):
-    """Decides who a caller is from its metadata; None means unauthenticated."""
-
-    def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None: ...
+ANONYMOUS = Identity("dev", "anonymous")
+_CALLER: ContextVar[Identity] = ContextVar("flclustering_caller", default=ANONYMOUS)
 
 
-class TokenAuthenticator:
-    """A shared bearer token (`authorization: Bearer TOKEN`), compared in constant time.
+def caller() -> Identity:
+    """Who makes the RPC being handled (set by the Gate around each handler)."""
+    return _CALLER.get()
 
-    Exactly one authorization entry is accepted: a wrong one followed by the right one is
-    refused, so a proxy or client library that adds its own header cannot be bypassed.
+
+def act_as(name: str) -> None:
+    """Refuse (PERMISSION_DENIED) unless the caller is the participant `name` (the shared
+    development token may act for anyone)."""
+    who = caller()
+    if who.is_dev:
+        return
+    if who.role != "participant" or who.name != name:
+        raise ForbiddenError(
+            f"{who.role} {who.name!r} may not act as participant {name[:64]!r}: "
+            "a participant acts only under the id its credential names"
+        )
+
+
+class Authenticator:
+    """Who a caller is: the identity of a verified client certificate (mutual TLS), else
+    a per-participant token (edge devices), else the shared development token.
+
+    Tokens: exactly one `authorization: Bearer ...` entry is accepted (a wrong one followed
+    by the right one is refused) and secrets are compared in constant time.
     """
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(
+        self,
+        shared_token: str | None = None,
+        tokens: TokenTable | None = None,
+        open_: bool = False,
+    ) -> None:
+        self._shared = f"Bearer {shared_token}".encode() if shared_token else None
+        self._tokens = tokens
+        self._open = open_  # no credentials configured at all: development only
 
-    def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
-        values = [v for k, v in metadata if k == "authorization"]
+    def identity(self, context: grpc.ServicerContext) -> Identity | None:
+        """The caller's identity, or None (unauthenticated)."""
+        spiffe = context.auth_context().get("peer_spiffe_id")
+        if spiffe:
+            return parse_spiffe_id(spiffe[0].decode("ascii", "replace"))
+        values = [v for k, v in context.invocation_metadata() if k == "authorization"]
+        if not values:
+            return ANONYMOUS if self._open else None
         if len(values) != 1:
             return None
         given = values[0].encode() if isinstance(values[0], str) else values[0]
-        return "token" if hmac.compare_digest(given, self._expected) else None
+        if self._shared is not None and hmac.compare_digest(given, self._shared):
+            return Identity("dev", "dev")
+        if self._tokens is not None and given.startswith(b"Bearer "):
+            return self._tokens.identity(given[len(b"Bearer ") :])
+        return None
 
 
-# Health stays open (Kubernetes probes carry no token); reflection, which lists the
-# services and their messages, needs the token like any other call.
+# Health stays open (Kubernetes probes carry no credential); reflection, which lists the
+# services and their messages, needs an authenticated caller like any other call.
 EXEMPT = ("/grpc.health.v1.Health/",)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls the authenticator does not accept (health exempt)."""
+@dataclass(frozen=True)
+class Policy:
+    """Which roles may call which method (by its short name), and how many calls of a method
+    one identity and everyone together may have in flight (beyond: RESOURCE_EXHAUSTED).
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    A method not listed in `roles` may be called by any authenticated caller.
+    """
+
+    roles: Mapping[str, frozenset[str]] = dataclass_field(default_factory=dict)
+    per_identity: Mapping[str, int] = dataclass_field(default_factory=dict)
+    default_per_identity: int = 8
+    total: Mapping[str, int] = dataclass_field(default_factory=dict)
+
+
+class _Admission:
+    """Counts calls in flight per (identity, method) and per method."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._lock = threading.Lock()
+        self._mine: dict[tuple[str, str, str], int] = {}
+        self._all: dict[str, int] = {}
+
+    def enter(self, who: Identity, method: str) -> str | None:
+        """Take a slot; None, or why there is none."""
+        p = self._policy
+        key = (who.role, who.name, method)
+        limit = p.per_identity.get(method, p.default_per_identity)
+        total = p.total.get(method)
+        with self._lock:
+            mine = self._mine.get(key, 0)
+            if not who.is_dev and mine >= limit:
+                return f"{who.name} already has {mine} {method} call(s) in flight (limit {limit})"
+            if total is not None and self._all.get(method, 0) >= total:
+                return f"the server is handling {total} {method} calls: try again shortly"
+            self._mine[key] = mine + 1
+            self._all[method] = self._all.get(method, 0) + 1
+        return None
+
+    def leave(self, who: Identity, method: str) -> None:
+        """Give the slot back."""
+        key = (who.role, who.name, method)
+        with self._lock:
+            left = self._mine.get(key, 1) - 1
+            if left:
+                self._mine[key] = left
+            else:
+                self._mine.pop(key, None)
+            self._all[method] = self._all.get(method, 1) - 1
+
+
+class Gate(grpc.ServerInterceptor):
+    """Authentication, authorisation and admission in front of every handler: who calls,
+    whether its role may call this method, and whether it (or everyone) has too many such
+    calls in flight. The handler then reads the caller with `caller()`."""
+
+    def __init__(self, authenticator: Authenticator, policy: Policy) -> None:
         self._auth = authenticator
+        self._policy = policy
+        self._admission = _Admission(policy)
+        self._wrapped: dict[str, Any] = {}
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        method = handler_call_details.method
-        if method.startswith(EXEMPT) or self._auth.identity(
-            handler_call_details.invocation_metadata
-        ):
-            return continuation(handler_call_details)
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = details.method
+        if method.startswith(EXEMPT):
+            return continuation(details)
+        done = self._wrapped.get(method)
+        if done is None:
+            done = self._wrap(continuation(details), method)
+            if done is not None:
+                self._wrapped[method] = done
+        return done
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    def _admit(self, context: grpc.ServicerContext, method: str) -> Identity:
+        """The caller, once it may make this call (else the call is aborted)."""
+        who = self._auth.identity(context)
+        if who is None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no valid credential (client certificate or bearer token)",
+            )
+            raise AssertionError("unreachable")  # abort raises
+        roles = self._policy.roles.get(method)
+        if roles is not None and not who.is_dev and who.role not in roles:
+            logger.info("[%s] PERMISSION_DENIED: %s %s", method, who.role, who.name)
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who.role} {who.name!r} may not call {method} "
+                f"(allowed: {', '.join(sorted(roles))})",
+            )
+        refused = self._admission.enter(who, method)
+        if refused is not None:
+            logger.info("[%s] RESOURCE_EXHAUSTED: %s", method, bounded(refused))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(refused))
+        return who
 
-        handler = continuation(handler_call_details)
+    def _wrap(self, handler: Any, full_method: str) -> Any:
         if handler is None:
             return None
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        method = full_method.rsplit("/", 1)[-1][:64]
+        admit, leave = self._admit, self._admission.leave
+
+        def call(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                who = admit(context, method)
+                token = _CALLER.set(who)
+                try:
+                    return fn(request, context)
+                finally:
+                    _CALLER.reset(token)
+                    leave(who, method)
+
+            return run
+
+        def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                who = admit(context, method)
+                try:
+                    token = _CALLER.set(who)
+                    try:
+                        it = iter(fn(request, context))
+                    finally:
+                        _CALLER.reset(token)
+                    while True:
+                        token = _CALLER.set(who)
+                        try:
+                            item = next(it, _END)
+                        finally:
+                            _CALLER.reset(token)
+                        if item is _END:
+                            return
+                        yield item
+                finally:
+                    leave(who, method)
+
+            return run
+
+        de, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(call(handler.unary_unary), de, ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), de, ser)
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+
+
+_END = object()
+
+
+class StallWatch:
+    """Cuts request streams that stall: a stream whose next message does not come within
+    `idle_s`, or that is still open after `total_s`, is cancelled (its handler sees the
+    stream end and refuses the upload), so a silent sender cannot hold a server thread.
+
+    One daemon thread checks the watched streams twice a second.
+    """
+
+    def __init__(self, idle_s: float, total_s: float) -> None:
+        self.idle_s = idle_s
+        self.total_s = total_s
+        self._lock = threading.Lock()
+        self._streams: dict[int, list[Any]] = {}  # id -> [context, started, last, name]
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(
+        self, messages: Iterator[Any], context: grpc.ServicerContext, what: str
+    ) -> Iterator[Any]:
+        """messages, while cancelling the call if the sender stalls."""
+        key = next(self._ids)
+        now = time.monotonic()
+        with self._lock:
+            self._streams[key] = [context, now, now, what]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
+                self._thread.start()
+        try:
+            for msg in messages:
+                with self._lock:
+                    self._streams[key][2] = time.monotonic()
+                yield msg
+        finally:
+            with self._lock:
+                self._streams.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                stalled = [
+                    (k, v)
+                    for k, v in self._streams.items()
+                    if now - v[2] > self.idle_s or now - v[1] > self.total_s
+                ]
+                for k, _ in stalled:
+                    self._streams.pop(k, None)
+            for _, (context, started, last, what) in stalled:
+                logger.info(
+                    "[%s] cut a stalled stream (%.0fs since its last message, %.0fs open)",
+                    what,
+                    now - last,
+                    now - started,
+                )
+                context.cancel()
 
 
 class _Unparseable:
@@ -250,13 +478,12 @@ class ParseInterceptor(grpc.ServerInterceptor):
 
 def new_server(
     max_workers: int,
-    token: str | None,
+    authenticator: Authenticator,
+    policy: Policy,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> grpc.Server:
-    """A thread-pool server with message limits, keepalive settings and optional auth."""
-    chain = list(interceptors)
-    if token:
-        chain.append(AuthInterceptor(TokenAuthenticator(token)))
+    """A thread-pool server with message limits, keepalive settings and the Gate."""
+    chain = [*interceptors, Gate(authenticator, policy)]
     chain.append(ParseInterceptor())  # innermost: its deserializers are the ones used
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
@@ -292,12 +519,27 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
-def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> int:
-    """Bind a TLS port with a PEM certificate chain and key; errors are one ConfigError."""
+def bind_tls(
+    server: grpc.Server,
+    host: str,
+    port: int,
+    cert: str | bytes,
+    key: str | bytes,
+    client_ca: bytes | None = None,
+) -> int:
+    """Bind a TLS port with a PEM certificate chain and key (paths or PEM bytes); with
+    client_ca, mutual TLS: only clients with a certificate from that CA get in. Errors are
+    one ConfigError."""
     try:
-        creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+        key_pem = key if isinstance(key, bytes) else Path(key).read_bytes()
+        cert_pem = cert if isinstance(cert, bytes) else Path(cert).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
+    creds = grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
     check_port_free(host, port)
     try:
         bound = server.add_secure_port(f"{host}:{port}", creds)
@@ -306,6 +548,31 @@ def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> 
     if bound == 0:
         raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
     return bound
+
+
+def credentials(
+    transport: TransportSettings, name: str, tokens: TokenTable | None = None
+) -> tuple[Authenticator, TlsFiles | None]:
+    """How a service named `name` authenticates its callers, and its mutual-TLS material
+    (None: it listens without TLS, behind tokens or nothing)."""
+    tls = load_tls(transport.tls_dir, name) if transport.tls_dir else None
+    shared = transport.token()
+    if shared is not None:
+        logger.warning(
+            "a shared --auth-token gives every holder every role: development only "
+            "(deployments use --tls-dir)"
+        )
+    open_ = tls is None and shared is None and tokens is None
+    if open_:
+        logger.warning("no credentials configured: any caller may call %s (development only)", name)
+    return Authenticator(shared, tokens, open_), tls
+
+
+def bind_service(server: grpc.Server, host: str, port: int, tls: TlsFiles | None) -> int:
+    """Bind the service's main port: mutual TLS with tls, plain otherwise."""
+    if tls is None:
+        return bind(server, host, port)
+    return bind_tls(server, host, port, tls.cert, tls.key, client_ca=tls.ca)
 
 
 def add_health_and_reflection(

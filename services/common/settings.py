@@ -230,8 +230,15 @@ class DefenceSettings(Settings):
 class TransportSettings(Settings):
     """Credentials, size limits and deadlines of the calls between services."""
 
+    tls_dir: OptionalStr = Field(
+        None,
+        description="mutual TLS on every link: directory with ca.crt and this party's "
+        "NAME.crt/NAME.key (or tls.crt/tls.key), as `flclustering certs` writes them",
+    )
     auth_token: OptionalStr = Field(
-        None, description="shared bearer token guarding every RPC (health excepted)"
+        None,
+        description="DEVELOPMENT ONLY: one shared bearer token for every party (no "
+        "per-party identity); use --tls-dir in deployments",
     )
     auth_token_file: OptionalStr = Field(
         None, description="read the bearer token from this file (wins over --auth-token)"
@@ -246,6 +253,10 @@ class TransportSettings(Settings):
         60.0, description="a participant unheard of for this long is not selected"
     )
     poll_cap_s: Positive = Field(20.0, description="longest GetTask long poll the server holds")
+    stream_idle_s: Positive = Field(
+        30.0, description="an upload stream silent this long is cut (its sender stalled)"
+    )
+    stream_max_s: Positive = Field(3600.0, description="an upload stream open this long is cut")
 
     def token(self) -> str | None:
         """The token from the file (read now) or the flag; a bad file is one ConfigError."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.common.credentials import valid_name
 from services.common.errors import FLClusteringError
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.tensors import TensorSpec
@@ -57,7 +58,7 @@ def invalid(message: str) -> WireError:
     return WireError("INVALID_ARGUMENT", message)
 
 
-MAX_ID_LENGTH = 128  # participant ids
+MAX_ID_LENGTH = 64  # participant ids, evaluation ids, metric names
 MAX_METRICS = 16  # entries of an update's metrics map
 MAX_SAMPLES = 1 << 40
 
@@ -68,18 +69,25 @@ def check_update_header(header: tensors_pb2.ModelHeader) -> None:
     A metric value feeds the aggregation (q-FFL reads loss_before), so a NaN or a flood of
     entries is refused here rather than failing the round later.
     """
-    sender = header.sender
-    if not sender or len(sender) > MAX_ID_LENGTH or not sender.isprintable():
-        raise invalid(f"sender must be 1-{MAX_ID_LENGTH} printable characters")
+    check_id(header.sender, "sender")
     if not 0 <= header.num_samples <= MAX_SAMPLES:
         raise invalid(f"num_samples must be in [0, {MAX_SAMPLES}]")
     if len(header.metrics) > MAX_METRICS:
         raise invalid(f"at most {MAX_METRICS} metrics per update, got {len(header.metrics)}")
     for key, value in header.metrics.items():
-        if not key or len(key) > 64:
-            raise invalid("metric names must be 1-64 characters")
+        check_id(key, "a metric name")
         if not math.isfinite(value) or value < 0:
             raise invalid(f"metric {key[:64]!r} must be finite and non-negative, got {value}")
+
+
+def check_id(value: str, what: str) -> None:
+    """An id (participant, evaluation, metric): 1-64 characters of A-Za-z0-9._- (they name
+    files, labels and log lines); INVALID_ARGUMENT otherwise, quoting a short prefix."""
+    if not valid_name(value):
+        raise invalid(
+            f"{what} must be 1-{MAX_ID_LENGTH} characters of A-Za-z0-9._- "
+            f"(got {value[:32]!r}{'...' if len(value) > 32 else ''})"
+        )
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -84,9 +84,15 @@ def federation_factory() -> Iterator[Callable[..., Federation]]:
     started: list[Federation] = []
 
     def make(**clusterer_overrides: Any) -> Federation:
-        agg = build_aggregator(
-            AggregatorConfig().replace(host="127.0.0.1", port=0, auth_token=TOKEN)
-        )
+        # The experiment's settings both services have (the strategy above all: the
+        # aggregator owns the defence policy and the clusterer checks they agree).
+        agg_config = AggregatorConfig().replace(host="127.0.0.1", port=0, auth_token=TOKEN)
+        shared = {
+            k: v
+            for k, v in clusterer_overrides.items()
+            if any(k in type(getattr(agg_config, g)).model_fields for g in ("federation", "training"))
+        }
+        agg = build_aggregator(agg_config.replace(**shared))
         agg.server.start()
         config = ClustererConfig().replace(
             host="127.0.0.1",

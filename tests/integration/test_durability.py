@@ -69,7 +69,7 @@ def test_an_acknowledged_update_survives_kill_9(tmp_path):
         after = status(stub)
         assert (after.pending_updates, after.open_round, after.model_version) == (1, 0, 0)
         reply = stub.Aggregate(
-            agg_pb.AggregateRequest(round=0, strategy="fedavg", lr=0.05), metadata=META
+            agg_pb.AggregateRequest(round=0), metadata=META
         )
         assert reply.updates == 1
     finally:

@@ -34,7 +34,7 @@ class ForwardUpdateResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "strategy", "cluster_accuracy", "q", "byzantine_fraction", "lr", "abandon")
+    __slots__ = ("round", "cluster_accuracy", "abandon")
     class ClusterAccuracyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,20 +43,12 @@ class AggregateRequest(_message.Message):
         value: float
         def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
-    Q_FIELD_NUMBER: _ClassVar[int]
-    BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
-    LR_FIELD_NUMBER: _ClassVar[int]
     ABANDON_FIELD_NUMBER: _ClassVar[int]
     round: int
-    strategy: str
     cluster_accuracy: _containers.ScalarMap[int, float]
-    q: float
-    byzantine_fraction: float
-    lr: float
     abandon: bool
-    def __init__(self, round: _Optional[int] = ..., strategy: _Optional[str] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., lr: _Optional[float] = ..., abandon: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("participant_id", "reason")
@@ -67,7 +59,7 @@ class Rejection(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AggregateResponse(_message.Message):
-    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates")
+    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,13 +73,17 @@ class AggregateResponse(_message.Message):
     REJECTED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
     cluster_weights: _containers.ScalarMap[int, float]
     rejected_clusters: _containers.RepeatedScalarFieldContainer[str]
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
     updates: int
-    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ...) -> None: ...
+    round: int
+    abandoned: bool
+    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_version",)
@@ -109,12 +105,30 @@ class GetAggregatorStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DefencePolicy(_message.Message):
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NORM_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    strategy: str
+    q: float
+    byzantine_fraction: float
+    norm_factor: float
+    cluster_factor: float
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ...) -> None: ...
+
 class GetAggregatorStatusResponse(_message.Message):
-    __slots__ = ("model_version", "open_round", "pending_updates")
+    __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     open_round: int
     pending_updates: int
-    def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ...) -> None: ...
+    pending_participants: _containers.RepeatedScalarFieldContainer[str]
+    policy: DefencePolicy
+    def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ..., pending_participants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[DefencePolicy, _Mapping]] = ...) -> None: ...

@@ -70,18 +70,20 @@ class TrainingSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "model_version", "training", "evaluation_id")
+    __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_POLL_S_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     model_version: int
     training: TrainingSettings
     evaluation_id: str
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., evaluation_id: _Optional[str] = ...) -> None: ...
+    next_poll_s: float
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., evaluation_id: _Optional[str] = ..., next_poll_s: _Optional[float] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "data", "trailer")
@@ -140,8 +142,16 @@ class DownloadModelResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[_tensors_pb2.ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensors_pb2.ModelTrailer, _Mapping]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("members_offset", "members_limit", "history_offset", "history_limit")
+    MEMBERS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    members_offset: int
+    members_limit: int
+    history_offset: int
+    history_limit: int
+    def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
     __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated")
@@ -197,7 +207,7 @@ class ParticipantCluster(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., cluster: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error")
+    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error", "members_total", "history_total")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +219,8 @@ class GetStatusResponse(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     phase: str
     round: int
     rounds: int
@@ -220,4 +232,6 @@ class GetStatusResponse(_message.Message):
     done: bool
     strategy: str
     error: str
-    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    members_total: int
+    history_total: int
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ..., members_total: _Optional[int] = ..., history_total: _Optional[int] = ...) -> None: ...
