@@ -121,6 +121,70 @@ def run_scrape_config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_certs_command(args: argparse.Namespace) -> int:
+    """`flclustering certs`: a startup kit of certificates (CA, services, participants)."""
+    from services.common.credentials import Authority, participant_id, write_kit
+
+    ids = [participant_id(i) for i in range(args.participants)] + list(args.participant)
+    authority = Authority.load(args.ca_dir) if args.ca_dir else None
+    write_kit(
+        args.out,
+        ids,
+        {"clusterer": args.clusterer_dns, "aggregator": args.aggregator_dns},
+        args.operator,
+        authority,
+    )
+    print(
+        f"wrote ca.crt, aggregator, clusterer, {len(args.operator)} operator(s) and "
+        f"{len(ids)} participant certificate(s) to {args.out} (keys mode 0600; give each "
+        "party only its own NAME.key, keep ca.key offline)"
+    )
+    return 0
+
+
+def run_tokens_command(args: argparse.Namespace) -> int:
+    """`flclustering tokens`: per-participant tokens and the digests the clusterer keeps."""
+    from services.common.credentials import participant_id, write_tokens
+
+    ids = [participant_id(i) for i in range(args.participants)] + list(args.participant)
+    digests = write_tokens(args.out, ids)
+    print(
+        f"wrote {len(ids)} token file(s) NAME.token and {digests.name} to {args.out}: give "
+        f"each edge participant its own token (--auth-token-file) and the clusterer "
+        f"--participant-tokens {digests}"
+    )
+    return 0
+
+
+def _identity_flags(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=Path(out), help=f"directory to write into (default: {out})"
+    )
+    parser.add_argument(
+        "--participants",
+        type=_count,
+        default=0,
+        help="participants participant-00000.. to make (default: 0)",
+    )
+    parser.add_argument(
+        "--participant",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a further participant by id (repeatable; default: none)",
+    )
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be in [0, 1000000]")
+    return value
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
     """The `flclustering` parser, and the settings parser of each experiment sub-command."""
     parser = OneLineParser(prog="flclustering", description=__doc__)
@@ -157,6 +221,49 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         help="alerting rules file to load, e.g. deploy/prometheus/alerts.yml (default: none)",
     )
     scrape.add_argument("--interval", default="5s", help="scrape interval (default: 5s)")
+    certs = sub.add_parser(
+        "certs",
+        help="make mutual-TLS certificates: a CA, the services, operators, participants",
+        description="Make a startup kit: ca.crt/ca.key and NAME.crt/NAME.key for the "
+        "aggregator, the clusterer, each operator and each participant. Each certificate "
+        "names its party (spiffe://flclustering/ROLE/NAME); servers take a caller's id "
+        "from it.",
+    )
+    _identity_flags(certs, "credentials")
+    certs.add_argument(
+        "--operator",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="operator identities allowed to read status (repeatable; default: operator)",
+    )
+    certs.add_argument(
+        "--clusterer-dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="further DNS names of the clusterer (default: clusterer, localhost)",
+    )
+    certs.add_argument(
+        "--aggregator-dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="further DNS names of the aggregator (default: aggregator, localhost)",
+    )
+    certs.add_argument(
+        "--ca-dir",
+        type=Path,
+        help="issue from the CA in this directory (ca.crt, ca.key) instead of a new one "
+        "(default: a new CA)",
+    )
+    tokens = sub.add_parser(
+        "tokens",
+        help="make per-participant tokens for edge devices (the clusterer keeps hashes)",
+        description="Make one token per participant (NAME.token) and tokens.sha256.json, "
+        "the digests the clusterer checks them against (--participant-tokens).",
+    )
+    _identity_flags(tokens, "tokens")
     return parser, settings
 
 
@@ -168,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "scrape-config":
             return run_scrape_config_command(args)
+        if args.command == "certs":
+            args.operator = args.operator or ["operator"]
+            return run_certs_command(args)
+        if args.command == "tokens":
+            return run_tokens_command(args)
         config = settings[args.command].from_namespace(args)
         if args.command == "simulate":
             return run_simulate_command(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -23,9 +23,10 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from services.common.credentials import load_tls, participant_id, write_kit
 from services.common.errors import FLClusteringError
 from services.common.flags import write_settings_file
-from services.common.grpc_client import call_metadata, channel
+from services.common.grpc_client import channel
 from services.common.lifecycle import ParentPipe
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
@@ -140,13 +141,20 @@ def simulate(
     for stale in logs.glob("*.ready"):
         stale.unlink()
     attackers = attackers_of(config)
-    # Every process reads the experiment from one settings file; the token travels in the
-    # environment only (never written to disk), and only these processes know it.
+    # A fresh experiment: no state of an earlier run in this directory may be resumed.
+    shutil.rmtree(out / "state", ignore_errors=True)
+    # Every party gets its own identity: a new CA and certificates for this run only, and
+    # every link is mutual TLS (as on Kubernetes). The keys stay in out/credentials (0600).
+    kit = out / "credentials"
+    shutil.rmtree(kit, ignore_errors=True)
+    n = config.federation.participants
+    write_kit(kit, [participant_id(i) for i in range(n)])
+    # Every process reads the experiment from one settings file.
     settings = out / "settings.json"
     groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
-    write_settings_file(settings, {**groups, "transport": config.transport})
-    token = secrets.token_hex(16)
-    env = {**child_environment(), "FLCLUSTERING_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    transport = config.transport.replace(tls_dir=str(kit), auth_token=None, auth_token_file=None)
+    write_settings_file(settings, {**groups, "transport": transport})
+    env = {**child_environment(), "PYTHONUNBUFFERED": "1"}
     procs = Processes(logs)
     metrics_port = "auto" if config.hosting.metrics else "0"
 
@@ -169,7 +177,12 @@ def simulate(
     try:
         procs.start(
             "aggregator",
-            ["services.aggregator", *service_args("aggregator", config.hosting.aggregator_port)],
+            [
+                "services.aggregator",
+                *service_args("aggregator", config.hosting.aggregator_port),
+                "--state-dir",
+                str(out / "state" / "aggregator"),
+            ],
             env,
         )
         aggregator_ready = procs.wait_ready("aggregator", logs / "aggregator.ready")
@@ -187,7 +200,6 @@ def simulate(
         )
         clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
         clusterer = clusterer_ready["grpc"]
-        n = config.federation.participants
         per = config.hosting.per_process
         n_procs = math.ceil(n / per)
         for k in range(n_procs):
@@ -231,8 +243,9 @@ def simulate(
             "participants": participants,
         }
         (out / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
-        status = follow(clusterer, token, procs, progress)
-        results = collect(config, status, attackers, endpoints)
+        stub = pb_grpc.ClustererStub(channel(clusterer, client=load_tls(kit, "operator")))
+        status = follow(stub, procs, progress)
+        results = collect(config, status, members(stub), attackers, endpoints)
         write_results(out, results)
         if serve is not None:
             serve()
@@ -242,34 +255,46 @@ def simulate(
 
 
 def follow(
-    address: str,
-    token: str,
+    stub: pb_grpc.ClustererStub,
     procs: Processes,
     progress: Callable[[dict[str, Any], int], None] | None,
 ) -> pb.GetStatusResponse:
-    """Watch the clusterer until the federation is done; report each new round."""
-    stub = pb_grpc.ClustererStub(channel(address))
-    seen = 0
+    """Watch the clusterer (as an operator) until the federation is done; report each new
+    round. The answer returned holds the whole history."""
+    history: list[pb.RoundSummary] = []
     while True:
         procs.check()
         try:
-            status = stub.GetStatus(
-                pb.GetStatusRequest(), metadata=call_metadata(token), timeout=10
-            )
+            status = stub.GetStatus(pb.GetStatusRequest(history_offset=len(history)), timeout=10)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 time.sleep(0.5)
                 continue
             raise
-        for h in status.history[seen:]:
+        for h in status.history:
+            history.append(h)
             if progress is not None:
                 progress(round_dict(h), status.rounds)
-        seen = len(status.history)
         if status.phase == "failed":
             raise SimulationError(f"the federation failed: {status.error}")
-        if status.done:
+        if status.done and len(history) >= status.history_total:
+            del status.history[:]
+            status.history.extend(history)
             return status
-        time.sleep(0.25)
+        if len(history) >= status.history_total:
+            time.sleep(0.25)
+
+
+def members(stub: pb_grpc.ClustererStub) -> list[pb.ParticipantCluster]:
+    """Every member and its cluster, page by page."""
+    out: list[pb.ParticipantCluster] = []
+    while True:
+        page = stub.GetStatus(
+            pb.GetStatusRequest(members_offset=len(out), members_limit=1000), timeout=30
+        )
+        out.extend(page.clusters)
+        if not page.clusters or len(out) >= page.members_total:
+            return out
 
 
 def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
@@ -295,6 +320,7 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
 def collect(
     config: SimulateConfig,
     status: pb.GetStatusResponse,
+    clusters: list[pb.ParticipantCluster],
     attackers: list[int],
     endpoints: dict[str, Any],
 ) -> dict[str, Any]:
@@ -312,7 +338,7 @@ def collect(
                 "group": c.group,
                 "attacker": int(c.participant_id.rsplit("-", 1)[-1]) in bad,
             }
-            for c in status.clusters
+            for c in clusters
         ],
         "clustering": {"purity": None if status.purity < 0 else status.purity},
         "final": {

@@ -25,6 +25,7 @@ from services.common.grpc_server import (
     credentials,
     new_server,
     rpc,
+    serve_health,
 )
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -236,13 +237,19 @@ class AggregatorService:
     health: HealthServicer
     registry: CollectorRegistry
     metrics_port: int | None = None
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     def on_stop(self) -> None:
-        """Nothing to stop before the server: every round's state is saved as it closes."""
+        """Stop the health port; every round's state is saved as it closes."""
+        if self.health_server is not None:
+            self.health_server.stop(0)
 
     def start(self) -> None:
         """Start serving gRPC and /metrics."""
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         config = self.servicer.config
         svc = config.service
         self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
@@ -280,7 +287,16 @@ def build_service(config: AggregatorConfig) -> AggregatorService:
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls)
-    return AggregatorService(server, port, servicer, health, registry)
+    health_server, health_port = serve_health(health, svc.host, svc.health_port)
+    return AggregatorService(
+        server,
+        port,
+        servicer,
+        health,
+        registry,
+        health_server=health_server,
+        health_port=health_port,
+    )
 
 
 def create_server(config: AggregatorConfig) -> tuple[grpc.Server, int]:

@@ -31,6 +31,7 @@ from services.common.grpc_server import (
     credentials,
     new_server,
     rpc,
+    serve_health,
 )
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -311,15 +312,21 @@ class ClustererService:
     aggregator_channel: grpc.Channel
     registry: CollectorRegistry
     metrics_port: int | None = None
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
     tls_port: int | None = None
 
     def on_stop(self) -> None:
-        """Stop the round protocol (SIGTERM)."""
+        """Stop the round protocol and the health port (SIGTERM)."""
         self.coordinator.shutdown()
+        if self.health_server is not None:
+            self.health_server.stop(0)
 
     def start(self) -> None:
         """Start serving gRPC and /metrics, then the round protocol."""
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self.metrics_port = serve_metrics(
             self.registry,
             self.servicer.config.service.metrics_host,
@@ -403,8 +410,18 @@ def build_service(config: ClustererConfig) -> ClustererService:
     c = config.clustering
     if c.tls_port is not None and c.tls_cert and c.tls_key:
         tls_port = bind_tls(server, svc.host, c.tls_port, c.tls_cert, c.tls_key)
+    health_server, health_port = serve_health(health, svc.host, svc.health_port)
     return ClustererService(
-        server, port, servicer, coordinator, health, agg_channel, registry, tls_port=tls_port
+        server,
+        port,
+        servicer,
+        coordinator,
+        health,
+        agg_channel,
+        registry,
+        tls_port=tls_port,
+        health_server=health_server,
+        health_port=health_port,
     )
 
 

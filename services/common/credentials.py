@@ -226,16 +226,21 @@ def write_kit(
     """A startup kit in directory: ca.crt (+ ca.key), NAME.crt/NAME.key for the aggregator,
     the clusterer, each operator and each participant. Servers' certificates name
     localhost, 127.0.0.1 and ::1 plus the DNS names given per service."""
-    directory.mkdir(parents=True, exist_ok=True)
     ca = authority or Authority.create()
-    _write(directory / "ca.crt", ca.cert, secret=False)
-    _write(directory / "ca.key", ca.key, secret=True)
     names = dict(service_names or {})
     jobs: list[tuple[str, str, list[str], tuple[str, ...]]] = [
         (role, role, [*LOCAL_NAMES, role, *names.get(role, ())], LOCAL_IPS) for role in SERVER_ROLES
     ]
     jobs += [("operator", o, [], ()) for o in operators]
     jobs += [("participant", p, [], ()) for p in participants]
+    seen: set[str] = set()
+    for _, name, _, _ in jobs:
+        if name in seen or name in ("ca", "tls"):
+            raise ConfigError(f"the name {name!r} is taken twice (its files would clash)")
+        seen.add(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write(directory / "ca.crt", ca.cert, secret=False)
+    _write(directory / "ca.key", ca.key, secret=True)
     for role, name, dns, ips in jobs:
         cert, key = ca.issue(role, name, dict.fromkeys(dns), ips)
         _write(directory / f"{name}.crt", cert, secret=False)

@@ -589,6 +589,19 @@ def add_health_and_reflection(
     return servicer
 
 
+def serve_health(
+    servicer: health.HealthServicer, host: str, port: int | None
+) -> tuple[grpc.Server | None, int | None]:
+    """A plain-text server with nothing but the health service (the same servicer, so it
+    says NOT_SERVING when the service shuts down) on threads of its own; None when port
+    is None."""
+    if port is None:
+        return None, None
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return server, bind(server, host, port)
+
+
 def serve_until_signal(
     server: grpc.Server,
     health_servicer: health.HealthServicer,
@@ -667,6 +680,9 @@ def serve_main(name: str, settings: ServiceSettings, build: Callable[[], Service
     ready = ready_addresses(
         settings.host, service.port, settings.metrics_host, service.metrics_port
     )
+    health_port = getattr(service, "health_port", None)
+    if health_port is not None:
+        ready["health"] = ready_addresses(settings.host, health_port)["grpc"]
     logger.info("%s serving on %s", name, ready)
     write_ready_file(settings.ready_file, ready)
     serve_until_signal(service.server, service.health, settings.grace_s, service.on_stop)

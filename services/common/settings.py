@@ -286,6 +286,11 @@ class ServiceSettings(Settings):
     ready_file: OptionalStr = Field(
         None, description="write the bound addresses as JSON here once serving"
     )
+    health_port: OptionalPort = Field(
+        None,
+        description="also serve only the health service here, in plain text and on its own "
+        "threads (Kubernetes' gRPC probes present no client certificate)",
+    )
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
     max_workers: int = Field(16, ge=1, description="gRPC server threads")
     state_dir: OptionalStr = Field(

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import FLClusteringError
+from services.common.credentials import certificate_identity, load_tls, participant_id
+from services.common.errors import ConfigError, FLClusteringError
 from services.common.flags import Group, SettingsParser
 from services.common.grpc_client import channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
@@ -35,7 +36,7 @@ GROUPS = (
         "PARTICIPANT_",
         only=("metrics_host", "metrics_port", "ready_file", "log_level"),
     ),
-    Group("transport", only=("auth_token", "auth_token_file")),
+    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
     Group("federation", only=("model", "dataset", "participants", "seed")),
     Group("data"),
     Group("adversary", "PARTICIPANT_", only=("attack", "attack_factor", "attack_every")),
@@ -48,6 +49,33 @@ def parser() -> SettingsParser:
     return SettingsParser.command(
         "python -m services.participant", __doc__, ParticipantConfig, GROUPS
     )
+
+
+def connect(
+    config: ParticipantConfig, hosted: range, metrics: ParticipantMetrics
+) -> tuple[list[str], list[pb_grpc.ClustererStub]]:
+    """Each hosted participant's id and stub. With --tls-dir every participant has its own
+    mutual-TLS channel and its id is the name its certificate gives it; otherwise they share
+    one channel (token or development) and are participant-<index>."""
+    me = config.participant
+    tls_dir = config.transport.tls_dir
+    if not tls_dir:
+        base = channel(me.clusterer, me.tls_ca, me.tls_server_name)
+        stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
+        return [participant_id(i) for i in hosted], [stub] * len(hosted)
+    ids, stubs = [], []
+    for i in hosted:
+        tls = load_tls(tls_dir, participant_id(i), fallback=len(hosted) == 1)
+        who = certificate_identity(tls.cert)
+        if who is None or who.role != "participant":
+            raise ConfigError(
+                f"--tls-dir {tls_dir}: the certificate of participant {i} names no participant "
+                "(make it with `flclustering certs`)"
+            )
+        ch = channel(me.clusterer, tls_server_name=me.tls_server_name, client=tls)
+        ids.append(who.name)
+        stubs.append(pb_grpc.ClustererStub(instrument_channel(ch, metrics.rpc)))
+    return ids, stubs
 
 
 def run(config: ParticipantConfig, stop: threading.Event) -> int:
@@ -69,16 +97,16 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         del ready["grpc"]  # participants serve no gRPC
         ready["participants"] = f"{me.index}..{last}"
         write_ready_file(svc.ready_file, ready)
-    base = channel(me.clusterer, me.tls_ca, me.tls_server_name)
-    stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
-    settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s)
-    store = ModelStore(stub, token, on_bytes=metrics.rpc.received_bytes.inc)
     hosted = range(me.index, me.index + me.count)
+    ids, stubs = connect(config, hosted, metrics)
+    settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s)
+    store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)
     honest = AttackConfig()
     participants = [
         Participant(
             i,
+            pid,
             data,
             shards[i],
             settings,
@@ -88,7 +116,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
             stop,
             metrics,
         )
-        for i in hosted
+        for i, pid, stub in zip(hosted, ids, stubs, strict=True)
     ]
     logger.info(
         "hosting %d participant(s) %d..%d on %s against %s",

@@ -35,7 +35,14 @@ logger = logging.getLogger(__name__)
 
 # A participant outlives a clusterer restart or a slow start: it retries for the retry
 # budget (--retry-budget-s), waits capped at 10 s; uploads are not retried after a deadline.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# RESOURCE_EXHAUSTED: the clusterer is at a limit (streams, calls in flight): back off, retry.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 MAX_REJOINS = 5
 
 
@@ -109,6 +116,7 @@ class Participant:
     def __init__(
         self,
         index: int,
+        pid: str,
         data: Dataset,
         shard: Shard,
         settings: WorkerSettings,
@@ -120,7 +128,7 @@ class Participant:
     ) -> None:
         self.metrics = metrics
         self.label = str(index)
-        self.id = f"participant-{index:05d}"
+        self.id = pid  # the name its credential gives it
         self.index = index
         self.x_train = data.x_train[shard.train].to(settings.device)
         self.y_train = data.y_train[shard.train].to(settings.device)
@@ -143,7 +151,11 @@ class Participant:
         self.retries = RetryPolicy(
             attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
         )
-        self.upload_retries = RetryPolicy(attempts=1 << 20, budget_s=settings.retry_budget_s)
+        self.upload_retries = RetryPolicy(
+            attempts=1 << 20,
+            codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}),
+            budget_s=settings.retry_budget_s,
+        )
         if attack.kind != "none":
             logger.warning(
                 "SIMULATED ATTACK: %s is an attacker (%s, factor %s, every %d rounds)",
@@ -328,6 +340,10 @@ class Participant:
             if task.kind == pb.TASK_KIND_DONE:
                 logger.info("%s: federation done", self.id)
                 return
+            if task.kind == pb.TASK_KIND_WAIT and task.next_poll_s > 0:
+                # The clusterer's poll slots are taken: ask again later, jittered.
+                self.stop.wait(self.rng.uniform(0.5, 1.0) * min(task.next_poll_s, 30.0))
+                continue
             handler = handlers.get(task.kind)
             if handler is None:
                 continue

@@ -1,0 +1,292 @@
+"""Who may call what, as whom: real certificates, real mutual TLS, real servers.
+
+A participant's credential names it; the servers take its id from the verified
+certificate. With a participant's credential the aggregator's RPCs are refused, acting as
+another participant is refused, and so is reading the operators' status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from services.aggregator.server import AggregatorService
+from services.aggregator.server import build_service as build_aggregator
+from services.aggregator.settings import AggregatorConfig
+from services.clusterer.server import ClustererService
+from services.clusterer.server import build_service as build_clusterer
+from services.clusterer.settings import ClustererConfig
+from services.common.credentials import (
+    Authority,
+    load_tls,
+    participant_id,
+    write_kit,
+    write_tokens,
+)
+from services.common.grpc_client import call_metadata, channel
+from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
+from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.streams import build_stream, read_model
+
+from .conftest import rpc_code
+
+C = grpc.StatusCode
+ME, OTHER = participant_id(0), participant_id(1)
+
+
+@dataclass
+class Secured:
+    """An aggregator and a clusterer on mutual TLS, and the kit that made their identities."""
+
+    kit: Path
+    aggregator: AggregatorService
+    clusterer: ClustererService
+
+    @property
+    def agg_address(self) -> str:
+        return f"127.0.0.1:{self.aggregator.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.clusterer.port}"
+
+    def clusterer_as(self, name: str) -> pb_grpc.ClustererStub:
+        return pb_grpc.ClustererStub(channel(self.address, client=load_tls(self.kit, name)))
+
+    def aggregator_as(self, name: str) -> agg_grpc.AggregatorStub:
+        return agg_grpc.AggregatorStub(channel(self.agg_address, client=load_tls(self.kit, name)))
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory) -> Iterator[Secured]:
+    """A fedavg federation waiting for a 4th member that never comes: the model never
+    changes and polls wait."""
+    kit = tmp_path_factory.mktemp("kit")
+    write_kit(kit, [participant_id(i) for i in range(3)])
+    agg = build_aggregator(
+        AggregatorConfig().replace(
+            host="127.0.0.1", port=0, tls_dir=str(kit), strategy="fedavg", metrics_port=None
+        )
+    )
+    agg.server.start()
+    tokens = write_tokens(kit / "tokens", [participant_id(2)])
+    clu = build_clusterer(
+        ClustererConfig().replace(
+            host="127.0.0.1",
+            port=0,
+            aggregator=f"127.0.0.1:{agg.port}",
+            tls_dir=str(kit),
+            strategy="fedavg",
+            participants=4,
+            select=3,
+            rounds=1,
+            metrics_port=None,
+            participant_tokens=str(tokens),
+            tls_port=0,
+            tls_cert=str(kit / "clusterer.crt"),
+            tls_key=str(kit / "clusterer.key"),
+        )
+    )
+    clu.server.start()
+    clu.coordinator.start()
+    yield Secured(kit, agg, clu)
+    clu.coordinator.shutdown()
+    clu.server.stop(0).wait()
+    agg.server.stop(0).wait()
+
+
+def join(stub: pb_grpc.ClustererStub, pid: str, **kw: Any) -> grpc.StatusCode:
+    return rpc_code(lambda: stub.Join(pb.JoinRequest(participant_id=pid), timeout=10, **kw))
+
+
+def weights_stream(weights: Any, sender: str) -> Iterator[pb.SubmitUpdateRequest]:
+    h = tensors_pb2.ModelHeader(sender=sender, round=0, model_version=0, kind="weights")
+    return build_stream(pb.SubmitUpdateRequest, h, h, weights)
+
+
+def test_a_participant_credential_cannot_reach_the_aggregator(secured):
+    """The aggregator's write and read RPCs accept only the clusterer's identity."""
+    me = secured.aggregator_as(ME)
+    operator = secured.aggregator_as("operator")
+    _, weights = read_model(secured.aggregator_as("clusterer").GetModel(agg_pb.GetModelRequest()))
+    update = agg_pb.UpdateHeader(
+        model=tensors_pb2.ModelHeader(sender=ME, round=0, model_version=0, kind="weights")
+    )
+    forward = build_stream(agg_pb.ForwardUpdateRequest, update, update.model, weights)
+    for who in (me, operator):
+        assert rpc_code(lambda s=who: s.Aggregate(agg_pb.AggregateRequest(round=0))) == (
+            C.PERMISSION_DENIED
+        )
+        assert rpc_code(lambda s=who: list(s.GetModel(agg_pb.GetModelRequest()))) == (
+            C.PERMISSION_DENIED
+        )
+    assert rpc_code(lambda: me.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
+    status = agg_pb.GetAggregatorStatusRequest()
+    assert rpc_code(lambda: me.GetAggregatorStatus(status)) == C.PERMISSION_DENIED
+    # Operators read the status, with the defence the aggregator was started with.
+    shown = operator.GetAggregatorStatus(status, timeout=10)
+    assert (shown.policy.strategy, shown.policy.byzantine_fraction) == ("fedavg", 0.2)
+    assert (shown.model_version, shown.open_round, shown.pending_updates) == (0, 0, 0)
+
+
+def test_a_participant_acts_only_as_itself(secured):
+    me = secured.clusterer_as(ME)
+    assert join(me, OTHER) == C.PERMISSION_DENIED
+    assert join(me, ME) == C.OK
+    assert join(secured.clusterer_as(OTHER), OTHER) == C.OK
+    poll = pb.GetTaskRequest(participant_id=OTHER, wait_s=0)
+    assert rpc_code(lambda: me.GetTask(poll, timeout=10)) == C.PERMISSION_DENIED
+    report = pb.ReportEvaluationRequest(
+        participant_id=OTHER, evaluation_id="pre-0", accuracy=0.5, loss=1.0, num_examples=3
+    )
+    assert rpc_code(lambda: me.ReportEvaluation(report, timeout=10)) == C.PERMISSION_DENIED
+    _, weights = read_model(me.DownloadModel(pb.DownloadModelRequest(model_version=0)))
+    assert rpc_code(lambda: me.SubmitUpdate(weights_stream(weights, OTHER), timeout=30)) == (
+        C.PERMISSION_DENIED
+    )
+    # The operators' status (members, clusters) is not for participants.
+    assert rpc_code(lambda: me.GetStatus(pb.GetStatusRequest(), timeout=10)) == (
+        C.PERMISSION_DENIED
+    )
+    status = secured.clusterer_as("operator").GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert status.members_total >= 2
+
+
+def test_no_certificate_or_a_foreign_one_does_not_connect(secured, tmp_path):
+    plain = pb_grpc.ClustererStub(channel(secured.address))
+    assert join(plain, ME) == C.UNAVAILABLE  # the handshake needs a client certificate
+    foreign = tmp_path / "foreign"
+    write_kit(foreign, [ME], authority=Authority.create("someone else's CA"))
+    # Trusting the real CA (to reach the server) but presenting another CA's certificate.
+    mixed = load_tls(foreign, ME)
+    real_ca = (secured.kit / "ca.crt").read_bytes()
+    stub = pb_grpc.ClustererStub(
+        channel(
+            secured.address,
+            client=type(mixed)(real_ca, mixed.cert, mixed.key),
+        )
+    )
+    assert join(stub, ME) == C.UNAVAILABLE
+
+
+def test_edge_tokens_name_their_participant(secured):
+    """Per-participant tokens over the server-TLS port: the token's id is the caller's."""
+    edge = pb_grpc.ClustererStub(
+        channel(f"127.0.0.1:{secured.clusterer.tls_port}", str(secured.kit / "ca.crt"))
+    )
+    token = (secured.kit / "tokens" / f"{participant_id(2)}.token").read_text().strip()
+    meta = call_metadata(token)
+    assert join(edge, participant_id(2), metadata=meta) == C.OK
+    assert join(edge, ME, metadata=meta) == C.PERMISSION_DENIED
+    wrong = call_metadata(token[:-4] + "AAAA")
+    assert join(edge, participant_id(2), metadata=wrong) == C.UNAUTHENTICATED
+    assert join(edge, participant_id(2)) == C.UNAUTHENTICATED  # no token at all
+
+
+def test_one_identity_cannot_hold_many_calls(secured):
+    """Per identity, at most two long polls at once: a third is RESOURCE_EXHAUSTED, while
+    another participant's poll still gets through."""
+    me = secured.clusterer_as(ME)
+    assert join(me, ME) == C.OK
+    poll = pb.GetTaskRequest(participant_id=ME, wait_s=3)
+    held = [me.GetTask.future(poll, timeout=10) for _ in range(2)]
+    time.sleep(0.5)
+    assert rpc_code(lambda: me.GetTask(poll, timeout=10)) == C.RESOURCE_EXHAUSTED
+    other = secured.clusterer_as(OTHER)
+    assert join(other, OTHER) == C.OK
+    quick = pb.GetTaskRequest(participant_id=OTHER, wait_s=0)
+    assert other.GetTask(quick, timeout=10).kind == pb.TASK_KIND_WAIT
+    for f in held:
+        assert f.result().kind == pb.TASK_KIND_WAIT
+
+
+def test_a_stalled_upload_is_cut(tmp_path):
+    """An upload that sends its header and goes silent is cut after --stream-idle-s; the
+    same participant can upload again and the server's threads are free."""
+    agg = build_aggregator(
+        AggregatorConfig().replace(
+            host="127.0.0.1", port=0, auth_token="t", metrics_port=None, stream_idle_s=1.0
+        )
+    )
+    agg.server.start()
+    try:
+        stub = agg_grpc.AggregatorStub(channel(f"127.0.0.1:{agg.port}"))
+        meta = call_metadata("t")
+        _, weights = read_model(stub.GetModel(agg_pb.GetModelRequest(), metadata=meta))
+        update = agg_pb.UpdateHeader(
+            model=tensors_pb2.ModelHeader(sender=ME, round=0, model_version=0, kind="weights")
+        )
+        go_on = threading.Event()
+        full = list(build_stream(agg_pb.ForwardUpdateRequest, update, update.model, weights))
+
+        def stalling() -> Iterator[agg_pb.ForwardUpdateRequest]:
+            yield full[0]  # a valid header (the tensors' specs), then silence
+            go_on.wait(30)
+
+        started = time.monotonic()
+        code = rpc_code(lambda: stub.ForwardUpdate(stalling(), metadata=meta, timeout=30))
+        took = time.monotonic() - started
+        go_on.set()
+        assert code != C.OK and 1.0 <= took < 10, (code, took)
+        reply = stub.ForwardUpdate(iter(full), metadata=meta, timeout=30)
+        assert reply.accepted
+    finally:
+        agg.server.stop(0).wait()
+
+
+def test_a_thousand_waiting_polls_do_not_starve_health_or_status(federation_factory):
+    """1,000 long polls in flight: health, status and a new join answer within 1 s."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .conftest import META
+
+    fed = federation_factory(strategy="fedavg", participants=2000, max_participants=2000)
+    channels = [channel(fed.address) for _ in range(8)]
+    stubs = [pb_grpc.ClustererStub(ch) for ch in channels]
+    ids = [participant_id(i) for i in range(1000)]
+    joins = [
+        stubs[i % 8].Join.future(pb.JoinRequest(participant_id=p), metadata=META, timeout=60)
+        for i, p in enumerate(ids)
+    ]
+    for f in joins:
+        f.result()
+    polls = [
+        stubs[i % 8].GetTask.future(
+            pb.GetTaskRequest(participant_id=p, wait_s=20), metadata=META, timeout=60
+        )
+        for i, p in enumerate(ids)
+    ]
+    try:
+        time.sleep(2.0)  # every poll has reached the server
+        health = health_pb2_grpc.HealthStub(channel(fed.address))
+        timed: list[tuple[str, Callable[[], Any]]] = [
+            ("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1)),
+            ("status", lambda: fed.stub.GetStatus(pb.GetStatusRequest(), metadata=META, timeout=1)),
+            (
+                "join",
+                lambda: fed.stub.Join(
+                    pb.JoinRequest(participant_id="late-1"), metadata=META, timeout=1
+                ),
+            ),
+        ]
+        for what, call in timed:
+            started = time.monotonic()
+            call()
+            assert time.monotonic() - started < 1.0, what
+        answered_early = sum(1 for f in polls if f.done())
+        assert answered_early > 0  # past the poll slots, polls answer at once ...
+        early = [f.result() for f in polls if f.done()]
+        assert all(r.kind == pb.TASK_KIND_WAIT and r.next_poll_s > 0 for r in early)
+    finally:
+        for f in polls:
+            f.cancel()
