@@ -171,7 +171,7 @@ def _identity_flags(parser: argparse.ArgumentParser, out: str) -> None:
         action="append",
         default=[],
         metavar="ID",
-        help="a further participant by id (repeatable; default: none)",
+        help="a further participant by id (repeatable) (default: none)",
     )
 
 
@@ -235,21 +235,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         action="append",
         default=None,
         metavar="NAME",
-        help="operator identities allowed to read status (repeatable; default: operator)",
+        help="operator identities allowed to read status (repeatable) (default: operator)",
     )
     certs.add_argument(
         "--clusterer-dns",
         action="append",
         default=[],
         metavar="NAME",
-        help="further DNS names of the clusterer (default: clusterer, localhost)",
+        help="further DNS names of the clusterer, beside clusterer and localhost (default: none)",
     )
     certs.add_argument(
         "--aggregator-dns",
         action="append",
         default=[],
         metavar="NAME",
-        help="further DNS names of the aggregator (default: aggregator, localhost)",
+        help="further DNS names of the aggregator, beside aggregator and localhost (default: none)",
     )
     certs.add_argument(
         "--ca-dir",

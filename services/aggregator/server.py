@@ -286,7 +286,7 @@ def build_service(config: AggregatorConfig) -> AggregatorService:
     )
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind_service(server, svc.host, svc.port, tls)
+    port = bind_service(server, svc.host, svc.port, tls, authenticator)
     health_server, health_port = serve_health(health, svc.host, svc.health_port)
     return AggregatorService(
         server,

@@ -405,7 +405,7 @@ def build_service(config: ClustererConfig) -> ClustererService:
     server = new_server(svc.max_workers, authenticator, policy(svc.max_workers), interceptors)
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind_service(server, svc.host, svc.port, tls)
+    port = bind_service(server, svc.host, svc.port, tls, authenticator)
     tls_port = None
     c = config.clustering
     if c.tls_port is not None and c.tls_cert and c.tls_key:

@@ -168,6 +168,7 @@ class Authenticator:
         self._shared = f"Bearer {shared_token}".encode() if shared_token else None
         self._tokens = tokens
         self._open = open_  # no credentials configured at all: development only
+        self.warning: str | None = None  # logged once the service is up
 
     def identity(self, context: grpc.ServicerContext) -> Identity | None:
         """The caller's identity, or None (unauthenticated)."""
@@ -557,22 +558,33 @@ def credentials(
     (None: it listens without TLS, behind tokens or nothing)."""
     tls = load_tls(transport.tls_dir, name) if transport.tls_dir else None
     shared = transport.token()
+    open_ = tls is None and shared is None and tokens is None
+    auth = Authenticator(shared, tokens, open_)
     if shared is not None:
-        logger.warning(
-            "a shared --auth-token gives every holder every role: development only "
+        auth.warning = (
+            f"{name}: a shared --auth-token gives every holder every role: development only "
             "(deployments use --tls-dir)"
         )
-    open_ = tls is None and shared is None and tokens is None
     if open_:
-        logger.warning("no credentials configured: any caller may call %s (development only)", name)
-    return Authenticator(shared, tokens, open_), tls
+        auth.warning = (
+            f"{name}: no credentials configured: any caller may call it (development only)"
+        )
+    return auth, tls
 
 
-def bind_service(server: grpc.Server, host: str, port: int, tls: TlsFiles | None) -> int:
-    """Bind the service's main port: mutual TLS with tls, plain otherwise."""
-    if tls is None:
-        return bind(server, host, port)
-    return bind_tls(server, host, port, tls.cert, tls.key, client_ca=tls.ca)
+def bind_service(
+    server: grpc.Server, host: str, port: int, tls: TlsFiles | None, auth: Authenticator
+) -> int:
+    """Bind the service's main port: mutual TLS with tls, plain otherwise. A development
+    setup (shared token, no credentials) is said once the port is bound."""
+    bound = (
+        bind(server, host, port)
+        if tls is None
+        else (bind_tls(server, host, port, tls.cert, tls.key, client_ca=tls.ca))
+    )
+    if auth.warning:
+        logger.warning("%s", auth.warning)
+    return bound
 
 
 def add_health_and_reflection(

@@ -61,6 +61,16 @@ def test_small_simulation_writes_everything(tmp_path):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     endpoints = json.loads((out / "endpoints.json").read_text())
     assert endpoints["clusterer"]["grpc"].startswith("127.0.0.1:")
+    # Mutual TLS and one identity per participant, by default: every process ran on this
+    # run's own kit, none on a shared token or without credentials.
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["transport"]["tls_dir"] == str(out / "credentials")
+    assert not settings["transport"].get("auth_token")
+    for i in range(6):
+        assert (out / "credentials" / f"participant-{i:05d}.crt").exists()
+    for log in (out / "logs").glob("*.log"):
+        text = log.read_text()
+        assert "development only" not in text
 
 
 def test_default_run_is_accurate_and_the_defence_holds(tmp_path):

@@ -53,12 +53,12 @@ def test_file_then_environment_then_flag(tmp_path, monkeypatch):
 
 
 def test_bad_values_name_their_source(monkeypatch, capsys):
-    p = clusterer_parser()
     with pytest.raises(SystemExit) as exc:
-        p.parse(["--q", "nan"])
+        aggregator_parser().parse(["--q", "nan"])  # the defence is the aggregator's own
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--q" in err and "finite" in err
+    p = clusterer_parser()
     monkeypatch.setenv("CLUSTERER_PORT", "http")
     with pytest.raises(SystemExit):
         p.parse([])
