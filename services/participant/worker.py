@@ -92,12 +92,18 @@ class ModelStore:
             with self._lock:
                 if version in self._models:
                     return self._models[version]
-            stream = self._stub.DownloadModel(
-                pb.DownloadModelRequest(model_version=version),
-                metadata=call_metadata(self._token),
-                timeout=600,
+            # Downloads are idempotent: retried while the clusterer is busy or restarting.
+            header, weights = with_retries(
+                lambda: read_model(
+                    self._stub.DownloadModel(
+                        pb.DownloadModelRequest(model_version=version),
+                        metadata=call_metadata(self._token),
+                        timeout=600,
+                    )
+                ),
+                f"DownloadModel {version}",
+                RetryPolicy(attempts=30, codes=RETRYABLE, budget_s=300),
             )
-            header, weights = read_model(stream)
             if self._on_bytes is not None:
                 self._on_bytes(header.total_bytes)
             if header.model_version != version:

@@ -1,9 +1,12 @@
 """deploy/k8s: strictly valid, linted, and true to the code.
 
 The last test reads the manifests, takes each container's command, arguments and
-environment (ConfigMaps and the Secret resolved, Service DNS names mapped to loopback
-ports), starts them as local processes and runs a short federation: a flag the code lacks,
-a wrong environment name or a probe on a port nothing listens on fails it.
+environment (ConfigMaps resolved, Service DNS names mapped to loopback ports), fills each
+pod's cert-manager CSI volume the way the driver would (tls.crt, tls.key and ca.crt for the
+identity the volume's attributes ask for, ${POD_NAME} filled in), starts them as local
+processes and runs a short federation over mutual TLS: a flag the code lacks, a wrong
+environment name, a certificate naming the wrong party or a probe on a port nothing listens
+on fails it.
 """
 
 from __future__ import annotations
@@ -26,15 +29,20 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.grpc_client import call_metadata, channel
+from services.common.credentials import Authority, Identity, load_tls, parse_spiffe_id, write_kit
+from services.common.grpc_client import channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from tests.deploy.checkov import run_checkov
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-TOKEN = "manifest-test-token"  # stands in for the flclustering-auth Secret
 ROUNDS = "2"  # the one value changed from the shipped ConfigMap: a short federation
+CSI_DRIVER = "csi.cert-manager.io"
+CSI = CSI_DRIVER + "/"  # prefix of the driver's volume attributes
+CERT_MANAGER_KINDS = {"Issuer", "ClusterIssuer", "Certificate"}  # custom resources: no schema
+# How a shared development token would show up in a manifest (env, flag, Secret).
+SHARED_TOKEN = re.compile(r"auth[-_]token|flclustering-auth", re.I)
 
 
 def documents(directory: Path = K8S) -> list[dict[str, Any]]:
@@ -46,6 +54,16 @@ def documents(directory: Path = K8S) -> list[dict[str, Any]]:
 
 def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def check_cert_manager_resource(doc: dict[str, Any]) -> None:
+    """cert-manager's custom resources have no Kubernetes schema: check the shape they need."""
+    assert doc["apiVersion"] == "cert-manager.io/v1", doc["apiVersion"]
+    assert doc["metadata"]["namespace"] == "flclustering" and doc["spec"]
+    if doc["kind"] == "Issuer":
+        assert set(doc["spec"]) == {"ca"} and doc["spec"]["ca"]["secretName"]
+    if doc["kind"] == "Certificate":
+        assert doc["spec"]["secretName"] and doc["spec"]["issuerRef"]["name"]
 
 
 def test_manifests_validate_strictly_against_kubernetes_1_30():
@@ -63,10 +81,14 @@ def test_manifests_validate_strictly_against_kubernetes_1_30():
         "NetworkPolicy",
         "PodDisruptionBudget",
         "PersistentVolumeClaim",
+        "Issuer",
     } <= kinds
     assert not (K8S / "kustomization.yaml").exists()
     for version in ("1.30.0", "1.33.0"):
         for doc in docs:
+            if doc["kind"] in CERT_MANAGER_KINDS:
+                check_cert_manager_resource(doc)
+                continue
             kubernetes_validate.validate(doc, version, strict=True)
     broken = copy.deepcopy(workloads(docs)[0])
     broken["spec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "x"  # unknown field
@@ -102,6 +124,128 @@ def test_hadolint_passes_and_image_matches_manifests_and_readme():
             assert f"python -m {module}" in readme, module
 
 
+# ---- identities ------------------------------------------------------------------------
+
+
+def test_no_manifest_carries_a_shared_token():
+    """The shared bearer token is for development only: no variable, flag or Secret of it."""
+    for doc in documents():
+        assert not SHARED_TOKEN.search(json.dumps(doc)), doc["metadata"]["name"]
+        if doc["kind"] == "Secret":
+            raise AssertionError(f"a Secret in deploy/k8s: {doc['metadata']['name']}")
+
+
+def identity_volume(spec: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """The pod's one csi.cert-manager.io volume: its attributes and where it is mounted."""
+    (volume,) = [v for v in spec["volumes"] if v.get("csi", {}).get("driver") == CSI_DRIVER]
+    assert volume["csi"]["readOnly"] is True
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    return volume["csi"]["volumeAttributes"], mount["mountPath"]
+
+
+def expand(value: str, variables: dict[str, str]) -> str:
+    """The driver's variable expansion (Go's os.Expand over the pod's variables)."""
+    unknown = set(re.findall(r"\$\{?(\w+)", value)) - set(variables)
+    assert not unknown, f"undefined variable(s) {unknown} in {value!r}"
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m[1] or m[2]], value)
+
+
+def csv(value: str | None) -> list[str]:
+    return [s.strip() for s in value.split(",")] if value else []
+
+
+def requested_identity(attrs: dict[str, str], variables: dict[str, str]) -> Identity:
+    """The one identity a volume's certificate will name: its single SPIFFE URI, which the
+    common name repeats."""
+    (uri,) = csv(expand(attrs[CSI + "uri-sans"], variables))
+    identity = parse_spiffe_id(uri)
+    assert identity is not None, uri
+    assert expand(attrs[CSI + "common-name"], variables) == identity.name
+    return identity
+
+
+def pod_variables(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, str]:
+    return {
+        "POD_NAME": name,
+        "POD_NAMESPACE": namespace,
+        "POD_UID": f"uid-of-{name}",
+        "SERVICE_ACCOUNT_NAME": spec.get("serviceAccountName", "default"),
+    }
+
+
+def test_every_pod_gets_its_own_identity_from_the_issuer():
+    docs = documents()
+    (issuer,) = [d for d in docs if d["kind"] == "Issuer"]
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap")
+    dialled = {
+        "clusterer": config["CLUSTERER_ADDR"].rpartition(":")[0],
+        "aggregator": config["AGGREGATOR_ADDR"].rpartition(":")[0],
+    }
+    for w in workloads(docs):
+        name, ns = w["metadata"]["name"], w["metadata"]["namespace"]
+        spec = w["spec"]["template"]["spec"]
+        attrs, mount = identity_volume(spec)
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["FLCLUSTERING_TLS_DIR"] == mount, name
+        # No Secret volume: no key stored in the cluster, no shared token.
+        assert not [v for v in spec["volumes"] if "secret" in v or "projected" in v], name
+        assert attrs[CSI + "issuer-name"] == issuer["metadata"]["name"]
+        assert attrs[CSI + "issuer-kind"] == "Issuer"
+        assert attrs.get(CSI + "is-ca", "false") == "false"
+        assert attrs[CSI + "fs-group"] == str(spec["securityContext"]["runAsGroup"])
+        assert attrs[CSI + "key-algorithm"] == "ECDSA" and attrs[CSI + "key-size"] == "256"
+        usages = set(csv(attrs[CSI + "key-usages"]))
+        # Files where the code reads them: the driver's defaults, tls.crt/tls.key/ca.crt.
+        assert not {CSI + "certificate-file", CSI + "privatekey-file", CSI + "ca-file"} & set(attrs)
+        if w["kind"] == "StatefulSet":
+            # Every participant pod's credential names that pod and nothing else.
+            assert attrs[CSI + "common-name"] == "${POD_NAME}"
+            assert attrs[CSI + "uri-sans"] == "spiffe://flclustering/participant/${POD_NAME}"
+            assert not {CSI + "dns-names", CSI + "ip-sans", CSI + "literal-subject"} & set(attrs)
+            assert usages == {"client auth", "digital signature"}
+            pods = [f"{name}-{i}" for i in range(int(w["spec"]["replicas"]))]
+            ids = [requested_identity(attrs, pod_variables(p, ns, spec)) for p in pods]
+            assert ids == [Identity("participant", p) for p in pods]
+        else:
+            # A service's name, role and the DNS name its clients dial.
+            variables = pod_variables(f"{name}-5d8f7c9b4-x2x7q", ns, spec)
+            assert requested_identity(attrs, variables) == Identity(name, name)
+            assert dialled[name] in csv(expand(attrs[CSI + "dns-names"], variables))
+            assert "server auth" in usages
+            assert ("client auth" in usages) == (name == "clusterer")  # it calls the aggregator
+
+
+def test_probes_use_the_plain_text_health_port_only():
+    """The kubelet cannot present a certificate: probes go to --health-port, which no
+    Service exposes and no NetworkPolicy opens to other pods."""
+    docs = documents()
+    exposed = {
+        str(p.get("targetPort", p["port"]))
+        for d in docs
+        if d["kind"] == "Service"
+        for p in d["spec"]["ports"]
+    }
+    opened = {
+        str(p["port"])
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        for rule in d["spec"].get("ingress", [])
+        for p in rule.get("ports", [])
+    }
+    for w in workloads(docs):
+        (c,) = w["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for kind in ("readinessProbe", "livenessProbe"):
+            if "grpc" in c[kind]:
+                health = c[kind]["grpc"]["port"]
+                assert c["args"][c["args"].index("--health-port") + 1] == str(health)
+                assert ports["health"] == health and ports["grpc"] != health
+                assert {"health", str(health)}.isdisjoint(exposed | opened)
+
+
 # ---- running the manifests as local processes ----------------------------------------
 
 
@@ -114,26 +258,31 @@ def free_port() -> int:
 @dataclass
 class Pod:
     name: str
+    namespace: str
     labels: dict[str, str]
-    container: dict[str, Any]
+    spec: dict[str, Any]
     ports: dict[str, int] = field(default_factory=dict)  # containerPort name/number -> local
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+
+    @property
+    def container(self) -> dict[str, Any]:
+        (container,) = self.spec["containers"]
+        return container
 
 
 def pods_of(docs: list[dict[str, Any]]) -> list[Pod]:
     pods = []
     for w in workloads(docs):
         replicas = int(w["spec"].get("replicas", 1))
-        spec = w["spec"]["template"]
+        template = w["spec"]["template"]
         for ordinal in range(replicas):
             name = f"{w['metadata']['name']}-{ordinal}"
-            labels = dict(spec["metadata"]["labels"])
+            labels = dict(template["metadata"]["labels"])
             if w["kind"] == "StatefulSet":
                 labels["apps.kubernetes.io/pod-index"] = str(ordinal)
-            (container,) = spec["spec"]["containers"]
-            pod = Pod(name, labels, container)
-            for port in container.get("ports", []):
+            pod = Pod(name, w["metadata"]["namespace"], labels, template["spec"])
+            for port in pod.container.get("ports", []):
                 local = free_port()
                 pod.ports[str(port["containerPort"])] = local
                 pod.ports[port["name"]] = local
@@ -176,15 +325,58 @@ def service_addresses(docs: list[dict[str, Any]], pods: list[Pod]) -> dict[str, 
     """Each ClusterIP Service's grpc port -> the loopback port of the pod behind it."""
     out = {}
     for svc in (d for d in docs if d["kind"] == "Service"):
-        if svc["spec"].get("clusterIP") == "None":
+        grpc_ports = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+        if svc["spec"].get("clusterIP") == "None" or not grpc_ports:
             continue
         backing = [
             p for p in pods if all(p.labels.get(k) == v for k, v in svc["spec"]["selector"].items())
         ]
         assert len(backing) == 1, svc["metadata"]["name"]
-        port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
-        out[svc["metadata"]["name"]] = f"127.0.0.1:{backing[0].ports[str(port['targetPort'])]}"
+        target = str(grpc_ports[0]["targetPort"])
+        out[svc["metadata"]["name"]] = f"127.0.0.1:{backing[0].ports[target]}"
     return out
+
+
+def fill_identity_volume(pod: Pod, ca: Authority, directory: Path) -> Identity:
+    """What cert-manager's CSI driver mounts for this pod: the certificate its volume's
+    attributes ask for (variables filled in), signed by the Issuer's CA, as tls.crt, tls.key
+    and ca.crt. The Services' DNS names stand in for loopback here, so a server's certificate
+    also names 127.0.0.1 (the address its clients dial in this test)."""
+    attrs, _ = identity_volume(pod.spec)
+    variables = pod_variables(pod.name, pod.namespace, pod.spec)
+    identity = requested_identity(attrs, variables)
+    dns = csv(expand(attrs.get(CSI + "dns-names", ""), variables))
+    cert, key = ca.issue(identity.role, identity.name, dns, ["127.0.0.1"] if dns else [])
+    directory.mkdir(parents=True)
+    (directory / "tls.crt").write_bytes(cert)
+    (directory / "tls.key").write_bytes(key)
+    (directory / "tls.key").chmod(0o600)
+    (directory / "ca.crt").write_bytes(ca.cert)
+    return identity
+
+
+def volume_folders(
+    pod: Pod, ca: Authority, root: Path, secrets: dict[str, dict[str, bytes]] | None = None
+) -> dict[str, Path]:
+    """Each of the pod's mounts -> a folder of its own standing in for the volume (a Secret's
+    keys as files, from `secrets`)."""
+    volumes = {v["name"]: v for v in pod.spec["volumes"]}
+    mounts = {}
+    for m in pod.container.get("volumeMounts", []):
+        volume = volumes[m["name"]]
+        folder = root / m["name"] / pod.name
+        if "csi" in volume:
+            fill_identity_volume(pod, ca, folder)
+        elif "persistentVolumeClaim" in volume or "emptyDir" in volume:
+            folder.mkdir(parents=True)
+        elif "secret" in volume and secrets is not None:
+            folder.mkdir(parents=True)
+            for key, data in secrets[volume["secret"]["secretName"]].items():
+                (folder / key).write_bytes(data)
+        else:
+            raise AssertionError(f"{pod.name}: unhandled volume {volume}")
+        mounts[m["mountPath"]] = folder
+    return mounts
 
 
 def remap(value: str, mounts: dict[str, Path]) -> str:
@@ -200,8 +392,6 @@ def start(pod: Pod, env: dict[str, str], mounts: dict[str, Path], logs: Path) ->
     args = [str(a) for a in pod.container.get("args", [])]
     args = [remap(str(pod.ports.get(a, a)) if a.isdigit() else a, mounts) for a in args]
     env = {k: remap(v, mounts) for k, v in env.items()}
-    mounted = {m["mountPath"] for m in pod.container.get("volumeMounts", [])}
-    assert mounted <= set(mounts), f"{pod.name} mounts {mounted - set(mounts)}"
     command = [sys.executable if c == "python" else c for c in pod.container["command"]]
     pod.log = logs / f"{pod.name}.log"
     with pod.log.open("wb") as fh:
@@ -215,6 +405,7 @@ def start(pod: Pod, env: dict[str, str], mounts: dict[str, Path], logs: Path) ->
 
 
 def probe(pod: Pod, kind: str, deadline: float) -> None:
+    """The kubelet's probe: plain text, no credential."""
     spec = pod.container[kind]
     while True:
         assert pod.process is not None and pod.process.poll() is None, (
@@ -243,64 +434,79 @@ def probe(pod: Pod, kind: str, deadline: float) -> None:
         time.sleep(0.3)
 
 
+def stop(pods: list[Pod]) -> None:
+    """SIGTERM every started pod, then SIGKILL what is left after 30 s."""
+    for pod in pods:
+        if pod.process is not None and pod.process.poll() is None:
+            pod.process.terminate()
+    for pod in pods:
+        if pod.process is not None:
+            try:
+                pod.process.wait(30)
+            except subprocess.TimeoutExpired:
+                pod.process.kill()
+
+
+def refused(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
 def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
     docs = documents()
     pods = pods_of(docs)
     services = service_addresses(docs, pods)
-    mounts = {
-        "/var/run/secrets/flclustering": tmp_path / "secret",  # the flclustering-auth Secret
-        "/var/lib/flclustering": tmp_path / "state",  # the PersistentVolumeClaims
-        "/tmp": tmp_path / "tmp",
-        "/data": tmp_path / "data",
-    }
-    mounts["/var/run/secrets/flclustering"].mkdir()
-    (mounts["/var/run/secrets/flclustering"] / "token").write_text(TOKEN)
+    # The federation's CA (the Secret flclustering-ca behind the Issuer) and an operator's kit.
+    kit = tmp_path / "kit"
+    ca = write_kit(kit, [])
+    operator = load_tls(kit, "operator")
     order = sorted(
         pods,
         key=lambda p: ["aggregator", "clusterer", "participant"].index(
             p.labels["app.kubernetes.io/name"]
         ),
     )
+    participants = [p for p in pods if p.labels["app.kubernetes.io/name"] == "participant"]
+    folders: dict[str, dict[str, Path]] = {}
     try:
         for pod in order:
-            per_pod = {
-                m: (p / pod.name if m in ("/var/lib/flclustering", "/tmp") else p)
-                for m, p in mounts.items()
-            }
-            for p in per_pod.values():
-                p.mkdir(parents=True, exist_ok=True)
-            start(pod, resolve_env(pod, docs, services), per_pod, tmp_path)
+            folders[pod.name] = volume_folders(pod, ca, tmp_path / "volumes")
+            start(pod, resolve_env(pod, docs, services), folders[pod.name], tmp_path)
         deadline = time.monotonic() + 180
         for pod in order:
             for kind in ("readinessProbe", "livenessProbe"):
                 probe(pod, kind, deadline)
-        stub = pb_grpc.ClustererStub(channel(services["clusterer"]))
+        stub = pb_grpc.ClustererStub(channel(services["clusterer"], client=operator))
         deadline = time.monotonic() + 300
         while True:
-            status = stub.GetStatus(
-                pb.GetStatusRequest(), metadata=call_metadata(TOKEN), timeout=10
-            )
+            status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
             if status.done:
                 break
             assert status.phase != "failed", status.error
             assert time.monotonic() < deadline, f"stuck in {status.phase} round {status.round}"
             time.sleep(0.5)
         assert len(status.history) == int(ROUNDS)
-        assert status.participants == sum(
-            1 for p in pods if p.labels["app.kubernetes.io/name"] == "participant"
-        )
+        assert status.participants == len(participants)
         assert status.model_version == int(ROUNDS)  # every round aggregated
         assert all(h.evaluated == status.participants for h in status.history)
         assert status.purity == 1.0  # participant-k computed shard k: the ordinal reached it
+        # Each participant took part under the name its own certificate gives it: its pod's.
+        assert {c.participant_id for c in status.clusters} == {p.name for p in participants}
         # The aggregator wrote its state where the PersistentVolumeClaim is mounted.
-        assert list((mounts["/var/lib/flclustering"] / "aggregator-0").glob("model-v*.safetensors"))
+        state = folders["aggregator-0"]["/var/lib/flclustering"]
+        assert list(state.glob("model-v*.safetensors"))
+        # Every link is mutual TLS: no certificate, no call; a participant reads no status.
+        plain = pb_grpc.ClustererStub(channel(services["clusterer"]))
+        assert refused(lambda: plain.GetStatus(pb.GetStatusRequest(), timeout=5)) in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        tls_dir = folders["participant-0"]["/var/run/secrets/flclustering"]
+        as_participant = pb_grpc.ClustererStub(
+            channel(services["clusterer"], client=load_tls(tls_dir, "participant-0"))
+        )
+        code = refused(lambda: as_participant.GetStatus(pb.GetStatusRequest(), timeout=5))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
     finally:
-        for pod in pods:
-            if pod.process is not None and pod.process.poll() is None:
-                pod.process.terminate()
-        for pod in pods:
-            if pod.process is not None:
-                try:
-                    pod.process.wait(30)
-                except subprocess.TimeoutExpired:
-                    pod.process.kill()
+        stop(pods)
