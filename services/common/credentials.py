@@ -250,11 +250,27 @@ def write_kit(
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """The PEM material one party presents: CA to trust, own certificate and key."""
+    """The PEM material one party presents: CA to trust, own certificate and key (and the
+    files they came from, so a server can pick up renewed ones)."""
 
     ca: bytes
     cert: bytes
     key: bytes
+    paths: tuple[Path, Path, Path] | None = None
+
+    def renewed(self) -> TlsFiles | None:
+        """The files again if any changed since these were read (cert-manager renews them
+        in place), else None; a half-written renewal is ignored until it is whole."""
+        if self.paths is None:
+            return None
+        try:
+            ca, cert, key = (p.read_bytes() for p in self.paths)
+            again = TlsFiles(ca, cert, key, self.paths)
+        except OSError:
+            return None
+        if (again.ca, again.cert, again.key) == (self.ca, self.cert, self.key):
+            return None
+        return again if certificate_identity(again.cert) is not None else None
 
 
 def load_tls(directory: str | Path, name: str, fallback: bool = True) -> TlsFiles:
@@ -265,7 +281,12 @@ def load_tls(directory: str | Path, name: str, fallback: bool = True) -> TlsFile
     if fallback and not cert.exists() and (d / "tls.crt").exists():
         cert, key = d / "tls.crt", d / "tls.key"
     try:
-        return TlsFiles((d / "ca.crt").read_bytes(), cert.read_bytes(), key.read_bytes())
+        return TlsFiles(
+            (d / "ca.crt").read_bytes(),
+            cert.read_bytes(),
+            key.read_bytes(),
+            paths=(d / "ca.crt", cert, key),
+        )
     except OSError as exc:
         raise ConfigError(
             f"--tls-dir {d}: cannot read {Path(exc.filename or '').name} ({exc.strerror}); "

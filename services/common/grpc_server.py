@@ -526,21 +526,15 @@ def bind_tls(
     port: int,
     cert: str | bytes,
     key: str | bytes,
-    client_ca: bytes | None = None,
 ) -> int:
-    """Bind a TLS port with a PEM certificate chain and key (paths or PEM bytes); with
-    client_ca, mutual TLS: only clients with a certificate from that CA get in. Errors are
-    one ConfigError."""
+    """Bind a server-TLS port (edge participants with tokens) with a PEM certificate chain
+    and key, paths or PEM bytes; errors are one ConfigError."""
     try:
         key_pem = key if isinstance(key, bytes) else Path(key).read_bytes()
         cert_pem = cert if isinstance(cert, bytes) else Path(cert).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
-    creds = grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
+    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
     check_port_free(host, port)
     try:
         bound = server.add_secure_port(f"{host}:{port}", creds)
@@ -577,13 +571,54 @@ def bind_service(
 ) -> int:
     """Bind the service's main port: mutual TLS with tls, plain otherwise. A development
     setup (shared token, no credentials) is said once the port is bound."""
-    bound = (
-        bind(server, host, port)
-        if tls is None
-        else (bind_tls(server, host, port, tls.cert, tls.key, client_ca=tls.ca))
-    )
+    bound = bind(server, host, port) if tls is None else bind_mtls(server, host, port, tls)
     if auth.warning:
         logger.warning("%s", auth.warning)
+    return bound
+
+
+RELOAD_EVERY_S = 60.0
+
+
+class _Renewing:
+    """The certificate a mutual-TLS port serves, re-read when its files change."""
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self.tls = tls
+        self.checked = time.monotonic()
+
+    @staticmethod
+    def config(t: TlsFiles) -> Any:
+        return grpc.ssl_server_certificate_configuration([(t.key, t.cert)], root_certificates=t.ca)
+
+    def fetch(self) -> Any:
+        """Called by gRPC before a handshake: a new configuration, or None to keep it."""
+        if time.monotonic() - self.checked < RELOAD_EVERY_S:
+            return None
+        self.checked = time.monotonic()
+        fresh = self.tls.renewed()
+        if fresh is None:
+            return None
+        logger.info("TLS certificate renewed on disk: serving the new one")
+        self.tls = fresh
+        return self.config(fresh)
+
+
+def bind_mtls(server: grpc.Server, host: str, port: int, tls: TlsFiles) -> int:
+    """Bind a mutual-TLS port whose certificate follows its files: a new handshake checks
+    them at most once a minute, so a renewed certificate (cert-manager renews in place)
+    is served without a restart."""
+    renewing = _Renewing(tls)
+    creds = grpc.dynamic_ssl_server_credentials(
+        renewing.config(tls), renewing.fetch, require_client_authentication=True
+    )
+    check_port_free(host, port)
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use") from exc
+    if bound == 0:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
     return bound
 
 

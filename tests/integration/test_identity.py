@@ -290,3 +290,51 @@ def test_a_thousand_waiting_polls_do_not_starve_health_or_status(federation_fact
     finally:
         for f in polls:
             f.cancel()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, monkeypatch):
+    """cert-manager renews certificates in place: the next handshake presents the new one."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    import services.common.grpc_server as grpc_server
+
+    monkeypatch.setattr(grpc_server, "RELOAD_EVERY_S", 0.0)
+    kit = tmp_path / "kit"
+    authority = write_kit(kit, [ME])
+    agg = build_aggregator(
+        AggregatorConfig().replace(host="127.0.0.1", port=0, tls_dir=str(kit), metrics_port=None)
+    )
+    agg.server.start()
+
+    def served() -> bytes:
+        context = ssl.create_default_context(cafile=str(kit / "ca.crt"))
+        context.load_cert_chain(kit / "clusterer.crt", kit / "clusterer.key")
+        context.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", agg.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number.to_bytes(20, "big")
+
+    try:
+        before = served()
+        cert, key = authority.issue("aggregator", "aggregator", ["localhost"], ["127.0.0.1"])
+        (kit / "aggregator.key").write_bytes(key)
+        (kit / "aggregator.crt").write_bytes(cert)
+        after = served()
+        assert after != before
+        assert after == x509.load_pem_x509_certificate(cert).serial_number.to_bytes(20, "big")
+        stub = agg_grpc.AggregatorStub(
+            channel(f"127.0.0.1:{agg.port}", client=load_tls(kit, "clusterer"))
+        )
+        assert (
+            stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), timeout=10).open_round
+            == 0
+        )
+    finally:
+        agg.server.stop(0).wait()
