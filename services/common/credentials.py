@@ -316,6 +316,15 @@ def token_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def token_owner(token: str) -> str | None:
+    """The participant a per-participant token (`<id>.<secret>`, as `new_token` makes it)
+    names, or None for anything else (a shared development token)."""
+    name, dot, secret = token.partition(".")
+    if not dot or len(secret) < 32 or not valid_name(name):
+        return None
+    return name
+
+
 def new_token(name: str) -> str:
     """A fresh `<name>.<secret>` token (256 random bits)."""
     return f"{name}.{secrets.token_urlsafe(32)}"
@@ -367,9 +376,15 @@ class TokenTable:
 def write_tokens(directory: Path, participants: Iterable[str]) -> Path:
     """One token file per participant (NAME.token) and the digests for the clusterer
     (tokens.sha256.json); returns the digests' path."""
+    ids = list(participants)
+    for p in ids:
+        if not valid_name(p):
+            raise ConfigError(f"name {p[:64]!r} must be 1-{MAX_NAME} characters of A-Za-z0-9._-")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("a participant is named twice")
     directory.mkdir(parents=True, exist_ok=True)
     digests = {}
-    for p in participants:
+    for p in ids:
         token = new_token(p)
         digests[p] = token_digest(token.partition(".")[2])
         _write(directory / f"{p}.token", token.encode() + b"\n", secret=True)

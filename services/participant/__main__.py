@@ -11,7 +11,12 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.credentials import certificate_identity, load_tls, participant_id
+from services.common.credentials import (
+    certificate_identity,
+    load_tls,
+    participant_id,
+    token_owner,
+)
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.flags import Group, SettingsParser
 from services.common.grpc_client import channel
@@ -56,13 +61,17 @@ def connect(
 ) -> tuple[list[str], list[pb_grpc.ClustererStub]]:
     """Each hosted participant's id and stub. With --tls-dir every participant has its own
     mutual-TLS channel and its id is the name its certificate gives it; otherwise they share
-    one channel (token or development) and are participant-<index>."""
+    one channel and are participant-<index>, unless one participant holds its own token
+    (`<id>.<secret>`, `flclustering tokens`): then it is that id."""
     me = config.participant
     tls_dir = config.transport.tls_dir
     if not tls_dir:
         base = channel(me.clusterer, me.tls_ca, me.tls_server_name)
         stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
-        return [participant_id(i) for i in hosted], [stub] * len(hosted)
+        token = config.transport.token()
+        owner = token_owner(token) if token and len(hosted) == 1 else None
+        ids = [owner] if owner else [participant_id(i) for i in hosted]
+        return ids, [stub] * len(hosted)
     ids, stubs = [], []
     for i in hosted:
         tls = load_tls(tls_dir, participant_id(i), fallback=len(hosted) == 1)
