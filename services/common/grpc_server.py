@@ -520,6 +520,20 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
+def _add_secure_port(
+    server: grpc.Server, host: str, port: int, creds: grpc.ServerCredentials
+) -> int:
+    """Bind a TLS port; a taken port is one ConfigError."""
+    check_port_free(host, port)
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use") from exc
+    if bound == 0:
+        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
+    return bound
+
+
 def bind_tls(
     server: grpc.Server,
     host: str,
@@ -535,14 +549,7 @@ def bind_tls(
     except OSError as exc:
         raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
     creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
-    check_port_free(host, port)
-    try:
-        bound = server.add_secure_port(f"{host}:{port}", creds)
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use") from exc
-    if bound == 0:
-        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
-    return bound
+    return _add_secure_port(server, host, port, creds)
 
 
 def credentials(
@@ -612,14 +619,7 @@ def bind_mtls(server: grpc.Server, host: str, port: int, tls: TlsFiles) -> int:
     creds = grpc.dynamic_ssl_server_credentials(
         renewing.config(tls), renewing.fetch, require_client_authentication=True
     )
-    check_port_free(host, port)
-    try:
-        bound = server.add_secure_port(f"{host}:{port}", creds)
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use") from exc
-    if bound == 0:
-        raise ConfigError(f"cannot listen (TLS) on {host}:{port}: port in use")
-    return bound
+    return _add_secure_port(server, host, port, creds)
 
 
 def add_health_and_reflection(
