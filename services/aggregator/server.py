@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.settings import AggregatorConfig
-from services.aggregator.state import AggregatorState, PendingUpdate
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
 from services.common.grpc_server import (
     Policy,
     StallWatch,
@@ -42,10 +42,9 @@ from services.common.streams import Received, build_stream, validated
 from services.common.tensors import state_of
 from services.common.wire import (
     StreamReader,
-    check_header_spec,
+    check_header_tensors,
     check_update_header,
     invalid,
-    spec_from_pb,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise invalid(f"the aggregator takes weights, not {m.kind[:32]!r}")
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
-            check_header_spec(spec_from_pb(m.tensors), self.state.spec)
+            check_header_tensors(m.tensors, self.state.spec)
             reserved.append((m.sender, self.state.begin_update(m.sender, m.round, m.model_version)))
             return StreamReader(
                 self.state.spec, keep=True, max_bytes=self.config.transport.max_update_bytes
@@ -155,8 +154,35 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             lr,
             request.abandon,
         )
+        if report.replayed:
+            # Asked again (the caller restarted or lost the answer): the same answer, and
+            # nothing counted or saved twice.
+            logger.info("[Aggregator.Aggregate] round %d: answered again", request.round)
+        else:
+            self._record(report, time.perf_counter() - start)
+            logger.info(
+                "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
+                request.round,
+                report.updates,
+                len(report.rejected),
+                report.version,
+            )
+        return pb.AggregateResponse(
+            model_version=report.version,
+            rejected=[pb.Rejection(participant_id=p, reason=r) for p, r in report.rejected.items()],
+            cluster_weights=report.cluster_weights,
+            rejected_clusters=[f"{c}: {r}" for c, r in report.rejected_clusters.items()],
+            fallbacks=[f"{c}: {r}" for c, r in report.fallbacks.items()],
+            updates=report.updates,
+            round=request.round,
+            abandoned=report.abandoned,
+        )
+
+    def _record(self, report: RoundReport, seconds: float) -> None:
+        """Metrics of a round just aggregated, and its state saved (durable before the
+        answer)."""
         m = self.metrics
-        m.aggregation_seconds.observe(time.perf_counter() - start)
+        m.aggregation_seconds.observe(seconds)
         m.updates_aggregated.inc(report.updates)
         m.model_version.set(report.version)
         for reason in report.rejected.values():
@@ -167,22 +193,6 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         m.fallbacks.inc(len(report.fallbacks))
         if self.config.service.state_dir:
             self.state.save(Path(self.config.service.state_dir))
-        logger.info(
-            "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
-            request.round,
-            report.updates,
-            len(report.rejected),
-            report.version,
-        )
-        return pb.AggregateResponse(
-            model_version=report.version,
-            rejected=[pb.Rejection(participant_id=p, reason=r) for p, r in report.rejected.items()],
-            cluster_weights=report.cluster_weights,
-            rejected_clusters=[f"{c}: {r}" for c, r in report.rejected_clusters.items()],
-            fallbacks=[f"{c}: {r}" for c, r in report.fallbacks.items()],
-            updates=report.updates,
-            round=request.round,
-        )
 
     @rpc("Aggregator.GetModel")
     def GetModel(

@@ -3,6 +3,10 @@
 All mutation goes through methods holding one lock; `persist`, `save` and `restore` carry
 the accepted updates of the open round, the newest global model and the round counters
 over a restart (safetensors, never pickle; each file written durably before it counts).
+Aggregate is idempotent: the report of the last aggregated round is kept (and saved), and
+asking for that round again returns it unchanged, so a clusterer that died after asking,
+or lost the answer, can simply ask again. Updates are aggregated in participant-id order,
+so a restored aggregator computes bit for bit what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,6 +81,30 @@ class RoundReport:
     rejected_clusters: dict[int, str]
     fallbacks: dict[int, str]
     rejected_per_cluster: dict[int, int] = field(default_factory=dict)
+    abandoned: bool = False  # the round's updates were dropped and the model kept
+    replayed: bool = False  # the answer of a round aggregated before (asked again)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON (state.json keeps the last one)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RoundReport:
+        """A report read back (JSON made its cluster ids strings)."""
+
+        def ints(d: dict[str, Any]) -> dict[int, Any]:
+            return {int(k): v for k, v in d.items()}
+
+        return RoundReport(
+            int(data["version"]),
+            int(data["updates"]),
+            dict(data["rejected"]),
+            {int(k): float(v) for k, v in data["cluster_weights"].items()},
+            ints(data["rejected_clusters"]),
+            ints(data["fallbacks"]),
+            {int(k): int(v) for k, v in data["rejected_per_cluster"].items()},
+            bool(data.get("abandoned", False)),
+        )
 
 
 class AggregatorState:
@@ -91,6 +120,7 @@ class AggregatorState:
         self.version = 0
         self.open_round = 0
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
+        self.last_report: RoundReport | None = None  # of round open_round - 1
         self._receiving: set[str] = set()
         self.lock = threading.Condition()
 
@@ -151,53 +181,75 @@ class AggregatorState:
         lr: float,
         abandon: bool = False,
     ) -> RoundReport:
-        """Close the open round: defence and merge into a new version (or drop it all)."""
+        """Close the open round: defence and merge into a new version (or drop it all).
+
+        Asked again for the round just closed, it returns that round's report unchanged
+        (nothing is aggregated twice).
+        """
         with self.lock:
+            if round_ == self.open_round - 1 and self.last_report is not None:
+                return replace(self.last_report, replayed=True)
             if round_ != self.open_round:
                 raise StateError(
                     f"round {round_} is not open (the open round is {self.open_round})"
                 )
-            updates = list(self.pending.values())
-            base = self.versions[self.version]
-            if abandon or not updates:
-                self.pending.clear()
-                self.open_round += 1
-                return RoundReport(self.version, 0, {}, {}, {}, {})
-            outcome = aggregate_round(
-                base,
-                torch.stack([u.delta for u in updates]),
-                [u.cluster for u in updates],
-                [u.samples for u in updates],
-                strategy,
-                round_,
-                cluster_accuracy,
-                defence,
-                [u.metrics.get("loss_before", 1.0) for u in updates],
-                lr,
-            )
-            changed = not torch.equal(outcome.global_weights, base)
-            if changed:
-                self.version += 1
-                self.versions[self.version] = outcome.global_weights
-                # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train from it.
-                while len(self.versions) > self.keep_versions + 1:
-                    oldest = next(v for v in self.versions if v != 0)
-                    del self.versions[oldest]
+            report = self._close(round_, strategy, cluster_accuracy, defence, lr, abandon)
+            self.last_report = report
+            return report
+
+    def _close(
+        self,
+        round_: int,
+        strategy: Strategy,
+        cluster_accuracy: dict[int, float],
+        defence: DefenceSettings,
+        lr: float,
+        abandon: bool,
+    ) -> RoundReport:
+        """Aggregate the open round (lock held); its report."""
+        # Canonical order: the same updates give the same bits however they arrived (or
+        # were read back from their files after a restart).
+        updates = [self.pending[p] for p in sorted(self.pending)]
+        base = self.versions[self.version]
+        if abandon or not updates:
             self.pending.clear()
             self.open_round += 1
-            d = outcome.defence
-            per_cluster = {u.cluster: 0 for u in updates}  # zero counts are exported too
-            for i in d.rejected_updates:
-                per_cluster[updates[i].cluster] = per_cluster.get(updates[i].cluster, 0) + 1
-            return RoundReport(
-                self.version,
-                len(updates),
-                {updates[i].participant: why for i, why in d.rejected_updates.items()},
-                outcome.cluster_weights,
-                d.rejected_clusters,
-                d.fallbacks,
-                per_cluster,
-            )
+            return RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
+        outcome = aggregate_round(
+            base,
+            torch.stack([u.delta for u in updates]),
+            [u.cluster for u in updates],
+            [u.samples for u in updates],
+            strategy,
+            round_,
+            cluster_accuracy,
+            defence,
+            [u.metrics.get("loss_before", 1.0) for u in updates],
+            lr,
+        )
+        changed = not torch.equal(outcome.global_weights, base)
+        if changed:
+            self.version += 1
+            self.versions[self.version] = outcome.global_weights
+            # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train from it.
+            while len(self.versions) > self.keep_versions + 1:
+                oldest = next(v for v in self.versions if v != 0)
+                del self.versions[oldest]
+        self.pending.clear()
+        self.open_round += 1
+        d = outcome.defence
+        per_cluster = {u.cluster: 0 for u in updates}  # zero counts are exported too
+        for i in d.rejected_updates:
+            per_cluster[updates[i].cluster] = per_cluster.get(updates[i].cluster, 0) + 1
+        return RoundReport(
+            self.version,
+            len(updates),
+            {updates[i].participant: why for i, why in d.rejected_updates.items()},
+            outcome.cluster_weights,
+            d.rejected_clusters,
+            d.fallbacks,
+            per_cluster,
+        )
 
     def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
         """Write an accepted update durably (written, flushed, renamed) before it is
@@ -221,8 +273,8 @@ class AggregatorState:
         return path
 
     def save(self, directory: Path) -> None:
-        """Write the newest global model (safetensors) and the round counters, durably;
-        then drop the persisted updates of closed rounds.
+        """Write the newest global model (safetensors), the round counters and the last
+        round's report, durably; then drop the persisted updates of closed rounds.
 
         Called after every aggregation; `restore` reads it back after a restart.
         """
@@ -231,13 +283,17 @@ class AggregatorState:
         with self.lock:
             version, open_round = self.version, self.open_round
             flat = self.versions[version]
+            report = None if self.last_report is None else self.last_report.to_json()
         weights = unflatten(flat, self.spec, self.reference)
         directory.mkdir(parents=True, exist_ok=True)
         model = directory / f"model-v{version}.safetensors"
         durable_write(
             model, lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
         )
-        state = json.dumps({"version": version, "open_round": open_round, "model": model.name})
+        state = json.dumps(
+            {"version": version, "open_round": open_round, "model": model.name, "report": report},
+            default=float,
+        )
         durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
         for old in directory.glob("model-v*.safetensors"):
             if old != model:
@@ -265,6 +321,8 @@ class AggregatorState:
                 initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
                 self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
                 self.reference = ordered
+                report = info.get("report")
+                self.last_report = None if report is None else RoundReport.from_json(report)
             restored = True
         size = self.versions[self.version].numel()
         for path in sorted((directory / PENDING).glob("r*.safetensors")):

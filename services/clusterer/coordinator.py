@@ -5,11 +5,15 @@ the round (services.clusterer.plan), has the planned evaluators evaluate the glo
 (for the q-weights), collects updates until everyone selected answered or the deadline
 passed, has the aggregator aggregate, and has every participant evaluate the new model.
 Every change of shared state goes through ClustererState's methods; nothing busy-waits.
+
+With --state-dir the state is durable (services/clusterer/store.py) and a restarted
+clusterer resumes where the killed one stopped: the members it knew, the phase it was in,
+the round in flight with the same plan, the updates the aggregator acknowledged, and the
+aggregator's answer if it had one (Aggregate is idempotent). No round is dropped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -18,15 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.clustering import group_deltas
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.plan import group_accuracy, plan_round
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation
-from services.common.errors import ConfigError
+from services.clusterer.state import ClustererState, Evaluation, RoundProgress
+from services.clusterer.store import ClustererStore
+from services.common.errors import ConfigError, StateError
 from services.common.figures import accuracy_summary
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
@@ -42,6 +49,14 @@ from services.common.wire import spec_from_pb
 logger = logging.getLogger(__name__)
 
 EncodedModel = tuple[tensors_pb2.ModelHeader, list[bytes], bytes]
+# The aggregator may be restarting (a pod rescheduled): keep asking for a while. Every call
+# the coordinator makes is safe to repeat, Aggregate included.
+AGGREGATOR_RETRY = RetryPolicy(attempts=1 << 20, codes=IDEMPOTENT.codes, budget_s=900.0)
+PEEK_S = 5.0  # while collecting, how often the aggregator's acknowledged list is read
+
+
+class Stopped(Exception):
+    """The service is stopping: the protocol ends where it is (a restart resumes it)."""
 
 
 class ModelCache:
@@ -75,24 +90,25 @@ class ModelCache:
 def round_record(
     r: int,
     reply: agg_pb.AggregateResponse,
-    selected: dict[str, int],
-    received: int,
-    timed_out: int,
+    progress: RoundProgress,
     evals: dict[str, Evaluation],
 ) -> dict[str, Any]:
-    """The history entry of a finished round."""
+    """The history entry of a finished round ("updates": what the aggregator aggregated,
+    equal to "received" unless the round was abandoned)."""
     record: dict[str, Any] = {
         "round": r,
         "model_version": reply.model_version,
-        "selected": len(selected),
-        "received": received,
-        "timed_out": timed_out,
+        "selected": len(progress.selected),
+        "received": len(progress.received),
+        "updates": int(reply.updates),
+        "abandoned": progress.abandon,
+        "timed_out": len(progress.timed_out),
         "rejected": len(reply.rejected),
         "rejected_clusters": len(reply.rejected_clusters),
         "fallbacks": len(reply.fallbacks),
         "cluster_weights": {int(c): float(w) for c, w in reply.cluster_weights.items()},
         "evaluated": len(evals),
-        "selection": dict(selected),
+        "selection": dict(progress.selected),
     }
     accs = [e.accuracy for e in evals.values()]
     s = accuracy_summary(accs) if accs else None
@@ -141,6 +157,11 @@ class Coordinator(ClustererParts):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
         self.on_round: Callable[[dict[str, Any]], None] | None = None
+        state_dir = self.config.service.state_dir
+        # Restored here, before the server answers anyone: known members never see NOT_FOUND.
+        self.restored = bool(state_dir) and self.state.attach(
+            ClustererStore(Path(state_dir or ".")), self.rng
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -154,14 +175,20 @@ class Coordinator(ClustererParts):
             self.state.cond.notify_all()
 
     def _run(self) -> None:
+        """The protocol from wherever the (restored) state stands."""
         try:
             self._aggregator_status()  # the same strategy on both sides, before anyone waits
             self._refresh_model(0)
-            self._wait_for_members()
-            if self.strategy.clustered:
-                self._pretrain_and_cluster()
-            else:
-                self.state.assign_static_groups()
+            if self.restored:
+                self._restore_model()
+            stage = self.state.stage
+            if stage == "waiting":
+                self._wait_for_members()
+            if stage in ("waiting", "pretraining", "clustering"):
+                if self.strategy.clustered:
+                    self._pretrain_and_cluster()
+                else:
+                    self.state.assign_static_groups()
             first = self._resume_point()
             for r in range(first, self.fed.rounds):
                 if self.stop.is_set():
@@ -169,17 +196,35 @@ class Coordinator(ClustererParts):
                 self._round(r)
             self.state.finish(self.fed.rounds)
             logger.info("federation done after %d rounds", self.fed.rounds)
+        except Stopped:
+            logger.info("coordinator stopped")
         except Exception as exc:  # the service stays up and reports the failure
+            if self.stop.is_set():
+                logger.info("coordinator stopped (%s)", type(exc).__name__)
+                return
             logger.exception("coordinator failed")
             self.state.fail(f"{type(exc).__name__}: {exc}")
+
+    def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait on the state; a stopping service ends the protocol here, its state kept
+        as the last phase change left it (a restart resumes from there)."""
+        ok = self.state.wait_until(done, timeout, self.stop)
+        if self.stop.is_set():
+            raise Stopped
+        return ok
 
     # ---- helpers ---------------------------------------------------------------------
     def _meta(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.token)
 
     def _refresh_model(self, version: int) -> None:
-        if self.models.get(version) is not None:
-            return
+        """Have version in the cache participants download from; it is the current one."""
+        if self.models.get(version) is None:
+            self._fetch_model(version)
+        self.state.set_model_version(version)
+
+    def _fetch_model(self, version: int) -> None:
+        """Fetch a model version from the aggregator into the cache."""
         model = with_retries(
             lambda: read_encoded(
                 self.aggregator.GetModel(
@@ -190,11 +235,24 @@ class Coordinator(ClustererParts):
                 self.timing.max_update_bytes,
             ),
             "Aggregator.GetModel",
-            RetryPolicy(attempts=12, codes=IDEMPOTENT.codes),
+            AGGREGATOR_RETRY,
             stop=self.stop,
         )
         self.models.put(model)
-        self.state.set_model_version(model[0].model_version)
+
+    def _restore_model(self) -> None:
+        """Serve the restored state's model version again; the gauges show where it is."""
+        version = self.state.model_version
+        self.metrics.round.set(self.state.round)
+        self.metrics.model_version.set(version)
+        try:
+            self._refresh_model(version)
+        except grpc.RpcError as exc:
+            # The aggregator moved on (it aggregated the round this state was closing and
+            # keeps only its newest model): the answer to Aggregate brings the new one.
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            logger.info("model version %d is gone at the aggregator", version)
 
     def _aggregator_status(self) -> agg_pb.GetAggregatorStatusResponse:
         """The aggregator's round, pending updates and defence policy (retried)."""
@@ -203,7 +261,7 @@ class Coordinator(ClustererParts):
                 agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=30
             ),
             "Aggregator.GetAggregatorStatus",
-            IDEMPOTENT,
+            AGGREGATOR_RETRY,
             stop=self.stop,
         )
         if status.policy.strategy != self.fed.strategy:
@@ -213,20 +271,63 @@ class Coordinator(ClustererParts):
             )
         return status
 
-    def _resume_point(self) -> int:
-        """The first round to run: where the aggregator is (it may have outlived us)."""
+    def _acknowledged(self, r: int) -> list[str]:
+        """Who the aggregator holds an update from in round r: it acknowledged each only
+        once durable, so its list is the truth about what this clusterer forwarded."""
         status = self._aggregator_status()
-        first = int(status.open_round)
-        if status.pending_updates > 0:
-            # A previous clusterer died mid-round: its half-collected round cannot be
-            # completed fairly, so it is dropped and the next one starts clean.
-            logger.warning(
-                "dropping interrupted round %d (%d updates)", first, status.pending_updates
+        return list(status.pending_participants) if status.open_round == r else []
+
+    def _peek_acknowledged(self, r: int) -> list[str]:
+        """_acknowledged without retries (an unreachable aggregator: nobody)."""
+        try:
+            status = self.aggregator.GetAggregatorStatus(
+                agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=5
             )
-            self.aggregator.Aggregate(
-                agg_pb.AggregateRequest(round=first, abandon=True),
-                metadata=self._meta(),
-                timeout=60,
+        except grpc.RpcError:
+            return []
+        return list(status.pending_participants) if status.open_round == r else []
+
+    def _resume_point(self) -> int:
+        """The first round to run: the one this clusterer's record says, checked against
+        the aggregator's; without a record, the aggregator's round."""
+        status = self._aggregator_status()
+        at = int(status.open_round)
+        mine = self.state.next_round()
+        if mine is not None:
+            p = self.state.progress
+            step = p.step if p is not None else "planned"
+            # Aggregate may have been answered (and the answer lost) once a round closed.
+            ok = {"aggregating": (mine, mine + 1), "aggregated": (mine + 1,)}.get(step, (mine,))
+            if at not in ok:
+                raise StateError(
+                    f"the aggregator is at round {at}, this clusterer's state "
+                    f"({self.config.service.state_dir}) at round {mine} ({step}): they are not "
+                    "the same federation (the aggregator lost its state, or the directory "
+                    "holds an earlier run's: remove it to start a new one)"
+                )
+            if mine > 0 or at > 0:
+                logger.info("resuming at round %d (%s), aggregator at round %d", mine, step, at)
+            return mine
+        first = at
+        if status.pending_updates > 0:
+            # Only for a round this clusterer has no record of (it keeps no state, or its
+            # state directory was wiped): it does not know whom that round selected, so the
+            # round cannot be completed fairly; it is dropped and the next starts clean. A
+            # clusterer with its state never takes this path.
+            logger.warning(
+                "dropping interrupted round %d (%d updates) this clusterer has no record of",
+                first,
+                status.pending_updates,
+            )
+            with_retries(
+                lambda: self.aggregator.Aggregate(
+                    agg_pb.AggregateRequest(round=first, abandon=True),
+                    metadata=self._meta(),
+                    timeout=60,
+                ),
+                "Aggregator.Aggregate",
+                AGGREGATOR_RETRY,
+                stop=self.stop,
             )
             first += 1
         if first > 0 or status.model_version > 0:
@@ -237,22 +338,20 @@ class Coordinator(ClustererParts):
     # ---- phases ----------------------------------------------------------------------
     def _wait_for_members(self) -> None:
         self.state.set_phase("waiting")
-        self.state.wait_until(lambda: self.state.joined() >= self.fed.participants, None, self.stop)
+        self._wait(lambda: self.state.joined() >= self.fed.participants, None)
         logger.info("%d participants joined", self.state.joined())
 
     def _pretrain_and_cluster(self) -> None:
-        members = self.state.start_pretraining()
-        self.state.wait_until(
-            lambda: self.state.has_pretrained(members),
-            self.timing.pretrain_timeout_s,
-            self.stop,
-        )
-        missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
-        self.metrics.timed_out.labels("pretrain").inc(len(missed))
+        """Pre-train (after a restart: only members without a delta) and cluster."""
+        if self.state.stage != "clustering":
+            members = self.state.start_pretraining()
+            self._wait(lambda: self.state.has_pretrained(members), self.timing.pretrain_timeout_s)
+            missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
+            self.metrics.timed_out.labels("pretrain").inc(len(missed))
+        self.state.start_clustering()
         have, deltas = self.state.pretrained()
         if not have:
             raise RuntimeError("no participant sent a pre-training delta")
-        self.state.set_phase("clustering")
         stacked = torch.stack(deltas)
         with self.metrics.clustering_seconds.time():
             fit, result = group_deltas(
@@ -284,17 +383,14 @@ class Coordinator(ClustererParts):
     def _evaluate(self, participants: list[str], tag: str) -> dict[str, Evaluation]:
         """Have participants evaluate the current model; wait for all or the deadline."""
         asked = self.state.start_evaluation(tag, participants)
-        self.state.wait_until(
-            lambda: self.state.evaluated(tag, asked), self.timing.eval_timeout_s, self.stop
-        )
+        self._wait(lambda: self.state.evaluated(tag, asked), self.timing.eval_timeout_s)
         missed = self.state.cancel(asked, pb.TASK_KIND_EVALUATE)
         self.metrics.timed_out.labels("evaluate").inc(len(missed))
         return self.state.finish_evaluation(tag)
 
-    def _round(self, r: int) -> None:
-        start = time.monotonic()
+    def _plan(self, r: int) -> RoundProgress:
+        """Select and choose evaluators once; the plan is durable before anyone is asked."""
         self.state.start_round(r)
-        self.metrics.round.set(r)
         groups = self.state.active_groups(self.timing.liveness_s)
         self.metrics.active.set(len(groups))
         if not groups:
@@ -302,58 +398,102 @@ class Coordinator(ClustererParts):
         plan = plan_round(
             self.strategy, groups, r, self.fed.select, self.fed.eval_per_cluster, self.rng
         )
-        self.metrics.selected.set(len(plan.selected))
-        cluster_acc: dict[int, float] = {}
-        if plan.evaluators:
-            self.state.set_phase("evaluating")
-            evals = self._evaluate(list(plan.evaluators), f"pre-{r}")
-            cluster_acc = group_accuracy(
-                {p: e.accuracy for p, e in evals.items()}, groups, plan.selected
-            )
-            for c, acc in cluster_acc.items():
-                self.metrics.cluster_accuracy.labels(cluster_label(c)).set(acc)
-        # Training: collect updates until all selected answered or the deadline.
-        self.state.open_round(r, plan.selected)
-        version = self.state.model_version
-        self.state.wait_until(self.state.all_received, self.timing.round_timeout_s, self.stop)
-        received, timed_out = self.state.close_round()
-        self.metrics.timed_out.labels("train").inc(len(timed_out))
-        needed = math.ceil(self.fed.min_share * len(plan.selected))
-        abandon = received < needed
-        if abandon:
+        return self.state.plan(r, plan.selected, plan.evaluators)
+
+    def _pre_evaluate(self, r: int, progress: RoundProgress) -> dict[int, float]:
+        """The planned evaluators' accuracy of the current model, per selected cluster."""
+        if not progress.evaluators:
+            return {}
+        evals = self._evaluate(list(progress.evaluators), f"pre-{r}")
+        accuracy = {p: e.accuracy for p, e in evals.items()}
+        cluster_acc = group_accuracy(accuracy, self.state.clusters_of(evals), progress.selected)
+        for c, acc in cluster_acc.items():
+            self.metrics.cluster_accuracy.labels(cluster_label(c)).set(acc)
+        return cluster_acc
+
+    def _collect(self, r: int, progress: RoundProgress) -> None:
+        """Collect updates until all selected answered or the deadline, let the uploads
+        under way finish, and close the round with what the aggregator holds."""
+        deadline = time.monotonic() + self.timing.round_timeout_s
+        while not self._wait(self.state.all_received, min(PEEK_S, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                break
+            # An update the aggregator kept but whose answer was lost (it died answering)
+            # is refused as a duplicate when resent: count it from the aggregator's list.
+            self.state.acknowledge(r, self._peek_acknowledged(r))
+        self.state.stop_collecting()
+        # An upload under way may still be acknowledged by the aggregator: wait for it
+        # (streams are cut when idle or too long), so that what the aggregator holds when
+        # asked below is all the round gets.
+        self._wait(self.state.uploads_settled, self.timing.stream_max_s)
+        needed = math.ceil(self.fed.min_share * len(progress.selected))
+        self.state.close_round(self._acknowledged(r), needed)
+        self.metrics.timed_out.labels("train").inc(len(progress.timed_out))
+        if progress.abandon:
             logger.warning(
                 "round %d: %d of %d updates (need %d): model kept",
                 r,
-                received,
-                len(plan.selected),
+                len(progress.received),
+                len(progress.selected),
                 needed,
             )
+
+    def _aggregate(self, r: int, progress: RoundProgress) -> None:
+        """Have the aggregator aggregate round r (idempotent there: a repeated call after a
+        restart gets the same answer) and keep its answer."""
+        request = agg_pb.AggregateRequest(
+            round=r, cluster_accuracy=progress.cluster_accuracy, abandon=progress.abandon
+        )
         reply: agg_pb.AggregateResponse = with_retries(
-            lambda: self.aggregator.Aggregate(
-                agg_pb.AggregateRequest(round=r, cluster_accuracy=cluster_acc, abandon=abandon),
-                metadata=self._meta(),
-                timeout=600,
-            ),
+            lambda: self.aggregator.Aggregate(request, metadata=self._meta(), timeout=600),
             "Aggregator.Aggregate",
+            AGGREGATOR_RETRY,
             stop=self.stop,
         )
-        if reply.model_version != version:
-            self._refresh_model(reply.model_version)
-        everyone = list(self.state.active_groups(self.timing.liveness_s))
-        evals = self._evaluate(everyone, f"post-{r}")
-        record = round_record(r, reply, plan.selected, received, len(timed_out), evals)
-        record["duration_s"] = time.monotonic() - start
+        self.state.aggregated(r, MessageToDict(reply, preserving_proto_field_name=True))
+
+    def _round(self, r: int) -> None:
+        """Round r from its start, or from the step a restored state reached."""
+        p = self.state.progress
+        if p is not None and p.round == r:
+            progress = self.state.resume_round(r)
+            logger.info("round %d: resuming at step %s", r, progress.step)
+        else:
+            progress = self._plan(r)
+        self.metrics.round.set(r)
+        self.metrics.selected.set(len(progress.selected))
+        if progress.step == "planned":
+            self.state.open_round(r, self._pre_evaluate(r, progress))
+        elif progress.step == "training":
+            rest = self.state.reopen_round(r, self._acknowledged(r))
+            logger.info("round %d: training again for %d participant(s)", r, len(rest))
+        if progress.step == "training":
+            self._collect(r, progress)
+        if progress.step == "aggregating":
+            self._aggregate(r, progress)
+        self._finish_round(r, progress)
+
+    def _finish_round(self, r: int, progress: RoundProgress) -> None:
+        """Serve the new model, have everyone evaluate it (after a restart: the same
+        participants as before), and record the round."""
+        reply = ParseDict(progress.reply or {}, agg_pb.AggregateResponse())
+        self._refresh_model(int(reply.model_version))
+        tag = f"post-{r}"
+        asked = self.state.asked_for(tag)
+        if asked is None:
+            asked = list(self.state.active_groups(self.timing.liveness_s))
+        evals = self._evaluate(asked, tag)
+        record = round_record(r, reply, progress, evals)
+        record["duration_s"] = time.time() - progress.started
         self._export(record)
         self.state.record_round(record)
-        if self.config.service.state_dir:
-            self._save_history()
         logger.info(
             "round %d: accuracy %.3f (std %.3f), %d/%d updates, %d rejected, %.1fs",
             r,
             record["mean_accuracy"],
             record["accuracy_std"],
-            received,
-            len(plan.selected),
+            record["received"],
+            record["selected"],
             record["rejected"],
             record["duration_s"],
         )
@@ -371,11 +511,3 @@ class Coordinator(ClustererParts):
         m.loss_mean.set(record["mean_loss"])
         for c, w in record["cluster_weights"].items():
             m.cluster_weight.labels(cluster_label(c)).set(w)
-
-    def _save_history(self) -> None:
-        """Write the rounds so far and the clustering to state_dir/history.json."""
-        directory = Path(self.config.service.state_dir or ".")
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "history.json.tmp"
-        tmp.write_text(json.dumps(self.state.snapshot(), default=float))
-        tmp.replace(directory / "history.json")

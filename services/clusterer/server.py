@@ -50,11 +50,10 @@ from services.common.wire import (
     MAX_SAMPLES,
     StreamReader,
     WireError,
-    check_header_spec,
+    check_header_tensors,
     check_id,
     check_update_header,
     invalid,
-    spec_from_pb,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     def _reader_for(self, header: Any, keep: bool = False) -> StreamReader:
         """Check an upload's header against the model; the reader for its bytes."""
-        check_header_spec(spec_from_pb(header.tensors), self.models.spec)
+        check_header_tensors(header.tensors, self.models.spec)
         return StreamReader(
             self.models.spec, keep=keep, max_bytes=self.config.transport.max_update_bytes
         )

@@ -5,10 +5,17 @@ upload may begin and what finishing it means, which evaluations count: all of it
 method here, as AggregatorState is for the aggregator. RPC handlers call these methods and
 pack the answers; the coordinator thread drives the phases through them and waits on
 `cond`, which every change notifies.
+
+With a store (`attach`), every change is durable before it is acknowledged: RPC-driven
+changes (a join, a pre-training delta, an evaluation, an accepted update) are journaled,
+and every phase change writes a snapshot of the whole state, the round in flight
+included (its plan, what came in, the aggregator's answer), so a restarted clusterer
+goes on where the killed one stopped (services/clusterer/store.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,14 +27,23 @@ import torch
 
 from services.clusterer.clustering import count_sketch
 from services.clusterer.plan import static_group
+from services.clusterer.store import ClustererStore
 from services.common.errors import CapacityError, NotFoundError, StateError
 from services.common.figures import purity
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.strategies import Strategy
 
+logger = logging.getLogger(__name__)
+
 SKETCH_ABOVE = 4096  # pre-training deltas longer than this are kept as CountSketches
 SKETCH_DIM = 2048
 TERMINAL = ("done", "failed")
+# What the protocol has done so far, beyond the visible phase: the stages before the rounds
+# (the rounds themselves are told by `progress` and the history).
+STAGES = ("waiting", "pretraining", "clustering", "clustered", "done")
+# The steps of the round in flight: planned (pre-round evaluation next), training,
+# aggregating (Aggregate may have been called), aggregated (post-round evaluation next).
+STEPS = ("planned", "training", "aggregating", "aggregated")
 
 
 @dataclass
@@ -72,6 +88,24 @@ class RoundCollection:
     selected: dict[str, int]  # participant -> cluster
     received: set[str] = field(default_factory=set)
     in_flight: set[str] = field(default_factory=set)
+    closed: bool = False  # the deadline passed: no new upload may begin
+
+
+@dataclass
+class RoundProgress:
+    """The round in flight, as far as it got: made once and persisted, so a restarted
+    clusterer finishes it with the same plan instead of drawing (or dropping) it again."""
+
+    round: int
+    step: str  # one of STEPS
+    selected: dict[str, int]  # participant -> cluster
+    evaluators: list[str]  # evaluate the current model before training (q-weights)
+    started: float  # wall-clock time.time() the round began (its duration spans restarts)
+    cluster_accuracy: dict[int, float] = field(default_factory=dict)
+    received: list[str] = field(default_factory=list)  # set when collection closes
+    timed_out: list[str] = field(default_factory=list)
+    abandon: bool = False
+    reply: dict[str, Any] | None = None  # the aggregator's AggregateResponse, as JSON
 
 
 @dataclass(frozen=True)
@@ -107,18 +141,159 @@ class ClustererState:
         # done, failed
         self.phase = ""
         self._enter("waiting")
+        self.stage = "waiting"  # one of STAGES
         self.round = -1
         self.model_version = 0
         self.members: dict[str, Member] = {}
         self.tasks: dict[str, Task] = {}
         self.collecting: RoundCollection | None = None
+        self.progress: RoundProgress | None = None
         self.pretrain_deltas: dict[str, torch.Tensor] = {}
+        self.delta_files: dict[str, str] = {}  # participant -> its stored delta
         self.centroids: dict[int, torch.Tensor] = {}
         self.evaluations: dict[str, dict[str, Evaluation]] = {}
+        self.asked: dict[str, list[str]] = {}  # evaluation tag -> who was asked
         self.history: list[dict[str, Any]] = []
         self.purity: float | None = None
         self.error = ""
+        self.rng: np.random.Generator | None = None  # the coordinator's plan stream
+        self.store: ClustererStore | None = None
         self.cond = threading.Condition()
+
+    # ---- durability --------------------------------------------------------------------
+    def attach(self, store: ClustererStore, rng: np.random.Generator) -> bool:
+        """Persist through store from now on, after restoring what it holds (rng included:
+        later rounds draw as they would have); whether there was anything to restore."""
+        with self.cond:
+            self.rng = rng
+            self.store = store
+            found = store.load()
+            if found is not None:
+                if found.snapshot is not None:
+                    self._restore(found.snapshot)
+                for event in found.events:
+                    self._replay(event)
+                self._after_restore()
+            store.drop_deltas(set(self.delta_files.values()))
+            self._persist()  # the journal (and any torn tail) is folded into a snapshot
+            self.cond.notify_all()
+            return found is not None
+
+    def _journal(self, event: dict[str, Any]) -> None:
+        """Journal an RPC's change before it is acknowledged (cond held)."""
+        if self.store is not None:
+            self.store.append(event)
+
+    def _persist(self, export: bool = False) -> None:
+        """Snapshot the whole state at a phase change (cond held); export history.json."""
+        if self.store is None:
+            return
+        self.store.snapshot(self._data())
+        if export:
+            self.store.export(self._export())
+
+    def _data(self) -> dict[str, Any]:
+        """Everything a restart needs, JSON-able (cond held)."""
+        c = self.collecting
+        return {
+            "stage": self.stage,
+            "phase": self.phase,
+            "round": self.round,
+            "model_version": self.model_version,
+            "members": {p: asdict(m) for p, m in self.members.items()},
+            "deltas": dict(self.delta_files),
+            "centroids": {str(k): _tensor_json(v) for k, v in self.centroids.items()},
+            "purity": self.purity,
+            "rng": self.rng.bit_generator.state if self.rng is not None else None,
+            "progress": asdict(self.progress) if self.progress is not None else None,
+            "collecting": None
+            if c is None
+            else {
+                "round": c.round,
+                "model_version": c.model_version,
+                "selected": c.selected,
+                "received": sorted(c.received),
+            },
+            "evaluations": {
+                tag: {
+                    "asked": self.asked.get(tag, []),
+                    "results": {p: asdict(e) for p, e in got.items()},
+                }
+                for tag, got in self.evaluations.items()
+            },
+            "history": self.history,
+        }
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        """Load a snapshot (cond held)."""
+        assert self.store is not None
+        self.stage = data["stage"]
+        self._enter(data["phase"])
+        self.round = int(data["round"])
+        self.model_version = int(data["model_version"])
+        self.members = {p: _member(m) for p, m in data["members"].items()}
+        self.delta_files = dict(data["deltas"])
+        self.pretrain_deltas = {p: self.store.load_delta(f) for p, f in self.delta_files.items()}
+        self.centroids = {int(k): _tensor_of(v) for k, v in data["centroids"].items()}
+        self.purity = data["purity"]
+        if data["rng"] is not None and self.rng is not None:
+            self.rng.bit_generator.state = data["rng"]
+        p = data["progress"]
+        self.progress = None if p is None else _progress(p)
+        c = data["collecting"]
+        self.collecting = (
+            None
+            if c is None
+            else RoundCollection(
+                int(c["round"]), int(c["model_version"]), dict(c["selected"]), set(c["received"])
+            )
+        )
+        self.evaluations, self.asked = {}, {}
+        for tag, ev in data["evaluations"].items():
+            self.asked[tag] = list(ev["asked"])
+            self.evaluations[tag] = {p: Evaluation(**e) for p, e in ev["results"].items()}
+        self.history = [_round_record(h) for h in data["history"]]
+
+    def _replay(self, event: dict[str, Any]) -> None:
+        """Apply one journal record on top of the snapshot (cond held; records are
+        idempotent, so one replayed twice changes nothing)."""
+        assert self.store is not None
+        kind, pid = event["e"], event["pid"]
+        if kind == "join":
+            self.members.setdefault(pid, _member(event["member"]))
+        elif kind == "pretrain":
+            self.pretrain_deltas[pid] = self.store.load_delta(event["file"])
+            self.delta_files[pid] = event["file"]
+            if pid in self.members:
+                self.members[pid].cluster = int(event["cluster"])
+        elif kind == "eval":
+            results = self.evaluations.get(event["tag"])
+            if results is not None:
+                results[pid] = Evaluation(event["accuracy"], event["loss"], event["examples"])
+        elif kind == "update":
+            c = self.collecting
+            if c is not None and c.round == int(event["round"]):
+                c.received.add(pid)
+
+    def _after_restore(self) -> None:
+        """What a restored state needs before anyone asks (cond held): everyone counts as
+        just heard from, and a member that joined after clustering and has no delta yet
+        gets its pre-training task again (tasks are handed out anew, not stored)."""
+        now = time.monotonic()
+        for m in self.members.values():
+            m.last_seen = now
+        if self.strategy.clustered and self.stage in ("clustered", "done"):
+            for p, m in self.members.items():
+                if m.cluster < 0 and p not in self.pretrain_deltas:
+                    self.tasks[p] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
+        logger.info(
+            "restored %d members, stage %s, round %d (%s), %d rounds done",
+            len(self.members),
+            self.stage,
+            self.round,
+            self.progress.step if self.progress else "-",
+            len(self.history),
+        )
 
     # ---- participants' side (RPC handlers) --------------------------------------------
     def join(self, pid: str, num_train: int, num_test: int, group: int, device: str) -> bool:
@@ -137,12 +312,13 @@ class ClustererState:
                     f"the federation is full ({self.max_members} participants, --max-participants)"
                 )
             member = Member(pid, num_train, num_test, group, device, time.monotonic())
+            late = self.phase != "waiting"
+            if late and not self.strategy.clustered:
+                member.cluster = static_group(self.strategy, len(self.members)) or 0
+            self._journal({"e": "join", "pid": pid, "member": asdict(member)})
             self.members[pid] = member
-            if self.phase != "waiting":
-                if self.strategy.clustered:
-                    self.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
-                else:
-                    member.cluster = static_group(self.strategy, len(self.members) - 1) or 0
+            if late and self.strategy.clustered:
+                self.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
             self.cond.notify_all()
             return True
 
@@ -181,8 +357,10 @@ class ClustererState:
                 raise StateError(
                     f"duplicate submission: {pid} already sent its update for round {round_}"
                 )
-            if open_ is None or round_ != open_.round:
+            if open_ is None or round_ != open_.round or open_.closed:
                 now = "no round is open" if open_ is None else f"the open round is {open_.round}"
+                if open_ is not None and open_.closed:
+                    now = f"round {open_.round} is past its deadline"
                 raise StateError(f"round {round_} does not take updates now ({now})")
             if pid not in open_.selected:
                 raise StateError(f"{pid[:64]} was not selected in round {open_.round}")
@@ -195,13 +373,15 @@ class ClustererState:
             return open_.selected[pid]
 
     def finish_upload(self, pid: str, round_: int, accepted: bool) -> None:
-        """Release the reservation; an accepted update counts and ends the TRAIN task."""
+        """Release the reservation; an accepted update counts (journaled) and ends the
+        TRAIN task."""
         with self.cond:
             open_ = self.collecting
             if open_ is None or open_.round != round_:
                 return
             open_.in_flight.discard(pid)
             if accepted:
+                self._journal({"e": "update", "pid": pid, "round": round_})
                 open_.received.add(pid)
                 task = self.tasks.get(pid)
                 if task is not None and task.kind == pb.TASK_KIND_TRAIN:
@@ -217,24 +397,34 @@ class ClustererState:
                 raise StateError(f"{pid} has no pre-training task")
 
     def accept_pretrain_delta(self, pid: str, delta: torch.Tensor) -> None:
-        """Store a pre-training delta (sketched when long); a late joiner joins a cluster."""
+        """Store a pre-training delta (sketched when long; durable before it counts); a
+        late joiner joins a cluster."""
         if delta.numel() > SKETCH_ABOVE:
             delta = count_sketch(delta.unsqueeze(0), SKETCH_DIM, self.seed)[0]
+        # The file is written outside the lock; one whose record never follows is dropped
+        # at the next restart.
+        store = self.store
+        name = store.save_delta(pid, delta) if store is not None else ""
         with self.cond:
             task = self.tasks.get(pid)
             if task is None or task.kind != pb.TASK_KIND_PRETRAIN:
                 raise StateError(f"{pid}'s pre-training task was withdrawn (too late)")
-            self.pretrain_deltas[pid] = delta
             member = self.members[pid]
+            cluster = member.cluster
             fit = bool(torch.isfinite(delta.double().norm()))
-            if self.centroids and member.cluster < 0 and fit:
+            if self.centroids and cluster < 0 and fit:
                 dist = {c: float((delta - v).norm()) for c, v in self.centroids.items()}
-                member.cluster = min(dist, key=dist.__getitem__)
+                cluster = min(dist, key=dist.__getitem__)
+            self._journal({"e": "pretrain", "pid": pid, "file": name, "cluster": cluster})
+            self.pretrain_deltas[pid] = delta
+            if name:
+                self.delta_files[pid] = name
+            member.cluster = cluster
             del self.tasks[pid]
             self.cond.notify_all()
 
     def record_evaluation(self, pid: str, tag: str, model_version: int, result: Evaluation) -> None:
-        """Count pid's evaluation if it answers its open evaluation task."""
+        """Count pid's evaluation (journaled) if it answers its open evaluation task."""
         with self.cond:
             self._member(pid)
             task = self.tasks.get(pid)
@@ -246,6 +436,7 @@ class ClustererState:
                 )
             results = self.evaluations.get(tag)
             if results is not None:
+                self._journal({"e": "eval", "pid": pid, "tag": tag, **asdict(result)})
                 results[pid] = result
             del self.tasks[pid]
             self.cond.notify_all()
@@ -301,15 +492,34 @@ class ClustererState:
         with self.cond:
             for i, p in enumerate(sorted(self.members)):
                 self.members[p].cluster = static_group(self.strategy, i) or 0
+            self.stage = "clustered"
+            self._persist(export=True)
 
     def start_pretraining(self) -> list[str]:
-        """Give every member a pre-training task; the members asked."""
+        """Give every member without a delta a pre-training task (after a restart the
+        others keep theirs); every member, whose deltas clustering waits for."""
         with self.cond:
             self._enter("pretraining")
+            self.stage = "pretraining"
             members = sorted(self.members)
-            self.tasks.update({p: Task(pb.TASK_KIND_PRETRAIN, -1, 0) for p in members})
+            self.tasks.update(
+                {
+                    p: Task(pb.TASK_KIND_PRETRAIN, -1, 0)
+                    for p in members
+                    if p not in self.pretrain_deltas
+                }
+            )
+            self._persist()
             self.cond.notify_all()
             return members
+
+    def start_clustering(self) -> None:
+        """Pre-training is over: the deltas in are the ones clustered, also after a restart."""
+        with self.cond:
+            self._enter("clustering")
+            self.stage = "clustering"
+            self._persist()
+            self.cond.notify_all()
 
     def pretrained(self) -> tuple[list[str], list[torch.Tensor]]:
         """Who sent a pre-training delta, and the deltas, in id order."""
@@ -331,6 +541,8 @@ class ClustererState:
             }
             truth = np.array([self.members[p].group for p in participants])
             self.purity = purity(assignment, truth) if (truth >= 0).all() else None
+            self.stage = "clustered"
+            self._persist(export=True)
             return self.purity
 
     def joined(self) -> int:
@@ -343,12 +555,42 @@ class ClustererState:
         with self.cond:
             return all(p in self.pretrain_deltas for p in participants)
 
+    def next_round(self) -> int | None:
+        """The round to run next by this state's record (None: it has none, e.g. a fresh
+        or in-memory clusterer)."""
+        with self.cond:
+            if self.progress is not None:
+                return self.progress.round
+            if self.history:
+                return int(self.history[-1]["round"]) + 1
+            return self.round if self.round >= 0 else None
+
     def start_round(self, round_: int) -> None:
         """Enter round_: selection comes next."""
         with self.cond:
             self.round = round_
             self._enter("selecting")
             self.cond.notify_all()
+
+    def plan(
+        self, round_: int, selected: Mapping[str, int], evaluators: Iterable[str]
+    ) -> RoundProgress:
+        """Fix round_'s plan, durably and with the stream it was drawn from, so that a
+        restart redoes the round with the same selection and draws later rounds alike."""
+        with self.cond:
+            self.progress = RoundProgress(
+                round_, "planned", dict(selected), list(evaluators), time.time()
+            )
+            self._persist()
+            return self.progress
+
+    def resume_round(self, round_: int) -> RoundProgress:
+        """The restored progress of round_ (the coordinator goes on from its step)."""
+        with self.cond:
+            if self.progress is None or self.progress.round != round_:
+                raise StateError(f"no round {round_} in flight to resume")
+            self.round = round_
+            return self.progress
 
     def active_groups(self, liveness_s: float) -> dict[str, int]:
         """Grouped members heard from recently or busy with a task, by id."""
@@ -360,14 +602,33 @@ class ClustererState:
                 if m.cluster >= 0 and (now - m.last_seen <= liveness_s or p in self.tasks)
             }
 
-    def start_evaluation(self, tag: str, participants: Iterable[str]) -> list[str]:
-        """Ask participants to evaluate the current model; the ones asked."""
+    def clusters_of(self, participants: Iterable[str]) -> dict[str, int]:
+        """The cluster of each of participants."""
         with self.cond:
+            return {p: self.members[p].cluster for p in participants if p in self.members}
+
+    def asked_for(self, tag: str) -> list[str] | None:
+        """Who an evaluation in progress asked (None: it has not started)."""
+        with self.cond:
+            asked = self.asked.get(tag)
+            return None if asked is None else list(asked)
+
+    def start_evaluation(self, tag: str, participants: Iterable[str]) -> list[str]:
+        """Ask participants to evaluate the current model; the ones asked. Results already
+        in (before a restart) count: only the others are asked again."""
+        with self.cond:
+            self._enter("evaluating")
             asked = sorted(participants)
-            self.evaluations[tag] = {}
+            got = self.evaluations.setdefault(tag, {})
+            self.asked[tag] = asked
             self.tasks.update(
-                {p: Task(pb.TASK_KIND_EVALUATE, self.round, self.model_version, tag) for p in asked}
+                {
+                    p: Task(pb.TASK_KIND_EVALUATE, self.round, self.model_version, tag)
+                    for p in asked
+                    if p not in got
+                }
             )
+            self._persist()
             self.cond.notify_all()
             return asked
 
@@ -377,43 +638,116 @@ class ClustererState:
         return all(p in got for p in participants)
 
     def finish_evaluation(self, tag: str) -> dict[str, Evaluation]:
-        """Close an evaluation; the results that came in."""
+        """Close an evaluation; the results that came in (a restart before the next
+        snapshot replays them from the journal)."""
         with self.cond:
+            self.asked.pop(tag, None)
             return dict(self.evaluations.pop(tag, {}))
 
-    def open_round(self, round_: int, selected: Mapping[str, int]) -> None:
-        """Start collecting round_'s updates from the selected participants."""
+    def open_round(self, round_: int, cluster_accuracy: Mapping[int, float]) -> None:
+        """Start collecting round_'s updates from the planned participants."""
         with self.cond:
+            p = self._progress(round_)
+            p.step = "training"
+            p.cluster_accuracy = dict(cluster_accuracy)
             self._enter("training")
-            self.collecting = RoundCollection(round_, self.model_version, dict(selected))
+            self.collecting = RoundCollection(round_, self.model_version, dict(p.selected))
             self.tasks.update(
-                {p: Task(pb.TASK_KIND_TRAIN, round_, self.model_version) for p in selected}
+                {q: Task(pb.TASK_KIND_TRAIN, round_, self.model_version) for q in p.selected}
             )
+            self._persist()
             self.cond.notify_all()
+
+    def reopen_round(self, round_: int, acknowledged: Iterable[str]) -> list[str]:
+        """After a restart: count what the aggregator acknowledged, hand TRAIN tasks again
+        to the selected participants not yet in; who they are."""
+        with self.cond:
+            p = self._progress(round_)
+            c = self.collecting
+            if c is None or c.round != round_:
+                c = RoundCollection(round_, self.model_version, dict(p.selected))
+                self.collecting = c
+            c.received |= set(acknowledged) & set(c.selected)
+            self._enter("training")
+            rest = [q for q in sorted(c.selected) if q not in c.received and q not in c.in_flight]
+            self.tasks.update({q: Task(pb.TASK_KIND_TRAIN, round_, c.model_version) for q in rest})
+            self._persist()
+            self.cond.notify_all()
+            return rest
+
+    def acknowledge(self, round_: int, participants: Iterable[str]) -> None:
+        """Count updates of round_ the aggregator holds that this clusterer did not hear
+        were accepted (journaled; their TRAIN tasks end)."""
+        with self.cond:
+            c = self.collecting
+            if c is None or c.round != round_ or c.closed:
+                return
+            for q in sorted(set(participants) & set(c.selected) - c.received - c.in_flight):
+                self._journal({"e": "update", "pid": q, "round": round_})
+                c.received.add(q)
+                task = self.tasks.get(q)
+                if task is not None and task.kind == pb.TASK_KIND_TRAIN:
+                    del self.tasks[q]
+            self.cond.notify_all()
+
+    def _progress(self, round_: int) -> RoundProgress:
+        """The round in flight, which must be round_ (cond held)."""
+        if self.progress is None or self.progress.round != round_:
+            raise StateError(f"round {round_} is not the round in flight")
+        return self.progress
 
     def all_received(self) -> bool:
         """Whether every selected participant's update is in (call inside wait_until)."""
         c = self.collecting
         return c is not None and c.received >= set(c.selected)
 
-    def close_round(self) -> tuple[int, list[str]]:
-        """Stop collecting: how many updates came, and who was too late (tasks withdrawn)."""
+    def stop_collecting(self) -> None:
+        """The deadline passed or all are in: no new upload may begin; those streaming
+        finish (wait for `uploads_settled`)."""
+        with self.cond:
+            if self.collecting is not None:
+                self.collecting.closed = True
+
+    def uploads_settled(self) -> bool:
+        """Whether no upload is streaming any more (call inside wait_until)."""
+        c = self.collecting
+        return c is None or not c.in_flight
+
+    def close_round(self, acknowledged: Iterable[str], needed: int) -> RoundProgress:
+        """Stop collecting: what came in (with what the aggregator acknowledged that this
+        clusterer did not hear of), who was too late (tasks withdrawn), and whether the
+        round has too few updates (under `needed`) and is abandoned. Durable before
+        Aggregate is called."""
         with self.cond:
             c = self.collecting
+            p = self._progress(c.round if c is not None else self.round)
             self.collecting = None
             self._enter("aggregating")
-            if c is None:
-                return 0, []
-            late = [
-                p
-                for p in c.selected
-                if p in self.tasks and self.tasks[p].kind == pb.TASK_KIND_TRAIN
-            ]
-            for p in late:
-                del self.tasks[p]
-                self.members[p].timeouts += 1
+            received = set() if c is None else c.received
+            received |= set(acknowledged) & set(p.selected)
+            late = []
+            for q in p.selected:
+                task = self.tasks.get(q)
+                if task is not None and task.kind == pb.TASK_KIND_TRAIN:
+                    del self.tasks[q]
+                    if q not in received:
+                        late.append(q)
+                        self.members[q].timeouts += 1
+            p.received = sorted(received)
+            p.timed_out = late
+            p.abandon = len(received) < needed
+            p.step = "aggregating"
+            self._persist()
             self.cond.notify_all()
-            return len(c.received), late
+            return p
+
+    def aggregated(self, round_: int, reply: dict[str, Any]) -> None:
+        """The aggregator answered round_'s Aggregate: kept, so it is not asked again."""
+        with self.cond:
+            p = self._progress(round_)
+            p.reply = reply
+            p.step = "aggregated"
+            self._persist()
 
     def set_model_version(self, version: int) -> None:
         """The global model version participants work from now."""
@@ -421,21 +755,26 @@ class ClustererState:
             self.model_version = max(self.model_version, version)
 
     def record_round(self, record: dict[str, Any]) -> None:
-        """Append a finished round to the history."""
+        """Append a finished round to the history; the round in flight is done."""
         with self.cond:
             self.history.append(record)
+            self.progress = None
+            self._persist(export=True)
             self.cond.notify_all()
 
     def finish(self, rounds: int) -> None:
         """The federation is done: every member's next task is DONE."""
         with self.cond:
             self._enter("done")
+            self.stage = "done"
             for p in self.members:
                 self.tasks[p] = Task(pb.TASK_KIND_DONE, rounds, self.model_version)
+            self._persist(export=True)
             self.cond.notify_all()
 
     def fail(self, error: str) -> None:
-        """The federation failed; the service stays up to report it."""
+        """The federation failed; the service stays up to report it. Not persisted: a
+        restart tries again from the last good phase."""
         with self.cond:
             self._enter("failed")
             self.error = error
@@ -459,14 +798,45 @@ class ClustererState:
             )
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-able view of everything but the cached deltas and the lock."""
+        """A JSON-able view of everything but the cached deltas and the lock (history.json)."""
         with self.cond:
-            return {
-                "phase": self.phase,
-                "round": self.round,
-                "model_version": self.model_version,
-                "members": {p: asdict(m) for p, m in self.members.items()},
-                "history": list(self.history),
-                "purity": self.purity,
-                "error": self.error,
-            }
+            return self._export()
+
+    def _export(self) -> dict[str, Any]:
+        """history.json's content (cond held)."""
+        return {
+            "phase": self.phase,
+            "round": self.round,
+            "model_version": self.model_version,
+            "members": {p: asdict(m) for p, m in self.members.items()},
+            "history": list(self.history),
+            "purity": self.purity,
+            "error": self.error,
+        }
+
+
+def _member(data: dict[str, Any]) -> Member:
+    """A member read back (its last_seen is set anew: the clock is this process's)."""
+    return Member(**{**data, "last_seen": time.monotonic()})
+
+
+def _progress(data: dict[str, Any]) -> RoundProgress:
+    """A round in flight read back (JSON made its cluster ids strings)."""
+    acc = {int(c): float(a) for c, a in data["cluster_accuracy"].items()}
+    return RoundProgress(**{**data, "cluster_accuracy": acc})
+
+
+def _round_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A history entry read back (JSON made its cluster ids strings)."""
+    weights = {int(c): float(w) for c, w in record.get("cluster_weights", {}).items()}
+    return {**record, "cluster_weights": weights}
+
+
+def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
+    """A small tensor as JSON (float32 values print and parse back exactly)."""
+    return {"dtype": str(t.dtype).removeprefix("torch."), "values": t.tolist()}
+
+
+def _tensor_of(data: dict[str, Any]) -> torch.Tensor:
+    """A tensor written by _tensor_json."""
+    return torch.tensor(data["values"], dtype=getattr(torch, data["dtype"]))

@@ -1,4 +1,6 @@
-"""What the aggregator acknowledged survives kill -9: a real process, a real SIGKILL."""
+"""What the aggregator acknowledged survives kill -9: a real process, a real SIGKILL; and the
+clusterer's write-ahead log (snapshot + journal) brings its state back, a torn last record
+ignored. The whole federation under kill -9: test_kill_services.py."""
 
 from __future__ import annotations
 
@@ -9,10 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from services.clusterer.state import ClustererState
+from services.clusterer.store import ClustererStore
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.strategies import get_strategy
 from services.common.streams import build_stream, read_model
 
 TOKEN = "durability-token"
@@ -49,6 +58,8 @@ def status(stub: agg_grpc.AggregatorStub) -> agg_pb.GetAggregatorStatusResponse:
 
 
 def test_an_acknowledged_update_survives_kill_9(tmp_path):
+    """Acknowledged, then killed: restored and aggregated; killed again after answering:
+    Aggregate asked again answers the same."""
     proc, address = start_aggregator(tmp_path / "state", tmp_path / "ready.json")
     try:
         stub = agg_grpc.AggregatorStub(channel(address))
@@ -68,10 +79,91 @@ def test_an_acknowledged_update_survives_kill_9(tmp_path):
         stub = agg_grpc.AggregatorStub(channel(address))
         after = status(stub)
         assert (after.pending_updates, after.open_round, after.model_version) == (1, 0, 0)
-        reply = stub.Aggregate(
-            agg_pb.AggregateRequest(round=0), metadata=META
-        )
+        reply = stub.Aggregate(agg_pb.AggregateRequest(round=0), metadata=META)
         assert reply.updates == 1
+    finally:
+        proc.kill()  # SIGKILL right after answering Aggregate (the answer may be lost)
+        proc.wait()
+    proc, address = start_aggregator(tmp_path / "state", tmp_path / "ready.json")
+    try:
+        # The clusterer asks again: the same answer, nothing aggregated twice.
+        stub = agg_grpc.AggregatorStub(channel(address))
+        again = stub.Aggregate(agg_pb.AggregateRequest(round=0), metadata=META)
+        assert again == reply
+        after = status(stub)
+        assert (after.pending_updates, after.open_round) == (0, 1)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---- the clusterer's write-ahead log (services/clusterer/store.py) ----------------------
+
+
+def clusterer_state(directory: Path, seed: int = 0) -> tuple[ClustererState, np.random.Generator]:
+    """A clusterer state persisting to directory (restored from it if it holds one)."""
+    state = ClustererState(get_strategy("flclustering"), seed)
+    rng = np.random.default_rng(seed)
+    state.attach(ClustererStore(directory), rng)
+    return state, rng
+
+
+def test_a_clusterer_restarted_from_its_journal_and_snapshot_goes_on_alike(tmp_path):
+    """Members, deltas, clusters, the round's plan, its received updates, evaluations and
+    the plan stream come back after a crash (nothing closed, nothing flushed by hand)."""
+    state, rng = clusterer_state(tmp_path)
+    for i in range(4):
+        state.join(f"p{i}", 10, 5, i % 2, "cpu")
+    state.start_pretraining()
+    for i in range(4):
+        state.accept_pretrain_delta(f"p{i}", torch.full((8,), float(i % 2)))
+    state.start_clustering()
+    ids, deltas = state.pretrained()
+    state.set_clusters(ids, np.array([0, 1, 0, 1]), torch.stack(deltas))
+    rng.random(3)  # the stream moves on with the plan
+    state.plan(0, {"p0": 0, "p1": 1, "p2": 0}, [])
+    state.open_round(0, {})
+    state.begin_upload("p1", 0, 0)
+    state.finish_upload("p1", 0, True)  # journaled, no snapshot since
+    state.join("p4", 10, 5, 0, "cpu")  # a late joiner: journaled too
+    expected = rng.random(5)
+
+    again, rng2 = clusterer_state(tmp_path)  # as after kill -9: the old one is just dropped
+    assert sorted(again.members) == ["p0", "p1", "p2", "p3", "p4"]
+    assert {p: again.members[p].cluster for p in ids} == {"p0": 0, "p1": 1, "p2": 0, "p3": 1}
+    assert again.progress is not None and again.progress.step == "training"
+    assert again.progress.selected == {"p0": 0, "p1": 1, "p2": 0}
+    assert again.collecting is not None and again.collecting.received == {"p1"}
+    assert torch.equal(again.centroids[1], torch.ones(8))
+    assert again.tasks["p4"].kind == pb.TASK_KIND_PRETRAIN  # not yet grouped: asked again
+    assert np.array_equal(rng2.random(5), expected)  # later rounds draw as they would have
+    assert again.next_round() == 0
+
+
+def test_a_torn_last_journal_line_is_ignored(tmp_path):
+    """A crash in the middle of an append leaves half a record: the restart drops it and
+    keeps everything before it."""
+    state, _ = clusterer_state(tmp_path)
+    state.join("p0", 10, 5, 0, "cpu")
+    state.join("p1", 10, 5, 1, "cpu")
+    journal = tmp_path / "journal.jsonl"
+    with journal.open("a") as fh:
+        fh.write('{"e": "join", "pid": "p2", "member": {"participant_id": "p2", "num_tr')
+    again, _ = clusterer_state(tmp_path)
+    assert sorted(again.members) == ["p0", "p1"]
+    assert journal.read_text() == ""  # folded into a fresh snapshot: no torn line stays
+    again.join("p3", 10, 5, 0, "cpu")
+    assert sorted(clusterer_state(tmp_path)[0].members) == ["p0", "p1", "p3"]
+
+
+def test_a_record_already_in_the_snapshot_is_not_replayed(tmp_path):
+    """A crash between writing a snapshot and emptying the journal: the records the
+    snapshot includes (by sequence number) are skipped."""
+    state, _ = clusterer_state(tmp_path)
+    state.join("p0", 10, 5, 0, "cpu")
+    stale = (tmp_path / "journal.jsonl").read_text()
+    state.start_pretraining()  # a snapshot: the journal is emptied
+    (tmp_path / "journal.jsonl").write_text(stale)  # as if the truncation never happened
+    store = ClustererStore(tmp_path)
+    found = store.load()
+    assert found is not None and found.snapshot is not None and found.events == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from services.common.strategies import STRATEGIES
 from services.common.tensors import state_of
 
 FEDAVG = STRATEGIES["fedavg"]
+FLCLUSTERING = STRATEGIES["flclustering"]
 DEFENCE = DefenceSettings(byzantine_fraction=0.0)
 
 
@@ -37,8 +40,53 @@ def test_round_moves_the_model_and_refuses_duplicates_and_wrong_rounds():
     report = s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
     assert report.version == 1 and report.updates == 2
     assert torch.allclose(s.versions[1] - s.versions[0], torch.full((d,), 0.2))
-    with pytest.raises(StateError):
-        s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
+    with pytest.raises(StateError, match="not open"):
+        s.aggregate(2, FEDAVG, {}, DEFENCE, 0.05)
+
+
+def test_aggregate_again_returns_the_same_report_and_changes_nothing(tmp_path):
+    """The clusterer may die after asking (or lose the answer): asking again for the round
+    just closed answers the same, also from a restarted aggregator."""
+    s = fresh()
+    d = s.versions[0].numel()
+    add(s, "a", torch.full((d,), 0.1))
+    add(s, "b", torch.full((d,), 0.3))
+    report = s.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05)
+    weights = s.versions[s.version].clone()
+    assert s.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05, abandon=True) == replace(
+        report, replayed=True
+    )
+    assert (s.version, s.open_round) == (1, 1) and torch.equal(s.versions[1], weights)
+    s.save(tmp_path)
+    again = fresh()
+    assert again.restore(tmp_path)
+    assert again.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05) == replace(report, replayed=True)
+    assert (again.version, again.open_round) == (1, 1)
+
+
+def test_a_crash_before_save_recomputes_the_same_bits(tmp_path):
+    """kill -9 between the in-memory aggregation and save(): the restarted aggregator still
+    has the old counters and the updates (read back in file-name order), and the
+    clusterer's repeated Aggregate computes bit for bit what the lost one had."""
+    gen = torch.Generator().manual_seed(3)
+    first = fresh()
+    d = first.versions[0].numel()
+    updates = [
+        PendingUpdate(f"p{i}", i % 2, 10 + i, torch.randn(d, generator=gen) * 0.01, {})
+        for i in range(5)
+    ]
+    for u in reversed(updates):  # arrival order differs from id and file-name order
+        first.begin_update(u.participant, 0, 0)
+        first.persist(u, 0, tmp_path)
+        first.end_update(u, 0)
+    lost = first.aggregate(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05)
+    lost_weights = first.versions[first.version]
+    restarted = fresh()  # save() never ran
+    assert restarted.restore(tmp_path) is True
+    assert (restarted.version, restarted.open_round, len(restarted.pending)) == (0, 0, 5)
+    report = restarted.aggregate(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05)
+    assert report == lost
+    assert torch.equal(restarted.versions[restarted.version], lost_weights)
 
 
 def test_abandoned_round_keeps_the_model():

@@ -1,0 +1,183 @@
+"""The clusterer's durable state: a snapshot plus a write-ahead journal (no pickle).
+
+`state.json` is the whole state at the last phase change, written durably (tmp, fsync,
+rename, fsync the directory). `journal.jsonl` holds what happened since, one JSON record a
+line, each flushed and fsynced before the RPC that caused it is acknowledged. Pre-training
+deltas are safetensors files under `deltas/`, durable before their record is journaled.
+Every record carries a sequence number and the snapshot the last one it includes, so a
+crash between writing a snapshot and emptying the journal replays nothing twice; a torn
+last line (a crash mid-append) is ignored. `history.json` is a human-readable export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from services.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT = "state.json"
+JOURNAL = "journal.jsonl"
+EXPORT = "history.json"
+DELTAS = "deltas"
+FORMAT = 1
+
+
+def durable_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp), fsync it, rename it over path, fsync the directory: a crash leaves the
+    old file or the new one, never a torn one (as the aggregator's state does)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in directory durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json(data: Any) -> str:
+    """Compact JSON; numpy scalars become floats."""
+    return json.dumps(data, default=float, separators=(",", ":"))
+
+
+@dataclass
+class Restored:
+    """What load() found: the last snapshot (None: only a journal) and the records after it."""
+
+    snapshot: dict[str, Any] | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ClustererStore:
+    """Snapshot, journal and delta files of one clusterer under one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.seq = 0  # the last record's sequence number
+        self._journal: IO[str] | None = None
+
+    # ---- reading back ------------------------------------------------------------------
+    def load(self) -> Restored | None:
+        """The snapshot and the journal records after it; None when nothing is stored."""
+        snap_path = self.directory / SNAPSHOT
+        try:
+            snapshot = json.loads(snap_path.read_text()) if snap_path.exists() else None
+        except ValueError as exc:  # written durably, so only a foreign or edited file
+            raise ConfigError(f"{snap_path} is not a clusterer state: {exc}") from None
+        if snapshot is not None and snapshot.get("format") != FORMAT:
+            raise ConfigError(
+                f"{snap_path} has format {snapshot.get('format')}, this clusterer reads {FORMAT}"
+            )
+        base = int(snapshot["seq"]) if snapshot else 0
+        events = [e for e in self._read_journal() if int(e["seq"]) > base]
+        self.seq = max([base, *(int(e["seq"]) for e in events)])
+        if snapshot is None and not events:
+            return None
+        return Restored(snapshot, events)
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        """Every whole record of the journal; a torn or corrupt tail is dropped."""
+        path = self.directory / JOURNAL
+        if not path.exists():
+            return []
+        records: list[dict[str, Any]] = []
+        lines = path.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["seq"])
+            except (ValueError, KeyError, TypeError):
+                rest = sum(1 for x in lines[i + 1 :] if x.strip())
+                logger.warning(
+                    "journal record %d is torn or corrupt: it and %d after it ignored", i, rest
+                )
+                break
+            records.append(record)
+        return records
+
+    def load_delta(self, name: str) -> torch.Tensor:
+        """A stored pre-training delta (safetensors: nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.directory / DELTAS / name))["delta"]
+
+    # ---- writing -----------------------------------------------------------------------
+    def append(self, event: dict[str, Any]) -> None:
+        """Journal one record, flushed and fsynced before the caller acknowledges anything."""
+        if self._journal is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fresh = not (self.directory / JOURNAL).exists()
+            self._journal = open(self.directory / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
+            if fresh:
+                _fsync_dir(self.directory)
+        self.seq += 1
+        self._journal.write(_json({**event, "seq": self.seq}) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def save_delta(self, participant: str, delta: torch.Tensor) -> str:
+        """Write a pre-training delta durably; its file name (for the journal record)."""
+        from safetensors.torch import save_file
+
+        directory = self.directory / DELTAS
+        directory.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(participant.encode()).hexdigest()[:32] + ".safetensors"
+        tensor = delta.detach().to("cpu").contiguous()
+        meta = {"participant": participant}
+        durable_write(directory / name, lambda tmp: save_file({"delta": tensor}, str(tmp), meta))
+        return name
+
+    def snapshot(self, data: dict[str, Any]) -> None:
+        """Write the whole state durably, then empty the journal it now includes."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = _json({**data, "format": FORMAT, "seq": self.seq})
+        durable_write(self.directory / SNAPSHOT, lambda tmp: tmp.write_text(text))
+        if self._journal is not None:
+            self._journal.truncate(0)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        elif (self.directory / JOURNAL).exists():
+            with open(self.directory / JOURNAL, "r+", encoding="utf-8") as fh:
+                fh.truncate(0)
+                os.fsync(fh.fileno())
+
+    def export(self, data: dict[str, Any]) -> None:
+        """Write the human-readable history.json (rounds, members, clustering)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(data, default=float)
+        durable_write(self.directory / EXPORT, lambda tmp: tmp.write_text(text))
+
+    def drop_deltas(self, keep: set[str]) -> None:
+        """Remove delta files no snapshot refers to (written, but never journaled)."""
+        for path in (self.directory / DELTAS).glob("*.safetensors"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the journal (tests; a killed process needs nothing closed)."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
