@@ -87,10 +87,9 @@ def federation_factory() -> Iterator[Callable[..., Federation]]:
         # The experiment's settings both services have (the strategy above all: the
         # aggregator owns the defence policy and the clusterer checks they agree).
         agg_config = AggregatorConfig().replace(host="127.0.0.1", port=0, auth_token=TOKEN)
+        groups = (type(agg_config.federation), type(agg_config.training))
         shared = {
-            k: v
-            for k, v in clusterer_overrides.items()
-            if any(k in type(getattr(agg_config, g)).model_fields for g in ("federation", "training"))
+            k: v for k, v in clusterer_overrides.items() if any(k in g.model_fields for g in groups)
         }
         agg = build_aggregator(agg_config.replace(**shared))
         agg.server.start()
