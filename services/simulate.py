@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from services.common.credentials import load_tls, participant_id, write_kit
+from services.common.credentials import hand_out, load_tls, participant_id, write_kit
 from services.common.errors import FLClusteringError
 from services.common.flags import write_settings_file
 from services.common.grpc_client import channel
@@ -144,11 +144,23 @@ def simulate(
     # A fresh experiment: no state of an earlier run in this directory may be resumed.
     shutil.rmtree(out / "state", ignore_errors=True)
     # Every party gets its own identity: a new CA and certificates for this run only, and
-    # every link is mutual TLS (as on Kubernetes). The keys stay in out/credentials (0600).
+    # every link is mutual TLS (as on Kubernetes). Each process gets a directory with only
+    # its own keys (0600) under out/credentials; the CA key is deleted once they are made.
     kit = out / "credentials"
     shutil.rmtree(kit, ignore_errors=True)
     n = config.federation.participants
+    per = config.hosting.per_process
+    n_procs = math.ceil(n / per)
     write_kit(kit, [participant_id(i) for i in range(n)])
+    hosted_by = {
+        f"participants-{k}": [participant_id(i) for i in range(k * per, min(n, (k + 1) * per))]
+        for k in range(n_procs)
+    }
+    dirs = hand_out(
+        kit,
+        {"aggregator": ["aggregator"], "clusterer": ["clusterer"], "operator": ["operator"]}
+        | hosted_by,
+    )
     # Every process reads the experiment from one settings file.
     settings = out / "settings.json"
     groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
@@ -162,6 +174,8 @@ def simulate(
         return [
             "--settings",
             str(settings),
+            "--tls-dir",
+            str(dirs[name]),
             "--host",
             "127.0.0.1",
             "--port",
@@ -200,8 +214,6 @@ def simulate(
         )
         clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
         clusterer = clusterer_ready["grpc"]
-        per = config.hosting.per_process
-        n_procs = math.ceil(n / per)
         for k in range(n_procs):
             first = k * per
             count = min(per, n - first)
@@ -210,6 +222,8 @@ def simulate(
                 "services.participant",
                 "--settings",
                 str(settings),
+                "--tls-dir",
+                str(dirs[f"participants-{k}"]),
                 "--clusterer",
                 clusterer,
                 "--index",
@@ -243,7 +257,8 @@ def simulate(
             "participants": participants,
         }
         (out / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
-        stub = pb_grpc.ClustererStub(channel(clusterer, client=load_tls(kit, "operator")))
+        operator = load_tls(dirs["operator"], "operator")
+        stub = pb_grpc.ClustererStub(channel(clusterer, client=operator))
         status = follow(stub, procs, progress)
         results = collect(config, status, members(stub), attackers, endpoints)
         write_results(out, results)

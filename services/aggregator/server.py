@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.metrics = metrics
         t = config.transport
         self.watch = StallWatch(t.stream_idle_s, t.stream_max_s)
+        self._closing = threading.Lock()
+        self._saved_round = state.open_round - 1  # restored state is on disk already
         metrics.model_version.set(state.version)
         d = config.defence
         self.policy = pb.DefencePolicy(
@@ -146,20 +149,25 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         strategy = get_strategy(self.config.federation.strategy)
         lr = self.config.training.lr_at(int(request.round))
         start = time.perf_counter()
-        report = self.state.aggregate(
-            request.round,
-            strategy,
-            dict(request.cluster_accuracy),
-            self.config.defence,
-            lr,
-            request.abandon,
-        )
+        # One aggregation at a time, saved before anyone is answered: a repeated call that
+        # arrives while the first is still saving waits for it.
+        with self._closing:
+            report = self.state.aggregate(
+                request.round,
+                strategy,
+                dict(request.cluster_accuracy),
+                self.config.defence,
+                lr,
+                request.abandon,
+            )
+            if not report.replayed:
+                self._record(report, time.perf_counter() - start)
+            self._save(int(request.round))
         if report.replayed:
-            # Asked again (the caller restarted or lost the answer): the same answer, and
-            # nothing counted or saved twice.
+            # Asked again (the caller restarted or lost the answer): the same answer,
+            # counted once.
             logger.info("[Aggregator.Aggregate] round %d: answered again", request.round)
         else:
-            self._record(report, time.perf_counter() - start)
             logger.info(
                 "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
                 request.round,
@@ -179,8 +187,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         )
 
     def _record(self, report: RoundReport, seconds: float) -> None:
-        """Metrics of a round just aggregated, and its state saved (durable before the
-        answer)."""
+        """Metrics of a round just aggregated."""
         m = self.metrics
         m.aggregation_seconds.observe(seconds)
         m.updates_aggregated.inc(report.updates)
@@ -191,8 +198,14 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             m.robust_rejections.labels(cluster_label(c)).inc(n)
         m.cluster_rejections.inc(len(report.rejected_clusters))
         m.fallbacks.inc(len(report.fallbacks))
-        if self.config.service.state_dir:
-            self.state.save(Path(self.config.service.state_dir))
+
+    def _save(self, round_: int) -> None:
+        """Make the aggregation of round_ durable (once; a failed save is tried again by the
+        next call for that round, before it is answered)."""
+        state_dir = self.config.service.state_dir
+        if state_dir and self._saved_round < round_:
+            self.state.save(Path(state_dir))
+            self._saved_round = round_
 
     @rpc("Aggregator.GetModel")
     def GetModel(
@@ -200,7 +213,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     ) -> Iterator[pb.GetModelResponse]:
         version, weights = self.state.weights(request.model_version)
         header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind="weights")
-        for msg in build_stream(pb.GetModelResponse, header, header, weights):
+        messages = build_stream(pb.GetModelResponse, header, header, weights)
+        for msg in self.watch.watch(messages, context, "GetModel"):
             if msg.WhichOneof("part") == "data":
                 self.metrics.rpc.sent_bytes.inc(len(msg.data))
             yield msg
@@ -268,7 +282,7 @@ class AggregatorService:
 def policy(max_workers: int) -> Policy:
     """Only the clusterer writes (and reads models); operators may read the status. Upload
     streams leave threads free for health, status and Aggregate."""
-    streams = max(1, max_workers - 8)
+    streams = max(1, max_workers - 24)  # leaves threads for Aggregate, status, health
     return Policy(
         roles={
             "ForwardUpdate": frozenset({"clusterer"}),
@@ -276,8 +290,8 @@ def policy(max_workers: int) -> Policy:
             "GetModel": frozenset({"clusterer"}),
             "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
         },
-        per_identity={"ForwardUpdate": streams, "GetModel": 8},
-        total={"ForwardUpdate": streams, "GetModel": 8},
+        per_identity={"ForwardUpdate": streams, "GetModel": 4},
+        total={"ForwardUpdate": streams, "GetModel": 4},
     )
 
 

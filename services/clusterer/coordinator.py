@@ -47,6 +47,7 @@ from services.common.tensors import TensorSpec
 from services.common.wire import spec_from_pb
 
 logger = logging.getLogger(__name__)
+CUT_WAIT_S = 30.0  # for a cut upload's handler to release its reservation
 
 EncodedModel = tuple[tensors_pb2.ModelHeader, list[bytes], bytes]
 # The aggregator may be restarting (a pod rescheduled): keep asking for a while. Every call
@@ -159,8 +160,17 @@ class Coordinator(ClustererParts):
         self.on_round: Callable[[dict[str, Any]], None] | None = None
         state_dir = self.config.service.state_dir
         # Restored here, before the server answers anyone: known members never see NOT_FOUND.
+        fed = self.fed
+        experiment = {
+            "strategy": fed.strategy,
+            "seed": fed.seed,
+            "clusters": fed.clusters,
+            "select": fed.select,
+            "eval_per_cluster": fed.eval_per_cluster,
+            "cluster_method": self.config.clustering.cluster_method,
+        }
         self.restored = bool(state_dir) and self.state.attach(
-            ClustererStore(Path(state_dir or ".")), self.rng
+            ClustererStore(Path(state_dir or ".")), self.rng, experiment
         )
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -425,7 +435,11 @@ class Coordinator(ClustererParts):
         # An upload under way may still be acknowledged by the aggregator: wait for it
         # (streams are cut when idle or too long), so that what the aggregator holds when
         # asked below is all the round gets.
-        self._wait(self.state.uploads_settled, self.timing.stream_max_s)
+        if not self._wait(self.state.uploads_settled, self.timing.stream_idle_s):
+            logger.warning(
+                "round %d: cut %d upload(s) still streaming", r, self.state.cut_uploads()
+            )
+            self._wait(self.state.uploads_settled, CUT_WAIT_S)
         needed = math.ceil(self.fed.min_share * len(progress.selected))
         self.state.close_round(self._acknowledged(r), needed)
         self.metrics.timed_out.labels("train").inc(len(progress.timed_out))

@@ -6,7 +6,7 @@ import itertools
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,13 +138,15 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
         with counting_refusals(self.metrics.updates_rejected):
-            reply = self._submit(self.watch.watch(request_iterator, context, "SubmitUpdate"))
+            reply = self._submit(
+                self.watch.watch(request_iterator, context, "SubmitUpdate"), context.cancel
+            )
         if reply.round >= 0:
             self.metrics.updates_received.inc()
         return reply
 
     def _submit(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest]
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], cut: Callable[[], None]
     ) -> pb.SubmitUpdateResponse:
         it = iter(request_iterator)
         first = next(it, None)
@@ -157,7 +159,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             return self._pretrain_delta(h, itertools.chain([first], it))
         if h.kind != "weights":
             raise invalid(f"unknown update kind {h.kind[:32]!r} (weights or pretrain-delta)")
-        cluster = self.state.begin_upload(h.sender, h.round, h.model_version)
+        cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False
         try:
             self._forward(first, it, cluster)
@@ -243,7 +245,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             raise NotFoundError(f"model version {request.model_version} is not available")
         header, chunks, sha = cached
         self.metrics.rpc.sent_bytes.inc(header.total_bytes)
-        yield from encoded_stream(pb.DownloadModelResponse, header, chunks, sha)
+        messages = encoded_stream(pb.DownloadModelResponse, header, chunks, sha)
+        yield from self.watch.watch(messages, context, "DownloadModel")  # a receiver that stalls
 
     @rpc("Clusterer.GetStatus")
     def GetStatus(
@@ -357,7 +360,9 @@ class _RelayInterceptor(grpc.ServerInterceptor):
 def policy(max_workers: int) -> Policy:
     """Participants call the participant RPCs (as themselves: the servicer checks ids);
     status is for operators. Per identity: one poll and one upload at a time (plus one
-    being torn down); uploads and downloads together leave threads for everything else."""
+    being torn down). Long polls take at most half the threads (past that they answer at
+    once), uploads and downloads an eighth each, reflection and health watches a few: a
+    quarter is always free for joins, evaluations, status and health checks."""
     part = frozenset({"participant"})
     return Policy(
         roles={
@@ -371,8 +376,8 @@ def policy(max_workers: int) -> Policy:
         per_identity={"GetTask": 2, "SubmitUpdate": 2, "DownloadModel": 2},
         default_per_identity=4,
         total={
-            "SubmitUpdate": max(1, max_workers // 4),
-            "DownloadModel": max(1, max_workers // 4),
+            "SubmitUpdate": max(1, max_workers // 8),
+            "DownloadModel": max(1, max_workers // 8),
         },
     )
 

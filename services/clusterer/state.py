@@ -28,7 +28,7 @@ import torch
 from services.clusterer.clustering import count_sketch
 from services.clusterer.plan import static_group
 from services.clusterer.store import ClustererStore
-from services.common.errors import CapacityError, NotFoundError, StateError
+from services.common.errors import CapacityError, ConfigError, NotFoundError, StateError
 from services.common.figures import purity
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.strategies import Strategy
@@ -89,6 +89,7 @@ class RoundCollection:
     received: set[str] = field(default_factory=set)
     in_flight: set[str] = field(default_factory=set)
     closed: bool = False  # the deadline passed: no new upload may begin
+    cutters: dict[str, Callable[[], None]] = field(default_factory=dict)  # cancel an upload
 
 
 @dataclass
@@ -135,6 +136,7 @@ class ClustererState:
     ) -> None:
         self.strategy = strategy
         self.seed = seed
+        self.experiment: dict[str, Any] = {}  # the settings the stored state belongs to
         self.max_members = max_members
         self._on_phase = on_phase  # told every phase change (the phase metric)
         # waiting, pretraining, clustering, selecting, evaluating, training, aggregating,
@@ -161,14 +163,38 @@ class ClustererState:
         self.cond = threading.Condition()
 
     # ---- durability --------------------------------------------------------------------
-    def attach(self, store: ClustererStore, rng: np.random.Generator) -> bool:
+    def attach(
+        self,
+        store: ClustererStore,
+        rng: np.random.Generator,
+        experiment: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Persist through store from now on, after restoring what it holds (rng included:
-        later rounds draw as they would have); whether there was anything to restore."""
+        later rounds draw as they would have); whether there was anything to restore.
+
+        `experiment` (strategy, seed, clustering) is kept with the state: a restart with
+        other settings is refused rather than mixing two experiments.
+        """
         with self.cond:
             self.rng = rng
             self.store = store
+            self.experiment = dict(experiment or {})
             found = store.load()
             if found is not None:
+                kept = (found.snapshot or {}).get("experiment")
+                if found.snapshot is not None and kept is not None and kept != self.experiment:
+                    changed = sorted(
+                        k
+                        for k in {*kept, *self.experiment}
+                        if kept.get(k) != self.experiment.get(k)
+                    )
+                    raise ConfigError(
+                        f"{store.directory} holds the state of another experiment ("
+                        + ", ".join(
+                            f"{k}: {kept.get(k)} -> {self.experiment.get(k)}" for k in changed
+                        )
+                        + "): start with the same settings, or with an empty --state-dir"
+                    )
                 if found.snapshot is not None:
                     self._restore(found.snapshot)
                 for event in found.events:
@@ -196,6 +222,7 @@ class ClustererState:
         """Everything a restart needs, JSON-able (cond held)."""
         c = self.collecting
         return {
+            "experiment": self.experiment,
             "stage": self.stage,
             "phase": self.phase,
             "round": self.round,
@@ -348,8 +375,11 @@ class ClustererState:
             kind = pb.TASK_KIND_DONE if self.phase in TERMINAL else pb.TASK_KIND_WAIT
             return kind, self.round, self.model_version
 
-    def begin_upload(self, pid: str, round_: int, model_version: int) -> int:
-        """Check that pid may upload its update for round_ now; reserve it; its cluster."""
+    def begin_upload(
+        self, pid: str, round_: int, model_version: int, cut: Callable[[], None] | None = None
+    ) -> int:
+        """Check that pid may upload its update for round_ now; reserve it; its cluster.
+        `cut` cancels the upload (the round closes without waiting for it)."""
         with self.cond:
             self._member(pid)
             open_ = self.collecting
@@ -370,6 +400,8 @@ class ClustererState:
                     f"round {open_.round} uses {open_.model_version}"
                 )
             open_.in_flight.add(pid)
+            if cut is not None:
+                open_.cutters[pid] = cut
             return open_.selected[pid]
 
     def finish_upload(self, pid: str, round_: int, accepted: bool) -> None:
@@ -380,6 +412,7 @@ class ClustererState:
             if open_ is None or open_.round != round_:
                 return
             open_.in_flight.discard(pid)
+            open_.cutters.pop(pid, None)
             if accepted:
                 self._journal({"e": "update", "pid": pid, "round": round_})
                 open_.received.add(pid)
@@ -466,12 +499,6 @@ class ClustererState:
                     return done()
                 self.cond.wait(left)
             return True
-
-    def assign(self, tasks: Mapping[str, Task]) -> None:
-        """Hand out tasks and wake the long polls."""
-        with self.cond:
-            self.tasks.update(tasks)
-            self.cond.notify_all()
 
     def cancel(self, participants: Iterable[str], kind: int) -> list[str]:
         """Withdraw unfinished tasks of a kind; who had one (a timeout on their record)."""
@@ -708,6 +735,16 @@ class ClustererState:
             if self.collecting is not None:
                 self.collecting.closed = True
 
+    def cut_uploads(self) -> int:
+        """Cancel the uploads still streaming after the grace a closed round gives them (a
+        sender dripping bytes cannot hold the round open); how many were cut."""
+        with self.cond:
+            c = self.collecting
+            cutters = list(c.cutters.values()) if c is not None else []
+        for cut in cutters:
+            cut()
+        return len(cutters)
+
     def uploads_settled(self) -> bool:
         """Whether no upload is streaming any more (call inside wait_until)."""
         c = self.collecting
@@ -796,11 +833,6 @@ class ClustererState:
                 len(self.members),
                 len(self.history),
             )
-
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-able view of everything but the cached deltas and the lock (history.json)."""
-        with self.cond:
-            return self._export()
 
     def _export(self) -> dict[str, Any]:
         """history.json's content (cond held)."""

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ FORMAT = 1
 def durable_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp), fsync it, rename it over path, fsync the directory: a crash leaves the
     old file or the new one, never a torn one (as the aggregator's state does)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # writers never share one
     write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -110,12 +111,13 @@ class ClustererStore:
                 record = json.loads(line)
                 int(record["seq"])
             except (ValueError, KeyError, TypeError):
-                rest = sum(1 for x in lines[i + 1 :] if x.strip())
-                logger.warning(
-                    "journal record %d is torn or corrupt: it and %d after it ignored", i, rest
-                )
-                break
+                # A torn tail (a crash mid-write), or a line a failed write left behind
+                # (append truncates those, but a crash may come first): the records after
+                # it carry their own sequence numbers and still count.
+                logger.warning("journal line %d is torn or corrupt: ignored", i)
+                continue
             records.append(record)
+        records.sort(key=lambda r: int(r["seq"]))
         return records
 
     def load_delta(self, name: str) -> torch.Tensor:
@@ -133,10 +135,20 @@ class ClustererStore:
             self._journal = open(self.directory / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
             if fresh:
                 _fsync_dir(self.directory)
+        good = self._journal.tell()
+        try:
+            self._journal.write(_json({**event, "seq": self.seq + 1}) + "\n")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError:
+            # Disk full or an I/O error: drop the half-written line so the next record
+            # does not land on it, and refuse this one (the caller acknowledges nothing).
+            self._journal.close()
+            self._journal = None
+            with open(self.directory / JOURNAL, "r+b") as fh:
+                fh.truncate(good)
+            raise
         self.seq += 1
-        self._journal.write(_json({**event, "seq": self.seq}) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
 
     def save_delta(self, participant: str, delta: torch.Tensor) -> str:
         """Write a pre-training delta durably; its file name (for the journal record)."""
@@ -144,8 +156,11 @@ class ClustererStore:
 
         directory = self.directory / DELTAS
         directory.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(participant.encode()).hexdigest()[:32] + ".safetensors"
         tensor = delta.detach().to("cpu").contiguous()
+        # Named by owner and content: two uploads racing for one task never share a file,
+        # and the journal names the one that was accepted.
+        digest = hashlib.sha256(participant.encode() + b"\0" + tensor.numpy().tobytes())
+        name = digest.hexdigest()[:40] + ".safetensors"
         meta = {"participant": participant}
         durable_write(directory / name, lambda tmp: save_file({"delta": tensor}, str(tmp), meta))
         return name

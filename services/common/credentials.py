@@ -248,15 +248,43 @@ def write_kit(
     return ca
 
 
+def hand_out(kit: Path, holders: Mapping[str, Iterable[str]]) -> dict[str, Path]:
+    """Give each holder (a process) a directory of its own under kit with ca.crt and only
+    the certificates and keys of the parties it hosts; then remove the kit's own keys and
+    the CA key (nothing more is issued). No process can read another party's key."""
+    out = {}
+    for holder, names in holders.items():
+        d = kit / holder
+        d.mkdir(mode=0o700)
+        (d / "ca.crt").write_bytes((kit / "ca.crt").read_bytes())
+        for name in names:
+            (d / f"{name}.crt").write_bytes((kit / f"{name}.crt").read_bytes())
+            _write(d / f"{name}.key", (kit / f"{name}.key").read_bytes(), secret=True)
+        out[holder] = d
+    for leftover in kit.glob("*.key"):
+        leftover.unlink()
+    for leftover in kit.glob("*.crt"):
+        if leftover.name != "ca.crt":
+            leftover.unlink()
+    return out
+
+
 @dataclass(frozen=True)
 class TlsFiles:
-    """The PEM material one party presents: CA to trust, own certificate and key (and the
-    files they came from, so a server can pick up renewed ones)."""
+    """The PEM material one party presents: CA to trust (empty: none), own certificate and
+    key, and the files they came from, so a server can pick up renewed ones."""
 
     ca: bytes
     cert: bytes
     key: bytes
-    paths: tuple[Path, Path, Path] | None = None
+    paths: tuple[Path | None, Path, Path] | None = None
+
+    @classmethod
+    def read(cls, ca: Path | None, cert: Path, key: Path) -> TlsFiles:
+        """The files' contents (OSError when one cannot be read)."""
+        return cls(
+            ca.read_bytes() if ca else b"", cert.read_bytes(), key.read_bytes(), (ca, cert, key)
+        )
 
     def renewed(self) -> TlsFiles | None:
         """The files again if any changed since these were read (cert-manager renews them
@@ -264,13 +292,26 @@ class TlsFiles:
         if self.paths is None:
             return None
         try:
-            ca, cert, key = (p.read_bytes() for p in self.paths)
-            again = TlsFiles(ca, cert, key, self.paths)
+            again = TlsFiles.read(*self.paths)
         except OSError:
             return None
         if (again.ca, again.cert, again.key) == (self.ca, self.cert, self.key):
             return None
-        return again if certificate_identity(again.cert) is not None else None
+        return again if _matching_pair(again.cert, again.key) else None
+
+
+def _matching_pair(cert_pem: bytes, key_pem: bytes) -> bool:
+    """Whether cert_pem is a certificate for the private key key_pem (both whole)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError:
+        return False
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bool(cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt))
 
 
 def load_tls(directory: str | Path, name: str, fallback: bool = True) -> TlsFiles:
@@ -281,12 +322,7 @@ def load_tls(directory: str | Path, name: str, fallback: bool = True) -> TlsFile
     if fallback and not cert.exists() and (d / "tls.crt").exists():
         cert, key = d / "tls.crt", d / "tls.key"
     try:
-        return TlsFiles(
-            (d / "ca.crt").read_bytes(),
-            cert.read_bytes(),
-            key.read_bytes(),
-            paths=(d / "ca.crt", cert, key),
-        )
+        return TlsFiles.read(d / "ca.crt", cert, key)
     except OSError as exc:
         raise ConfigError(
             f"--tls-dir {d}: cannot read {Path(exc.filename or '').name} ({exc.strerror}); "
@@ -319,7 +355,7 @@ def token_digest(secret: str) -> str:
 def token_owner(token: str) -> str | None:
     """The participant a per-participant token (`<id>.<secret>`, as `new_token` makes it)
     names, or None for anything else (a shared development token)."""
-    name, dot, secret = token.partition(".")
+    name, dot, secret = token.rpartition(".")
     if not dot or len(secret) < 32 or not valid_name(name):
         return None
     return name
@@ -360,7 +396,7 @@ class TokenTable:
 
     def identity(self, token: bytes) -> Identity | None:
         """The participant a token belongs to, or None."""
-        name, _, secret = token.partition(b".")
+        name, _, secret = token.rpartition(b".")
         try:
             pid = name.decode("ascii")
         except UnicodeDecodeError:
@@ -386,7 +422,7 @@ def write_tokens(directory: Path, participants: Iterable[str]) -> Path:
     digests = {}
     for p in ids:
         token = new_token(p)
-        digests[p] = token_digest(token.partition(".")[2])
+        digests[p] = token_digest(token.rpartition(".")[2])
         _write(directory / f"{p}.token", token.encode() + b"\n", secret=True)
     out = directory / "tokens.sha256.json"
     _write(out, json.dumps(digests, indent=1).encode(), secret=False)

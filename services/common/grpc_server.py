@@ -129,8 +129,9 @@ def rpc(name: str) -> Callable[[F], F]:
     return wrap
 
 
-ANONYMOUS = Identity("dev", "anonymous")
-_CALLER: ContextVar[Identity] = ContextVar("flclustering_caller", default=ANONYMOUS)
+ANONYMOUS = Identity("dev", "anonymous")  # only when no credentials are configured at all
+NOBODY = Identity("none", "")  # outside a call the Gate admitted: may act as no one
+_CALLER: ContextVar[Identity] = ContextVar("flclustering_caller", default=NOBODY)
 
 
 def caller() -> Identity:
@@ -183,14 +184,19 @@ class Authenticator:
         given = values[0].encode() if isinstance(values[0], str) else values[0]
         if self._shared is not None and hmac.compare_digest(given, self._shared):
             return Identity("dev", "dev")
-        if self._tokens is not None and given.startswith(b"Bearer "):
-            return self._tokens.identity(given[len(b"Bearer ") :])
+        tls = context.auth_context().get("transport_security_type") == [b"ssl"]
+        if self._tokens is not None and tls and given.startswith(b"Bearer "):
+            return self._tokens.identity(given[len(b"Bearer ") :])  # never in plain text
         return None
 
 
-# Health stays open (Kubernetes probes carry no credential); reflection, which lists the
-# services and their messages, needs an authenticated caller like any other call.
-EXEMPT = ("/grpc.health.v1.Health/",)
+# Health checks stay open (Kubernetes probes carry no credential). Watch, a stream that
+# holds a thread while it lasts, goes through the gate like every other call; reflection,
+# which lists the services and their messages, is for operators.
+EXEMPT = ("/grpc.health.v1.Health/Check",)
+# Limits every server adds to its policy: the few threads streams of these may hold.
+COMMON_ROLES = {"ServerReflectionInfo": frozenset({"operator"})}
+COMMON_TOTAL = {"ServerReflectionInfo": 2, "Watch": 4}
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,12 @@ class Gate(grpc.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator, policy: Policy) -> None:
         self._auth = authenticator
-        self._policy = policy
+        self._policy = policy = Policy(
+            roles={**COMMON_ROLES, **policy.roles},
+            per_identity={"Watch": 1, **policy.per_identity},
+            default_per_identity=policy.default_per_identity,
+            total={**COMMON_TOTAL, **policy.total},
+        )
         self._admission = _Admission(policy)
         self._wrapped: dict[str, Any] = {}
 
@@ -310,6 +321,17 @@ class Gate(grpc.ServerInterceptor):
         def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 who = admit(context, method)
+                released = threading.Event()
+
+                def release() -> None:
+                    if not released.is_set():
+                        released.set()
+                        leave(who, method)
+
+                # gRPC does not close the response iterator of a cancelled call: the slot
+                # is given back when the call ends, whatever happens to the generator.
+                context.add_callback(release)
+                it: Any = None
                 try:
                     token = _CALLER.set(who)
                     try:
@@ -326,7 +348,13 @@ class Gate(grpc.ServerInterceptor):
                             return
                         yield item
                 finally:
-                    leave(who, method)
+                    if it is not None and hasattr(it, "close"):
+                        token = _CALLER.set(who)  # the handler's cleanup runs as its caller
+                        try:
+                            it.close()
+                        finally:
+                            _CALLER.reset(token)
+                    release()
 
             return run
 
@@ -344,9 +372,10 @@ _END = object()
 
 
 class StallWatch:
-    """Cuts request streams that stall: a stream whose next message does not come within
-    `idle_s`, or that is still open after `total_s`, is cancelled (its handler sees the
-    stream end and refuses the upload), so a silent sender cannot hold a server thread.
+    """Cuts streams that stall: an upload whose next message does not come within `idle_s`
+    (its handler sees the stream end and refuses the upload), a download whose receiver
+    takes no next message within `idle_s` (the server's send blocks meanwhile), or either
+    still open after `total_s`, is cancelled, so a silent peer cannot hold a server thread.
 
     One daemon thread checks the watched streams twice a second.
     """
@@ -373,7 +402,9 @@ class StallWatch:
         try:
             for msg in messages:
                 with self._lock:
-                    self._streams[key][2] = time.monotonic()
+                    entry = self._streams.get(key)
+                    if entry is not None:
+                        entry[2] = time.monotonic()
                 yield msg
         finally:
             with self._lock:
@@ -534,21 +565,15 @@ def _add_secure_port(
     return bound
 
 
-def bind_tls(
-    server: grpc.Server,
-    host: str,
-    port: int,
-    cert: str | bytes,
-    key: str | bytes,
-) -> int:
-    """Bind a server-TLS port (edge participants with tokens) with a PEM certificate chain
-    and key, paths or PEM bytes; errors are one ConfigError."""
+def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> int:
+    """Bind a server-TLS port (edge participants with tokens) from PEM files, following
+    renewals like the mutual-TLS port; errors are one ConfigError."""
     try:
-        key_pem = key if isinstance(key, bytes) else Path(key).read_bytes()
-        cert_pem = cert if isinstance(cert, bytes) else Path(cert).read_bytes()
+        tls = TlsFiles.read(None, Path(cert), Path(key))
     except OSError as exc:
         raise ConfigError(f"cannot read TLS certificate or key: {exc}") from exc
-    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    renewing = _Renewing(tls)
+    creds = grpc.dynamic_ssl_server_credentials(renewing.config(tls), renewing.fetch)
     return _add_secure_port(server, host, port, creds)
 
 
@@ -559,6 +584,11 @@ def credentials(
     (None: it listens without TLS, behind tokens or nothing)."""
     tls = load_tls(transport.tls_dir, name) if transport.tls_dir else None
     shared = transport.token()
+    if tls is not None and shared is not None:
+        raise ConfigError(
+            "--tls-dir and a shared --auth-token exclude each other: the shared token would "
+            "give anyone holding it every identity (it is for development only)"
+        )
     open_ = tls is None and shared is None and tokens is None
     auth = Authenticator(shared, tokens, open_)
     if shared is not None:
@@ -596,7 +626,10 @@ class _Renewing:
 
     @staticmethod
     def config(t: TlsFiles) -> Any:
-        return grpc.ssl_server_certificate_configuration([(t.key, t.cert)], root_certificates=t.ca)
+        """gRPC's configuration of t: clients verified against t's CA when it has one."""
+        return grpc.ssl_server_certificate_configuration(
+            [(t.key, t.cert)], root_certificates=t.ca or None
+        )
 
     def fetch(self) -> Any:
         """Called by gRPC before a handshake: a new configuration, or None to keep it."""
@@ -645,7 +678,15 @@ def serve_health(
     if port is None:
         return None, None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    # Check only: a Watch stream would hold one of its two threads for as long as it lasts.
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(health.SERVICE_NAME, {"Check": check}),)
+    )
     return server, bind(server, host, port)
 
 

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from services.clusterer.state import ClustererState
 from services.clusterer.store import ClustererStore
+from services.common.errors import ConfigError
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
@@ -167,3 +169,33 @@ def test_a_record_already_in_the_snapshot_is_not_replayed(tmp_path):
     store = ClustererStore(tmp_path)
     found = store.load()
     assert found is not None and found.snapshot is not None and found.events == []
+
+
+def test_a_bad_journal_line_in_the_middle_loses_nothing_after_it(tmp_path):
+    """A line a failed write left behind: the records after it carry their own sequence
+    numbers and are restored."""
+    state, _ = clusterer_state(tmp_path)
+    state.join("p0", 10, 5, 0, "cpu")
+    journal = tmp_path / "journal.jsonl"
+    with journal.open("a") as fh:
+        fh.write('{"e": "join", "pid": "half\n')
+    state.store.close()  # type: ignore[union-attr]
+    state.store = ClustererStore(tmp_path)  # a fresh handle appends after the bad line
+    state.store.load()
+    state.join("p1", 10, 5, 1, "cpu")
+    again, _ = clusterer_state(tmp_path)
+    assert sorted(again.members) == ["p0", "p1"]
+
+
+def test_state_of_another_experiment_is_refused(tmp_path):
+    """A restart with another seed or strategy must not mix two experiments."""
+    state = ClustererState(get_strategy("flclustering"), 0)
+    state.attach(ClustererStore(tmp_path), np.random.default_rng(0), {"seed": 0})
+    state.join("p0", 10, 5, 0, "cpu")
+    state.start_pretraining()
+    other = ClustererState(get_strategy("flclustering"), 1)
+    with pytest.raises(ConfigError, match="seed: 0 -> 1"):
+        other.attach(ClustererStore(tmp_path), np.random.default_rng(1), {"seed": 1})
+    same = ClustererState(get_strategy("flclustering"), 0)
+    assert same.attach(ClustererStore(tmp_path), np.random.default_rng(0), {"seed": 0})
+    assert sorted(same.members) == ["p0"]

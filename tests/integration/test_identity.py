@@ -338,3 +338,70 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, monkeypatch
         )
     finally:
         agg.server.stop(0).wait()
+
+
+def test_health_watch_and_reflection_are_not_open_doors(secured, tmp_path):
+    """Only Health/Check is open; a Watch (a stream holding a thread) needs a credential,
+    reflection is for operators, and the plain health port answers Check alone."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    def watch(ch: grpc.Channel) -> grpc.StatusCode:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=2)
+        return rpc_code(lambda: next(iter(stream)))
+
+    assert watch(channel(secured.address, client=load_tls(secured.kit, ME))) == C.OK
+    edge = channel(f"127.0.0.1:{secured.clusterer.tls_port}", str(secured.kit / "ca.crt"))
+    assert watch(edge) == C.UNAUTHENTICATED  # TLS without any credential
+
+    def services(name: str) -> grpc.StatusCode:
+        ch = channel(secured.address, client=load_tls(secured.kit, name))
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        request = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        return rpc_code(lambda: list(refl.ServerReflectionInfo(request, timeout=10)))
+
+    assert services(ME) == C.PERMISSION_DENIED
+    assert services("operator") == C.OK
+
+    agg = build_aggregator(
+        AggregatorConfig().replace(host="127.0.0.1", port=0, health_port=0, metrics_port=None)
+    )
+    agg.server.start()
+    agg.health_server.start()  # type: ignore[union-attr]
+    try:
+        plain = channel(f"127.0.0.1:{agg.health_port}")
+        check = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        assert watch(plain) == C.UNIMPLEMENTED
+    finally:
+        agg.health_server.stop(0)  # type: ignore[union-attr]
+        agg.server.stop(0).wait()
+
+
+def test_tokens_need_tls_and_a_shared_token_excludes_tls(tmp_path):
+    """Per-participant tokens are never accepted in plain text; a shared development token
+    beside --tls-dir is refused at start (it would give anyone holding it every identity)."""
+    from services.common.errors import ConfigError
+
+    kit = tmp_path / "kit"
+    write_kit(kit, [])
+    tokens = write_tokens(tmp_path / "tokens", [ME])
+    config = ClustererConfig().replace(
+        host="127.0.0.1",
+        port=0,
+        aggregator="127.0.0.1:1",
+        participant_tokens=str(tokens),
+        metrics_port=None,
+    )
+    clu = build_clusterer(config)
+    clu.server.start()
+    try:
+        token = (tmp_path / "tokens" / f"{ME}.token").read_text().strip()
+        plain = pb_grpc.ClustererStub(channel(f"127.0.0.1:{clu.port}"))
+        assert join(plain, ME, metadata=call_metadata(token)) == C.UNAUTHENTICATED
+    finally:
+        clu.server.stop(0).wait()
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_aggregator(
+            AggregatorConfig().replace(port=0, tls_dir=str(kit), auth_token="t", metrics_port=None)
+        )

@@ -66,8 +66,14 @@ def test_small_simulation_writes_everything(tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["transport"]["tls_dir"] == str(out / "credentials")
     assert not settings["transport"].get("auth_token")
-    for i in range(6):
-        assert (out / "credentials" / f"participant-{i:05d}.crt").exists()
+    # Each process holds only its own parties' keys; the CA key is gone.
+    keys = {p.relative_to(out / "credentials").as_posix() for p in out.glob("credentials/**/*.key")}
+    assert keys == {
+        "aggregator/aggregator.key",
+        "clusterer/clusterer.key",
+        "operator/operator.key",
+        *(f"participants-{i // 3}/participant-{i:05d}.key" for i in range(6)),
+    }
     for log in (out / "logs").glob("*.log"):
         text = log.read_text()
         assert "development only" not in text

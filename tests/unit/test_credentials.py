@@ -86,6 +86,12 @@ def test_tokens_are_kept_as_digests_and_act_for_their_owner(tmp_path):
     assert table.identity(b"\xff\xfe.secret") is None
     assert token_owner(token) == participant_id(0)
     assert token_owner("a-shared-development-token") is None
+    dotted = write_tokens(tmp_path / "dotted", ["edge.dev-1"])  # ids may hold dots
+    dotted_token = (tmp_path / "dotted" / "edge.dev-1.token").read_text().strip()
+    assert token_owner(dotted_token) == "edge.dev-1"
+    assert TokenTable.load(dotted).identity(dotted_token.encode()) == Identity(
+        "participant", "edge.dev-1"
+    )
     assert stat.S_IMODE((tmp_path / "participant-00000.token").stat().st_mode) == 0o600
 
 
