@@ -8,7 +8,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1.health import HealthServicer
@@ -18,9 +18,9 @@ from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCac
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation
-from services.common.credentials import TokenTable
+from services.common.credentials import TlsFiles, TokenTable
 from services.common.errors import NotFoundError, StateError
-from services.common.grpc_client import call_metadata, channel, quiet_refused_streams
+from services.common.grpc_client import Renewing, call_metadata, channel, quiet_refused_streams
 from services.common.grpc_server import (
     Policy,
     StallWatch,
@@ -399,8 +399,16 @@ def build_service(config: ClustererConfig) -> ClustererService:
         on_phase=metrics.phase.state,
     )
     quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
-    agg_channel = channel(config.clustering.aggregator, client=tls)
-    aggregator = agg_grpc.AggregatorStub(instrument_channel(agg_channel, metrics.rpc))
+
+    def connect(client: TlsFiles | None) -> tuple[grpc.Channel, agg_grpc.AggregatorStub]:
+        ch = channel(config.clustering.aggregator, client=client)
+        return ch, agg_grpc.AggregatorStub(instrument_channel(ch, metrics.rpc))
+
+    if tls is None:
+        agg_channel, aggregator = connect(None)
+    else:  # the client certificate follows renewals, like the server's
+        renewing = Renewing(tls, connect)
+        agg_channel, aggregator = renewing.channel, cast(agg_grpc.AggregatorStub, renewing)
     parts = (config, state, aggregator, models, metrics, token)
     coordinator = Coordinator(*parts)
     servicer = ClustererServicer(*parts)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -54,6 +54,46 @@ def channel(
     except OSError as exc:
         raise ConfigError(f"cannot read the TLS CA file {tls_ca}: {exc.strerror}") from exc
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+S = TypeVar("S")
+RENEW_CHECK_S = 60.0
+
+
+class Renewing(Generic[S]):
+    """A stub whose client certificate follows its files: before a call, at most once a
+    minute, the files are compared with what the channel was built from; when they were
+    renewed (cert-manager renews in place), a new channel and stub are built. Calls already
+    under way finish on the previous channel, which is kept until the next renewal."""
+
+    def __init__(self, tls: TlsFiles, build: Callable[[TlsFiles], tuple[grpc.Channel, S]]):
+        self._tls = tls
+        self._build = build
+        self._channel, self._stub = build(tls)
+        self._previous: grpc.Channel | None = None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel calls go over now."""
+        return self._channel
+
+    def stub(self) -> S:
+        """The stub to call now."""
+        if time.monotonic() - self._checked >= RENEW_CHECK_S:
+            with self._lock:
+                self._checked = time.monotonic()
+                fresh = self._tls.renewed()
+                if fresh is not None:
+                    logger.info("client certificate renewed on disk: reconnecting with it")
+                    self._tls = fresh
+                    self._previous = self._channel
+                    self._channel, self._stub = self._build(fresh)
+        return self._stub
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stub(), name)
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -7,11 +7,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import cast
 
+import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.credentials import (
+    TlsFiles,
     certificate_identity,
     load_tls,
     participant_id,
@@ -19,7 +22,7 @@ from services.common.credentials import (
 )
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.flags import Group, SettingsParser
-from services.common.grpc_client import channel
+from services.common.grpc_client import Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
 from services.common.lifecycle import exit_with_parent
 from services.common.metrics import instrument_channel, serve_metrics
@@ -72,6 +75,11 @@ def connect(
         owner = token_owner(token) if token and len(hosted) == 1 else None
         ids = [owner] if owner else [participant_id(i) for i in hosted]
         return ids, [stub] * len(hosted)
+
+    def build(tls: TlsFiles) -> tuple[grpc.Channel, pb_grpc.ClustererStub]:
+        ch = channel(me.clusterer, tls_server_name=me.tls_server_name, client=tls)
+        return ch, pb_grpc.ClustererStub(instrument_channel(ch, metrics.rpc))
+
     ids, stubs = [], []
     for i in hosted:
         tls = load_tls(tls_dir, participant_id(i), fallback=len(hosted) == 1)
@@ -81,9 +89,9 @@ def connect(
                 f"--tls-dir {tls_dir}: the certificate of participant {i} names no participant "
                 "(make it with `flclustering certs`)"
             )
-        ch = channel(me.clusterer, tls_server_name=me.tls_server_name, client=tls)
         ids.append(who.name)
-        stubs.append(pb_grpc.ClustererStub(instrument_channel(ch, metrics.rpc)))
+        # The stub follows a renewed certificate (cert-manager renews in place).
+        stubs.append(cast(pb_grpc.ClustererStub, Renewing(tls, build)))
     return ids, stubs
 
 

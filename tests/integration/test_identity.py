@@ -405,3 +405,35 @@ def test_tokens_need_tls_and_a_shared_token_excludes_tls(tmp_path):
         build_aggregator(
             AggregatorConfig().replace(port=0, tls_dir=str(kit), auth_token="t", metrics_port=None)
         )
+
+
+def test_a_client_follows_its_renewed_certificate(tmp_path, monkeypatch):
+    """A long-lived client (a participant, the clusterer towards the aggregator) picks up
+    the certificate written over its old one: here the files now name an operator, and the
+    next call is the operator's (refused where only the clusterer may call)."""
+    import services.common.grpc_client as grpc_client
+    from services.common.credentials import TlsFiles
+    from services.common.grpc_client import Renewing
+
+    monkeypatch.setattr(grpc_client, "RENEW_CHECK_S", 0.0)
+    kit = tmp_path / "kit"
+    write_kit(kit, [])
+    agg = build_aggregator(
+        AggregatorConfig().replace(host="127.0.0.1", port=0, tls_dir=str(kit), metrics_port=None)
+    )
+    agg.server.start()
+
+    def connect(tls: TlsFiles) -> tuple[grpc.Channel, agg_grpc.AggregatorStub]:
+        ch = channel(f"127.0.0.1:{agg.port}", client=tls)
+        return ch, agg_grpc.AggregatorStub(ch)
+
+    try:
+        stub = Renewing(load_tls(kit, "clusterer"), connect)
+        assert rpc_code(lambda: list(stub.GetModel(agg_pb.GetModelRequest(), timeout=10))) == C.OK
+        for suffix in ("key", "crt"):
+            (kit / f"clusterer.{suffix}").write_bytes((kit / f"operator.{suffix}").read_bytes())
+        assert rpc_code(lambda: list(stub.GetModel(agg_pb.GetModelRequest(), timeout=10))) == (
+            C.PERMISSION_DENIED
+        )
+    finally:
+        agg.server.stop(0).wait()
