@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,30 +23,13 @@ import torch
 
 from services.aggregator.rounds import aggregate_round
 from services.common.errors import NotFoundError, SpecMismatchError, StateError
+from services.common.files import durable_write
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
 from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
 RELEASE_WAIT_S = 5.0
 PENDING = "pending"  # accepted updates of the open round, one safetensors file each
-
-
-def durable_write(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp), then flush it to disk, rename it over path and flush the directory: a
-    crash leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _round_of(path: Path) -> int:
@@ -193,63 +174,52 @@ class AggregatorState:
                 raise StateError(
                     f"round {round_} is not open (the open round is {self.open_round})"
                 )
-            report = self._close(round_, strategy, cluster_accuracy, defence, lr, abandon)
-            self.last_report = report
-            return report
-
-    def _close(
-        self,
-        round_: int,
-        strategy: Strategy,
-        cluster_accuracy: dict[int, float],
-        defence: DefenceSettings,
-        lr: float,
-        abandon: bool,
-    ) -> RoundReport:
-        """Aggregate the open round (lock held); its report."""
-        # Canonical order: the same updates give the same bits however they arrived (or
-        # were read back from their files after a restart).
-        updates = [self.pending[p] for p in sorted(self.pending)]
-        base = self.versions[self.version]
-        if abandon or not updates:
+            # Canonical order: the same updates give the same bits however they arrived
+            # (or were read back from their files after a restart).
+            updates = [self.pending[p] for p in sorted(self.pending)]
+            base = self.versions[self.version]
+            if abandon or not updates:
+                self.pending.clear()
+                self.open_round += 1
+                self.last_report = RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
+                return self.last_report
+            # A failure here leaves the round open with its updates (nothing changes).
+            outcome = aggregate_round(
+                base,
+                torch.stack([u.delta for u in updates]),
+                [u.cluster for u in updates],
+                [u.samples for u in updates],
+                strategy,
+                round_,
+                cluster_accuracy,
+                defence,
+                [u.metrics.get("loss_before", 1.0) for u in updates],
+                lr,
+            )
+            if not torch.equal(outcome.global_weights, base):
+                self.version += 1
+                self.versions[self.version] = outcome.global_weights
+                # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train
+                # from it.
+                while len(self.versions) > self.keep_versions + 1:
+                    oldest = next(v for v in self.versions if v != 0)
+                    del self.versions[oldest]
             self.pending.clear()
             self.open_round += 1
-            return RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
-        outcome = aggregate_round(
-            base,
-            torch.stack([u.delta for u in updates]),
-            [u.cluster for u in updates],
-            [u.samples for u in updates],
-            strategy,
-            round_,
-            cluster_accuracy,
-            defence,
-            [u.metrics.get("loss_before", 1.0) for u in updates],
-            lr,
-        )
-        changed = not torch.equal(outcome.global_weights, base)
-        if changed:
-            self.version += 1
-            self.versions[self.version] = outcome.global_weights
-            # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train from it.
-            while len(self.versions) > self.keep_versions + 1:
-                oldest = next(v for v in self.versions if v != 0)
-                del self.versions[oldest]
-        self.pending.clear()
-        self.open_round += 1
-        d = outcome.defence
-        per_cluster = {u.cluster: 0 for u in updates}  # zero counts are exported too
-        for i in d.rejected_updates:
-            per_cluster[updates[i].cluster] = per_cluster.get(updates[i].cluster, 0) + 1
-        return RoundReport(
-            self.version,
-            len(updates),
-            {updates[i].participant: why for i, why in d.rejected_updates.items()},
-            outcome.cluster_weights,
-            d.rejected_clusters,
-            d.fallbacks,
-            per_cluster,
-        )
+            d = outcome.defence
+            per_cluster = {u.cluster: 0 for u in updates}  # zero counts are exported too
+            for i in d.rejected_updates:
+                per_cluster[updates[i].cluster] += 1
+            self.last_report = RoundReport(
+                self.version,
+                len(updates),
+                {updates[i].participant: why for i, why in d.rejected_updates.items()},
+                outcome.cluster_weights,
+                d.rejected_clusters,
+                d.fallbacks,
+                per_cluster,
+            )
+            return self.last_report
 
     def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
         """Write an accepted update durably (written, flushed, renamed) before it is

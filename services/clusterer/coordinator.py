@@ -141,7 +141,7 @@ class ClustererParts:
         self.aggregator = aggregator
         self.models = models
         self.metrics = metrics
-        self.token = token  # read once, by build_service
+        self.token = token  # read once, by credentials() in build_service
 
 
 class Coordinator(ClustererParts):
@@ -281,20 +281,20 @@ class Coordinator(ClustererParts):
             )
         return status
 
-    def _acknowledged(self, r: int) -> list[str]:
+    def _acknowledged(self, r: int, patient: bool = True) -> list[str]:
         """Who the aggregator holds an update from in round r: it acknowledged each only
-        once durable, so its list is the truth about what this clusterer forwarded."""
-        status = self._aggregator_status()
-        return list(status.pending_participants) if status.open_round == r else []
-
-    def _peek_acknowledged(self, r: int) -> list[str]:
-        """_acknowledged without retries (an unreachable aggregator: nobody)."""
-        try:
-            status = self.aggregator.GetAggregatorStatus(
-                agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=5
-            )
-        except grpc.RpcError:
-            return []
+        once durable, so its list is the truth about what this clusterer forwarded.
+        Impatient: one try, and an unreachable aggregator holds nobody (a peek while
+        collecting)."""
+        if patient:
+            status = self._aggregator_status()
+        else:
+            try:
+                status = self.aggregator.GetAggregatorStatus(
+                    agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=5
+                )
+            except grpc.RpcError:
+                return []
         return list(status.pending_participants) if status.open_round == r else []
 
     def _resume_point(self) -> int:
@@ -430,7 +430,7 @@ class Coordinator(ClustererParts):
                 break
             # An update the aggregator kept but whose answer was lost (it died answering)
             # is refused as a duplicate when resent: count it from the aggregator's list.
-            self.state.acknowledge(r, self._peek_acknowledged(r))
+            self.state.acknowledge(r, self._acknowledged(r, patient=False))
         self.state.stop_collecting()
         # An upload under way may still be acknowledged by the aggregator: wait for it
         # (streams are cut when idle or too long), so that what the aggregator holds when

@@ -384,7 +384,6 @@ def policy(max_workers: int) -> Policy:
 
 def build_service(config: ClustererConfig) -> ClustererService:
     """Build the clusterer server, its coordinator and the channel to the aggregator."""
-    token = config.transport.token()  # the file is read once
     tokens = config.clustering.participant_tokens
     authenticator, tls = credentials(
         config.transport, "clusterer", TokenTable.load(tokens) if tokens else None
@@ -409,7 +408,8 @@ def build_service(config: ClustererConfig) -> ClustererService:
     else:  # the client certificate follows renewals, like the server's
         renewing = Renewing(tls, connect)
         agg_channel, aggregator = renewing.channel, cast(agg_grpc.AggregatorStub, renewing)
-    parts = (config, state, aggregator, models, metrics, token)
+    # The token file was read once, by credentials(); the same token goes to the aggregator.
+    parts = (config, state, aggregator, models, metrics, authenticator.shared_token)
     coordinator = Coordinator(*parts)
     servicer = ClustererServicer(*parts)
     interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]

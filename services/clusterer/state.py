@@ -46,6 +46,12 @@ STAGES = ("waiting", "pretraining", "clustering", "clustered", "done")
 STEPS = ("planned", "training", "aggregating", "aggregated")
 
 
+def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """'key: old -> new' for every setting that differs, in key order."""
+    keys = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+    return ", ".join(f"{k}: {before.get(k)} -> {after.get(k)}" for k in keys)
+
+
 @dataclass
 class Member:
     """A joined participant."""
@@ -182,18 +188,11 @@ class ClustererState:
             found = store.load()
             if found is not None:
                 kept = (found.snapshot or {}).get("experiment")
-                if found.snapshot is not None and kept is not None and kept != self.experiment:
-                    changed = sorted(
-                        k
-                        for k in {*kept, *self.experiment}
-                        if kept.get(k) != self.experiment.get(k)
-                    )
+                if kept is not None and kept != self.experiment:
                     raise ConfigError(
-                        f"{store.directory} holds the state of another experiment ("
-                        + ", ".join(
-                            f"{k}: {kept.get(k)} -> {self.experiment.get(k)}" for k in changed
-                        )
-                        + "): start with the same settings, or with an empty --state-dir"
+                        f"{store.directory} holds the state of another experiment "
+                        f"({changes(kept, self.experiment)}): start with the same settings, "
+                        "or with an empty --state-dir"
                     )
                 if found.snapshot is not None:
                     self._restore(found.snapshot)

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +22,7 @@ from typing import IO, Any
 import torch
 
 from services.common.errors import ConfigError
+from services.common.files import durable_write, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +31,6 @@ JOURNAL = "journal.jsonl"
 EXPORT = "history.json"
 DELTAS = "deltas"
 FORMAT = 1
-
-
-def durable_write(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp), fsync it, rename it over path, fsync the directory: a crash leaves the
-    old file or the new one, never a torn one (as the aggregator's state does)."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # writers never share one
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in directory durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json(data: Any) -> str:
@@ -134,7 +110,7 @@ class ClustererStore:
             fresh = not (self.directory / JOURNAL).exists()
             self._journal = open(self.directory / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
             if fresh:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         good = self._journal.tell()
         try:
             self._journal.write(_json({**event, "seq": self.seq + 1}) + "\n")

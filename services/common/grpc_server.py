@@ -166,6 +166,7 @@ class Authenticator:
         tokens: TokenTable | None = None,
         open_: bool = False,
     ) -> None:
+        self.shared_token = shared_token  # what this service sends to others (development)
         self._shared = f"Bearer {shared_token}".encode() if shared_token else None
         self._tokens = tokens
         self._open = open_  # no credentials configured at all: development only
@@ -173,7 +174,8 @@ class Authenticator:
 
     def identity(self, context: grpc.ServicerContext) -> Identity | None:
         """The caller's identity, or None (unauthenticated)."""
-        spiffe = context.auth_context().get("peer_spiffe_id")
+        auth = context.auth_context()
+        spiffe = auth.get("peer_spiffe_id")
         if spiffe:
             return parse_spiffe_id(spiffe[0].decode("ascii", "replace"))
         values = [v for k, v in context.invocation_metadata() if k == "authorization"]
@@ -184,7 +186,7 @@ class Authenticator:
         given = values[0].encode() if isinstance(values[0], str) else values[0]
         if self._shared is not None and hmac.compare_digest(given, self._shared):
             return Identity("dev", "dev")
-        tls = context.auth_context().get("transport_security_type") == [b"ssl"]
+        tls = auth.get("transport_security_type") == [b"ssl"]
         if self._tokens is not None and tls and given.startswith(b"Bearer "):
             return self._tokens.identity(given[len(b"Bearer ") :])  # never in plain text
         return None

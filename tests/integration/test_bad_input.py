@@ -298,6 +298,19 @@ def test_every_scalar_field_has_a_limit(open_round):
 
     assert aggregate(cluster_accuracy={c: 0.5 for c in range(5000)}) == C.INVALID_ARGUMENT
     assert aggregate(cluster_accuracy={0: float("nan")}) == C.INVALID_ARGUMENT
+    assert aggregate(cluster_accuracy={-1: 0.5}) == C.INVALID_ARGUMENT
+    for paging in (
+        {"members_limit": 5000},
+        {"history_limit": 1001},
+        {"members_offset": -1},
+        {"history_offset": -(1 << 62)},
+    ):
+        status = pb.GetStatusRequest(**paging)
+        assert rpc_code(lambda s=status: fed.stub.GetStatus(s, metadata=META)) == (
+            C.INVALID_ARGUMENT
+        )
+    far = fed.stub.GetStatus(pb.GetStatusRequest(members_offset=1 << 62), metadata=META)
+    assert not far.clusters and far.members_total == 3  # past the end: an empty page
     forward = agg_pb.ForwardUpdateRequest(
         header=agg_pb.UpdateHeader(model=messages(w)[0].header, cluster=-1)
     )
