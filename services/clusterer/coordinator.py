@@ -54,6 +54,7 @@ EncodedModel = tuple[tensors_pb2.ModelHeader, list[bytes], bytes]
 # the coordinator makes is safe to repeat, Aggregate included.
 AGGREGATOR_RETRY = RetryPolicy(attempts=1 << 20, codes=IDEMPOTENT.codes, budget_s=900.0)
 PEEK_S = 5.0  # while collecting, how often the aggregator's acknowledged list is read
+PHASES = ("evaluate", "train", "upload", "aggregate", "publish")
 
 
 class Stopped(Exception):
@@ -110,6 +111,9 @@ def round_record(
         "cluster_weights": {int(c): float(w) for c, w in reply.cluster_weights.items()},
         "evaluated": len(evals),
         "selection": dict(progress.selected),
+        # Seconds per phase (those this process ran: a restart mid-round misses the earlier
+        # ones). "upload" is the slowest accepted upload stream, a part of "train".
+        "phases": {p: round(progress.phases.get(p, 0.0), 6) for p in PHASES},
     }
     accs = [e.accuracy for e in evals.values()]
     s = accuracy_summary(accs) if accs else None
@@ -155,9 +159,13 @@ class Coordinator(ClustererParts):
         self.rng = np.random.default_rng(self.fed.seed)
         self.metrics.rounds_total.set(self.fed.rounds)
         self.metrics.round.set(-1)
+        for phase in PHASES:  # every series exists from the first scrape
+            self.metrics.phase_seconds.labels(phase)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
         self.on_round: Callable[[dict[str, Any]], None] | None = None
+        # The newest published model version and everyone's evaluation of it.
+        self.published: tuple[int, dict[str, Evaluation]] = (-1, {})
         state_dir = self.config.service.state_dir
         # Restored here, before the server answers anyone: known members never see NOT_FOUND.
         fed = self.fed
@@ -354,19 +362,28 @@ class Coordinator(ClustererParts):
     def _pretrain_and_cluster(self) -> None:
         """Pre-train (after a restart: only members without a delta) and cluster."""
         if self.state.stage != "clustering":
+            began = time.monotonic()
             members = self.state.start_pretraining()
             self._wait(lambda: self.state.has_pretrained(members), self.timing.pretrain_timeout_s)
             missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
             self.metrics.timed_out.labels("pretrain").inc(len(missed))
+            logger.info(
+                "pre-training: %d of %d deltas in %.2fs",
+                len(members) - len(missed),
+                len(members),
+                time.monotonic() - began,
+            )
         self.state.start_clustering()
         have, deltas = self.state.pretrained()
         if not have:
             raise RuntimeError("no participant sent a pre-training delta")
         stacked = torch.stack(deltas)
-        with self.metrics.clustering_seconds.time():
-            fit, result = group_deltas(
-                stacked, self.fed.clusters, self.config.clustering.cluster_method, self.fed.seed
-            )
+        began = time.monotonic()
+        fit, result = group_deltas(
+            stacked, self.fed.clusters, self.config.clustering.cluster_method, self.fed.seed
+        )
+        took = time.monotonic() - began
+        self.metrics.clustering_seconds.observe(took)
         refused = [p for p, ok in zip(have, fit.tolist(), strict=True) if not ok]
         if refused:
             logger.warning(
@@ -382,8 +399,9 @@ class Coordinator(ClustererParts):
         for c, size in enumerate(np.bincount(result.assignment, minlength=result.k).tolist()):
             self.metrics.cluster_size.labels(cluster_label(c)).set(size)
         logger.info(
-            "clustered %d participants into k=%d (%s), silhouette %.3f, purity %s",
+            "clustered %d participants in %.2fs into k=%d (%s), silhouette %.3f, purity %s",
             len(have),
+            took,
             result.k,
             result.k_from,
             result.score,
@@ -414,7 +432,15 @@ class Coordinator(ClustererParts):
         """The planned evaluators' accuracy of the current model, per selected cluster."""
         if not progress.evaluators:
             return {}
-        evals = self._evaluate(list(progress.evaluators), f"pre-{r}")
+        # Everyone evaluated this model version when it was published: only evaluators
+        # without a result from then (new, or after a restart) are asked again.
+        version, known = self.published
+        if version != self.state.model_version:
+            known = {}
+        evals = {p: known[p] for p in progress.evaluators if p in known}
+        missing = [p for p in progress.evaluators if p not in evals]
+        if missing:
+            evals |= self._evaluate(missing, f"pre-{r}")
         accuracy = {p: e.accuracy for p, e in evals.items()}
         cluster_acc = group_accuracy(accuracy, self.state.clusters_of(evals), progress.selected)
         for c, acc in cluster_acc.items():
@@ -476,18 +502,29 @@ class Coordinator(ClustererParts):
             progress = self._plan(r)
         self.metrics.round.set(r)
         self.metrics.selected.set(len(progress.selected))
+        began = time.monotonic()
         if progress.step == "planned":
-            self.state.open_round(r, self._pre_evaluate(r, progress))
+            accuracy = self._pre_evaluate(r, progress)
+            began = self._took(r, "evaluate", began)
+            self.state.open_round(r, accuracy)
         elif progress.step == "training":
             rest = self.state.reopen_round(r, self._acknowledged(r))
             logger.info("round %d: training again for %d participant(s)", r, len(rest))
         if progress.step == "training":
             self._collect(r, progress)
+            began = self._took(r, "train", began)
         if progress.step == "aggregating":
             self._aggregate(r, progress)
-        self._finish_round(r, progress)
+            began = self._took(r, "aggregate", began)
+        self._finish_round(r, progress, began)
 
-    def _finish_round(self, r: int, progress: RoundProgress) -> None:
+    def _took(self, r: int, phase: str, began: float) -> float:
+        """Note the phase that began at `began` as done now; the time it ended."""
+        now = time.monotonic()
+        self.state.phase_took(r, phase, now - began)
+        return now
+
+    def _finish_round(self, r: int, progress: RoundProgress, began: float) -> None:
         """Serve the new model, have everyone evaluate it (after a restart: the same
         participants as before), and record the round."""
         reply = ParseDict(progress.reply or {}, agg_pb.AggregateResponse())
@@ -497,6 +534,8 @@ class Coordinator(ClustererParts):
         if asked is None:
             asked = list(self.state.active_groups(self.timing.liveness_s))
         evals = self._evaluate(asked, tag)
+        self.published = (int(reply.model_version), evals)
+        self._took(r, "publish", began)
         record = round_record(r, reply, progress, evals)
         record["duration_s"] = time.time() - progress.started
         self._export(record)
@@ -517,6 +556,8 @@ class Coordinator(ClustererParts):
     def _export(self, record: dict[str, Any]) -> None:
         m = self.metrics
         m.round_seconds.observe(record["duration_s"])
+        for phase, seconds in record["phases"].items():
+            m.phase_seconds.labels(phase).observe(seconds)
         m.rounds_completed.inc()
         m.model_version.set(record["model_version"])
         m.accuracy_mean.set(record["mean_accuracy"])

@@ -77,6 +77,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             momentum=t.momentum,
             pre_steps=t.pre_steps,
             adjusted=t.adjusted,
+            report_loss=get_strategy(self.config.federation.strategy).needs_losses,
         )
 
     @rpc("Clusterer.Join")

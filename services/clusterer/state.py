@@ -96,6 +96,8 @@ class RoundCollection:
     in_flight: set[str] = field(default_factory=set)
     closed: bool = False  # the deadline passed: no new upload may begin
     cutters: dict[str, Callable[[], None]] = field(default_factory=dict)  # cancel an upload
+    began: dict[str, float] = field(default_factory=dict)  # when each upload began
+    longest_upload_s: float = 0.0  # the slowest accepted upload stream
 
 
 @dataclass
@@ -113,6 +115,7 @@ class RoundProgress:
     timed_out: list[str] = field(default_factory=list)
     abandon: bool = False
     reply: dict[str, Any] | None = None  # the aggregator's AggregateResponse, as JSON
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES)
 
 
 @dataclass(frozen=True)
@@ -399,6 +402,7 @@ class ClustererState:
                     f"round {open_.round} uses {open_.model_version}"
                 )
             open_.in_flight.add(pid)
+            open_.began[pid] = time.monotonic()
             if cut is not None:
                 open_.cutters[pid] = cut
             return open_.selected[pid]
@@ -412,7 +416,11 @@ class ClustererState:
                 return
             open_.in_flight.discard(pid)
             open_.cutters.pop(pid, None)
+            began = open_.began.pop(pid, None)
             if accepted:
+                if began is not None:
+                    took = time.monotonic() - began
+                    open_.longest_upload_s = max(open_.longest_upload_s, took)
                 self._journal({"e": "update", "pid": pid, "round": round_})
                 open_.received.add(pid)
                 task = self.tasks.get(pid)
@@ -772,6 +780,8 @@ class ClustererState:
             p.received = sorted(received)
             p.timed_out = late
             p.abandon = len(received) < needed
+            if c is not None:
+                p.phases["upload"] = c.longest_upload_s
             p.step = "aggregating"
             self._persist()
             self.cond.notify_all()
@@ -784,6 +794,12 @@ class ClustererState:
             p.reply = reply
             p.step = "aggregated"
             self._persist()
+
+    def phase_took(self, round_: int, phase: str, seconds: float) -> None:
+        """Note how long a phase of round_ took (kept with the round, saved with its next
+        step, reported in its history entry)."""
+        with self.cond:
+            self._progress(round_).phases[phase] = seconds
 
     def set_model_version(self, version: int) -> None:
         """The global model version participants work from now."""

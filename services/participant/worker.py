@@ -257,7 +257,10 @@ class Participant:
         """Train from the global model and stream the weights (attacked when simulated)."""
         self._load(task.model_version)
         t = task.training
-        loss_before, _ = evaluate(self.model, self.x_train, self.y_train)
+        # Only a merge that weighs by it (q-FFL) asks for the received model's loss.
+        before: dict[str, float] = {}
+        if t.report_loss:
+            before["loss_before"] = evaluate(self.model, self.x_train, self.y_train)[0]
         y = self.y_train
         if self.attack.poisons_data:
             logger.warning("SIMULATED ATTACK: %s trains on flipped labels", self.id)
@@ -293,7 +296,7 @@ class Participant:
             task.model_version,
             weights,
             {
-                "loss_before": loss_before,
+                **before,
                 "train_loss": result.loss,
                 "train_seconds": result.seconds,
             },

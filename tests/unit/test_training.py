@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from services.common.models import build_model
 from services.common.settings import TrainingSettings
 from services.participant.datasets import load_dataset
 from services.participant.partition import partition
-from services.participant.training import evaluate, local_train, pre_train_delta
+from services.participant.training import Sgd, evaluate, local_train, pre_train_delta
 
 DATA = load_dataset("digits")
 
@@ -55,3 +60,23 @@ def test_pre_train_delta_steps_are_fixed_when_adjusted():
 def test_lr_decays_per_round():
     cfg = TrainingSettings(lr=0.1, lr_decay=0.5)
     assert cfg.lr_at(0) == 0.1 and cfg.lr_at(2) == 0.025
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_matches_torch_sgd_bit_for_bit(momentum: float) -> None:
+    """The hand-written SGD (no torch._dynamo import) must be torch.optim.SGD exactly."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    theirs = copy.deepcopy(ours)
+    initial = copy.deepcopy(ours)
+    mine = Sgd(ours.parameters(), lr=0.05, momentum=momentum)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for model, opt in ((ours, mine), (theirs, ref)):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0].weight, initial[0].weight)  # it did train

@@ -54,20 +54,22 @@ class GetTaskRequest(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted")
+    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted", "report_loss")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     PRE_STEPS_FIELD_NUMBER: _ClassVar[int]
     ADJUSTED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_LOSS_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     lr: float
     momentum: float
     pre_steps: int
     adjusted: bool
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ...) -> None: ...
+    report_loss: bool
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s")
@@ -154,7 +156,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,13 @@ class RoundSummary(_message.Message):
         key: int
         value: float
         def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class PhasesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +187,7 @@ class RoundSummary(_message.Message):
     REJECTED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -194,7 +204,8 @@ class RoundSummary(_message.Message):
     rejected_clusters: int
     fallbacks: int
     evaluated: int
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ...) -> None: ...
+    phases: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
