@@ -7,6 +7,8 @@ processes it starts as one settings file, so the two run the same experiment.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
@@ -15,11 +17,12 @@ from services.common.flags import Group
 from services.common.settings import (
     DefenceSettings,
     FederationSettings,
+    OptionalCount,
     Settings,
     TrainingSettings,
     TransportSettings,
 )
-from services.participant.attacks import AttackSettings
+from services.participant.adversary import AttackSettings
 from services.participant.settings import DataSettings
 
 
@@ -30,14 +33,27 @@ class RunSettings(Settings):
     out: str = Field("runs/local", description="directory of results.json, rounds.csv, plots")
 
 
+MAX_PROCESSES = 8  # participant processes simulate starts unless --per-process says
+
+
 class HostingSettings(Settings):
     """How `flclustering simulate` hosts the federation on this machine."""
 
-    per_process: int = Field(10, ge=1, description="participants hosted by each process")
+    per_process: OptionalCount = Field(
+        None,
+        description="participants hosted by each process, or 'auto': 10, and more for large "
+        "federations (at most 8 processes: each holds its own torch)",
+    )
     aggregator_port: int = Field(0, ge=0, le=65535, description="aggregator port (0: any free)")
     clusterer_port: int = Field(0, ge=0, le=65535, description="clusterer port (0: any free)")
     metrics: bool = Field(True, description="every service serves /metrics on a loopback port")
     serve: bool = Field(False, description="keep the services up after the last round")
+
+    def hosted_per_process(self, participants: int) -> int:
+        """Participants per process: as asked, else 10 in at most MAX_PROCESSES processes."""
+        if self.per_process is not None:
+            return self.per_process
+        return max(10, math.ceil(participants / MAX_PROCESSES))
 
 
 class ExperimentConfig(Settings):

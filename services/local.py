@@ -27,9 +27,9 @@ from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
-from services.participant.datasets import Dataset, load_dataset
+from services.participant.datasets import Dataset
 from services.participant.device import resolve_device
-from services.participant.partition import shards_of
+from services.participant.partition import federation_data, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator
 
@@ -100,7 +100,7 @@ def run_local(
     fed, train = config.federation, config.training
     strategy = get_strategy(fed.strategy)
     attack = config.adversary.config()
-    data = load_dataset(fed.dataset, config.data.data_dir, config.data.download)
+    data = federation_data(fed, config.data)
     people = build_participants(config, data)
     device = resolve_device(config.run.device)
     model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed).to(device)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +33,7 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
 from services.experiment import EXPERIMENT_GROUPS, SimulateConfig
-from services.local import attacker_indices
-from services.participant.datasets import load_dataset
-from services.participant.partition import shards_of
+from services.participant.partition import scheme_for
 
 
 class SimulationError(FLClusteringError):
@@ -43,9 +42,15 @@ class SimulationError(FLClusteringError):
 
 def attackers_of(config: SimulateConfig) -> list[int]:
     """Which participants attack: the same draw as `flclustering local` makes."""
+    scheme_for(config.federation.dataset, config.data.partition)  # a bad pair fails first
     if config.adversary.attack == "none" or config.adversary.attack_rate == 0:
         return []
-    data = load_dataset(config.federation.dataset, config.data.data_dir, config.data.download)
+    # Only here: placing attackers needs the data's groups (and so torch); a run without
+    # attackers starts its processes without paying for that import.
+    from services.local import attacker_indices
+    from services.participant.partition import federation_data, shards_of
+
+    data = federation_data(config.federation, config.data, hosted=())  # synthetic: groups only
     shards = shards_of(config.federation, config.data, data)
     return sorted(attacker_indices(config, np.array([s.group for s in shards])))
 
@@ -56,7 +61,7 @@ def child_environment() -> dict[str, str]:
     ConfigMap) must not change what one child runs."""
     from services.aggregator.__main__ import parser as aggregator
     from services.clusterer.__main__ import parser as clusterer
-    from services.participant.__main__ import parser as participant
+    from services.participant.settings import parser as participant
 
     settings = set().union(*(p().env_names() for p in (aggregator, clusterer, participant)))
     return {k: v for k, v in os.environ.items() if k not in settings}
@@ -118,6 +123,24 @@ class Processes:
         self.parent.close()
 
 
+def free_ports(*wanted: int) -> list[int]:
+    """The ports asked for, each 0 replaced by a port free on 127.0.0.1 now (all held open
+    together while choosing, so they differ)."""
+    held = []
+    try:
+        for port in wanted:
+            if port:
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+        free = iter([s.getsockname()[1] for s in held])
+        return [port or next(free) for port in wanted]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def last_line(log: Path) -> str:
     """The last non-empty line of a log (what a failing service said last)."""
     try:
@@ -149,7 +172,7 @@ def simulate(
     kit = out / "credentials"
     shutil.rmtree(kit, ignore_errors=True)
     n = config.federation.participants
-    per = config.hosting.per_process
+    per = config.hosting.hosted_per_process(n)
     n_procs = math.ceil(n / per)
     write_kit(kit, [participant_id(i) for i in range(n)])
     hosted_by = {
@@ -188,32 +211,36 @@ def simulate(
             str(logs / f"{name}.ready"),
         ]
 
+    # The ports are chosen here so that all processes start at once: each spends seconds
+    # importing torch and loading data, and the clusterer and participants retry until the
+    # process they call listens.
+    aggregator_port, clusterer_port = free_ports(
+        config.hosting.aggregator_port, config.hosting.clusterer_port
+    )
+    clusterer = f"127.0.0.1:{clusterer_port}"
     try:
         procs.start(
             "aggregator",
             [
                 "services.aggregator",
-                *service_args("aggregator", config.hosting.aggregator_port),
+                *service_args("aggregator", aggregator_port),
                 "--state-dir",
                 str(out / "state" / "aggregator"),
             ],
             env,
         )
-        aggregator_ready = procs.wait_ready("aggregator", logs / "aggregator.ready")
         procs.start(
             "clusterer",
             [
                 "services.clusterer",
-                *service_args("clusterer", config.hosting.clusterer_port),
+                *service_args("clusterer", clusterer_port),
                 "--aggregator",
-                aggregator_ready["grpc"],
+                f"127.0.0.1:{aggregator_port}",
                 "--state-dir",
                 str(out / "state" / "clusterer"),
             ],
             env,
         )
-        clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
-        clusterer = clusterer_ready["grpc"]
         for k in range(n_procs):
             first = k * per
             count = min(per, n - first)
@@ -251,6 +278,8 @@ def simulate(
             }
             for k in range(n_procs)
         ]
+        aggregator_ready = procs.wait_ready("aggregator", logs / "aggregator.ready")
+        clusterer_ready = procs.wait_ready("clusterer", logs / "clusterer.ready")
         endpoints: dict[str, Any] = {
             "aggregator": aggregator_ready,
             "clusterer": clusterer_ready,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.aggregator.server import build_service
 from services.aggregator.settings import AggregatorConfig
 from services.common.flags import Group, SettingsParser
-from services.common.grpc_server import serve_main
 
 GROUPS = (
     Group("service", "AGGREGATOR_"),
@@ -40,6 +38,10 @@ def parser() -> SettingsParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM."""
     config: AggregatorConfig = parser().parse(argv)
+    # Imported here: parser() alone (simulate reads every service's flags) needs no torch.
+    from services.aggregator.server import build_service
+    from services.common.grpc_server import serve_main
+
     return serve_main("aggregator", config.service, lambda: build_service(config))
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
+from services.common.catalog import DATASET_SHAPES, Shape
 from services.common.errors import ConfigError
-from services.common.models import DATASET_SHAPES, Shape
 from services.common.settings import (
     DefenceSettings,
     FederationSettings,

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.common.catalog import CLUSTER_METHODS
 from services.common.errors import ConfigError
 
-METHODS = ("hierarchical", "kmeans", "dbscan")
+METHODS = CLUSTER_METHODS
 AUTO_K = ("silhouette", "energy")
 # Rows clustered exactly; above this, the fit sees a seeded sample of this many rows. At
 # 2,000 the exact Ward fit takes ~2.5 s (2 cores), and a cluster of 1% of the federation

@@ -57,6 +57,12 @@ PEEK_S = 5.0  # while collecting, how often the aggregator's acknowledged list i
 PHASES = ("evaluate", "train", "upload", "aggregate", "publish")
 
 
+def _load_clustering() -> None:
+    """Import what clustering imports on first use (about a second of CPU)."""
+    import sklearn.cluster
+    import sklearn.metrics  # noqa: F401
+
+
 class Stopped(Exception):
     """The service is stopping: the protocol ends where it is (a restart resumes it)."""
 
@@ -201,6 +207,8 @@ class Coordinator(ClustererParts):
                 self._restore_model()
             stage = self.state.stage
             if stage == "waiting":
+                if self.strategy.clustered:  # scikit-learn loads while members join
+                    threading.Thread(target=_load_clustering, daemon=True).start()
                 self._wait_for_members()
             if stage in ("waiting", "pretraining", "clustering"):
                 if self.strategy.clustered:

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
-from services.clusterer.clustering import METHODS
+from services.common.catalog import CLUSTER_METHODS
 from services.common.settings import (
     FederationSettings,
     OptionalPort,
@@ -31,7 +31,7 @@ class ClusteringSettings(Settings):
     max_participants: int = Field(
         10_000, ge=1, description="members admitted at most; further joins: RESOURCE_EXHAUSTED"
     )
-    cluster_method: Annotated[str, choice(METHODS)] = Field(
+    cluster_method: Annotated[str, choice(CLUSTER_METHODS)] = Field(
         "hierarchical", description="how pre-training deltas are clustered"
     )
     participant_tokens: OptionalStr = Field(

@@ -20,7 +20,7 @@ import grpc
 
 from services.common.credentials import TlsFiles
 from services.common.errors import ConfigError, FLClusteringError
-from services.common.wire import MESSAGE_LIMITS
+from services.common.limits import MESSAGE_LIMITS
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Models by name, sized from the dataset's input shape and class count (ALGORITHM.md 1).
 
 In the common floor because the participant trains them and the aggregator builds w0 from
-them; the dataset shapes are here for the same reason (the aggregator has no data).
+them. Their names and the dataset shapes are in services.common.catalog (no torch).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from services.common.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, Shape
 from services.common.registry import Registry
 
-Shape = tuple[int, int, int]
+__all__ = ["DATASETS", "DATASET_SHAPES", "MODELS", "Shape", "build_model"]
 
 
 def _flat_dim(features: nn.Module, shape: Shape) -> int:
@@ -124,14 +125,8 @@ MODELS: Registry[Callable[[Shape, int], nn.Module]] = Registry(
     },
 )
 
-# Input shape and class count of the built-in datasets; `folder` datasets bring their own.
-DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
-    "digits": ((1, 8, 8), 10),
-    "mnist": ((1, 28, 28), 10),
-    "fmnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
-DATASETS = (*DATASET_SHAPES, "folder")
+if tuple(MODELS) != MODEL_NAMES:  # the catalog names exactly the models built here
+    raise AssertionError(f"catalog.MODEL_NAMES {MODEL_NAMES} != models {tuple(MODELS)}")
 
 
 def build_model(name: str, input_shape: Shape, num_classes: int, seed: int = 0) -> nn.Module:

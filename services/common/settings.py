@@ -23,11 +23,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 from typing_extensions import Self
 
+from services.common.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits
 from services.common.errors import ConfigError
-from services.common.models import DATASETS, MODELS
 from services.common.strategies import STRATEGIES
 
 
@@ -175,7 +176,7 @@ class FederationSettings(Settings):
     strategy: Annotated[str, choice(STRATEGIES)] = Field(
         "flclustering", description="how updates become the next global model"
     )
-    model: Annotated[str, choice(MODELS)] = Field("cnn", description="model architecture")
+    model: Annotated[str, choice(MODEL_NAMES)] = Field("cnn", description="model architecture")
     dataset: Annotated[str, choice(DATASETS)] = Field(
         "digits", description="dataset (sets the model's input shape and classes)"
     )
@@ -192,6 +193,19 @@ class FederationSettings(Settings):
         0.5, gt=0, le=1, description="share of selected updates a round needs to be aggregated"
     )
     seed: int = Field(0, ge=0, description="seed of w0, partitions, selection and clustering")
+
+    @model_validator(mode="after")
+    def _model_fits_dataset(self) -> Self:
+        """A model that cannot read the dataset (a CNN on synthetic's 60 features) fails at
+        start-up, not when the aggregator builds w0."""
+        known = DATASET_SHAPES.get(self.dataset)
+        if known is not None and not fits(self.model, known[0]):
+            ok = [m for m in MODEL_NAMES if fits(m, known[0])]
+            raise ValueError(
+                f"--model {self.model} does not fit --dataset {self.dataset} (feature vectors, "
+                f"not images): use {', '.join(ok)}"
+            )
+        return self
 
 
 class TrainingSettings(Settings):

@@ -21,16 +21,11 @@ import torch
 
 from services.common.credentials import valid_name
 from services.common.errors import FLClusteringError
+from services.common.limits import CHUNK_BYTES
+from services.common.limits import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES  # re-exported
+from services.common.limits import MESSAGE_LIMITS as MESSAGE_LIMITS  # re-exported
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.tensors import TensorSpec
-
-CHUNK_BYTES = 2 << 20  # 2 MiB of data per message (the cap is 4 MiB)
-MAX_MESSAGE_BYTES = 4 << 20  # gRPC message cap set on every channel and server
-# The channel and server options that enforce it (anything larger is refused).
-MESSAGE_LIMITS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

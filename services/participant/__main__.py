@@ -21,42 +21,19 @@ from services.common.credentials import (
     token_owner,
 )
 from services.common.errors import ConfigError, FLClusteringError
-from services.common.flags import Group, SettingsParser
 from services.common.grpc_client import Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
 from services.common.lifecycle import exit_with_parent
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import AttackConfig
-from services.participant.datasets import load_dataset
 from services.participant.device import resolve_device
 from services.participant.metrics import ParticipantMetrics
-from services.participant.partition import shards_of
-from services.participant.settings import ParticipantConfig
+from services.participant.partition import federation_data, shards_of
+from services.participant.settings import ParticipantConfig, parser
 from services.participant.worker import ModelStore, Participant, WorkerSettings
 
 logger = logging.getLogger("services.participant")
-
-
-GROUPS = (
-    Group(
-        "service",
-        "PARTICIPANT_",
-        only=("metrics_host", "metrics_port", "ready_file", "log_level"),
-    ),
-    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
-    Group("federation", only=("model", "dataset", "participants", "seed")),
-    Group("data"),
-    Group("adversary", "PARTICIPANT_", only=("attack", "attack_factor", "attack_every")),
-    Group("participant", "PARTICIPANT_"),
-)
-
-
-def parser() -> SettingsParser:
-    """The participant's flags, from its settings groups."""
-    return SettingsParser.command(
-        "python -m services.participant", __doc__, ParticipantConfig, GROUPS
-    )
 
 
 def connect(
@@ -101,7 +78,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     device = resolve_device(me.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # many participants per process: one core each is fastest
-    data = load_dataset(fed.dataset, config.data.data_dir, config.data.download)
+    data = federation_data(fed, config.data, range(me.index, me.index + me.count))
     shards = shards_of(fed, config.data, data)
     token = config.transport.token()
     registry = CollectorRegistry()

@@ -7,49 +7,27 @@ logs loudly that it is doing it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated
 
-import numpy as np
 import torch
-from pydantic import Field
 
-from services.common.errors import ConfigError
 from services.common.registry import Registry
-from services.common.settings import Settings, choice
+from services.participant.adversary import (
+    ATTACKS,
+    PLACEMENTS,
+    AttackConfig,
+    AttackSettings,
+    choose_attackers,
+)
 
-ATTACKS = ("none", "scaling", "label-flip", "sign-flip", "gaussian", "same-value")
-PLACEMENTS = ("per-group", "random")
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """Which attack, how strong, and in which rounds."""
-
-    kind: str = "none"
-    factor: float = -1.0  # scaling: weights times factor; the research code sends -w
-    every: int = 5  # model attacks fire in rounds r with (r + 1) % every == 0
-    noise_std: float = 1.0  # gaussian
-    value: float = 0.0  # same-value: every weight set to this
-    flip_from: int = 0  # label flip: this class is relabelled as flip_to
-    flip_to: int = 9
-
-    def __post_init__(self) -> None:
-        if self.kind not in ATTACKS:
-            raise ConfigError(f"unknown attack {self.kind!r}; choose one of {', '.join(ATTACKS)}")
-        if self.every < 1:
-            raise ConfigError(f"attack period must be at least 1 round, got {self.every}")
-
-    @property
-    def poisons_data(self) -> bool:
-        """Whether the attack changes training data rather than the sent model."""
-        return self.kind == "label-flip"
-
-    def fires(self, round_: int) -> bool:
-        """Whether a model attack fires in this round (data attacks fire always)."""
-        if self.kind == "none":
-            return False
-        return self.poisons_data or (round_ + 1) % self.every == 0
+__all__ = [
+    "ATTACKS",
+    "PLACEMENTS",
+    "AttackConfig",
+    "AttackSettings",
+    "apply_model_attack",
+    "choose_attackers",
+    "flip_labels",
+]
 
 
 def scale(weights: torch.Tensor, factor: float) -> torch.Tensor:
@@ -106,40 +84,3 @@ def apply_model_attack(
     if config.poisons_data or not config.fires(round_):
         return weights
     return MODEL_ATTACKS[config.kind](config, weights, reference, generator)
-
-
-def choose_attackers(
-    groups: np.ndarray, rate: float, placement: str, rng: np.random.Generator
-) -> set[int]:
-    """round(rate * N) attackers, spread evenly over true groups (per-group) or at random."""
-    n = len(groups)
-    count = round(rate * n)
-    if count == 0:
-        return set()
-    if placement == "random" or (groups < 0).all():
-        return {int(i) for i in rng.choice(n, count, replace=False)}
-    chosen: list[int] = []
-    members = [rng.permutation(np.flatnonzero(groups == g)).tolist() for g in np.unique(groups)]
-    while len(chosen) < count:
-        for m in members:
-            if m and len(chosen) < count:
-                chosen.append(m.pop())
-    return set(chosen)
-
-
-class AttackSettings(Settings):
-    """SIMULATION ONLY: which participants attack, how and when."""
-
-    attack: Annotated[str, choice(ATTACKS)] = Field("none", description="attack to simulate")
-    attack_rate: float = Field(
-        0.0, ge=0, lt=1, description="share of participants that attack (simulations)"
-    )
-    attack_factor: float = Field(-1.0, description="scaling attack: weights times this")
-    attack_every: int = Field(5, ge=1, description="model attacks fire every this many rounds")
-    attack_placement: Annotated[str, choice(PLACEMENTS)] = Field(
-        "per-group", description="spread attackers over the true groups, or at random"
-    )
-
-    def config(self) -> AttackConfig:
-        """The attack as the participant applies it."""
-        return AttackConfig(self.attack, self.attack_factor, self.attack_every)

@@ -4,21 +4,24 @@
 `cifar10` come from a data directory (downloaded there when the machine is online); `folder`
 reads a participant's own images, one sub-folder per class. CIFAR-10 is read from its binary
 release, never from the pickled Python release: a participant must not unpickle files.
+`synthetic` (LEAF's Synthetic(alpha, beta), no files) is generated per participant by
+`synthetic_dataset`, not loaded whole: its samples come with their owners.
 """
 
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from services.common.errors import DatasetUnavailableError
-from services.common.models import DATASETS
+from services.common.catalog import DATASETS
+from services.common.errors import ConfigError, DatasetUnavailableError
 from services.common.registry import Registry
+from services.participant import synthetic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -39,6 +42,10 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     classes: tuple[str, ...]
+    # The participant each sample belongs to, for data generated per participant (synthetic);
+    # None for a dataset that a partition scheme splits.
+    train_owner: np.ndarray | None = None
+    test_owner: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -245,6 +252,48 @@ def load_image_folder(
     )
 
 
+def synthetic_dataset(
+    participants: Iterable[int],
+    seed: int = 0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    iid: bool = False,
+) -> Dataset:
+    """Synthetic(alpha, beta) samples (1, 1, 60) of the given participants only, with owners.
+
+    Each participant's samples are its own pure function (services.participant.synthetic), so
+    this is the same data whichever other participants are generated with it. Features are
+    not standardised: statistics over the generated participants would make one's data
+    depend on the others' (the generator's features are near unit scale anyway).
+    """
+    who = list(participants)
+    parts = [synthetic.participant_samples(k, seed, alpha, beta, iid) for k in who]
+
+    def cat(arrays: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> torch.Tensor:
+        joined = np.concatenate(arrays) if arrays else np.empty((0,), dtype)
+        return torch.from_numpy(joined.reshape(shape))
+
+    features = (-1, 1, 1, synthetic.FEATURES)
+    return Dataset(
+        "synthetic",
+        cat([p.x_train for p in parts], features, np.float32),
+        cat([p.y_train for p in parts], (-1,), np.int64),
+        cat([p.x_test for p in parts], features, np.float32),
+        cat([p.y_test for p in parts], (-1,), np.int64),
+        synthetic.CLASSES,
+        tuple(str(i) for i in range(synthetic.CLASSES)),
+        np.repeat(np.array(who, dtype=np.int64), [len(p.y_train) for p in parts]),
+        np.repeat(np.array(who, dtype=np.int64), [len(p.y_test) for p in parts]),
+    )
+
+
+def _generated_per_participant(root: Path, download: bool) -> Dataset:
+    raise ConfigError(
+        "synthetic is generated per participant from the federation's seed: build it with "
+        "synthetic_dataset(participants, seed, alpha, beta) or partition.federation_data"
+    )
+
+
 # Every loader takes (data_dir, download); `folder` reads data_dir itself.
 LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
     "dataset",
@@ -253,6 +302,7 @@ LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
         "mnist": lambda root, download: _load_torchvision_idx("mnist", root, download),
         "fmnist": lambda root, download: _load_torchvision_idx("fmnist", root, download),
         "cifar10": _load_cifar10,
+        "synthetic": _generated_per_participant,
         "folder": lambda root, download: load_image_folder(root),
     },
 )

@@ -9,11 +9,19 @@ Disjointness: `iid`, `noniid` and `dirichlet` give disjoint train and disjoint t
 `practical-noniid` draws each participant's samples from its group's pool like the research
 code does, so shards of different participants may overlap (a participant never holds a
 sample twice).
+
+`natural`: the dataset says who owns each sample, and a shard is what its participant owns.
+`synthetic` is partitioned so by its generator (each participant draws from its own
+distribution; no ground-truth groups, so every group is -1), and only so: with it,
+`--partition` is `natural` (Synthetic(alpha, beta)) or `iid` (FedProx's synthetic_iid: the
+same distribution for everyone), and `auto` (the default) means `natural`. For any other
+dataset `auto` means `practical-noniid`, and `natural` is refused. A wrong pair is one
+ConfigError line (`scheme_for`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +30,9 @@ import numpy as np
 from services.common.errors import ConfigError
 from services.common.registry import Registry
 from services.common.settings import FederationSettings
-from services.participant.datasets import Dataset
 
 if TYPE_CHECKING:  # settings.py imports this module for the partition names
+    from services.participant.datasets import Dataset
     from services.participant.settings import DataSettings
 
 # The research code's practical-noniid sizes for MNIST (60,000 train / 10,000 test).
@@ -251,15 +259,91 @@ PARTITIONS: Registry[Callable[..., list[Shard]]] = Registry(
 )
 
 
+# Datasets whose samples are generated per participant, and the schemes they take.
+GENERATED = {"synthetic": ("natural", "iid")}
+# What --partition accepts: the label partitions, `natural`, and `auto`.
+PARTITION_CHOICES = ("auto", *PARTITIONS, "natural")
+
+
+def scheme_for(dataset: str, scheme: str) -> str:
+    """The partition scheme a dataset is split by (`auto` resolved); a pair that cannot
+    work is a ConfigError."""
+    own = GENERATED.get(dataset)
+    if own is not None:
+        if scheme == "auto":
+            return own[0]
+        if scheme not in own:
+            raise ConfigError(
+                f"--partition {scheme} does not apply to --dataset {dataset}: its participants "
+                f"come from its generator; use {' or '.join(own)} (or auto)"
+            )
+        return scheme
+    if scheme == "auto":
+        return "practical-noniid"
+    if scheme == "natural":
+        raise ConfigError(
+            f"--partition natural needs a dataset whose samples belong to participants "
+            f"({', '.join(GENERATED)}); split --dataset {dataset} by {', '.join(PARTITIONS)}"
+        )
+    return scheme
+
+
+def federation_data(
+    federation: FederationSettings,
+    data_settings: DataSettings,
+    hosted: Iterable[int] | None = None,
+) -> Dataset:
+    """The data a process of the federation needs: a named dataset loaded whole, or, for a
+    generated one (synthetic), only the `hosted` participants' samples (every participant's
+    when None), so a process hosting a few of many participants generates just those."""
+    from services.participant.datasets import load_dataset, synthetic_dataset  # torch
+
+    scheme = scheme_for(federation.dataset, data_settings.partition)
+    if federation.dataset not in GENERATED:
+        return load_dataset(federation.dataset, data_settings.data_dir, data_settings.download)
+    n = federation.participants
+    who = range(n) if hosted is None else sorted(set(hosted))
+    if any(not 0 <= k < n for k in who):
+        raise ConfigError(f"hosted participants must lie within --participants {n}")
+    return synthetic_dataset(
+        who,
+        federation.seed,
+        data_settings.synthetic_alpha,
+        data_settings.synthetic_beta,
+        iid=scheme == "iid",
+    )
+
+
+def owner_shards(train_owner: np.ndarray, test_owner: np.ndarray, n: int) -> list[Shard]:
+    """The natural partition: each of n participants' shard is the samples it owns (empty
+    for participants whose data was not generated here); no groups."""
+    for owner in (train_owner, test_owner):
+        if owner.size and not (owner.min() >= 0 and owner.max() < n):
+            raise ConfigError(f"the dataset's samples belong to participants outside 0..{n - 1}")
+
+    def split(owner: np.ndarray) -> list[np.ndarray]:
+        order = np.argsort(owner, kind="stable")
+        return np.split(order, np.cumsum(np.bincount(owner, minlength=n))[:-1])
+
+    tr, te = split(train_owner), split(test_owner)
+    return [Shard(i, tr[i], te[i]) for i in range(n)]
+
+
 def shards_of(
     federation: FederationSettings, data_settings: DataSettings, data: Dataset
 ) -> list[Shard]:
     """Every participant's shard for the federation's settings (each participant computes
-    the whole partition from the shared seed and keeps its own)."""
+    the whole partition from the shared seed and keeps its own). A generated dataset is
+    split by its owners: a participant whose samples were not generated gets an empty shard."""
+    scheme = scheme_for(federation.dataset, data_settings.partition)
+    if data.train_owner is not None and data.test_owner is not None:
+        return owner_shards(data.train_owner, data.test_owner, federation.participants)
+    if federation.dataset in GENERATED or scheme == "natural":
+        raise ConfigError(f"{data.name}: the dataset does not say who owns its samples")
     return partition(
         data.y_train.numpy(),
         data.y_test.numpy(),
-        data_settings.partition,
+        scheme,
         federation.participants,
         federation.seed,
         data.num_classes,

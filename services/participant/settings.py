@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
+from services.common.flags import Group, SettingsParser
 from services.common.settings import (
     FederationSettings,
     IntList,
@@ -16,8 +17,8 @@ from services.common.settings import (
     TransportSettings,
     choice,
 )
-from services.participant.attacks import AttackSettings
-from services.participant.partition import PARTITIONS
+from services.participant.adversary import AttackSettings
+from services.participant.partition import PARTITION_CHOICES
 
 
 class DataSettings(Settings):
@@ -25,11 +26,19 @@ class DataSettings(Settings):
 
     data_dir: str = Field("data", description="directory of the dataset files")
     download: bool = Field(True, description="download a missing dataset into --data-dir")
-    partition: Annotated[str, choice(PARTITIONS)] = Field(
-        "practical-noniid", description="how the data is split among participants"
+    partition: Annotated[str, choice(PARTITION_CHOICES)] = Field(
+        "auto",
+        description="how the data is split among participants (auto: natural for synthetic, "
+        "practical-noniid otherwise)",
     )
     groups: int = Field(3, ge=1, description="ground-truth label groups of practical-noniid")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the dirichlet split")
+    synthetic_alpha: float = Field(
+        1.0, ge=0, description="synthetic: spread of the participants' models, u_k ~ N(0, alpha)"
+    )
+    synthetic_beta: float = Field(
+        1.0, ge=0, description="synthetic: spread of the participants' features, B_k ~ N(0, beta)"
+    )
 
 
 class ParticipantSettings(Settings):
@@ -80,3 +89,27 @@ class ParticipantConfig(Settings):
                 f"--participants {self.federation.participants}"
             )
         return self
+
+
+DESCRIPTION = "`python -m services.participant`: one or several participants against a clusterer."
+# The participant's flags (here, apart from its torch-importing __main__, so that simulate
+# can read every service's flags cheaply).
+GROUPS = (
+    Group(
+        "service",
+        "PARTICIPANT_",
+        only=("metrics_host", "metrics_port", "ready_file", "log_level"),
+    ),
+    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
+    Group("federation", only=("model", "dataset", "participants", "seed")),
+    Group("data"),
+    Group("adversary", "PARTICIPANT_", only=("attack", "attack_factor", "attack_every")),
+    Group("participant", "PARTICIPANT_"),
+)
+
+
+def parser() -> SettingsParser:
+    """The participant's flags, from its settings groups."""
+    return SettingsParser.command(
+        "python -m services.participant", DESCRIPTION, ParticipantConfig, GROUPS
+    )
