@@ -132,3 +132,14 @@ def test_tokens_are_taken_literally():
 
     assert TransportSettings.build(auth_token="none").token() == "none"
     assert TransportSettings.build(auth_token="").token() is None
+
+
+def test_simulate_hosts_participants_in_at_most_one_process_per_core():
+    from services.experiment import HostingSettings
+
+    auto = HostingSettings()
+    assert auto.hosted_per_process(30, cores=2) == 15  # two torch imports, not three
+    assert auto.hosted_per_process(30, cores=16) == 10
+    assert auto.hosted_per_process(5, cores=16) == 5
+    assert auto.hosted_per_process(1000, cores=16) == 125  # at most 8 processes
+    assert HostingSettings(per_process=3).hosted_per_process(30, cores=2) == 3
