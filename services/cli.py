@@ -100,6 +100,9 @@ def run_simulate_command(config: SimulateConfig) -> int:
     results = simulate(config, lambda record, _total: show(record), serve=serve)
     where = Path(config.run.out)
     _summary(results["rounds"], results["final"], results["clustering"]["purity"], where)
+    if results.get("processes"):
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in results["processes"].items())
+        print(f"peak memory (MB): {peaks}")
     print(f"took {time.perf_counter() - started:.0f}s")
     return 0
 

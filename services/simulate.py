@@ -108,6 +108,19 @@ class Processes:
             f"{name} did not start within {timeout:.0f}s: {last_line(self.children[name][1])}"
         )
 
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Each running child's peak resident memory so far (VmHWM, MB): what it costs."""
+        peaks = {}
+        for name, (proc, _) in self.children.items():
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[name] = round(int(line.split()[1]) / 1024, 1)
+        return peaks
+
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM everyone, then SIGKILL what is left after the grace period."""
         for proc, _ in self.children.values():
@@ -290,6 +303,7 @@ def simulate(
         stub = pb_grpc.ClustererStub(channel(clusterer, client=operator))
         status = follow(stub, procs, progress)
         results = collect(config, status, members(stub), attackers, endpoints)
+        results["processes"] = procs.peak_rss_mb()
         write_results(out, results)
         if serve is not None:
             serve()

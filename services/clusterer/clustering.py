@@ -14,7 +14,7 @@ so time grows linearly with the federation and memory beyond the deltas stays a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 
 from services.common.catalog import CLUSTER_METHODS
 from services.common.errors import ConfigError
+from services.common.sketch import count_sketch, row_blocks
 
 METHODS = CLUSTER_METHODS
 AUTO_K = ("silhouette", "energy")
@@ -29,7 +30,6 @@ AUTO_K = ("silhouette", "energy")
 # 2,000 the exact Ward fit takes ~2.5 s (2 cores), and a cluster of 1% of the federation
 # still has ~20 rows in the sample.
 FIT_SAMPLE = 2000
-BLOCK = 1 << 22  # elements per block in the streaming passes (32 MB in float64)
 
 
 @dataclass(frozen=True)
@@ -44,33 +44,6 @@ class ClusterResult:
     projected_dim: int | None = None
     sampled: int | None = None  # rows the fit saw when it was fitted on a sample; None: all
     centres: np.ndarray | None = None  # (k, d) mean of each cluster, in the clustered space
-
-
-def _blocks(n: int, width: int, elements: int = BLOCK) -> Iterator[slice]:
-    """Slices of rows whose blocks hold about `elements` values of `width` each."""
-    step = max(1, elements // max(width, 1))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
-
-
-def count_sketch(x: torch.Tensor, dim: int, seed: int = 0, chunk: int = 1 << 20) -> torch.Tensor:
-    """Project rows of x to `dim` coordinates: each input coordinate goes to one random
-    output coordinate with a random sign. Pairwise distances are kept in expectation.
-
-    The hash is generated chunk by chunk from the seed (so it depends on d alone, never on
-    how many rows are sketched at once) and applied to blocks of rows, so memory stays
-    O(n * dim + chunk) whatever n.
-    """
-    n, d = x.shape
-    out = torch.zeros(n, dim, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    for start in range(0, d, chunk):
-        stop = min(d, start + chunk)
-        bucket = torch.randint(0, dim, (stop - start,), generator=gen)
-        sign = torch.randint(0, 2, (stop - start,), generator=gen).float().mul_(2).sub_(1)
-        for rows in _blocks(n, stop - start):
-            out[rows].index_add_(1, bucket, x[rows, start:stop].float().cpu() * sign)
-    return out
 
 
 def _rows(x: torch.Tensor, rows: slice) -> np.ndarray:
@@ -91,7 +64,7 @@ def screen_deltas(deltas: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
     """
     n, d = deltas.shape
     lengths = np.empty(n)
-    for rows in _blocks(n, d):
+    for rows in row_blocks(n, d):
         block = _rows(deltas, rows)
         np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64), out=lengths[rows])
     norms = torch.from_numpy(lengths)
@@ -103,7 +76,7 @@ def screen_deltas(deltas: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
 
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether x holds no NaN or Inf (checked by blocks: no n x d mask)."""
-    return all(bool(np.isfinite(_rows(x, rows)).all()) for rows in _blocks(*x.shape))
+    return all(bool(np.isfinite(_rows(x, rows)).all()) for rows in row_blocks(*x.shape))
 
 
 def _distances(x: np.ndarray) -> np.ndarray:
@@ -124,7 +97,7 @@ def _nearest(x: np.ndarray, refs: np.ndarray) -> np.ndarray:
     refs = refs.astype(np.float64, copy=False)
     half = 0.5 * np.einsum("ij,ij->i", refs, refs)
     out = np.empty(len(x), dtype=np.intp)
-    for rows in _blocks(len(x), max(x.shape[1], len(refs))):
+    for rows in row_blocks(len(x), max(x.shape[1], len(refs))):
         out[rows] = np.argmin(half - x[rows].astype(np.float64) @ refs.T, axis=1)
     return out
 
@@ -132,7 +105,7 @@ def _nearest(x: np.ndarray, refs: np.ndarray) -> np.ndarray:
 def _centres(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Mean of each cluster's rows (float64, summed a block at a time)."""
     sums = np.zeros((k, x.shape[1]))
-    for rows in _blocks(len(x), x.shape[1]):
+    for rows in row_blocks(len(x), x.shape[1]):
         block, own = x[rows], labels[rows]
         for c in range(k):
             sums[c] += block[own == c].sum(axis=0, dtype=np.float64)
@@ -177,7 +150,7 @@ def kth_neighbour_distance(x: np.ndarray, m: int, slack: int = 4) -> np.ndarray:
     c = min(n, m + 1 + slack)
     sq = np.einsum("ij,ij->i", x, x)
     out = np.empty(n)
-    for rows in _blocks(n, max(n, c * d)):
+    for rows in row_blocks(n, max(n, c * d)):
         d2 = sq[rows, None] - 2.0 * (x[rows] @ x.T) + sq[None, :]
         d2[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = -1.0  # self
         cand = np.argpartition(d2, c - 1, axis=1)[:, :c]

@@ -1,35 +1,60 @@
-"""The clusterer's gRPC service: membership, long-polled tasks, uploads forwarded as streams."""
+"""The clusterer's gRPC service: membership, long-polled tasks, uploads forwarded as streams.
+
+The server is asyncio (`new_aio_server`): a participant waiting in a long poll is a future
+on the server's loop (`_Polls`), resolved when the state's task listener says it has a task
+or the federation ended, so thousands wait at once without a thread each while health
+checks, status and joins answer at once.
+
+Every handler is a coroutine that puts its blocking work on the server's thread pool with
+asyncio.to_thread, which carries the caller along for `act_as`: the state's methods that
+journal before they answer, the status page, and the upload relay, which streams through
+the aggregator's sync stub (the coordinator's) from a pool thread reading the participant's
+stream through the loop (`blocking_iter`). They are not left sync, although aio would run
+sync handlers in that same pool, because of what it gives them: a context without code(),
+is_active() or cancel(), add_callback() callbacks run only after a unary answer, none of
+the interceptors' contextvars, and an abort() that blocks its thread until the status is
+out (for ever, behind a message a stalled receiver does not take), so a stalled stream
+could not be cut safely. As coroutines, an upload is cut by `Cut` (its status goes out at
+once and its pending read fails) and a download times its own writes (`StallWatch.send`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
+import torch
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCache
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation
+from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.credentials import TlsFiles, TokenTable
 from services.common.errors import NotFoundError, StateError
 from services.common.grpc_client import Renewing, call_metadata, channel, quiet_refused_streams
 from services.common.grpc_server import (
+    AioServer,
+    Cut,
     Policy,
     StallWatch,
+    Wrapping,
     act_as,
     add_health_and_reflection,
     bind_service,
     bind_tls,
+    blocking_iter,
     credentials,
-    new_server,
+    new_aio_server,
+    rewrap,
     rpc,
     serve_health,
 )
@@ -43,8 +68,10 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.common.strategies import get_strategy
 from services.common.streams import Received, encoded_stream, read_all, validated
+from services.common.tensors import TensorSpec
 from services.common.wire import (
     MAX_ID_LENGTH,
     MAX_SAMPLES,
@@ -59,6 +86,99 @@ from services.common.wire import (
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Clusterer"
+Context: TypeAlias = grpc.aio.ServicerContext
+IdleAnswer = tuple[int, int, int]  # (kind, round, model version) for a participant without a task
+
+
+class _Polls:
+    """Long polls waiting for a task, without a thread each: a waiting poll is a future on
+    the server's loop that the state's task listener resolves (call_soon_threadsafe) when
+    its participant is given a task or the federation ends. At most `most` wait at once;
+    past that, and once the service stops, a poll is answered at once, busy."""
+
+    def __init__(self, state: ClustererState, most: int) -> None:
+        self._state = state
+        self.most = most
+        self.waiting = 0
+        self.closed = False
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}  # touched on the loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        state.listen(self._told)
+
+    def _told(self, pids: Iterable[str] | None) -> None:
+        """The state gave pids a task (None: the federation ended). Any thread, the state's
+        cond held: it only schedules the wake-up. A poll registers before it looks at the
+        state, so one this misses looks after the task is there."""
+        loop = self._loop
+        if loop is None:
+            return  # nobody has polled yet
+        if pids is not None:
+            pids = [p for p in pids if p in self._waiters]
+            if not pids:
+                return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no poll is left
+            loop.call_soon_threadsafe(self._wake, pids)
+
+    def close(self) -> None:
+        """The service stops: every waiting poll answers now, later ones at once, so the
+        server drains without waiting them out (any thread)."""
+        self.closed = True
+        self._told(None)
+
+    def _wake(self, pids: list[str] | None) -> None:
+        for pid in list(self._waiters) if pids is None else pids:
+            for waiter in self._waiters.get(pid, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _look(self, pid: str) -> tuple[Task | None, IdleAnswer]:
+        """pid's task now (NOT_FOUND for a stranger) and the idle answer; never waits."""
+        task = self._state.next_task(pid, 0.0, lambda: True)
+        return task, self._state.idle_answer()
+
+    async def _look_soon(self, pid: str) -> tuple[Task | None, IdleAnswer]:
+        """_look on the loop when the state's lock is free (a dictionary lookup), else on
+        a pool thread: the lock may be held across a journal's fsync, which the loop, and
+        every call it serves, must not wait for."""
+        cond = self._state.cond
+        if cond.acquire(blocking=False):  # re-entrant: the state's methods take it again
+            try:
+                return self._look(pid)
+            finally:
+                cond.release()
+        return await asyncio.to_thread(self._look, pid)
+
+    async def next_task(self, pid: str, wait_s: float) -> tuple[Task | None, IdleAnswer, bool]:
+        """pid's task, waited for up to wait_s; the idle answer; whether the poll was turned
+        away because `most` polls wait already. A cancelled call drops its waiter."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        busy = self.closed or self.waiting >= self.most
+        if wait_s <= 0 or busy:
+            task, idle = await self._look_soon(pid)
+            return task, idle, busy and wait_s > 0
+        deadline = loop.time() + wait_s
+        self.waiting += 1
+        try:
+            while True:
+                waiter = loop.create_future()
+                self._waiters.setdefault(pid, set()).add(waiter)
+                try:
+                    task, idle = await self._look_soon(pid)
+                    left = deadline - loop.time()
+                    if task is not None or idle[0] == pb.TASK_KIND_DONE or left <= 0:
+                        return task, idle, False
+                    if self.closed:
+                        return task, idle, True
+                    await asyncio.wait({waiter}, timeout=left)
+                finally:
+                    mine = self._waiters.get(pid)
+                    if mine is not None:
+                        mine.discard(waiter)
+                        if not mine:
+                            del self._waiters[pid]
+        finally:
+            self.waiting -= 1
 
 
 class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
@@ -66,7 +186,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     def __init__(self, *parts: Any) -> None:  # ClustererParts' arguments
         ClustererParts.__init__(self, *parts)
-        self.polls = threading.BoundedSemaphore(max(1, self.config.service.max_workers // 2))
+        self.polls = _Polls(self.state, self.config.clustering.max_participants)
         tr = self.config.transport
         self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
         t = self.config.training
@@ -81,7 +201,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         )
 
     @rpc("Clusterer.Join")
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+    async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         pid = request.participant_id
         check_id(pid, "participant_id")
         act_as(pid)
@@ -92,6 +212,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         device = request.device[:MAX_ID_LENGTH]
         if not device.isprintable():
             raise invalid("device must be printable text")
+        return await asyncio.to_thread(self._join, request, device)
+
+    def _join(self, request: pb.JoinRequest, device: str) -> pb.JoinResponse:
+        """Admit a checked request (journaled before the answer)."""
+        pid = request.participant_id
         if self.state.join(pid, request.num_train, request.num_test, request.group, device):
             logger.info("[Clusterer.Join] %s joined (%s)", pid, device or "?")
         joined = self.state.joined()
@@ -99,33 +224,27 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         return pb.JoinResponse(participant_id=pid, participants=joined)
 
     @rpc("Clusterer.GetTask")
-    def GetTask(
-        self, request: pb.GetTaskRequest, context: grpc.ServicerContext
-    ) -> pb.GetTaskResponse:
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         pid = request.participant_id
         check_id(pid, "participant_id")
         act_as(pid)
         cap = self.config.transport.poll_cap_s
         wait = min(max(request.wait_s, 0.0), cap) if math.isfinite(request.wait_s) else 0.0
-        # A long poll holds a server thread: past the poll slots, the answer comes at once
-        # with a hint when to ask again, so waiting participants never starve other calls.
-        held = self.polls.acquire(blocking=False)
-        try:
-            task = self.state.next_task(pid, wait if held else 0.0, context.is_active)
-        finally:
-            if held:
-                self.polls.release()
+        # Past `most` waiting polls the answer comes at once, with a hint when to ask again.
+        task, (kind, round_, version), busy = await self.polls.next_task(pid, wait)
         if task is None:
-            kind, round_, version = self.state.idle_answer()
             return pb.GetTaskResponse(
                 kind=kind,  # type: ignore[arg-type]
                 round=round_,
                 model_version=version,
-                next_poll_s=0.0 if held or wait == 0 else min(wait, BUSY_POLL_S),
+                next_poll_s=min(wait, BUSY_POLL_S) if busy else 0.0,
             )
         training = pb.TrainingSettings()
         training.CopyFrom(self.training)
         training.lr = self.config.training.lr_at(task.round)
+        if task.kind == pb.TASK_KIND_PRETRAIN and self._sketched():
+            training.sketch_dim = SKETCH_DIM  # send the sketch clustering uses, not the delta
+            training.sketch_seed = self.config.federation.seed
         return pb.GetTaskResponse(
             kind=task.kind,  # type: ignore[arg-type]
             round=task.round,
@@ -135,13 +254,22 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         )
 
     @rpc("Clusterer.SubmitUpdate")
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.SubmitUpdateRequest], context: Context
     ) -> pb.SubmitUpdateResponse:
+        loop = asyncio.get_running_loop()
+        cut = Cut(context, loop, "the upload was cut: it stalled, or its round closed")
+        messages = blocking_iter(request_iterator, context, loop)
+        return await asyncio.to_thread(
+            self._receive, self.watch.watch(messages, cut, "SubmitUpdate"), cut.cancel
+        )
+
+    def _receive(
+        self, messages: Iterator[pb.SubmitUpdateRequest], cut: Callable[[], None]
+    ) -> pb.SubmitUpdateResponse:
+        """An upload, read and relayed on a pool thread."""
         with counting_refusals(self.metrics.updates_rejected):
-            reply = self._submit(
-                self.watch.watch(request_iterator, context, "SubmitUpdate"), context.cancel
-            )
+            reply = self._submit(messages, cut)
         if reply.round >= 0:
             self.metrics.updates_received.inc()
         return reply
@@ -156,10 +284,12 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         h = first.header
         check_update_header(h)
         act_as(h.sender)
-        if h.kind == "pretrain-delta":
+        if h.kind in ("pretrain-delta", "pretrain-sketch"):
             return self._pretrain_delta(h, itertools.chain([first], it))
         if h.kind != "weights":
-            raise invalid(f"unknown update kind {h.kind[:32]!r} (weights or pretrain-delta)")
+            raise invalid(
+                f"unknown update kind {h.kind[:32]!r} (weights, pretrain-delta or pretrain-sketch)"
+            )
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False
         try:
@@ -169,12 +299,18 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             self.state.finish_upload(h.sender, h.round, accepted)
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 
-    def _reader_for(self, header: Any, keep: bool = False) -> StreamReader:
-        """Check an upload's header against the model; the reader for its bytes."""
-        check_header_tensors(header.tensors, self.models.spec)
-        return StreamReader(
-            self.models.spec, keep=keep, max_bytes=self.config.transport.max_update_bytes
-        )
+    def _reader_for(
+        self, header: Any, keep: bool = False, spec: tuple[TensorSpec, ...] | None = None
+    ) -> StreamReader:
+        """Check an upload's header against the model (or `spec`); the reader for its bytes."""
+        spec = self.models.spec if spec is None else spec
+        check_header_tensors(header.tensors, spec)
+        return StreamReader(spec, keep=keep, max_bytes=self.config.transport.max_update_bytes)
+
+    def _sketched(self) -> bool:
+        """Whether the model is long enough that pre-training deltas are clustered as
+        CountSketches (so participants send the sketch)."""
+        return sum(t.numel for t in self.models.spec) > SKETCH_ABOVE
 
     def _forward(self, first: pb.SubmitUpdateRequest, rest: Iterator[Any], cluster: int) -> None:
         """Validate the upload chunk by chunk while streaming it on to the aggregator."""
@@ -212,15 +348,22 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     def _pretrain_delta(self, header: Any, messages: Iterator[Any]) -> pb.SubmitUpdateResponse:
         self.state.check_pretrain_task(header.sender)
-        got = read_all(messages, lambda h: self._reader_for(h, keep=True))
+        spec = None
+        if header.kind == "pretrain-sketch":
+            if not self._sketched():
+                raise invalid(
+                    "this model is short: send the pre-training delta itself (pretrain-delta)"
+                )
+            spec = SKETCH_SPEC
+        got = read_all(messages, lambda h: self._reader_for(h, keep=True, spec=spec))
         assert got.reader is not None and got.reader.flat is not None
         self.metrics.rpc.received_bytes.inc(got.reader.received)
         self.state.accept_pretrain_delta(header.sender, got.reader.flat)
         return pb.SubmitUpdateResponse(accepted=True, round=-1)
 
     @rpc("Clusterer.ReportEvaluation")
-    def ReportEvaluation(
-        self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+    async def ReportEvaluation(
+        self, request: pb.ReportEvaluationRequest, context: Context
     ) -> pb.ReportEvaluationResponse:
         check_id(request.participant_id, "participant_id")
         act_as(request.participant_id)
@@ -232,29 +375,35 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         if not 0 < request.num_examples <= MAX_SAMPLES:
             raise invalid(f"num_examples must be in [1, {MAX_SAMPLES}]")
         result = Evaluation(request.accuracy, request.loss, request.num_examples)
-        self.state.record_evaluation(
-            request.participant_id, request.evaluation_id, request.model_version, result
+        await asyncio.to_thread(
+            self.state.record_evaluation,
+            request.participant_id,
+            request.evaluation_id,
+            request.model_version,
+            result,
         )
         return pb.ReportEvaluationResponse(accepted=True)
 
     @rpc("Clusterer.DownloadModel")
-    def DownloadModel(
-        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.DownloadModelResponse]:
+    async def DownloadModel(self, request: pb.DownloadModelRequest, context: Context) -> None:
         cached = self.models.get(request.model_version)
         if cached is None:
             raise NotFoundError(f"model version {request.model_version} is not available")
         header, chunks, sha = cached
         self.metrics.rpc.sent_bytes.inc(header.total_bytes)
         messages = encoded_stream(pb.DownloadModelResponse, header, chunks, sha)
-        yield from self.watch.watch(messages, context, "DownloadModel")  # a receiver that stalls
+        await self.watch.send(context, messages, "DownloadModel")  # a receiver that stalls
 
     @rpc("Clusterer.GetStatus")
-    def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
         members = page(request.members_offset, request.members_limit, 100, MAX_PAGE)
         rounds = page(request.history_offset, request.history_limit, MAX_PAGE, MAX_PAGE)
+        return await asyncio.to_thread(self._status, members, rounds)
+
+    def _status(self, members: slice, rounds: slice) -> pb.GetStatusResponse:
+        """The status page (up to a thousand members and rounds), built on a pool thread."""
         v = self.state.view(members, rounds)
         return pb.GetStatusResponse(
             phase=v.phase,
@@ -280,9 +429,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
 
 ROUND_FIELDS = set(pb.RoundSummary.DESCRIPTOR.fields_by_name)
+# What a participant of a long model sends for clustering (services/common/sketch.py).
+SKETCH_SPEC = (TensorSpec("sketch", (SKETCH_DIM,), torch.float32),)
 MAX_PAGE = 1000  # members or rounds in one GetStatus answer
 MAX_GROUPS = 1 << 16
-BUSY_POLL_S = 2.0  # when every poll slot is taken, ask again after about this long
+BUSY_POLL_S = 2.0  # when `most` polls wait already, ask again after about this long
 
 
 def page(offset: int, limit: int, default: int, most: int) -> slice:
@@ -307,7 +458,7 @@ class _Relayed(Exception):
 class ClustererService:
     """A built clusterer: server (not started), port, servicer, coordinator, health."""
 
-    server: grpc.Server
+    server: AioServer
     port: int
     servicer: ClustererServicer
     coordinator: Coordinator
@@ -320,8 +471,9 @@ class ClustererService:
     tls_port: int | None = None
 
     def on_stop(self) -> None:
-        """Stop the round protocol and the health port (SIGTERM)."""
+        """Stop the round protocol, the long polls and the health port (SIGTERM)."""
         self.coordinator.shutdown()
+        self.servicer.polls.close()
         if self.health_server is not None:
             self.health_server.stop(0)
 
@@ -338,32 +490,48 @@ class ClustererService:
         self.coordinator.start()
 
 
-class _RelayInterceptor(grpc.ServerInterceptor):
+class _RelayInterceptor(Wrapping):
     """Turns a relayed aggregator status into the same status for the caller."""
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    def wrap(self, handler: Any, method: str) -> Any:
         if handler is None or not handler.request_streaming or handler.response_streaming:
             return handler
-        inner = handler.stream_unary
 
-        def relay(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                return inner(request_iterator, context)
-            except _Relayed as exc:
-                context.abort(exc.code, exc.details)
+        def call(inner: Callable[..., Any]) -> Callable[..., Any]:
+            def relay(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return inner(request_iterator, context)
+                except _Relayed as exc:
+                    context.abort(exc.code, exc.details)
 
-        return grpc.stream_unary_rpc_method_handler(
-            relay, handler.request_deserializer, handler.response_serializer
-        )
+            return relay
+
+        def acall(inner: Callable[..., Any]) -> Callable[..., Any]:
+            async def relay(request_iterator: Any, context: Context) -> Any:
+                try:
+                    return await inner(request_iterator, context)
+                except _Relayed as exc:
+                    if not context.done():  # else the upload was cut: it has its status
+                        await context.abort(exc.code, exc.details)
+                    return None
+
+            return relay
+
+        def same(inner: Callable[..., Any]) -> Callable[..., Any]:
+            return inner
+
+        return rewrap(handler, call=call, stream=same, acall=acall, astream=same)
 
 
 def policy(max_workers: int) -> Policy:
     """Participants call the participant RPCs (as themselves: the servicer checks ids);
     status is for operators. Per identity: one poll and one upload at a time (plus one
-    being torn down). Long polls take at most half the threads (past that they answer at
-    once), uploads and downloads an eighth each, reflection and health watches a few: a
-    quarter is always free for joins, evaluations, status and health checks."""
+    being torn down). A waiting poll holds no thread (the server is asyncio): up to
+    --max-participants wait at once, past that a poll answers at once (WAIT with
+    next_poll_s). Uploads, each relayed on a pool thread, take at most half the threads (a
+    round selecting a hundred uploads at once), downloads (coroutines) as many as a quarter
+    of the threads, reflection and health watches a few streams: half the pool is always
+    free for joins, evaluations and status, and health checks are answered on the loop."""
     part = frozenset({"participant"})
     return Policy(
         roles={
@@ -377,8 +545,8 @@ def policy(max_workers: int) -> Policy:
         per_identity={"GetTask": 2, "SubmitUpdate": 2, "DownloadModel": 2},
         default_per_identity=4,
         total={
-            "SubmitUpdate": max(1, max_workers // 8),
-            "DownloadModel": max(1, max_workers // 8),
+            "SubmitUpdate": max(1, max_workers // 2),
+            "DownloadModel": max(1, max_workers // 4),
         },
     )
 
@@ -415,7 +583,12 @@ def build_service(config: ClustererConfig) -> ClustererService:
     servicer = ClustererServicer(*parts)
     interceptors = [ServerMetricsInterceptor(metrics.rpc), _RelayInterceptor()]
     svc = config.service
-    server = new_server(svc.max_workers, authenticator, policy(svc.max_workers), interceptors)
+    # Every member may have a poll and one more call arriving at once (a broadcast wakes
+    # them all): gRPC must queue that many new calls rather than cancel them.
+    pending = max(1000, 2 * config.clustering.max_participants)
+    server = new_aio_server(
+        svc.max_workers, authenticator, policy(svc.max_workers), interceptors, pending
+    )
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls, authenticator)
@@ -438,7 +611,7 @@ def build_service(config: ClustererConfig) -> ClustererService:
     )
 
 
-def create_server(config: ClustererConfig) -> tuple[grpc.Server, int]:
+def create_server(config: ClustererConfig) -> tuple[AioServer, int]:
     """Build (not start) the clusterer server; returns it and its bound port."""
     service = build_service(config)
     return service.server, service.port

@@ -25,18 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.clusterer.clustering import count_sketch
 from services.clusterer.plan import static_group
 from services.clusterer.store import ClustererStore
 from services.common.errors import CapacityError, ConfigError, NotFoundError, StateError
 from services.common.figures import purity
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM, count_sketch
 from services.common.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
-SKETCH_ABOVE = 4096  # pre-training deltas longer than this are kept as CountSketches
-SKETCH_DIM = 2048
 TERMINAL = ("done", "failed")
 # What the protocol has done so far, beyond the visible phase: the stages before the rounds
 # (the rounds themselves are told by `progress` and the history).
@@ -74,6 +72,28 @@ class Task:
     round: int
     model_version: int
     evaluation_id: str = ""
+
+
+# Told, with the cond held, who was just given a task (None: everyone, the federation ended).
+TaskListener = Callable[[Iterable[str] | None], None]
+
+
+class _TaskBoard(dict[str, Task]):
+    """The open tasks by participant: a dict whose item assignment and update tell `told`
+    who gets one, so waiters that do not block on the cond (the clusterer's asyncio long
+    polls) wake."""
+
+    def __init__(self, told: TaskListener) -> None:
+        super().__init__()
+        self._told = told
+
+    def __setitem__(self, pid: str, task: Task) -> None:
+        super().__setitem__(pid, task)
+        self._told((pid,))
+
+    def update(self, tasks: Mapping[str, Task]) -> None:  # type: ignore[override]
+        super().update(tasks)
+        self._told(tasks.keys())
 
 
 @dataclass
@@ -148,6 +168,7 @@ class ClustererState:
         self.experiment: dict[str, Any] = {}  # the settings the stored state belongs to
         self.max_members = max_members
         self._on_phase = on_phase  # told every phase change (the phase metric)
+        self._on_task: TaskListener | None = None  # told who gets a task (`listen`)
         # waiting, pretraining, clustering, selecting, evaluating, training, aggregating,
         # done, failed
         self.phase = ""
@@ -156,7 +177,7 @@ class ClustererState:
         self.round = -1
         self.model_version = 0
         self.members: dict[str, Member] = {}
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, Task] = _TaskBoard(self._told)
         self.collecting: RoundCollection | None = None
         self.progress: RoundProgress | None = None
         self.pretrain_deltas: dict[str, torch.Tensor] = {}
@@ -487,6 +508,19 @@ class ClustererState:
         self.phase = name
         if self._on_phase is not None:
             self._on_phase(name)
+        if name in TERMINAL:
+            self._told(None)  # no task will come: every waiter answers now
+
+    def listen(self, on_task: TaskListener) -> None:
+        """Tell on_task, with the cond held (it must not block), which participants were
+        just given a task, or None once the federation is over: what `next_task` waits for,
+        for waiters that do not wait on the cond."""
+        with self.cond:
+            self._on_task = on_task
+
+    def _told(self, pids: Iterable[str] | None) -> None:
+        if self._on_task is not None:
+            self._on_task(pids)
 
     def set_phase(self, name: str) -> None:
         """Enter a phase and wake the waiters."""

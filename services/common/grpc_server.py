@@ -1,22 +1,37 @@
 """The server side of gRPC: building servers, mapping domain errors to statuses, auth.
 
 Domain errors map to status codes here, once; servicers stay thin.
+
+Two kinds of server are built here. `new_server` is grpc's thread-pool server, where a call
+holds a thread while it lasts (the aggregator's: its one caller is the clusterer).
+`new_aio_server` is an asyncio server on an event loop of its own (`AioServer`, the
+clusterer's): a call waiting for something (a long poll) is a coroutine, not a thread, so
+thousands can wait while health checks and status calls answer at once; blocking work goes
+to its thread pool with asyncio.to_thread, which carries the caller along (`caller()`).
+
+Each interceptor (`Gate`, `ParseInterceptor`, the metrics, the clusterer's relay) is one
+`wrap(handler, method)` (`Wrapping`), served to a sync server as a grpc.ServerInterceptor and
+to an aio server through `AioInterceptor`: around a coroutine function or an async generator
+it puts async wrappers, around anything else sync ones (`rewrap`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hmac
 import inspect
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -80,6 +95,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 MAX_DETAILS = 400  # characters of an error message sent back or logged
 
@@ -90,21 +106,57 @@ def bounded(message: str, limit: int = MAX_DETAILS) -> str:
     return message if len(message) <= limit else message[: limit - 14] + " ...(truncated)"
 
 
+def _refusal(name: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a domain error ends a call with, logged as one `[name]` line."""
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.exception("[%s] internal error", name)
+        return code, f"internal error: {type(exc).__name__}"
+    message = bounded(str(exc))
+    logger.info("[%s] %s: %s", name, code.name, message)
+    return code, message
+
+
 def rpc(name: str) -> Callable[[F], F]:
     """Decorate a servicer method: domain errors become statuses with a `[name]` log line.
 
-    Works for unary and server-streaming methods (generators) alike.
+    Works for unary and server-streaming methods (generators) alike, sync or async (an
+    aio call already ended, e.g. a stream cut, keeps the status it has).
     """
 
     def wrap(fn: F) -> F:
         def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
-            code = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                logger.exception("[%s] internal error", name)
-                context.abort(code, f"internal error: {type(exc).__name__}")
-            message = bounded(str(exc))
-            logger.info("[%s] %s: %s", name, code.name, message)
-            context.abort(code, message)
+            context.abort(*_refusal(name, exc))
+
+        async def afail(context: Any, exc: BaseException) -> None:
+            code, message = _refusal(name, exc)
+            if not context.done():
+                await context.abort(code, message)
+
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def agen(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    async with contextlib.aclosing(fn(self, request, context)) as it:
+                        async for item in it:
+                            yield item
+                except FLClusteringError as exc:
+                    await afail(context, exc)
+
+            return agen  # type: ignore[return-value]
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def coro(self: Any, request: Any, context: Any) -> Any:
+                try:
+                    return await fn(self, request, context)
+                except FLClusteringError as exc:
+                    await afail(context, exc)
+                    return None
+
+            return coro  # type: ignore[return-value]
 
         if inspect.isgeneratorfunction(fn):
 
@@ -127,6 +179,83 @@ def rpc(name: str) -> Callable[[F], F]:
         return unary  # type: ignore[return-value]
 
     return wrap
+
+
+# ---- interceptors as pure wrappers of method handlers ---------------------------------
+
+SHAPES = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+_BUILD: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap(
+    handler: Any,
+    *,
+    call: Wrap,
+    stream: Wrap,
+    acall: Wrap,
+    astream: Wrap,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """handler, its behaviour wrapped by the wrapper that fits it: `call` around a sync
+    function answering once, `stream` around a sync function answering with an iterator,
+    `acall` around a coroutine function (one answer, or a stream written with
+    context.write) and `astream` around an async generator. What a wrapper returns must be
+    of the same kind (an aio server runs coroutines on its loop, the rest in its pool)."""
+    shape = next(s for s in SHAPES if getattr(handler, s) is not None)
+    fn = getattr(handler, shape)
+    if inspect.isasyncgenfunction(fn):
+        wrapped = astream(fn)
+    elif inspect.iscoroutinefunction(fn):
+        wrapped = acall(fn)
+    else:
+        wrapped = stream(fn) if shape.endswith("_stream") else call(fn)
+    return _BUILD[shape](
+        wrapped, request_deserializer or handler.request_deserializer, handler.response_serializer
+    )
+
+
+class Wrapping(grpc.ServerInterceptor):
+    """An interceptor as one pure function: `wrap(handler, method)`, the handler a method is
+    served by given the one that would serve it (None: no such method). It intercepts for
+    a sync server as it is and for an aio server through `AioInterceptor`; either way one
+    wrapped handler per method is built, on the method's first call, and reused."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        """The handler to serve `method` with instead of `handler`."""
+        raise NotImplementedError
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        done = self._wrapped.get(details.method)
+        if done is None:
+            done = self.wrap(continuation(details), details.method)
+            if done is not None:
+                self._wrapped[details.method] = done
+        return done
+
+
+class AioInterceptor(grpc.aio.ServerInterceptor):
+    """A `Wrapping` intercepting for an aio server."""
+
+    def __init__(self, wrapping: Wrapping) -> None:
+        self.wrapping = wrapping
+        self._wrapped: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        done = self._wrapped.get(details.method)
+        if done is None:
+            done = self.wrapping.wrap(await continuation(details), details.method)
+            if done is not None:
+                self._wrapped[details.method] = done
+        return done
 
 
 ANONYMOUS = Identity("dev", "anonymous")  # only when no credentials are configured at all
@@ -252,12 +381,13 @@ class _Admission:
             self._all[method] = self._all.get(method, 1) - 1
 
 
-class Gate(grpc.ServerInterceptor):
+class Gate(Wrapping):
     """Authentication, authorisation and admission in front of every handler: who calls,
     whether its role may call this method, and whether it (or everyone) has too many such
     calls in flight. The handler then reads the caller with `caller()`."""
 
     def __init__(self, authenticator: Authenticator, policy: Policy) -> None:
+        super().__init__()
         self._auth = authenticator
         self._policy = policy = Policy(
             roles={**COMMON_ROLES, **policy.roles},
@@ -266,32 +396,19 @@ class Gate(grpc.ServerInterceptor):
             total={**COMMON_TOTAL, **policy.total},
         )
         self._admission = _Admission(policy)
-        self._wrapped: dict[str, Any] = {}
 
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        method = details.method
-        if method.startswith(EXEMPT):
-            return continuation(details)
-        done = self._wrapped.get(method)
-        if done is None:
-            done = self._wrap(continuation(details), method)
-            if done is not None:
-                self._wrapped[method] = done
-        return done
-
-    def _admit(self, context: grpc.ServicerContext, method: str) -> Identity:
-        """The caller, once it may make this call (else the call is aborted)."""
+    def _decide(self, context: Any, method: str) -> Identity | tuple[grpc.StatusCode, str]:
+        """The caller, once it may make this call (a slot taken), or the refusal."""
         who = self._auth.identity(context)
         if who is None:
-            context.abort(
+            return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no valid credential (client certificate or bearer token)",
             )
-            raise AssertionError("unreachable")  # abort raises
         roles = self._policy.roles.get(method)
         if roles is not None and not who.is_dev and who.role not in roles:
             logger.info("[%s] PERMISSION_DENIED: %s %s", method, who.role, who.name)
-            context.abort(
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who.role} {who.name!r} may not call {method} "
                 f"(allowed: {', '.join(sorted(roles))})",
@@ -299,14 +416,30 @@ class Gate(grpc.ServerInterceptor):
         refused = self._admission.enter(who, method)
         if refused is not None:
             logger.info("[%s] RESOURCE_EXHAUSTED: %s", method, bounded(refused))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(refused))
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(refused)
         return who
 
-    def _wrap(self, handler: Any, full_method: str) -> Any:
-        if handler is None:
-            return None
+    def _admit(self, context: grpc.ServicerContext, method: str) -> Identity:
+        """The caller, once it may make this call (else the call is aborted)."""
+        decided = self._decide(context, method)
+        if isinstance(decided, Identity):
+            return decided
+        context.abort(*decided)
+        raise AssertionError("unreachable")  # abort raises
+
+    async def _admit_async(self, context: Any, method: str) -> Identity:
+        """The same for an aio call."""
+        decided = self._decide(context, method)
+        if isinstance(decided, Identity):
+            return decided
+        await context.abort(*decided)
+        raise AssertionError("unreachable")  # abort raises
+
+    def wrap(self, handler: Any, full_method: str) -> Any:
+        if handler is None or full_method.startswith(EXEMPT):
+            return handler
         method = full_method.rsplit("/", 1)[-1][:64]
-        admit, leave = self._admit, self._admission.leave
+        admit, admit_async, leave = self._admit, self._admit_async, self._admission.leave
 
         def call(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
@@ -320,16 +453,22 @@ class Gate(grpc.ServerInterceptor):
 
             return run
 
+        def acall(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def run(request: Any, context: Any) -> Any:
+                who = await admit_async(context, method)
+                token = _CALLER.set(who)
+                try:
+                    return await fn(request, context)
+                finally:
+                    _CALLER.reset(token)
+                    leave(who, method)
+
+            return run
+
         def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 who = admit(context, method)
-                released = threading.Event()
-
-                def release() -> None:
-                    if not released.is_set():
-                        released.set()
-                        leave(who, method)
-
+                release = _once(lambda: leave(who, method))
                 # gRPC does not close the response iterator of a cancelled call: the slot
                 # is given back when the call ends, whatever happens to the generator.
                 context.add_callback(release)
@@ -360,39 +499,89 @@ class Gate(grpc.ServerInterceptor):
 
             return run
 
-        de, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(call(handler.unary_unary), de, ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(call(handler.stream_unary), de, ser)
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+        def astream(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def run(request: Any, context: Any) -> AsyncIterator[Any]:
+                who = await admit_async(context, method)
+                release = _once(lambda: leave(who, method))
+                # aio closes the generator of a cancelled call only when it is collected:
+                # the slot is given back when the call's task ends.
+                context.add_done_callback(lambda _: release())
+                it: Any = None
+                try:
+                    token = _CALLER.set(who)
+                    try:
+                        it = fn(request, context).__aiter__()
+                    finally:
+                        _CALLER.reset(token)
+                    while True:
+                        token = _CALLER.set(who)
+                        try:
+                            item = await it.__anext__()
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            _CALLER.reset(token)
+                        yield item
+                finally:
+                    if it is not None:
+                        token = _CALLER.set(who)
+                        try:
+                            await it.aclose()
+                        finally:
+                            _CALLER.reset(token)
+                    release()
+
+            return run
+
+        return rewrap(handler, call=call, stream=stream, acall=acall, astream=astream)
 
 
 _END = object()
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn, run by the first call only (from whichever thread makes it)."""
+    lock = threading.Lock()
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        fn()
+
+    return run
+
+
+class Cancellable(Protocol):
+    """What StallWatch cuts a stream with: a sync call's context, or an aio call's `Cut`."""
+
+    def cancel(self) -> Any:
+        """End the call (CANCELLED)."""
 
 
 class StallWatch:
     """Cuts streams that stall: an upload whose next message does not come within `idle_s`
     (its handler sees the stream end and refuses the upload), a download whose receiver
     takes no next message within `idle_s` (the server's send blocks meanwhile), or either
-    still open after `total_s`, is cancelled, so a silent peer cannot hold a server thread.
+    still open after `total_s`, is cancelled, so a silent peer cannot hold a server thread
+    or a stream slot.
 
-    One daemon thread checks the watched streams twice a second.
+    One daemon thread checks the watched streams twice a second (`watch`); an aio handler
+    writing a stream times its own writes (`send`).
     """
 
     def __init__(self, idle_s: float, total_s: float) -> None:
         self.idle_s = idle_s
         self.total_s = total_s
         self._lock = threading.Lock()
-        self._streams: dict[int, list[Any]] = {}  # id -> [context, started, last, name]
+        self._streams: dict[int, list[Any]] = {}  # id -> [call, started, last, name]
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def watch(
-        self, messages: Iterator[Any], context: grpc.ServicerContext, what: str
-    ) -> Iterator[Any]:
+    def watch(self, messages: Iterator[Any], context: Cancellable, what: str) -> Iterator[Any]:
         """messages, while cancelling the call if the sender stalls."""
         key = next(self._ids)
         now = time.monotonic()
@@ -411,6 +600,29 @@ class StallWatch:
         finally:
             with self._lock:
                 self._streams.pop(key, None)
+
+    async def send(self, context: Any, messages: Iterable[Any], what: str) -> None:
+        """Write messages on an aio call: a write its receiver does not take within `idle_s`,
+        or one still due after `total_s`, cuts the call (CANCELLED) and ends the handler.
+        aio cannot cancel a call as a sync server does, so its status goes out behind the
+        message the receiver has not taken, when it takes it or goes away."""
+        loop = asyncio.get_running_loop()
+        started = last = loop.time()
+        for msg in messages:
+            left = min(self.idle_s, started + self.total_s - loop.time())
+            try:
+                await asyncio.wait_for(context.write(msg), max(left, 0.0))
+            except TimeoutError:
+                now = loop.time()
+                logger.info(
+                    "[%s] cut a stalled stream (%.0fs since its last message, %.0fs open)",
+                    what,
+                    now - last,
+                    now - started,
+                )
+                await Cut(context, loop, f"{what}: the receiver stalled").now()
+                return
+            last = loop.time()
 
     def _run(self) -> None:
         while True:
@@ -434,6 +646,82 @@ class StallWatch:
                 context.cancel()
 
 
+CUT_WAIT_S = 1.0  # how long a handler cutting its own call waits for the status to go out
+_CUTTING: set[asyncio.Task[None]] = set()  # cuts under way (a task is only weakly held)
+
+
+class Cut:
+    """Ends an aio call with CANCELLED, from any thread and without blocking (aio has no
+    cancel()): the status goes out at once (a peer that stopped sending) or behind the
+    message a stalled receiver has not taken; the call's pending read then fails."""
+
+    def __init__(self, context: Any, loop: asyncio.AbstractEventLoop, why: str) -> None:
+        self._context = context
+        self._loop = loop
+        self._why = why
+
+    def cancel(self) -> None:
+        """Cut the call soon (any thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: so is every call
+            self._loop.call_soon_threadsafe(self._start)
+
+    async def now(self) -> None:
+        """Cut the call from its own handler: the status is set when this returns (sent, or
+        queued behind a message the peer does not take)."""
+        await asyncio.wait({self._start()}, timeout=CUT_WAIT_S)
+
+    def _start(self) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._abort())
+        _CUTTING.add(task)
+        task.add_done_callback(_CUTTING.discard)
+        return task
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(Exception):  # it ended meanwhile, or its peer went away
+            if not self._context.done():
+                await self._context.abort(grpc.StatusCode.CANCELLED, self._why)
+
+
+def blocking_iter(
+    messages: AsyncIterator[T], context: Any, loop: asyncio.AbstractEventLoop
+) -> Iterator[T]:
+    """An aio call's request stream, read one message at a time from a pool thread (the
+    loop does the reading). It ends where the stream ends, and where the call was cut."""
+    it = messages.__aiter__()
+
+    async def step() -> tuple[bool, Any]:
+        try:
+            return True, await it.__anext__()
+        except StopAsyncIteration:
+            return False, None
+
+    while True:
+        try:
+            pending = asyncio.run_coroutine_threadsafe(step(), loop)
+        except RuntimeError:
+            return  # the loop has ended, with its server
+        try:
+            more, msg = _result(pending, loop)
+        except Exception:
+            if context.done() or loop.is_closed() or not loop.is_running():
+                return  # cut, or the server stopped: the reader sees the stream end
+            raise
+        if not more:
+            return
+        yield msg
+
+
+def _result(pending: futures.Future[T], loop: asyncio.AbstractEventLoop) -> T:
+    """A loop's answer to a pool thread, given up if the loop stops first."""
+    while True:
+        try:
+            return pending.result(timeout=1.0)
+        except TimeoutError:
+            if loop.is_closed() or not loop.is_running():
+                pending.cancel()
+                raise
+
+
 class _Unparseable:
     """What a request that is not a valid message deserializes to (instead of raising,
     which gRPC answers with INTERNAL and a traceback in the log)."""
@@ -442,25 +730,13 @@ class _Unparseable:
         self.error = invalid(f"the request is not a valid {method} message ({type(exc).__name__})")
 
 
-class ParseInterceptor(grpc.ServerInterceptor):
+class ParseInterceptor(Wrapping):
     """Unparseable request bodies are INVALID_ARGUMENT, logged as one line.
 
-    Innermost, so the handler it wraps is the servicer's own: one wrapped handler per
-    method, built on the first call and reused.
+    Innermost, so the handler it wraps is the servicer's own.
     """
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Any] = {}
-
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        done = self._wrapped.get(details.method)
-        if done is None:
-            done = self._wrap(continuation(details), details.method)
-            if done is not None:
-                self._wrapped[details.method] = done
-        return done
-
-    def _wrap(self, handler: Any, full_method: str) -> Any:
+    def wrap(self, handler: Any, full_method: str) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
         method = full_method.rsplit("/", 1)[-1][:64]
@@ -472,41 +748,98 @@ class ParseInterceptor(grpc.ServerInterceptor):
             except Exception as exc:
                 return _Unparseable(method, exc)
 
+        def refused(request: Any) -> str | None:
+            if not isinstance(request, _Unparseable):
+                return None
+            logger.info("[%s] INVALID_ARGUMENT: %s", method, request.error)
+            return str(request.error)
+
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, _Unparseable):
-                logger.info("[%s] INVALID_ARGUMENT: %s", method, request.error)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
+            why = refused(request)
+            if why is not None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
             return request
 
+        async def checked_async(request: Any, context: Any) -> Any:
+            why = refused(request)
+            if why is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+            return request
+
+        # A stream of requests: for one answer (an upload) an unparseable message is a
+        # domain error its handler maps like any other; for a stream of answers, an abort.
         def messages(it: Iterator[Any]) -> Iterator[Any]:
             for request in it:
                 if isinstance(request, _Unparseable):
-                    raise request.error  # a domain error: the handler maps it like any other
+                    raise request.error
+                yield request
+
+        async def messages_async(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in it:
+                if isinstance(request, _Unparseable):
+                    raise request.error
                 yield request
 
         def aborting(it: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             for request in it:
                 yield checked(request, context)
 
-        out = handler.response_serializer
-        if handler.unary_unary:
-            fn = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(
-                lambda r, c: fn(checked(r, c), c), parse, out
-            )
-        if handler.unary_stream:
-            gen = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                lambda r, c: gen(checked(r, c), c), parse, out
-            )
-        if handler.stream_unary:
-            su = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda it, c: su(messages(it), c), parse, out
-            )
-        ss = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            lambda it, c: ss(aborting(it, c), c), parse, out
+        async def aborting_async(it: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for request in it:
+                yield await checked_async(request, context)
+
+        if handler.request_streaming:
+            answers = handler.response_streaming
+
+            def call(fn: Callable[..., Any]) -> Callable[..., Any]:
+                return lambda it, c: fn(messages(it), c)
+
+            def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+                return lambda it, c: fn(aborting(it, c), c)
+
+            def acall(fn: Callable[..., Any]) -> Callable[..., Any]:
+                async def run(it: AsyncIterator[Any], c: Any) -> Any:
+                    return await fn(aborting_async(it, c) if answers else messages_async(it), c)
+
+                return run
+
+            def astream(fn: Callable[..., Any]) -> Callable[..., Any]:
+                async def run(it: AsyncIterator[Any], c: Any) -> AsyncIterator[Any]:
+                    async with contextlib.aclosing(fn(aborting_async(it, c), c)) as out:
+                        async for item in out:
+                            yield item
+
+                return run
+
+        else:
+
+            def call(fn: Callable[..., Any]) -> Callable[..., Any]:
+                return lambda r, c: fn(checked(r, c), c)
+
+            stream = call
+
+            def acall(fn: Callable[..., Any]) -> Callable[..., Any]:
+                async def run(request: Any, c: Any) -> Any:
+                    return await fn(await checked_async(request, c), c)
+
+                return run
+
+            def astream(fn: Callable[..., Any]) -> Callable[..., Any]:
+                async def run(request: Any, c: Any) -> AsyncIterator[Any]:
+                    checked_request = await checked_async(request, c)
+                    async with contextlib.aclosing(fn(checked_request, c)) as out:
+                        async for item in out:
+                            yield item
+
+                return run
+
+        return rewrap(
+            handler,
+            call=call,
+            stream=stream,
+            acall=acall,
+            astream=astream,
+            request_deserializer=parse,
         )
 
 
@@ -514,7 +847,7 @@ def new_server(
     max_workers: int,
     authenticator: Authenticator,
     policy: Policy,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    interceptors: Sequence[Wrapping] = (),
 ) -> grpc.Server:
     """A thread-pool server with message limits, keepalive settings and the Gate."""
     chain = [*interceptors, Gate(authenticator, policy)]
@@ -524,6 +857,152 @@ def new_server(
         options=SERVER_OPTIONS,
         interceptors=chain,
     )
+
+
+def new_aio_server(
+    max_workers: int,
+    authenticator: Authenticator,
+    policy: Policy,
+    interceptors: Sequence[Wrapping] = (),
+    max_pending: int = 1000,
+) -> AioServer:
+    """An asyncio server on a loop of its own, with message limits, keepalive settings and
+    the Gate; its handlers' blocking work runs on max_workers threads.
+
+    gRPC cancels calls that arrive while `max_pending` wait to be taken up (and some from
+    half that on), answering CANCELLED, which clients do not retry: a server that
+    thousands of clients call at once (all woken by one broadcast) needs a deep queue."""
+    chain = [*interceptors, Gate(authenticator, policy), ParseInterceptor()]
+    options = [
+        *SERVER_OPTIONS,
+        ("grpc.server.max_pending_requests", max_pending),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending),
+    ]
+    return AioServer(max_workers, [AioInterceptor(w) for w in chain], options)
+
+
+class AioServer:
+    """A grpc.aio server on an event loop that runs in a daemon thread of its own, with the
+    shape of grpc.Server where the rest of a service meets it: ports are bound from any
+    thread, `start()`, and `stop(grace)` returns what `.wait()` waits on. Blocking work
+    goes to its thread pool, which is the loop's default executor (asyncio.to_thread) and
+    the server's migration pool (sync handlers, if any)."""
+
+    def __init__(
+        self,
+        max_workers: int,
+        interceptors: Sequence[grpc.aio.ServerInterceptor],
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.pool = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grpc-worker")
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(self.pool)
+        self._ended = threading.Event()
+        self._stopping = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="grpc-aio", daemon=True).start()
+        self.server: grpc.aio.Server = self.call(
+            lambda: grpc.aio.server(
+                migration_thread_pool=self.pool, interceptors=interceptors, options=options
+            )
+        )
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        finally:
+            self.loop.close()
+            self._ended.set()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() run on the loop's thread (where the aio server's objects live)."""
+        answer: futures.Future[T] = futures.Future()
+
+        def run() -> None:
+            try:
+                answer.set_result(fn())
+            except BaseException as exc:
+                answer.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return answer.result()
+
+    def add_insecure_port(self, address: str) -> int:
+        """Bind a plain-text port (0 picks one); the port bound."""
+        return self.call(lambda: self.server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, creds: grpc.ServerCredentials) -> int:
+        """Bind a TLS port; the port bound."""
+        return self.call(lambda: self.server.add_secure_port(address, creds))
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Serve these handlers (what generated add_*_to_server functions call)."""
+        self.call(lambda: self.server.add_generic_rpc_handlers(handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """Serve these handlers by method name (generated code calls this too)."""
+        self.call(lambda: self.server.add_registered_method_handlers(service, handlers))
+
+    def start(self) -> None:
+        """Start serving."""
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, give those in flight `grace` seconds (None: as long as they
+        take), cancel the rest; then end the loop. The event is set once it has ended."""
+        with self._lock:
+            if self._stopping or self.loop.is_closed():
+                return self._ended
+            self._stopping = True
+        stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+        stopping.add_done_callback(lambda _: self._end())
+        return self._ended
+
+    def _end(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.pool.shutdown(wait=False)
+
+
+class _AioHealth(health_pb2_grpc.HealthServicer):
+    """The health service on an aio server, answered from a (thread-safe, sync)
+    HealthServicer: the one the plain health port serves and SIGTERM marks NOT_SERVING, so
+    both ports always say the same."""
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self._servicer = servicer
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        """The status now (NOT_FOUND for an unknown service); a lock held for a lookup."""
+        return self._servicer.Check(request, context)
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        """The status now and each change, until the call ends."""
+        loop = asyncio.get_running_loop()
+        changes: asyncio.Queue[Any] = asyncio.Queue()
+        closers: list[Callable[[], None]] = []
+
+        def send(response: Any) -> None:  # from whichever thread sets a status
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the call too
+                loop.call_soon_threadsafe(changes.put_nowait, response)
+
+        class Registration:  # what the servicer calls to say how to stop sending
+            add_callback = closers.append
+
+        self._servicer.Watch(request, Registration(), send)
+        try:
+            while (response := await changes.get()) is not None:
+                yield response
+        finally:
+            for close in closers:
+                close()
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -541,7 +1020,7 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
+def bind(server: Binds, host: str, port: int) -> int:
     """Bind host:port (0 picks a free port); a taken port is one clear ConfigError."""
     check_port_free(host, port)
     try:
@@ -553,9 +1032,7 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
-def _add_secure_port(
-    server: grpc.Server, host: str, port: int, creds: grpc.ServerCredentials
-) -> int:
+def _add_secure_port(server: Binds, host: str, port: int, creds: grpc.ServerCredentials) -> int:
     """Bind a TLS port; a taken port is one ConfigError."""
     check_port_free(host, port)
     try:
@@ -567,7 +1044,7 @@ def _add_secure_port(
     return bound
 
 
-def bind_tls(server: grpc.Server, host: str, port: int, cert: str, key: str) -> int:
+def bind_tls(server: Binds, host: str, port: int, cert: str, key: str) -> int:
     """Bind a server-TLS port (edge participants with tokens) from PEM files, following
     renewals like the mutual-TLS port; errors are one ConfigError."""
     try:
@@ -606,7 +1083,7 @@ def credentials(
 
 
 def bind_service(
-    server: grpc.Server, host: str, port: int, tls: TlsFiles | None, auth: Authenticator
+    server: Binds, host: str, port: int, tls: TlsFiles | None, auth: Authenticator
 ) -> int:
     """Bind the service's main port: mutual TLS with tls, plain otherwise. A development
     setup (shared token, no credentials) is said once the port is bound."""
@@ -646,7 +1123,7 @@ class _Renewing:
         return self.config(fresh)
 
 
-def bind_mtls(server: grpc.Server, host: str, port: int, tls: TlsFiles) -> int:
+def bind_mtls(server: Binds, host: str, port: int, tls: TlsFiles) -> int:
     """Bind a mutual-TLS port whose certificate follows its files: a new handshake checks
     them at most once a minute, so a renewed certificate (cert-manager renews in place)
     is served without a restart."""
@@ -658,16 +1135,27 @@ def bind_mtls(server: grpc.Server, host: str, port: int, tls: TlsFiles) -> int:
 
 
 def add_health_and_reflection(
-    server: grpc.Server, service_names: Sequence[str]
+    server: grpc.Server | AioServer, service_names: Sequence[str]
 ) -> health.HealthServicer:
-    """The standard health service (SERVING for '' and each service) and server reflection."""
+    """The standard health service (SERVING for '' and each service) and server reflection.
+
+    The servicer returned is the one source of truth of the status: an aio server answers
+    from it too, and `serve_health` serves it on its own port."""
     servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ("", *service_names):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    if isinstance(server, AioServer):
+        aio = server.server
+
+        def add() -> None:
+            health_pb2_grpc.add_HealthServicer_to_server(_AioHealth(servicer), aio)
+            reflection.enable_server_reflection(names, aio)  # the asyncio servicer
+
+        server.call(add)
+    else:
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(names, server)
     return servicer
 
 
@@ -692,8 +1180,48 @@ def serve_health(
     return server, bind(server, host, port)
 
 
+class Serving(Protocol):
+    """A server as a service starts and stops it: grpc.Server or AioServer."""
+
+    def start(self) -> None:
+        """Start serving."""
+
+    def stop(self, grace: float | None) -> Any:
+        """Stop within grace seconds; something whose wait() returns once stopped."""
+
+
+class Binds(Protocol):
+    """A server ports are bound on: grpc.Server or AioServer."""
+
+    def add_insecure_port(self, address: str) -> int:
+        """Bind a plain-text port."""
+
+    def add_secure_port(self, address: str, creds: grpc.ServerCredentials) -> int:
+        """Bind a TLS port."""
+
+
+def _wait_for_handler(stop: threading.Event) -> None:
+    """Block the main thread until a signal handler sets stop.
+
+    The kernel may deliver a process's signal to any of its threads, and CPython runs the
+    Python handler only when the main thread next runs bytecode: blocked in stop.wait(), it
+    would never see a signal that landed on one of the server's threads. The signal's C
+    handler also writes to the wakeup fd, on whichever thread it runs, so the main thread
+    waits on that instead."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    try:
+        while not stop.is_set():
+            os.read(r, 512)  # a signal arrived: its handler runs before the next check
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
+
+
 def serve_until_signal(
-    server: grpc.Server,
+    server: Serving,
     health_servicer: health.HealthServicer,
     grace_s: float,
     on_stop: Callable[[], None] | None = None,
@@ -707,7 +1235,7 @@ def serve_until_signal(
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    stop.wait()
+    _wait_for_handler(stop)
     health_servicer.enter_graceful_shutdown()
     if on_stop is not None:
         on_stop()
@@ -744,7 +1272,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class Service(Protocol):
     """A built service: a gRPC server (not started), its port, health and /metrics."""
 
-    server: grpc.Server
+    @property
+    def server(self) -> Serving:
+        """Its gRPC server."""
+
     port: int
     health: health.HealthServicer
     metrics_port: int | None

@@ -11,16 +11,19 @@ by their --count.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import start_http_server
+
+from services.common.grpc_server import Wrapping, rewrap
 
 PREFIX = "flclustering"
 MAX_CLUSTER_LABELS = 32
@@ -84,24 +87,25 @@ def _split(method: str) -> tuple[str, str]:
     return (parts[0], parts[1]) if len(parts) == 2 else ("unknown", method)
 
 
-def _code_of(context: grpc.ServicerContext) -> str:
-    code = context.code()
+def _code_of(context: Any) -> str:
+    code = getattr(context, "code", None)  # aio gives sync handlers a context without it
+    code = code() if code is not None else None
     if code is None:
         return "OK"
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
-class ServerMetricsInterceptor(grpc.ServerInterceptor):
+class ServerMetricsInterceptor(Wrapping):
     """Counts and times every RPC by service, method and status code."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
+        super().__init__()
         self.m = metrics
 
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = continuation(details)
+    def wrap(self, handler: Any, full_method: str) -> Any:
         if handler is None:
             return None
-        service, method = _split(details.method)
+        service, method = _split(full_method)
         m = self.m
 
         def observe(start: float, code: str) -> None:
@@ -109,7 +113,7 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
             m.server_handled.labels(service, method, code).inc()
 
         @contextmanager
-        def timed(context: grpc.ServicerContext) -> Iterator[None]:
+        def timed(context: Any) -> Iterator[None]:
             start = time.perf_counter()
             code = "UNKNOWN"
             try:
@@ -119,46 +123,43 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
                 code = _code_of(context)
                 code = "UNKNOWN" if code == "OK" else code
                 raise
+            except asyncio.CancelledError:  # an aio call whose client went away
+                code = "CANCELLED"
+                raise
             finally:
                 observe(start, code)
 
-        def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(fn: Callable[..., Any]) -> Callable[..., Any]:
             def inner(request: Any, context: grpc.ServicerContext) -> Any:
                 with timed(context):
                     return fn(request, context)
 
             return inner
 
-        def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def inner(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with timed(context):
                     yield from fn(request, context)
 
             return inner
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        def acall(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def inner(request: Any, context: Any) -> Any:
+                with timed(context):
+                    return await fn(request, context)
+
+            return inner
+
+        def astream(fn: Callable[..., AsyncGenerator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def inner(request: Any, context: Any) -> AsyncIterator[Any]:
+                with timed(context):
+                    async with aclosing(fn(request, context)) as it:
+                        async for item in it:
+                            yield item
+
+            return inner
+
+        return rewrap(handler, call=call, stream=stream, acall=acall, astream=astream)
 
 
 class _ClientInterceptor(

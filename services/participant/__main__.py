@@ -94,7 +94,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     hosted = range(me.index, me.index + me.count)
     ids, stubs = connect(config, hosted, metrics)
     settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s)
-    store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc)
+    store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)
     honest = AttackConfig()
     participants = [

@@ -10,7 +10,7 @@ import logging
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +23,7 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.settings import TrainingSettings
+from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
 from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
@@ -73,8 +74,10 @@ class ModelStore:
         token: str | None,
         keep: int = 3,
         on_bytes: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self._on_bytes = on_bytes
+        self._stop = stop  # a stopping process gives up retrying downloads
         self._stub = stub
         self._token = token
         self._keep = keep
@@ -103,6 +106,7 @@ class ModelStore:
                 ),
                 f"DownloadModel {version}",
                 RetryPolicy(attempts=30, codes=RETRYABLE, budget_s=300),
+                stop=self._stop,
             )
             if self._on_bytes is not None:
                 self._on_bytes(header.total_bytes)
@@ -212,7 +216,7 @@ class Participant:
         kind: str,
         round_: int,
         version: int,
-        weights: OrderedDict[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
         metrics: dict[str, float],
     ) -> None:
         header = tensors_pb2.ModelHeader(
@@ -248,6 +252,10 @@ class Participant:
             t.pre_steps or 20,
             batch_size=t.batch_size or 32,
         )
+        if t.sketch_dim > 0:  # a long model: the clusterer clusters sketches, send one
+            sketch = count_sketch(delta.unsqueeze(0), t.sketch_dim, t.sketch_seed)[0]
+            self._send("pretrain-sketch", -1, task.model_version, {"sketch": sketch}, {})
+            return
         reference = self.store.get(task.model_version)
         self._send(
             "pretrain-delta", -1, task.model_version, unflatten(delta, self.spec, reference), {}

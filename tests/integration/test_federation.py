@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
+
+import pytest
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 
@@ -104,3 +107,45 @@ def test_one_absurd_pretraining_delta_cannot_fail_the_federation(federation_fact
     assert clusters[pid] == -1  # refused: never selected, never grouped
     assert all(c >= 0 for p, c in clusters.items() if p != pid)
     assert status.history[0].received == status.history[0].selected == 6
+
+
+def test_participants_of_a_long_model_send_a_sketch_and_a_malformed_one_is_refused(
+    federation_factory,
+):
+    """A model longer than SKETCH_ABOVE is clustered on CountSketches: the PRETRAIN task
+    asks for one (8 KB instead of the delta), the clusterer checks its name and shape."""
+    from collections import OrderedDict
+
+    import grpc
+    import torch
+
+    from services.common.pb.flclustering.v1 import tensors_pb2
+    from services.common.sketch import SKETCH_DIM
+    from services.common.streams import build_stream
+
+    fed = federation_factory(participants=7, select=6, rounds=1, clusters=3)
+    fed.add_participants(0, 6, participants=7)
+    pid = "participant-00006"
+    fed.stub.Join(pb.JoinRequest(participant_id=pid, num_train=10, num_test=10), metadata=META)
+    task = fed.stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=30), metadata=META)
+    assert task.kind == pb.TASK_KIND_PRETRAIN
+    assert task.training.sketch_dim == SKETCH_DIM
+
+    def send(tensors: OrderedDict[str, torch.Tensor]) -> Any:
+        header = tensors_pb2.ModelHeader(sender=pid, round=-1, kind="pretrain-sketch")
+        stream = build_stream(pb.SubmitUpdateRequest, header, header, tensors)
+        return fed.stub.SubmitUpdate(stream, metadata=META, timeout=60)
+
+    for bad in (
+        OrderedDict(sketch=torch.zeros(SKETCH_DIM + 1)),
+        OrderedDict(other=torch.zeros(SKETCH_DIM)),
+        OrderedDict(sketch=torch.zeros(SKETCH_DIM, dtype=torch.float64)),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            send(bad)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert send(OrderedDict(sketch=torch.full((SKETCH_DIM,), 1e-3))).accepted
+    # Clustered with the others (whose in-process workers sent sketches of their own).
+    status = fed.wait_for(lambda s: all(c.cluster >= 0 for c in s.clusters), timeout=120)
+    assert len(status.clusters) == 7
+    assert len({c.cluster for c in status.clusters}) == 3

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb.flclustering.v1 import tensors_pb2 as flclustering_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lclustering/v1/clusterer.proto\x12\x0f\x66lclustering.v1\x1a\x1d\x66lclustering/v1/tensors.proto\"i\n\x0bJoinRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x11\n\tnum_train\x18\x02 \x01(\x03\x12\x10\n\x08num_test\x18\x03 \x01(\x03\x12\r\n\x05group\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"<\n\x0cJoinResponse\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x01(\x03\"8\n\x0eGetTaskRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x8e\x01\n\x10TrainingSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x11\n\tpre_steps\x18\x05 \x01(\x05\x12\x10\n\x08\x61\x64justed\x18\x06 \x01(\x08\x12\x13\n\x0breport_loss\x18\x07 \x01(\x08\"\xc1\x01\n\x0fGetTaskResponse\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.flclustering.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x33\n\x08training\x18\x04 \x01(\x0b\x32!.flclustering.v1.TrainingSettings\x12\x15\n\revaluation_id\x18\x05 \x01(\t\x12\x13\n\x0bnext_poll_s\x18\x06 \x01(\x01\"\x8f\x01\n\x13SubmitUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"7\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"\x95\x01\n\x17ReportEvaluationRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\revaluation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\",\n\x18ReportEvaluationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"-\n\x14\x44ownloadModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"\x91\x01\n\x15\x44ownloadModelResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"p\n\x10GetStatusRequest\x12\x16\n\x0emembers_offset\x18\x01 \x01(\x03\x12\x15\n\rmembers_limit\x18\x02 \x01(\x05\x12\x16\n\x0ehistory_offset\x18\x03 \x01(\x03\x12\x15\n\rhistory_limit\x18\x04 \x01(\x05\"\xb6\x04\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rmean_accuracy\x18\x02 \x01(\x01\x12\x11\n\tmean_loss\x18\x03 \x01(\x01\x12\x14\n\x0c\x61\x63\x63uracy_std\x18\x04 \x01(\x01\x12\x16\n\x0eworst_accuracy\x18\x05 \x01(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x10\n\x08selected\x18\x08 \x01(\x03\x12\x10\n\x08received\x18\t \x01(\x03\x12\x11\n\ttimed_out\x18\n \x01(\x03\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\x12\x1d\n\x15worst_decile_accuracy\x18\x0c \x01(\x01\x12J\n\x0f\x63luster_weights\x18\r \x03(\x0b\x32\x31.flclustering.v1.RoundSummary.ClusterWeightsEntry\x12\x19\n\x11rejected_clusters\x18\x0e \x01(\x03\x12\x11\n\tfallbacks\x18\x0f \x01(\x03\x12\x11\n\tevaluated\x18\x10 \x01(\x03\x12\x39\n\x06phases\x18\x11 \x03(\x0b\x32).flclustering.v1.RoundSummary.PhasesEntry\x1a\x35\n\x13\x43lusterWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x12ParticipantCluster\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\"\xc2\x02\n\x11GetStatusResponse\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\x14\n\x0cparticipants\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12.\n\x07history\x18\x06 \x03(\x0b\x32\x1d.flclustering.v1.RoundSummary\x12\x35\n\x08\x63lusters\x18\x07 \x03(\x0b\x32#.flclustering.v1.ParticipantCluster\x12\x0e\n\x06purity\x18\x08 \x01(\x01\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x10\n\x08strategy\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rmembers_total\x18\x0c \x01(\x03\x12\x15\n\rhistory_total\x18\r \x01(\x03*\x92\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x16\n\x12TASK_KIND_PRETRAIN\x10\x02\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x03\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x04\x12\x12\n\x0eTASK_KIND_DONE\x10\x05\x32\x9c\x04\n\tClusterer\x12\x43\n\x04Join\x12\x1c.flclustering.v1.JoinRequest\x1a\x1d.flclustering.v1.JoinResponse\x12L\n\x07GetTask\x12\x1f.flclustering.v1.GetTaskRequest\x1a .flclustering.v1.GetTaskResponse\x12]\n\x0cSubmitUpdate\x12$.flclustering.v1.SubmitUpdateRequest\x1a%.flclustering.v1.SubmitUpdateResponse(\x01\x12g\n\x10ReportEvaluation\x12(.flclustering.v1.ReportEvaluationRequest\x1a).flclustering.v1.ReportEvaluationResponse\x12`\n\rDownloadModel\x12%.flclustering.v1.DownloadModelRequest\x1a&.flclustering.v1.DownloadModelResponse0\x01\x12R\n\tGetStatus\x12!.flclustering.v1.GetStatusRequest\x1a\".flclustering.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lclustering/v1/clusterer.proto\x12\x0f\x66lclustering.v1\x1a\x1d\x66lclustering/v1/tensors.proto\"i\n\x0bJoinRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x11\n\tnum_train\x18\x02 \x01(\x03\x12\x10\n\x08num_test\x18\x03 \x01(\x03\x12\r\n\x05group\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"<\n\x0cJoinResponse\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x01(\x03\"8\n\x0eGetTaskRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xb7\x01\n\x10TrainingSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x11\n\tpre_steps\x18\x05 \x01(\x05\x12\x10\n\x08\x61\x64justed\x18\x06 \x01(\x08\x12\x13\n\x0breport_loss\x18\x07 \x01(\x08\x12\x12\n\nsketch_dim\x18\x08 \x01(\x05\x12\x13\n\x0bsketch_seed\x18\t \x01(\x03\"\xc1\x01\n\x0fGetTaskResponse\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.flclustering.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x33\n\x08training\x18\x04 \x01(\x0b\x32!.flclustering.v1.TrainingSettings\x12\x15\n\revaluation_id\x18\x05 \x01(\t\x12\x13\n\x0bnext_poll_s\x18\x06 \x01(\x01\"\x8f\x01\n\x13SubmitUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"7\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"\x95\x01\n\x17ReportEvaluationRequest\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\revaluation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\",\n\x18ReportEvaluationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"-\n\x14\x44ownloadModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"\x91\x01\n\x15\x44ownloadModelResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"p\n\x10GetStatusRequest\x12\x16\n\x0emembers_offset\x18\x01 \x01(\x03\x12\x15\n\rmembers_limit\x18\x02 \x01(\x05\x12\x16\n\x0ehistory_offset\x18\x03 \x01(\x03\x12\x15\n\rhistory_limit\x18\x04 \x01(\x05\"\xb6\x04\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rmean_accuracy\x18\x02 \x01(\x01\x12\x11\n\tmean_loss\x18\x03 \x01(\x01\x12\x14\n\x0c\x61\x63\x63uracy_std\x18\x04 \x01(\x01\x12\x16\n\x0eworst_accuracy\x18\x05 \x01(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x10\n\x08selected\x18\x08 \x01(\x03\x12\x10\n\x08received\x18\t \x01(\x03\x12\x11\n\ttimed_out\x18\n \x01(\x03\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\x12\x1d\n\x15worst_decile_accuracy\x18\x0c \x01(\x01\x12J\n\x0f\x63luster_weights\x18\r \x03(\x0b\x32\x31.flclustering.v1.RoundSummary.ClusterWeightsEntry\x12\x19\n\x11rejected_clusters\x18\x0e \x01(\x03\x12\x11\n\tfallbacks\x18\x0f \x01(\x03\x12\x11\n\tevaluated\x18\x10 \x01(\x03\x12\x39\n\x06phases\x18\x11 \x03(\x0b\x32).flclustering.v1.RoundSummary.PhasesEntry\x1a\x35\n\x13\x43lusterWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x12ParticipantCluster\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x05\x12\r\n\x05group\x18\x03 \x01(\x05\"\xc2\x02\n\x11GetStatusResponse\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0e\n\x06rounds\x18\x03 \x01(\x03\x12\x14\n\x0cparticipants\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12.\n\x07history\x18\x06 \x03(\x0b\x32\x1d.flclustering.v1.RoundSummary\x12\x35\n\x08\x63lusters\x18\x07 \x03(\x0b\x32#.flclustering.v1.ParticipantCluster\x12\x0e\n\x06purity\x18\x08 \x01(\x01\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x10\n\x08strategy\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rmembers_total\x18\x0c \x01(\x03\x12\x15\n\rhistory_total\x18\r \x01(\x03*\x92\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x16\n\x12TASK_KIND_PRETRAIN\x10\x02\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x03\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x04\x12\x12\n\x0eTASK_KIND_DONE\x10\x05\x32\x9c\x04\n\tClusterer\x12\x43\n\x04Join\x12\x1c.flclustering.v1.JoinRequest\x1a\x1d.flclustering.v1.JoinResponse\x12L\n\x07GetTask\x12\x1f.flclustering.v1.GetTaskRequest\x1a .flclustering.v1.GetTaskResponse\x12]\n\x0cSubmitUpdate\x12$.flclustering.v1.SubmitUpdateRequest\x1a%.flclustering.v1.SubmitUpdateResponse(\x01\x12g\n\x10ReportEvaluation\x12(.flclustering.v1.ReportEvaluationRequest\x1a).flclustering.v1.ReportEvaluationResponse\x12`\n\rDownloadModel\x12%.flclustering.v1.DownloadModelRequest\x1a&.flclustering.v1.DownloadModelResponse0\x01\x12R\n\tGetStatus\x12!.flclustering.v1.GetStatusRequest\x1a\".flclustering.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY_CLUSTERWEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_PHASESENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_PHASESENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2334
-  _globals['_TASKKIND']._serialized_end=2480
+  _globals['_TASKKIND']._serialized_start=2375
+  _globals['_TASKKIND']._serialized_end=2521
   _globals['_JOINREQUEST']._serialized_start=83
   _globals['_JOINREQUEST']._serialized_end=188
   _globals['_JOINRESPONSE']._serialized_start=190
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTASKREQUEST']._serialized_start=252
   _globals['_GETTASKREQUEST']._serialized_end=308
   _globals['_TRAININGSETTINGS']._serialized_start=311
-  _globals['_TRAININGSETTINGS']._serialized_end=453
-  _globals['_GETTASKRESPONSE']._serialized_start=456
-  _globals['_GETTASKRESPONSE']._serialized_end=649
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=652
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=795
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=797
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=852
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=855
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1004
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1006
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1050
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1052
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1097
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1100
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1245
-  _globals['_GETSTATUSREQUEST']._serialized_start=1247
-  _globals['_GETSTATUSREQUEST']._serialized_end=1359
-  _globals['_ROUNDSUMMARY']._serialized_start=1362
-  _globals['_ROUNDSUMMARY']._serialized_end=1928
-  _globals['_ROUNDSUMMARY_CLUSTERWEIGHTSENTRY']._serialized_start=1828
-  _globals['_ROUNDSUMMARY_CLUSTERWEIGHTSENTRY']._serialized_end=1881
-  _globals['_ROUNDSUMMARY_PHASESENTRY']._serialized_start=1883
-  _globals['_ROUNDSUMMARY_PHASESENTRY']._serialized_end=1928
-  _globals['_PARTICIPANTCLUSTER']._serialized_start=1930
-  _globals['_PARTICIPANTCLUSTER']._serialized_end=2006
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2009
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2331
-  _globals['_CLUSTERER']._serialized_start=2483
-  _globals['_CLUSTERER']._serialized_end=3023
+  _globals['_TRAININGSETTINGS']._serialized_end=494
+  _globals['_GETTASKRESPONSE']._serialized_start=497
+  _globals['_GETTASKRESPONSE']._serialized_end=690
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=693
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=836
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=838
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=893
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=896
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1045
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1047
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1091
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1093
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1138
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1141
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1286
+  _globals['_GETSTATUSREQUEST']._serialized_start=1288
+  _globals['_GETSTATUSREQUEST']._serialized_end=1400
+  _globals['_ROUNDSUMMARY']._serialized_start=1403
+  _globals['_ROUNDSUMMARY']._serialized_end=1969
+  _globals['_ROUNDSUMMARY_CLUSTERWEIGHTSENTRY']._serialized_start=1869
+  _globals['_ROUNDSUMMARY_CLUSTERWEIGHTSENTRY']._serialized_end=1922
+  _globals['_ROUNDSUMMARY_PHASESENTRY']._serialized_start=1924
+  _globals['_ROUNDSUMMARY_PHASESENTRY']._serialized_end=1969
+  _globals['_PARTICIPANTCLUSTER']._serialized_start=1971
+  _globals['_PARTICIPANTCLUSTER']._serialized_end=2047
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2050
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2372
+  _globals['_CLUSTERER']._serialized_start=2524
+  _globals['_CLUSTERER']._serialized_end=3064
 # @@protoc_insertion_point(module_scope)
