@@ -134,12 +134,11 @@ def test_tokens_are_taken_literally():
     assert TransportSettings.build(auth_token="").token() is None
 
 
-def test_simulate_hosts_participants_in_at_most_one_process_per_core():
+def test_simulate_hosts_ten_participants_per_process_in_at_most_eight_processes():
     from services.experiment import HostingSettings
 
     auto = HostingSettings()
-    assert auto.hosted_per_process(30, cores=2) == 15  # two torch imports, not three
-    assert auto.hosted_per_process(30, cores=16) == 10
-    assert auto.hosted_per_process(5, cores=16) == 5
-    assert auto.hosted_per_process(1000, cores=16) == 125  # at most 8 processes
-    assert HostingSettings(per_process=3).hosted_per_process(30, cores=2) == 3
+    assert auto.hosted_per_process(30) == 10
+    assert auto.hosted_per_process(5) == 10
+    assert auto.hosted_per_process(1000) == 125  # eight processes, not a hundred
+    assert HostingSettings(per_process=3).hosted_per_process(30) == 3
