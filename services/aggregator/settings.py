@@ -34,7 +34,9 @@ class ModelStoreSettings(Settings):
 class AggregatorConfig(Settings):
     """Everything the aggregator runs on; one frozen value built at start-up."""
 
-    service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102, max_workers=64)
+    # 136 upload streams at once (policy keeps 24 threads free): more than the 128 the
+    # clusterer relays at once, so a round selecting a hundred is never refused here.
+    service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102, max_workers=160)
     transport: TransportSettings = TransportSettings()
     federation: FederationSettings = FederationSettings()
     # The defence policy is the aggregator's own, fixed at start (callers cannot change it);

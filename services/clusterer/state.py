@@ -228,10 +228,16 @@ class ClustererState:
             self.cond.notify_all()
             return found is not None
 
-    def _journal(self, event: dict[str, Any]) -> None:
-        """Journal an RPC's change before it is acknowledged (cond held)."""
-        if self.store is not None:
-            self.store.append(event)
+    def _journal(self, event: dict[str, Any]) -> int:
+        """Journal an RPC's change (cond held); the record's number, for `_durable`."""
+        return self.store.append(event) if self.store is not None else 0
+
+    def _durable(self, seq: int) -> None:
+        """Wait until journal record seq is on disk, after the cond is released: the RPC
+        is acknowledged only then, and concurrent RPCs share one fsync. Whatever the
+        coordinator acts on is durable anyway: every phase change writes a snapshot."""
+        if self.store is not None and seq:
+            self.store.sync(seq)
 
     def _persist(self, export: bool = False) -> None:
         """Snapshot the whole state at a phase change (cond held); export history.json."""
@@ -365,12 +371,13 @@ class ClustererState:
             late = self.phase != "waiting"
             if late and not self.strategy.clustered:
                 member.cluster = static_group(self.strategy, len(self.members)) or 0
-            self._journal({"e": "join", "pid": pid, "member": asdict(member)})
+            seq = self._journal({"e": "join", "pid": pid, "member": asdict(member)})
             self.members[pid] = member
             if late and self.strategy.clustered:
                 self.tasks[pid] = Task(pb.TASK_KIND_PRETRAIN, -1, 0)
             self.cond.notify_all()
-            return True
+        self._durable(seq)
+        return True
 
     def _member(self, pid: str) -> Member:
         m = self.members.get(pid)
@@ -431,6 +438,7 @@ class ClustererState:
     def finish_upload(self, pid: str, round_: int, accepted: bool) -> None:
         """Release the reservation; an accepted update counts (journaled) and ends the
         TRAIN task."""
+        seq = 0
         with self.cond:
             open_ = self.collecting
             if open_ is None or open_.round != round_:
@@ -442,12 +450,13 @@ class ClustererState:
                 if began is not None:
                     took = time.monotonic() - began
                     open_.longest_upload_s = max(open_.longest_upload_s, took)
-                self._journal({"e": "update", "pid": pid, "round": round_})
+                seq = self._journal({"e": "update", "pid": pid, "round": round_})
                 open_.received.add(pid)
                 task = self.tasks.get(pid)
                 if task is not None and task.kind == pb.TASK_KIND_TRAIN:
                     del self.tasks[pid]
             self.cond.notify_all()
+        self._durable(seq)
 
     def check_pretrain_task(self, pid: str) -> None:
         """Raise unless pid has an open pre-training task."""
@@ -476,13 +485,14 @@ class ClustererState:
             if self.centroids and cluster < 0 and fit:
                 dist = {c: float((delta - v).norm()) for c, v in self.centroids.items()}
                 cluster = min(dist, key=dist.__getitem__)
-            self._journal({"e": "pretrain", "pid": pid, "file": name, "cluster": cluster})
+            seq = self._journal({"e": "pretrain", "pid": pid, "file": name, "cluster": cluster})
             self.pretrain_deltas[pid] = delta
             if name:
                 self.delta_files[pid] = name
             member.cluster = cluster
             del self.tasks[pid]
             self.cond.notify_all()
+        self._durable(seq)
 
     def record_evaluation(self, pid: str, tag: str, model_version: int, result: Evaluation) -> None:
         """Count pid's evaluation (journaled) if it answers its open evaluation task."""
@@ -496,11 +506,13 @@ class ClustererState:
                     f"evaluated version {model_version}, the task asked for {task.model_version}"
                 )
             results = self.evaluations.get(tag)
+            seq = 0
             if results is not None:
-                self._journal({"e": "eval", "pid": pid, "tag": tag, **asdict(result)})
+                seq = self._journal({"e": "eval", "pid": pid, "tag": tag, **asdict(result)})
                 results[pid] = result
             del self.tasks[pid]
             self.cond.notify_all()
+        self._durable(seq)
 
     # ---- the coordinator's side -------------------------------------------------------
     def _enter(self, name: str) -> None:
@@ -746,17 +758,19 @@ class ClustererState:
     def acknowledge(self, round_: int, participants: Iterable[str]) -> None:
         """Count updates of round_ the aggregator holds that this clusterer did not hear
         were accepted (journaled; their TRAIN tasks end)."""
+        seq = 0
         with self.cond:
             c = self.collecting
             if c is None or c.round != round_ or c.closed:
                 return
             for q in sorted(set(participants) & set(c.selected) - c.received - c.in_flight):
-                self._journal({"e": "update", "pid": q, "round": round_})
+                seq = self._journal({"e": "update", "pid": q, "round": round_})
                 c.received.add(q)
                 task = self.tasks.get(q)
                 if task is not None and task.kind == pb.TASK_KIND_TRAIN:
                     del self.tasks[q]
             self.cond.notify_all()
+        self._durable(seq)
 
     def _progress(self, round_: int) -> RoundProgress:
         """The round in flight, which must be round_ (cond held)."""

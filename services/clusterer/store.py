@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -52,6 +53,8 @@ class ClustererStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.seq = 0  # the last record's sequence number
+        self.synced = 0  # records up to this one are durable
+        self._sync_lock = threading.Lock()
         self._journal: IO[str] | None = None
 
     # ---- reading back ------------------------------------------------------------------
@@ -103,8 +106,9 @@ class ClustererStore:
         return load_file(str(self.directory / DELTAS / name))["delta"]
 
     # ---- writing -----------------------------------------------------------------------
-    def append(self, event: dict[str, Any]) -> None:
-        """Journal one record, flushed and fsynced before the caller acknowledges anything."""
+    def append(self, event: dict[str, Any]) -> int:
+        """Journal one record (written and flushed to the OS); its sequence number. The
+        caller makes it durable with `sync` before it acknowledges anything."""
         if self._journal is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             fresh = not (self.directory / JOURNAL).exists()
@@ -115,7 +119,6 @@ class ClustererStore:
         try:
             self._journal.write(_json({**event, "seq": self.seq + 1}) + "\n")
             self._journal.flush()
-            os.fsync(self._journal.fileno())
         except OSError:
             # Disk full or an I/O error: drop the half-written line so the next record
             # does not land on it, and refuse this one (the caller acknowledges nothing).
@@ -125,6 +128,22 @@ class ClustererStore:
                 fh.truncate(good)
             raise
         self.seq += 1
+        return self.seq
+
+    def sync(self, seq: int) -> None:
+        """Make record `seq` and every one before it durable (group commit: one fsync
+        covers every record written before it, so concurrent callers share it instead of
+        queueing one fsync each behind the state's lock)."""
+        if self.synced >= seq:
+            return
+        with self._sync_lock:
+            if self.synced >= seq:
+                return
+            target = self.seq  # every record up to here is written and flushed
+            journal = self._journal
+            if journal is not None:
+                os.fsync(journal.fileno())
+            self.synced = max(self.synced, target)
 
     def save_delta(self, participant: str, delta: torch.Tensor) -> str:
         """Write a pre-training delta durably; its file name (for the journal record)."""
@@ -146,6 +165,7 @@ class ClustererStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         text = _json({**data, "format": FORMAT, "seq": self.seq})
         durable_write(self.directory / SNAPSHOT, lambda tmp: tmp.write_text(text))
+        self.synced = max(self.synced, self.seq)  # the snapshot holds every record
         if self._journal is not None:
             self._journal.truncate(0)
             self._journal.flush()
