@@ -196,6 +196,17 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
+                "Round phases (mean)",
+                "s",
+                [
+                    (
+                        f"sum by (phase) (rate(flclustering_round_phase_duration_seconds_sum[{RATE}])) / "
+                        f"clamp_min(sum by (phase) (rate(flclustering_round_phase_duration_seconds_count[{RATE}])), 1e-9)",
+                        "{{phase}}",
+                    ),
+                ],
+            ),
+            (
                 "Aggregation and clustering time",
                 "s",
                 [
