@@ -35,6 +35,7 @@ import torch
 
 from services.clusterer.clustering import FIT_SAMPLE, group_deltas
 from services.common.figures import purity
+from services.common.lifecycle import memory_bytes
 
 SHARES = (0.5, 0.3, 0.2)
 ABSURD = 0.001  # share of rows a thousand times too long (screened out)
@@ -58,10 +59,8 @@ def deltas(n: int, d: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def peak_rss() -> int:
     """Peak resident memory of this process in bytes since the last reset (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    found = memory_bytes("self")
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def one(n: int, d: int, k: int, method: str, seed: int, fit_sample: int, labels: str) -> None:

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,35 +44,19 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.credentials import new_token, token_digest, write_kit
+from services.common.lifecycle import memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.simulate import free_ports
 
 CHUNK = 1 << 20
 DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
 
 
-def free_ports(n: int) -> list[int]:
-    """n ports free on 127.0.0.1 now (held together while choosing, so they differ)."""
-    held = [socket.socket() for _ in range(n)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
-
-
 def peak_rss_mb(pid: int) -> float:
     """A process's peak resident memory (VmHWM) in MB; 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return (memory_bytes(pid) or 0) / (1 << 20)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -281,7 +264,7 @@ def main() -> int:
     tokens = {p: new_token(p) for p in ids}
     digests = {p: token_digest(t.rpartition(".")[2]) for p, t in tokens.items()}
     (work / "tokens.sha256.json").write_text(json.dumps(digests))
-    agg_port, clu_port, edge_port, health_port = free_ports(4)
+    agg_port, clu_port, edge_port, health_port = free_ports(0, 0, 0, 0)
     common = [
         "--host", "127.0.0.1", "--tls-dir", str(kit), "--strategy", "fedavg",
         "--metrics-port", "0", "--log-level", "WARNING",

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from services.common.grpc_client import call_metadata, channel
+from services.common.lifecycle import memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
@@ -49,10 +50,10 @@ for _ in range(int(sys.argv[1])):
 
 def rss(pid: int, field: str) -> int:
     """A /proc/PID/status memory field in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    found = memory_bytes(pid, field)
+    if found is None:
+        raise KeyError(field)
+    return found
 
 
 def reset_peak(pid: int) -> None:

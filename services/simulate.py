@@ -28,7 +28,7 @@ from services.common.credentials import hand_out, load_tls, participant_id, writ
 from services.common.errors import FLClusteringError
 from services.common.flags import write_settings_file
 from services.common.grpc_client import channel
-from services.common.lifecycle import ParentPipe
+from services.common.lifecycle import ParentPipe, memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
@@ -110,16 +110,8 @@ class Processes:
 
     def peak_rss_mb(self) -> dict[str, float]:
         """Each running child's peak resident memory so far (VmHWM, MB): what it costs."""
-        peaks = {}
-        for name, (proc, _) in self.children.items():
-            try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks[name] = round(int(line.split()[1]) / 1024, 1)
-        return peaks
+        peaks = {name: memory_bytes(proc.pid) for name, (proc, _) in self.children.items()}
+        return {name: round(b / (1 << 20), 1) for name, b in peaks.items() if b is not None}
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM everyone, then SIGKILL what is left after the grace period."""

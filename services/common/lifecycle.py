@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +61,16 @@ class ParentPipe:
         for fd in (self.read_fd, self._write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def memory_bytes(pid: int | str, field: str = "VmHWM") -> int | None:
+    """A /proc/PID/status memory field in bytes (VmHWM: the peak resident set, VmRSS: now);
+    None once the process is gone. Launchers and benchmarks report what processes cost."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None

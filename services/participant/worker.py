@@ -45,6 +45,7 @@ RETRYABLE = frozenset(
     }
 )
 MAX_REJOINS = 5
+MAX_SKETCH_DIM = 1 << 16  # what a task may ask this process to allocate for a sketch
 
 
 def participant_generator(seed: int, index: int) -> torch.Generator:
@@ -241,8 +242,10 @@ class Participant:
     # ---- tasks -----------------------------------------------------------------------
     def pretrain(self, task: pb.GetTaskResponse) -> None:
         """Send the pre-training delta that clustering groups."""
-        self._load(task.model_version)
         t = task.training
+        if not 0 <= t.sketch_dim <= MAX_SKETCH_DIM:
+            raise StateError(f"the clusterer asked for a sketch of {t.sketch_dim} values")
+        self._load(task.model_version)
         delta = pre_train_delta(
             self.model,
             self.x_train,

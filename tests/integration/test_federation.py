@@ -81,6 +81,20 @@ def test_participants_reconnect_when_the_clusterer_restarts(federation_factory):
     assert status.history[-1].mean_accuracy > 0.2
 
 
+def _six_participants_and_one_by_hand(
+    federation_factory: Any,
+) -> tuple[Any, str, pb.GetTaskResponse]:
+    """A clustered federation of 7: six in-process participants, and participant-00006,
+    joined by hand and holding its PRETRAIN task (the test sends what it likes)."""
+    fed = federation_factory(participants=7, select=6, rounds=1, clusters=3)
+    fed.add_participants(0, 6, participants=7)
+    pid = "participant-00006"
+    fed.stub.Join(pb.JoinRequest(participant_id=pid, num_train=10, num_test=10), metadata=META)
+    task = fed.stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=30), metadata=META)
+    assert task.kind == pb.TASK_KIND_PRETRAIN
+    return fed, pid, task
+
+
 def test_one_absurd_pretraining_delta_cannot_fail_the_federation(federation_factory):
     """A pre-training delta of finite but huge values (3e38, near float32's limit) used to
     overflow the clustering and fail the whole federation; it is now refused alone."""
@@ -89,12 +103,7 @@ def test_one_absurd_pretraining_delta_cannot_fail_the_federation(federation_fact
     from services.common.pb.flclustering.v1 import tensors_pb2
     from services.common.streams import build_stream, read_model
 
-    fed = federation_factory(participants=7, select=6, rounds=1, clusters=3)
-    fed.add_participants(0, 6, participants=7)
-    pid = "participant-00006"
-    fed.stub.Join(pb.JoinRequest(participant_id=pid, num_train=10, num_test=10), metadata=META)
-    task = fed.stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=30), metadata=META)
-    assert task.kind == pb.TASK_KIND_PRETRAIN
+    fed, pid, _ = _six_participants_and_one_by_hand(federation_factory)
     _, w0 = read_model(fed.stub.DownloadModel(pb.DownloadModelRequest(), metadata=META))
     huge = OrderedDict((k, v.clone().fill_(3e38)) for k, v in w0.items())
     header = tensors_pb2.ModelHeader(sender=pid, round=-1, kind="pretrain-delta")
@@ -123,12 +132,7 @@ def test_participants_of_a_long_model_send_a_sketch_and_a_malformed_one_is_refus
     from services.common.sketch import SKETCH_DIM
     from services.common.streams import build_stream
 
-    fed = federation_factory(participants=7, select=6, rounds=1, clusters=3)
-    fed.add_participants(0, 6, participants=7)
-    pid = "participant-00006"
-    fed.stub.Join(pb.JoinRequest(participant_id=pid, num_train=10, num_test=10), metadata=META)
-    task = fed.stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=30), metadata=META)
-    assert task.kind == pb.TASK_KIND_PRETRAIN
+    fed, pid, task = _six_participants_and_one_by_hand(federation_factory)
     assert task.training.sketch_dim == SKETCH_DIM
 
     def send(tensors: OrderedDict[str, torch.Tensor]) -> Any:

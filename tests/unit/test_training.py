@@ -80,3 +80,19 @@ def test_sgd_matches_torch_sgd_bit_for_bit(momentum: float) -> None:
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(ours[0].weight, initial[0].weight)  # it did train
+
+
+@pytest.mark.parametrize("dim", [-1, (1 << 16) + 1, (1 << 31) - 1])
+def test_a_participant_refuses_a_hostile_sketch_size(dim: int) -> None:
+    """A task asking for an absurd sketch is refused before anything is allocated."""
+    from types import SimpleNamespace
+
+    from services.common.errors import StateError
+    from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+    from services.participant.worker import Participant
+
+    task = pb.GetTaskResponse(
+        kind=pb.TASK_KIND_PRETRAIN, training=pb.TrainingSettings(sketch_dim=dim)
+    )
+    with pytest.raises(StateError, match="sketch"):
+        Participant.pretrain(SimpleNamespace(), task)  # type: ignore[arg-type]
