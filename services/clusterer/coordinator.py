@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.clustering import group_deltas
 from services.clusterer.metrics import ClustererMetrics
-from services.clusterer.plan import group_accuracy, plan_round
+from services.clusterer.plan import evaluation_sample, group_accuracy, plan_round
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
@@ -533,14 +533,19 @@ class Coordinator(ClustererParts):
         return now
 
     def _finish_round(self, r: int, progress: RoundProgress, began: float) -> None:
-        """Serve the new model, have everyone evaluate it (after a restart: the same
-        participants as before), and record the round."""
+        """Serve the new model, have everyone (past --eval-sample: a sample) evaluate it
+        (after a restart: the same participants as before), and record the round."""
         reply = ParseDict(progress.reply or {}, agg_pb.AggregateResponse())
         self._refresh_model(int(reply.model_version))
         tag = f"post-{r}"
         asked = self.state.asked_for(tag)
         if asked is None:
-            asked = list(self.state.active_groups(self.timing.liveness_s))
+            asked = evaluation_sample(
+                self.state.active_groups(self.timing.liveness_s),
+                self.fed.eval_sample,
+                self.fed.seed,
+                r,
+            )
         evals = self._evaluate(asked, tag)
         self.published = (int(reply.model_version), evals)
         self._took(r, "publish", began)

@@ -45,9 +45,9 @@ def plan_round(
     eval_per_group: int,
     rng: np.random.Generator,
 ) -> RoundPlan[P]:
-    """Select fairly (the same number per group; per-participant groups draw `select` at
-    random), then, when the merge needs it and a model has been trained, draw up to
-    `eval_per_group` evaluators per selected group among its members.
+    """Select fairly (the same number per group, the remainder rotating; per-participant
+    groups draw `select` at random), then, when the merge needs it and a model has been
+    trained, draw up to `eval_per_group` evaluators per selected group among its members.
 
     A `select` below the number of groups takes one per group (every group is served).
     """
@@ -59,7 +59,7 @@ def plan_round(
         chosen = random_select(len(ids), min(select, len(ids)), rng)
         selected = {ids[i]: int(labels[i]) for i in chosen}
     else:
-        picks = fair_select(labels, max(select, len(set(labels.tolist()))), rng)
+        picks = fair_select(labels, max(select, len(set(labels.tolist()))), rng, round_)
         selected = {ids[i]: c for c, members in picks.items() for i in members}
         selected = {p: selected[p] for p in ids if p in selected}
     evaluators: list[P] = []
@@ -72,6 +72,29 @@ def plan_round(
                 take = rng.choice(len(pool), min(eval_per_group, len(pool)), replace=False)
                 evaluators += [pool[i] for i in sorted(take)]
     return RoundPlan(round_, selected, tuple(evaluators))
+
+
+def evaluation_sample(groups: Mapping[P, int], limit: int, seed: int, round_: int) -> list[P]:
+    """Who evaluates the model published after round_: everyone when there are at most
+    `limit` (0: no limit), else about `limit` drawn from every group in proportion to its
+    size (at least one each), seeded by (seed, round) so a restarted clusterer asks the same.
+
+    At scale the evaluation of every member after every round is a burst of N tasks and N
+    reports for a statistic that a sample estimates well (Flower's fraction_evaluate).
+    """
+    ids = sorted(groups)  # type: ignore[type-var]
+    if limit <= 0 or len(ids) <= limit:
+        return ids
+    rng = np.random.default_rng([seed, max(round_, 0), 0xE7A1])
+    by_group: dict[int, list[P]] = {}
+    for p in ids:
+        by_group.setdefault(groups[p], []).append(p)
+    chosen: list[P] = []
+    for g in sorted(by_group):
+        pool = by_group[g]
+        take = min(len(pool), max(1, round(limit * len(pool) / len(ids))))
+        chosen += [pool[i] for i in rng.choice(len(pool), take, replace=False)]
+    return sorted(chosen)  # type: ignore[type-var]
 
 
 def group_accuracy(

@@ -10,13 +10,19 @@ from services.common.errors import ConfigError
 
 
 def fair_select(
-    assignment: Sequence[int] | np.ndarray, total: int, rng: np.random.Generator
+    assignment: Sequence[int] | np.ndarray,
+    total: int,
+    rng: np.random.Generator,
+    round_: int = 0,
 ) -> dict[int, list[int]]:
     """The same number from every cluster, uniformly at random inside each.
 
     per_cluster = min(total // k, smallest cluster size): a large cluster cannot crowd out a
-    small one. The remainder of `total` is not handed out (the research code gives it to the
-    last cluster, which breaks the equal share). Returns cluster -> sorted participant indices.
+    small one. The remainder r = total mod k (when no cluster caps the share) goes one each to
+    r clusters that rotate with the round: shares differ by at most one in a round and are
+    equal over every k rounds, and `--select 100` over 3 clusters selects 100, not 99 (the
+    research code gives the remainder to the last cluster, which favours it every round).
+    Returns cluster -> sorted participant indices.
     """
     labels = np.asarray(assignment)
     clusters = sorted(int(c) for c in np.unique(labels))
@@ -27,7 +33,16 @@ def fair_select(
         raise ConfigError(f"selecting {total} participants cannot cover {k} clusters")
     members = {c: np.flatnonzero(labels == c) for c in clusters}
     per = min(total // k, min(len(m) for m in members.values()))
-    return {c: sorted(int(i) for i in rng.choice(members[c], per, replace=False)) for c in clusters}
+    extra = total - per * k if per == total // k else 0
+    first = (max(round_, 0) * extra) % k
+    plus = {clusters[(first + j) % k] for j in range(extra)}
+    return {
+        c: sorted(
+            int(i)
+            for i in rng.choice(members[c], min(per + (c in plus), len(members[c])), replace=False)
+        )
+        for c in clusters
+    }
 
 
 def random_select(n: int, k: int, rng: np.random.Generator) -> list[int]:

@@ -5,12 +5,13 @@ on the server's loop (`_Polls`), resolved when the state's task listener says it
 or the federation ended, so thousands wait at once without a thread each while health
 checks, status and joins answer at once.
 
-Every handler is a coroutine that puts its blocking work on the server's thread pool with
-asyncio.to_thread, which carries the caller along for `act_as`: the state's methods that
-journal before they answer, the status page, and the upload relay, which streams through
-the aggregator's sync stub (the coordinator's) from a pool thread reading the participant's
-stream through the loop (`blocking_iter`). They are not left sync, although aio would run
-sync handlers in that same pool, because of what it gives them: a context without code(),
+Every handler is a coroutine that puts its blocking work on the server's threads, carrying
+the caller along for `act_as`: the state's methods that journal before they answer and the
+status page on a few threads (asyncio.to_thread), the upload relay, which streams through
+the aggregator's sync stub (the coordinator's) from a thread reading the participant's
+stream through the loop (`blocking_iter`), on the large pool (`on_pool`). A poll reads the
+state without its lock (`ClustererState.peek`). They are not left sync, although aio would
+run sync handlers in that same pool, because of what it gives them: a context without code(),
 is_active() or cancel(), add_callback() callbacks run only after a unary answer, none of
 the interceptors' contextvars, and an abort() that blocks its thread until the status is
 out (for ever, behind a message a stalled receiver does not take), so a stalled stream
@@ -26,6 +27,7 @@ import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -54,6 +56,7 @@ from services.common.grpc_server import (
     blocking_iter,
     credentials,
     new_aio_server,
+    on_pool,
     rewrap,
     rpc,
     serve_health,
@@ -88,6 +91,11 @@ logger = logging.getLogger(__name__)
 SERVICE = "flclustering.v1.Clusterer"
 Context: TypeAlias = grpc.aio.ServicerContext
 IdleAnswer = tuple[int, int, int]  # (kind, round, model version) for a participant without a task
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _Polls:
@@ -128,25 +136,7 @@ class _Polls:
     def _wake(self, pids: list[str] | None) -> None:
         for pid in list(self._waiters) if pids is None else pids:
             for waiter in self._waiters.get(pid, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    def _look(self, pid: str) -> tuple[Task | None, IdleAnswer]:
-        """pid's task now (NOT_FOUND for a stranger) and the idle answer; never waits."""
-        task = self._state.next_task(pid, 0.0, lambda: True)
-        return task, self._state.idle_answer()
-
-    async def _look_soon(self, pid: str) -> tuple[Task | None, IdleAnswer]:
-        """_look on the loop when the state's lock is free (a dictionary lookup), else on
-        a pool thread: the lock may be held across a journal's fsync, which the loop, and
-        every call it serves, must not wait for."""
-        cond = self._state.cond
-        if cond.acquire(blocking=False):  # re-entrant: the state's methods take it again
-            try:
-                return self._look(pid)
-            finally:
-                cond.release()
-        return await asyncio.to_thread(self._look, pid)
+                _settle(waiter)
 
     async def next_task(self, pid: str, wait_s: float) -> tuple[Task | None, IdleAnswer, bool]:
         """pid's task, waited for up to wait_s; the idle answer; whether the poll was turned
@@ -155,7 +145,7 @@ class _Polls:
         self._loop = loop
         busy = self.closed or self.waiting >= self.most
         if wait_s <= 0 or busy:
-            task, idle = await self._look_soon(pid)
+            task, idle = self._state.peek(pid)
             return task, idle, busy and wait_s > 0
         deadline = loop.time() + wait_s
         self.waiting += 1
@@ -164,13 +154,17 @@ class _Polls:
                 waiter = loop.create_future()
                 self._waiters.setdefault(pid, set()).add(waiter)
                 try:
-                    task, idle = await self._look_soon(pid)
+                    task, idle = self._state.peek(pid)
                     left = deadline - loop.time()
                     if task is not None or idle[0] == pb.TASK_KIND_DONE or left <= 0:
                         return task, idle, False
                     if self.closed:
                         return task, idle, True
-                    await asyncio.wait({waiter}, timeout=left)
+                    timer = loop.call_later(left, _settle, waiter)
+                    try:
+                        await waiter  # a timer: asyncio.wait builds sets and callbacks per poll
+                    finally:
+                        timer.cancel()
                 finally:
                     mine = self._waiters.get(pid)
                     if mine is not None:
@@ -189,6 +183,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         self.polls = _Polls(self.state, self.config.clustering.max_participants)
         tr = self.config.transport
         self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
+        # Uploads hold a thread while they stream: the server's large pool (build_service).
+        self.stream_pool: futures.Executor | None = None
         t = self.config.training
         self.training = pb.TrainingSettings(
             epochs=t.local_epochs,
@@ -260,8 +256,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         loop = asyncio.get_running_loop()
         cut = Cut(context, loop, "the upload was cut: it stalled, or its round closed")
         messages = blocking_iter(request_iterator, context, loop)
-        return await asyncio.to_thread(
-            self._receive, self.watch.watch(messages, cut, "SubmitUpdate"), cut.cancel
+        return await on_pool(
+            self.stream_pool,
+            self._receive,
+            self.watch.watch(messages, cut, "SubmitUpdate"),
+            cut.cancel,
         )
 
     def _receive(
@@ -589,6 +588,7 @@ def build_service(config: ClustererConfig) -> ClustererService:
     server = new_aio_server(
         svc.max_workers, authenticator, policy(svc.max_workers), interceptors, pending
     )
+    servicer.stream_pool = server.pool
     pb_grpc.add_ClustererServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls, authenticator)

@@ -256,7 +256,7 @@ class ClustererState:
             "phase": self.phase,
             "round": self.round,
             "model_version": self.model_version,
-            "members": {p: asdict(m) for p, m in self.members.items()},
+            "members": {p: vars(m) for p, m in self.members.items()},
             "deltas": dict(self.delta_files),
             "centroids": {str(k): _tensor_json(v) for k, v in self.centroids.items()},
             "purity": self.purity,
@@ -273,7 +273,7 @@ class ClustererState:
             "evaluations": {
                 tag: {
                     "asked": self.asked.get(tag, []),
-                    "results": {p: asdict(e) for p, e in got.items()},
+                    "results": {p: vars(e) for p, e in got.items()},
                 }
                 for tag, got in self.evaluations.items()
             },
@@ -386,24 +386,18 @@ class ClustererState:
         m.last_seen = time.monotonic()
         return m
 
-    def next_task(self, pid: str, wait_s: float, alive: Callable[[], bool]) -> Task | None:
-        """The participant's task, waiting up to wait_s for one (None: nothing to do yet)."""
-        with self.cond:
-            self._member(pid)
-            deadline = time.monotonic() + wait_s
-            while pid not in self.tasks and alive() and self.phase not in TERMINAL:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            self._member(pid)
-            return self.tasks.get(pid)
-
-    def idle_answer(self) -> tuple[int, int, int]:
-        """(kind, round, model version) for a participant without a task."""
-        with self.cond:
-            kind = pb.TASK_KIND_DONE if self.phase in TERMINAL else pb.TASK_KIND_WAIT
-            return kind, self.round, self.model_version
+    def peek(self, pid: str) -> tuple[Task | None, tuple[int, int, int]]:
+        """pid's task now (NOT_FOUND for a stranger) and the answer for one without a task:
+        (kind, round, model version). Read without the cond, so that a long poll never
+        waits behind a snapshot's fsync or a journal's group commit: each read is one
+        dictionary lookup or attribute, atomic under the GIL; a task given just after the
+        read wakes the poll (it registered before it looked), which then reads again."""
+        m = self.members.get(pid)
+        if m is None:
+            raise NotFoundError(f"unknown participant {pid[:64]!r}: call Join first")
+        m.last_seen = time.monotonic()
+        kind = pb.TASK_KIND_DONE if self.phase in TERMINAL else pb.TASK_KIND_WAIT
+        return self.tasks.get(pid), (kind, self.round, self.model_version)
 
     def begin_upload(
         self, pid: str, round_: int, model_version: int, cut: Callable[[], None] | None = None
@@ -903,7 +897,7 @@ class ClustererState:
             "phase": self.phase,
             "round": self.round,
             "model_version": self.model_version,
-            "members": {p: asdict(m) for p, m in self.members.items()},
+            "members": {p: vars(m) for p, m in self.members.items()},
             "history": list(self.history),
             "purity": self.purity,
             "error": self.error,

@@ -11,6 +11,7 @@ run between fork and exec.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -74,3 +75,19 @@ def memory_bytes(pid: int | str, field: str = "VmHWM") -> int | None:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def freeze_heap() -> None:
+    """Exempt everything alive now (imported modules: torch alone brings hundreds of
+    thousands of objects) from the cyclic garbage collector, and collect the rest less often.
+
+    Every collection walks its generation while holding the GIL. In a clusterer with torch
+    imported and 10,000 members (their pending polls keep promoting objects), full
+    collections came every second or two and stalled every call, health checks included,
+    for 0.1-0.7 s, growing with the heap. Frozen, with a young generation of 10,000 objects
+    instead of 700 and full collections only after 10,000 young ones, the longest pause
+    measured was 0.16 s and health checks answered within 0.1 s at the 99th percentile
+    (`benchmarks/load.py`). Called once a service is built.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 1000)

@@ -192,6 +192,12 @@ class FederationSettings(Settings):
     min_share: float = Field(
         0.5, gt=0, le=1, description="share of selected updates a round needs to be aggregated"
     )
+    eval_sample: int = Field(
+        1000,
+        ge=0,
+        description="participants that evaluate each new global model: all up to this many, "
+        "else a seeded sample of this many, stratified by cluster (0: always all)",
+    )
     seed: int = Field(0, ge=0, description="seed of w0, partitions, selection and clustering")
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from services.common.credentials import (
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
-from services.common.lifecycle import exit_with_parent
+from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import AttackConfig
@@ -132,6 +132,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     threads = [
         threading.Thread(target=work, args=(p,), name=p.id, daemon=True) for p in participants
     ]
+    freeze_heap()  # torch and the dataset stay out of the garbage collector's walks
     for t in threads:
         t.start()
     for t in threads:

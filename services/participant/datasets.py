@@ -10,6 +10,9 @@ release, never from the pickled Python release: a participant must not unpickle 
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import math
 import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -62,27 +65,73 @@ def standardised(ds: Dataset) -> Dataset:
     return replace(ds, x_train=(ds.x_train - mean) / std, x_test=(ds.x_test - mean) / std)
 
 
+def digits_file() -> Path:
+    """scikit-learn's embedded digits (a gzipped CSV in its package), found without
+    importing scikit-learn: that import (SciPy with it) costs every participant process
+    about a second of CPU, more than its share of a default run's training."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetUnavailableError("the digits dataset comes with scikit-learn: install it")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets/data/digits.csv.gz"
+
+
+def approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of `draws` come from each class: the floor of each class's share, the rest
+    to the largest remainders, ties drawn at random (scikit-learn's _approximate_mode)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, each class split in proportion: the arithmetic and random
+    draws of scikit-learn's train_test_split(stratify=y, random_state=seed), so the split
+    is the one the project always used (tests compare both)."""
+    n_test = math.ceil(test_fraction * len(y))
+    n_train = len(y) - n_test
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = approximate_mode(counts, n_train, rng)
+    t_i = approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, members in enumerate(by_class):
+        shuffled = members.take(rng.permutation(counts[i]), mode="clip")
+        train.extend(shuffled[: n_i[i]])
+        test.extend(shuffled[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
 def load_digits_dataset(test_fraction: float = 0.25) -> Dataset:
     """scikit-learn's 1,797 embedded 8x8 digits, split once, stratified, with a fixed seed.
 
     The split is part of the dataset's definition (seed 0), not of an experiment's seed,
     so every participant agrees on it without talking to anyone.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=0
-    )
+    with gzip.open(digits_file(), "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    x = (data[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0)[:, None, :, :]
+    y = data[:, -1].astype(np.int64)
+    train, test = stratified_split(y, test_fraction, 0)
     return Dataset(
         "digits",
-        torch.from_numpy(x_tr),
-        torch.from_numpy(y_tr),
-        torch.from_numpy(x_te),
-        torch.from_numpy(y_te),
+        torch.from_numpy(x[train]),
+        torch.from_numpy(y[train]),
+        torch.from_numpy(x[test]),
+        torch.from_numpy(y[test]),
         10,
         tuple(str(i) for i in range(10)),
     )

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from services.common.errors import ConfigError, DatasetUnavailableError
-from services.participant.datasets import load_dataset, read_cifar10_batch
+from services.participant.datasets import (
+    load_dataset,
+    load_digits_dataset,
+    read_cifar10_batch,
+    stratified_split,
+)
 
 
 def test_digits_is_the_offline_default():
@@ -90,3 +95,34 @@ def test_folder_errors(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="choose one of"):
         load_dataset("imagenet")
+
+
+def test_digits_are_scikit_learns_digits_and_split_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, bunch.target, test_size=0.25, stratify=bunch.target, random_state=0
+    )
+    ds = load_digits_dataset()
+    assert torch.equal(ds.x_train, torch.from_numpy(x_tr))
+    assert torch.equal(ds.x_test, torch.from_numpy(x_te))
+    assert ds.y_train.tolist() == y_tr.tolist() and ds.y_test.tolist() == y_te.tolist()
+    # Other sizes and seeds split alike too (ties in the remainders are drawn).
+    y = np.repeat(np.arange(7), [5, 9, 2, 11, 3, 8, 6])
+    for seed, fraction in [(0, 0.3), (3, 0.5), (11, 0.17)]:
+        idx = np.arange(len(y))
+        tr, te = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+        mine = stratified_split(y, fraction, seed)
+        assert mine[0].tolist() == tr.tolist() and mine[1].tolist() == te.tolist()
+    code = (
+        "import sys; from services.participant.datasets import load_digits_dataset as f; "
+        "f(); print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

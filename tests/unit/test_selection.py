@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.clusterer.plan import evaluation_sample
 from services.clusterer.selection import fair_select, random_select
 from services.common.errors import ConfigError
 
@@ -42,3 +43,31 @@ def test_random_select():
         random_select(3, 4, np.random.default_rng(0))
     with pytest.raises(ConfigError):
         fair_select([0, 1, 2], 2, np.random.default_rng(0))
+
+
+def test_fair_select_hands_out_the_remainder_in_rotation():
+    labels = np.repeat([0, 1, 2], 50)
+    rng = np.random.default_rng(3)
+    totals = np.zeros(3, int)
+    for r in range(3):
+        picked = fair_select(labels, 100, rng, r)
+        sizes = [len(picked[c]) for c in range(3)]
+        assert sum(sizes) == 100 and max(sizes) - min(sizes) == 1
+        totals += sizes
+    assert totals.tolist() == [100, 100, 100]  # equal over k rounds
+    # A small cluster caps the share: nobody gets more than it can give.
+    capped = fair_select(np.array([0] * 20 + [1] * 3), 10, rng, 1)
+    assert {c: len(v) for c, v in capped.items()} == {0: 3, 1: 3}
+
+
+def test_evaluation_sample_is_everyone_up_to_the_limit_then_a_stratified_sample():
+    groups = {f"p{i:05d}": (0 if i < 9000 else 1) for i in range(10_000)}
+    assert evaluation_sample(groups, 0, 0, 3) == sorted(groups)
+    assert evaluation_sample(dict(list(groups.items())[:50]), 1000, 0, 3) == sorted(groups)[:50]
+    sample = evaluation_sample(groups, 1000, 0, 3)
+    assert len(sample) == 1000 and len(set(sample)) == 1000
+    assert sum(groups[p] == 1 for p in sample) == 100  # in proportion to the group's size
+    assert sample == evaluation_sample(groups, 1000, 0, 3)  # a restart asks the same
+    assert sample != evaluation_sample(groups, 1000, 0, 4)  # another round, another sample
+    tiny = {**groups, "zz-alone": 2}
+    assert "zz-alone" in evaluation_sample(tiny, 1000, 0, 3)  # every group is heard
