@@ -113,11 +113,15 @@ class Processes:
         peaks = {name: memory_bytes(proc.pid) for name, (proc, _) in self.children.items()}
         return {name: round(b / (1 << 20), 1) for name, b in peaks.items() if b is not None}
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM everyone, then SIGKILL what is left after the grace period."""
+    def terminate(self) -> None:
+        """SIGTERM everyone still running (they shut down while the caller goes on)."""
         for proc, _ in self.children.values():
             if proc.poll() is None:
                 proc.terminate()
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM everyone, then SIGKILL what is left after the grace period."""
+        self.terminate()
         deadline = time.monotonic() + grace
         for proc, _ in self.children.values():
             try:
@@ -296,6 +300,8 @@ def simulate(
         status = follow(stub, procs, progress)
         results = collect(config, status, members(stub), attackers, endpoints)
         results["processes"] = procs.peak_rss_mb()
+        if serve is None:
+            procs.terminate()  # the services shut down while the figures are drawn
         write_results(out, results)
         if serve is not None:
             serve()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from services.clusterer.server import build_service
 from services.clusterer.settings import ClustererConfig
 from services.common.flags import Group, SettingsParser
-from services.common.grpc_server import serve_main
 from services.common.settings import FederationSettings
 
 GROUPS = (
@@ -31,6 +29,10 @@ def parser() -> SettingsParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM."""
+    # Imported here: `simulate` reads this module's flags and must not import torch.
+    from services.clusterer.server import build_service
+    from services.common.grpc_server import serve_main
+
     config: ClustererConfig = parser().parse(argv)
     return serve_main("clusterer", config.service, lambda: build_service(config))
 

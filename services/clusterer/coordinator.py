@@ -281,10 +281,15 @@ class Coordinator(ClustererParts):
             logger.info("model version %d is gone at the aggregator", version)
 
     def _aggregator_status(self) -> agg_pb.GetAggregatorStatusResponse:
-        """The aggregator's round, pending updates and defence policy (retried)."""
+        """The aggregator's round, pending updates and defence policy (retried). An
+        aggregator still starting is waited for on the channel (wait_for_ready), so the
+        call goes out as soon as it connects, not after the next step of a retry backoff."""
         status: agg_pb.GetAggregatorStatusResponse = with_retries(
             lambda: self.aggregator.GetAggregatorStatus(
-                agg_pb.GetAggregatorStatusRequest(), metadata=self._meta(), timeout=30
+                agg_pb.GetAggregatorStatusRequest(),
+                metadata=self._meta(),
+                timeout=30,
+                wait_for_ready=True,
             ),
             "Aggregator.GetAggregatorStatus",
             AGGREGATOR_RETRY,

@@ -42,7 +42,13 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.credentials import TlsFiles, TokenTable
 from services.common.errors import NotFoundError, StateError
-from services.common.grpc_client import Renewing, call_metadata, channel, quiet_refused_streams
+from services.common.grpc_client import (
+    PEER_OPTIONS,
+    Renewing,
+    call_metadata,
+    channel,
+    quiet_refused_streams,
+)
 from services.common.grpc_server import (
     AioServer,
     Cut,
@@ -568,7 +574,7 @@ def build_service(config: ClustererConfig) -> ClustererService:
     quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
 
     def connect(client: TlsFiles | None) -> tuple[grpc.Channel, agg_grpc.AggregatorStub]:
-        ch = channel(config.clustering.aggregator, client=client)
+        ch = channel(config.clustering.aggregator, client=client, extra=PEER_OPTIONS)
         return ch, agg_grpc.AggregatorStub(instrument_channel(ch, metrics.rpc))
 
     if tls is None:

@@ -21,7 +21,7 @@ from services.common.credentials import (
     token_owner,
 )
 from services.common.errors import ConfigError, FLClusteringError
-from services.common.grpc_client import Renewing, channel
+from services.common.grpc_client import EDGE_OPTIONS, Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
 from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
@@ -46,7 +46,7 @@ def connect(
     me = config.participant
     tls_dir = config.transport.tls_dir
     if not tls_dir:
-        base = channel(me.clusterer, me.tls_ca, me.tls_server_name)
+        base = channel(me.clusterer, me.tls_ca, me.tls_server_name, extra=EDGE_OPTIONS)
         stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
         token = config.transport.token()
         owner = token_owner(token) if token and len(hosted) == 1 else None
@@ -54,7 +54,9 @@ def connect(
         return ids, [stub] * len(hosted)
 
     def build(tls: TlsFiles) -> tuple[grpc.Channel, pb_grpc.ClustererStub]:
-        ch = channel(me.clusterer, tls_server_name=me.tls_server_name, client=tls)
+        ch = channel(
+            me.clusterer, tls_server_name=me.tls_server_name, client=tls, extra=EDGE_OPTIONS
+        )
         return ch, pb_grpc.ClustererStub(instrument_channel(ch, metrics.rpc))
 
     ids, stubs = [], []

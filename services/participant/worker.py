@@ -205,7 +205,12 @@ class Participant:
             group=self.group,
             device=str(self.settings.device),
         )
-        self._call("Join", lambda: self.stub.Join(request, metadata=self.meta, timeout=30))
+        # A clusterer still starting is waited for on the channel (wait_for_ready): the
+        # join goes out as soon as it connects, not after the next step of a retry backoff.
+        self._call(
+            "Join",
+            lambda: self.stub.Join(request, metadata=self.meta, timeout=30, wait_for_ready=True),
+        )
 
     def _load(self, version: int) -> None:
         weights = self.store.get(version)

@@ -142,3 +142,17 @@ def test_simulate_hosts_ten_participants_per_process_in_at_most_eight_processes(
     assert auto.hosted_per_process(5) == 10
     assert auto.hosted_per_process(1000) == 125  # eight processes, not a hundred
     assert HostingSettings(per_process=3).hosted_per_process(30) == 3
+
+
+def test_simulate_reads_every_services_flags_without_importing_torch():
+    """The launcher starts the services at once; importing torch first (2 s of CPU) would
+    delay every one of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, services.cli, services.simulate as s; env = s.child_environment(); "
+        "print(len(env) > 0, 'torch' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]
