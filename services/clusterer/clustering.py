@@ -14,6 +14,7 @@ so time grows linearly with the federation and memory beyond the deltas stays a 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,20 +114,53 @@ def _centres(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return sums / np.maximum(counts, 1)[:, None]
 
 
-def _silhouette(x: np.ndarray, labels: np.ndarray, metric: str = "euclidean") -> float:
-    from sklearn.metrics import silhouette_score
-
-    k = len(np.unique(labels))
+def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a labelling from its distance matrix: for each row, a = mean
+    distance to the rest of its cluster, b = the smallest mean distance to another cluster,
+    (b - a) / max(a, b), 0 in a cluster of one (scikit-learn's silhouette_score, without
+    importing it); nan unless 2 <= k < n."""
+    _, labels = np.unique(labels, return_inverse=True)
+    k = int(labels.max()) + 1 if len(labels) else 0
     if k < 2 or k >= len(labels):
         return float("nan")
-    return float(silhouette_score(x, labels, metric=metric))
+    onehot = np.zeros((len(labels), k))
+    onehot[np.arange(len(labels)), labels] = 1.0
+    sizes = onehot.sum(axis=0)
+    sums = dist @ onehot  # (n, k): each row's total distance to each cluster
+    own = sizes[labels]
+    a = sums[np.arange(len(labels)), labels] / np.maximum(own - 1, 1)
+    means = sums / sizes
+    means[np.arange(len(labels)), labels] = np.inf
+    b = means.min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(own > 1, (b - a) / np.maximum(a, b), 0.0)
+    return float(np.nan_to_num(s).mean())
+
+
+def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    return silhouette(_distances(x), labels)
+
+
+def ward_labels(tree: np.ndarray, k: int) -> np.ndarray:
+    """The k clusters of a Ward linkage, numbered as scikit-learn's AgglomerativeClustering
+    numbers them (its _hc_cut: the nodes left after undoing the last k - 1 merges, in the
+    order of a heap of their negated ids), so results match the runs made with it."""
+    n = len(tree) + 1
+    children = tree[:, :2].astype(np.intp)
+    nodes = [-(int(children[-1].max()) + 1)]
+    for _ in range(k - 1):
+        these = children[-nodes[0] - n]
+        heapq.heappush(nodes, -int(these[0]))
+        heapq.heappushpop(nodes, -int(these[1]))
+    roots = ward_cut_roots(tree, k)
+    order = np.empty(2 * n - 1, dtype=np.intp)
+    order[[-node for node in nodes]] = np.arange(len(nodes))
+    return order[roots]
 
 
 def _fit(x: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.cluster import KMeans
 
-    if method == "hierarchical":
-        return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
@@ -206,16 +240,22 @@ def _choose(
     return best[1], best[2], best[0], "silhouette"
 
 
-def ward_cut(tree: np.ndarray, k: int) -> np.ndarray:
-    """Labels of the k clusters left when a linkage's last k - 1 merges are undone (as
-    scipy's cut_tree, without its per-merge Python loop, so every k is cheap)."""
+def ward_cut_roots(tree: np.ndarray, k: int) -> np.ndarray:
+    """The node each leaf hangs from once a linkage's last k - 1 merges are undone (pointer
+    jumping over the merges, no per-merge Python loop, so every k is cheap)."""
     n = len(tree) + 1
     parent = np.arange(2 * n - 1)
     merges = tree[: n - k, :2].astype(np.intp)
     parent[merges[:, 0]] = parent[merges[:, 1]] = np.arange(n, 2 * n - k)
     while not np.array_equal(up := parent[parent], parent):  # pointer jumping to the roots
         parent = up
-    return np.unique(parent[:n], return_inverse=True)[1]
+    return parent[:n]
+
+
+def ward_cut(tree: np.ndarray, k: int) -> np.ndarray:
+    """Labels of the k clusters left when a linkage's last k - 1 merges are undone (as
+    scipy's cut_tree), numbered by their smallest node."""
+    return np.unique(ward_cut_roots(tree, k), return_inverse=True)[1]
 
 
 def _sample_fit(
@@ -240,7 +280,7 @@ def _sample_fit(
         auto,
         k_max,
         fit,
-        lambda labels: _silhouette(dist, labels, metric="precomputed"),
+        lambda labels: silhouette(dist, labels),
         lambda upper: energy_k(xs, k_max=upper),
     )
 
@@ -295,13 +335,27 @@ def cluster(
             labels = _dbscan(x, dbscan_eps, dbscan_min_samples)
             kk, score, k_from = int(labels.max()) + 1, _silhouette(x, labels), "dbscan"
         else:
+            # Ward: scipy's linkage of the rows (what scikit-learn's Ward calls), built once
+            # and cut at every k; scikit-learn itself (2 s of CPU to import) only for k-means.
+            tree = None
+            if method == "hierarchical":
+                from scipy.cluster.hierarchy import linkage
+
+                tree = linkage(x, "ward") if n > 1 else None
+            dist = _distances(x)
+
+            def fit_exact(kk: int) -> np.ndarray:
+                if method != "hierarchical":
+                    return _fit(x, method, kk, seed)
+                return ward_labels(tree, kk) if tree is not None else np.zeros(n, dtype=int)
+
             labels, kk, score, k_from = _choose(
                 n,
                 k,
                 auto,
                 k_max,
-                lambda kk: _fit(x, method, kk, seed),
-                lambda labels: _silhouette(x, labels),
+                fit_exact,
+                lambda labels: silhouette(dist, labels),
                 lambda upper: energy_k(x, k_max=upper),
             )
         return ClusterResult(

@@ -241,3 +241,35 @@ def test_ward_cut_is_scipys_cut_tree():
         ours, scipys = ward_cut(tree, k), cut_tree(tree, n_clusters=k)[:, 0]
         assert len(np.unique(ours)) == k
         assert purity(ours, scipys) == 1.0 and purity(scipys, ours) == 1.0
+
+
+def test_ward_and_silhouette_are_scikit_learns_without_importing_it():
+    """The exact path numbers Ward's clusters as AgglomerativeClustering does and scores
+    them as silhouette_score does, so runs match the ones made with scikit-learn."""
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import silhouette_score
+
+    from services.clusterer.clustering import _distances, silhouette
+
+    rng = np.random.default_rng(7)
+    for n, d, groups in [(30, 50, 3), (200, 20, 5), (57, 300, 4), (5, 3, 2)]:
+        centres = rng.normal(0, 3, (groups, d))
+        x = centres[rng.integers(0, groups, n)] + rng.normal(0, 1, (n, d))
+        for k in range(1, min(n, 7)):
+            got = cluster(torch.from_numpy(x), k=k)
+            want = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
+            assert got.assignment.tolist() == want.tolist(), (n, k)
+            if 2 <= k < n:
+                assert got.score == pytest.approx(silhouette_score(x, want), abs=1e-9)
+        singletons = np.array([0, 0, 1, 2, 2])
+        ref = silhouette_score(x[:5], singletons)
+        assert silhouette(_distances(x[:5]), singletons) == pytest.approx(ref, abs=1e-9)
+    code = (
+        "import sys, torch; from services.clusterer.clustering import cluster; "
+        "cluster(torch.randn(40, 10), k=None); print('sklearn' in sys.modules)"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
