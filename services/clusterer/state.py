@@ -277,7 +277,7 @@ class ClustererState:
                 }
                 for tag, got in self.evaluations.items()
             },
-            "history": self.history,
+            "rounds": len(self.history),  # the records are in the store's rounds.jsonl
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -308,7 +308,11 @@ class ClustererState:
         for tag, ev in data["evaluations"].items():
             self.asked[tag] = list(ev["asked"])
             self.evaluations[tag] = {p: Evaluation(**e) for p, e in ev["results"].items()}
-        self.history = [_round_record(h) for h in data["history"]]
+        if "history" in data:  # a snapshot written before rounds.jsonl: move it there
+            self.history = [_round_record(h) for h in data["history"]]
+            self.store.rewrite_rounds(data["history"])
+        else:
+            self.history = [_round_record(h) for h in self.store.load_rounds(data["rounds"])]
 
     def _replay(self, event: dict[str, Any]) -> None:
         """Apply one journal record on top of the snapshot (cond held; records are
@@ -851,6 +855,8 @@ class ClustererState:
     def record_round(self, record: dict[str, Any]) -> None:
         """Append a finished round to the history; the round in flight is done."""
         with self.cond:
+            if self.store is not None:
+                self.store.append_round(record)
             self.history.append(record)
             self.progress = None
             self._persist(export=True)

@@ -199,3 +199,35 @@ def test_state_of_another_experiment_is_refused(tmp_path):
     same = ClustererState(get_strategy("flclustering"), 0)
     assert same.attach(ClustererStore(tmp_path), np.random.default_rng(0), {"seed": 0})
     assert sorted(same.members) == ["p0"]
+
+
+def test_finished_rounds_are_appended_once_and_a_line_no_snapshot_counts_is_dropped(tmp_path):
+    """The history lives in rounds.jsonl, one line per round, and the snapshot counts it:
+    a restart keeps every counted round, drops one appended by a process that died before
+    its snapshot, and a snapshot from before rounds.jsonl (history inline) still loads."""
+    state, _ = clusterer_state(tmp_path)
+    for r in range(3):
+        state.record_round({"round": r, "cluster_weights": {0: 0.5, 1: 0.5}})
+    snapshot = json.loads((tmp_path / "state.json").read_text())
+    assert snapshot["rounds"] == 3 and "history" not in snapshot
+    lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2]
+    state.store.append_round({"round": 3})  # type: ignore[union-attr]  # died before the snapshot
+    again, _ = clusterer_state(tmp_path)
+    assert [h["round"] for h in again.history] == [0, 1, 2]
+    assert again.history[0]["cluster_weights"] == {0: 0.5, 1: 0.5}  # ids are ints again
+    assert again.next_round() == 3
+    assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 3
+    # The first format kept the history in the snapshot: it moves to rounds.jsonl.
+    snapshot = json.loads((tmp_path / "state.json").read_text())
+    snapshot["history"] = [{"round": 0}, {"round": 1}]
+    del snapshot["rounds"]
+    (tmp_path / "state.json").write_text(json.dumps(snapshot))
+    (tmp_path / "rounds.jsonl").unlink()
+    old, _ = clusterer_state(tmp_path)
+    assert [h["round"] for h in old.history] == [0, 1]
+    assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
+    # A damaged directory (rounds missing that the snapshot counts) is refused, not guessed.
+    (tmp_path / "rounds.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="damaged"):
+        clusterer_state(tmp_path)
