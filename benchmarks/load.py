@@ -2,15 +2,17 @@
 
 The aggregator and the clusterer run as separate processes (as in `flclustering simulate`),
 with mutual TLS between them and the clusterer's edge port (server TLS plus one hashed
-token per participant, as phones would connect). This process plays N participants
-without torch: one asyncio loop, a few shared TLS channels, each participant joining,
+token per participant, as phones would connect). `--clients` processes (default 2) play
+N participants without torch: one asyncio loop each, a few shared TLS channels, each
+participant joining,
 long-polling for tasks, uploading a small valid update (the global model it downloaded,
 perturbed) when selected and reporting an evaluation when asked. The federation runs
 fedavg (no pre-training, whose deltas would be N model-sized uploads; clustering at
 scale is `benchmarks/clustering.py`).
 
 It prints joins/s, the p50/p99 latency of task answers and uploads, the health checks'
-latency under load (a plain Check every 50 ms on the health port) and the services' peak
+latency under load (a plain Check every 50 ms on the health port, from a process of its
+own) and the services' peak
 RSS, and ends with
 `load: N participants, p99 task latency X.XX s, health p99 Y.YYY s`
 (goals: X <= 1.0, Y <= 0.1, clusterer RSS under 1 GB).
@@ -45,7 +47,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.credentials import new_token, token_digest, write_kit
-from services.common.lifecycle import memory_bytes
+from services.common.lifecycle import freeze_heap, memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
@@ -249,19 +251,56 @@ async def drive(args: argparse.Namespace, edge: str, ca: bytes, tokens: dict[str
     return stats
 
 
+def client(
+    args: argparse.Namespace, edge: str, ca: bytes, tokens: dict[str, str], out: Any
+) -> None:
+    """One load-generating process: its share of the participants; their stats to out."""
+    # It stands for thousands of devices: its own collector's pauses (its coroutines'
+    # objects) must not delay the tasks it measures, as the services' own no longer do
+    # (services.common.lifecycle.freeze_heap).
+    freeze_heap()
+    stats = asyncio.run(drive(args, edge, ca, tokens))
+    out.put(
+        {
+            "join_done": stats.join_done,
+            "tasks": dict(stats.tasks),
+            "uploads": stats.uploads,
+            "evaluations": stats.evaluations,
+            "errors": dict(stats.errors),
+            "done": stats.done,
+        }
+    )
+
+
+def merged(parts: list[dict[str, Any]]) -> Stats:
+    """The clients' stats as one (their perf_counter clocks are the same system clock)."""
+    stats = Stats()
+    for part in parts:
+        stats.join_done += part["join_done"]
+        for key, times in part["tasks"].items():
+            stats.tasks[key] += times
+        stats.uploads += part["uploads"]
+        stats.evaluations += part["evaluations"]
+        for key, count in part["errors"].items():
+            stats.errors[key] += count
+        stats.done += part["done"]
+    return stats
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--participants", type=int, default=10_000)
     ap.add_argument("--select", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="2nn", help="the model on digits' shape (default 2nn)")
-    ap.add_argument("--channels", type=int, default=16, help="TLS connections to share")
+    ap.add_argument("--channels", type=int, default=16, help="TLS connections per client")
+    ap.add_argument("--clients", type=int, default=2, help="load-generating processes")
     ap.add_argument("--wait-s", type=float, default=20.0, help="long-poll wait per GetTask")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
-    if args.participants < 1 or args.select < 1 or args.rounds < 1:
-        ap.error("--participants, --select and --rounds must be at least 1")
+    if min(args.participants, args.select, args.rounds, args.clients) < 1:
+        ap.error("--participants, --select, --rounds and --clients must be at least 1")
 
     work = Path(tempfile.mkdtemp(prefix="flc-load-"))
     logs = work / "logs"
@@ -313,10 +352,22 @@ def main() -> int:
             target=health_probe, args=(f"127.0.0.1:{health_port}", stop, results), daemon=True
         )
         probe.start()
+        # Participants are split over --clients processes (devices do not share one GIL:
+        # a single process of 10,000 coroutines lagged by seconds, and a participant it
+        # had not yet sent back into its poll got its task that much later).
+        share = [dict(list(tokens.items())[k :: args.clients]) for k in range(args.clients)]
+        stats_out = spawn.Queue()
+        ca = (kit / "ca.crt").read_bytes()
+        clients = [
+            spawn.Process(target=client, args=(args, f"127.0.0.1:{edge_port}", ca, part, stats_out))
+            for part in share
+        ]
         began = time.perf_counter()
-        stats = asyncio.run(
-            drive(args, f"127.0.0.1:{edge_port}", (kit / "ca.crt").read_bytes(), tokens)
-        )
+        for c in clients:
+            c.start()
+        stats = merged([stats_out.get(timeout=args.timeout_s + 60) for _ in clients])
+        for c in clients:
+            c.join()
         took = time.perf_counter() - began
         stop.set()
         health: list[float] = results.get(timeout=60)
