@@ -523,8 +523,8 @@ class ClustererState:
 
     def listen(self, on_task: TaskListener) -> None:
         """Tell on_task, with the cond held (it must not block), which participants were
-        just given a task, or None once the federation is over: what `next_task` waits for,
-        for waiters that do not wait on the cond."""
+        just given a task, or None once the federation is over: what a long poll that read
+        `peek` waits for (it does not wait on the cond)."""
         with self.cond:
             self._on_task = on_task
 
