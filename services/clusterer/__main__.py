@@ -34,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from services.common.grpc_server import serve_main
 
     config: ClustererConfig = parser().parse(argv)
+    # Hand the GIL over every millisecond, not every 5: the loop serving thousands of
+    # polls, the journal's threads and the health port's threads take turns, and a health
+    # check waits for fewer long turns (p99 0.055-0.073 s at 10,000 participants against
+    # 0.07-0.11 s, benchmarks/load.py).
+    sys.setswitchinterval(0.001)
     return serve_main("clusterer", config.service, lambda: build_service(config))
 
 
