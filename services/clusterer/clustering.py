@@ -158,7 +158,7 @@ def ward_labels(tree: np.ndarray, k: int) -> np.ndarray:
     return order[roots]
 
 
-def _fit(x: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
@@ -271,7 +271,7 @@ def _sample_fit(
 
     def fit(kk: int) -> np.ndarray:
         if tree is None:
-            return _fit(xs, method, kk, seed)
+            return _kmeans(xs, kk, seed)
         return ward_cut(tree, kk)
 
     return _choose(
@@ -337,16 +337,20 @@ def cluster(
         else:
             # Ward: scipy's linkage of the rows (what scikit-learn's Ward calls), built once
             # and cut at every k; scikit-learn itself (2 s of CPU to import) only for k-means.
+            # One pass of pairwise distances serves the tree and every silhouette.
             tree = None
-            if method == "hierarchical":
+            if method == "hierarchical" and n > 1:
                 from scipy.cluster.hierarchy import linkage
+                from scipy.spatial.distance import pdist, squareform
 
-                tree = linkage(x, "ward") if n > 1 else None
-            dist = _distances(x)
+                condensed = pdist(x)  # what linkage(x, "ward") computes first
+                tree, dist = linkage(condensed, "ward"), squareform(condensed)
+            else:
+                dist = _distances(x)
 
             def fit_exact(kk: int) -> np.ndarray:
                 if method != "hierarchical":
-                    return _fit(x, method, kk, seed)
+                    return _kmeans(x, kk, seed)
                 return ward_labels(tree, kk) if tree is not None else np.zeros(n, dtype=int)
 
             labels, kk, score, k_from = _choose(

@@ -236,8 +236,8 @@ class ClustererState:
         """Wait until journal record seq is on disk, after the cond is released: the RPC
         is acknowledged only then, and concurrent RPCs share one fsync. Whatever the
         coordinator acts on is durable anyway: every phase change writes a snapshot."""
-        if self.store is not None and seq:
-            self.store.sync(seq)
+        if seq:  # _journal numbers records only when there is a store
+            self.store.sync(seq)  # type: ignore[union-attr]
 
     def _persist(self, export: bool = False) -> None:
         """Snapshot the whole state at a phase change (cond held); export history.json."""
@@ -396,10 +396,7 @@ class ClustererState:
         waits behind a snapshot's fsync or a journal's group commit: each read is one
         dictionary lookup or attribute, atomic under the GIL; a task given just after the
         read wakes the poll (it registered before it looked), which then reads again."""
-        m = self.members.get(pid)
-        if m is None:
-            raise NotFoundError(f"unknown participant {pid[:64]!r}: call Join first")
-        m.last_seen = time.monotonic()
+        self._member(pid)
         kind = pb.TASK_KIND_DONE if self.phase in TERMINAL else pb.TASK_KIND_WAIT
         return self.tasks.get(pid), (kind, self.round, self.model_version)
 
@@ -867,8 +864,9 @@ class ClustererState:
         with self.cond:
             self._enter("done")
             self.stage = "done"
-            for p in self.members:
-                self.tasks[p] = Task(pb.TASK_KIND_DONE, rounds, self.model_version)
+            # One update, one listener call: _enter("done") has woken every poll already.
+            done = Task(pb.TASK_KIND_DONE, rounds, self.model_version)
+            self.tasks.update(dict.fromkeys(self.members, done))
             self._persist(export=True)
             self.cond.notify_all()
 
