@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import multiprocessing
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.credentials import new_token, token_digest, write_kit
@@ -117,7 +117,7 @@ def update_messages(
     h.metrics.clear()
     msgs = [pb.SubmitUpdateRequest(header=h)]
     msgs += [pb.SubmitUpdateRequest(data=body[i : i + CHUNK]) for i in range(0, len(body), CHUNK)]
-    trailer = tensors_pb2.ModelTrailer(sha256=hashlib.sha256(body).digest())
+    trailer = tensors_pb2.ModelTrailer(xxh3_128=xxhash.xxh3_128(body).digest())
     return [*msgs, pb.SubmitUpdateRequest(trailer=trailer)]
 
 

@@ -21,6 +21,7 @@ import torch
 from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
+from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, purity
 from services.common.models import build_model
 from services.common.strategies import get_strategy
@@ -28,7 +29,6 @@ from services.common.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
 from services.participant.datasets import Dataset
-from services.participant.device import resolve_device
 from services.participant.partition import federation_data, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator

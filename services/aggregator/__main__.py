@@ -25,6 +25,7 @@ GROUPS = (
     Group("defence"),
     Group("training", only=("lr", "lr_decay")),
     Group("store", "AGGREGATOR_"),
+    Group("compute", "AGGREGATOR_"),
 )
 
 

@@ -79,9 +79,11 @@ def defend(
     """Screen, aggregate per cluster and check the cluster deltas of one round.
 
     `deltas` is (n, d), row i the update of a participant in cluster `clusters[i]`;
-    `samples` (sample counts) weigh the rows when the rule is fedavg.
+    `samples` (sample counts) weigh the rows when the rule is fedavg. Every tensor is made
+    on the device of `deltas` (a GPU computes the Gram products there).
     """
     n = deltas.shape[0]
+    device = deltas.device
     labels = np.asarray(clusters)
     if labels.shape != (n,):
         raise ConfigError(f"{labels.size} cluster labels for {n} updates")
@@ -91,20 +93,23 @@ def defend(
         rejected[i] = "non-finite"
     keep = finite.clone()
     if config.norm_factor is not None and int(keep.sum()) >= 3:
-        ok = torch.zeros(n, dtype=torch.bool)
+        ok = torch.zeros(n, dtype=torch.bool, device=device)
         ok[keep] = norm_screen(deltas[keep], config.norm_factor)
         for i in torch.nonzero(keep & ~ok).flatten().tolist():
             rejected[i] = "norm"
         keep &= ok
 
     out = RoundDefence({}, {}, rejected)
-    w_all = torch.as_tensor(samples, dtype=torch.float32) if samples is not None else None
+    w_all = None
+    if samples is not None:
+        w_all = torch.as_tensor(samples, dtype=torch.float32, device=device)
+    kept = keep.cpu().numpy()  # one copy off the device, not one per row
     for c in sorted(int(v) for v in np.unique(labels)):
-        rows = [i for i in np.flatnonzero(labels == c).tolist() if bool(keep[i])]
+        rows = [i for i in np.flatnonzero(labels == c).tolist() if kept[i]]
         if not rows:
             out.rejected_clusters[c] = "no update survived screening"
             continue
-        idx = torch.tensor(rows)
+        idx = torch.tensor(rows, device=device)
         res = RULES[config.rule](
             deltas.index_select(0, idx),
             attackers_for(len(rows), config.byzantine_fraction),

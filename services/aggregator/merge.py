@@ -56,7 +56,7 @@ def qffl_merge(
     w' = w - sum_k Delta_k / sum_k h_k, where F_k is participant k's loss of the global model
     before training: higher-loss participants pull harder.
     """
-    f = torch.as_tensor(losses, dtype=torch.float64).flatten()
+    f = torch.as_tensor(losses, dtype=torch.float64, device=local_models.device).flatten()
     if f.numel() != local_models.shape[0]:
         raise ConfigError(f"{f.numel()} losses for {local_models.shape[0]} models")
     if bool((f < 0).any() | ~torch.isfinite(f).all()):
@@ -124,7 +124,7 @@ def qffl_round(inputs: MergeInputs) -> MergeResult:
     keep = list(inputs.kept)
     if not keep:
         return inputs.global_w, {}
-    idx = torch.tensor(keep)
+    idx = torch.tensor(keep, device=inputs.deltas.device)
     local = inputs.global_w + inputs.deltas.index_select(0, idx)
     losses = [inputs.losses[i] for i in keep]
     return qffl_merge(inputs.global_w, local, losses, lr=inputs.lr), {}

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
@@ -18,10 +17,12 @@ from prometheus_client import CollectorRegistry
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
+from services.common.device import resolve_device
 from services.common.grpc_server import (
     Policy,
     StallWatch,
     add_health_and_reflection,
+    add_servicer,
     bind_service,
     credentials,
     new_server,
@@ -80,16 +81,15 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     @rpc("Aggregator.ForwardUpdate")
     def ForwardUpdate(
-        self, request_iterator: Iterator[pb.ForwardUpdateRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.ForwardUpdateResponse:
+        """An update, its messages serialized (`add_servicer`): data is read in place."""
         with counting_refusals(self.metrics.updates_rejected):
             return self._receive(self.watch.watch(request_iterator, context, "ForwardUpdate"))
 
-    def _receive(
-        self, request_iterator: Iterator[pb.ForwardUpdateRequest]
-    ) -> pb.ForwardUpdateResponse:
+    def _receive(self, request_iterator: Iterator[bytes]) -> pb.ForwardUpdateResponse:
         received = Received()
-        reserved: list[tuple[str, torch.Tensor]] = []  # (sender, the model it trained from)
+        reserved: list[str] = []  # the sender, once its upload may start
 
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
@@ -99,22 +99,25 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
             check_header_tensors(m.tensors, self.state.spec)
-            reserved.append((m.sender, self.state.begin_update(m.sender, m.round, m.model_version)))
-            return StreamReader(
-                self.state.spec, keep=True, max_bytes=self.config.transport.max_update_bytes
+            base = self.state.begin_update(m.sender, m.round, m.model_version)
+            reserved.append(m.sender)
+            return StreamReader(  # keeps the delta against the model it was trained from
+                self.state.spec,
+                max_bytes=self.config.transport.max_update_bytes,
+                out=self.state.buffer,
+                minus=base,
             )
 
         try:
-            for _ in validated(request_iterator, on_header, received):
+            for _ in validated(request_iterator, on_header, received, pb.ForwardUpdateRequest):
                 pass
             m = received.header.model
             assert received.reader is not None and received.reader.flat is not None
-            base = reserved[0][1]
             update = PendingUpdate(
                 m.sender,
                 int(received.header.cluster),
                 int(m.num_samples),
-                received.reader.flat.sub_(base),  # in place: no second model-sized buffer
+                received.reader.flat,
                 dict(m.metrics),
             )
             state_dir = self.config.service.state_dir
@@ -129,7 +132,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.metrics.rpc.received_bytes.inc(received.reader.received)
             self.metrics.update_bytes.observe(received.reader.received)
         finally:
-            for who, _ in reserved:
+            for who in reserved:
                 self.state.release(who)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
         return pb.ForwardUpdateResponse(accepted=True, round=m.round)
@@ -238,7 +241,8 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
     shape, classes = config.shape()  # a dataset without a known shape: one clear error
     fed = config.federation
     model = build_model(fed.model, shape, classes, fed.seed)
-    state = AggregatorState(state_of(model), config.store.keep_versions)
+    device = resolve_device(config.compute.device)
+    state = AggregatorState(state_of(model), config.store.keep_versions, device)
     state_dir = config.service.state_dir
     if state_dir and state.restore(Path(state_dir)):
         logger.info(
@@ -308,7 +312,9 @@ def build_service(config: AggregatorConfig) -> AggregatorService:
         policy(svc.max_workers),
         [ServerMetricsInterceptor(metrics.rpc)],
     )
-    pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+    add_servicer(
+        pb_grpc.add_AggregatorServicer_to_server, servicer, server, raw_requests=["ForwardUpdate"]
+    )
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls, authenticator)
     health_server, health_port = serve_health(health, svc.host, svc.health_port)

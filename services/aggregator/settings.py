@@ -31,6 +31,16 @@ class ModelStoreSettings(Settings):
     keep_versions: int = Field(3, ge=2, description="global model versions kept for downloads")
 
 
+class ComputeSettings(Settings):
+    """Where a round's defence and merge run."""
+
+    device: str = Field(
+        "cpu",
+        description="device for the defence and merge (Gram products, robust rules): cpu, "
+        "cuda[:n], or auto (CUDA when present); updates are received and kept on the CPU",
+    )
+
+
 class AggregatorConfig(Settings):
     """Everything the aggregator runs on; one frozen value built at start-up."""
 
@@ -44,6 +54,7 @@ class AggregatorConfig(Settings):
     defence: DefenceSettings = DefenceSettings()
     training: TrainingSettings = TrainingSettings()
     store: ModelStoreSettings = ModelStoreSettings()
+    compute: ComputeSettings = ComputeSettings()
 
     def shape(self) -> tuple[Shape, int]:
         """Input shape and class count of the model."""

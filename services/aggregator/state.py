@@ -91,7 +91,13 @@ class RoundReport:
 class AggregatorState:
     """Global model versions, the open round and its pending updates."""
 
-    def __init__(self, initial: OrderedDict[str, torch.Tensor], keep_versions: int = 3) -> None:
+    def __init__(
+        self,
+        initial: OrderedDict[str, torch.Tensor],
+        keep_versions: int = 3,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device or torch.device("cpu")  # where aggregate() computes
         self.spec: tuple[TensorSpec, ...] = spec_of(initial)
         self.reference = OrderedDict((k, v.clone()) for k, v in initial.items())
         self.keep_versions = max(2, keep_versions)
@@ -103,7 +109,21 @@ class AggregatorState:
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
         self.last_report: RoundReport | None = None  # of round open_round - 1
         self._receiving: set[str] = set()
+        self._spare: list[torch.Tensor] = []  # delta buffers of the last round, to reuse
         self.lock = threading.Condition()
+
+    def buffer(self, numel: int) -> torch.Tensor:
+        """A flat float32 buffer for an incoming update: one the last round used when there
+        is one (its pages are mapped already: receiving into a fresh buffer costs a page
+        fault per 4 KiB), else a new one."""
+        with self.lock:
+            if self._spare and self._spare[-1].numel() == numel:
+                return self._spare.pop()
+        return torch.empty(numel, dtype=torch.float32)
+
+    def _recycle(self, updates: list[PendingUpdate]) -> None:
+        """Keep a closed round's delta buffers for the next round (as many as it used)."""
+        self._spare = [u.delta for u in updates if u.delta.is_contiguous()]
 
     def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
         """A stored version as named tensors (-1: the newest)."""
@@ -179,14 +199,16 @@ class AggregatorState:
             updates = [self.pending[p] for p in sorted(self.pending)]
             base = self.versions[self.version]
             if abandon or not updates:
+                self._recycle(updates)
                 self.pending.clear()
                 self.open_round += 1
                 self.last_report = RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
                 return self.last_report
             # A failure here leaves the round open with its updates (nothing changes).
+            on = self.device
             outcome = aggregate_round(
-                base,
-                torch.stack([u.delta for u in updates]),
+                base.to(on),
+                torch.stack([u.delta.to(on, non_blocking=True) for u in updates]),
                 [u.cluster for u in updates],
                 [u.samples for u in updates],
                 strategy,
@@ -196,14 +218,16 @@ class AggregatorState:
                 [u.metrics.get("loss_before", 1.0) for u in updates],
                 lr,
             )
-            if not torch.equal(outcome.global_weights, base):
+            new = outcome.global_weights.cpu()
+            if not torch.equal(new, base):
                 self.version += 1
-                self.versions[self.version] = outcome.global_weights
+                self.versions[self.version] = new
                 # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train
                 # from it.
                 while len(self.versions) > self.keep_versions + 1:
                     oldest = next(v for v in self.versions if v != 0)
                     del self.versions[oldest]
+            self._recycle(updates)
             self.pending.clear()
             self.open_round += 1
             d = outcome.defence

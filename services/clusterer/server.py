@@ -48,6 +48,7 @@ from services.common.grpc_client import (
     call_metadata,
     channel,
     quiet_refused_streams,
+    raw_requests,
 )
 from services.common.grpc_server import (
     AioServer,
@@ -57,6 +58,7 @@ from services.common.grpc_server import (
     Wrapping,
     act_as,
     add_health_and_reflection,
+    add_servicer,
     bind_service,
     bind_tls,
     blocking_iter,
@@ -79,22 +81,25 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.common.strategies import get_strategy
-from services.common.streams import Received, encoded_stream, read_all, validated
+from services.common.streams import encoded_stream, part_of, read_all
 from services.common.tensors import TensorSpec
 from services.common.wire import (
     MAX_ID_LENGTH,
     MAX_SAMPLES,
+    TRAILER_TAG,
     StreamReader,
     WireError,
     check_header_tensors,
     check_id,
     check_update_header,
     invalid,
+    read_frame,
 )
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Clusterer"
+AGGREGATOR = "flclustering.v1.Aggregator"
 Context: TypeAlias = grpc.aio.ServicerContext
 IdleAnswer = tuple[int, int, int]  # (kind, round, model version) for a participant without a task
 
@@ -257,7 +262,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     @rpc("Clusterer.SubmitUpdate")
     async def SubmitUpdate(
-        self, request_iterator: AsyncIterator[pb.SubmitUpdateRequest], context: Context
+        self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> pb.SubmitUpdateResponse:
         loop = asyncio.get_running_loop()
         cut = Cut(context, loop, "the upload was cut: it stalled, or its round closed")
@@ -270,9 +275,9 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         )
 
     def _receive(
-        self, messages: Iterator[pb.SubmitUpdateRequest], cut: Callable[[], None]
+        self, messages: Iterator[bytes], cut: Callable[[], None]
     ) -> pb.SubmitUpdateResponse:
-        """An upload, read and relayed on a pool thread."""
+        """An upload (serialized messages: `add_servicer`), read and relayed on a pool thread."""
         with counting_refusals(self.metrics.updates_rejected):
             reply = self._submit(messages, cut)
         if reply.round >= 0:
@@ -280,13 +285,13 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         return reply
 
     def _submit(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest], cut: Callable[[], None]
+        self, request_iterator: Iterator[bytes], cut: Callable[[], None]
     ) -> pb.SubmitUpdateResponse:
         it = iter(request_iterator)
         first = next(it, None)
-        if first is None or first.WhichOneof("part") != "header":
+        part, h = part_of(first, pb.SubmitUpdateRequest) if first is not None else (None, None)
+        if part != "header" or h is None:
             raise invalid("a weights stream must start with a header")
-        h = first.header
         check_update_header(h)
         act_as(h.sender)
         if h.kind in ("pretrain-delta", "pretrain-sketch"):
@@ -295,10 +300,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             raise invalid(
                 f"unknown update kind {h.kind[:32]!r} (weights, pretrain-delta or pretrain-sketch)"
             )
+        self._reader_for(h)  # the header against the model, before the aggregator is called
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False
         try:
-            self._forward(first, it, cluster)
+            self._forward(h, it, cluster)
             accepted = True
         finally:
             self.state.finish_upload(h.sender, h.round, accepted)
@@ -317,25 +323,25 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         CountSketches (so participants send the sketch)."""
         return sum(t.numel for t in self.models.spec) > SKETCH_ABOVE
 
-    def _forward(self, first: pb.SubmitUpdateRequest, rest: Iterator[Any], cluster: int) -> None:
-        """Validate the upload chunk by chunk while streaming it on to the aggregator."""
-        received = Received()
+    def _forward(self, header: Any, rest: Iterator[bytes], cluster: int) -> None:
+        """Stream the upload on to the aggregator as it came: the data and trailer messages
+        of SubmitUpdateRequest and ForwardUpdateRequest are the same bytes (fields 2 and 3),
+        so they pass untouched, and the aggregator, which keeps the update, validates
+        content and checksum once. Only the header is rebuilt (it gains the cluster); a
+        second header is refused here (as UpdateHeader it would read differently)."""
         failure: list[BaseException] = []
+        counter = self.metrics.rpc
 
-        def requests() -> Iterator[agg_pb.ForwardUpdateRequest]:
+        def requests() -> Iterator[bytes]:
             try:
-                for msg in validated(itertools.chain([first], rest), self._reader_for, received):
-                    part = msg.WhichOneof("part")
-                    if part == "header":
-                        yield agg_pb.ForwardUpdateRequest(
-                            header=agg_pb.UpdateHeader(model=msg.header, cluster=cluster)
-                        )
-                    elif part == "data":
-                        self.metrics.rpc.received_bytes.inc(len(msg.data))
-                        self.metrics.rpc.sent_bytes.inc(len(msg.data))
-                        yield agg_pb.ForwardUpdateRequest(data=msg.data)
-                    else:
-                        yield agg_pb.ForwardUpdateRequest(trailer=msg.trailer)
+                update = agg_pb.UpdateHeader(model=header, cluster=cluster)
+                yield agg_pb.ForwardUpdateRequest(header=update).SerializeToString()
+                for raw in rest:
+                    if read_frame(raw) is None and read_frame(raw, TRAILER_TAG) is None:
+                        raw = self._canonical(raw)  # another encoder's layout: re-encoded
+                    counter.received_bytes.inc(len(raw))
+                    counter.sent_bytes.inc(len(raw))
+                    yield raw
             except BaseException as exc:
                 failure.append(exc)
                 raise
@@ -351,6 +357,16 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
                 raise failure[0] from None  # the participant's own stream broke
             raise _Relayed(exc) from None
 
+    @staticmethod
+    def _canonical(raw: bytes) -> bytes:
+        """A data or trailer message in another valid layout, as the aggregator's message."""
+        part, value = part_of(raw, pb.SubmitUpdateRequest)
+        if part == "data":
+            return agg_pb.ForwardUpdateRequest(data=bytes(value)).SerializeToString()
+        if part == "trailer":
+            return agg_pb.ForwardUpdateRequest(trailer=value).SerializeToString()
+        raise invalid("a weights stream carries exactly one header")
+
     def _pretrain_delta(self, header: Any, messages: Iterator[Any]) -> pb.SubmitUpdateResponse:
         self.state.check_pretrain_task(header.sender)
         spec = None
@@ -360,7 +376,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
                     "this model is short: send the pre-training delta itself (pretrain-delta)"
                 )
             spec = SKETCH_SPEC
-        got = read_all(messages, lambda h: self._reader_for(h, keep=True, spec=spec))
+        got = read_all(
+            messages,
+            lambda h: self._reader_for(h, keep=True, spec=spec),
+            pb.SubmitUpdateRequest,
+        )
         assert got.reader is not None and got.reader.flat is not None
         self.metrics.rpc.received_bytes.inc(got.reader.received)
         self.state.accept_pretrain_delta(header.sender, got.reader.flat)
@@ -575,7 +595,10 @@ def build_service(config: ClustererConfig) -> ClustererService:
 
     def connect(client: TlsFiles | None) -> tuple[grpc.Channel, agg_grpc.AggregatorStub]:
         ch = channel(config.clustering.aggregator, client=client, extra=PEER_OPTIONS)
-        return ch, agg_grpc.AggregatorStub(instrument_channel(ch, metrics.rpc))
+        calls = instrument_channel(ch, metrics.rpc)
+        stub = agg_grpc.AggregatorStub(calls)  # uploads pass on as serialized messages
+        reply = agg_pb.ForwardUpdateResponse
+        return ch, raw_requests(stub, calls, AGGREGATOR, "ForwardUpdate", reply)
 
     if tls is None:
         agg_channel, aggregator = connect(None)
@@ -595,7 +618,9 @@ def build_service(config: ClustererConfig) -> ClustererService:
         svc.max_workers, authenticator, policy(svc.max_workers), interceptors, pending
     )
     servicer.stream_pool = server.pool
-    pb_grpc.add_ClustererServicer_to_server(servicer, server)
+    add_servicer(
+        pb_grpc.add_ClustererServicer_to_server, servicer, server, raw_requests=["SubmitUpdate"]
+    )
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls, authenticator)
     tls_port = None

@@ -42,6 +42,7 @@ SETTINGS_GROUPS = frozenset(
         "participant",
         "clustering",
         "store",
+        "compute",
         "run",
         "hosting",
     }

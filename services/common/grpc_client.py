@@ -72,6 +72,23 @@ S = TypeVar("S")
 RENEW_CHECK_S = 60.0
 
 
+def raw_requests(stub: S, ch: grpc.Channel, service: str, method: str, response: Any) -> S:
+    """`stub` whose stream-unary `method` takes serialized request messages (bytes) as they
+    are, with no serializer (streams.build_stream(framed=True), or a relay passing on what
+    it received): the upload paths, where re-encoding every chunk would cost a copy."""
+    setattr(
+        stub,
+        method,
+        ch.stream_unary(
+            f"/{service}/{method}",
+            request_serializer=None,
+            response_deserializer=response.FromString,
+            _registered_method=True,
+        ),
+    )
+    return stub
+
+
 class Renewing(Generic[S]):
     """A stub whose client certificate follows its files: before a call, at most once a
     minute, the files are compared with what the channel was built from; when they were

@@ -1156,6 +1156,29 @@ def bind_mtls(server: Binds, host: str, port: int, tls: TlsFiles) -> int:
     return _add_secure_port(server, host, port, creds)
 
 
+def add_servicer(
+    add: Callable[[Any, Any], None], servicer: Any, server: Any, raw_requests: Sequence[str] = ()
+) -> None:
+    """`add(servicer, server)` (a generated add_*Servicer_to_server), with the methods named
+    in `raw_requests` given their requests serialized (bytes, no deserializer): an upload
+    read in place (streams.part_of) or relayed untouched, not parsed and copied per chunk."""
+    captured: list[tuple[str, dict[str, Any]]] = []
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass  # the same dict reaches add_registered_method_handlers
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            captured.append((service, handlers))
+
+    add(servicer, Capture())
+    for service, handlers in captured:
+        for name in raw_requests:
+            handlers[name] = handlers[name]._replace(request_deserializer=None)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
+
+
 def add_health_and_reflection(
     server: grpc.Server | AioServer, service_names: Sequence[str]
 ) -> health.HealthServicer:

@@ -1,7 +1,11 @@
 """Streams of weight chunks over gRPC: building them, and reading them with validation.
 
 Every stream is `header, data*, trailer` in a message whose oneof is named `part`; the same
-code serves participant uploads, forwarding to the aggregator and model downloads.
+code serves participant uploads, forwarding to the aggregator and model downloads. Streams
+that carry a model's bytes may travel as serialized messages (bytes, through stubs and
+handlers with identity serializers: `raw_stream_unary`, `add_servicer`): a data message
+is then read in place (`wire.read_frame`) and only headers and trailers are parsed, and a
+relay passes the messages on without decoding them. Both sides accept either form.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from services.common.wire import (
     encode,
     invalid,
     nbytes,
+    read_frame,
     spec_from_pb,
     spec_to_pb,
 )
+
+Part = tuple[str | None, Any]  # ("header" | "data" | "trailer" | None, its value)
 
 
 def fill_header(header: tensors_pb2.ModelHeader, spec: tuple[TensorSpec, ...]) -> None:
@@ -40,31 +47,54 @@ def build_stream(
     model_header: tensors_pb2.ModelHeader,
     weights: Mapping[str, torch.Tensor],
     chunk_bytes: int = CHUNK_BYTES,
+    framed: bool = False,
 ) -> Iterator[Any]:
     """Messages `cls(header=...)`, `cls(data=...)`..., `cls(trailer=...)` for the weights.
 
     `model_header` is the ModelHeader inside `header` (the same object when the stream's
-    header is a ModelHeader); its tensor specs and size are filled in here.
+    header is a ModelHeader); its tensor specs and size are filled in here. `framed`: the
+    messages serialized (bytes, for a stub with an identity serializer), each data message
+    built with one copy of the weights' bytes and no protobuf object.
     """
-    spec, chunks, digest = encode(weights, chunk_bytes)
+    spec, chunks, digest = encode(weights, chunk_bytes, framed=framed)
     fill_header(model_header, spec)
-    yield cls(header=header)
+    first = cls(header=header)
+    yield first.SerializeToString() if framed else first
     for c in chunks:
-        yield cls(data=c)
-    yield cls(trailer=tensors_pb2.ModelTrailer(sha256=digest.digest()))
+        yield c if framed else cls(data=c)
+    last = cls(trailer=tensors_pb2.ModelTrailer(xxh3_128=digest.digest()))
+    yield last.SerializeToString() if framed else last
 
 
 def encoded_stream(
     cls: Callable[..., Any],
     header: tensors_pb2.ModelHeader,
     chunks: Iterable[bytes],
-    sha256: bytes,
+    digest: bytes,
 ) -> Iterator[Any]:
     """Messages for bytes already encoded (a cached model served many times)."""
     yield cls(header=header)
     for c in chunks:
         yield cls(data=c)
-    yield cls(trailer=tensors_pb2.ModelTrailer(sha256=sha256))
+    yield cls(trailer=tensors_pb2.ModelTrailer(xxh3_128=digest))
+
+
+def part_of(message: Any, cls: Any = None) -> Part:
+    """What one stream message carries. A serialized message (bytes) is parsed as `cls`,
+    except data, which is read in place; unparseable bytes are INVALID_ARGUMENT."""
+    if isinstance(message, (bytes, memoryview)):
+        data = read_frame(message)
+        if data is not None:
+            return "data", data
+        assert cls is not None, "serialized messages need their class"
+        try:
+            message = cls.FromString(message)
+        except Exception as exc:
+            name = getattr(cls, "__name__", "stream")
+            why = f"the request is not a valid {name} message ({type(exc).__name__})"
+            raise invalid(why) from None
+    part = message.WhichOneof("part")
+    return part, getattr(message, part) if part else None
 
 
 @dataclass
@@ -77,43 +107,52 @@ class Received:
 
 
 def validated(
-    messages: Iterable[Any], on_header: Callable[[Any], StreamReader], received: Received
-) -> Iterator[Any]:
-    """Yield each message of a stream after validating it; fills `received` as it goes.
+    messages: Iterable[Any],
+    on_header: Callable[[Any], StreamReader],
+    received: Received,
+    cls: Any = None,
+) -> Iterator[Part]:
+    """Yield what each message of a stream carries after validating it; fills `received`.
 
-    `on_header` checks the header and returns the reader for the bytes. Raises WireError:
+    Messages are protobuf objects or, with `cls`, serialized ones (`part_of`). `on_header`
+    checks the header and returns the reader for the bytes. Raises WireError:
     INVALID_ARGUMENT for a stream not starting with one header, DATA_LOSS for a stream that
     ends before its trailer (truncated) or whose checksum is wrong.
     """
     it = iter(messages)
     first = next(it, None)
-    if first is None or first.WhichOneof("part") != "header":
+    part, value = part_of(first, cls) if first is not None else (None, None)
+    if part != "header":
         raise invalid("a weights stream must start with a header")
-    received.header = first.header
-    received.reader = on_header(first.header)
-    yield first
+    received.header = value
+    received.reader = on_header(value)
+    yield part, value
     for msg in it:
-        part = msg.WhichOneof("part")
+        part, value = part_of(msg, cls)
         if part == "data":
-            received.reader.feed(msg.data)
+            received.reader.feed(value)
         elif part == "trailer":
-            received.reader.finish(msg.trailer.sha256)
+            received.reader.finish(value.xxh3_128)
             received.complete = True
-            yield msg
+            yield part, value
             break
         else:
             raise invalid("a weights stream carries exactly one header")
-        yield msg
+        yield part, value
     if not received.complete:
         raise WireError("DATA_LOSS", "stream ended before its trailer: the upload was truncated")
     if next(it, None) is not None:
         raise invalid("data after the trailer")
 
 
-def read_all(messages: Iterable[Any], on_header: Callable[[Any], StreamReader]) -> Received:
-    """Consume and validate a whole stream."""
+def read_all(
+    messages: Iterable[Any],
+    on_header: Callable[[Any], StreamReader],
+    cls: Any = None,
+) -> Received:
+    """Consume and validate a whole stream (serialized messages: of class `cls`)."""
     received = Received()
-    for _ in validated(messages, on_header, received):
+    for _ in validated(messages, on_header, received, cls):
         pass
     return received
 
@@ -145,11 +184,10 @@ def read_encoded(
     def on_header(header: tensors_pb2.ModelHeader) -> StreamReader:
         return StreamReader(spec_from_pb(header.tensors), keep=False, max_bytes=max_bytes)
 
-    sha = b""
-    for msg in validated(messages, on_header, received):
-        part = msg.WhichOneof("part")
+    digest = b""
+    for part, value in validated(messages, on_header, received):
         if part == "data":
-            chunks.append(msg.data)
+            chunks.append(value)
         elif part == "trailer":
-            sha = msg.trailer.sha256
-    return received.header, chunks, sha
+            digest = value.xxh3_128
+    return received.header, chunks, digest

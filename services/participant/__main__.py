@@ -20,6 +20,7 @@ from services.common.credentials import (
     participant_id,
     token_owner,
 )
+from services.common.device import resolve_device
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import EDGE_OPTIONS, Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
@@ -27,11 +28,15 @@ from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import AttackConfig
-from services.participant.device import resolve_device
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
-from services.participant.worker import ModelStore, Participant, WorkerSettings
+from services.participant.worker import (
+    ModelStore,
+    Participant,
+    WorkerSettings,
+    clusterer_stub,
+)
 
 logger = logging.getLogger("services.participant")
 
@@ -47,7 +52,7 @@ def connect(
     tls_dir = config.transport.tls_dir
     if not tls_dir:
         base = channel(me.clusterer, me.tls_ca, me.tls_server_name, extra=EDGE_OPTIONS)
-        stub = pb_grpc.ClustererStub(instrument_channel(base, metrics.rpc))
+        stub = clusterer_stub(instrument_channel(base, metrics.rpc))
         token = config.transport.token()
         owner = token_owner(token) if token and len(hosted) == 1 else None
         ids = [owner] if owner else [participant_id(i) for i in hosted]
@@ -57,7 +62,7 @@ def connect(
         ch = channel(
             me.clusterer, tls_server_name=me.tls_server_name, client=tls, extra=EDGE_OPTIONS
         )
-        return ch, pb_grpc.ClustererStub(instrument_channel(ch, metrics.rpc))
+        return ch, clusterer_stub(instrument_channel(ch, metrics.rpc))
 
     ids, stubs = [], []
     for i in hosted:

@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from services.common.errors import SpecMismatchError, StateError
-from services.common.grpc_client import RetryPolicy, call_metadata, with_retries
+from services.common.grpc_client import RetryPolicy, call_metadata, raw_requests, with_retries
 from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
@@ -46,6 +46,15 @@ RETRYABLE = frozenset(
 )
 MAX_REJOINS = 5
 MAX_SKETCH_DIM = 1 << 16  # what a task may ask this process to allocate for a sketch
+
+
+def clusterer_stub(calls: grpc.Channel) -> pb_grpc.ClustererStub:
+    """The clusterer's stub for a participant: uploads go as serialized messages, each
+    chunk built with one copy of the weights' bytes (build_stream(framed=True))."""
+    stub = pb_grpc.ClustererStub(calls)
+    return raw_requests(
+        stub, calls, "flclustering.v1.Clusterer", "SubmitUpdate", pb.SubmitUpdateResponse
+    )
 
 
 def participant_generator(seed: int, index: int) -> torch.Generator:
@@ -236,7 +245,7 @@ class Participant:
         self._call(
             "SubmitUpdate",
             lambda: self.stub.SubmitUpdate(
-                build_stream(pb.SubmitUpdateRequest, header, header, weights),
+                build_stream(pb.SubmitUpdateRequest, header, header, weights, framed=True),
                 metadata=self.meta,
                 timeout=3600,
             ),

@@ -93,7 +93,7 @@ def test_each_bad_upload_gets_its_code_and_changes_nothing(open_round):
         "bad checksum": (
             [
                 *messages(w)[:-1],
-                pb.SubmitUpdateRequest(trailer=tensors_pb2.ModelTrailer(sha256=b"x" * 32)),
+                pb.SubmitUpdateRequest(trailer=tensors_pb2.ModelTrailer(xxh3_128=b"x" * 16)),
             ],
             C.DATA_LOSS,
         ),

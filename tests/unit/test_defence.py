@@ -15,10 +15,10 @@ def honest(n, d=200, seed=0, center=None):
     return c + 0.01 * torch.randn(n, d, generator=gen)
 
 
-def test_norm_screen_catches_a_cluster_of_mostly_attackers():
+def test_norm_screen_catches_a_cluster_of_mostly_attackers(device):
     gen = torch.Generator().manual_seed(1)
-    global_w = torch.randn(200, generator=gen)
-    deltas = torch.cat([honest(5, seed=2), honest(5, seed=3), honest(5, seed=4)])
+    global_w = torch.randn(200, generator=gen).to(device)
+    deltas = torch.cat([honest(5, seed=2), honest(5, seed=3), honest(5, seed=4)]).to(device)
     attackers = [0, 1, 2, 5]  # cluster 0 has 3 of 5 attackers
     for i in attackers:
         deltas[i] = -(global_w + deltas[i]) - global_w  # sends the negated model
@@ -28,22 +28,23 @@ def test_norm_screen_catches_a_cluster_of_mostly_attackers():
     assert all(out.rejected_updates[i] == "norm" for i in attackers)
     assert set(out.cluster_deltas) == {0, 1, 2}
     assert out.cluster_results[0].kept == (3, 4)
+    assert all(d.device == deltas.device for d in out.cluster_deltas.values())
     # Without the screen, cluster 0's model is an attacker's and the cluster check drops it.
     unscreened = defend(deltas, clusters, DefenceConfig("krum", 0.2, norm_factor=None))
     assert 0 in unscreened.rejected_clusters and 0 not in unscreened.cluster_deltas
 
 
-def test_fallback_is_reported_and_rows_map_back():
-    deltas = honest(8)
+def test_fallback_is_reported_and_rows_map_back(device):
+    deltas = honest(8).to(device)
     out = defend(deltas, [0] * 4 + [1] * 4, DefenceConfig("krum", 0.3))
     assert out.fallbacks == {0: "median: n=4 <= 2f+2=6", 1: "median: n=4 <= 2f+2=6"}
     assert out.cluster_results[1].kept == (4, 5, 6, 7)
 
 
-def test_non_finite_updates_are_rejected():
-    deltas = honest(6)
+def test_non_finite_updates_are_rejected(device):
+    deltas = honest(6).to(device)
     deltas[2, 3] = float("nan")
-    out = defend(deltas, [0] * 6, DefenceConfig("fedavg", 0.0))
+    out = defend(deltas, [0] * 6, DefenceConfig("fedavg", 0.0), samples=[1, 2, 3, 4, 5, 6])
     assert out.rejected_updates == {2: "non-finite"}
     assert torch.isfinite(out.cluster_deltas[0]).all()
 
@@ -53,3 +54,20 @@ def test_bad_config():
         DefenceConfig("bogus")
     with pytest.raises(ConfigError):
         DefenceConfig(norm_factor=0.5)
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi-krum", "median", "trimmed-mean", "fedavg"])
+def test_every_rule_defends_on_the_device_of_the_deltas(device, rule):
+    """The same screening and aggregates wherever the deltas live (norm screen, rule, cluster
+    check): a GPU aggregator must decide what a CPU one decides."""
+    deltas = torch.cat([honest(7, seed=5), honest(7, seed=6)])
+    deltas[1] *= 50  # screened out by norm
+    clusters = [0] * 7 + [1] * 7
+    samples = list(range(1, 15))
+    want = defend(deltas, clusters, DefenceConfig(rule, 0.2), samples)
+    got = defend(deltas.to(device), clusters, DefenceConfig(rule, 0.2), samples)
+    assert got.rejected_updates == want.rejected_updates and 1 in got.rejected_updates
+    assert got.rejected_clusters == want.rejected_clusters
+    for c, d in want.cluster_deltas.items():
+        assert got.cluster_deltas[c].device.type == device.type
+        torch.testing.assert_close(got.cluster_deltas[c].cpu(), d, rtol=1e-5, atol=1e-6)

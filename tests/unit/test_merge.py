@@ -50,36 +50,43 @@ def test_q_weights_reject_bad_accuracies():
             q_weights(bad)
 
 
-def test_merges():
-    m = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
-    g = torch.zeros(2)
+def test_merges(device):
+    m = torch.tensor([[0.0, 2.0], [2.0, 4.0]], device=device)
+    g = torch.zeros(2, device=device)
+
+    def close(got, want):
+        assert got.device.type == device.type
+        torch.testing.assert_close(got.cpu(), torch.tensor(want))
 
     def inputs(round_, acc):
         return MergeInputs(g, {0: m[0], 1: m[1]}, m, [0, 1], round_, acc, q=1.0)
 
     new, weights = MERGES["mean"](inputs(3, {0: 1.0, 1: 0.25}))
-    torch.testing.assert_close(new, torch.tensor([1.0, 3.0]))
+    close(new, [1.0, 3.0])
     assert weights == {0: 0.5, 1: 0.5}
-    torch.testing.assert_close(weighted_merge(m, [0.25, 0.75]), torch.tensor([1.5, 3.5]))
+    close(weighted_merge(m, [0.25, 0.75]), [1.5, 3.5])
     new, weights = MERGES["accuracy"](inputs(3, {0: 1.0, 1: 0.25}))  # weights 1:4
-    torch.testing.assert_close(new, torch.tensor([1.6, 3.6]))
+    close(new, [1.6, 3.6])
     assert weights[1] == pytest.approx(0.8)
     new, _ = MERGES["accuracy"](inputs(0, {0: 1.0, 1: 0.25}))  # round 0: the plain mean
-    torch.testing.assert_close(new, torch.tensor([1.0, 3.0]))
+    close(new, [1.0, 3.0])
+    new, _ = MERGES["qffl"](MergeInputs(g, {}, m, [0, 1], 3, {}, losses=[1.0, 3.0], lr=0.5))
+    want = qffl_merge(torch.zeros(2), m.cpu(), [1.0, 3.0], lr=0.5)  # the local models are m
+    close(new, want.tolist())
     with pytest.raises(ConfigError):
         weighted_merge(m, [0.5, 0.6])
     with pytest.raises(ConfigError, match="unknown merge"):
         MERGES["median-of-means"]
 
 
-def test_qffl_with_q0_is_the_mean_of_local_models():
-    g = torch.zeros(3)
-    local = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+def test_qffl_with_q0_is_the_mean_of_local_models(device):
+    g = torch.zeros(3, device=device)
+    local = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], device=device)
     torch.testing.assert_close(qffl_merge(g, local, [0.5, 2.0], q=0.0, lr=0.1), local.mean(0))
 
 
-def test_qffl_pulls_towards_high_loss_participants():
-    g = torch.zeros(2)
-    local = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+def test_qffl_pulls_towards_high_loss_participants(device):
+    g = torch.zeros(2, device=device)
+    local = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=device)
     out = qffl_merge(g, local, [0.2, 2.0], q=1.0, lr=0.1)
     assert out[1] > out[0] > 0

@@ -9,8 +9,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from services.common.pb.flclustering.v1 import aggregator_pb2, clusterer_pb2, tensors_pb2
+from services.common.streams import build_stream, part_of, read_all
 from services.common.tensors import flatten, spec_of
-from services.common.wire import StreamReader, WireError, check_header_spec, encode
+from services.common.wire import (
+    TRAILER_TAG,
+    StreamReader,
+    WireError,
+    check_header_spec,
+    encode,
+    read_frame,
+)
 
 
 def sample_weights() -> OrderedDict[str, torch.Tensor]:
@@ -36,6 +45,54 @@ def test_round_trip_at_any_chunk_size(chunk):
     reader.finish(digest.digest())
     assert torch.equal(reader.flat, flatten(w, spec_of(w)))
     assert torch.equal(reader.others["steps"], w["steps"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300))
+def test_framed_streams_are_the_messages_serialized(chunk):
+    """A framed upload is byte for byte what protobuf serializes, so a relay can pass it on
+    as ForwardUpdateRequest; data is read in place, the rest parsed."""
+    w = sample_weights()
+    h = tensors_pb2.ModelHeader(sender="p", kind="weights")
+    msgs = list(build_stream(clusterer_pb2.SubmitUpdateRequest, h, h, w, chunk_bytes=chunk))
+    framed = list(
+        build_stream(clusterer_pb2.SubmitUpdateRequest, h, h, w, chunk_bytes=chunk, framed=True)
+    )
+    assert framed == [m.SerializeToString() for m in msgs]
+    for raw, m in zip(framed[1:-1], msgs[1:-1], strict=True):
+        assert bytes(read_frame(raw)) == m.data
+        forwarded = aggregator_pb2.ForwardUpdateRequest.FromString(raw)
+        assert forwarded.data == m.data  # the same bytes as the aggregator's message
+    assert read_frame(framed[-1]) is None and read_frame(framed[-1], TRAILER_TAG) is not None
+    got = read_all(framed, lambda hdr: StreamReader(spec_of(w)), clusterer_pb2.SubmitUpdateRequest)
+    assert torch.equal(got.reader.flat, flatten(w, spec_of(w)))
+
+
+def test_frames_in_another_layout_are_parsed_and_garbage_is_invalid():
+    msg = clusterer_pb2.SubmitUpdateRequest(data=b"abc")
+    raw = msg.SerializeToString()
+    assert part_of(raw, clusterer_pb2.SubmitUpdateRequest)[0] == "data"
+    padded = raw + b"\x12\x01z"  # the field twice: protobuf keeps the last, read_frame none
+    assert read_frame(padded) is None
+    part, value = part_of(padded, clusterer_pb2.SubmitUpdateRequest)
+    assert (part, bytes(value)) == ("data", b"z")
+    with pytest.raises(WireError) as err:
+        part_of(b"\xff\xff\xff", clusterer_pb2.SubmitUpdateRequest)
+    assert err.value.code == "INVALID_ARGUMENT"
+
+
+def test_minus_stores_the_delta_in_the_given_buffer():
+    w = OrderedDict(a=torch.randn(1000), b=torch.randn(10).half())
+    spec = spec_of(w)
+    base = torch.randn(1010)
+    out = torch.full((1010,), 7.0)
+    _, data, digest = stream(w, chunk=37)
+    reader = StreamReader(spec, out=lambda n: out, minus=base)
+    for c in data:
+        reader.feed(c)
+    reader.finish(digest)
+    assert reader.flat is out
+    torch.testing.assert_close(out, flatten(w, spec) - base)
 
 
 def stream(w, chunk=16):
@@ -67,8 +124,11 @@ def test_truncated_and_corrupted_are_data_loss():
     for c in data:
         reader.feed(c)
     with pytest.raises(WireError) as err:
-        reader.finish(b"\x00" * 32)
+        reader.finish(b"\x00" * 16)
     assert err.value.code == "DATA_LOSS" and "checksum" in str(err.value)
+    with pytest.raises(WireError) as err:  # a SHA-256 where the XXH3-128 belongs
+        reader.finish(b"\x00" * 32)
+    assert err.value.code == "INVALID_ARGUMENT" and "xxh3_128" in str(err.value)
 
 
 def test_oversize_is_resource_exhausted():

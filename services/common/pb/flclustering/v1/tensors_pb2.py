@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lclustering/v1/tensors.proto\x12\x0f\x66lclustering.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x95\x02\n\x0bModelHeader\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12,\n\x07tensors\x18\x04 \x03(\x0b\x32\x1b.flclustering.v1.TensorSpec\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).flclustering.v1.ModelHeader.MetricsEntry\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x0c\n\x04kind\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1e\n\x0cModelTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lclustering/v1/tensors.proto\x12\x0f\x66lclustering.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x95\x02\n\x0bModelHeader\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12,\n\x07tensors\x18\x04 \x03(\x0b\x32\x1b.flclustering.v1.TensorSpec\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).flclustering.v1.ModelHeader.MetricsEntry\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x0c\n\x04kind\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\x0cModelTrailer\x12\x10\n\x08xxh3_128\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02R\x06sha256b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,5 +40,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELHEADER_METRICSENTRY']._serialized_start=340
   _globals['_MODELHEADER_METRICSENTRY']._serialized_end=386
   _globals['_MODELTRAILER']._serialized_start=388
-  _globals['_MODELTRAILER']._serialized_end=418
+  _globals['_MODELTRAILER']._serialized_end=434
 # @@protoc_insertion_point(module_scope)

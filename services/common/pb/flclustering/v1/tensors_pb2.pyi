@@ -44,7 +44,7 @@ class ModelHeader(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ModelTrailer(_message.Message):
-    __slots__ = ("sha256",)
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    sha256: bytes
-    def __init__(self, sha256: _Optional[bytes] = ...) -> None: ...
+    __slots__ = ("xxh3_128",)
+    XXH3_128_FIELD_NUMBER: _ClassVar[int]
+    xxh3_128: bytes
+    def __init__(self, xxh3_128: _Optional[bytes] = ...) -> None: ...

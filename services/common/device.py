@@ -1,4 +1,4 @@
-"""Choosing the torch device a participant trains on."""
+"""Choosing the torch device a service computes on (participants train, the aggregator defends)."""
 
 from __future__ import annotations
 
