@@ -88,7 +88,11 @@ def defend(
     if labels.shape != (n,):
         raise ConfigError(f"{labels.size} cluster labels for {n} updates")
     rejected: dict[int, str] = {}
-    finite = torch.isfinite(deltas).all(dim=1)
+    # A row whose sum is finite has only finite entries (an Inf or NaN makes the sum one):
+    # the elementwise check, with its n x d mask, runs only for the other rows.
+    finite = torch.isfinite(deltas.sum(dim=1))
+    for i in torch.nonzero(~finite).flatten().tolist():
+        finite[i] = bool(torch.isfinite(deltas[i]).all())
     for i in torch.nonzero(~finite).flatten().tolist():
         rejected[i] = "non-finite"
     keep = finite.clone()
@@ -110,8 +114,9 @@ def defend(
             out.rejected_clusters[c] = "no update survived screening"
             continue
         idx = torch.tensor(rows, device=device)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         res = RULES[config.rule](
-            deltas.index_select(0, idx),
+            deltas.narrow(0, rows[0], len(rows)) if contiguous else deltas.index_select(0, idx),
             attackers_for(len(rows), config.byzantine_fraction),
             None if w_all is None else w_all[idx],
         )

@@ -49,7 +49,8 @@ from services.common.wire import spec_from_pb
 logger = logging.getLogger(__name__)
 CUT_WAIT_S = 30.0  # for a cut upload's handler to release its reservation
 
-EncodedModel = tuple[tensors_pb2.ModelHeader, list[bytes], bytes]
+# A model version as served: its header and its stream's messages, serialized.
+EncodedModel = tuple[tensors_pb2.ModelHeader, list[bytes]]
 # The aggregator may be restarting (a pod rescheduled): keep asking for a while. Every call
 # the coordinator makes is safe to repeat, Aggregate included.
 AGGREGATOR_RETRY = RetryPolicy(attempts=1 << 20, codes=IDEMPOTENT.codes, budget_s=900.0)
@@ -262,6 +263,7 @@ class Coordinator(ClustererParts):
                     metadata=self._meta(),
                     timeout=600,
                 ),
+                agg_pb.GetModelResponse,
                 self.timing.max_update_bytes,
             ),
             "Aggregator.GetModel",

@@ -49,6 +49,7 @@ from services.common.grpc_client import (
     channel,
     quiet_refused_streams,
     raw_requests,
+    raw_responses,
 )
 from services.common.grpc_server import (
     AioServer,
@@ -81,7 +82,7 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.common.strategies import get_strategy
-from services.common.streams import encoded_stream, part_of, read_all
+from services.common.streams import part_of, read_all
 from services.common.tensors import TensorSpec
 from services.common.wire import (
     MAX_ID_LENGTH,
@@ -414,9 +415,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         cached = self.models.get(request.model_version)
         if cached is None:
             raise NotFoundError(f"model version {request.model_version} is not available")
-        header, chunks, sha = cached
+        header, messages = cached  # serialized once, served to everyone as they are
         self.metrics.rpc.sent_bytes.inc(header.total_bytes)
-        messages = encoded_stream(pb.DownloadModelResponse, header, chunks, sha)
         await self.watch.send(context, messages, "DownloadModel")  # a receiver that stalls
 
     @rpc("Clusterer.GetStatus")
@@ -598,7 +598,9 @@ def build_service(config: ClustererConfig) -> ClustererService:
         calls = instrument_channel(ch, metrics.rpc)
         stub = agg_grpc.AggregatorStub(calls)  # uploads pass on as serialized messages
         reply = agg_pb.ForwardUpdateResponse
-        return ch, raw_requests(stub, calls, AGGREGATOR, "ForwardUpdate", reply)
+        raw_requests(stub, calls, AGGREGATOR, "ForwardUpdate", reply)
+        # and models come as the aggregator's messages, served to participants as they are
+        return ch, raw_responses(stub, calls, AGGREGATOR, "GetModel", agg_pb.GetModelRequest)
 
     if tls is None:
         agg_channel, aggregator = connect(None)
@@ -619,7 +621,11 @@ def build_service(config: ClustererConfig) -> ClustererService:
     )
     servicer.stream_pool = server.pool
     add_servicer(
-        pb_grpc.add_ClustererServicer_to_server, servicer, server, raw_requests=["SubmitUpdate"]
+        pb_grpc.add_ClustererServicer_to_server,
+        servicer,
+        server,
+        raw_requests=["SubmitUpdate"],
+        raw_responses=["DownloadModel"],
     )
     health = add_health_and_reflection(server, [SERVICE])
     port = bind_service(server, svc.host, svc.port, tls, authenticator)

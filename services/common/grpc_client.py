@@ -89,6 +89,22 @@ def raw_requests(stub: S, ch: grpc.Channel, service: str, method: str, response:
     return stub
 
 
+def raw_responses(stub: S, ch: grpc.Channel, service: str, method: str, request: Any) -> S:
+    """`stub` whose unary-stream `method` yields its answers serialized (bytes), to be
+    validated in place (streams.read_encoded) and served again as they are."""
+    setattr(
+        stub,
+        method,
+        ch.unary_stream(
+            f"/{service}/{method}",
+            request_serializer=request.SerializeToString,
+            response_deserializer=None,
+            _registered_method=True,
+        ),
+    )
+    return stub
+
+
 class Renewing(Generic[S]):
     """A stub whose client certificate follows its files: before a call, at most once a
     minute, the files are compared with what the channel was built from; when they were

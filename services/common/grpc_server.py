@@ -1157,11 +1157,16 @@ def bind_mtls(server: Binds, host: str, port: int, tls: TlsFiles) -> int:
 
 
 def add_servicer(
-    add: Callable[[Any, Any], None], servicer: Any, server: Any, raw_requests: Sequence[str] = ()
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: Any,
+    raw_requests: Sequence[str] = (),
+    raw_responses: Sequence[str] = (),
 ) -> None:
     """`add(servicer, server)` (a generated add_*Servicer_to_server), with the methods named
     in `raw_requests` given their requests serialized (bytes, no deserializer): an upload
-    read in place (streams.part_of) or relayed untouched, not parsed and copied per chunk."""
+    read in place (streams.part_of) or relayed untouched, not parsed and copied per chunk;
+    those in `raw_responses` answer with serialized messages (a cached model's)."""
     captured: list[tuple[str, dict[str, Any]]] = []
 
     class Capture:
@@ -1175,6 +1180,8 @@ def add_servicer(
     for service, handlers in captured:
         for name in raw_requests:
             handlers[name] = handlers[name]._replace(request_deserializer=None)
+        for name in raw_responses:
+            handlers[name] = handlers[name]._replace(response_serializer=None)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         server.add_registered_method_handlers(service, handlers)
 

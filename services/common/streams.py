@@ -66,19 +66,6 @@ def build_stream(
     yield last.SerializeToString() if framed else last
 
 
-def encoded_stream(
-    cls: Callable[..., Any],
-    header: tensors_pb2.ModelHeader,
-    chunks: Iterable[bytes],
-    digest: bytes,
-) -> Iterator[Any]:
-    """Messages for bytes already encoded (a cached model served many times)."""
-    yield cls(header=header)
-    for c in chunks:
-        yield cls(data=c)
-    yield cls(trailer=tensors_pb2.ModelTrailer(xxh3_128=digest))
-
-
 def part_of(message: Any, cls: Any = None) -> Part:
     """What one stream message carries. A serialized message (bytes) is parsed as `cls`,
     except data, which is read in place; unparseable bytes are INVALID_ARGUMENT."""
@@ -158,9 +145,10 @@ def read_all(
 
 
 def read_model(
-    messages: Iterable[Any], max_bytes: int | None = None
+    messages: Iterable[Any], max_bytes: int | None = None, cls: Any = None
 ) -> tuple[Any, OrderedDict[str, torch.Tensor]]:
-    """Download a whole model stream into named tensors (the header's spec defines them)."""
+    """Download a whole model stream into named tensors (the header's spec defines them);
+    serialized messages are of class `cls`."""
     spec_box: list[tuple[TensorSpec, ...]] = []
 
     def on_header(header: tensors_pb2.ModelHeader) -> StreamReader:
@@ -168,26 +156,29 @@ def read_model(
         spec_box.append(spec)
         return StreamReader(spec, keep=True, max_bytes=max_bytes)
 
-    got = read_all(messages, on_header)
+    got = read_all(messages, on_header, cls)
     assert got.reader is not None and got.reader.flat is not None
     weights = unflatten(got.reader.flat, spec_box[0], got.reader.others)
     return got.header, weights
 
 
 def read_encoded(
-    messages: Iterable[Any], max_bytes: int | None = None
-) -> tuple[tensors_pb2.ModelHeader, list[bytes], bytes]:
-    """Validate a model stream and keep it encoded (header, chunks, checksum) to serve again."""
-    chunks: list[bytes] = []
+    messages: Iterable[Any], cls: Any, max_bytes: int | None = None
+) -> tuple[tensors_pb2.ModelHeader, list[bytes]]:
+    """Validate a model stream of serialized `cls` messages and keep them as they came, to
+    be served again untouched (every stream message type of the protocol encodes header,
+    data and trailer alike): the header and the messages."""
+    kept: list[bytes] = []
     received = Received()
 
     def on_header(header: tensors_pb2.ModelHeader) -> StreamReader:
         return StreamReader(spec_from_pb(header.tensors), keep=False, max_bytes=max_bytes)
 
-    digest = b""
-    for part, value in validated(messages, on_header, received):
-        if part == "data":
-            chunks.append(value)
-        elif part == "trailer":
-            digest = value.xxh3_128
-    return received.header, chunks, digest
+    def keeping() -> Iterator[bytes]:
+        for raw in messages:
+            kept.append(bytes(raw))
+            yield raw
+
+    for _ in validated(keeping(), on_header, received, cls):
+        pass
+    return received.header, kept

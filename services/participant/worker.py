@@ -17,7 +17,13 @@ import grpc
 import torch
 
 from services.common.errors import SpecMismatchError, StateError
-from services.common.grpc_client import RetryPolicy, call_metadata, raw_requests, with_retries
+from services.common.grpc_client import (
+    RetryPolicy,
+    call_metadata,
+    raw_requests,
+    raw_responses,
+    with_retries,
+)
 from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
@@ -50,11 +56,12 @@ MAX_SKETCH_DIM = 1 << 16  # what a task may ask this process to allocate for a s
 
 def clusterer_stub(calls: grpc.Channel) -> pb_grpc.ClustererStub:
     """The clusterer's stub for a participant: uploads go as serialized messages, each
-    chunk built with one copy of the weights' bytes (build_stream(framed=True))."""
+    chunk built with one copy of the weights' bytes (build_stream(framed=True)), and models
+    come serialized, read in place (read_model(cls=...))."""
     stub = pb_grpc.ClustererStub(calls)
-    return raw_requests(
-        stub, calls, "flclustering.v1.Clusterer", "SubmitUpdate", pb.SubmitUpdateResponse
-    )
+    service = "flclustering.v1.Clusterer"
+    raw_requests(stub, calls, service, "SubmitUpdate", pb.SubmitUpdateResponse)
+    return raw_responses(stub, calls, service, "DownloadModel", pb.DownloadModelRequest)
 
 
 def participant_generator(seed: int, index: int) -> torch.Generator:
@@ -112,7 +119,8 @@ class ModelStore:
                         pb.DownloadModelRequest(model_version=version),
                         metadata=call_metadata(self._token),
                         timeout=600,
-                    )
+                    ),
+                    cls=pb.DownloadModelResponse,
                 ),
                 f"DownloadModel {version}",
                 RetryPolicy(attempts=30, codes=RETRYABLE, budget_s=300),
