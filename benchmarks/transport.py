@@ -189,10 +189,9 @@ def run(
                 raise SystemExit("the clusterer ended the federation (see its log)")
             task = stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=20), metadata=meta)
         if weights is None:
+            request = pb.DownloadModelRequest(model_version=task.model_version)
             _, weights = read_model(
-                stub.DownloadModel(
-                    pb.DownloadModelRequest(model_version=task.model_version), metadata=meta
-                )
+                stub.DownloadModel(request, metadata=meta), cls=pb.DownloadModelResponse
             )
             size = sum(t.numel() * t.element_size() for t in weights.values())
         # Each transfer starts on a quiet machine: the last round's aggregation and model
