@@ -151,3 +151,28 @@ def test_a_foreign_update_file_is_refused(tmp_path):
     save_file({"delta": torch.zeros(7)}, str(tmp_path / "pending" / "r0-x.safetensors"), meta)
     with pytest.raises(SpecMismatchError):
         fresh().restore(tmp_path)
+
+
+def test_a_round_aggregated_on_a_device_gives_the_cpu_result_and_reuses_buffers(device):
+    """--device: the round is copied to the device for the defence and merge, the new
+    model comes back to the CPU, equal to the CPU's; the round's delta buffers are handed
+    out again to the next round's uploads (received into without fresh page faults)."""
+    model = state_of(build_model("cnn", (1, 8, 8), 10, seed=0))
+    on_cpu, on_device = AggregatorState(model), AggregatorState(model, device=device)
+    d = on_cpu.versions[0].numel()
+    gen = torch.Generator().manual_seed(3)
+    deltas = {who: 0.01 * torch.randn(d, generator=gen) for who in "abcdefg"}
+    deltas["g"] = deltas["g"] * 100  # the norm screen's
+    received = []  # the buffers on_cpu's updates arrived in
+    for s in (on_cpu, on_device):
+        for who, delta in deltas.items():
+            add(s, who, delta.clone())
+            if s is on_cpu:
+                received.append(s.pending[who].delta.data_ptr())
+        report = s.aggregate(0, FLCLUSTERING, {}, DefenceSettings(byzantine_fraction=0.2), 0.05)
+        assert report.rejected == {"g": "norm"}
+    assert on_device.versions[1].device.type == "cpu"
+    torch.testing.assert_close(on_device.versions[1], on_cpu.versions[1], rtol=1e-5, atol=1e-6)
+    again = [on_cpu.buffer(d) for _ in deltas]  # kept alive: their memory stays theirs
+    assert {b.data_ptr() for b in again} == set(received)  # each of the round's, once
+    assert on_cpu.buffer(d).data_ptr() not in received  # then new ones
