@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from processes import cpu_s, start_service  # benchmarks/processes.py, beside this script
 
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -103,29 +103,6 @@ def participant(index: int, address: str, out: Any) -> None:
             )
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start(args: list[str], ready: Path, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": TOKEN, "FLCLUSTERING_LOG_LEVEL": "WARNING"}
-    with (logs / f"{ready.stem}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *args, f"--ready-file={ready}"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"round: {args[0]} did not start (see {logs})")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())["grpc"]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--participants", type=int, default=8)
@@ -141,16 +118,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="flc-round-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agg, agg_addr = start(
+        agg, agg_addr = start_service(
             [
                 "services.aggregator", "--host=127.0.0.1", "--port=0", "--model=mclr",
                 f"--input-shape=1,{side},{side}", "--num-classes=10", "--strategy=fedavg",
             ],
             work / "aggregator.json",
-            work,
+            TOKEN,
+            work / "aggregator.log",
         )  # fmt: skip
         procs.append(agg)
-        clu, clu_addr = start(
+        clu, clu_addr = start_service(
             [
                 "services.clusterer", "--host=127.0.0.1", "--port=0",
                 f"--aggregator={agg_addr}", "--strategy=fedavg",
@@ -158,7 +136,8 @@ def main() -> int:
                 f"--rounds={a.rounds + 1}", f"--state-dir={work / 'clusterer'}",
             ],
             work / "clusterer.json",
-            work,
+            TOKEN,
+            work / "clusterer.log",
         )  # fmt: skip
         procs.append(clu)
         spawn = multiprocessing.get_context("spawn")

@@ -22,7 +22,6 @@ Memory goal: under twice the model's size per service.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import relay  # benchmarks/relay.py, beside this script
 import torch
+from processes import cpu_s, start_service
 
 from services.common.grpc_client import call_metadata, channel
 from services.common.lifecycle import memory_bytes
@@ -68,12 +68,6 @@ def rss(pid: int, field: str) -> int:
     return found
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def settle(pids: Iterable[int], idle_cpu_s: float = 0.01, most_s: float = 30.0) -> None:
     """Wait until the processes together use under `idle_cpu_s` of CPU in 0.2 s."""
     deadline = time.monotonic() + most_s
@@ -89,17 +83,6 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def start(args: list[str], ready: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": TOKEN, "FLCLUSTERING_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", *args, "--ready-file", str(ready)], env=env)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{args[0]} did not start")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())["grpc"]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,7 +95,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agg, agg_addr = start(
+        agg, agg_addr = start_service(
             [
                 "services.aggregator",
                 "--host=127.0.0.1",
@@ -124,9 +107,10 @@ def main() -> None:
                 "--strategy=fedavg",
             ],
             tmp / "agg.json",
+            TOKEN,
         )
         procs.append(agg)
-        clu, clu_addr = start(
+        clu, clu_addr = start_service(
             [
                 "services.clusterer",
                 "--host=127.0.0.1",
@@ -140,6 +124,7 @@ def main() -> None:
                 "--eval-timeout-s=1",
             ],
             tmp / "clu.json",
+            TOKEN,
         )
         procs.append(clu)
         sink, sink_port = spawn([sys.executable, "-c", SINK, str(a.repeats)])

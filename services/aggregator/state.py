@@ -123,7 +123,7 @@ class AggregatorState:
 
     def _recycle(self, updates: list[PendingUpdate]) -> None:
         """Keep a closed round's delta buffers for the next round (as many as it used)."""
-        self._spare = [u.delta for u in updates if u.delta.is_contiguous()]
+        self._spare = [u.delta for u in updates]
 
     def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
         """A stored version as named tensors (-1: the newest)."""

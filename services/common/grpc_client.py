@@ -76,32 +76,26 @@ def raw_requests(stub: S, ch: grpc.Channel, service: str, method: str, response:
     """`stub` whose stream-unary `method` takes serialized request messages (bytes) as they
     are, with no serializer (streams.build_stream(framed=True), or a relay passing on what
     it received): the upload paths, where re-encoding every chunk would cost a copy."""
-    setattr(
-        stub,
-        method,
-        ch.stream_unary(
-            f"/{service}/{method}",
-            request_serializer=None,
-            response_deserializer=response.FromString,
-            _registered_method=True,
-        ),
+    call = ch.stream_unary(
+        f"/{service}/{method}",
+        request_serializer=None,
+        response_deserializer=response.FromString,
+        _registered_method=True,
     )
+    setattr(stub, method, call)
     return stub
 
 
 def raw_responses(stub: S, ch: grpc.Channel, service: str, method: str, request: Any) -> S:
     """`stub` whose unary-stream `method` yields its answers serialized (bytes), to be
     validated in place (streams.read_encoded) and served again as they are."""
-    setattr(
-        stub,
-        method,
-        ch.unary_stream(
-            f"/{service}/{method}",
-            request_serializer=request.SerializeToString,
-            response_deserializer=None,
-            _registered_method=True,
-        ),
+    call = ch.unary_stream(
+        f"/{service}/{method}",
+        request_serializer=request.SerializeToString,
+        response_deserializer=None,
+        _registered_method=True,
     )
+    setattr(stub, method, call)
     return stub
 
 

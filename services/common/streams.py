@@ -3,9 +3,10 @@
 Every stream is `header, data*, trailer` in a message whose oneof is named `part`; the same
 code serves participant uploads, forwarding to the aggregator and model downloads. Streams
 that carry a model's bytes may travel as serialized messages (bytes, through stubs and
-handlers with identity serializers: `raw_stream_unary`, `add_servicer`): a data message
-is then read in place (`wire.read_frame`) and only headers and trailers are parsed, and a
-relay passes the messages on without decoding them. Both sides accept either form.
+handlers with identity serializers: `grpc_client.raw_requests` and `raw_responses`,
+`grpc_server.add_servicer`): a data message is then read in place (`wire.read_frame`) and
+only headers and trailers are parsed, and a relay passes the messages on without decoding
+them. Both sides accept either form.
 """
 
 from __future__ import annotations

@@ -156,3 +156,17 @@ def test_header_checks_name_shape_dtype():
     retyped = OrderedDict(w, w=w["w"].double())
     with pytest.raises(WireError, match="dtype"):
         check_header_spec(spec_of(retyped), expected)
+
+
+def test_the_clusterer_re_encodes_other_layouts_and_refuses_a_second_header():
+    """What the clusterer passes on must read the same at the aggregator: a data message
+    in another valid layout is re-encoded, a header after the first is refused."""
+    from services.clusterer.server import ClustererServicer
+
+    padded = clusterer_pb2.SubmitUpdateRequest(data=b"abc").SerializeToString() + b"\x12\x01z"
+    forwarded = aggregator_pb2.ForwardUpdateRequest.FromString(ClustererServicer._canonical(padded))
+    assert forwarded.data == b"z"  # what protobuf itself reads from the padded message
+    header = clusterer_pb2.SubmitUpdateRequest(header=tensors_pb2.ModelHeader(sender="p"))
+    with pytest.raises(WireError) as err:
+        ClustererServicer._canonical(header.SerializeToString())
+    assert err.value.code == "INVALID_ARGUMENT" and "one header" in str(err.value)

@@ -1,0 +1,39 @@
+"""What the benchmarks that start the real services share: starting one, reading its CPU.
+
+Imported by path (the scripts' directory is on sys.path when they run), like relay.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_service(
+    args: list[str], ready: Path, token: str, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m ARGS` with a shared dev token, quiet logs (to `log` when given); waits for
+    its ready file and returns the process and its gRPC address."""
+    env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": token, "FLCLUSTERING_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", *args, f"--ready-file={ready}"]
+    if log is None:
+        proc = subprocess.Popen(cmd, env=env)
+    else:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{args[0]} did not start" + (f" (see {log})" if log else ""))
+        time.sleep(0.1)
+    return proc, json.loads(ready.read_text())["grpc"]
