@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.aggregator.robust import RULES, AggregateResult, attackers_for
+from services.aggregator.robust import RULES, Selection, attackers_for
+from services.aggregator.rows import MatrixRows, Rows, Scan, scan, take
 from services.common.errors import ConfigError
 
 
@@ -46,28 +47,170 @@ class DefenceConfig:
                 raise ConfigError(f"{name} must be above 1 (or None), got {v}")
 
 
+@dataclass(frozen=True)
+class ClusterChoice:
+    """The rule's decision inside one cluster, over rows of the round."""
+
+    rows: tuple[int, ...]  # the cluster's screened rows the rule ran over, ascending
+    selection: Selection  # its indices count within `rows`
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        return tuple(self.rows[i] for i in self.selection.kept)
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        return tuple(self.rows[i] for i in self.selection.rejected)
+
+    @property
+    def fallback(self) -> str | None:
+        return self.selection.fallback
+
+    @property
+    def linear(self) -> bool:
+        """Whether the cluster's delta is a fixed weighted sum of rows."""
+        return self.selection.coefficients is not None
+
+    def apply(self, block: torch.Tensor) -> torch.Tensor:
+        """The cluster's delta over a column block of all the round's rows."""
+        return self.selection.apply(take(block, self.rows))
+
+
 @dataclass
 class RoundDefence:
-    """Outcome of the defence: a delta per surviving cluster and every rejection, with why."""
+    """Outcome of the defence: each cluster's choice and every rejection, with why.
 
-    cluster_deltas: dict[int, torch.Tensor]
-    cluster_results: dict[int, AggregateResult]
+    `cluster_deltas` holds the surviving clusters' deltas when they were computed whole
+    (`defend`); the round's merge reads them off the rows in blocks instead.
+    """
+
+    cluster_results: dict[int, ClusterChoice]
     rejected_updates: dict[int, str] = field(default_factory=dict)  # row -> reason
     rejected_clusters: dict[int, str] = field(default_factory=dict)  # cluster -> reason
+    cluster_deltas: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> dict[int, str]:
         """Clusters whose rule fell back, with the reason."""
         return {c: r.fallback for c, r in self.cluster_results.items() if r.fallback}
 
+    @property
+    def survivors(self) -> list[int]:
+        """Clusters whose delta goes into the merge, ascending."""
+        return sorted(c for c in self.cluster_results if c not in self.rejected_clusters)
 
-def norm_screen(deltas: torch.Tensor, factor: float) -> torch.Tensor:
+
+def norm_screen(norms: torch.Tensor, factor: float) -> torch.Tensor:
     """Mask of rows whose length is at most factor times the median length of all rows."""
-    norms = deltas.norm(dim=1)
     med = norms.median()
     if float(med) == 0.0:
         return norms == 0
     return norms <= factor * med
+
+
+def select(
+    found: Scan,
+    clusters: Sequence[int],
+    config: DefenceConfig,
+    samples: Sequence[int] | None = None,
+) -> RoundDefence:
+    """Layers 1 and 2 from the Gram matrix alone: reject non-finite rows, screen norms, and
+    run the rule inside each cluster (the cluster check needs the clusters' norms: `check`).
+
+    `samples` (sample counts) weigh the rows when the rule is fedavg. Every tensor is made
+    on the device of the Gram matrix.
+    """
+    gram, finite = found.gram, found.finite
+    n = gram.shape[0]
+    device = gram.device
+    labels = np.asarray(clusters)
+    if labels.shape != (n,):
+        raise ConfigError(f"{labels.size} cluster labels for {n} updates")
+    rejected = {i: "non-finite" for i in torch.nonzero(~finite).flatten().tolist()}
+    keep = finite.clone()
+    if config.norm_factor is not None and int(keep.sum()) >= 3:
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        ok = torch.zeros(n, dtype=torch.bool, device=device)
+        ok[keep] = norm_screen(norms[keep], config.norm_factor)
+        for i in torch.nonzero(keep & ~ok).flatten().tolist():
+            rejected[i] = "norm"
+        keep &= ok
+
+    out = RoundDefence({}, rejected)
+    w_all = None
+    if samples is not None:
+        w_all = torch.as_tensor(samples, dtype=torch.float32, device=device)
+    kept = keep.cpu().numpy()  # one copy off the device, not one per row
+    for c in sorted(int(v) for v in np.unique(labels)):
+        rows = tuple(i for i in np.flatnonzero(labels == c).tolist() if kept[i])
+        if not rows:
+            out.rejected_clusters[c] = "no update survived screening"
+            continue
+        idx = torch.tensor(rows, device=device)
+        sub = gram.index_select(0, idx).index_select(1, idx)
+        choice = ClusterChoice(
+            rows,
+            RULES[config.rule](
+                sub,
+                attackers_for(len(rows), config.byzantine_fraction),
+                None if w_all is None else w_all[idx],
+            ),
+        )
+        for i in choice.rejected:
+            out.rejected_updates[i] = config.rule
+        out.cluster_results[c] = choice
+    return out
+
+
+def cluster_norms(defence: RoundDefence, gram: torch.Tensor, rows: Rows) -> dict[int, float]:
+    """Each chosen cluster delta's length: sqrt(c^T G c) for a weighted sum of rows, one
+    pass over the blocks for the coordinate-wise rules (skipped when there are none)."""
+    out: dict[int, float] = {}
+    squares: dict[int, torch.Tensor] = {}
+    for c, choice in defence.cluster_results.items():
+        if c in defence.rejected_clusters:
+            continue
+        if choice.linear:
+            assert choice.selection.coefficients is not None
+            idx = torch.tensor(choice.rows, device=gram.device)
+            sub = gram.index_select(0, idx).index_select(1, idx)
+            w = choice.selection.coefficients.to(gram.device, gram.dtype)
+            out[c] = float((w @ sub @ w).clamp(min=0).sqrt())
+        else:
+            squares[c] = torch.zeros((), dtype=torch.float64, device=rows.device)
+    if squares:
+        for _, block in rows.blocks():
+            for c, total in squares.items():
+                total += defence.cluster_results[c].apply(block).double().square().sum()
+        out.update({c: float(total.sqrt()) for c, total in squares.items()})
+    return out
+
+
+def check(defence: RoundDefence, norms: dict[int, float], factor: float | None) -> None:
+    """Layer 3: drop a cluster whose delta is longer than factor times the lower median of
+    the cluster deltas' lengths (the merge renormalises over the rest)."""
+    cs = sorted(c for c in norms if c not in defence.rejected_clusters)
+    if factor is None or len(cs) < 2:
+        return
+    lengths = torch.tensor([norms[c] for c in cs], dtype=torch.float64)
+    ref = float(lengths.median())  # lower median: the smaller one when there are two
+    for c, nrm in zip(cs, lengths.tolist(), strict=True):
+        if ref > 0 and nrm > factor * ref:
+            defence.rejected_clusters[c] = f"cluster delta {nrm / ref:.1f}x the median length"
+
+
+def defend_rows(
+    rows: Rows,
+    clusters: Sequence[int],
+    config: DefenceConfig,
+    samples: Sequence[int] | None = None,
+) -> tuple[RoundDefence, Scan]:
+    """All three layers over rows read in blocks; also returns the scan (Gram matrix)."""
+    found = scan(rows)
+    out = select(found, clusters, config, samples)
+    if config.cluster_factor is not None and len(out.survivors) >= 2:
+        check(out, cluster_norms(out, found.gram, rows), config.cluster_factor)
+    return out, found
 
 
 def defend(
@@ -78,68 +221,11 @@ def defend(
 ) -> RoundDefence:
     """Screen, aggregate per cluster and check the cluster deltas of one round.
 
-    `deltas` is (n, d), row i the update of a participant in cluster `clusters[i]`;
-    `samples` (sample counts) weigh the rows when the rule is fedavg. Every tensor is made
-    on the device of `deltas` (a GPU computes the Gram products there).
+    `deltas` is (n, d), row i the update of a participant in cluster `clusters[i]`; the
+    surviving clusters' deltas are computed whole (`cluster_deltas`), on the device of
+    `deltas`.
     """
-    n = deltas.shape[0]
-    device = deltas.device
-    labels = np.asarray(clusters)
-    if labels.shape != (n,):
-        raise ConfigError(f"{labels.size} cluster labels for {n} updates")
-    rejected: dict[int, str] = {}
-    # A row whose sum is finite has only finite entries (an Inf or NaN makes the sum one):
-    # the elementwise check, with its n x d mask, runs only for the other rows.
-    finite = torch.isfinite(deltas.sum(dim=1))
-    for i in torch.nonzero(~finite).flatten().tolist():
-        finite[i] = bool(torch.isfinite(deltas[i]).all())
-    for i in torch.nonzero(~finite).flatten().tolist():
-        rejected[i] = "non-finite"
-    keep = finite.clone()
-    if config.norm_factor is not None and int(keep.sum()) >= 3:
-        ok = torch.zeros(n, dtype=torch.bool, device=device)
-        ok[keep] = norm_screen(deltas[keep], config.norm_factor)
-        for i in torch.nonzero(keep & ~ok).flatten().tolist():
-            rejected[i] = "norm"
-        keep &= ok
-
-    out = RoundDefence({}, {}, rejected)
-    w_all = None
-    if samples is not None:
-        w_all = torch.as_tensor(samples, dtype=torch.float32, device=device)
-    kept = keep.cpu().numpy()  # one copy off the device, not one per row
-    for c in sorted(int(v) for v in np.unique(labels)):
-        rows = [i for i in np.flatnonzero(labels == c).tolist() if kept[i]]
-        if not rows:
-            out.rejected_clusters[c] = "no update survived screening"
-            continue
-        idx = torch.tensor(rows, device=device)
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        res = RULES[config.rule](
-            deltas.narrow(0, rows[0], len(rows)) if contiguous else deltas.index_select(0, idx),
-            attackers_for(len(rows), config.byzantine_fraction),
-            None if w_all is None else w_all[idx],
-        )
-        # Map the rule's local indices back to rows of `deltas`.
-        res = AggregateResult(
-            res.aggregate,
-            res.rule,
-            tuple(rows[i] for i in res.kept),
-            tuple(rows[i] for i in res.rejected),
-            res.scores,
-            res.fallback,
-        )
-        for i in res.rejected:
-            out.rejected_updates[i] = config.rule
-        out.cluster_results[c] = res
-        out.cluster_deltas[c] = res.aggregate
-
-    if config.cluster_factor is not None and len(out.cluster_deltas) >= 2:
-        cs = sorted(out.cluster_deltas)
-        norms = torch.stack([out.cluster_deltas[c].norm() for c in cs])
-        ref = float(norms.median())  # lower median: the smaller one when there are two
-        for c, nrm in zip(cs, norms.tolist(), strict=True):
-            if ref > 0 and nrm > config.cluster_factor * ref:
-                out.rejected_clusters[c] = f"cluster delta {nrm / ref:.1f}x the median length"
-                del out.cluster_deltas[c]
+    out, _ = defend_rows(MatrixRows(deltas), clusters, config, samples)
+    for c in out.survivors:
+        out.cluster_deltas[c] = out.cluster_results[c].apply(deltas)
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.aggregator.rows import take
 from services.common.errors import ConfigError
 from services.common.registry import Registry
 
@@ -73,8 +74,83 @@ def qffl_merge(
 
 
 @dataclass(frozen=True)
+class MergeFacts:
+    """What a merge decides from: the round's figures, never its coordinates."""
+
+    groups: Sequence[int]  # the surviving groups, ascending
+    kept: Sequence[int]  # rows the defence did not reject
+    round: int
+    cluster_accuracy: Mapping[int, float] = field(default_factory=dict)
+    losses: Sequence[float] | None = None  # per row: loss of the global model before training
+    sq_norms: torch.Tensor | None = None  # (n,) per row: |delta|^2 (the Gram diagonal)
+    q: float = 0.5
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The next model as weighted sums: w' = w + sum_c p_c * group_delta_c + a @ deltas."""
+
+    group_weights: dict[int, float]  # p_c for each surviving group
+    row_coefficients: torch.Tensor | None = None  # a: (n,) float64, for merges over rows
+
+
+def _even(facts: MergeFacts) -> MergePlan:
+    return MergePlan({c: 1.0 / len(facts.groups) for c in facts.groups})
+
+
+def mean_merge(facts: MergeFacts) -> MergePlan:
+    """Every surviving group counts the same."""
+    return _even(facts)
+
+
+def accuracy_merge(facts: MergeFacts) -> MergePlan:
+    """The fair merge: group c weighs acc_c^-q; round 0 (no accuracies yet) is the mean."""
+    cs = list(facts.groups)
+    if not cs or facts.round == 0 or not all(c in facts.cluster_accuracy for c in cs):
+        return _even(facts)
+    w = q_weights([facts.cluster_accuracy[c] for c in cs], facts.q)
+    return MergePlan({c: float(v) for c, v in zip(cs, w, strict=True)})
+
+
+def qffl_round(facts: MergeFacts) -> MergePlan:
+    """q-FFL over the participants the defence kept (it has no per-group weights).
+
+    `qffl_merge`'s step with dw_k = -L delta_k written as coefficients over the rows:
+    w' = w + sum_k (L F_k^q / sum_j h_j) delta_k, h_j = q F_j^(q-1) L^2 |delta_j|^2 + L F_j^q
+    (q = 1 as in `qffl_merge`).
+    """
+    if facts.losses is None or facts.sq_norms is None:
+        raise ConfigError("q-FFL needs one pre-training loss per update")
+    n = facts.sq_norms.numel()
+    if len(facts.losses) != n:
+        raise ConfigError("q-FFL needs one pre-training loss per update")
+    keep = list(facts.kept)
+    if not keep:
+        return MergePlan({})
+    if facts.lr <= 0:
+        raise ConfigError("q-FFL needs lr > 0 and q >= 0")
+    f = torch.as_tensor([facts.losses[i] for i in keep], dtype=torch.float64)
+    if bool((f < 0).any() | ~torch.isfinite(f).all()):
+        raise ConfigError("q-FFL losses must be finite and non-negative")
+    q, big_l = 1.0, 1.0 / facts.lr
+    f = f.clamp(min=1e-10)
+    sq = facts.sq_norms.detach().to("cpu", torch.float64)[keep]
+    fq = f.pow(q)
+    h = q * f.pow(q - 1) * big_l**2 * sq + big_l * fq
+    a = torch.zeros(n, dtype=torch.float64)
+    a[keep] = big_l * fq / h.sum()
+    return MergePlan({}, a)
+
+
+MERGES: Registry[Callable[[MergeFacts], MergePlan]] = Registry(
+    "merge", {"mean": mean_merge, "accuracy": accuracy_merge, "qffl": qffl_round}
+)
+
+
+@dataclass(frozen=True)
 class MergeInputs:
-    """What a merge may use: the round's base model, the defended deltas and the figures."""
+    """A merge over tensors in memory: the base model, the groups' deltas and the rows."""
 
     global_w: torch.Tensor
     cluster_deltas: Mapping[int, torch.Tensor]  # surviving groups' robust deltas
@@ -82,7 +158,7 @@ class MergeInputs:
     kept: Sequence[int]  # rows the defence did not reject
     round: int
     cluster_accuracy: Mapping[int, float] = field(default_factory=dict)
-    losses: Sequence[float] | None = None  # per row: loss of the global model before training
+    losses: Sequence[float] | None = None
     q: float = 0.5
     lr: float = 0.05
 
@@ -90,46 +166,27 @@ class MergeInputs:
 MergeResult = tuple[torch.Tensor, dict[int, float]]  # next global model, weight per group
 
 
-def _even(inputs: MergeInputs) -> MergeResult:
+def merge(name: str, inputs: MergeInputs) -> MergeResult:
+    """Merge `name` applied to tensors in memory (the round itself merges in blocks)."""
     cs = sorted(inputs.cluster_deltas)
-    if not cs:
-        return inputs.global_w, {}
-    weights = torch.full((len(cs),), 1.0 / len(cs), dtype=torch.float64)
-    return _apply(inputs, cs, weights)
-
-
-def _apply(inputs: MergeInputs, cs: list[int], weights: torch.Tensor) -> MergeResult:
-    stacked = torch.stack([inputs.cluster_deltas[c] for c in cs])
-    new = inputs.global_w + weighted_merge(stacked, weights)
-    return new, {c: float(w) for c, w in zip(cs, weights, strict=True)}
-
-
-def mean_merge(inputs: MergeInputs) -> MergeResult:
-    """Every surviving group counts the same."""
-    return _even(inputs)
-
-
-def accuracy_merge(inputs: MergeInputs) -> MergeResult:
-    """The fair merge: group c weighs acc_c^-q; round 0 (no accuracies yet) is the mean."""
-    cs = sorted(inputs.cluster_deltas)
-    if not cs or inputs.round == 0 or not all(c in inputs.cluster_accuracy for c in cs):
-        return _even(inputs)
-    return _apply(inputs, cs, q_weights([inputs.cluster_accuracy[c] for c in cs], inputs.q))
-
-
-def qffl_round(inputs: MergeInputs) -> MergeResult:
-    """q-FFL over the participants the defence kept (it has no per-group weights)."""
-    if inputs.losses is None or len(inputs.losses) != inputs.deltas.shape[0]:
-        raise ConfigError("q-FFL needs one pre-training loss per update")
-    keep = list(inputs.kept)
-    if not keep:
-        return inputs.global_w, {}
-    idx = torch.tensor(keep, device=inputs.deltas.device)
-    local = inputs.global_w + inputs.deltas.index_select(0, idx)
-    losses = [inputs.losses[i] for i in keep]
-    return qffl_merge(inputs.global_w, local, losses, lr=inputs.lr), {}
-
-
-MERGES: Registry[Callable[[MergeInputs], MergeResult]] = Registry(
-    "merge", {"mean": mean_merge, "accuracy": accuracy_merge, "qffl": qffl_round}
-)
+    facts = MergeFacts(
+        cs,
+        inputs.kept,
+        inputs.round,
+        inputs.cluster_accuracy,
+        inputs.losses,
+        inputs.deltas.square().sum(dim=1),
+        inputs.q,
+        inputs.lr,
+    )
+    plan = MERGES[name](facts)
+    new = inputs.global_w.clone()
+    if plan.group_weights:
+        stacked = torch.stack([inputs.cluster_deltas[c] for c in plan.group_weights])
+        new += weighted_merge(stacked, list(plan.group_weights.values()))
+    if plan.row_coefficients is not None:
+        rows = torch.nonzero(plan.row_coefficients).flatten().tolist()  # rejected rows: none
+        if rows:
+            a = plan.row_coefficients[rows].to(inputs.deltas.device, inputs.deltas.dtype)
+            new += a @ take(inputs.deltas, rows)
+    return new, plan.group_weights

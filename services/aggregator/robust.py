@@ -1,9 +1,13 @@
 """Robust aggregation rules over an (n, d) matrix of updates (ALGORITHM.md section 5).
 
-Each rule returns the aggregate and which inputs it kept or rejected. All pairwise distances
-come from one Gram-matrix product; nothing loops over pairs or layers in Python. A rule whose
-precondition fails takes the documented fallback and reports it in `fallback`; it never falls
-back silently.
+Each rule is split in two so that it runs the same on a matrix in memory and on one read
+back in column blocks (the aggregator's memory budget, `rows.py`): `select` decides from the
+n x n Gram matrix alone which rows count (Krum's distances, the fallback), and the decision
+(`Selection`) then computes the aggregate, either as fixed coefficients over the rows (Krum,
+Multi-Krum, FedAvg: one weighted row sum) or coordinate by coordinate on any column block
+(median, trimmed mean). All pairwise distances come from the Gram matrix; nothing loops over
+pairs or layers in Python. A rule whose precondition fails takes the documented fallback and
+reports it in `fallback`; it never falls back silently.
 """
 
 from __future__ import annotations
@@ -30,18 +34,60 @@ class AggregateResult:
     fallback: str | None = None
 
 
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """All squared Euclidean distances between rows of x, by one Gram-matrix product.
+Coordinatewise = Callable[[torch.Tensor], torch.Tensor]  # (n, b) block -> (b,)
 
-    |a|^2 + |b|^2 - 2ab with the norms read off the Gram diagonal, so exact duplicates get a
+
+@dataclass(frozen=True)
+class Selection:
+    """A rule's decision over n rows, before any coordinate is read.
+
+    Exactly one of `coefficients` (the aggregate is coefficients @ rows) and `coordinate`
+    (the aggregate of a column block is coordinate(block)) is set.
+    """
+
+    rule: str
+    kept: tuple[int, ...]
+    rejected: tuple[int, ...]
+    scores: tuple[float, ...] = ()
+    fallback: str | None = None
+    coefficients: torch.Tensor | None = None  # (n,) float32
+    coordinate: Coordinatewise | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The aggregate of (a column block of) the rows this selection was made for."""
+        if self.coefficients is not None:
+            return self.coefficients.to(x.device, x.dtype) @ x
+        assert self.coordinate is not None
+        return self.coordinate(x)
+
+    def result(self, x: torch.Tensor) -> AggregateResult:
+        """The selection applied to the whole matrix."""
+        return AggregateResult(
+            self.apply(x), self.rule, self.kept, self.rejected, self.scores, self.fallback
+        )
+
+
+def gram_of(x: torch.Tensor) -> torch.Tensor:
+    """x @ x.T: every dot product between rows, in one matrix product."""
+    return x @ x.T
+
+
+def distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """All squared Euclidean distances between rows, from their Gram matrix.
+
+    |a|^2 + |b|^2 - 2ab with the norms read off the diagonal, so exact duplicates get a
     distance of exactly 0, and clamped at 0 against rounding.
     """
-    gram = x @ x.T
     sq = gram.diagonal()
     d = sq[:, None] + sq[None, :] - 2.0 * gram
     d.clamp_(min=0.0)
     d.fill_diagonal_(0.0)
     return d
+
+
+def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """All squared Euclidean distances between rows of x, by one Gram-matrix product."""
+    return distances_from_gram(gram_of(x))
 
 
 def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
@@ -53,6 +99,14 @@ def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
     masked = dist + torch.diag(torch.full((n,), math.inf, dtype=dist.dtype, device=dist.device))
     nearest = masked.topk(m, dim=1, largest=False).values
     return nearest.sum(dim=1)
+
+
+def _check_gram(gram: torch.Tensor, f: int) -> int:
+    if gram.dim() != 2 or gram.shape[0] == 0 or gram.shape[0] != gram.shape[1]:
+        raise ConfigError(f"updates must be a non-empty (n, d) matrix (Gram {tuple(gram.shape)})")
+    if f < 0:
+        raise ConfigError(f"number of attackers f must be >= 0, got {f}")
+    return gram.shape[0]
 
 
 def _check(x: torch.Tensor, f: int) -> None:
@@ -67,40 +121,96 @@ def krum_precondition(n: int, f: int) -> bool:
     return n > 2 * f + 2
 
 
-def _median_fallback(x: torch.Tensor, rule: str, reason: str) -> AggregateResult:
-    med = coordinate_median(x)
-    return AggregateResult(
-        med.aggregate, rule, med.kept, med.rejected, fallback=f"median: {reason}"
-    )
+def median_of(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the rows (the mean of the two middle values when n is even)."""
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    s = x.sort(dim=0).values
+    return s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def multi_krum(
-    x: torch.Tensor, f: int, m: int | None = None, fallback: bool = True
-) -> AggregateResult:
-    """Multi-Krum: the mean of the m updates with the lowest Krum scores (m = n - f default).
+def trimmed_mean_of(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the f largest and f smallest values."""
+    n = x.shape[0]
+    return x.sort(dim=0).values[f : n - f].mean(dim=0) if f else x.mean(dim=0)
+
+
+def median_select(gram: torch.Tensor, f: int = 0) -> Selection:
+    """Coordinate-wise median: keeps every row."""
+    n = _check_gram(gram, f)
+    return Selection("median", tuple(range(n)), (), coordinate=median_of)
+
+
+def _median_fallback(n: int, rule: str, reason: str) -> Selection:
+    return Selection(rule, tuple(range(n)), (), fallback=f"median: {reason}", coordinate=median_of)
+
+
+def multi_krum_select(
+    gram: torch.Tensor, f: int, m: int | None = None, fallback: bool = True
+) -> Selection:
+    """Multi-Krum: the mean of the m rows with the lowest Krum scores (m = n - f default).
 
     With m = 1 this is Krum. Ties go to the lower index. Below n > 2f + 2 the coordinate-wise
-    median is returned instead (reported), or PreconditionError raised if fallback is off.
+    median is taken instead (reported), or PreconditionError raised if fallback is off.
     """
-    _check(x, f)
-    n = x.shape[0]
+    n = _check_gram(gram, f)
     rule = "krum" if m == 1 else "multi-krum"
     if not krum_precondition(n, f):
         reason = f"n={n} <= 2f+2={2 * f + 2}"
         if not fallback:
             raise PreconditionError(f"{rule} needs n > 2f + 2 ({reason})")
-        return _median_fallback(x, rule, reason)
+        return _median_fallback(n, rule, reason)
     m = n - f if m is None else m
     if not 1 <= m <= n:
         raise ConfigError(f"multi-krum m must be in [1, {n}], got {m}")
-    scores = krum_scores(pairwise_sq_distances(x), f)
+    scores = krum_scores(distances_from_gram(gram), f)
     # Stable sort: equal scores keep index order, so ties go to the lowest index.
     order = torch.sort(scores, stable=True).indices
     chosen = order[:m].sort().values
-    agg = x[chosen[0]].clone() if m == 1 else x.index_select(0, chosen).mean(dim=0)
+    coefficients = torch.zeros(n, dtype=torch.float32, device=gram.device)
+    coefficients[chosen] = 1.0 / m
     kept = tuple(int(i) for i in chosen)
     rejected = tuple(i for i in range(n) if i not in set(kept))
-    return AggregateResult(agg, rule, kept, rejected, tuple(float(s) for s in scores))
+    scored = tuple(float(s) for s in scores)
+    return Selection(rule, kept, rejected, scored, coefficients=coefficients)
+
+
+def trimmed_mean_select(gram: torch.Tensor, f: int, fallback: bool = True) -> Selection:
+    """Coordinate-wise mean after dropping the f largest and f smallest values per coordinate."""
+    n = _check_gram(gram, f)
+    if n <= 2 * f:
+        reason = f"n={n} <= 2f={2 * f}"
+        if not fallback:
+            raise PreconditionError(f"trimmed-mean needs n > 2f ({reason})")
+        return _median_fallback(n, "trimmed-mean", reason)
+    return Selection(
+        "trimmed-mean", tuple(range(n)), (), coordinate=lambda x: trimmed_mean_of(x, f)
+    )
+
+
+def fedavg_select(gram: torch.Tensor, f: int = 0, weights: torch.Tensor | None = None) -> Selection:
+    """Weighted mean (FedAvg by sample counts when weights are counts); not robust."""
+    n = _check_gram(gram, f)
+    if weights is None:
+        w = torch.full((n,), 1.0 / n, dtype=torch.float32, device=gram.device)
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float32, device=gram.device)
+        if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ConfigError("fedavg weights must be n non-negative numbers with a positive sum")
+        w = w / w.sum()
+    return Selection("fedavg", tuple(range(n)), (), coefficients=w)
+
+
+# The same rules over a matrix in memory (the selection applied to all of it).
+
+
+def multi_krum(
+    x: torch.Tensor, f: int, m: int | None = None, fallback: bool = True
+) -> AggregateResult:
+    """Multi-Krum over the rows of x (see `multi_krum_select`)."""
+    _check(x, f)
+    return multi_krum_select(gram_of(x), f, m, fallback).result(x)
 
 
 def krum(x: torch.Tensor, f: int, fallback: bool = True) -> AggregateResult:
@@ -112,53 +222,36 @@ def coordinate_median(x: torch.Tensor, f: int = 0) -> AggregateResult:
     """Coordinate-wise median (the mean of the two middle values when n is even)."""
     _check(x, f)
     n = x.shape[0]
-    if n == 1:
-        agg = x[0].clone()
-    else:
-        s = x.sort(dim=0).values
-        agg = s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-    return AggregateResult(agg, "median", tuple(range(n)), ())
+    return AggregateResult(median_of(x), "median", tuple(range(n)), ())
 
 
 def trimmed_mean(x: torch.Tensor, f: int, fallback: bool = True) -> AggregateResult:
-    """Coordinate-wise mean after dropping the f largest and f smallest values per coordinate."""
+    """Coordinate-wise trimmed mean over the rows of x (see `trimmed_mean_select`)."""
     _check(x, f)
     n = x.shape[0]
-    if n <= 2 * f:
-        reason = f"n={n} <= 2f={2 * f}"
-        if not fallback:
-            raise PreconditionError(f"trimmed-mean needs n > 2f ({reason})")
-        return _median_fallback(x, "trimmed-mean", reason)
-    agg = x.sort(dim=0).values[f : n - f].mean(dim=0) if f else x.mean(dim=0)
-    return AggregateResult(agg, "trimmed-mean", tuple(range(n)), ())
+    return trimmed_mean_select(torch.zeros(n, n, device=x.device), f, fallback).result(x)
 
 
 def fedavg(x: torch.Tensor, f: int = 0, weights: torch.Tensor | None = None) -> AggregateResult:
-    """Weighted mean (FedAvg by sample counts when weights are counts); not robust."""
+    """Weighted mean over the rows of x (see `fedavg_select`)."""
     _check(x, f)
     n = x.shape[0]
-    if weights is None:
-        agg = x.mean(dim=0)
-    else:
-        w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
-        if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ConfigError("fedavg weights must be n non-negative numbers with a positive sum")
-        agg = (w / w.sum()) @ x
-    return AggregateResult(agg, "fedavg", tuple(range(n)), ())
+    return fedavg_select(torch.zeros(n, n, device=x.device), f, weights).result(x)
 
 
-# Every rule in the registry takes (updates, f, weights): f attackers assumed, weights the
-# sample counts (only FedAvg uses them), so callers never special-case a rule.
-Rule = Callable[[torch.Tensor, int, "torch.Tensor | None"], AggregateResult]
+# Every rule in the registry takes (Gram matrix, f, weights): f attackers assumed, weights
+# the sample counts (only FedAvg uses them), so callers never special-case a rule. Rules
+# that read only coordinates ignore the Gram matrix's values (it still gives n).
+Rule = Callable[[torch.Tensor, int, "torch.Tensor | None"], Selection]
 
 RULES: Registry[Rule] = Registry(
     "aggregation rule",
     {
-        "krum": lambda x, f, w: krum(x, f),
-        "multi-krum": lambda x, f, w: multi_krum(x, f),
-        "median": lambda x, f, w: coordinate_median(x),
-        "trimmed-mean": lambda x, f, w: trimmed_mean(x, f),
-        "fedavg": lambda x, f, w: fedavg(x, weights=w),
+        "krum": lambda g, f, w: multi_krum_select(g, f, m=1),
+        "multi-krum": lambda g, f, w: multi_krum_select(g, f),
+        "median": lambda g, f, w: median_select(g),
+        "trimmed-mean": lambda g, f, w: trimmed_mean_select(g, f),
+        "fedavg": lambda g, f, w: fedavg_select(g, weights=w),
     },
 )
 

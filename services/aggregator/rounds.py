@@ -1,7 +1,10 @@
 """One round's aggregation as a pure function: defence inside clusters, then the merge.
 
 The aggregator service and the in-process federation both call this, so the algorithm
-exists once.
+exists once. It reads the deltas as column blocks (`rows.py`): one pass builds the Gram
+matrix, from which the defence and the merge decide everything but the coordinate-wise
+rules' values; one more pass writes the next model (plus one for the cluster check when a
+cluster's rule is coordinate-wise). A matrix in memory is a single block.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.aggregator.defence import DefenceConfig, RoundDefence, defend
-from services.aggregator.merge import MERGES, MergeInputs
+from services.aggregator.defence import DefenceConfig, RoundDefence, defend_rows
+from services.aggregator.merge import MERGES, MergeFacts, MergePlan
+from services.aggregator.rows import MatrixRows, Rows, take
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
 
@@ -36,9 +40,43 @@ def defence_for(strategy: Strategy, settings: DefenceSettings) -> DefenceConfig:
     )
 
 
+def combine(
+    global_w: torch.Tensor, rows: Rows, defence: RoundDefence, plan: MergePlan
+) -> torch.Tensor:
+    """The next model, one column block at a time: base + sum_c p_c * delta_c + a @ rows.
+
+    Linear cluster rules fold into one coefficient per row, so their part of a block is one
+    matrix-vector product over the rows that count (a rejected row, finite or not, is never
+    read into it); coordinate-wise rules are computed on their rows of the block.
+    """
+    n, d = rows.shape
+    coefficients = torch.zeros(n, dtype=torch.float64)
+    coordinatewise: list[tuple[float, int]] = []
+    for c, p in plan.group_weights.items():
+        choice = defence.cluster_results[c]
+        w = choice.selection.coefficients
+        if w is None:
+            coordinatewise.append((p, c))
+        else:
+            coefficients[list(choice.rows)] += p * w.detach().to("cpu", torch.float64)
+    if plan.row_coefficients is not None:
+        coefficients += plan.row_coefficients
+    active = torch.nonzero(coefficients).flatten().tolist()
+    a = coefficients[active].to(rows.device, torch.float32)
+    out = torch.empty(d, dtype=torch.float32, device=rows.device)
+    for start, block in rows.blocks():
+        part = out.narrow(0, start, block.shape[1])
+        part.copy_(global_w.narrow(0, start, block.shape[1]))
+        if active:
+            part.addmv_(take(block, active).T, a)
+        for p, c in coordinatewise:
+            part.add_(defence.cluster_results[c].apply(block), alpha=p)
+    return out
+
+
 def aggregate_round(
     global_w: torch.Tensor,
-    deltas: torch.Tensor,
+    deltas: torch.Tensor | Rows,
     clusters: Sequence[int],
     samples: Sequence[int],
     strategy: Strategy,
@@ -50,22 +88,27 @@ def aggregate_round(
 ) -> RoundOutcome:
     """Aggregate one round's deltas (rows of `deltas`, against `global_w`) into the next model.
 
-    The strategy's merge decides the weights: the q-weighted merge weighs cluster c by
-    acc_c^-q from round 1 on; q-FFL uses the losses of the global model each participant
-    reported before training.
+    `deltas` is an (n, d) matrix or rows read in blocks (the aggregator's store). The
+    strategy's merge decides the weights: the q-weighted merge weighs cluster c by acc_c^-q
+    from round 1 on; q-FFL uses the losses of the global model each participant reported
+    before training.
     """
-    outcome = defend(deltas, clusters, defence_for(strategy, defence), samples)
-    kept = [i for i in range(deltas.shape[0]) if i not in outcome.rejected_updates]
-    inputs = MergeInputs(
-        global_w,
-        outcome.cluster_deltas,
-        deltas,
+    rows = MatrixRows(deltas) if isinstance(deltas, torch.Tensor) else deltas
+    outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples)
+    n = rows.shape[0]
+    kept = [i for i in range(n) if i not in outcome.rejected_updates]
+    facts = MergeFacts(
+        outcome.survivors,
         kept,
         round_,
         cluster_accuracy,
         losses,
+        found.gram.diagonal(),
         defence.q,
         lr,
     )
-    new, weights = MERGES[strategy.merge](inputs)
-    return RoundOutcome(new, outcome, weights)
+    plan = MERGES[strategy.merge](facts)
+    if not plan.group_weights and plan.row_coefficients is None:
+        return RoundOutcome(global_w, outcome, {})
+    new = combine(global_w.to(rows.device), rows, outcome, plan)
+    return RoundOutcome(new, outcome, plan.group_weights)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
+from services.aggregator.store import DeltaStore, RowFile
 from services.common.device import resolve_device
 from services.common.grpc_server import (
     Policy,
@@ -108,17 +109,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 minus=base,
             )
 
+        accepted = False
         try:
             for _ in validated(request_iterator, on_header, received, pb.ForwardUpdateRequest):
                 pass
             m = received.header.model
-            assert received.reader is not None and received.reader.flat is not None
+            reader = received.reader
+            assert reader is not None
+            sink = reader.sink
+            delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
+            assert delta is not None
             update = PendingUpdate(
-                m.sender,
-                int(received.header.cluster),
-                int(m.num_samples),
-                received.reader.flat,
-                dict(m.metrics),
+                m.sender, int(received.header.cluster), int(m.num_samples), delta, dict(m.metrics)
             )
             state_dir = self.config.service.state_dir
             # Durable before acknowledged: a kill -9 after the answer loses nothing.
@@ -129,11 +131,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 if saved is not None:
                     saved.unlink(missing_ok=True)
                 raise
-            self.metrics.rpc.received_bytes.inc(received.reader.received)
-            self.metrics.update_bytes.observe(received.reader.received)
+            accepted = True
+            self.metrics.rpc.received_bytes.inc(reader.received)
+            self.metrics.update_bytes.observe(reader.received)
         finally:
             for who in reserved:
                 self.state.release(who)
+            if not accepted and received.reader is not None:
+                # The refused update's buffer or file goes back; nothing else changed.
+                r = received.reader
+                self.state.discard(r.flat if r.sink is None else r.sink)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
         return pb.ForwardUpdateResponse(accepted=True, round=m.round)
 
@@ -242,8 +249,20 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
     fed = config.federation
     model = build_model(fed.model, shape, classes, fed.seed)
     device = resolve_device(config.compute.device)
-    state = AggregatorState(state_of(model), config.store.keep_versions, device)
     state_dir = config.service.state_dir
+    weights = state_of(model)
+    del model
+    store = config.store
+    spill = Path(store.spill_dir) if store.spill_dir else None
+    if spill is None and store.memory_budget_mb is not None and state_dir:
+        spill = Path(state_dir) / "spill"
+    deltas = DeltaStore(
+        sum(v.numel() for v in weights.values() if v.dtype.is_floating_point),
+        store.memory_budget_mb,
+        spill,
+    )
+    state = AggregatorState(weights, store.keep_versions, device, deltas)
+    del weights
     if state_dir and state.restore(Path(state_dir)):
         logger.info(
             "restored model version %d, open round %d with %d accepted update(s), from %s",
@@ -269,9 +288,11 @@ class AggregatorService:
     health_port: int | None = None
 
     def on_stop(self) -> None:
-        """Stop the health port; every round's state is saved as it closes."""
+        """Stop the health port and remove the store's temporary files; every round's state
+        is saved as it closes."""
         if self.health_server is not None:
             self.health_server.stop(0)
+        self.servicer.state.store.close()
 
     def start(self) -> None:
         """Start serving gRPC and /metrics."""

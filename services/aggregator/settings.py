@@ -29,6 +29,17 @@ class ModelStoreSettings(Settings):
         None, description="classes of the model when the dataset's are not built in"
     )
     keep_versions: int = Field(3, ge=2, description="global model versions kept for downloads")
+    memory_budget_mb: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="memory (MiB) for the current and next model, a round's deltas and the "
+        "working blocks; deltas beyond it are kept in files and read back in blocks, older "
+        "versions too (default: no limit, all in memory)",
+    )
+    spill_dir: str = Field(
+        "",
+        description="directory for the files of deltas and versions beyond the budget "
+        "(default: STATE_DIR/spill, else a temporary directory); emptied at start",
+    )
 
 
 class ComputeSettings(Settings):

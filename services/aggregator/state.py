@@ -7,6 +7,8 @@ Aggregate is idempotent: the report of the last aggregated round is kept (and sa
 asking for that round again returns it unchanged, so a clusterer that died after asking,
 or lost the answer, can simply ask again. Updates are aggregated in participant-id order,
 so a restored aggregator computes bit for bit what an uninterrupted one would have.
+Deltas and older versions live where the `DeltaStore` puts them: memory, or files when a
+memory budget is set.
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.aggregator.rounds import aggregate_round
+from services.aggregator.store import (
+    Delta,
+    DeltaStore,
+    DiskRow,
+    RowFile,
+    safetensors_row,
+    write_safetensors,
+)
 from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.files import durable_write
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
 from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
+from services.common.wire import Sink
 
 RELEASE_WAIT_S = 5.0
 PENDING = "pending"  # accepted updates of the open round, one safetensors file each
@@ -47,7 +59,7 @@ class PendingUpdate:
     participant: str
     cluster: int
     samples: int
-    delta: torch.Tensor
+    delta: Delta  # in memory or in a file (the store decides)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -96,34 +108,46 @@ class AggregatorState:
         initial: OrderedDict[str, torch.Tensor],
         keep_versions: int = 3,
         device: torch.device | None = None,
+        store: DeltaStore | None = None,
     ) -> None:
         self.device = device or torch.device("cpu")  # where aggregate() computes
         self.spec: tuple[TensorSpec, ...] = spec_of(initial)
-        self.reference = OrderedDict((k, v.clone()) for k, v in initial.items())
-        self.keep_versions = max(2, keep_versions)
-        self.versions: OrderedDict[int, torch.Tensor] = OrderedDict(
-            {0: flatten(initial, self.spec)}
+        # Only the tensors that are not averaged (unflatten takes them from here).
+        self.reference = OrderedDict(
+            (k, v.clone()) for k, v in initial.items() if not v.dtype.is_floating_point
         )
+        self.keep_versions = max(2, keep_versions)
+        w0 = flatten(initial, self.spec)
+        self.store = store or DeltaStore(w0.numel())
+        # The current version is always in memory; with a budget the others are files.
+        self.versions: OrderedDict[int, torch.Tensor | DiskRow] = OrderedDict({0: w0})
         self.version = 0
         self.open_round = 0
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
         self.last_report: RoundReport | None = None  # of round open_round - 1
         self._receiving: set[str] = set()
-        self._spare: list[torch.Tensor] = []  # delta buffers of the last round, to reuse
         self.lock = threading.Condition()
 
-    def buffer(self, numel: int) -> torch.Tensor:
-        """A flat float32 buffer for an incoming update: one the last round used when there
-        is one (its pages are mapped already: receiving into a fresh buffer costs a page
-        fault per 4 KiB), else a new one."""
-        with self.lock:
-            if self._spare and self._spare[-1].numel() == numel:
-                return self._spare.pop()
-        return torch.empty(numel, dtype=torch.float32)
+    def buffer(self, numel: int) -> torch.Tensor | RowFile:
+        """Where an incoming update's delta goes (`DeltaStore.place`): memory or a file."""
+        if numel != self.store.numel:
+            raise SpecMismatchError(
+                f"an update of {numel} values for a model of {self.store.numel}"
+            )
+        return self.store.place()
+
+    def discard(self, place: Delta | Sink | None) -> None:
+        """Give back the place of an update that was not accepted."""
+        if place is not None:
+            self.store.release([place])
 
     def _recycle(self, updates: list[PendingUpdate]) -> None:
-        """Keep a closed round's delta buffers for the next round (as many as it used)."""
-        self._spare = [u.delta for u in updates]
+        """A closed round's deltas: buffers kept for the next round, files deleted."""
+        self.store.release([u.delta for u in updates])
+
+    def _flat(self, version: int) -> torch.Tensor:
+        kept = self.versions[version]
+        return kept.load() if isinstance(kept, DiskRow) else kept
 
     def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
         """A stored version as named tensors (-1: the newest)."""
@@ -133,8 +157,10 @@ class AggregatorState:
                 raise NotFoundError(
                     f"model version {v} is not kept (have {', '.join(map(str, self.versions))})"
                 )
-            flat = self.versions[v]
-        return v, unflatten(flat, self.spec, self.reference)
+            kept = self.versions[v]
+        # Versions are never changed in place: readers share them (no copy of the model).
+        flat = kept.load() if isinstance(kept, DiskRow) else kept
+        return v, unflatten(flat, self.spec, self.reference, share=True)
 
     def begin_update(self, participant: str, round_: int, base_version: int) -> torch.Tensor:
         """Check that an update may start; reserve the participant; return the base model."""
@@ -154,7 +180,9 @@ class AggregatorState:
             if participant in self.pending or participant in self._receiving:
                 raise StateError(f"{participant} already submitted an update for round {round_}")
             self._receiving.add(participant)
-            return self.versions[self.version]
+            base = self.versions[self.version]
+            assert isinstance(base, torch.Tensor)  # the current version stays in memory
+            return base
 
     def end_update(self, update: PendingUpdate | None, round_: int) -> None:
         """Accept a fully validated update (or release the reservation when None)."""
@@ -198,6 +226,7 @@ class AggregatorState:
             # (or were read back from their files after a restart).
             updates = [self.pending[p] for p in sorted(self.pending)]
             base = self.versions[self.version]
+            assert isinstance(base, torch.Tensor)
             if abandon or not updates:
                 self._recycle(updates)
                 self.pending.clear()
@@ -208,7 +237,7 @@ class AggregatorState:
             on = self.device
             outcome = aggregate_round(
                 base.to(on),
-                torch.stack([u.delta.to(on, non_blocking=True) for u in updates]),
+                self.store.rows([u.delta for u in updates], on),
                 [u.cluster for u in updates],
                 [u.samples for u in updates],
                 strategy,
@@ -220,13 +249,17 @@ class AggregatorState:
             )
             new = outcome.global_weights.cpu()
             if not torch.equal(new, base):
+                if self.store.limited:
+                    self.versions[self.version] = self.store.stash(self.version, base)
                 self.version += 1
                 self.versions[self.version] = new
                 # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train
                 # from it.
                 while len(self.versions) > self.keep_versions + 1:
                     oldest = next(v for v in self.versions if v != 0)
-                    del self.versions[oldest]
+                    gone = self.versions.pop(oldest)
+                    if isinstance(gone, DiskRow):
+                        gone.drop()
             self._recycle(updates)
             self.pending.clear()
             self.open_round += 1
@@ -248,8 +281,6 @@ class AggregatorState:
     def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
         """Write an accepted update durably (written, flushed, renamed) before it is
         acknowledged; `restore` brings it back into its round after a crash."""
-        from safetensors.torch import save_file
-
         pending = directory / PENDING
         pending.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(update.participant.encode()).hexdigest()[:24]
@@ -261,9 +292,7 @@ class AggregatorState:
             "round": str(round_),
             "metrics": json.dumps(update.metrics),
         }
-        durable_write(
-            path, lambda tmp: save_file({"delta": update.delta.contiguous()}, str(tmp), meta)
-        )
+        durable_write(path, lambda tmp: write_safetensors(tmp, {"delta": update.delta}, meta))
         return path
 
     def save(self, directory: Path) -> None:
@@ -272,18 +301,14 @@ class AggregatorState:
 
         Called after every aggregation; `restore` reads it back after a restart.
         """
-        from safetensors.torch import save_file
-
         with self.lock:
             version, open_round = self.version, self.open_round
-            flat = self.versions[version]
+            flat = self._flat(version)
             report = None if self.last_report is None else self.last_report.to_json()
-        weights = unflatten(flat, self.spec, self.reference)
+        weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
         model = directory / f"model-v{version}.safetensors"
-        durable_write(
-            model, lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-        )
+        durable_write(model, lambda tmp: write_safetensors(tmp, weights))
         state = json.dumps(
             {"version": version, "open_round": open_round, "model": model.name, "report": report},
             default=float,
@@ -300,34 +325,37 @@ class AggregatorState:
         """Load a saved state and the persisted updates of its open round, if there are any
         (tensors must match this model's spec; nothing is unpickled)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         meta = directory / "state.json"
         restored = False
         if meta.exists():
             info = json.loads(meta.read_text())
-            weights = load_file(str(directory / info["model"]))  # safetensors: no pickle
-            ordered = OrderedDict((s.name, weights[s.name]) for s in self.spec if s.name in weights)
-            check_spec(ordered, self.spec)
+            with self.lock:
+                initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
+                if self.store.limited and isinstance(initial, torch.Tensor):
+                    initial = self.store.stash(0, initial)
+            flat, others = _read_model(directory / info["model"], self.spec)
             with self.lock:
                 self.version = int(info["version"])
                 self.open_round = int(info["open_round"])
-                initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
-                self.versions = OrderedDict({0: initial, self.version: flatten(ordered, self.spec)})
-                self.reference = ordered
+                self.versions = OrderedDict({0: initial, self.version: flat})
+                if self.version == 0:
+                    self.versions[0] = flat
+                self.reference = others
                 report = info.get("report")
                 self.last_report = None if report is None else RoundReport.from_json(report)
             restored = True
-        size = self.versions[self.version].numel()
+        size = self.store.numel
         for path in sorted((directory / PENDING).glob("r*.safetensors")):
             if _round_of(path) != self.open_round:
                 path.unlink(missing_ok=True)  # a closed round's (or a stale) update
                 continue
-            with safe_open(str(path), "pt") as fh:
+            with safe_open(str(path), "pt") as fh:  # the metadata only
                 info = fh.metadata()
-                delta = fh.get_tensor("delta")
-            if delta.shape != (size,) or not bool(torch.isfinite(delta).all()):
+            row = safetensors_row(path)
+            if row.numel != size or not _finite(row):
                 raise SpecMismatchError(f"{path} does not hold an update of this model")
+            delta = self.store.adopt(row)
             update = PendingUpdate(
                 info["participant"],
                 int(info["cluster"]),
@@ -339,3 +367,41 @@ class AggregatorState:
                 self.pending[update.participant] = update
             restored = True
         return restored
+
+
+def _finite(row: DiskRow) -> bool:
+    """Whether every value of a row in a file is finite (read in pieces)."""
+    piece = np.empty(max(1, min(row.numel, 4 << 20)), dtype=np.float32)
+    for start in range(0, row.numel, piece.size):
+        part = piece[: min(piece.size, row.numel - start)]
+        row.read(start, part)
+        if not np.isfinite(part).all():
+            return False
+    return True
+
+
+def _read_model(
+    path: Path, spec: tuple[TensorSpec, ...]
+) -> tuple[torch.Tensor, OrderedDict[str, torch.Tensor]]:
+    """A saved model as the flat float32 vector and its non-float tensors, one tensor in
+    memory at a time beside the vector (safetensors: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    floats = [s for s in spec if s.dtype.is_floating_point]
+    flat = torch.empty(sum(s.numel for s in floats), dtype=torch.float32)
+    others: OrderedDict[str, torch.Tensor] = OrderedDict()
+    offset = 0
+    with safe_open(str(path), "pt") as fh:
+        names = set(fh.keys())
+        for s in spec:
+            if s.name not in names:
+                raise SpecMismatchError(f"{path} has no tensor {s.name!r}")
+            t = fh.get_tensor(s.name)
+            check_spec(OrderedDict({s.name: t}), (s,))
+            if s.dtype.is_floating_point:
+                flat[offset : offset + s.numel] = t.reshape(-1)
+                offset += s.numel
+            else:
+                others[s.name] = t
+            del t
+    return flat, others

@@ -75,11 +75,13 @@ def unflatten(
     vector: torch.Tensor,
     spec: Sequence[TensorSpec],
     reference: Mapping[str, torch.Tensor] | None = None,
+    share: bool = False,
 ) -> OrderedDict[str, torch.Tensor]:
     """Inverse of flatten: float tensors from the vector, the others copied from reference.
 
     Non-float tensors (BatchNorm's step counters) are not averaged; they come from the
-    reference model, usually the current global model.
+    reference model, usually the current global model. `share`: float32 tensors are views
+    of the vector (for a reader of a vector nobody changes: no copy of a big model).
     """
     fspecs = float_specs(spec)
     total = sum(s.numel for s in fspecs)
@@ -89,7 +91,9 @@ def unflatten(
     offset = 0
     for s in spec:
         if s.dtype.is_floating_point:
-            out[s.name] = vector[offset : offset + s.numel].reshape(s.shape).to(s.dtype).clone()
+            part = vector[offset : offset + s.numel].reshape(s.shape)
+            same = share and s.dtype == vector.dtype
+            out[s.name] = part if same else part.to(s.dtype).clone()
             offset += s.numel
         else:
             if reference is None:

@@ -14,6 +14,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -236,6 +237,14 @@ def encode(
     return spec, chunks(), digest
 
 
+class Sink(Protocol):
+    """Takes a stream's float32 values as they arrive (`StreamReader(out=...)`)."""
+
+    def write(self, first: int, values: np.ndarray) -> None:
+        """Store the values from flat element `first` on."""
+        ...
+
+
 @dataclass
 class _Slot:
     spec: TensorSpec
@@ -256,11 +265,12 @@ class StreamReader:
         spec: Sequence[TensorSpec],
         keep: bool = True,
         max_bytes: int | None = None,
-        out: Callable[[int], torch.Tensor] | None = None,
+        out: Callable[[int], torch.Tensor | Sink] | None = None,
         minus: torch.Tensor | None = None,
     ) -> None:
         """`out(n)`: where to keep the n float elements (a reused buffer saves the page
-        faults of a fresh one: a third of a receiver's CPU); a new tensor by default.
+        faults of a fresh one: a third of a receiver's CPU), or a `Sink` that takes them
+        chunk by chunk (a file); a new tensor by default.
         `minus`: a flat float32 vector subtracted as the values are stored, so `flat` holds
         the delta against it without a second pass over the model."""
         self.spec = tuple(spec)
@@ -280,14 +290,20 @@ class StreamReader:
             start += nbytes(s)
             if s.dtype.is_floating_point:
                 flat += s.numel
-        self.flat = None
+        self.flat: torch.Tensor | None = None
+        self.sink: Sink | None = None
         if keep:
-            self.flat = torch.empty(flat, dtype=torch.float32) if out is None else out(flat)
+            place = torch.empty(flat, dtype=torch.float32) if out is None else out(flat)
+            if isinstance(place, torch.Tensor):
+                self.flat = place
+            else:
+                self.sink = place
         self._flat_np = self.flat.numpy() if self.flat is not None else None
+        self._scratch: np.ndarray | None = None  # converted values on their way to a sink
         self._minus_np = None
-        if minus is not None and self.flat is not None:
-            if minus.shape != self.flat.shape or minus.dtype != torch.float32:
-                raise ValueError(f"minus must be float32 of shape {tuple(self.flat.shape)}")
+        if minus is not None and keep:
+            if minus.shape != (flat,) or minus.dtype != torch.float32:
+                raise ValueError(f"minus must be float32 of shape {(flat,)}")
             self._minus_np = minus.detach().cpu().numpy()
         self.others: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._other_bytes: dict[str, bytearray] = {}
@@ -336,14 +352,23 @@ class StreamReader:
             values = np.frombuffer(data, dtype=np_dtype)  # a view: no copy
         if not np.isfinite(values).all():
             raise invalid(f"tensor {s.name!r} contains NaN or Inf")
+        if self._flat_np is None and self.sink is None:
+            return
+        esize = element_size(s.dtype)
+        first = slot.flat_offset + (pos - slot.start) // esize
+        end = first + values.size
         if self._flat_np is not None:
-            esize = element_size(s.dtype)
-            first = slot.flat_offset + (pos - slot.start) // esize
-            end = first + values.size
-            if self._minus_np is None:
-                self._flat_np[first:end] = values  # converts to float32 in place
-            else:
-                np.subtract(values, self._minus_np[first:end], out=self._flat_np[first:end])
+            target = self._flat_np[first:end]
+        else:
+            if self._scratch is None or self._scratch.size < values.size:
+                self._scratch = np.empty(values.size, dtype=np.float32)
+            target = self._scratch[: values.size]
+        if self._minus_np is None:
+            target[:] = values  # converts to float32 in place
+        else:
+            np.subtract(values, self._minus_np[first:end], out=target)
+        if self.sink is not None:
+            self.sink.write(first, target)
 
     def finish(self, digest: bytes) -> None:
         """Check the byte count and the checksum; assemble the non-float tensors."""

@@ -11,7 +11,7 @@ import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -179,6 +179,9 @@ class Participant:
         self.retries = RetryPolicy(
             attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
         )
+        # A long poll cut by the clusterer going away (a restart, SIGTERM's grace running
+        # out) ends CANCELLED on this side: asking for a task again is always safe.
+        self.poll_retries = replace(self.retries, codes=RETRYABLE | {grpc.StatusCode.CANCELLED})
         self.upload_retries = RetryPolicy(
             attempts=1 << 20,
             codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}),
@@ -200,6 +203,8 @@ class Participant:
         Returns None when the process is stopping.
         """
         policy = self.retries if idempotent else self.upload_retries
+        if what == "GetTask":
+            policy = self.poll_retries
         for _ in range(MAX_REJOINS):
             try:
                 return with_retries(fn, f"{self.id} {what}", policy, self.rng, self.stop)

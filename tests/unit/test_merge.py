@@ -7,7 +7,14 @@ import pytest
 import torch
 from hypothesis import given
 
-from services.aggregator.merge import MERGES, MergeInputs, q_weights, qffl_merge, weighted_merge
+from services.aggregator.merge import (
+    MERGES,
+    MergeInputs,
+    merge,
+    q_weights,
+    qffl_merge,
+    weighted_merge,
+)
 from services.common.errors import ConfigError
 
 
@@ -61,16 +68,16 @@ def test_merges(device):
     def inputs(round_, acc):
         return MergeInputs(g, {0: m[0], 1: m[1]}, m, [0, 1], round_, acc, q=1.0)
 
-    new, weights = MERGES["mean"](inputs(3, {0: 1.0, 1: 0.25}))
+    new, weights = merge("mean", inputs(3, {0: 1.0, 1: 0.25}))
     close(new, [1.0, 3.0])
     assert weights == {0: 0.5, 1: 0.5}
     close(weighted_merge(m, [0.25, 0.75]), [1.5, 3.5])
-    new, weights = MERGES["accuracy"](inputs(3, {0: 1.0, 1: 0.25}))  # weights 1:4
+    new, weights = merge("accuracy", inputs(3, {0: 1.0, 1: 0.25}))  # weights 1:4
     close(new, [1.6, 3.6])
     assert weights[1] == pytest.approx(0.8)
-    new, _ = MERGES["accuracy"](inputs(0, {0: 1.0, 1: 0.25}))  # round 0: the plain mean
+    new, _ = merge("accuracy", inputs(0, {0: 1.0, 1: 0.25}))  # round 0: the plain mean
     close(new, [1.0, 3.0])
-    new, _ = MERGES["qffl"](MergeInputs(g, {}, m, [0, 1], 3, {}, losses=[1.0, 3.0], lr=0.5))
+    new, _ = merge("qffl", MergeInputs(g, {}, m, [0, 1], 3, {}, losses=[1.0, 3.0], lr=0.5))
     want = qffl_merge(torch.zeros(2), m.cpu(), [1.0, 3.0], lr=0.5)  # the local models are m
     close(new, want.tolist())
     with pytest.raises(ConfigError):
