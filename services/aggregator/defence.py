@@ -80,8 +80,9 @@ class ClusterChoice:
 class RoundDefence:
     """Outcome of the defence: each cluster's choice and every rejection, with why.
 
-    `cluster_deltas` holds the surviving clusters' deltas when they were computed whole
-    (`defend`); the round's merge reads them off the rows in blocks instead.
+    `cluster_deltas` holds cluster deltas computed whole (`defend`; the coordinate-wise ones
+    of a round that is one block, computed once for the cluster check and reused by the
+    merge); otherwise the merge reads them off the rows in blocks.
     """
 
     cluster_results: dict[int, ClusterChoice]
@@ -179,9 +180,13 @@ def cluster_norms(defence: RoundDefence, gram: torch.Tensor, rows: Rows) -> dict
         else:
             squares[c] = torch.zeros((), dtype=torch.float64, device=rows.device)
     if squares:
-        for _, block in rows.blocks():
+        d = rows.shape[1]
+        for start, block in rows.blocks():
             for c, total in squares.items():
-                total += defence.cluster_results[c].apply(block).double().square().sum()
+                delta = defence.cluster_results[c].apply(block)
+                total += delta.double().square().sum()
+                if start == 0 and block.shape[1] == d:  # the whole delta: keep it for the merge
+                    defence.cluster_deltas[c] = delta
         out.update({c: float(total.sqrt()) for c, total in squares.items()})
     return out
 
@@ -227,5 +232,9 @@ def defend(
     """
     out, _ = defend_rows(MatrixRows(deltas), clusters, config, samples)
     for c in out.survivors:
-        out.cluster_deltas[c] = out.cluster_results[c].apply(deltas)
+        if c not in out.cluster_deltas:
+            out.cluster_deltas[c] = out.cluster_results[c].apply(deltas)
+    for c in list(out.cluster_deltas):
+        if c not in out.survivors:
+            del out.cluster_deltas[c]
     return out

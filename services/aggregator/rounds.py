@@ -69,8 +69,10 @@ def combine(
         part.copy_(global_w.narrow(0, start, block.shape[1]))
         if active:
             part.addmv_(take(block, active).T, a)
+        whole = start == 0 and block.shape[1] == d
         for p, c in coordinatewise:
-            part.add_(defence.cluster_results[c].apply(block), alpha=p)
+            known = defence.cluster_deltas.get(c) if whole else None
+            part.add_(defence.cluster_results[c].apply(block) if known is None else known, alpha=p)
     return out
 
 
