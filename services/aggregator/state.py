@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from services.aggregator.rounds import aggregate_round
@@ -143,7 +142,7 @@ class AggregatorState:
 
     def _recycle(self, updates: list[PendingUpdate]) -> None:
         """A closed round's deltas: buffers kept for the next round, files deleted."""
-        self.store.release([u.delta for u in updates])
+        self.store.release([u.delta for u in updates], round_closed=True)
 
     def _flat(self, version: int) -> torch.Tensor:
         kept = self.versions[version]
@@ -159,7 +158,12 @@ class AggregatorState:
                 )
             kept = self.versions[v]
         # Versions are never changed in place: readers share them (no copy of the model).
-        flat = kept.load() if isinstance(kept, DiskRow) else kept
+        # An older version is read from its file whole, outside the budget (GetModel calls
+        # are capped at 4 at a time); one dropped meanwhile is not kept any more.
+        try:
+            flat = kept.load() if isinstance(kept, DiskRow) else kept
+        except FileNotFoundError:
+            raise NotFoundError(f"model version {v} is not kept any more") from None
         return v, unflatten(flat, self.spec, self.reference, share=True)
 
     def begin_update(self, participant: str, round_: int, base_version: int) -> torch.Tensor:
@@ -332,7 +336,8 @@ class AggregatorState:
             info = json.loads(meta.read_text())
             with self.lock:
                 initial = self.versions[0]  # w0 is rebuilt from the model's seed, not stored
-                if self.store.limited and isinstance(initial, torch.Tensor):
+                stash = self.store.limited and int(info["version"]) != 0
+                if stash and isinstance(initial, torch.Tensor):
                     initial = self.store.stash(0, initial)
             flat, others = _read_model(directory / info["model"], self.spec)
             with self.lock:
@@ -353,8 +358,10 @@ class AggregatorState:
             with safe_open(str(path), "pt") as fh:  # the metadata only
                 info = fh.metadata()
             row = safetensors_row(path)
-            if row.numel != size or not _finite(row):
+            if row.numel != size:
                 raise SpecMismatchError(f"{path} does not hold an update of this model")
+            # Not checked for finiteness: values that were each finite can overflow when
+            # the base is subtracted, and the defence rejects such a row ("non-finite").
             delta = self.store.adopt(row)
             update = PendingUpdate(
                 info["participant"],
@@ -367,17 +374,6 @@ class AggregatorState:
                 self.pending[update.participant] = update
             restored = True
         return restored
-
-
-def _finite(row: DiskRow) -> bool:
-    """Whether every value of a row in a file is finite (read in pieces)."""
-    piece = np.empty(max(1, min(row.numel, 4 << 20)), dtype=np.float32)
-    for start in range(0, row.numel, piece.size):
-        part = piece[: min(piece.size, row.numel - start)]
-        row.read(start, part)
-        if not np.isfinite(part).all():
-            return False
-    return True
 
 
 def _read_model(

@@ -33,8 +33,11 @@ from services.common.errors import ConfigError, SpecMismatchError
 from services.common.wire import Sink
 
 MB = 1 << 20
-BLOCK_BYTES = 32 * MB  # one column block of all the round's rows
-WORKING_BLOCKS = 4  # a block, its sorted copy and sort indices (median), a device copy
+BLOCK_BYTES = 16 * MB  # one column block of all the round's rows
+# A block, a copy of a cluster's rows, their sorted values and int64 sort indices (median,
+# trimmed mean: two blocks), a device copy.
+WORKING_BLOCKS = 6
+IO_BYTES = 1 << 30  # Linux moves at most ~2 GiB per read or write call
 COPY_BYTES = 16 * MB
 
 
@@ -49,11 +52,15 @@ class DiskRow:
 
     def read(self, start: int, out: np.ndarray) -> None:
         """Fill `out` (float32) with the values from element `start` on."""
-        want = out.nbytes
+        view = out.data.cast("B")
+        done = 0
         with open(self.path, "rb", buffering=0) as fh:
-            got = os.preadv(fh.fileno(), [out.data.cast("B")], self.offset + 4 * start)
-        if got != want:
-            raise SpecMismatchError(f"{self.path} ends before the delta it should hold")
+            while done < len(view):
+                piece = view[done : done + IO_BYTES]
+                got = os.preadv(fh.fileno(), [piece], self.offset + 4 * start + done)
+                if got <= 0:
+                    raise SpecMismatchError(f"{self.path} ends before the delta it should hold")
+                done += got
 
     def load(self) -> torch.Tensor:
         """The whole row in memory."""
@@ -79,8 +86,14 @@ class RowFile:
         os.ftruncate(self._fd, 4 * numel)
 
     def write(self, first: int, values: np.ndarray) -> None:
-        """Store float32 values at element `first`."""
-        os.pwrite(self._fd, np.ascontiguousarray(values).data.cast("B"), 4 * first)
+        """Store float32 values at element `first` (all of them, or OSError: disk full)."""
+        view = np.ascontiguousarray(values).data.cast("B")
+        done = 0
+        while done < len(view):
+            wrote = os.pwrite(self._fd, view[done : done + IO_BYTES], 4 * first + done)
+            if wrote <= 0:
+                raise OSError(f"could not write {self.row.path}")
+            done += wrote
 
     def close(self) -> DiskRow:
         """The row, complete (the file is closed; it stays until the row is dropped)."""
@@ -124,6 +137,7 @@ class DeltaStore:
         self._lock = threading.Lock()
         self._in_ram = 0  # bytes of delta buffers alive (in rounds, in flight, or spare)
         self._spare: list[torch.Tensor] = []
+        self._keep = 0  # spare buffers worth keeping: as many as the last round used
 
     @property
     def directory(self) -> Path:
@@ -151,16 +165,22 @@ class DeltaStore:
                 return torch.empty(self.numel, dtype=torch.float32)
         return RowFile(self.directory / f"delta-{uuid.uuid4().hex}.f32", self.numel)
 
-    def release(self, deltas: Sequence[Delta | Sink]) -> None:
-        """Deltas no longer needed: buffers are kept for the next round, files deleted."""
+    def release(self, deltas: Sequence[Delta | Sink], round_closed: bool = False) -> None:
+        """Deltas no longer needed: files are deleted, buffers kept for the next round (as
+        many as the last closed round used; a burst of refused uploads leaves no more)."""
         with self._lock:
+            if round_closed:
+                self._keep = sum(isinstance(d, torch.Tensor) for d in deltas)
             for d in deltas:
                 if isinstance(d, RowFile):
                     d.close().drop()
                 elif isinstance(d, DiskRow):
                     d.drop()
-                elif isinstance(d, torch.Tensor):
+                elif isinstance(d, torch.Tensor) and d.numel() == self.numel:
                     self._spare.append(d)
+            while len(self._spare) > self._keep:
+                self._spare.pop()
+                self._in_ram = max(0, self._in_ram - 4 * self.numel)
 
     def adopt(self, row: DiskRow) -> Delta:
         """A delta read back after a restart: into memory if it fits, else read in place."""
@@ -175,10 +195,14 @@ class DeltaStore:
         """Write a model version to a file (it leaves memory when the caller drops it)."""
         path = self.directory / f"version-{version}.f32"
         sink = RowFile(path, flat.numel())
-        array = flat.numpy()
-        step = COPY_BYTES // 4
-        for start in range(0, array.size, step):
-            sink.write(start, array[start : start + step])
+        try:
+            array = flat.numpy()
+            step = COPY_BYTES // 4
+            for start in range(0, array.size, step):
+                sink.write(start, array[start : start + step])
+        except BaseException:
+            sink.close().drop()
+            raise
         return sink.close()
 
     def rows(self, deltas: Sequence[Delta], device: torch.device) -> StoredRows:

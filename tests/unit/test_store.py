@@ -89,12 +89,12 @@ def test_the_scan_gives_the_gram_matrix_and_finite_rows():
 
 
 def test_deltas_past_the_budget_go_to_files_and_come_back():
-    numel = 50_000  # 200 KB a model: two copies and 4 KB of blocks leave room for 3 deltas
+    numel = 50_000  # 200 KB a model: two copies and 6 KB of blocks leave room for 3 deltas
     store = DeltaStore(numel, budget_mb=1, block_bytes=1024)
     places = [store.place() for _ in range(5)]
     assert [isinstance(p, torch.Tensor) for p in places] == [True, True, True, False, False]
     assert all(str(store.directory) in str(p.row.path) for p in places[3:])
-    store.release(places)
+    store.release(places, round_closed=True)
     assert not list(store.directory.glob("delta-*"))  # files of released rows are deleted
     again = [store.place() for _ in range(4)]  # the three buffers again, then a file
     assert {p.data_ptr() for p in again[:3]} == {p.data_ptr() for p in places[:3]}
@@ -147,7 +147,7 @@ def test_a_budgeted_aggregator_keeps_old_versions_in_files_and_survives_a_restar
     deltas = {who: 0.01 * torch.randn(numel, generator=gen) for who in "abcde"}
 
     def budgeted(spill: str) -> AggregatorState:
-        store = DeltaStore(numel, 1, tmp_path / spill, block_bytes=60_000)
+        store = DeltaStore(numel, 1, tmp_path / spill, block_bytes=20_000)
         return AggregatorState(w0, store=store)
 
     free, tight = AggregatorState(w0), budgeted("spill")
@@ -176,3 +176,29 @@ def test_a_budgeted_aggregator_keeps_old_versions_in_files_and_survives_a_restar
     assert isinstance(tight.versions[0], DiskRow) and isinstance(free.versions[0], torch.Tensor)
     assert torch.equal(tight.weights(0)[1]["w"], w0["w"])
     assert not list((tmp_path / "spill").glob("delta-*"))  # the round's files are gone
+
+
+def test_files_are_read_and_written_in_pieces(tmp_path, monkeypatch):
+    """Reads and writes loop until done (one call moves at most ~2 GiB on Linux)."""
+    from services.aggregator import store
+
+    monkeypatch.setattr(store, "IO_BYTES", 12)  # three floats a call
+    values = np.arange(10, dtype=np.float32)
+    sink = RowFile(tmp_path / "r.f32", 10)
+    sink.write(0, values)
+    row = sink.close()
+    assert torch.equal(row.load(), torch.from_numpy(values))
+    part = np.empty(4, dtype=np.float32)
+    row.read(5, part)
+    assert part.tolist() == [5, 6, 7, 8, 9][:4]
+
+
+def test_spare_buffers_are_as_many_as_the_last_round_used():
+    store = DeltaStore(100)
+    round_ = [store.place() for _ in range(3)]
+    refused = [store.place() for _ in range(5)]  # a burst of uploads that were refused
+    store.release(round_, round_closed=True)
+    store.release(refused)
+    assert len(store._spare) == 3
+    store.release([torch.empty(7)])  # not a delta of this model: never handed out
+    assert all(b.numel() == 100 for b in store._spare)
