@@ -28,6 +28,7 @@ from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
+from services.participant.collusion import craft
 from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
@@ -160,6 +161,8 @@ def run_local(
         # Accuracy of the current global model per group, for the fair merge.
         load(global_w)
         accs = {i: evaluate(model, people[i].x_test, people[i].y_test)[1] for i in plan.evaluators}
+        if attack.lies:  # what lying attackers report instead
+            accs.update({i: attack.lie for i in accs if people[i].attacker})
         group_acc = group_accuracy(accs, groups, plan.selected)
         rows: list[int] = []
         updates: list[torch.Tensor] = []
@@ -176,6 +179,13 @@ def run_local(
                 w = apply_model_attack(attack, w, global_w, rnd, p.gen)
             rows.append(i)
             updates.append(w - global_w)
+        if attack.colludes and attack.fires(rnd):
+            # The round's attackers pool their honest deltas and all send one crafted delta.
+            colluders = [k for k, i in enumerate(rows) if people[i].attacker]
+            if colluders:
+                crafted = craft(attack, torch.stack([updates[k] for k in colluders]), len(rows))
+                for k in colluders:
+                    updates[k] = crafted.clone()
         outcome_round = aggregate_round(
             global_w,
             torch.stack(updates),

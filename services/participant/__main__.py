@@ -28,6 +28,7 @@ from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.attacks import AttackConfig
+from services.participant.collusion import Collusion
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
@@ -100,7 +101,10 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         write_ready_file(svc.ready_file, ready)
     hosted = range(me.index, me.index + me.count)
     ids, stubs = connect(config, hosted, metrics)
-    settings = WorkerSettings(fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s)
+    settings = WorkerSettings(
+        fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s, fed.select
+    )
+    collusion = Collusion()  # the attackers this process hosts pool their updates here
     store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)
     honest = AttackConfig()
@@ -116,6 +120,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
             config.adversary.config() if i in attackers else honest,
             stop,
             metrics,
+            collusion,
         )
         for i, pid, stub in zip(hosted, ids, stubs, strict=True)
     ]

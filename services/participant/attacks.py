@@ -13,6 +13,7 @@ import torch
 from services.common.registry import Registry
 from services.participant.adversary import (
     ATTACKS,
+    COLLUDING,
     PLACEMENTS,
     AttackConfig,
     AttackSettings,
@@ -70,7 +71,7 @@ MODEL_ATTACKS: Registry[
         "same-value": lambda c, w, ref, gen: same_value(w, c.value),
     },
 )
-assert set(ATTACKS) == {"none", "label-flip", *MODEL_ATTACKS}
+assert set(ATTACKS) == {"none", "label-flip", "lying-evaluation", *COLLUDING, *MODEL_ATTACKS}
 
 
 def apply_model_attack(
@@ -80,7 +81,9 @@ def apply_model_attack(
     round_: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """The flat weights an attacker sends in this round (unchanged when it does not fire)."""
-    if config.poisons_data or not config.fires(round_):
+    """The flat weights an attacker sends in this round (unchanged when it does not fire).
+
+    Colluding attacks need the other colluders' updates: `collusion.craft` makes theirs."""
+    if not config.changes_model or config.colludes or not config.fires(round_):
         return weights
     return MODEL_ATTACKS[config.kind](config, weights, reference, generator)

@@ -33,6 +33,7 @@ from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
 from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
+from services.participant.collusion import Collusion, craft
 from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard
@@ -80,6 +81,7 @@ class WorkerSettings:
     poll_wait_s: float = 10.0
     seed: int = 0
     retry_budget_s: float = 900.0
+    round_size: int = 15  # participants selected per round (what colluding attackers assume)
 
 
 class ModelStore:
@@ -153,6 +155,7 @@ class Participant:
         attack: AttackConfig,
         stop: threading.Event,
         metrics: ParticipantMetrics,
+        collusion: Collusion | None = None,
     ) -> None:
         self.metrics = metrics
         self.label = str(index)
@@ -167,6 +170,8 @@ class Participant:
         self.stub = stub
         self.store = store
         self.attack = attack
+        # Colluding attackers of this process pool their honest deltas here.
+        self.collusion = collusion or Collusion()
         self.stop = stop
         self.model = build_model(settings.model, data.input_shape, data.num_classes).to(
             settings.device
@@ -188,13 +193,7 @@ class Participant:
             budget_s=settings.retry_budget_s,
         )
         if attack.kind != "none":
-            logger.warning(
-                "SIMULATED ATTACK: %s is an attacker (%s, factor %s, every %d rounds)",
-                self.id,
-                attack.kind,
-                attack.factor,
-                attack.every,
-            )
+            logger.warning("SIMULATED ATTACK: %s is an attacker (%s)", self.id, attack.describe())
 
     # ---- plumbing --------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], object], idempotent: bool = True) -> object:
@@ -293,6 +292,9 @@ class Participant:
 
     def train(self, task: pb.GetTaskResponse) -> None:
         """Train from the global model and stream the weights (attacked when simulated)."""
+        colluding = self.attack.colludes and self.attack.fires(task.round)
+        if colluding:
+            self.collusion.enlist(task.round, self.id)
         self._load(task.model_version)
         t = task.training
         # Only a merge that weighs by it (q-FFL) asks for the received model's loss.
@@ -312,7 +314,20 @@ class Participant:
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
         weights = state_of(self.model)
-        if self.attack.fires(task.round) and not self.attack.poisons_data:
+        if colluding:
+            base = flatten(self.store.get(task.model_version), self.spec)
+            honest = flatten(weights, self.spec) - base
+            pooled = self.collusion.pool(task.round, self.id, honest)
+            crafted = craft(self.attack, pooled, self.settings.round_size)
+            weights = unflatten(base + crafted.to(base.device), self.spec, weights)
+            logger.warning(
+                "SIMULATED ATTACK: %s sends the %s delta of %d colluders in round %d",
+                self.id,
+                self.attack.kind,
+                pooled.shape[0],
+                task.round,
+            )
+        elif self.attack.fires(task.round) and self.attack.changes_model:
             reference = self.store.get(task.model_version)
             flat = apply_model_attack(
                 self.attack,
@@ -345,6 +360,9 @@ class Participant:
         self._load(task.model_version)
         loss, acc = evaluate(self.model, self.x_test, self.y_test)
         self.metrics.test_accuracy.labels(self.label).set(acc)
+        if self.attack.lies:
+            logger.warning("SIMULATED ATTACK: %s reports accuracy %s", self.id, self.attack.lie)
+            acc = self.attack.lie
         request = pb.ReportEvaluationRequest(
             participant_id=self.id,
             evaluation_id=task.evaluation_id,

@@ -1,0 +1,208 @@
+"""Attacks that stay close to the honest updates, by attackers who collude (simulations only).
+
+Colluding attackers pool the honest updates they trained (deltas against the global model
+they started from) and all send one crafted delta built from those alone: they never see an
+honest participant's update (non-omniscient). Each attack is a pure function over the
+(k, d) matrix of the colluders' honest deltas; `Collusion` is how attackers hosted by one
+participant process pool them.
+
+- ALIE, "A little is enough" (Baruch et al., NeurIPS 2019): mean - z * std per coordinate,
+  with z from the number of participants n and of attackers f.
+- IPM, inner-product manipulation (Xie et al., UAI 2020): -epsilon * mean.
+- Min-Max and Min-Sum (Shejwalkar and Houmansadr, NDSS 2021): mean + gamma * p, gamma the
+  largest for which the crafted delta is no farther from any honest one than the honest
+  ones are from each other (Min-Max), or its sum of squared distances to them no larger
+  than any honest one's (Min-Sum).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from statistics import NormalDist
+
+import torch
+
+from services.common.errors import ConfigError
+from services.common.registry import Registry
+from services.participant.adversary import COLLUDING, PERTURBATIONS, AttackConfig
+
+SEARCH_STEPS = 40  # bisection steps for gamma: 2^-40 of the bracket
+
+
+def alie_z(n: int, f: int) -> float:
+    """ALIE's z: s = floor(n / 2 + 1) - f supporters needed, z = Phi^-1((n - s) / n).
+
+    Small groups make it small: n = 10, f = 2 gives s = 4 and z = 0.25; once
+    (n - s) / n <= 0.5 the formula gives z <= 0 and the attack is nothing (z = 0 here: the
+    colluders send their mean), which is why a searched strength matters.
+    """
+    if n < 1 or not 0 <= f <= n:
+        raise ConfigError(f"ALIE needs 0 <= f <= n and n >= 1, got n={n}, f={f}")
+    s = math.floor(n / 2 + 1) - f
+    p = (n - s) / n
+    if p <= 0.5:
+        return 0.0
+    return NormalDist().inv_cdf(min(p, 1.0 - 1e-6))
+
+
+def _check(honest: torch.Tensor) -> None:
+    if honest.dim() != 2 or honest.shape[0] < 1:
+        raise ConfigError(
+            f"colluders' updates must be a non-empty (k, d) matrix, got {tuple(honest.shape)}"
+        )
+
+
+def alie(honest: torch.Tensor, z: float) -> torch.Tensor:
+    """Every coordinate at mean - z * std of the colluders' honest deltas."""
+    _check(honest)
+    mean = honest.mean(dim=0)
+    std = honest.std(dim=0, unbiased=False)
+    return mean - z * std
+
+
+def ipm(honest: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """-epsilon times the colluders' mean honest delta: its inner product with the true
+    mean is negative, which a mean-like rule then follows."""
+    _check(honest)
+    return -epsilon * honest.mean(dim=0)
+
+
+def perturbation(honest: torch.Tensor, kind: str) -> torch.Tensor:
+    """The direction the crafted delta moves from the mean: against the spread (std),
+    against the mean's direction (unit) or against its signs (sign)."""
+    mean = honest.mean(dim=0)
+    if kind == "std":
+        return -honest.std(dim=0, unbiased=False)
+    if kind == "unit":
+        norm = mean.norm()
+        return -mean / norm if float(norm) > 0 else torch.zeros_like(mean)
+    if kind == "sign":
+        return -torch.sign(mean)
+    raise ConfigError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)}")
+
+
+def _largest_gamma(ok: Callable[[float], bool], start: float = 1.0) -> float:
+    """The largest gamma >= 0 with ok(gamma), found by doubling then bisection (ok is
+    assumed monotone: true up to some gamma, false beyond)."""
+    if not ok(0.0):
+        return 0.0
+    lo, hi = 0.0, start
+    while ok(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1e12:
+            return lo
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances between rows of a and rows of b (float64, from one product)."""
+    a64, b64 = a.double(), b.double()
+    d = (a64 * a64).sum(1)[:, None] + (b64 * b64).sum(1)[None, :] - 2.0 * a64 @ b64.T
+    return d.clamp(min=0.0)
+
+
+def min_max(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, float]:
+    """mean + gamma * p with the largest gamma whose delta is no farther from any honest
+    delta than the farthest two honest deltas are from each other; returns it and gamma."""
+    _check(honest)
+    mean, p = honest.mean(dim=0), perturbation(honest, kind)
+    if not bool(p.any()):
+        return mean, 0.0  # no direction to move in (one colluder, or all alike)
+    bound = float(_sq_distances(honest, honest).max())
+
+    def ok(gamma: float) -> bool:
+        crafted = (mean + gamma * p)[None, :]
+        return float(_sq_distances(crafted, honest).max()) <= bound
+
+    gamma = _largest_gamma(ok)
+    return mean + gamma * p, gamma
+
+
+def min_sum(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, float]:
+    """mean + gamma * p with the largest gamma whose sum of squared distances to the honest
+    deltas is no larger than the largest such sum of an honest delta; returns it and gamma."""
+    _check(honest)
+    mean, p = honest.mean(dim=0), perturbation(honest, kind)
+    if not bool(p.any()):
+        return mean, 0.0  # no direction to move in (one colluder, or all alike)
+    bound = float(_sq_distances(honest, honest).sum(dim=1).max())
+
+    def ok(gamma: float) -> bool:
+        crafted = (mean + gamma * p)[None, :]
+        return float(_sq_distances(crafted, honest).sum()) <= bound
+
+    gamma = _largest_gamma(ok)
+    return mean + gamma * p, gamma
+
+
+# Collusion attacks by name: (colluders' honest deltas, n participants per round, attack)
+# -> the delta every colluder sends.
+Crafter = Callable[[torch.Tensor, int, AttackConfig], torch.Tensor]
+
+CRAFTERS: Registry[Crafter] = Registry(
+    "collusion attack",
+    {
+        "alie": lambda h, n, a: alie(h, alie_z(n, h.shape[0]) if a.z is None else a.z),
+        "ipm": lambda h, n, a: ipm(h, a.epsilon),
+        "min-max": lambda h, n, a: min_max(h, a.perturbation)[0],
+        "min-sum": lambda h, n, a: min_sum(h, a.perturbation)[0],
+    },
+)
+assert set(CRAFTERS) == set(COLLUDING)
+
+
+def craft(attack: AttackConfig, honest: torch.Tensor, n: int) -> torch.Tensor:
+    """The delta the colluders send, from their honest deltas (k, d) and the round's size."""
+    return CRAFTERS[attack.kind](honest, n, attack)
+
+
+class Collusion:
+    """Where the attackers hosted by one process pool their honest deltas of a round.
+
+    An attacker `enlist`s as soon as its training task arrives, trains, then `pool`s its
+    honest delta: that waits until every attacker enlisted for the round has pooled (and
+    `grace_s` more for one whose task is still on its way), then returns all the deltas
+    pooled for the round, in the order they came. Attackers of the same process and round
+    therefore craft from the same deltas and send the same update.
+    """
+
+    def __init__(self, grace_s: float = 0.5, timeout_s: float = 120.0) -> None:
+        self._grace_s = grace_s
+        self._timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self._enlisted: dict[int, set[str]] = {}
+        self._pooled: dict[int, dict[str, torch.Tensor]] = {}
+
+    def enlist(self, round_: int, who: str) -> None:
+        """`who` trains for this round and will pool its delta."""
+        with self._cond:
+            self._enlisted.setdefault(round_, set()).add(who)
+            for old in [r for r in self._enlisted if r < round_ - 2]:
+                self._enlisted.pop(old, None)
+                self._pooled.pop(old, None)
+
+    def pool(self, round_: int, who: str, delta: torch.Tensor) -> torch.Tensor:
+        """Add this attacker's honest delta; the (k, d) matrix of the round's pool."""
+        deadline = time.monotonic() + self._timeout_s
+        with self._cond:
+            self._enlisted.setdefault(round_, set()).add(who)
+            pooled = self._pooled.setdefault(round_, {})
+            pooled[who] = delta.detach().cpu()
+            self._cond.notify_all()
+
+            def complete() -> bool:
+                return self._enlisted[round_] <= set(pooled)
+
+            while not complete() and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+        time.sleep(self._grace_s)  # one whose task is still on its way
+        with self._cond:
+            while not self._enlisted[round_] <= set(pooled) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+            return torch.stack([pooled[k] for k in sorted(pooled)])

@@ -1,0 +1,149 @@
+"""Colluding small-step attacks against their papers' definitions, on small random inputs."""
+
+from __future__ import annotations
+
+import threading
+from statistics import NormalDist
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from services.common.errors import ConfigError
+from services.participant.adversary import AttackSettings
+from services.participant.attacks import AttackConfig, apply_model_attack
+from services.participant.collusion import (
+    Collusion,
+    alie,
+    alie_z,
+    craft,
+    ipm,
+    min_max,
+    min_sum,
+    perturbation,
+)
+
+
+@st.composite
+def honest_sets(draw, min_k: int = 1, max_k: int = 6):
+    k = draw(st.integers(min_k, max_k))
+    d = draw(st.integers(1, 12))
+    values = st.floats(-5, 5, width=32, allow_subnormal=False)
+    rows = draw(st.lists(st.lists(values, min_size=d, max_size=d), min_size=k, max_size=k))
+    return torch.tensor(np.array(rows, dtype=np.float32))
+
+
+def test_alie_z_follows_the_paper():
+    # s = floor(n/2 + 1) - f; z = Phi^-1((n - s) / n)
+    for n, f in [(50, 12), (20, 4), (10, 2), (10, 3), (5, 1)]:
+        s = int(n / 2 + 1) - f
+        assert alie_z(n, f) == pytest.approx(NormalDist().inv_cdf((n - s) / n))
+    assert alie_z(10, 2) == pytest.approx(0.2533, abs=1e-4)
+    assert alie_z(4, 0) == 0.0  # (n - s) / n = 0.25: no z moves the mean unnoticed
+    with pytest.raises(ConfigError):
+        alie_z(3, 4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(honest_sets(), st.floats(0, 3))
+def test_alie_is_mean_minus_z_std_per_coordinate(h, z):
+    x = h.double().numpy()
+    want = x.mean(0) - z * x.std(0)  # numpy's std: the population one
+    np.testing.assert_allclose(alie(h, z).double().numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(honest_sets(), st.floats(0, 10))
+def test_ipm_is_minus_epsilon_times_the_mean(h, eps):
+    got = ipm(h, eps)
+    torch.testing.assert_close(got, -eps * h.mean(0), rtol=1e-5, atol=1e-5)
+    mean = h.mean(0).double()
+    if eps > 1e-3 and float(mean.norm()) > 1e-3:
+        assert float(got.double() @ mean) < 0  # points against the honest mean
+
+
+def naive_sq(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).sum())
+
+
+@settings(max_examples=80, deadline=None)
+@given(honest_sets(min_k=2), st.sampled_from(["std", "unit", "sign"]))
+def test_min_max_stays_within_the_honest_spread_and_is_the_largest(h, kind):
+    x = h.double().numpy()
+    crafted, gamma = min_max(h, kind)
+    bound = max(naive_sq(a, b) for a in x for b in x)
+    worst = max(naive_sq(crafted.double().numpy(), a) for a in x)
+    assert worst <= bound * (1 + 1e-6) + 1e-6
+    p = perturbation(h, kind).double().numpy()
+    if np.abs(p).max() > 1e-3 and bound > 1e-3:
+        beyond = x.mean(0) + (gamma * 1.01 + 1e-3) * p  # a little more would be seen
+        assert max(naive_sq(beyond, a) for a in x) > bound * (1 - 1e-6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(honest_sets(min_k=2), st.sampled_from(["std", "unit", "sign"]))
+def test_min_sum_stays_within_the_honest_sums_and_is_the_largest(h, kind):
+    x = h.double().numpy()
+    crafted, gamma = min_sum(h, kind)
+    bound = max(sum(naive_sq(a, b) for b in x) for a in x)
+    total = sum(naive_sq(crafted.double().numpy(), a) for a in x)
+    assert total <= bound * (1 + 1e-6) + 1e-6
+    p = perturbation(h, kind).double().numpy()
+    if np.abs(p).max() > 1e-3 and bound > 1e-3:
+        beyond = x.mean(0) + (gamma * 1.01 + 1e-3) * p
+        assert sum(naive_sq(beyond, a) for a in x) > bound * (1 - 1e-6)
+
+
+def test_one_colluder_alone_sends_its_honest_delta_under_min_max():
+    h = torch.tensor([[1.0, -2.0, 3.0]])
+    crafted, gamma = min_max(h)
+    assert gamma == 0.0 and torch.equal(crafted, h[0])
+
+
+def test_craft_uses_the_configured_strength():
+    h = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(craft(AttackConfig("ipm", epsilon=2.0), h, 15), -2.0 * h.mean(0))
+    z = alie_z(15, 4)
+    torch.testing.assert_close(craft(AttackConfig("alie"), h, 15), alie(h, z))
+    torch.testing.assert_close(craft(AttackConfig("alie", z=1.5), h, 15), alie(h, 1.5))
+
+
+def test_settings_fire_colluding_attacks_every_round_and_loud_ones_every_fifth():
+    assert AttackSettings(attack="alie").config().every == 1
+    assert (
+        AttackSettings(attack="alie").config().describe() == "alie, z from n and f, every 1 rounds"
+    )
+    assert AttackSettings(attack="scaling").config().every == 5
+    assert AttackSettings(attack="ipm", attack_every=3).config().every == 3
+    cfg = AttackSettings(attack="min-max", attack_perturbation="unit").config()
+    assert cfg.colludes and cfg.changes_model and cfg.perturbation == "unit"
+    lying = AttackSettings(attack="lying-evaluation", attack_lie=1.0).config()
+    assert lying.lies and not lying.changes_model and lying.lie == 1.0
+    w = torch.ones(3)  # colluding and lying attacks are not applied one update at a time
+    for c in (cfg, lying):
+        assert torch.equal(apply_model_attack(c, w, torch.zeros(3), 0, torch.Generator()), w)
+    with pytest.raises(ConfigError):
+        AttackConfig("min-sum", perturbation="sideways")
+    with pytest.raises(ConfigError):
+        AttackConfig("lying-evaluation", lie=1.5)
+
+
+def test_attackers_of_one_process_pool_their_deltas():
+    """Three attacker threads, one enlisted late: all get the same pool of three."""
+    pool = Collusion(grace_s=0.05, timeout_s=10)
+    got: dict[str, torch.Tensor] = {}
+    for who in ("a", "b", "c"):
+        pool.enlist(7, who)
+
+    def attacker(who: str, value: float) -> None:
+        got[who] = pool.pool(7, who, torch.full((2,), value))
+
+    threads = [threading.Thread(target=attacker, args=(w, v)) for w, v in zip("abc", (1, 2, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    want = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    assert all(torch.equal(g, want) for g in got.values()) and len(got) == 3
