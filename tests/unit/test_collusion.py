@@ -140,7 +140,10 @@ def test_attackers_of_one_process_pool_their_deltas():
     def attacker(who: str, value: float) -> None:
         got[who] = pool.pool(7, who, torch.full((2,), value))
 
-    threads = [threading.Thread(target=attacker, args=(w, v)) for w, v in zip("abc", (1, 2, 3))]
+    threads = [
+        threading.Thread(target=attacker, args=(w, v))
+        for w, v in zip("abc", (1, 2, 3), strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
