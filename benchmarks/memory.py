@@ -19,7 +19,6 @@ aggregate, and compares the two new models:
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from collections import OrderedDict
@@ -27,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from processes import start_service  # benchmarks/processes.py, beside this script
+from processes import aggregator_args, mclr_side, start_service  # beside this script
 
 from services.common.grpc_client import call_metadata, channel, raw_requests
+from services.common.lifecycle import memory_bytes
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
@@ -42,25 +42,14 @@ SERVICE = "flclustering.v1.Aggregator"
 
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident memory so far (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
+    return (memory_bytes(pid) or 0) / (1 << 20)
 
 
 def run(side: int, updates: int, budget_mb: int | None, tmp: Path) -> tuple[float, np.ndarray]:
     """One aggregator's round; returns its peak RSS (MB) and the new model (flat)."""
-    args = [
-        "services.aggregator",
-        "--host=127.0.0.1",
-        "--port=0",
-        "--model=mclr",
-        f"--input-shape=1,{side},{side}",
-        "--num-classes=10",
-        "--keep-versions=2",
-        "--strategy=flclustering",
-        "--byzantine-fraction=0.25",
-    ]
+    args = aggregator_args(
+        side, "--keep-versions=2", "--strategy=flclustering", "--byzantine-fraction=0.25"
+    )
     if budget_mb is not None:
         args += [f"--memory-budget-mb={budget_mb}", f"--spill-dir={tmp / 'spill'}"]
     name = "budget" if budget_mb else "none"
@@ -127,7 +116,7 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=8)
     p.add_argument("--budget-mb", type=int, default=2048)
     a = p.parse_args()
-    side = max(8, int(math.sqrt(a.mb * 1e6 / 4 / 512)))
+    side = mclr_side(a.mb)
     tmp = Path(tempfile.mkdtemp())
     torch.set_num_threads(1)
     print(f"model: about {a.mb:,.0f} MB (mclr over 1x{side}x{side}), {a.updates} updates")

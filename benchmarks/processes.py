@@ -6,6 +6,7 @@ Imported by path (the scripts' directory is on sys.path when they run), like rel
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,3 +38,23 @@ def start_service(
             raise SystemExit(f"{args[0]} did not start" + (f" (see {log})" if log else ""))
         time.sleep(0.1)
     return proc, json.loads(ready.read_text())["grpc"]
+
+
+def mclr_side(mb: float, least: int = 8) -> int:
+    """The image side that makes `mclr` (an MLP whose first layer is side^2 x 512) a model
+    of about `mb` megabytes."""
+    return max(least, int(math.sqrt(mb * 1e6 / 4 / 512)))
+
+
+def aggregator_args(side: int, *extra: str) -> list[str]:
+    """`python -m` arguments of an aggregator on a free loopback port serving `mclr` over
+    1 x side x side images, plus `extra` flags."""
+    return [
+        "services.aggregator",
+        "--host=127.0.0.1",
+        "--port=0",
+        "--model=mclr",
+        f"--input-shape=1,{side},{side}",
+        "--num-classes=10",
+        *extra,
+    ]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from processes import cpu_s, start_service  # benchmarks/processes.py, beside this script
+from processes import aggregator_args, cpu_s, mclr_side, start_service  # beside this script
 
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -114,19 +113,16 @@ def main() -> int:
     if min(a.participants, a.rounds) < 1 or a.mb <= 0:
         ap.error("--participants and --rounds must be at least 1, --mb positive")
     # `mclr` on images is an MLP whose first layer (side^2 x 512) makes up the model.
-    side = max(4, int(math.sqrt(a.mb * 1e6 / 4 / 512)))
+    side = mclr_side(a.mb, least=4)
     work = Path(tempfile.mkdtemp(prefix="flc-round-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         agg, agg_addr = start_service(
-            [
-                "services.aggregator", "--host=127.0.0.1", "--port=0", "--model=mclr",
-                f"--input-shape=1,{side},{side}", "--num-classes=10", "--strategy=fedavg",
-            ],
+            aggregator_args(side, "--strategy=fedavg"),
             work / "aggregator.json",
             TOKEN,
             work / "aggregator.log",
-        )  # fmt: skip
+        )
         procs.append(agg)
         clu, clu_addr = start_service(
             [

@@ -22,7 +22,6 @@ Memory goal: under twice the model's size per service.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import relay  # benchmarks/relay.py, beside this script
 import torch
-from processes import cpu_s, start_service
+from processes import aggregator_args, cpu_s, mclr_side, start_service
 
 from services.common.grpc_client import call_metadata, channel
 from services.common.lifecycle import memory_bytes
@@ -91,21 +90,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     # An MLP over a square image whose first layer makes the model about --mb megabytes.
-    side = max(8, int(math.sqrt(a.mb * 1e6 / 4 / 512)))
+    side = mclr_side(a.mb)
     tmp = Path(tempfile.mkdtemp())
     procs: list[subprocess.Popen[bytes]] = []
     try:
         agg, agg_addr = start_service(
-            [
-                "services.aggregator",
-                "--host=127.0.0.1",
-                "--port=0",
-                "--model=mclr",
-                f"--input-shape=1,{side},{side}",
-                "--num-classes=10",
-                "--keep-versions=2",
-                "--strategy=fedavg",
-            ],
+            aggregator_args(side, "--keep-versions=2", "--strategy=fedavg"),
             tmp / "agg.json",
             TOKEN,
         )

@@ -109,6 +109,11 @@ def norm_screen(norms: torch.Tensor, factor: float) -> torch.Tensor:
     return norms <= factor * med
 
 
+def _sub_gram(gram: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the rows `idx` (read off the round's)."""
+    return gram.index_select(0, idx).index_select(1, idx)
+
+
 def select(
     found: Scan,
     clusters: Sequence[int],
@@ -148,11 +153,10 @@ def select(
             out.rejected_clusters[c] = "no update survived screening"
             continue
         idx = torch.tensor(rows, device=device)
-        sub = gram.index_select(0, idx).index_select(1, idx)
         choice = ClusterChoice(
             rows,
             RULES[config.rule](
-                sub,
+                _sub_gram(gram, idx),
                 attackers_for(len(rows), config.byzantine_fraction),
                 None if w_all is None else w_all[idx],
             ),
@@ -173,8 +177,7 @@ def cluster_norms(defence: RoundDefence, gram: torch.Tensor, rows: Rows) -> dict
             continue
         if choice.linear:
             assert choice.selection.coefficients is not None
-            idx = torch.tensor(choice.rows, device=gram.device)
-            sub = gram.index_select(0, idx).index_select(1, idx)
+            sub = _sub_gram(gram, torch.tensor(choice.rows, device=gram.device))
             w = choice.selection.coefficients.to(gram.device, gram.dtype)
             out[c] = float((w @ sub @ w).clamp(min=0).sqrt())
         else:

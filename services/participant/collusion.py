@@ -107,38 +107,36 @@ def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp(min=0.0)
 
 
-def min_max(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, float]:
-    """mean + gamma * p with the largest gamma whose delta is no farther from any honest
-    delta than the farthest two honest deltas are from each other; returns it and gamma."""
+def _stealthiest(
+    honest: torch.Tensor, kind: str, spread: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, float]:
+    """mean + gamma * p with the largest gamma for which the crafted delta's spread from the
+    honest deltas (`spread` of its row of squared distances to them) is no larger than the
+    largest spread of an honest delta from the others; returns it and gamma."""
     _check(honest)
     mean, p = honest.mean(dim=0), perturbation(honest, kind)
     if not bool(p.any()):
         return mean, 0.0  # no direction to move in (one colluder, or all alike)
-    bound = float(_sq_distances(honest, honest).max())
+    bound = float(spread(_sq_distances(honest, honest)).max())
 
     def ok(gamma: float) -> bool:
         crafted = (mean + gamma * p)[None, :]
-        return float(_sq_distances(crafted, honest).max()) <= bound
+        return float(spread(_sq_distances(crafted, honest))[0]) <= bound
 
     gamma = _largest_gamma(ok)
     return mean + gamma * p, gamma
+
+
+def min_max(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, float]:
+    """Min-Max: the crafted delta is no farther from any honest delta than the farthest two
+    honest deltas are from each other."""
+    return _stealthiest(honest, kind, lambda d: d.max(dim=1).values)
 
 
 def min_sum(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, float]:
-    """mean + gamma * p with the largest gamma whose sum of squared distances to the honest
-    deltas is no larger than the largest such sum of an honest delta; returns it and gamma."""
-    _check(honest)
-    mean, p = honest.mean(dim=0), perturbation(honest, kind)
-    if not bool(p.any()):
-        return mean, 0.0  # no direction to move in (one colluder, or all alike)
-    bound = float(_sq_distances(honest, honest).sum(dim=1).max())
-
-    def ok(gamma: float) -> bool:
-        crafted = (mean + gamma * p)[None, :]
-        return float(_sq_distances(crafted, honest).sum()) <= bound
-
-    gamma = _largest_gamma(ok)
-    return mean + gamma * p, gamma
+    """Min-Sum: the crafted delta's sum of squared distances to the honest deltas is no
+    larger than the largest such sum of an honest delta."""
+    return _stealthiest(honest, kind, lambda d: d.sum(dim=1))
 
 
 # Collusion attacks by name: (colluders' honest deltas, n participants per round, attack)
