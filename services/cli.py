@@ -72,9 +72,11 @@ def _summary(
         )
     if purity is not None:
         print(f"clustering purity against the true groups: {purity:.2f}")
+    backdoor = final.get("backdoor_success_rate")
+    attack = "" if backdoor is None else f", backdoor success rate {backdoor:.3f}"
     print(
         f"final: mean accuracy {final['mean_accuracy']:.3f}, std {final['accuracy_std']:.3f}, "
-        f"worst {final['worst_accuracy']:.3f}; results in {where}"
+        f"worst {final['worst_accuracy']:.3f}{attack}; results in {where}"
     )
 
 

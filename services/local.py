@@ -28,7 +28,8 @@ from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
-from services.participant.collusion import craft
+from services.participant.backdoor import poison, replacement, success_rate
+from services.participant.collusion import craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
@@ -102,6 +103,7 @@ def run_local(
     strategy = get_strategy(fed.strategy)
     attack = config.adversary.config()
     data = federation_data(fed, config.data)
+    attack.check_classes(data.num_classes)
     people = build_participants(config, data)
     device = resolve_device(config.run.device)
     model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed).to(device)
@@ -131,6 +133,12 @@ def run_local(
                 for p in people
             ]
         )
+        steering = [p.index for p in people if p.attacker and attack.steers]
+        if steering:  # cluster steering: the attackers all send their mean delta
+            pooled = deltas[steering]
+            crafted = steer(pooled)
+            for i in steering:
+                deltas[i] = jittered(crafted, pooled, attack.jitter, people[i].gen)
         fit, res = group_deltas(deltas, fed.clusters, config.clustering.cluster_method, fed.seed)
         # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).
         assignment = np.full(len(people), -1)
@@ -172,10 +180,18 @@ def run_local(
             load(global_w)
             if strategy.needs_losses:
                 losses.append(evaluate(model, p.x_train, p.y_train)[0])
-            y = flip_labels(p.y_train) if p.attacker and attack.poisons_data else p.y_train
-            local_train(model, p.x_train, y, train, rnd, p.gen)
+            x, y = p.x_train, p.y_train
+            if p.attacker and attack.poisons_data:
+                y = flip_labels(y, attack.flip_from, attack.flip_to)
+            if p.attacker and attack.backdoors:
+                x, y = poison(x, y, attack.target, attack.poison_share, p.gen)
+            local_train(model, x, y, train, rnd, p.gen)
             w = flatten(model.state_dict(), spec)
-            if p.attacker:
+            if p.attacker and attack.backdoors:
+                delta = w - global_w
+                boost = attack.boost or len(plan.selected)
+                w = global_w + replacement(delta, boost, attack.norm_bound * float(delta.norm()))
+            elif p.attacker:
                 w = apply_model_attack(attack, w, global_w, rnd, p.gen)
             rows.append(i)
             updates.append(w - global_w)
@@ -183,9 +199,11 @@ def run_local(
             # The round's attackers pool their honest deltas and all send one crafted delta.
             colluders = [k for k, i in enumerate(rows) if people[i].attacker]
             if colluders:
-                crafted = craft(attack, torch.stack([updates[k] for k in colluders]), len(rows))
+                pooled = torch.stack([updates[k] for k in colluders])
+                crafted = craft(attack, pooled, len(rows))
                 for k in colluders:
-                    updates[k] = crafted.clone()
+                    gen = people[rows[k]].gen
+                    updates[k] = jittered(crafted, pooled, attack.jitter, gen).clone()
         outcome_round = aggregate_round(
             global_w,
             torch.stack(updates),
@@ -205,6 +223,10 @@ def run_local(
         load(global_w)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
         summary = accuracy_summary([a for _, a in figs])
+        backdoor = {}
+        if attack.backdoors:  # every test input of the other classes, triggered
+            rate = success_rate(model, data.x_test, data.y_test, attack.target)
+            backdoor["backdoor_success_rate"] = rate
         record = {
             "round": rnd,
             "mean_accuracy": summary.mean,
@@ -219,6 +241,7 @@ def run_local(
             "rejected_clusters": len(outcome.rejected_clusters),
             "fallbacks": len(outcome.fallbacks),
             "selection": {str(i): c for i, c in plan.selected.items()},
+            **backdoor,
         }
         result.rounds.append(record)
         if progress is not None:
@@ -230,4 +253,6 @@ def run_local(
         "worst_accuracy": last["worst_accuracy"],
         "worst_decile_accuracy": last["worst_decile_accuracy"],
     }
+    if "backdoor_success_rate" in last:
+        result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
     return result

@@ -300,6 +300,10 @@ def simulate(
         status = follow(stub, procs, progress)
         results = collect(config, status, members(stub), attackers, endpoints)
         results["processes"] = procs.peak_rss_mb()
+        if config.adversary.config().backdoors:
+            state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
+            model = out / "state" / "aggregator" / state["model"]
+            results["final"]["backdoor_success_rate"] = backdoor_success(config, model)
         if serve is None:
             procs.terminate()  # the services shut down while the figures are drawn
         write_results(out, results)
@@ -405,6 +409,23 @@ def collect(
         },
         "endpoints": endpoints,
     }
+
+
+def backdoor_success(config: SimulateConfig, model_file: Path) -> float:
+    """The backdoor's success rate on the final global model (the aggregator's saved one:
+    safetensors, nothing unpickled): triggered test inputs of other classes classified as
+    the target."""
+    from safetensors.torch import load_file
+
+    from services.common.models import build_model
+    from services.participant.backdoor import success_rate
+    from services.participant.partition import federation_data
+
+    fed = config.federation
+    data = federation_data(fed, config.data)
+    model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed)
+    model.load_state_dict(load_file(str(model_file)))
+    return success_rate(model, data.x_test, data.y_test, config.adversary.attack_target)
 
 
 def scrape_config(endpoints: dict[str, Any], rules: str | None = None, interval: str = "5s") -> str:

@@ -5,11 +5,14 @@ What the rules see are deltas against the global model the round started from, n
 weights: an honest delta is small and points where the data pulls, while a negated or scaled
 model is a delta of about twice (or many times) the whole model. Three layers, each reported:
 
-1. Round-wide norm screen. A delta longer than `norm_factor` times the median delta length
+1. Round-wide screens. A delta longer than `norm_factor` times the median delta length
    of the whole round is rejected. Taken over every selected participant, not per cluster,
    so it holds as long as attackers are a minority of the round even when one cluster is
    mostly attackers (which fair selection makes likely: 5 of 10 with 3 attackers gives a
-   majority 17% of the time).
+   majority 17% of the time). Then deltas with a near-twin are rejected (`twins`): honest
+   participants train on their own data with their own seeds and never send the same
+   delta, while colluders who all send one crafted delta (ALIE, IPM, Min-Max, Min-Sum) are
+   at distance 0 from each other, which is exactly what Krum-type scores reward.
 2. The robust rule inside each cluster (Multi-Krum by default: it averages the n - f best
    instead of keeping one, so a clean round loses little; f from the configured share).
 3. Cluster check. A cluster delta longer than `cluster_factor` times the lower median of the
@@ -27,6 +30,7 @@ import torch
 from services.aggregator.robust import RULES, Selection, attackers_for
 from services.aggregator.rows import MatrixRows, Rows, Scan, scan, take
 from services.common.errors import ConfigError
+from services.common.twins import twins
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class DefenceConfig:
     byzantine_fraction: float = 0.3
     norm_factor: float | None = 3.0  # None switches the round-wide norm screen off
     cluster_factor: float | None = 3.0  # None switches the cluster check off
+    twin_factor: float | None = 0.03  # None switches the near-twin screen off
 
     def __post_init__(self) -> None:
         RULES[self.rule]
@@ -45,6 +50,8 @@ class DefenceConfig:
             v = getattr(self, name)
             if v is not None and v <= 1:
                 raise ConfigError(f"{name} must be above 1 (or None), got {v}")
+        if self.twin_factor is not None and not 0 < self.twin_factor < 1:
+            raise ConfigError(f"twin_factor must lie in (0, 1) (or None), got {self.twin_factor}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,12 @@ def select(
         for i in torch.nonzero(keep & ~ok).flatten().tolist():
             rejected[i] = "norm"
         keep &= ok
+    if config.twin_factor is not None and int(keep.sum()) >= 3:
+        idx = torch.nonzero(keep).flatten()
+        twin = twins(_sub_gram(gram, idx), config.twin_factor)
+        for i in idx[twin].tolist():
+            rejected[i] = "near-twin"
+        keep[idx[twin]] = False
 
     out = RoundDefence({}, rejected)
     w_all = None

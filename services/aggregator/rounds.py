@@ -37,6 +37,7 @@ def defence_for(strategy: Strategy, settings: DefenceSettings) -> DefenceConfig:
         settings.byzantine_fraction,
         settings.norm_factor if strategy.defended else None,
         settings.cluster_factor if strategy.defended else None,
+        settings.twin_factor if strategy.defended else None,
     )
 
 

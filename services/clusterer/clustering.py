@@ -24,6 +24,7 @@ import torch
 from services.common.catalog import CLUSTER_METHODS
 from services.common.errors import ConfigError
 from services.common.sketch import count_sketch, row_blocks
+from services.common.twins import twins
 
 METHODS = CLUSTER_METHODS
 AUTO_K = ("silhouette", "energy")
@@ -31,6 +32,7 @@ AUTO_K = ("silhouette", "energy")
 # 2,000 the exact Ward fit takes ~2.5 s (2 cores), and a cluster of 1% of the federation
 # still has ~20 rows in the sample.
 FIT_SAMPLE = 2000
+TWIN_FACTOR = 0.03  # a pre-training delta this close to another (x the median) is refused
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,22 @@ def screen_deltas(deltas: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
     if int(ok.sum()) >= 3:
         ok &= norms <= factor * norms[ok].median()
     return ok.to(deltas.device)
+
+
+def twin_deltas(deltas: torch.Tensor, factor: float, limit: int = FIT_SAMPLE) -> torch.Tensor:
+    """Mask of pre-training deltas with a near-twin (`services.common.twins`): colluders
+    who all send one delta to be clustered together. The Gram matrix is built a block of
+    rows at a time in float32 (n^2 d, as the clustering's own distances); above `limit`
+    rows nothing is flagged (the clustering fits on a sample of that size too).
+    """
+    n, d = deltas.shape
+    if n < 3 or n > limit:
+        return torch.zeros(n, dtype=torch.bool, device=deltas.device)
+    x = deltas.float()
+    gram = torch.empty((n, n), dtype=torch.float64, device=deltas.device)
+    for rows in row_blocks(n, max(n, d)):
+        gram[rows] = (x[rows] @ x.T).double()
+    return twins(gram, factor)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -390,12 +408,20 @@ def group_deltas(
     method: str = "hierarchical",
     seed: int = 0,
     fit_sample: int = FIT_SAMPLE,
+    twin_factor: float | None = TWIN_FACTOR,
 ) -> tuple[torch.Tensor, ClusterResult]:
     """Screen the pre-training deltas and cluster those fit to it into k (at most one per
     delta; None: chosen automatically). The clusterer and the in-process federation both
     group participants through here. Returns the fit mask and the clustering of its rows.
+
+    Unfit: non-finite or absurdly long deltas, and near-twins (`twin_deltas`, unless
+    `twin_factor` is None): a participant left out is never selected.
     """
     fit = screen_deltas(deltas)
+    if twin_factor is not None and int(fit.sum()) >= 3:
+        idx = torch.nonzero(fit).flatten()
+        rows = deltas if bool(fit.all()) else deltas[idx]
+        fit[idx[twin_deltas(rows, twin_factor, max(fit_sample, FIT_SAMPLE))]] = False
     kept = deltas if bool(fit.all()) else deltas[fit]  # no copy when every delta is fit
     if kept.shape[0] == 0:
         raise ConfigError("no pre-training delta is fit to cluster (all non-finite or absurd)")

@@ -100,10 +100,15 @@ def evaluation_sample(groups: Mapping[P, int], limit: int, seed: int, round_: in
 def group_accuracy(
     accuracies: Mapping[P, float], groups: Mapping[P, int], selected: Mapping[P, int]
 ) -> dict[int, float]:
-    """Mean accuracy per selected group over the evaluators that answered."""
+    """Median accuracy per selected group over the evaluators that answered.
+
+    The median, not the mean: the accuracies are what participants report, and a minority
+    of a group's evaluators reporting 0 (or 1) must not move its merge weight (with the
+    mean, one liar of five reporting 0 moves a group served at 0.95 to 0.76).
+    """
     out: dict[int, float] = {}
     for c in sorted(set(selected.values())):
         accs = [a for p, a in accuracies.items() if groups.get(p) == c]
         if accs:
-            out[c] = float(np.mean(accs))
+            out[c] = float(np.median(accs))
     return out

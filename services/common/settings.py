@@ -245,6 +245,13 @@ class DefenceSettings(Settings):
     cluster_factor: float = Field(
         3.0, gt=1, description="drop cluster deltas longer than this times their median"
     )
+    twin_factor: float = Field(
+        0.03,
+        gt=0,
+        lt=1,
+        description="reject deltas closer to another than this times the round's median "
+        "distance between deltas (colluders sending one crafted delta)",
+    )
 
 
 class TransportSettings(Settings):

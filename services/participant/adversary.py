@@ -17,7 +17,8 @@ from services.common.settings import Settings, choice
 
 # Attacks that craft one delta from the colluders' honest ones (services/participant/
 # collusion.py): small steps, close to the honest updates, every round by default.
-COLLUDING = ("alie", "ipm", "min-max", "min-sum")
+# cluster-steering also crafts the pre-training delta (to be clustered together) and lies.
+COLLUDING = ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
 ATTACKS = (
     "none",
     "scaling",
@@ -26,8 +27,10 @@ ATTACKS = (
     "gaussian",
     "same-value",
     *COLLUDING,
+    "backdoor",
     "lying-evaluation",
 )
+EVERY_ROUND = (*COLLUDING, "backdoor")  # attacks that fire every round by default
 PLACEMENTS = ("per-group", "random")
 PERTURBATIONS = ("std", "unit", "sign")  # min-max / min-sum: the direction from the mean
 LOUD_EVERY = 5  # model attacks that a norm screen sees fire every 5th round by default
@@ -47,7 +50,12 @@ class AttackConfig:
     z: float | None = None  # alie: None derives z from the round's size and the colluders
     epsilon: float = 0.1  # ipm: the colluders send -epsilon times their mean delta
     perturbation: str = "std"  # min-max, min-sum: the direction away from the mean
-    lie: float = 0.0  # lying-evaluation: the accuracy reported in every evaluation
+    lie: float = 0.0  # lying-evaluation, cluster-steering: the accuracy always reported
+    target: int = 0  # backdoor: triggered inputs are to be classified as this class
+    poison_share: float = 0.5  # backdoor: share of other classes' samples copied triggered
+    boost: float | None = None  # backdoor: delta times this (None: the round's n, eta = 1)
+    norm_bound: float = 2.0  # backdoor: at most this times the unboosted delta's length
+    jitter: float = 0.0  # colluders: own noise, times the median distance of their deltas
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
@@ -61,12 +69,30 @@ class AttackConfig:
             )
         if not 0.0 <= self.lie <= 1.0:
             raise ConfigError(f"a reported accuracy lies in [0, 1], got {self.lie}")
+        if self.target < 0:
+            raise ConfigError(f"the backdoor's target class must be >= 0, got {self.target}")
+        if not 0.0 < self.poison_share <= 1.0:
+            raise ConfigError(f"the poisoned share lies in (0, 1], got {self.poison_share}")
+        if self.boost is not None and not 0.0 < self.boost < 1e6:
+            raise ConfigError(f"the backdoor's boost lies in (0, 1e6), got {self.boost}")
+        if not 0.0 <= self.norm_bound < 1e6:
+            raise ConfigError(f"the backdoor's norm bound lies in [0, 1e6), got {self.norm_bound}")
+        if not 0.0 <= self.jitter < 1e3:
+            raise ConfigError(f"the colluders' jitter lies in [0, 1e3), got {self.jitter}")
+
+    def check_classes(self, num_classes: int) -> None:
+        """ConfigError when the backdoor's target is not a class of the dataset."""
+        if self.backdoors and self.target >= num_classes:
+            raise ConfigError(
+                f"the backdoor's target class {self.target} is not one of the dataset's "
+                f"{num_classes} classes (0-{num_classes - 1})"
+            )
 
     def describe(self) -> str:
         """The attack and the settings it uses, for the attacker's log line."""
         if self.poisons_data:
             return f"{self.kind}, class {self.flip_from} as {self.flip_to}"
-        if self.lies:
+        if self.lies and not self.colludes:
             return f"{self.kind}, reports accuracy {self.lie}"
         strength = {
             "scaling": f"factor {self.factor}",
@@ -76,8 +102,13 @@ class AttackConfig:
             "ipm": f"epsilon {self.epsilon}",
             "min-max": f"perturbation {self.perturbation}",
             "min-sum": f"perturbation {self.perturbation}",
+            "cluster-steering": f"reports accuracy {self.lie}",
+            "backdoor": f"target {self.target}, boost "
+            f"{'n' if self.boost is None else self.boost}, norm bound {self.norm_bound}",
         }.get(self.kind, "")
-        return ", ".join(x for x in (self.kind, strength, f"every {self.every} rounds") if x)
+        jitter = f"jitter {self.jitter}" if self.colludes and self.jitter else ""
+        every = f"every {self.every} rounds"
+        return ", ".join(x for x in (self.kind, strength, jitter, every) if x)
 
     @property
     def poisons_data(self) -> bool:
@@ -92,12 +123,23 @@ class AttackConfig:
     @property
     def lies(self) -> bool:
         """Whether the attackers report a made-up accuracy instead of their model's."""
-        return self.kind == "lying-evaluation"
+        return self.kind in ("lying-evaluation", "cluster-steering")
+
+    @property
+    def backdoors(self) -> bool:
+        """Whether the attackers train a trigger in and boost their delta."""
+        return self.kind == "backdoor"
+
+    @property
+    def steers(self) -> bool:
+        """Whether the attackers also craft their pre-training delta (to be clustered
+        together)."""
+        return self.kind == "cluster-steering"
 
     @property
     def changes_model(self) -> bool:
         """Whether the attack changes the weights sent (in the rounds it fires)."""
-        return not (self.kind == "none" or self.poisons_data or self.lies)
+        return not (self.kind in ("none", "lying-evaluation") or self.poisons_data)
 
     def fires(self, round_: int) -> bool:
         """Whether a model attack fires in this round (data attacks fire always)."""
@@ -137,7 +179,7 @@ class AttackSettings(Settings):
         None,
         ge=1,
         description="model attacks fire every this many rounds (default: 5 for scaling, "
-        "sign-flip, gaussian and same-value, every round for the colluding attacks)",
+        "sign-flip, gaussian and same-value, every round for the colluding ones and backdoor)",
     )
     attack_z: float | None = Field(
         None, description="alie: z (default: from the round's size and the colluders)"
@@ -149,6 +191,31 @@ class AttackSettings(Settings):
     attack_lie: float = Field(
         0.0, ge=0, le=1, description="lying-evaluation: the accuracy attackers report"
     )
+    attack_target: int = Field(
+        0, ge=0, le=100_000, description="backdoor: the class triggered inputs are sent to"
+    )
+    attack_poison_share: float = Field(
+        0.5, gt=0, le=1, description="backdoor: share of other classes' samples copied triggered"
+    )
+    attack_boost: float | None = Field(
+        None,
+        gt=0,
+        lt=1e6,
+        description="backdoor: delta times this (default: participants per round, eta = 1)",
+    )
+    attack_norm_bound: float = Field(
+        2.0,
+        ge=0,
+        lt=1e6,
+        description="backdoor: boosted delta at most this times the unboosted one's length",
+    )
+    attack_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=1e3,
+        description="colluding attacks: each colluder adds its own noise of this times the "
+        "median distance between the colluders' honest deltas (0: all send one delta)",
+    )
     attack_placement: Annotated[str, choice(PLACEMENTS)] = Field(
         "per-group", description="spread attackers over the true groups, or at random"
     )
@@ -157,7 +224,7 @@ class AttackSettings(Settings):
         """The attack as the participant applies it."""
         every = self.attack_every
         if every is None:
-            every = 1 if self.attack in COLLUDING else LOUD_EVERY
+            every = 1 if self.attack in EVERY_ROUND else LOUD_EVERY
         return AttackConfig(
             self.attack,
             self.attack_factor,
@@ -166,4 +233,9 @@ class AttackSettings(Settings):
             epsilon=self.attack_epsilon,
             perturbation=self.attack_perturbation,
             lie=self.attack_lie,
+            target=self.attack_target,
+            poison_share=self.attack_poison_share,
+            boost=self.attack_boost,
+            norm_bound=self.attack_norm_bound,
+            jitter=self.attack_jitter,
         )

@@ -71,7 +71,14 @@ MODEL_ATTACKS: Registry[
         "same-value": lambda c, w, ref, gen: same_value(w, c.value),
     },
 )
-assert set(ATTACKS) == {"none", "label-flip", "lying-evaluation", *COLLUDING, *MODEL_ATTACKS}
+assert set(ATTACKS) == {
+    "none",
+    "label-flip",
+    "lying-evaluation",
+    "backdoor",
+    *COLLUDING,
+    *MODEL_ATTACKS,
+}
 
 
 def apply_model_attack(
@@ -83,7 +90,8 @@ def apply_model_attack(
 ) -> torch.Tensor:
     """The flat weights an attacker sends in this round (unchanged when it does not fire).
 
-    Colluding attacks need the other colluders' updates: `collusion.craft` makes theirs."""
-    if not config.changes_model or config.colludes or not config.fires(round_):
+    Colluding attacks need the other colluders' updates: `collusion.craft` makes theirs;
+    the backdoor's boost needs the round's size: `backdoor.replacement`."""
+    if config.kind not in MODEL_ATTACKS or not config.fires(round_):
         return weights
     return MODEL_ATTACKS[config.kind](config, weights, reference, generator)

@@ -150,6 +150,7 @@ CRAFTERS: Registry[Crafter] = Registry(
         "ipm": lambda h, n, a: ipm(h, a.epsilon),
         "min-max": lambda h, n, a: min_max(h, a.perturbation)[0],
         "min-sum": lambda h, n, a: min_sum(h, a.perturbation)[0],
+        "cluster-steering": lambda h, n, a: ipm(h, 1.0),
     },
 )
 assert set(CRAFTERS) == set(COLLUDING)
@@ -158,6 +159,40 @@ assert set(CRAFTERS) == set(COLLUDING)
 def craft(attack: AttackConfig, honest: torch.Tensor, n: int) -> torch.Tensor:
     """The delta the colluders send, from their honest deltas (k, d) and the round's size."""
     return CRAFTERS[attack.kind](honest, n, attack)
+
+
+def steer(pretrain: torch.Tensor) -> torch.Tensor:
+    """The pre-training delta every cluster-steering colluder sends: the mean of theirs."""
+    _check(pretrain)
+    return pretrain.mean(dim=0)
+
+
+def median_distance(honest: torch.Tensor) -> float:
+    """Median distance between two of the colluders' deltas (their mean's length for one)."""
+    _check(honest)
+    k = honest.shape[0]
+    if k < 2:
+        return float(honest[0].double().norm())
+    d2 = _sq_distances(honest, honest)
+    off = ~torch.eye(k, dtype=torch.bool, device=d2.device)
+    return float(d2[off].median().sqrt())
+
+
+def jittered(
+    crafted: torch.Tensor, honest: torch.Tensor, jitter: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One colluder's copy of the crafted delta, moved by a random vector of length jitter
+    times the median distance between the colluders' honest deltas (unchanged at 0)."""
+    if jitter == 0:
+        return crafted
+    if jitter < 0:
+        raise ConfigError(f"jitter must be non-negative, got {jitter}")
+    noise = torch.randn(crafted.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(crafted.device, crafted.dtype)
+    length = float(noise.norm())
+    if length == 0:
+        return crafted
+    return crafted + noise * (jitter * median_distance(honest) / length)
 
 
 class Collusion:

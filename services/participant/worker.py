@@ -33,7 +33,8 @@ from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
 from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
-from services.participant.collusion import Collusion, craft
+from services.participant.backdoor import poison, replacement
+from services.participant.collusion import Collusion, craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard
@@ -173,6 +174,7 @@ class Participant:
         # Colluding attackers of this process pool their honest deltas here.
         self.collusion = collusion or Collusion()
         self.stop = stop
+        attack.check_classes(data.num_classes)
         self.model = build_model(settings.model, data.input_shape, data.num_classes).to(
             settings.device
         )
@@ -272,6 +274,8 @@ class Participant:
         if not 0 <= t.sketch_dim <= MAX_SKETCH_DIM:
             raise StateError(f"the clusterer asked for a sketch of {t.sketch_dim} values")
         self._load(task.model_version)
+        if self.attack.steers:  # cluster steering: pool the pre-training deltas (round -1)
+            self.collusion.enlist(-1, self.id)
         delta = pre_train_delta(
             self.model,
             self.x_train,
@@ -281,6 +285,14 @@ class Participant:
             t.pre_steps or 20,
             batch_size=t.batch_size or 32,
         )
+        if self.attack.steers:
+            pooled = self.collusion.pool(-1, self.id, delta)
+            delta = jittered(steer(pooled), pooled, self.attack.jitter, self.gen).to(delta.device)
+            logger.warning(
+                "SIMULATED ATTACK: %s sends the mean pre-training delta of %d colluders",
+                self.id,
+                pooled.shape[0],
+            )
         if t.sketch_dim > 0:  # a long model: the clusterer clusters sketches, send one
             sketch = count_sketch(delta.unsqueeze(0), t.sketch_dim, t.sketch_seed)[0]
             self._send("pretrain-sketch", -1, task.model_version, {"sketch": sketch}, {})
@@ -301,15 +313,17 @@ class Participant:
         before: dict[str, float] = {}
         if t.report_loss:
             before["loss_before"] = evaluate(self.model, self.x_train, self.y_train)[0]
-        y = self.y_train
+        x, y = self.x_train, self.y_train
         if self.attack.poisons_data:
             logger.warning("SIMULATED ATTACK: %s trains on flipped labels", self.id)
             y = flip_labels(y, self.attack.flip_from, self.attack.flip_to)
+        if self.attack.backdoors:
+            x, y = poison(x, y, self.attack.target, self.attack.poison_share, self.gen)
         # The clusterer already decayed the rate for this round; the values are checked here.
         cfg = TrainingSettings.build(
             local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
         )
-        result = local_train(self.model, self.x_train, y, cfg, 0, self.gen)
+        result = local_train(self.model, x, y, cfg, 0, self.gen)
         self.metrics.training_seconds.labels(self.label).observe(result.seconds)
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
@@ -319,12 +333,25 @@ class Participant:
             honest = flatten(weights, self.spec) - base
             pooled = self.collusion.pool(task.round, self.id, honest)
             crafted = craft(self.attack, pooled, self.settings.round_size)
+            crafted = jittered(crafted, pooled, self.attack.jitter, self.gen)
             weights = unflatten(base + crafted.to(base.device), self.spec, weights)
             logger.warning(
                 "SIMULATED ATTACK: %s sends the %s delta of %d colluders in round %d",
                 self.id,
                 self.attack.kind,
                 pooled.shape[0],
+                task.round,
+            )
+        elif self.attack.backdoors:
+            base = flatten(self.store.get(task.model_version), self.spec)
+            delta = flatten(weights, self.spec) - base
+            boost = self.attack.boost or self.settings.round_size
+            bound = self.attack.norm_bound * float(delta.norm())
+            weights = unflatten(base + replacement(delta, boost, bound), self.spec, weights)
+            logger.warning(
+                "SIMULATED ATTACK: %s sends a backdoored delta boosted %.1fx in round %d",
+                self.id,
+                min(boost, self.attack.norm_bound),
                 task.round,
             )
         elif self.attack.fires(task.round) and self.attack.changes_model:

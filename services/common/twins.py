@@ -1,0 +1,35 @@
+"""Near-twin rows: updates that honest participants never send but colluders do.
+
+Honest participants train on their own data with their own seeds, so no two of their
+deltas coincide; attackers who all send one crafted delta (ALIE, IPM, Min-Max, Min-Sum, a
+steered pre-training delta) are at distance 0 from each other. Used by the aggregator's
+defence (over a round's Gram matrix) and by the clustering (over pre-training deltas).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:
+    """Mask of rows with a near-twin: another row closer than `factor` times the median
+    distance between two rows (distances from the Gram matrix, no pass over the rows).
+
+    Needs three rows (with two there is no median to compare against) and a non-zero
+    median distance (all rows alike: nothing to tell apart).
+    """
+    n = gram.shape[0]
+    out = torch.zeros(n, dtype=torch.bool, device=gram.device)
+    if n < 3:
+        return out
+    g = gram.double()
+    sq = g.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * g).clamp(min=0.0)
+    off = ~torch.eye(n, dtype=torch.bool, device=gram.device)
+    med = float(d2[off].median())
+    if med <= 0.0 or not math.isfinite(med):
+        return out
+    nearest = d2.masked_fill(~off, math.inf).min(dim=1).values
+    return nearest <= factor * factor * med
