@@ -77,6 +77,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             byzantine_fraction=d.byzantine_fraction,
             norm_factor=d.norm_factor,
             cluster_factor=d.cluster_factor,
+            twin_factor=d.twin_factor,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 

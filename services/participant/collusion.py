@@ -168,7 +168,8 @@ def steer(pretrain: torch.Tensor) -> torch.Tensor:
 
 
 def median_distance(honest: torch.Tensor) -> float:
-    """Median distance between two of the colluders' deltas (their mean's length for one)."""
+    """Median distance between two of the colluders' deltas (the lower median; their
+    delta's length for one colluder)."""
     _check(honest)
     k = honest.shape[0]
     if k < 2:

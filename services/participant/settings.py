@@ -103,7 +103,26 @@ GROUPS = (
     Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
     Group("federation", only=("model", "dataset", "participants", "seed")),
     Group("data"),
-    Group("adversary", "PARTICIPANT_", only=("attack", "attack_factor", "attack_every")),
+    # Every attack setting but who attacks (the share and the placement are the
+    # federation's: simulate draws them and passes --attack-indices).
+    Group(
+        "adversary",
+        "PARTICIPANT_",
+        only=(
+            "attack",
+            "attack_factor",
+            "attack_every",
+            "attack_z",
+            "attack_epsilon",
+            "attack_perturbation",
+            "attack_lie",
+            "attack_target",
+            "attack_poison_share",
+            "attack_boost",
+            "attack_norm_bound",
+            "attack_jitter",
+        ),
+    ),
     Group("participant", "PARTICIPANT_"),
 )
 

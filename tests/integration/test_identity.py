@@ -136,6 +136,7 @@ def test_a_participant_credential_cannot_reach_the_aggregator(secured):
     # Operators read the status, with the defence the aggregator was started with.
     shown = operator.GetAggregatorStatus(status, timeout=10)
     assert (shown.policy.strategy, shown.policy.byzantine_fraction) == ("fedavg", 0.2)
+    assert shown.policy.twin_factor == 0.03
     assert (shown.model_version, shown.open_round, shown.pending_updates) == (0, 0, 0)
 
 

@@ -223,3 +223,37 @@ def test_children_do_not_outlive_a_killed_simulate(tmp_path):
     while _processes_naming(needle) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_naming(needle) == []
+
+
+def test_backdoor_and_cluster_steering_through_the_services(tmp_path):
+    """The participant service runs the new attacks: backdoor attackers send boosted deltas
+    and results.json carries the success rate read off the aggregator's saved model; two
+    cluster-steering attackers of one process pool their pre-training deltas, send the same
+    one, and the clusterer leaves both out of every cluster."""
+    small = ["--participants", "6", "--select", "6", "--rounds", "2", "--per-process", "3"]
+    results, out, _ = simulate(
+        tmp_path, "backdoor", *small, "--attack", "backdoor", "--attack-rate", "0.34"
+    )
+    rate = results["final"]["backdoor_success_rate"]
+    assert isinstance(rate, float) and 0.0 <= rate <= 1.0
+    logs = "".join(p.read_text() for p in (out / "logs").glob("participants-*.log"))
+    assert logs.count("sends a backdoored delta boosted") >= 2
+    results, out, _ = simulate(
+        tmp_path,
+        "steer",
+        *small,
+        "--attack",
+        "cluster-steering",
+        "--attack-rate",
+        "0.34",
+        "--attack-placement",
+        "random",
+        "--seed",
+        "3",
+    )
+    attackers = [c for c in results["clusters"] if c["attacker"]]
+    assert len(attackers) == 2
+    logs = "".join(p.read_text() for p in (out / "logs").glob("participants-*.log"))
+    assert "mean pre-training delta of 2 colluders" in logs, logs[-3000:]
+    assert all(c["cluster"] < 0 for c in attackers), results["clusters"]
+    assert all(c["cluster"] >= 0 for c in results["clusters"] if not c["attacker"])

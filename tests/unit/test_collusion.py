@@ -20,9 +20,12 @@ from services.participant.collusion import (
     alie_z,
     craft,
     ipm,
+    jittered,
+    median_distance,
     min_max,
     min_sum,
     perturbation,
+    steer,
 )
 
 
@@ -150,3 +153,32 @@ def test_attackers_of_one_process_pool_their_deltas():
         t.join(timeout=20)
     want = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     assert all(torch.equal(g, want) for g in got.values()) and len(got) == 3
+
+
+@settings(max_examples=100, deadline=None)
+@given(honest_sets(min_k=2), st.floats(0.01, 2))
+def test_jitter_moves_each_copy_by_jitter_times_the_median_distance(h, jitter):
+    x = h.double().numpy()
+    k = len(x)
+    dists = [float(np.linalg.norm(x[i] - x[j])) for i in range(k) for j in range(k) if i != j]
+    lower_median = sorted(dists)[(len(dists) - 1) // 2]
+    assert median_distance(h) == pytest.approx(lower_median, rel=1e-3, abs=1e-3)
+    crafted = h.mean(0)
+    a = jittered(crafted, h, jitter, torch.Generator().manual_seed(1))
+    b = jittered(crafted, h, jitter, torch.Generator().manual_seed(2))
+    want = jitter * median_distance(h)
+    assert float((a - crafted).norm()) == pytest.approx(want, rel=1e-3, abs=1e-4)
+    if want > 1e-3 and h.shape[1] > 1:
+        assert not torch.equal(a, b)  # each colluder its own noise
+    assert jittered(crafted, h, 0.0, torch.Generator()) is crafted
+
+
+def test_cluster_steering_sends_the_mean_pre_training_delta_then_minus_the_mean():
+    h = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(steer(h), h.mean(0))
+    cfg = AttackSettings(attack="cluster-steering", attack_jitter=0.2).config()
+    assert cfg.steers and cfg.colludes and cfg.lies and cfg.lie == 0.0 and cfg.every == 1
+    assert cfg.describe() == "cluster-steering, reports accuracy 0.0, jitter 0.2, every 1 rounds"
+    torch.testing.assert_close(craft(cfg, h, 15), -h.mean(0))
+    with pytest.raises(ConfigError):
+        steer(torch.zeros(0, 3))

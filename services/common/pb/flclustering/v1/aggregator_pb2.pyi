@@ -106,18 +106,20 @@ class GetAggregatorStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DefencePolicy(_message.Message):
-    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor")
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     NORM_FACTOR_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    TWIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     q: float
     byzantine_fraction: float
     norm_factor: float
     cluster_factor: float
-    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ...) -> None: ...
+    twin_factor: float
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
     __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")
