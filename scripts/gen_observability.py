@@ -75,11 +75,11 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
-                "Suspected attackers (norm screen, non-finite)",
+                "Suspected attackers (norm screen, non-finite, near-twins)",
                 "none",
                 [
                     (
-                        f'sum(increase(flclustering_updates_rejected_total{{reason=~"norm|non-finite"}}'
+                        f'sum(increase(flclustering_updates_rejected_total{{reason=~"norm|non-finite|near-twin"}}'
                         f"[{RANGE}])) or vector(0)",
                         "suspected",
                     )
@@ -358,7 +358,7 @@ groups:
           severity: warning
         annotations:
           summary: More than 25% of updates are refused or screened out
-          description: Updates fail validation or the norm screen; an attack or a broken client is likely.
+          description: Updates fail validation, the norm screen or the near-twin screen; an attack or a broken client is likely.
       - alert: FLClusteringParticipantsDropping
         expr: |
           max(flclustering_participants_active) < 0.8 * max(flclustering_participants_joined)

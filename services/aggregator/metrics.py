@@ -17,7 +17,7 @@ DEFENCE_REASONS = ("norm", "non-finite", "robust-rule")
 
 def reason_label(reason: str) -> str:
     """A defence rejection reason as a bounded label value."""
-    return reason if reason in ("norm", "non-finite") else "robust-rule"
+    return reason if reason in ("norm", "non-finite", "near-twin") else "robust-rule"
 
 
 class AggregatorMetrics(Catalogue):

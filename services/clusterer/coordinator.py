@@ -406,7 +406,7 @@ class Coordinator(ClustererParts):
         refused = [p for p, ok in zip(have, fit.tolist(), strict=True) if not ok]
         if refused:
             logger.warning(
-                "%d pre-training delta(s) refused (non-finite or too long): %s",
+                "%d pre-training delta(s) refused (non-finite, too long or a near-twin): %s",
                 len(refused),
                 ", ".join(p[:64] for p in refused[:10]),
             )
