@@ -58,7 +58,7 @@ def run_local_command(config: ExperimentConfig) -> int:
 
 
 def _summary(
-    rounds: list[dict[str, Any]], final: dict[str, float], purity: float | None, where: Path
+    rounds: list[dict[str, Any]], final: dict[str, Any], purity: float | None, where: Path
 ) -> None:
     print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'std':>6} {'worst':>6} {'rejected':>8}")
     step = max(1, len(rounds) // 10)
@@ -72,11 +72,14 @@ def _summary(
         )
     if purity is not None:
         print(f"clustering purity against the true groups: {purity:.2f}")
-    backdoor = final.get("backdoor_success_rate")
-    attack = "" if backdoor is None else f", backdoor success rate {backdoor:.3f}"
+    extra = ""
+    if "worst_group_accuracy" in final:
+        extra += f", worst group {final['worst_group_accuracy']:.3f}"
+    if "backdoor_success_rate" in final:
+        extra += f", backdoor success rate {final['backdoor_success_rate']:.3f}"
     print(
         f"final: mean accuracy {final['mean_accuracy']:.3f}, std {final['accuracy_std']:.3f}, "
-        f"worst {final['worst_accuracy']:.3f}{attack}; results in {where}"
+        f"worst {final['worst_accuracy']:.3f}{extra}; results in {where}"
     )
 
 

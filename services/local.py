@@ -22,7 +22,7 @@ from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.device import resolve_device
-from services.common.figures import accuracy_summary, purity
+from services.common.figures import accuracy_summary, group_means, purity
 from services.common.models import build_model
 from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
@@ -31,7 +31,7 @@ from services.participant.attacks import apply_model_attack, choose_attackers, f
 from services.participant.backdoor import poison, replacement, success_rate
 from services.participant.collusion import craft, jittered, steer
 from services.participant.datasets import Dataset
-from services.participant.partition import federation_data, shards_of
+from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator
 
@@ -63,7 +63,7 @@ class RunResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     clusters: list[dict[str, int]] = field(default_factory=list)
     clustering: dict[str, Any] = field(default_factory=dict)
-    final: dict[str, float] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
 
 
 def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
@@ -83,10 +83,7 @@ def build_participants(config: ExperimentConfig, data: Dataset) -> list[Particip
     return [
         Participant(
             s.index,
-            data.x_train[s.train],
-            data.y_train[s.train],
-            data.x_test[s.test],
-            data.y_test[s.test],
+            *shard_tensors(data, s),
             s.group,
             s.index in attackers,
             participant_generator(seed, s.index),
@@ -223,6 +220,10 @@ def run_local(
         load(global_w)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
         summary = accuracy_summary([a for _, a in figs])
+        by_group = group_means(
+            {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
+            {p.index: p.group for p in people},
+        )
         backdoor = {}
         if attack.backdoors:  # every test input of the other classes, triggered
             rate = success_rate(model, data.x_test, data.y_test, attack.target)
@@ -234,6 +235,7 @@ def run_local(
             "accuracy_std": summary.std,
             "worst_accuracy": summary.worst,
             "worst_decile_accuracy": summary.worst_decile,
+            "group_accuracy": by_group,
             "duration_s": time.perf_counter() - start,
             "rejected": len(outcome.rejected_updates),
             "rejected_attackers": rejected_attackers,
@@ -253,6 +255,9 @@ def run_local(
         "worst_accuracy": last["worst_accuracy"],
         "worst_decile_accuracy": last["worst_decile_accuracy"],
     }
+    if last["group_accuracy"]:
+        result.final["group_accuracy"] = last["group_accuracy"]
+        result.final["worst_group_accuracy"] = min(last["group_accuracy"].values())
     if "backdoor_success_rate" in last:
         result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
     return result

@@ -374,6 +374,7 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
     ):
         d[key] = int(d.get(key, 0))
     d["cluster_weights"] = {int(k): float(v) for k, v in d.get("cluster_weights", {}).items()}
+    d["group_accuracy"] = {int(k): float(v) for k, v in d.get("group_accuracy", {}).items()}
     return d
 
 
@@ -406,6 +407,14 @@ def collect(
             "accuracy_std": last["accuracy_std"],
             "worst_accuracy": last["worst_accuracy"],
             "worst_decile_accuracy": last["worst_decile_accuracy"],
+            **(
+                {
+                    "group_accuracy": last["group_accuracy"],
+                    "worst_group_accuracy": min(last["group_accuracy"].values()),
+                }
+                if last["group_accuracy"]
+                else {}
+            ),
         },
         "endpoints": endpoints,
     }

@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
 from services.common.errors import ConfigError, StateError
-from services.common.figures import accuracy_summary
+from services.common.figures import accuracy_summary, group_means
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
@@ -104,6 +104,7 @@ def round_record(
     reply: agg_pb.AggregateResponse,
     progress: RoundProgress,
     evals: dict[str, Evaluation],
+    groups: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The history entry of a finished round ("updates": what the aggregator aggregated,
     equal to "received" unless the round was abandoned)."""
@@ -133,6 +134,8 @@ def round_record(
         worst_accuracy=s.worst if s else 0.0,
         worst_decile_accuracy=s.worst_decile if s else 0.0,
         mean_loss=float(np.mean([e.loss for e in evals.values()])) if evals else 0.0,
+        # Mean accuracy per ground-truth group the participants reported (simulations).
+        group_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, groups or {}),
     )
     return record
 
@@ -560,7 +563,7 @@ class Coordinator(ClustererParts):
         evals = self._evaluate(asked, tag)
         self.published = (int(reply.model_version), evals)
         self._took(r, "publish", began)
-        record = round_record(r, reply, progress, evals)
+        record = round_record(r, reply, progress, evals, self.state.true_groups())
         record["duration_s"] = time.time() - progress.started
         self._export(record)
         self.state.record_round(record)

@@ -677,6 +677,11 @@ class ClustererState:
                 if m.cluster >= 0 and (now - m.last_seen <= liveness_s or p in self.tasks)
             }
 
+    def true_groups(self) -> dict[str, int]:
+        """The ground-truth group each member joined with (-1: none), by id."""
+        with self.cond:
+            return {p: m.group for p, m in self.members.items()}
+
     def clusters_of(self, participants: Iterable[str]) -> dict[str, int]:
         """The cluster of each of participants."""
         with self.cond:
@@ -922,7 +927,8 @@ def _progress(data: dict[str, Any]) -> RoundProgress:
 def _round_record(record: dict[str, Any]) -> dict[str, Any]:
     """A history entry read back (JSON made its cluster ids strings)."""
     weights = {int(c): float(w) for c, w in record.get("cluster_weights", {}).items()}
-    return {**record, "cluster_weights": weights}
+    groups = {int(g): float(a) for g, a in record.get("group_accuracy", {}).items()}
+    return {**record, "cluster_weights": weights, "group_accuracy": groups}
 
 
 def _tensor_json(t: torch.Tensor) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,16 @@ def accuracy_summary(accuracies: Sequence[float] | np.ndarray) -> AccuracySummar
     return AccuracySummary(
         float(a.mean()), float(a.std()), float(np.sort(a)[:tail].mean()), float(a.min())
     )
+
+
+def group_means(accuracies: Mapping[K, float], groups: Mapping[K, int]) -> dict[int, float]:
+    """Mean accuracy per ground-truth group (participants without one, -1, left out)."""
+    by: dict[int, list[float]] = {}
+    for p, a in accuracies.items():
+        g = groups.get(p, -1)
+        if g >= 0:
+            by.setdefault(int(g), []).append(float(a))
+    return {g: float(np.mean(v)) for g, v in sorted(by.items())}
 
 
 def purity(assignment: Sequence[int] | np.ndarray, truth: Sequence[int] | np.ndarray) -> float:

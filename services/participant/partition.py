@@ -10,6 +10,15 @@ Disjointness: `iid`, `noniid` and `dirichlet` give disjoint train and disjoint t
 code does, so shards of different participants may overlap (a participant never holds a
 sample twice).
 
+`rotated-groups` (the clustered-FL benchmark of IFCA and CFL): samples split as in `iid`,
+participants assigned to k <= 4 groups, and group g's images (train and test) rotated by
+g x 90 degrees: the labels mean the same everywhere but the inputs differ by group, so one
+global model must serve k input distributions.
+
+`--group-sizes 20,8,2` sets how many participants each group of `practical-noniid` and
+`rotated-groups` has (a minority group: few participants, so little data); by default the
+participants are spread evenly.
+
 `natural`: the dataset says who owns each sample, and a shard is what its participant owns.
 `synthetic` is partitioned so by its generator (each participant draws from its own
 distribution; no ground-truth groups, so every group is -1), and only so: with it,
@@ -21,8 +30,8 @@ ConfigError line (`scheme_for`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,7 +59,8 @@ class Shard:
     index: int
     train: np.ndarray
     test: np.ndarray
-    group: int = -1  # ground-truth group (practical-noniid); -1 where a partition has none
+    group: int = -1  # ground-truth group (practical-noniid, rotated-groups); -1 if none
+    rotation: int = 0  # quarter turns applied to the participant's images (rotated-groups)
 
 
 def label_groups(num_classes: int, k: int) -> list[list[int]]:
@@ -129,6 +139,16 @@ def practical_sizes(train_pool: int, test_pool: int) -> tuple[int, int, int, int
     return min_train, max_train, other_train, n_test, other_test
 
 
+def assign_groups(
+    n: int, k: int, sizes: Sequence[int] | None, rng: np.random.Generator
+) -> np.ndarray:
+    """Each participant's group: spread evenly (sizes None), or `sizes[g]` participants in
+    group g; in a seeded random order either way."""
+    if sizes is None:
+        return rng.permutation(np.arange(n) % k)
+    return rng.permutation(np.repeat(np.arange(k), sizes))
+
+
 def _practical(
     y_train: np.ndarray,
     y_test: np.ndarray,
@@ -136,6 +156,7 @@ def _practical(
     num_classes: int,
     k: int,
     rng: np.random.Generator,
+    sizes: Sequence[int] | None = None,
 ) -> list[Shard]:
     groups = label_groups(num_classes, k)
     in_group_tr = [np.flatnonzero(np.isin(y_train, g)) for g in groups]
@@ -143,7 +164,7 @@ def _practical(
     min_tr, max_tr, other_tr, n_te, other_te = practical_sizes(
         min(len(p) for p in in_group_tr), min(len(p) for p in in_group_te)
     )
-    assignment = rng.permutation(np.arange(n) % k)
+    assignment = assign_groups(n, k, sizes, rng)
     shards = []
     for i in range(n):
         g = int(assignment[i])
@@ -164,6 +185,28 @@ def _practical(
         )
         shards.append(Shard(i, np.sort(train), np.sort(test), g))
     return shards
+
+
+ROTATIONS = 4  # quarter turns: at most four distinct rotated groups
+
+
+def _rotated(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    n: int,
+    k: int,
+    rng: np.random.Generator,
+    sizes: Sequence[int] | None = None,
+) -> list[Shard]:
+    if not 1 <= k <= ROTATIONS:
+        raise ConfigError(f"rotated-groups has 1 to {ROTATIONS} groups (quarter turns), got {k}")
+    if n > len(y_test):
+        raise ConfigError(f"rotated-groups: {n} participants but only {len(y_test)} test samples")
+    shards = _iid(y_train, y_test, n, rng)
+    assignment = assign_groups(n, k, sizes, rng)
+    return [
+        replace(s, group=int(g), rotation=int(g)) for s, g in zip(shards, assignment, strict=True)
+    ]
 
 
 def _dirichlet(
@@ -211,15 +254,34 @@ def partition(
     num_classes: int | None = None,
     groups: int = 3,
     alpha: float = 0.5,
+    group_sizes: Sequence[int] | None = None,
 ) -> list[Shard]:
-    """All participants' shards for a partition scheme, deterministic from the seed."""
+    """All participants' shards for a partition scheme, deterministic from the seed.
+
+    `group_sizes` (participants per group; their count is the number of groups) applies to
+    the grouped schemes only."""
     y_train = np.asarray(y_train)
     y_test = np.asarray(y_test)
     n = num_participants
     c = int(num_classes if num_classes is not None else max(y_train.max(), y_test.max()) + 1)
     if n < 1:
         raise ConfigError(f"number of participants must be at least 1, got {n}")
-    return PARTITIONS[scheme](y_train, y_test, n, c, groups, alpha, _rng(seed, scheme))
+    rng = _rng(seed, scheme)
+    if group_sizes is not None:
+        sizes = [int(v) for v in group_sizes]
+        if scheme not in GROUPED:
+            raise ConfigError(
+                f"--group-sizes applies to {' and '.join(GROUPED)}, not to --partition {scheme}"
+            )
+        if not sizes or min(sizes) < 1 or sum(sizes) != n:
+            raise ConfigError(
+                f"--group-sizes must be positive and add up to --participants {n}, got "
+                f"{','.join(map(str, sizes))}"
+            )
+        return GROUPED[scheme](y_train, y_test, n, c, len(sizes), rng, sizes)
+    if scheme in GROUPED:
+        return GROUPED[scheme](y_train, y_test, n, c, groups, rng)
+    return PARTITIONS[scheme](y_train, y_test, n, c, groups, alpha, rng)
 
 
 def _checked_iid(
@@ -254,9 +316,19 @@ PARTITIONS: Registry[Callable[..., list[Shard]]] = Registry(
         "practical-noniid": lambda ytr, yte, n, c, groups, alpha, rng: _practical(
             ytr, yte, n, c, groups, rng
         ),
+        "rotated-groups": lambda ytr, yte, n, c, groups, alpha, rng: _rotated(
+            ytr, yte, n, groups, rng
+        ),
         "dirichlet": _sized_dirichlet,
     },
 )
+# The schemes with ground-truth groups: (y_train, y_test, n, classes, k, rng, sizes=None).
+GROUPED: dict[str, Callable[..., list[Shard]]] = {
+    "practical-noniid": _practical,
+    "rotated-groups": lambda ytr, yte, n, c, k, rng, sizes=None: _rotated(
+        ytr, yte, n, k, rng, sizes
+    ),
+}
 
 
 # Datasets whose samples are generated per participant, and the schemes they take.
@@ -349,4 +421,18 @@ def shards_of(
         data.num_classes,
         data_settings.groups,
         data_settings.alpha,
+        data_settings.group_sizes,
     )
+
+
+def shard_tensors(data: Dataset, shard: Shard) -> tuple[Any, Any, Any, Any]:
+    """A participant's (x_train, y_train, x_test, y_test), its images rotated as its shard
+    says (rotated-groups; square images only)."""
+    x_train, x_test = data.x_train[shard.train], data.x_test[shard.test]
+    if shard.rotation % ROTATIONS:
+        h, w = x_train.shape[-2:]
+        if h != w:
+            raise ConfigError(f"rotated-groups needs square images, {data.name} has {h}x{w}")
+        x_train = x_train.rot90(shard.rotation, dims=(-2, -1)).contiguous()
+        x_test = x_test.rot90(shard.rotation, dims=(-2, -1)).contiguous()
+    return x_train, data.y_train[shard.train], x_test, data.y_test[shard.test]

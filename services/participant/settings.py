@@ -31,7 +31,14 @@ class DataSettings(Settings):
         description="how the data is split among participants (auto: natural for synthetic, "
         "practical-noniid otherwise)",
     )
-    groups: int = Field(3, ge=1, description="ground-truth label groups of practical-noniid")
+    groups: int = Field(
+        3, ge=1, description="ground-truth groups of practical-noniid and rotated-groups"
+    )
+    group_sizes: IntList | None = Field(
+        None,
+        description="participants per ground-truth group, e.g. 20,8,2 (sets the number of "
+        "groups; practical-noniid and rotated-groups)",
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of the dirichlet split")
     synthetic_alpha: float = Field(
         1.0, ge=0, description="synthetic: spread of the participants' models, u_k ~ N(0, alpha)"

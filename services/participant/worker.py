@@ -37,7 +37,7 @@ from services.participant.backdoor import poison, replacement
 from services.participant.collusion import Collusion, craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
-from services.participant.partition import Shard
+from services.participant.partition import Shard, shard_tensors
 from services.participant.training import evaluate, local_train, pre_train_delta
 
 logger = logging.getLogger(__name__)
@@ -162,10 +162,11 @@ class Participant:
         self.label = str(index)
         self.id = pid  # the name its credential gives it
         self.index = index
-        self.x_train = data.x_train[shard.train].to(settings.device)
-        self.y_train = data.y_train[shard.train].to(settings.device)
-        self.x_test = data.x_test[shard.test].to(settings.device)
-        self.y_test = data.y_test[shard.test].to(settings.device)
+        x_train, y_train, x_test, y_test = shard_tensors(data, shard)
+        self.x_train = x_train.to(settings.device)
+        self.y_train = y_train.to(settings.device)
+        self.x_test = x_test.to(settings.device)
+        self.y_test = y_test.to(settings.device)
         self.group = shard.group
         self.settings = settings
         self.stub = stub

@@ -55,6 +55,10 @@ def test_small_simulation_writes_everything(tmp_path):
     assert len(results["clusters"]) == 6
     assert {"cluster", "group", "participant"} <= set(results["clusters"][0])
     assert set(results["final"]) >= {"mean_accuracy", "accuracy_std", "worst_accuracy"}
+    # the clusterer's per-group means of what the participants reported
+    by_group = results["final"]["group_accuracy"]
+    assert set(by_group) == {str(c["group"]) for c in results["clusters"]}
+    assert results["final"]["worst_group_accuracy"] == min(by_group.values())
     with (out / "rounds.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
     for png in ("accuracy.png", "loss.png", "std.png"):

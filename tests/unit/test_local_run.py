@@ -58,9 +58,16 @@ def test_cli_writes_results(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     assert len(results["clusters"]) == 9
+    # per ground-truth group: the mean of its participants' accuracies, and the worst group
+    final, last = results["final"], results["rounds"][-1]
+    groups = {c["participant"]: c["group"] for c in results["clusters"]}
+    assert set(final["group_accuracy"]) == {"0", "1", "2"}
+    assert final["worst_group_accuracy"] == min(final["group_accuracy"].values())
+    assert final["group_accuracy"] == last["group_accuracy"]
+    assert len(set(groups.values())) == 3
     for name in ("rounds.csv", "accuracy.png", "loss.png", "std.png"):
         assert (out / name).stat().st_size > 0
-    assert "final: mean accuracy" in capsys.readouterr().out
+    assert "worst group" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

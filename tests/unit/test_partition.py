@@ -11,6 +11,7 @@ from services.participant.partition import (
     label_groups,
     partition,
     practical_sizes,
+    shard_tensors,
 )
 
 DATA = load_dataset("digits")
@@ -22,7 +23,9 @@ def all_shards(scheme, n=20, seed=7, **kw):
     return partition(YTR, YTE, scheme, n, seed, 10, **kw)
 
 
-@pytest.mark.parametrize("scheme", ["iid", "noniid", "practical-noniid", "dirichlet"])
+@pytest.mark.parametrize(
+    "scheme", ["iid", "noniid", "practical-noniid", "rotated-groups", "dirichlet"]
+)
 def test_deterministic_and_per_participant(scheme):
     a = all_shards(scheme)
     b = all_shards(scheme)
@@ -33,7 +36,7 @@ def test_deterministic_and_per_participant(scheme):
     assert [s.index for s in a] == list(range(20))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "noniid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "noniid", "rotated-groups", "dirichlet"])
 def test_disjoint_schemes(scheme):
     shards = all_shards(scheme)
     for split, total in (("train", len(YTR)), ("test", len(YTE))):
@@ -103,3 +106,41 @@ def test_bad_arguments():
         all_shards("bogus")
     with pytest.raises(ConfigError):
         all_shards("iid", n=0)
+
+
+def test_rotated_groups_rotate_each_groups_images_by_its_quarter_turns():
+    shards = all_shards("rotated-groups", n=12, groups=4)
+    assert sorted(np.bincount([s.group for s in shards]).tolist()) == [3, 3, 3, 3]
+    for s in shards:
+        assert s.rotation == s.group
+        x_train, y_train, x_test, y_test = shard_tensors(DATA, s)
+        clean = DATA.x_train[s.train]
+        # quarter turns counter-clockwise: turning back gives the original images
+        assert x_train.shape == clean.shape
+        assert np.array_equal(np.rot90(x_train.numpy(), -s.rotation, axes=(2, 3)), clean.numpy())
+        assert np.array_equal(y_train.numpy(), YTR[s.train])
+        assert np.array_equal(
+            np.rot90(x_test.numpy(), -s.rotation, axes=(2, 3)), DATA.x_test[s.test].numpy()
+        )
+        assert np.array_equal(y_test.numpy(), YTE[s.test])
+    # every label in every group (the groups differ by their inputs, not their labels)
+    assert all(len(np.unique(YTR[s.train])) >= 8 for s in shards)
+
+
+@pytest.mark.parametrize("scheme", ["practical-noniid", "rotated-groups"])
+def test_group_sizes_set_how_many_participants_each_group_has(scheme):
+    shards = all_shards(scheme, n=30, group_sizes=(20, 8, 2))
+    assert np.bincount([s.group for s in shards]).tolist() == [20, 8, 2]
+    even = all_shards(scheme, n=30)
+    assert np.bincount([s.group for s in even]).tolist() == [10, 10, 10]
+
+
+def test_bad_group_settings():
+    with pytest.raises(ConfigError, match="add up to --participants 30"):
+        all_shards("rotated-groups", n=30, group_sizes=(20, 8))
+    with pytest.raises(ConfigError, match="not to --partition iid"):
+        all_shards("iid", n=30, group_sizes=(10, 10, 10))
+    with pytest.raises(ConfigError, match="1 to 4 groups"):
+        all_shards("rotated-groups", n=30, groups=5)
+    with pytest.raises(ConfigError, match="positive"):
+        all_shards("practical-noniid", n=30, group_sizes=(0, 20, 10))

@@ -160,7 +160,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,13 @@ class RoundSummary(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GroupAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +199,7 @@ class RoundSummary(_message.Message):
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -209,7 +217,8 @@ class RoundSummary(_message.Message):
     fallbacks: int
     evaluated: int
     phases: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    group_accuracy: _containers.ScalarMap[int, float]
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
