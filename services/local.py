@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.aggregator.merge import local_steps
 from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
@@ -212,6 +213,7 @@ def run_local(
             config.defence,
             losses or None,
             train.lr_at(rnd),
+            local_steps([people[i].samples for i in rows], train.local_epochs, train.batch_size),
         )
         global_w = outcome_round.global_weights
         outcome = outcome_round.defence

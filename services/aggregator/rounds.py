@@ -88,13 +88,14 @@ def aggregate_round(
     defence: DefenceSettings,
     losses: Sequence[float] | None = None,
     lr: float = 0.05,
+    steps: Sequence[int] | None = None,
 ) -> RoundOutcome:
     """Aggregate one round's deltas (rows of `deltas`, against `global_w`) into the next model.
 
     `deltas` is an (n, d) matrix or rows read in blocks (the aggregator's store). The
     strategy's merge decides the weights: the q-weighted merge weighs cluster c by acc_c^-q
     from round 1 on; q-FFL uses the losses of the global model each participant reported
-    before training.
+    before training, and (`steps`, the local SGD steps behind each delta) to estimate its L.
     """
     rows = MatrixRows(deltas) if isinstance(deltas, torch.Tensor) else deltas
     outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples)
@@ -109,6 +110,7 @@ def aggregate_round(
         found.gram.diagonal(),
         defence.q,
         lr,
+        steps,
     )
     plan = MERGES[strategy.merge](facts)
     if not plan.group_weights and plan.row_coefficients is None:

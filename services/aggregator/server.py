@@ -170,6 +170,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 self.config.defence,
                 lr,
                 request.abandon,
+                (self.config.training.local_epochs, self.config.training.batch_size),
             )
             if not report.replayed:
                 self._record(report, time.perf_counter() - start)

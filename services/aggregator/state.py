@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from services.aggregator.merge import local_steps
 from services.aggregator.rounds import aggregate_round
 from services.aggregator.store import (
     Delta,
@@ -213,11 +214,13 @@ class AggregatorState:
         defence: DefenceSettings,
         lr: float,
         abandon: bool = False,
+        training: tuple[int, int] | None = None,
     ) -> RoundReport:
         """Close the open round: defence and merge into a new version (or drop it all).
 
         Asked again for the round just closed, it returns that round's report unchanged
-        (nothing is aggregated twice).
+        (nothing is aggregated twice). `training` (local epochs, batch size) gives q-FFL the
+        local steps behind each update.
         """
         with self.lock:
             if round_ == self.open_round - 1 and self.last_report is not None:
@@ -250,6 +253,7 @@ class AggregatorState:
                 defence,
                 [u.metrics.get("loss_before", 1.0) for u in updates],
                 lr,
+                None if training is None else local_steps([u.samples for u in updates], *training),
             )
             new = outcome.global_weights.cpu()
             if not torch.equal(new, base):

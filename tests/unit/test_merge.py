@@ -10,6 +10,7 @@ from hypothesis import given
 from services.aggregator.merge import (
     MERGES,
     MergeInputs,
+    local_steps,
     merge,
     q_weights,
     qffl_merge,
@@ -84,6 +85,27 @@ def test_merges(device):
         weighted_merge(m, [0.5, 0.6])
     with pytest.raises(ConfigError, match="unknown merge"):
         MERGES["median-of-means"]
+
+
+@given(
+    st.lists(st.integers(1, 200), min_size=2, max_size=2),
+    st.lists(st.floats(0.01, 5), min_size=2, max_size=2),
+)
+def test_qffl_with_local_steps_reads_a_delta_as_one_step_of_lr_times_s(steps, losses):
+    """L = 1 / (lr x mean S): the published step with the rate lr x S (naive reference)."""
+    m = torch.tensor([[1.0, -2.0, 0.5], [0.5, 1.0, -1.0]])
+    g = torch.zeros(3)
+    new, _ = merge(
+        "qffl", MergeInputs(g, {}, m, [0, 1], 3, {}, losses=losses, lr=0.05, steps=steps)
+    )
+    want = qffl_merge(g, m, losses, lr=0.05 * (sum(steps) / 2))
+    torch.testing.assert_close(new, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="step count"):
+        merge("qffl", MergeInputs(g, {}, m, [0, 1], 3, {}, losses=losses, steps=[0, 3]))
+
+
+def test_local_steps_count_batches_per_epoch():
+    assert local_steps([1, 32, 33, 2000], 2, 32) == [2, 2, 4, 126]
 
 
 def test_qffl_with_q0_is_the_mean_of_local_models(device):
