@@ -20,6 +20,7 @@ from services.common.registry import Registry
 
 ZERO_ACCURACY = 0.1  # the research code treats an accuracy of exactly 0 as 0.1
 MIN_ACCURACY = 1e-6
+ACCURACY_FLOOR = 0.5  # the fair merge counts no group as served worse than half the median
 
 
 def q_weights(accuracies: Sequence[float] | torch.Tensor, q: float = 0.5) -> torch.Tensor:
@@ -34,6 +35,23 @@ def q_weights(accuracies: Sequence[float] | torch.Tensor, q: float = 0.5) -> tor
     acc = acc.clamp(min=MIN_ACCURACY)
     w = acc.pow(-q)
     return w / w.sum()
+
+
+def floored(accuracies: Sequence[float], ratio: float = ACCURACY_FLOOR) -> list[float]:
+    """Each accuracy raised to at least `ratio` times their median (the upper median: with
+    two groups, the better one's).
+
+    What the q-weights trust is what participants report. A group whose evaluators all lie
+    (accuracy 0: a cluster of attackers) would otherwise weigh acc^-q = 0.1^-0.5 = 3.2 times
+    a group served at 1.0; floored at half the median, it weighs at most 2^q = 1.4 times the
+    median group. Groups served worse than half the median are rare in honest runs, and
+    they still weigh the most.
+    """
+    if not accuracies:
+        return []
+    ordered = sorted(accuracies)
+    low = ratio * ordered[len(ordered) // 2]
+    return [max(a, low) for a in accuracies]
 
 
 def weighted_merge(models: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -112,7 +130,7 @@ def accuracy_merge(facts: MergeFacts) -> MergePlan:
     cs = list(facts.groups)
     if not cs or facts.round == 0 or not all(c in facts.cluster_accuracy for c in cs):
         return _even(facts)
-    w = q_weights([facts.cluster_accuracy[c] for c in cs], facts.q)
+    w = q_weights(floored([facts.cluster_accuracy[c] for c in cs]), facts.q)
     return MergePlan({c: float(v) for c, v in zip(cs, w, strict=True)})
 
 

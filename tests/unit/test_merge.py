@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import given
 from services.aggregator.merge import (
     MERGES,
     MergeInputs,
+    floored,
     local_steps,
     merge,
     q_weights,
@@ -73,9 +76,11 @@ def test_merges(device):
     close(new, [1.0, 3.0])
     assert weights == {0: 0.5, 1: 0.5}
     close(weighted_merge(m, [0.25, 0.75]), [1.5, 3.5])
-    new, weights = merge("accuracy", inputs(3, {0: 1.0, 1: 0.25}))  # weights 1:4
-    close(new, [1.6, 3.6])
-    assert weights[1] == pytest.approx(0.8)
+    new, weights = merge("accuracy", inputs(3, {0: 1.0, 1: 0.5}))  # weights 1:2
+    close(new, [4 / 3, 10 / 3])
+    assert weights[1] == pytest.approx(2 / 3)
+    _, weights = merge("accuracy", inputs(3, {0: 1.0, 1: 0.25}))  # floored at 0.5: 1:2 too
+    assert weights[1] == pytest.approx(2 / 3)
     new, _ = merge("accuracy", inputs(0, {0: 1.0, 1: 0.25}))  # round 0: the plain mean
     close(new, [1.0, 3.0])
     new, _ = merge("qffl", MergeInputs(g, {}, m, [0, 1], 3, {}, losses=[1.0, 3.0], lr=0.5))
@@ -102,6 +107,25 @@ def test_qffl_with_local_steps_reads_a_delta_as_one_step_of_lr_times_s(steps, lo
     torch.testing.assert_close(new, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="step count"):
         merge("qffl", MergeInputs(g, {}, m, [0, 1], 3, {}, losses=losses, steps=[0, 3]))
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=9))
+def test_floored_accuracies_are_at_least_half_the_upper_median(accs):
+    got = floored(accs)
+    med = sorted(accs)[len(accs) // 2]  # naive reference
+    assert got == [a if a >= 0.5 * med else 0.5 * med for a in accs]
+
+
+def test_a_group_of_liars_gains_at_most_2_to_the_q_in_the_fair_merge():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    inputs = MergeInputs(torch.zeros(2), {0: m[0], 1: m[1], 2: m[2]}, m, [0, 1, 2], 3, {})
+    lying = replace(inputs, cluster_accuracy={0: 0.0, 1: 0.95, 2: 0.9})
+    _, weights = merge("accuracy", lying)
+    # floored at half the median (0.9): 2^q = 1.41 times the median group, not 0.1^-q = 3.2
+    assert weights[0] / weights[2] == pytest.approx(2**0.5)
+    honest = replace(inputs, cluster_accuracy={0: 0.6, 1: 0.95, 2: 0.9})  # not floored
+    _, weights = merge("accuracy", honest)
+    assert weights[0] / weights[2] == pytest.approx((0.6 / 0.9) ** -0.5)
 
 
 def test_local_steps_count_batches_per_epoch():
