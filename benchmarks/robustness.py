@@ -18,6 +18,7 @@ one markdown table per share and, with --json, every run's figures.
 
     python benchmarks/robustness.py [--seeds 0 1 2] [--rates 0.2 0.3] [--rounds 30]
         [--attacks ...] [--strategies ...] [--workers 2] [--no-search] [--no-evasive]
+        [--json FILE] [--load FILE ...]
 """
 
 from __future__ import annotations
@@ -117,6 +118,13 @@ def main() -> None:
     p.add_argument("--no-evasive", action="store_true", help="skip the jittered rows")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write every run's figures to this file")
+    p.add_argument(
+        "--load",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables from runs saved with --json instead of running (a later file's "
+        "run replaces an earlier one's for the same strategy, attack, share and seed)",
+    )
     a = p.parse_args()
     first = a.rates[0]
     wanted = {(att, s) for att in a.attacks for s in a.strategies}
@@ -138,8 +146,16 @@ def main() -> None:
         if (att, s) in wanted and not (att == "none" and rate != first)  # clean runs once
     ]
     start = time.perf_counter()
-    with ProcessPoolExecutor(a.workers) as pool:
-        runs = list(pool.map(cell, *zip(*jobs, strict=True)))
+    if a.load:
+        saved: dict[tuple[str, str, float, int], dict[str, Any]] = {}
+        for path in a.load:
+            with open(path) as fh:
+                for r in json.load(fh):
+                    saved[(r["strategy"], r["attack"], r["rate"], r["seed"])] = r
+        runs = [saved[(s, att, rate, seed)] for s, att, rate, seed, _ in jobs]
+    else:
+        with ProcessPoolExecutor(a.workers) as pool:
+            runs = list(pool.map(cell, *zip(*jobs, strict=True)))
     by: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
         rate = first if r["attack"] == "none" else r["rate"]
@@ -149,7 +165,10 @@ def main() -> None:
         got = by.get((att, s, first if att == "none" else rate))
         return None if not got else statistics.fmean(r[key] for r in got)
 
-    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; seeds {a.seeds}")
+    took = (
+        f"loaded from {', '.join(a.load)}" if a.load else f"in {time.perf_counter() - start:.0f} s"
+    )
+    print(f"{len(runs)} runs {took}; seeds {a.seeds}")
     for rate in a.rates:
         print(f"\nfinal mean accuracy, {rate:.0%} attackers, mean of {len(a.seeds)} seed(s)\n")
         print("| attack | " + " | ".join(a.strategies) + " |")
