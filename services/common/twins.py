@@ -17,8 +17,9 @@ def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:
     """Mask of rows with a near-twin: another row closer than `factor` times the median
     distance between two rows (distances from the Gram matrix, no pass over the rows).
 
-    Needs three rows (with two there is no median to compare against) and a non-zero
-    median distance (all rows alike: nothing to tell apart).
+    The upper median: when half the pairs are identical copies, the lower one is 0 and
+    would switch the screen off. Needs three rows (with two there is no median to compare
+    against) and a non-zero median distance (all rows alike: nothing to tell apart).
     """
     n = gram.shape[0]
     out = torch.zeros(n, dtype=torch.bool, device=gram.device)
@@ -28,7 +29,8 @@ def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:
     sq = g.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2.0 * g).clamp(min=0.0)
     off = ~torch.eye(n, dtype=torch.bool, device=gram.device)
-    med = float(d2[off].median())
+    pairs = d2[off].sort().values
+    med = float(pairs[pairs.numel() // 2])
     if med <= 0.0 or not math.isfinite(med):
         return out
     nearest = d2.masked_fill(~off, math.inf).min(dim=1).values

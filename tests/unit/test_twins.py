@@ -23,7 +23,8 @@ def naive_twins(x: np.ndarray, factor: float) -> list[bool]:
     if n < 3:
         return [False] * n
     d = [[math.dist(x[i], x[j]) for j in range(n)] for i in range(n)]
-    med = float(np.median([d[i][j] for i in range(n) for j in range(n) if i != j]))
+    pairs = sorted(d[i][j] for i in range(n) for j in range(n) if i != j)
+    med = pairs[len(pairs) // 2]  # the upper median
     if med == 0:
         return [False] * n
     return [min(d[i][j] for j in range(n) if j != i) <= factor * med for i in range(n)]
