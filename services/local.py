@@ -29,7 +29,7 @@ from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
-from services.participant.backdoor import poison, replacement, success_rate
+from services.participant.backdoor import boosted, poison, success_rate
 from services.participant.collusion import craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shard_tensors, shards_of
@@ -187,8 +187,7 @@ def run_local(
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.backdoors:
                 delta = w - global_w
-                boost = attack.boost or len(plan.selected)
-                w = global_w + replacement(delta, boost, attack.norm_bound * float(delta.norm()))
+                w = global_w + boosted(delta, attack.boost or len(plan.selected), attack.norm_bound)
             elif p.attacker:
                 w = apply_model_attack(attack, w, global_w, rnd, p.gen)
             rows.append(i)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from services.common.distances import distances_from_gram
+
 
 def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:
     """Mask of rows with a near-twin: another row closer than `factor` times the median
@@ -25,9 +27,7 @@ def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:
     out = torch.zeros(n, dtype=torch.bool, device=gram.device)
     if n < 3:
         return out
-    g = gram.double()
-    sq = g.diagonal()
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * g).clamp(min=0.0)
+    d2 = distances_from_gram(gram.double())
     off = ~torch.eye(n, dtype=torch.bool, device=gram.device)
     pairs = d2[off].sort().values
     med = float(pairs[pairs.numel() // 2])

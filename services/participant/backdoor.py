@@ -69,6 +69,12 @@ def replacement(delta: torch.Tensor, boost: float, bound: float) -> torch.Tensor
     return out
 
 
+def boosted(delta: torch.Tensor, boost: float, norm_bound: float) -> torch.Tensor:
+    """The delta a backdoor attacker sends: `replacement` with the bound set at `norm_bound`
+    times the unboosted delta's own length (what it expects the norm screen to let by)."""
+    return replacement(delta, boost, norm_bound * float(delta.norm()))
+
+
 @torch.no_grad()
 def success_rate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, batch: int = 1024

@@ -33,7 +33,7 @@ from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
 from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
-from services.participant.backdoor import poison, replacement
+from services.participant.backdoor import boosted, poison
 from services.participant.collusion import Collusion, craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
@@ -347,8 +347,8 @@ class Participant:
             base = flatten(self.store.get(task.model_version), self.spec)
             delta = flatten(weights, self.spec) - base
             boost = self.attack.boost or self.settings.round_size
-            bound = self.attack.norm_bound * float(delta.norm())
-            weights = unflatten(base + replacement(delta, boost, bound), self.spec, weights)
+            sent = boosted(delta, boost, self.attack.norm_bound)
+            weights = unflatten(base + sent, self.spec, weights)
             logger.warning(
                 "SIMULATED ATTACK: %s sends a backdoored delta boosted %.1fx in round %d",
                 self.id,
