@@ -34,6 +34,14 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
             "not found",
         ),
         ("services.participant", ["--tls-ca", "/nonexistent/ca.crt"], "CA file"),
+        ("services.participant", ["--attack-jitter", "nan"], "--attack-jitter"),
+        ("services.participant", ["--attack-boost", "-1"], "--attack-boost"),
+        ("services.participant", ["--attack-poison-share", "1.5"], "--attack-poison-share"),
+        (
+            "services.participant",
+            ["--attack", "backdoor", "--attack-target", "99", "--auth-token", "t"],
+            "target class 99",
+        ),
     ],
 )
 def test_bad_input_is_one_line(module, args, needle):
