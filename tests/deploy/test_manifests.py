@@ -491,6 +491,10 @@ def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
         assert status.model_version == int(ROUNDS)  # every round aggregated
         assert all(h.evaluated == status.participants for h in status.history)
         assert status.purity == 1.0  # participant-k computed shard k: the ordinal reached it
+        # A finished participant stays up (a StatefulSet restarts a pod whose process ends,
+        # exit 0 included: a restart loop) and its liveness probe keeps answering.
+        for pod in participants:
+            probe(pod, "livenessProbe", time.monotonic() + 30)
         # Each participant took part under the name its own certificate gives it: its pod's.
         assert {c.participant_id for c in status.clusters} == {p.name for p in participants}
         # The aggregator wrote its state where the PersistentVolumeClaim is mounted.
