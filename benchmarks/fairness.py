@@ -9,6 +9,10 @@ mean accuracy, the worst participant, and the standard deviation of participant 
 (the fairness figure), each a mean over the seeds. Runs go two at a time (one torch thread
 each).
 
+`flclustering+personalise` is flclustering with `--personalise`: its row is the accuracy of
+the per-cluster models participants serve (and, in the JSON, `global_mean_accuracy` of its
+global model, the fair merge of the cluster models).
+
     python benchmarks/fairness.py [--seeds 1 2 3] [--rounds 30] [--scenarios ...]
         [--strategies ...] [--workers 2] [--json FILE]
 """
@@ -27,7 +31,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "rotated": {"partition": "rotated-groups"},
     "minority": {"partition": "rotated-groups", "group_sizes": (20, 8, 2)},
 }
-STRATEGIES = ("fedavg", "qffl", "flclustering", "flclustering-fedavg")
+STRATEGIES = ("fedavg", "qffl", "flclustering", "flclustering-fedavg", "flclustering+personalise")
+PERSONAL = "+personalise"  # the strategy with --personalise: its rows read the cluster models
 FIGURES = ("mean_accuracy", "worst_group_accuracy", "worst_accuracy", "accuracy_std")
 
 
@@ -39,17 +44,27 @@ def cell(strategy: str, scenario: str, seed: int, rounds: int) -> dict[str, Any]
     from services.local import run_local
 
     torch.set_num_threads(1)
+    personal = strategy.endswith(PERSONAL)
     cfg = ExperimentConfig().replace(
-        strategy=strategy, rounds=rounds, seed=seed, **SCENARIOS[scenario]
+        strategy=strategy.removesuffix(PERSONAL),
+        personalise=personal,
+        rounds=rounds,
+        seed=seed,
+        **SCENARIOS[scenario],
     )
     start = time.perf_counter()
     result = run_local(cfg)
+    final = result.final
+    if personal:  # what its participants serve: their cluster's model
+        final = {k.removeprefix("personal_"): v for k, v in final.items() if "personal_" in k}
+        final["global_mean_accuracy"] = result.final["mean_accuracy"]
     return {
         "strategy": strategy,
         "scenario": scenario,
         "seed": seed,
-        **{k: result.final[k] for k in FIGURES},
-        "group_accuracy": result.final["group_accuracy"],
+        **{k: final[k] for k in FIGURES},
+        "group_accuracy": final["group_accuracy"],
+        "global_mean_accuracy": final.get("global_mean_accuracy"),
         "purity": result.clustering.get("purity"),
         "seconds": time.perf_counter() - start,
     }

@@ -81,6 +81,14 @@ def _summary(
         f"final: mean accuracy {final['mean_accuracy']:.3f}, std {final['accuracy_std']:.3f}, "
         f"worst {final['worst_accuracy']:.3f}{extra}; results in {where}"
     )
+    if "personal_mean_accuracy" in final:
+        group = final.get("personal_worst_group_accuracy")
+        print(
+            f"per-cluster models (what participants serve): mean accuracy "
+            f"{final['personal_mean_accuracy']:.3f}, std {final['personal_accuracy_std']:.3f}, "
+            f"worst {final['personal_worst_accuracy']:.3f}"
+            + ("" if group is None else f", worst group {group:.3f}")
+        )
 
 
 def _serve_until_interrupted() -> None:

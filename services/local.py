@@ -161,6 +161,12 @@ def run_local(
         }
         for p in people
     ]
+    # Personalised: each cluster's own model (a cluster no update reached serves the global).
+    cluster_w: dict[int, torch.Tensor] = {}
+
+    def base_of(i: int) -> torch.Tensor:
+        return cluster_w.get(groups.get(i, -1), global_w) if fed.personalise else global_w
+
     for rnd in range(fed.rounds):
         start = time.perf_counter()
         plan = plan_round(strategy, groups, rnd, fed.select, fed.eval_per_cluster, rng)
@@ -175,7 +181,8 @@ def run_local(
         losses: list[float] = []
         for i in plan.selected:
             p = people[i]
-            load(global_w)
+            base = base_of(i)
+            load(base)
             if strategy.needs_losses:
                 losses.append(evaluate(model, p.x_train, p.y_train)[0])
             x, y = p.x_train, p.y_train
@@ -186,12 +193,12 @@ def run_local(
             local_train(model, x, y, train, rnd, p.gen)
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.backdoors:
-                delta = w - global_w
-                w = global_w + boosted(delta, attack.boost or len(plan.selected), attack.norm_bound)
+                delta = w - base
+                w = base + boosted(delta, attack.boost or len(plan.selected), attack.norm_bound)
             elif p.attacker:
-                w = apply_model_attack(attack, w, global_w, rnd, p.gen)
+                w = apply_model_attack(attack, w, base, rnd, p.gen)
             rows.append(i)
-            updates.append(w - global_w)
+            updates.append(w - base)
         if attack.colludes and attack.fires(rnd):
             # The round's attackers pool their honest deltas and all send one crafted delta.
             colluders = [k for k, i in enumerate(rows) if people[i].attacker]
@@ -213,8 +220,10 @@ def run_local(
             losses or None,
             train.lr_at(rnd),
             local_steps([people[i].samples for i in rows], train.local_epochs, train.batch_size),
+            cluster_w if fed.personalise else None,
         )
         global_w = outcome_round.global_weights
+        cluster_w.update(outcome_round.cluster_models)
         outcome = outcome_round.defence
         rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
         # Every participant evaluates the new global model on its own test split.
@@ -225,6 +234,22 @@ def run_local(
             {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
             {p.index: p.group for p in people},
         )
+        personal = {}
+        if fed.personalise:  # ... and the model of its cluster, the one it serves
+            mine: dict[int, float] = {}
+            for c in sorted({groups.get(p.index, -1) for p in people}):
+                load(cluster_w.get(c, global_w))
+                for p in people:
+                    if groups.get(p.index, -1) == c:
+                        mine[p.index] = evaluate(model, p.x_test, p.y_test)[1]
+            ps = accuracy_summary(list(mine.values()))
+            personal = {
+                "personal_mean_accuracy": ps.mean,
+                "personal_accuracy_std": ps.std,
+                "personal_worst_accuracy": ps.worst,
+                "personal_group_accuracy": group_means(mine, {p.index: p.group for p in people}),
+            }
+            load(global_w)
         backdoor = {}
         if attack.backdoors:  # every test input of the other classes, triggered
             rate = success_rate(model, data.x_test, data.y_test, attack.target)
@@ -244,6 +269,7 @@ def run_local(
             "rejected_clusters": len(outcome.rejected_clusters),
             "fallbacks": len(outcome.fallbacks),
             "selection": {str(i): c for i, c in plan.selected.items()},
+            **personal,
             **backdoor,
         }
         result.rounds.append(record)
@@ -259,6 +285,13 @@ def run_local(
     if last["group_accuracy"]:
         result.final["group_accuracy"] = last["group_accuracy"]
         result.final["worst_group_accuracy"] = min(last["group_accuracy"].values())
+    for key in ("mean_accuracy", "accuracy_std", "worst_accuracy", "group_accuracy"):
+        if f"personal_{key}" in last:
+            result.final[f"personal_{key}"] = last[f"personal_{key}"]
+    if last.get("personal_group_accuracy"):
+        result.final["personal_worst_group_accuracy"] = min(
+            last["personal_group_accuracy"].values()
+        )
     if "backdoor_success_rate" in last:
         result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
     return result

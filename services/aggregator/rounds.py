@@ -10,24 +10,27 @@ cluster's rule is coordinate-wise). A matrix in memory is a single block.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from services.aggregator.defence import DefenceConfig, RoundDefence, defend_rows
 from services.aggregator.merge import MERGES, MergeFacts, MergePlan
 from services.aggregator.rows import MatrixRows, Rows, take
+from services.common.errors import ConfigError
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
 
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """The next global model, the defence's report and each cluster's merge weight."""
+    """The next global model, the defence's report and each cluster's merge weight (and,
+    personalised, the next model of each cluster that had a surviving update)."""
 
     global_weights: torch.Tensor
     defence: RoundDefence
     cluster_weights: dict[int, float]
+    cluster_models: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def defence_for(strategy: Strategy, settings: DefenceSettings) -> DefenceConfig:
@@ -89,6 +92,7 @@ def aggregate_round(
     losses: Sequence[float] | None = None,
     lr: float = 0.05,
     steps: Sequence[int] | None = None,
+    cluster_bases: Mapping[int, torch.Tensor] | None = None,
 ) -> RoundOutcome:
     """Aggregate one round's deltas (rows of `deltas`, against `global_w`) into the next model.
 
@@ -96,6 +100,11 @@ def aggregate_round(
     strategy's merge decides the weights: the q-weighted merge weighs cluster c by acc_c^-q
     from round 1 on; q-FFL uses the losses of the global model each participant reported
     before training, and (`steps`, the local SGD steps behind each delta) to estimate its L.
+
+    Personalised (`cluster_bases`: each cluster's current model; a cluster without one
+    trained from `global_w`): a row is a delta against its cluster's model, each surviving
+    cluster's next model is its model plus its robust delta, and the next global model is
+    the merge's weighted sum of those models (the fair merge of the cluster models).
     """
     rows = MatrixRows(deltas) if isinstance(deltas, torch.Tensor) else deltas
     outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples)
@@ -115,5 +124,15 @@ def aggregate_round(
     plan = MERGES[strategy.merge](facts)
     if not plan.group_weights and plan.row_coefficients is None:
         return RoundOutcome(global_w, outcome, {})
-    new = combine(global_w.to(rows.device), rows, outcome, plan)
-    return RoundOutcome(new, outcome, plan.group_weights)
+    if cluster_bases is None:
+        new = combine(global_w.to(rows.device), rows, outcome, plan)
+        return RoundOutcome(new, outcome, plan.group_weights)
+    if plan.row_coefficients is not None:
+        raise ConfigError(f"merge {strategy.merge!r} has no per-cluster models to personalise")
+    models: dict[int, torch.Tensor] = {}
+    merged = torch.zeros_like(global_w, device=rows.device)
+    for c, p in plan.group_weights.items():
+        base = cluster_bases.get(c, global_w).to(rows.device)
+        models[c] = combine(base, rows, outcome, MergePlan({c: 1.0}))
+        merged.add_(models[c], alpha=p)
+    return RoundOutcome(merged, outcome, plan.group_weights, models)

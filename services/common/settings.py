@@ -199,6 +199,21 @@ class FederationSettings(Settings):
         "else a seeded sample of this many, stratified by cluster (0: always all)",
     )
     seed: int = Field(0, ge=0, description="seed of w0, partitions, selection and clustering")
+    personalise: bool = Field(
+        False,
+        description="per-cluster models: each cluster trains and serves its own model (its "
+        "robust rule makes it), the global model is their fair merge (clustered strategies)",
+    )
+
+    @model_validator(mode="after")
+    def _personalise_needs_clusters(self) -> Self:
+        if self.personalise and STRATEGIES[self.strategy].grouping != "clusters":
+            clustered = [n for n, s in STRATEGIES.items() if s.grouping == "clusters"]
+            raise ValueError(
+                f"--personalise needs a clustered strategy ({', '.join(clustered)}), "
+                f"not {self.strategy}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> Self:
