@@ -27,18 +27,31 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
     "flclustering-training": (
         "FLClustering / Training progress",
         [
-            ("Mean test accuracy", "percentunit", [("flclustering_accuracy_mean", "mean")]),
+            (
+                "Mean test accuracy (global model; cluster models with --personalise)",
+                "percentunit",
+                [
+                    ("flclustering_accuracy_mean", "global model"),
+                    ('flclustering_personal_accuracy{stat="mean"}', "cluster models"),
+                ],
+            ),
             (
                 "Worst participant accuracy",
                 "percentunit",
-                [("flclustering_accuracy_worst", "worst")],
+                [
+                    ("flclustering_accuracy_worst", "global model"),
+                    ('flclustering_personal_accuracy{stat="worst"}', "cluster models"),
+                ],
             ),
             ("Fairness: std of accuracy", "percentunit", [("flclustering_accuracy_std", "std")]),
             ("Mean test loss", "none", [("flclustering_loss_mean", "loss")]),
             (
-                "Accuracy per cluster",
+                "Accuracy per cluster: global model and the cluster's own (--personalise)",
                 "percentunit",
-                [("flclustering_cluster_accuracy", "cluster {{cluster}}")],
+                [
+                    ("flclustering_cluster_accuracy", "global, cluster {{cluster}}"),
+                    ("flclustering_personal_cluster_accuracy", "own model, cluster {{cluster}}"),
+                ],
             ),
             (
                 "q-weight per cluster",

@@ -373,8 +373,14 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         "fallbacks",
     ):
         d[key] = int(d.get(key, 0))
-    d["cluster_weights"] = {int(k): float(v) for k, v in d.get("cluster_weights", {}).items()}
-    d["group_accuracy"] = {int(k): float(v) for k, v in d.get("group_accuracy", {}).items()}
+    for key in (
+        "cluster_weights",
+        "group_accuracy",
+        "cluster_accuracy",
+        "personal_group_accuracy",
+        "personal_cluster_accuracy",
+    ):
+        d[key] = {int(k): float(v) for k, v in d.get(key, {}).items()}
     return d
 
 
@@ -415,9 +421,21 @@ def collect(
                 if last["group_accuracy"]
                 else {}
             ),
+            **(personal_final(last) if config.federation.personalise else {}),
         },
         "endpoints": endpoints,
     }
+
+
+def personal_final(last: dict[str, Any]) -> dict[str, Any]:
+    """The final figures of the models participants serve under --personalise."""
+    out = {
+        f"personal_{k}": last[f"personal_{k}"]
+        for k in ("mean_accuracy", "accuracy_std", "worst_accuracy", "group_accuracy")
+    }
+    if last["personal_group_accuracy"]:
+        out["personal_worst_group_accuracy"] = min(last["personal_group_accuracy"].values())
+    return out
 
 
 def backdoor_success(config: SimulateConfig, model_file: Path) -> float:

@@ -30,6 +30,7 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
+from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
     cluster_label,
@@ -53,7 +54,6 @@ from services.common.wire import (
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Aggregator"
-MAX_CLUSTERS = 4096  # cluster ids and accuracies a round may carry
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -78,6 +78,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             norm_factor=d.norm_factor,
             cluster_factor=d.cluster_factor,
             twin_factor=d.twin_factor,
+            personalise=config.federation.personalise,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 
@@ -101,7 +102,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
             check_header_tensors(m.tensors, self.state.spec)
-            base = self.state.begin_update(m.sender, m.round, m.model_version)
+            base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
             return StreamReader(  # keeps the delta against the model it was trained from
                 self.state.spec,
@@ -223,7 +224,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def GetModel(
         self, request: pb.GetModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetModelResponse]:
-        version, weights = self.state.weights(request.model_version)
+        cluster = request.cluster if request.HasField("cluster") else None
+        if cluster is not None and not 0 <= cluster < MAX_CLUSTERS:
+            raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
+        version, weights = self.state.weights(request.model_version, cluster)
         header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind="weights")
         messages = build_stream(pb.GetModelResponse, header, header, weights)
         for msg in self.watch.watch(messages, context, "GetModel"):
@@ -263,7 +267,9 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
         store.memory_budget_mb,
         spill,
     )
-    state = AggregatorState(weights, store.keep_versions, device, deltas)
+    state = AggregatorState(
+        weights, store.keep_versions, device, deltas, config.federation.personalise
+    )
     del weights
     if state_dir and state.restore(Path(state_dir)):
         logger.info(

@@ -109,8 +109,13 @@ class AggregatorState:
         keep_versions: int = 3,
         device: torch.device | None = None,
         store: DeltaStore | None = None,
+        personalise: bool = False,
     ) -> None:
         self.device = device or torch.device("cpu")  # where aggregate() computes
+        # --personalise: each cluster's model of the current version (in memory, beside the
+        # budget: k models); a cluster without one trains from and serves the global model.
+        self.personalise = personalise
+        self.cluster_models: dict[int, torch.Tensor] = {}
         self.spec: tuple[TensorSpec, ...] = spec_of(initial)
         # Only the tensors that are not averaged (unflatten takes them from here).
         self.reference = OrderedDict(
@@ -149,8 +154,24 @@ class AggregatorState:
         kept = self.versions[version]
         return kept.load() if isinstance(kept, DiskRow) else kept
 
-    def weights(self, version: int = -1) -> tuple[int, OrderedDict[str, torch.Tensor]]:
-        """A stored version as named tensors (-1: the newest)."""
+    def weights(
+        self, version: int = -1, cluster: int | None = None
+    ) -> tuple[int, OrderedDict[str, torch.Tensor]]:
+        """A stored version as named tensors (-1: the newest); with `cluster`, that
+        cluster's model of the newest version (--personalise)."""
+        if cluster is not None:
+            with self.lock:
+                if not self.personalise:
+                    raise StateError("this aggregator keeps no per-cluster models (--personalise)")
+                if version >= 0 and version != self.version:
+                    raise NotFoundError(
+                        f"cluster models are kept for the newest version ({self.version}) only"
+                    )
+                v = self.version
+                flat = self.cluster_models.get(cluster)
+                if flat is None:
+                    flat = self._flat(v)
+            return v, unflatten(flat, self.spec, self.reference, share=True)
         with self.lock:
             v = self.version if version < 0 else version
             if v not in self.versions:
@@ -167,8 +188,11 @@ class AggregatorState:
             raise NotFoundError(f"model version {v} is not kept any more") from None
         return v, unflatten(flat, self.spec, self.reference, share=True)
 
-    def begin_update(self, participant: str, round_: int, base_version: int) -> torch.Tensor:
-        """Check that an update may start; reserve the participant; return the base model."""
+    def begin_update(
+        self, participant: str, round_: int, base_version: int, cluster: int = -1
+    ) -> torch.Tensor:
+        """Check that an update may start; reserve the participant; return the base model
+        (personalised: its cluster's)."""
         with self.lock:
             if round_ != self.open_round:
                 raise StateError(
@@ -187,6 +211,8 @@ class AggregatorState:
             self._receiving.add(participant)
             base = self.versions[self.version]
             assert isinstance(base, torch.Tensor)  # the current version stays in memory
+            if self.personalise:
+                return self.cluster_models.get(cluster, base)
             return base
 
     def end_update(self, update: PendingUpdate | None, round_: int) -> None:
@@ -254,6 +280,7 @@ class AggregatorState:
                 [u.metrics.get("loss_before", 1.0) for u in updates],
                 lr,
                 None if training is None else local_steps([u.samples for u in updates], *training),
+                {c: m.to(on) for c, m in self.cluster_models.items()} if self.personalise else None,
             )
             new = outcome.global_weights.cpu()
             if not torch.equal(new, base):
@@ -268,6 +295,10 @@ class AggregatorState:
                     gone = self.versions.pop(oldest)
                     if isinstance(gone, DiskRow):
                         gone.drop()
+                # The surviving clusters' models move on with the version (new dict: a
+                # reader holding the old one keeps a consistent set).
+                moved = {c: m.cpu() for c, m in outcome.cluster_models.items()}
+                self.cluster_models = {**self.cluster_models, **moved}
             self._recycle(updates)
             self.pending.clear()
             self.open_round += 1
@@ -313,17 +344,28 @@ class AggregatorState:
             version, open_round = self.version, self.open_round
             flat = self._flat(version)
             report = None if self.last_report is None else self.last_report.to_json()
+            clusters = dict(self.cluster_models)
         weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
         model = directory / f"model-v{version}.safetensors"
         durable_write(model, lambda tmp: write_safetensors(tmp, weights))
-        state = json.dumps(
-            {"version": version, "open_round": open_round, "model": model.name, "report": report},
-            default=float,
-        )
+        info: dict[str, Any] = {
+            "version": version,
+            "open_round": open_round,
+            "model": model.name,
+            "report": report,
+        }
+        kept = [model]
+        if clusters:  # --personalise: each cluster's model, flat float32 vectors
+            path = directory / f"clusters-v{version}.safetensors"
+            rows = {f"cluster-{c}": m for c, m in sorted(clusters.items())}
+            durable_write(path, lambda tmp: write_safetensors(tmp, rows))
+            info["clusters"] = path.name
+            kept.append(path)
+        state = json.dumps(info, default=float)
         durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
-        for old in directory.glob("model-v*.safetensors"):
-            if old != model:
+        for old in (*directory.glob("model-v*.safetensors"), *directory.glob("clusters-v*")):
+            if old not in kept:
                 old.unlink(missing_ok=True)
         for done in (directory / PENDING).glob("r*.safetensors"):
             if _round_of(done) < open_round:
@@ -344,7 +386,11 @@ class AggregatorState:
                 if stash and isinstance(initial, torch.Tensor):
                     initial = self.store.stash(0, initial)
             flat, others = _read_model(directory / info["model"], self.spec)
+            clusters = {}
+            if info.get("clusters"):
+                clusters = _read_clusters(directory / str(info["clusters"]), flat.numel())
             with self.lock:
+                self.cluster_models = clusters
                 self.version = int(info["version"])
                 self.open_round = int(info["open_round"])
                 self.versions = OrderedDict({0: initial, self.version: flat})
@@ -378,6 +424,23 @@ class AggregatorState:
                 self.pending[update.participant] = update
             restored = True
         return restored
+
+
+def _read_clusters(path: Path, numel: int) -> dict[int, torch.Tensor]:
+    """Saved cluster models: float32 vectors named cluster-<id> (safetensors, no pickle)."""
+    from safetensors import safe_open
+
+    out: dict[int, torch.Tensor] = {}
+    with safe_open(str(path), "pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            c = name.removeprefix("cluster-")
+            if not c.isdigit() or len(c) > 6:
+                raise SpecMismatchError(f"{path}: unexpected tensor {name[:64]!r}")
+            t = fh.get_tensor(name)
+            if t.dtype != torch.float32 or t.shape != (numel,):
+                raise SpecMismatchError(f"{path}: {name!r} is not a model of this shape")
+            out[int(c)] = t
+    return out
 
 
 def _read_model(

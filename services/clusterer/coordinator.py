@@ -72,30 +72,39 @@ class Stopped(Exception):
 
 
 class ModelCache:
-    """Encoded global models (header, chunks, checksum) by version, served to participants."""
+    """Encoded global models (header, chunks, checksum) by version, served to participants;
+    with --personalise each version's cluster models beside its global one."""
 
     def __init__(self, keep: int = 3) -> None:
         self._models: dict[int, EncodedModel] = {}
+        self._clusters: dict[int, dict[int, EncodedModel]] = {}
         self._keep = keep
         self._lock = threading.Lock()
         self.spec: tuple[TensorSpec, ...] = ()
 
-    def put(self, model: EncodedModel) -> None:
-        """Store a version; drop the oldest but version 0 (late joiners pre-train from it)."""
+    def put(self, model: EncodedModel, cluster: int | None = None) -> None:
+        """Store a version (or a cluster's model of it); drop the oldest version but 0
+        (late joiners pre-train from it), with its cluster models."""
         header = model[0]
         with self._lock:
+            if cluster is not None:
+                self._clusters.setdefault(header.model_version, {})[cluster] = model
+                return
             self._models[header.model_version] = model
             self.spec = spec_from_pb(header.tensors)
             while len(self._models) > self._keep:
                 oldest = min(v for v in self._models if v != 0)
                 del self._models[oldest]
+                self._clusters.pop(oldest, None)
 
-    def get(self, version: int) -> EncodedModel | None:
-        """A stored version (-1: the newest) or None."""
+    def get(self, version: int, cluster: int | None = None) -> EncodedModel | None:
+        """A stored version (-1: the newest), or a cluster's model of it, or None."""
         with self._lock:
             if not self._models:
                 return None
             v = max(self._models) if version < 0 else version
+            if cluster is not None:
+                return self._clusters.get(v, {}).get(cluster)
             return self._models.get(v)
 
 
@@ -105,6 +114,7 @@ def round_record(
     progress: RoundProgress,
     evals: dict[str, Evaluation],
     groups: Mapping[str, int] | None = None,
+    clusters: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The history entry of a finished round ("updates": what the aggregator aggregated,
     equal to "received" unless the round was abandoned)."""
@@ -136,7 +146,18 @@ def round_record(
         mean_loss=float(np.mean([e.loss for e in evals.values()])) if evals else 0.0,
         # Mean accuracy per ground-truth group the participants reported (simulations).
         group_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, groups or {}),
+        cluster_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, clusters or {}),
     )
+    personal = {p: e.personal_accuracy for p, e in evals.items() if e.personal_accuracy is not None}
+    if personal:  # --personalise: the model each participant serves, its cluster's
+        ps = accuracy_summary(list(personal.values()))
+        record.update(
+            personal_mean_accuracy=ps.mean,
+            personal_accuracy_std=ps.std,
+            personal_worst_accuracy=ps.worst,
+            personal_group_accuracy=group_means(personal, groups or {}),
+            personal_cluster_accuracy=group_means(personal, clusters or {}),
+        )
     return record
 
 
@@ -223,6 +244,8 @@ class Coordinator(ClustererParts):
                     self._pretrain_and_cluster()
                 else:
                     self.state.assign_static_groups()
+            if self.fed.personalise:  # the clusters are known now: serve their models
+                self._refresh_model(self.state.model_version)
             first = self._resume_point()
             for r in range(first, self.fed.rounds):
                 if self.stop.is_set():
@@ -252,20 +275,22 @@ class Coordinator(ClustererParts):
         return call_metadata(self.token)
 
     def _refresh_model(self, version: int) -> None:
-        """Have version in the cache participants download from; it is the current one."""
+        """Have version in the cache participants download from (personalised: with each
+        cluster's model of it); it is the current one."""
         if self.models.get(version) is None:
             self._fetch_model(version)
+        if self.fed.personalise:
+            for c in self.state.cluster_ids():
+                if self.models.get(version, c) is None:
+                    self._fetch_model(version, c)
         self.state.set_model_version(version)
 
-    def _fetch_model(self, version: int) -> None:
-        """Fetch a model version from the aggregator into the cache."""
+    def _fetch_model(self, version: int, cluster: int | None = None) -> None:
+        """Fetch a model version (or a cluster's model of it) from the aggregator."""
+        request = agg_pb.GetModelRequest(model_version=version, cluster=cluster)
         model = with_retries(
             lambda: read_encoded(
-                self.aggregator.GetModel(
-                    agg_pb.GetModelRequest(model_version=version),
-                    metadata=self._meta(),
-                    timeout=600,
-                ),
+                self.aggregator.GetModel(request, metadata=self._meta(), timeout=600),
                 agg_pb.GetModelResponse,
                 self.timing.max_update_bytes,
             ),
@@ -273,7 +298,11 @@ class Coordinator(ClustererParts):
             AGGREGATOR_RETRY,
             stop=self.stop,
         )
-        self.models.put(model)
+        if model[0].model_version != version:  # the aggregator moved on meanwhile
+            raise StateError(
+                f"asked the aggregator for version {version}, got {model[0].model_version}"
+            )
+        self.models.put(model, cluster)
 
     def _restore_model(self) -> None:
         """Serve the restored state's model version again; the gauges show where it is."""
@@ -308,6 +337,11 @@ class Coordinator(ClustererParts):
             raise ConfigError(
                 f"the aggregator runs strategy {status.policy.strategy!r}, this clusterer "
                 f"{self.fed.strategy!r}: start both with the same --strategy"
+            )
+        if status.policy.personalise != self.fed.personalise:
+            raise ConfigError(
+                f"the aggregator runs with --personalise {str(status.policy.personalise).lower()}"
+                f", this clusterer with {str(self.fed.personalise).lower()}: start both alike"
             )
         return status
 
@@ -464,10 +498,7 @@ class Coordinator(ClustererParts):
         if missing:
             evals |= self._evaluate(missing, f"pre-{r}")
         accuracy = {p: e.accuracy for p, e in evals.items()}
-        cluster_acc = group_accuracy(accuracy, self.state.clusters_of(evals), progress.selected)
-        for c, acc in cluster_acc.items():
-            self.metrics.cluster_accuracy.labels(cluster_label(c)).set(acc)
-        return cluster_acc
+        return group_accuracy(accuracy, self.state.clusters_of(evals), progress.selected)
 
     def _collect(self, r: int, progress: RoundProgress) -> None:
         """Collect updates until all selected answered or the deadline, let the uploads
@@ -563,7 +594,9 @@ class Coordinator(ClustererParts):
         evals = self._evaluate(asked, tag)
         self.published = (int(reply.model_version), evals)
         self._took(r, "publish", began)
-        record = round_record(r, reply, progress, evals, self.state.true_groups())
+        record = round_record(
+            r, reply, progress, evals, self.state.true_groups(), self.state.clusters_of(evals)
+        )
         record["duration_s"] = time.time() - progress.started
         self._export(record)
         self.state.record_round(record)
@@ -593,3 +626,12 @@ class Coordinator(ClustererParts):
         m.loss_mean.set(record["mean_loss"])
         for c, w in record["cluster_weights"].items():
             m.cluster_weight.labels(cluster_label(c)).set(w)
+        # Per cluster, from the same evaluation of the new version: the global model and
+        # (--personalise) the cluster's own.
+        for c, a in record["cluster_accuracy"].items():
+            m.cluster_accuracy.labels(cluster_label(c)).set(a)
+        for c, a in record.get("personal_cluster_accuracy", {}).items():
+            m.personal_cluster_accuracy.labels(cluster_label(c)).set(a)
+        if "personal_mean_accuracy" in record:
+            m.personal_accuracy.labels("mean").set(record["personal_mean_accuracy"])
+            m.personal_accuracy.labels("worst").set(record["personal_worst_accuracy"])

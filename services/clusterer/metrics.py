@@ -73,8 +73,23 @@ class ClustererMetrics(Catalogue):
             "cluster_accuracy",
             Gauge,
             "cluster_accuracy",
-            "Mean test accuracy of the global model per cluster.",
+            "Mean test accuracy of the newest global model per cluster.",
             ("cluster",),
+        ),
+        Metric(
+            "personal_cluster_accuracy",
+            Gauge,
+            "personal_cluster_accuracy",
+            "Mean test accuracy of each cluster's own model (--personalise).",
+            ("cluster",),
+        ),
+        Metric(  # labelled: no series (not a misleading 0) without --personalise
+            "personal_accuracy",
+            Gauge,
+            "personal_accuracy",
+            "Test accuracy of the models participants serve, their clusters' (--personalise): "
+            "the mean and the worst participant's.",
+            ("stat",),
         ),
         Metric("accuracy_mean", Gauge, "accuracy_mean", "Mean test accuracy over participants."),
         Metric(

@@ -70,6 +70,7 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
+from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
     counting_refusals,
@@ -253,12 +254,17 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         if task.kind == pb.TASK_KIND_PRETRAIN and self._sketched():
             training.sketch_dim = SKETCH_DIM  # send the sketch clustering uses, not the delta
             training.sketch_seed = self.config.federation.seed
+        cluster = None
+        if self.config.federation.personalise and task.kind in PERSONAL_TASKS:
+            member = self.state.members.get(pid)  # one read (the cluster is set once)
+            cluster = member.cluster if member is not None and member.cluster >= 0 else None
         return pb.GetTaskResponse(
             kind=task.kind,  # type: ignore[arg-type]
             round=task.round,
             model_version=task.model_version,
             training=training,
             evaluation_id=task.evaluation_id,
+            cluster=cluster,
         )
 
     @rpc("Clusterer.SubmitUpdate")
@@ -400,7 +406,23 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             raise invalid(f"loss {request.loss} must be finite and non-negative")
         if not 0 < request.num_examples <= MAX_SAMPLES:
             raise invalid(f"num_examples must be in [1, {MAX_SAMPLES}]")
-        result = Evaluation(request.accuracy, request.loss, request.num_examples)
+        personal = (request.HasField("personal_accuracy"), request.HasField("personal_loss"))
+        if personal[0] != personal[1]:
+            raise invalid("personal_accuracy and personal_loss come together or not at all")
+        if personal[0]:
+            if not (0.0 <= request.personal_accuracy <= 1.0):
+                raise invalid(f"personal_accuracy {request.personal_accuracy} is outside [0, 1]")
+            if not math.isfinite(request.personal_loss) or request.personal_loss < 0:
+                raise invalid(
+                    f"personal_loss {request.personal_loss} must be finite and non-negative"
+                )
+        result = Evaluation(
+            request.accuracy,
+            request.loss,
+            request.num_examples,
+            request.personal_accuracy if personal[0] else None,
+            request.personal_loss if personal[0] else None,
+        )
         await asyncio.to_thread(
             self.state.record_evaluation,
             request.participant_id,
@@ -412,9 +434,13 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
     @rpc("Clusterer.DownloadModel")
     async def DownloadModel(self, request: pb.DownloadModelRequest, context: Context) -> None:
-        cached = self.models.get(request.model_version)
+        cluster = request.cluster if request.HasField("cluster") else None
+        if cluster is not None and not 0 <= cluster < MAX_CLUSTERS:
+            raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
+        cached = self.models.get(request.model_version, cluster)
         if cached is None:
-            raise NotFoundError(f"model version {request.model_version} is not available")
+            of = "" if cluster is None else f" of cluster {cluster}"
+            raise NotFoundError(f"model version {request.model_version}{of} is not available")
         header, messages = cached  # serialized once, served to everyone as they are
         self.metrics.rpc.sent_bytes.inc(header.total_bytes)
         await self.watch.send(context, messages, "DownloadModel")  # a receiver that stalls
@@ -457,6 +483,9 @@ ROUND_FIELDS = set(pb.RoundSummary.DESCRIPTOR.fields_by_name)
 # What a participant of a long model sends for clustering (services/common/sketch.py).
 SKETCH_SPEC = (TensorSpec("sketch", (SKETCH_DIM,), torch.float32),)
 MAX_PAGE = 1000  # members or rounds in one GetStatus answer
+# Tasks that name the participant's cluster under --personalise (its model is trained from
+# and evaluated).
+PERSONAL_TASKS = (pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE)
 MAX_GROUPS = 1 << 16
 BUSY_POLL_S = 2.0  # when `most` polls wait already, ask again after about this long
 

@@ -103,6 +103,8 @@ class Evaluation:
     accuracy: float
     loss: float
     examples: int
+    personal_accuracy: float | None = None  # --personalise: of its cluster's model
+    personal_loss: float | None = None
 
 
 @dataclass
@@ -329,7 +331,13 @@ class ClustererState:
         elif kind == "eval":
             results = self.evaluations.get(event["tag"])
             if results is not None:
-                results[pid] = Evaluation(event["accuracy"], event["loss"], event["examples"])
+                results[pid] = Evaluation(
+                    event["accuracy"],
+                    event["loss"],
+                    event["examples"],
+                    event.get("personal_accuracy"),
+                    event.get("personal_loss"),
+                )
         elif kind == "update":
             c = self.collecting
             if c is not None and c.round == int(event["round"]):
@@ -682,6 +690,11 @@ class ClustererState:
         with self.cond:
             return {p: m.group for p, m in self.members.items()}
 
+    def cluster_ids(self) -> list[int]:
+        """The clusters members are in, ascending."""
+        with self.cond:
+            return sorted({m.cluster for m in self.members.values() if m.cluster >= 0})
+
     def clusters_of(self, participants: Iterable[str]) -> dict[str, int]:
         """The cluster of each of participants."""
         with self.cond:
@@ -926,9 +939,20 @@ def _progress(data: dict[str, Any]) -> RoundProgress:
 
 def _round_record(record: dict[str, Any]) -> dict[str, Any]:
     """A history entry read back (JSON made its cluster ids strings)."""
-    weights = {int(c): float(w) for c, w in record.get("cluster_weights", {}).items()}
-    groups = {int(g): float(a) for g, a in record.get("group_accuracy", {}).items()}
-    return {**record, "cluster_weights": weights, "group_accuracy": groups}
+    maps = (
+        "cluster_weights",
+        "group_accuracy",
+        "cluster_accuracy",
+        "personal_group_accuracy",
+        "personal_cluster_accuracy",
+    )
+    out = dict(record)
+    for key in maps:
+        if key in record:
+            out[key] = {int(c): float(v) for c, v in record[key].items()}
+    out.setdefault("cluster_weights", {})
+    out.setdefault("group_accuracy", {})
+    return out
 
 
 def _tensor_json(t: torch.Tensor) -> dict[str, Any]:

@@ -6,6 +6,7 @@ protocol (`flclustering simulate`, benchmarks/load.py) set the same limits witho
 
 from __future__ import annotations
 
+MAX_CLUSTERS = 4096  # cluster ids (and accuracies per round) any RPC may carry
 CHUNK_BYTES = 2 << 20  # 2 MiB of data per message (the cap is 4 MiB)
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC message cap set on every channel and server
 # The channel and server options that enforce it (anything larger is refused).

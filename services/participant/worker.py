@@ -86,7 +86,8 @@ class WorkerSettings:
 
 
 class ModelStore:
-    """Global model versions downloaded once per process, shared by its participants."""
+    """Global model versions (and, --personalise, clusters' models of them) downloaded
+    once per process, shared by its participants."""
 
     def __init__(
         self,
@@ -101,25 +102,27 @@ class ModelStore:
         self._stub = stub
         self._token = token
         self._keep = keep
-        self._models: OrderedDict[int, OrderedDict[str, torch.Tensor]] = OrderedDict()
-        self._locks: dict[int, threading.Lock] = {}
+        # Keyed by (version, cluster); cluster -1: the global model.
+        self._models: OrderedDict[tuple[int, int], OrderedDict[str, torch.Tensor]] = OrderedDict()
+        self._locks: dict[tuple[int, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, version: int) -> OrderedDict[str, torch.Tensor]:
-        """The weights of a version, downloading them on first use."""
+    def get(self, version: int, cluster: int | None = None) -> OrderedDict[str, torch.Tensor]:
+        """The weights of a version (or of a cluster's model of it), downloaded on first use."""
+        key = (version, -1 if cluster is None else cluster)
         with self._lock:
-            if version in self._models:
-                return self._models[version]
-            lock = self._locks.setdefault(version, threading.Lock())
+            if key in self._models:
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             with self._lock:
-                if version in self._models:
-                    return self._models[version]
+                if key in self._models:
+                    return self._models[key]
             # Downloads are idempotent: retried while the clusterer is busy or restarting.
             header, weights = with_retries(
                 lambda: read_model(
                     self._stub.DownloadModel(
-                        pb.DownloadModelRequest(model_version=version),
+                        pb.DownloadModelRequest(model_version=version, cluster=cluster),
                         metadata=call_metadata(self._token),
                         timeout=600,
                     ),
@@ -134,10 +137,10 @@ class ModelStore:
             if header.model_version != version:
                 raise SpecMismatchError(f"asked for version {version}, got {header.model_version}")
             with self._lock:
-                self._models[version] = weights
-                while len(self._models) > self._keep:
+                self._models[key] = weights
+                while len({v for v, _ in self._models}) > self._keep:
                     self._models.popitem(last=False)
-                self._locks.pop(version, None)
+                self._locks.pop(key, None)
             return weights
 
 
@@ -236,8 +239,8 @@ class Participant:
             lambda: self.stub.Join(request, metadata=self.meta, timeout=30, wait_for_ready=True),
         )
 
-    def _load(self, version: int) -> None:
-        weights = self.store.get(version)
+    def _load(self, version: int, cluster: int | None = None) -> None:
+        weights = self.store.get(version, cluster)
         check_spec(weights, self.spec)
         self.model.load_state_dict(weights)
 
@@ -304,11 +307,13 @@ class Participant:
         )
 
     def train(self, task: pb.GetTaskResponse) -> None:
-        """Train from the global model and stream the weights (attacked when simulated)."""
+        """Train from the global model (personalised: the cluster's the task names) and
+        stream the weights (attacked when simulated)."""
         colluding = self.attack.colludes and self.attack.fires(task.round)
         if colluding:
             self.collusion.enlist(task.round, self.id)
-        self._load(task.model_version)
+        cluster = task.cluster if task.HasField("cluster") else None
+        self._load(task.model_version, cluster)
         t = task.training
         # Only a merge that weighs by it (q-FFL) asks for the received model's loss.
         before: dict[str, float] = {}
@@ -330,7 +335,7 @@ class Participant:
         self.metrics.examples.labels(self.label).inc(result.examples)
         weights = state_of(self.model)
         if colluding:
-            base = flatten(self.store.get(task.model_version), self.spec)
+            base = flatten(self.store.get(task.model_version, cluster), self.spec)
             honest = flatten(weights, self.spec) - base
             pooled = self.collusion.pool(task.round, self.id, honest)
             crafted = craft(self.attack, pooled, self.settings.round_size)
@@ -344,7 +349,7 @@ class Participant:
                 task.round,
             )
         elif self.attack.backdoors:
-            base = flatten(self.store.get(task.model_version), self.spec)
+            base = flatten(self.store.get(task.model_version, cluster), self.spec)
             delta = flatten(weights, self.spec) - base
             boost = self.attack.boost or self.settings.round_size
             sent = boosted(delta, boost, self.attack.norm_bound)
@@ -356,7 +361,7 @@ class Participant:
                 task.round,
             )
         elif self.attack.fires(task.round) and self.attack.changes_model:
-            reference = self.store.get(task.model_version)
+            reference = self.store.get(task.model_version, cluster)
             flat = apply_model_attack(
                 self.attack,
                 flatten(weights, self.spec),
@@ -384,13 +389,20 @@ class Participant:
         )
 
     def evaluate(self, task: pb.GetTaskResponse) -> None:
-        """Evaluate a global model version on the own test split and report it."""
+        """Evaluate a global model version (and the cluster's model of it, when the task
+        names a cluster) on the own test split and report it."""
+        personal: dict[str, float] = {}
+        if task.HasField("cluster"):
+            self._load(task.model_version, task.cluster)
+            p_loss, p_acc = evaluate(self.model, self.x_test, self.y_test)
+            personal = {"personal_accuracy": p_acc, "personal_loss": p_loss}
         self._load(task.model_version)
         loss, acc = evaluate(self.model, self.x_test, self.y_test)
         self.metrics.test_accuracy.labels(self.label).set(acc)
         if self.attack.lies:
             logger.warning("SIMULATED ATTACK: %s reports accuracy %s", self.id, self.attack.lie)
             acc = self.attack.lie
+            personal = {k: self.attack.lie if "accuracy" in k else v for k, v in personal.items()}
         request = pb.ReportEvaluationRequest(
             participant_id=self.id,
             evaluation_id=task.evaluation_id,
@@ -398,6 +410,7 @@ class Participant:
             accuracy=acc,
             loss=loss,
             num_examples=len(self.y_test),
+            **personal,
         )
         self._call(
             "ReportEvaluation",

@@ -128,6 +128,7 @@ def served_federation(tmp_path):
             "4",
             "--per-process",
             "3",
+            "--personalise",  # the per-cluster model panels have data too
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -151,6 +151,25 @@ def test_bad_reports_and_requests(open_round):
     )
     missing = pb.DownloadModelRequest(model_version=42)
     assert rpc_code(lambda: list(fed.stub.DownloadModel(missing, metadata=META))) == C.NOT_FOUND
+    # Per-cluster fields (--personalise): ranges, pairs, and a federation without them.
+    for fields in (
+        {"personal_accuracy": float("nan"), "personal_loss": 0.1},
+        {"personal_accuracy": 0.5, "personal_loss": float("inf")},
+        {"personal_accuracy": 0.5},  # without its loss
+    ):
+        report = pb.ReportEvaluationRequest(
+            participant_id=PID, evaluation_id="x", accuracy=0.5, loss=0.1, num_examples=3, **fields
+        )
+        code = rpc_code(lambda r=report: fed.stub.ReportEvaluation(r, metadata=META))
+        assert code == C.INVALID_ARGUMENT, fields
+    for cluster, code in (
+        (-1, C.INVALID_ARGUMENT),
+        (1 << 20, C.INVALID_ARGUMENT),
+        (0, C.NOT_FOUND),
+    ):
+        request = pb.DownloadModelRequest(model_version=0, cluster=cluster)
+        got = rpc_code(lambda r=request: list(fed.stub.DownloadModel(r, metadata=META)))
+        assert got == code, cluster
 
 
 def test_aggregator_checks_rounds_and_versions(open_round):
@@ -161,6 +180,13 @@ def test_aggregator_checks_rounds_and_versions(open_round):
     assert rpc_code(lambda: fed.agg_stub.Aggregate(bad_acc, metadata=META)) == C.INVALID_ARGUMENT
     gone = agg_pb.GetModelRequest(model_version=9)
     assert rpc_code(lambda: list(fed.agg_stub.GetModel(gone, metadata=META))) == C.NOT_FOUND
+    # A cluster's model from an aggregator without --personalise; a cluster id out of range.
+    cluster = agg_pb.GetModelRequest(model_version=-1, cluster=0)
+    assert rpc_code(lambda: list(fed.agg_stub.GetModel(cluster, metadata=META))) == (
+        C.FAILED_PRECONDITION
+    )
+    far = agg_pb.GetModelRequest(model_version=-1, cluster=-3)
+    assert rpc_code(lambda: list(fed.agg_stub.GetModel(far, metadata=META))) == C.INVALID_ARGUMENT
     assert (
         rpc_code(lambda: fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest()))
         == C.UNAUTHENTICATED

@@ -261,3 +261,29 @@ def test_backdoor_and_cluster_steering_through_the_services(tmp_path):
     assert "mean pre-training delta of 2 colluders" in logs, logs[-3000:]
     assert all(c["cluster"] < 0 for c in attackers), results["clusters"]
     assert all(c["cluster"] >= 0 for c in results["clusters"] if not c["attacker"])
+
+
+def test_personalised_models_through_the_services_match_the_in_process_run(tmp_path):
+    """--personalise over real gRPC: participants train from and evaluate their cluster's
+    model, the aggregator keeps (and saves) one per cluster, and the figures are the
+    in-process federation's (the same plan, the same bases, the same rules)."""
+    flags = ["--personalise", "--partition", "rotated-groups", "--group-sizes", "6,4,2"]
+    flags += ["--participants", "12", "--select", "6", "--rounds", "3", "--seed", "1"]
+    results, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "6")
+    local_out = tmp_path / "local"
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "local", "--out", str(local_out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    local = json.loads((local_out / "results.json").read_text())
+    for sim_round, local_round in zip(results["rounds"], local["rounds"], strict=True):
+        for key in ("mean_accuracy", "personal_mean_accuracy", "personal_worst_accuracy"):
+            assert sim_round[key] == pytest.approx(local_round[key], abs=1e-6), key
+        assert len(sim_round["personal_cluster_accuracy"]) == 3
+    final = results["final"]
+    assert final["personal_worst_group_accuracy"] == min(final["personal_group_accuracy"].values())
+    assert final["personal_mean_accuracy"] > final["mean_accuracy"]
+    assert list((out / "state" / "aggregator").glob("clusters-v3.safetensors"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import SpecMismatchError, StateError
+from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.models import build_model
 from services.common.settings import DefenceSettings
 from services.common.strategies import STRATEGIES
@@ -176,3 +176,58 @@ def test_a_round_aggregated_on_a_device_gives_the_cpu_result_and_reuses_buffers(
     again = [on_cpu.buffer(d) for _ in deltas]  # kept alive: their memory stays theirs
     assert {b.data_ptr() for b in again} == set(received)  # each of the round's, once
     assert on_cpu.buffer(d).data_ptr() not in received  # then new ones
+
+
+def test_personalised_state_keeps_each_clusters_model_across_a_restart(tmp_path):
+    """--personalise: an update is a delta against its cluster's model; each cluster's
+    model moves by its own delta, the global is their merge; a restart keeps them all."""
+    s = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True)
+    w0 = s.versions[0].clone()
+    d = w0.numel()
+
+    def send(who: str, cluster: int, value: float, round_: int) -> None:
+        s.begin_update(who, round_, s.version, cluster)
+        s.end_update(PendingUpdate(who, cluster, 10, torch.full((d,), value)), round_)
+
+    send("a", 0, 0.1, 0)
+    send("b", 1, 0.3, 0)
+    s.aggregate(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05)
+    assert torch.allclose(s.cluster_models[0], w0 + 0.1)
+    assert torch.allclose(s.cluster_models[1], w0 + 0.3)
+    assert torch.allclose(s.versions[1], w0 + 0.2)  # round 0: the mean of the two
+    # Round 1 trains from the clusters' models: begin_update hands each its own base.
+    assert torch.equal(s.begin_update("a", 1, 1, 0), s.cluster_models[0])
+    s.release("a")
+    assert torch.equal(s.begin_update("c", 1, 1, 7), s.versions[1])  # no model yet: global
+    s.release("c")
+    v, named = s.weights(-1, 1)
+    assert v == 1 and torch.allclose(
+        torch.cat([t.flatten() for t in named.values() if t.dtype.is_floating_point]), w0 + 0.3
+    )
+    with pytest.raises(NotFoundError, match="newest version"):
+        s.weights(0, 1)
+    s.save(tmp_path)
+    assert (tmp_path / "clusters-v1.safetensors").exists()
+    again = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True)
+    assert again.restore(tmp_path)
+    assert set(again.cluster_models) == {0, 1}
+    for c in (0, 1):
+        assert torch.equal(again.cluster_models[c], s.cluster_models[c])
+    # An aggregator that keeps no cluster models says so.
+    with pytest.raises(StateError, match="--personalise"):
+        fresh().weights(-1, 0)
+
+
+def test_a_foreign_cluster_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    s = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True)
+    s.begin_update("a", 0, 0, 0)
+    s.end_update(PendingUpdate("a", 0, 10, torch.full((s.versions[0].numel(),), 0.1)), 0)
+    s.aggregate(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05)
+    s.save(tmp_path)
+    save_file({"cluster-0": torch.zeros(3)}, str(tmp_path / "clusters-v1.safetensors"))
+    with pytest.raises(SpecMismatchError, match="not a model of this shape"):
+        AggregatorState(
+            state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True
+        ).restore(tmp_path)

@@ -86,10 +86,12 @@ class AggregateResponse(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("model_version",)
+    __slots__ = ("model_version", "cluster")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     model_version: int
-    def __init__(self, model_version: _Optional[int] = ...) -> None: ...
+    cluster: int
+    def __init__(self, model_version: _Optional[int] = ..., cluster: _Optional[int] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("header", "data", "trailer")
@@ -106,20 +108,22 @@ class GetAggregatorStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DefencePolicy(_message.Message):
-    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor")
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     NORM_FACTOR_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FACTOR_FIELD_NUMBER: _ClassVar[int]
     TWIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    PERSONALISE_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     q: float
     byzantine_fraction: float
     norm_factor: float
     cluster_factor: float
     twin_factor: float
-    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ...) -> None: ...
+    personalise: bool
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
     __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")

@@ -76,20 +76,22 @@ class TrainingSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ..., sketch_dim: _Optional[int] = ..., sketch_seed: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s")
+    __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s", "cluster")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_POLL_S_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     model_version: int
     training: TrainingSettings
     evaluation_id: str
     next_poll_s: float
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., evaluation_id: _Optional[str] = ..., next_poll_s: _Optional[float] = ...) -> None: ...
+    cluster: int
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., evaluation_id: _Optional[str] = ..., next_poll_s: _Optional[float] = ..., cluster: _Optional[int] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "data", "trailer")
@@ -110,20 +112,24 @@ class SubmitUpdateResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ReportEvaluationRequest(_message.Message):
-    __slots__ = ("participant_id", "evaluation_id", "model_version", "accuracy", "loss", "num_examples")
+    __slots__ = ("participant_id", "evaluation_id", "model_version", "accuracy", "loss", "num_examples", "personal_accuracy", "personal_loss")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     evaluation_id: str
     model_version: int
     accuracy: float
     loss: float
     num_examples: int
-    def __init__(self, participant_id: _Optional[str] = ..., evaluation_id: _Optional[str] = ..., model_version: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    personal_accuracy: float
+    personal_loss: float
+    def __init__(self, participant_id: _Optional[str] = ..., evaluation_id: _Optional[str] = ..., model_version: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., personal_accuracy: _Optional[float] = ..., personal_loss: _Optional[float] = ...) -> None: ...
 
 class ReportEvaluationResponse(_message.Message):
     __slots__ = ("accepted",)
@@ -132,10 +138,12 @@ class ReportEvaluationResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
-    __slots__ = ("model_version",)
+    __slots__ = ("model_version", "cluster")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     model_version: int
-    def __init__(self, model_version: _Optional[int] = ...) -> None: ...
+    cluster: int
+    def __init__(self, model_version: _Optional[int] = ..., cluster: _Optional[int] = ...) -> None: ...
 
 class DownloadModelResponse(_message.Message):
     __slots__ = ("header", "data", "trailer")
@@ -160,7 +168,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +184,27 @@ class RoundSummary(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     class GroupAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class PersonalGroupAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class ClusterAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class PersonalClusterAccuracyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +229,12 @@ class RoundSummary(_message.Message):
     EVALUATED_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     GROUP_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_MEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ACCURACY_STD_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_WORST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_GROUP_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -218,7 +253,13 @@ class RoundSummary(_message.Message):
     evaluated: int
     phases: _containers.ScalarMap[str, float]
     group_accuracy: _containers.ScalarMap[int, float]
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    personal_mean_accuracy: float
+    personal_accuracy_std: float
+    personal_worst_accuracy: float
+    personal_group_accuracy: _containers.ScalarMap[int, float]
+    cluster_accuracy: _containers.ScalarMap[int, float]
+    personal_cluster_accuracy: _containers.ScalarMap[int, float]
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
