@@ -185,6 +185,7 @@ class ClustererState:
         self.pretrain_deltas: dict[str, torch.Tensor] = {}
         self.delta_files: dict[str, str] = {}  # participant -> its stored delta
         self.centroids: dict[int, torch.Tensor] = {}
+        self.centroids_file: str | None = None  # where the store keeps them
         self.evaluations: dict[str, dict[str, Evaluation]] = {}
         self.asked: dict[str, list[str]] = {}  # evaluation tag -> who was asked
         self.history: list[dict[str, Any]] = []
@@ -226,7 +227,10 @@ class ClustererState:
                     self._replay(event)
                 self._after_restore()
             store.drop_deltas(set(self.delta_files.values()))
+            if self.centroids and self.centroids_file is None:  # a snapshot kept them inline
+                self.centroids_file = store.save_centroids(self.centroids)
             self._persist()  # the journal (and any torn tail) is folded into a snapshot
+            store.drop_centroids(self.centroids_file)
             self.cond.notify_all()
             return found is not None
 
@@ -260,7 +264,7 @@ class ClustererState:
             "model_version": self.model_version,
             "members": {p: vars(m) for p, m in self.members.items()},
             "deltas": dict(self.delta_files),
-            "centroids": {str(k): _tensor_json(v) for k, v in self.centroids.items()},
+            "centroids_file": self.centroids_file,
             "purity": self.purity,
             "rng": self.rng.bit_generator.state if self.rng is not None else None,
             "progress": asdict(self.progress) if self.progress is not None else None,
@@ -292,7 +296,12 @@ class ClustererState:
         self.members = {p: _member(m) for p, m in data["members"].items()}
         self.delta_files = dict(data["deltas"])
         self.pretrain_deltas = {p: self.store.load_delta(f) for p, f in self.delta_files.items()}
-        self.centroids = {int(k): _tensor_of(v) for k, v in data["centroids"].items()}
+        self.centroids_file = data.get("centroids_file")
+        if self.centroids_file:
+            self.centroids = self.store.load_centroids(self.centroids_file)
+        else:  # snapshots before the centroids had their own file held them as JSON
+            inline = data.get("centroids", {})
+            self.centroids = {int(k): _tensor_of(v) for k, v in inline.items()}
         self.purity = data["purity"]
         if data["rng"] is not None and self.rng is not None:
             self.rng.bit_generator.state = data["rng"]
@@ -622,6 +631,8 @@ class ClustererState:
                 int(c): deltas[torch.as_tensor(assignment == c)].mean(dim=0)
                 for c in np.unique(assignment)
             }
+            if self.store is not None:
+                self.centroids_file = self.store.save_centroids(self.centroids)
             truth = np.array([self.members[p].group for p in participants])
             self.purity = purity(assignment, truth) if (truth >= 0).all() else None
             self.stage = "clustered"
@@ -955,11 +966,6 @@ def _round_record(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
-    """A small tensor as JSON (float32 values print and parse back exactly)."""
-    return {"dtype": str(t.dtype).removeprefix("torch."), "values": t.tolist()}
-
-
 def _tensor_of(data: dict[str, Any]) -> torch.Tensor:
-    """A tensor written by _tensor_json."""
+    """A tensor an older snapshot held inline as JSON ({"dtype", "values"})."""
     return torch.tensor(data["values"], dtype=getattr(torch, data["dtype"]))

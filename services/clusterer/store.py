@@ -210,6 +210,36 @@ class ClustererStore:
         durable_write(directory / name, lambda tmp: save_file({"delta": tensor}, str(tmp), meta))
         return name
 
+    def save_centroids(self, centroids: dict[int, torch.Tensor]) -> str:
+        """Write the clusters' centroids durably (safetensors, once per clustering, not in
+        every snapshot: as JSON they were most of a snapshot's bytes and of the clusterer's
+        CPU); the file's name, for the snapshot."""
+        from safetensors.torch import save_file
+
+        tensors = {f"c{c}": v.detach().to("cpu").contiguous() for c, v in centroids.items()}
+        digest = hashlib.sha256()
+        for name, t in sorted(tensors.items()):
+            digest.update(name.encode() + b"\0" + t.numpy().tobytes())
+        name = f"centroids-{digest.hexdigest()[:40]}.safetensors"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        durable_write(self.directory / name, lambda tmp: save_file(tensors, str(tmp)))
+        return name
+
+    def load_centroids(self, name: str) -> dict[int, torch.Tensor]:
+        """Centroids written by save_centroids (safetensors: nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        if not name.startswith("centroids-") or "/" in name:
+            raise ConfigError(f"{name[:80]!r} is not a centroids file of this store")
+        loaded = load_file(str(self.directory / name))
+        return {int(k[1:]): v for k, v in loaded.items()}
+
+    def drop_centroids(self, keep: str | None) -> None:
+        """Remove centroid files the snapshot does not name."""
+        for path in self.directory.glob("centroids-*.safetensors"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
+
     def snapshot(self, data: dict[str, Any]) -> None:
         """Write the whole state durably, then empty the journal it now includes."""
         self.directory.mkdir(parents=True, exist_ok=True)

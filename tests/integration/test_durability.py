@@ -137,6 +137,10 @@ def test_a_clusterer_restarted_from_its_journal_and_snapshot_goes_on_alike(tmp_p
     assert again.progress.selected == {"p0": 0, "p1": 1, "p2": 0}
     assert again.collecting is not None and again.collecting.received == {"p1"}
     assert torch.equal(again.centroids[1], torch.ones(8))
+    # The centroids live in one safetensors file written at clustering, not in each snapshot.
+    snapshot = json.loads((tmp_path / "state.json").read_text())
+    assert "centroids" not in snapshot and snapshot["centroids_file"].startswith("centroids-")
+    assert [p.name for p in tmp_path.glob("centroids-*")] == [snapshot["centroids_file"]]
     assert again.tasks["p4"].kind == pb.TASK_KIND_PRETRAIN  # not yet grouped: asked again
     assert np.array_equal(rng2.random(5), expected)  # later rounds draw as they would have
     assert again.next_round() == 0
@@ -231,3 +235,24 @@ def test_finished_rounds_are_appended_once_and_a_line_no_snapshot_counts_is_drop
     (tmp_path / "rounds.jsonl").write_text("")
     with pytest.raises(ConfigError, match="damaged"):
         clusterer_state(tmp_path)
+
+
+def test_a_snapshot_with_inline_centroids_still_restores(tmp_path):
+    """Snapshots written before the centroids had their own file held them as JSON."""
+    state, _ = clusterer_state(tmp_path)
+    for i in range(2):
+        state.join(f"p{i}", 10, 5, i, "cpu")
+    state.start_pretraining()
+    for i in range(2):
+        state.accept_pretrain_delta(f"p{i}", torch.full((4,), float(i)))
+    state.start_clustering()
+    ids, deltas = state.pretrained()
+    state.set_clusters(ids, np.array([0, 1]), torch.stack(deltas))
+    path = tmp_path / "state.json"
+    snapshot = json.loads(path.read_text())
+    (tmp_path / snapshot.pop("centroids_file")).unlink()
+    snapshot["centroids"] = {"1": {"dtype": "float32", "values": [1.0, 1.0, 1.0, 1.0]}}
+    path.write_text(json.dumps(snapshot))
+    again, _ = clusterer_state(tmp_path)
+    assert torch.equal(again.centroids[1], torch.ones(4))
+    assert json.loads(path.read_text())["centroids_file"]  # moved to its own file
