@@ -134,13 +134,16 @@ def test_tokens_are_taken_literally():
     assert TransportSettings.build(auth_token="").token() is None
 
 
-def test_simulate_hosts_ten_participants_per_process_in_at_most_eight_processes():
+def test_simulate_hosts_a_process_per_core_of_ten_or_more_in_at_most_eight_processes():
     from services.experiment import HostingSettings
 
     auto = HostingSettings()
-    assert auto.hosted_per_process(30) == 10
-    assert auto.hosted_per_process(5) == 10
-    assert auto.hosted_per_process(1000) == 125  # eight processes, not a hundred
+    assert auto.hosted_per_process(30, cores=2) == 15  # one process per core
+    assert auto.hosted_per_process(30, cores=16) == 10  # at least 10 each
+    assert auto.hosted_per_process(5, cores=2) == 10
+    assert auto.hosted_per_process(1000, cores=64) == 125  # eight processes, not a hundred
+    assert auto.hosted_per_process(1000, cores=2) == 125  # large: up to 125 per process
+    assert auto.hosted_per_process(100000, cores=2) == 12500
     assert HostingSettings(per_process=3).hosted_per_process(30) == 3
 
 
