@@ -120,6 +120,27 @@ def run_simulate_command(config: SimulateConfig) -> int:
     return 0
 
 
+def run_config_command(args: argparse.Namespace) -> int:
+    """`flclustering config`: a command's defaults as a run file (`--config FILE`)."""
+    import json
+
+    from services.common.flags import defaults_document
+
+    config, groups = (
+        (SimulateConfig, SIMULATE_GROUPS)
+        if args.for_command == "simulate"
+        else (ExperimentConfig, LOCAL_GROUPS)
+    )
+    document = defaults_document(config, groups)
+    if args.format == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(document, sort_keys=False))
+    else:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
 def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
@@ -220,6 +241,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "simulate": SettingsParser(sim, SimulateConfig, SIMULATE_GROUPS),
         "local": SettingsParser(local, ExperimentConfig, LOCAL_GROUPS),
     }
+    config = sub.add_parser(
+        "config",
+        help="print the defaults as a run file (edit it, pass it with --config FILE)",
+        description="Print a command's settings with their defaults as a run file: edit "
+        "it and run `flclustering simulate --config FILE` (flags still override it). A "
+        "finished run's results.json is a run file too.",
+    )
+    config.add_argument(
+        "for_command",
+        nargs="?",
+        choices=("simulate", "local"),
+        default="simulate",
+        help="the command whose settings to print (default: simulate)",
+    )
+    config.add_argument(
+        "--format", choices=("json", "yaml"), default="json", help="(default: json)"
+    )
     scrape = sub.add_parser(
         "scrape-config",
         help="print a Prometheus config scraping a simulation's services",
@@ -291,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "scrape-config":
             return run_scrape_config_command(args)
+        if args.command == "config":
+            return run_config_command(args)
         if args.command == "certs":
             args.operator = args.operator or ["operator"]
             return run_certs_command(args)

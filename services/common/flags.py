@@ -3,8 +3,11 @@
 Every flag is generated from a settings field (services.common.settings): `--kebab-name`,
 its description as help with the default and the environment variable shown, its choices
 from the field's registry. Values are read, lowest precedence first, from the defaults, a
-JSON settings file (`--settings`), environment variables, then flags; pydantic validates
-the result once, and a bad value is one line naming the flag (or variable) it came from.
+run file (`--config FILE`, alias `--settings`: JSON or YAML, settings groups as objects;
+`flclustering config` prints one; a results.json counts as its `config` block, so a
+finished run is re-run from its own results), environment variables, then flags; pydantic
+validates the result once, and a bad value is one line naming the flag (or variable, or
+file entry) it came from.
 
 Why not jsonargparse or pydantic-settings: both derive one environment prefix per parser
 from the field names, but the deployed names are shared across services by group
@@ -97,11 +100,15 @@ class SettingsParser:
         self.defaults = config()
         self.fields: dict[str, tuple[str, str, str]] = {}  # dest -> (group, field, env)
         parser.add_argument(
+            "--config",
             "--settings",
+            dest="settings",
             default=os.environ.get(SETTINGS_ENV) or None,
             metavar="FILE",
-            help=f"read settings from this JSON file; environment variables and flags "
-            f"override it (default: none; env {SETTINGS_ENV})",
+            help="read settings from this run file (JSON, or YAML when named .yaml/.yml; "
+            "`flclustering config` prints the defaults as one; a results.json is read as its "
+            "config block); environment variables and flags override it "
+            f"(default: none; env {SETTINGS_ENV})",
         )
         for group in groups:
             assert group.key in SETTINGS_GROUPS, group.key
@@ -163,7 +170,7 @@ class SettingsParser:
             for key, values in read_settings_file(self.parser, ns.settings).items():
                 if key not in SETTINGS_GROUPS or not isinstance(values, Mapping):
                     self.parser.error(
-                        f"--settings {ns.settings}: {key[:40]!r} is not a settings group "
+                        f"--config {ns.settings}: {str(key)[:40]!r} is not a settings group "
                         f"({', '.join(sorted(SETTINGS_GROUPS))})"
                     )
                 if key in data:  # a file shared by all services: each takes its groups
@@ -194,17 +201,41 @@ class SettingsParser:
 
 
 def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """A JSON object of settings groups; a missing or malformed file is one parser error."""
+    """An object of settings groups from a JSON or YAML run file (a results.json: its
+    config block); a missing or malformed file is one parser error."""
+    yaml_file = path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            if yaml_file:
+                import yaml  # only a YAML run file needs it
+
+                # safe_load: plain data only, never arbitrary Python objects.
+                data = yaml.safe_load(fh)
+            else:
+                data = json.load(fh)
     except OSError as exc:
-        parser.error(f"--settings {path}: {exc.strerror}")
-    except ValueError as exc:
-        parser.error(f"--settings {path}: not JSON ({exc})")
+        parser.error(f"--config {path}: {exc.strerror}")
+    except ValueError as exc:  # JSON, and YAML's errors below
+        parser.error(f"--config {path}: not JSON ({str(exc).splitlines()[0]})")
+    except Exception as exc:  # yaml.YAMLError: not importable without yaml
+        if type(exc).__module__.startswith("yaml"):
+            parser.error(f"--config {path}: not YAML ({' '.join(str(exc).split())[:200]})")
+        raise
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "rounds" in data:
+        data = data["config"]  # a finished run's results.json: the settings it ran with
     if not isinstance(data, dict):
-        parser.error(f"--settings {path}: expected a JSON object of settings groups")
+        parser.error(f"--config {path}: expected an object of settings groups")
     return data
+
+
+def defaults_document(config: type[Settings], groups: Sequence[Group]) -> dict[str, Any]:
+    """A command's defaults as a run file's content: its groups' settings that are flags,
+    as JSON values (a group's other fields, secrets among them, stay out)."""
+    dumped = config().model_dump(mode="json")
+    return {
+        g.key: {k: v for k, v in dumped[g.key].items() if g.only is None or k in g.only}
+        for g in groups
+    }
 
 
 def write_settings_file(path: str | os.PathLike[str], groups: Mapping[str, Settings]) -> None:
