@@ -52,6 +52,10 @@ def run_local_command(config: ExperimentConfig) -> int:
         "final": result.final,
     }
     written = write_results(Path(config.run.out), payload)
+    if result.card is not None:
+        from services.common.model_file import write_model_file
+
+        write_model_file(Path(config.run.out), result.weights, result.card)
     purity = result.clustering.get("purity") if result.clustering else None
     _summary(result.rounds, result.final, purity, written[0].parent)
     return 0

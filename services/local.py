@@ -24,6 +24,7 @@ from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, group_means, purity
+from services.common.model_file import ModelCard
 from services.common.models import build_model
 from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
@@ -65,6 +66,9 @@ class RunResult:
     clusters: list[dict[str, int]] = field(default_factory=list)
     clustering: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
+    # The final global model's weights and card (`model_file.write_model_file`).
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    card: ModelCard | None = None
 
 
 def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
@@ -294,4 +298,26 @@ def run_local(
         )
     if "backdoor_success_rate" in last:
         result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
+    result.weights = dict(unflatten(global_w, spec, reference))
+    result.card = card_of(config, data, result.final)
     return result
+
+
+def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> ModelCard:
+    """The card of a run's final global model: how to use it, and what it reached."""
+    fed = config.federation
+    channels = data.input_shape[0]
+    return ModelCard(
+        fed.model,
+        fed.dataset,
+        data.input_shape,
+        data.classes,
+        data.mean or (0.0,) * channels,  # generated features are not standardised
+        data.std or (1.0,) * channels,
+        {
+            "strategy": fed.strategy,
+            "rounds": fed.rounds,
+            "seed": fed.seed,
+            "mean_accuracy": final.get("mean_accuracy"),
+        },
+    )

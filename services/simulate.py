@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -297,13 +298,17 @@ def simulate(
         (out / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
         operator = load_tls(dirs["operator"], "operator")
         stub = pb_grpc.ClustererStub(channel(clusterer, client=operator))
+        # The saved model's card needs the data's shape, classes and normalisation: read
+        # while the federation runs (this process waits on status polls meanwhile).
+        card_data = ThreadPoolExecutor(1, thread_name_prefix="card").submit(data_facts, config)
         status = follow(stub, procs, progress)
         results = collect(config, status, members(stub), attackers, endpoints)
         results["processes"] = procs.peak_rss_mb()
+        state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
+        model = out / "state" / "aggregator" / state["model"]
         if config.adversary.config().backdoors:
-            state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
-            model = out / "state" / "aggregator" / state["model"]
             results["final"]["backdoor_success_rate"] = backdoor_success(config, model)
+        save_final_model(config, model, card_data.result(), results["final"])
         if serve is None:
             procs.terminate()  # the services shut down while the figures are drawn
         write_results(out, results)
@@ -436,6 +441,28 @@ def personal_final(last: dict[str, Any]) -> dict[str, Any]:
     if last["personal_group_accuracy"]:
         out["personal_worst_group_accuracy"] = min(last["personal_group_accuracy"].values())
     return out
+
+
+def data_facts(config: SimulateConfig) -> Any:
+    """The dataset the federation trains on, without its samples where it can (synthetic:
+    generated per participant, none here): for the saved model's card."""
+    from services.participant.partition import federation_data
+
+    return federation_data(config.federation, config.data, hosted=())
+
+
+def save_final_model(
+    config: SimulateConfig, aggregator_model: Path, data: Any, final: dict[str, Any]
+) -> None:
+    """The aggregator's final global model as the run's model.safetensors and model.json
+    (safetensors in, safetensors out: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    from services.common.model_file import write_model_file
+    from services.local import card_of
+
+    weights = load_file(str(aggregator_model))
+    write_model_file(Path(config.run.out), weights, card_of(config, data, final))
 
 
 def backdoor_success(config: SimulateConfig, model_file: Path) -> float:

@@ -49,6 +49,9 @@ class Dataset:
     # None for a dataset that a partition scheme splits.
     train_owner: np.ndarray | None = None
     test_owner: np.ndarray | None = None
+    # The per-channel standardisation applied to pixels in [0, 1] (a saved model's card).
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -62,7 +65,13 @@ def standardised(ds: Dataset) -> Dataset:
     dims = (0, 2, 3)
     mean = ds.x_train.mean(dim=dims, keepdim=True)
     std = ds.x_train.std(dim=dims, keepdim=True).clamp(min=1e-6)
-    return replace(ds, x_train=(ds.x_train - mean) / std, x_test=(ds.x_test - mean) / std)
+    return replace(
+        ds,
+        x_train=(ds.x_train - mean) / std,
+        x_test=(ds.x_test - mean) / std,
+        mean=tuple(float(v) for v in mean.flatten()),
+        std=tuple(float(v) for v in std.flatten()),
+    )
 
 
 def digits_file() -> Path:

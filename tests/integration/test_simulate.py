@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 
 def simulate(tmp_path, name, *flags, timeout=400):
@@ -81,6 +82,26 @@ def test_small_simulation_writes_everything(tmp_path):
     for log in (out / "logs").glob("*.log"):
         text = log.read_text()
         assert "development only" not in text
+    # The run's model: safetensors and a card, the aggregator's final model, usable alone.
+    from safetensors.torch import load_file
+
+    from services.common.model_file import load_model_file
+    from services.common.models import build_model
+    from services.participant.datasets import load_dataset
+
+    model, card = load_model_file(out / "model.safetensors")
+    assert (card.model, card.dataset, card.input_shape) == ("cnn", "digits", (1, 8, 8))
+    state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
+    final = build_model("cnn", (1, 8, 8), 10)
+    final.load_state_dict(load_file(str(out / "state" / "aggregator" / state["model"])))
+    final.eval()
+    data = load_dataset("digits")
+    raw = data.x_test * torch.tensor(card.std).view(1, -1, 1, 1) + card.mean[0]
+    with torch.no_grad():
+        mine = model(card.normalise(raw)).argmax(1)
+        theirs = final(data.x_test).argmax(1)
+    assert torch.equal(mine, theirs)
+    assert (mine == data.y_test).float().mean() > 0.3  # 3 rounds: learning, not chance
 
 
 def test_default_run_is_accurate_and_the_defence_holds(tmp_path):

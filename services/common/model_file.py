@@ -1,0 +1,111 @@
+"""A trained model as files anyone can load: `model.safetensors` and `model.json`.
+
+The weights are safetensors (nothing is unpickled when they are read back); the card beside
+them says what is needed to use them without this project's run: the architecture's name,
+the input shape, the classes, and the per-channel normalisation the model was trained
+with (pixels in [0, 1], then (x - mean) / std). `load_model_file` rebuilds the model from
+the card and checks the weights against its spec.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.common.errors import ConfigError, SpecMismatchError
+from services.common.models import build_model
+from services.common.tensors import check_spec, spec_of
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a saved model is and how its inputs were prepared."""
+
+    model: str
+    dataset: str
+    input_shape: tuple[int, int, int]  # channels, height, width
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, of pixels in [0, 1]
+    std: tuple[float, ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # run facts: strategy, rounds, accuracy
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] (N, C, H, W) as the model was trained on them."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ModelCard:
+        """A card read back; a missing or malformed field is one ConfigError."""
+        try:
+            shape = tuple(int(v) for v in data["input_shape"])
+            card = ModelCard(
+                str(data["model"]),
+                str(data["dataset"]),
+                (shape[0], shape[1], shape[2]),
+                tuple(str(c) for c in data["classes"]),
+                tuple(float(v) for v in data["mean"]),
+                tuple(float(v) for v in data["std"]),
+                dict(data.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"not a model card: {type(exc).__name__} {exc}") from None
+        if len(shape) != 3 or len(card.mean) != shape[0] or len(card.std) != shape[0]:
+            raise ConfigError("a model card needs C,H,W and one mean and std per channel")
+        if len(card.classes) < 2 or any(s <= 0 for s in card.std):
+            raise ConfigError("a model card needs two or more classes and positive stds")
+        return card
+
+
+def write_model_file(
+    directory: Path, weights: Mapping[str, torch.Tensor], card: ModelCard
+) -> list[Path]:
+    """Write model.safetensors and model.json into directory; the paths written."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    save_file(tensors, str(directory / WEIGHTS), {"model": card.model})
+    (directory / CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
+    return [directory / WEIGHTS, directory / CARD]
+
+
+def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:
+    """The model saved at path (model.safetensors, or its directory) in eval mode, and its
+    card (model.json beside it); wrong or missing files are one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = path / WEIGHTS if path.is_dir() else path
+    card_path = weights_path.with_name(CARD)
+    try:
+        card = ModelCard.from_json(json.loads(card_path.read_text()))
+    except OSError as exc:
+        raise ConfigError(f"{card_path}: {exc.strerror} (the card beside the weights)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{card_path}: not JSON ({exc})") from None
+    model = build_model(card.model, card.input_shape, len(card.classes))
+    try:
+        weights = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise ConfigError(f"{weights_path}: no such file") from None
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
+    expected = spec_of(model.state_dict())
+    try:
+        check_spec(weights, expected)
+    except SpecMismatchError as exc:
+        raise ConfigError(f"{weights_path} does not fit a {card.model}: {exc}") from None
+    model.load_state_dict(weights)
+    model.eval()
+    return model, card
