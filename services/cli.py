@@ -145,6 +145,31 @@ def run_config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict_command(args: argparse.Namespace) -> int:
+    """`flclustering predict`: read each image's symbols with a run's saved model."""
+    import json
+
+    from services.common.model_file import load_model_file
+    from services.predict import describe, read_image, read_symbols
+
+    model, card = load_model_file(args.model_file)
+    reports = []
+    for path in args.images:
+        report = {"image": str(path), **describe(card, read_symbols(model, card, read_image(path)))}
+        reports.append(report)
+        if not args.json:
+            probs = " ".join(f"{s['probability']:.2f}" for s in report["symbols"])
+            line = f"{path}: {report['text'] or '(no symbol found)'}"
+            if report["symbols"]:
+                line += f"  (probabilities {probs})"
+            if report.get("value") is not None:
+                line += f"  = {report['value']:g}"
+            print(line)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    return 0
+
+
 def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
@@ -262,6 +287,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
     config.add_argument(
         "--format", choices=("json", "yaml"), default="json", help="(default: json)"
     )
+    predict = sub.add_parser(
+        "predict",
+        help="read the symbols of images with a run's saved model",
+        description="Classify images with a run's model.safetensors (and model.json beside "
+        "it). An image holding several handwritten symbols is cut into them (connected "
+        "components of the ink) and read left to right; with operator classes the "
+        "expression's value is printed too.",
+    )
+    predict.add_argument(
+        "--model-file",
+        type=Path,
+        default=Path("runs/simulate/model.safetensors"),
+        help="the model.safetensors of a run, or its directory "
+        "(default: runs/simulate/model.safetensors)",
+    )
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG")
+    predict.add_argument("--json", action="store_true", help="print JSON for programs")
     scrape = sub.add_parser(
         "scrape-config",
         help="print a Prometheus config scraping a simulation's services",
@@ -335,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_scrape_config_command(args)
         if args.command == "config":
             return run_config_command(args)
+        if args.command == "predict":
+            return run_predict_command(args)
         if args.command == "certs":
             args.operator = args.operator or ["operator"]
             return run_certs_command(args)
