@@ -17,7 +17,14 @@ from typing import Any
 
 from services.common.errors import FLClusteringError
 from services.common.flags import OneLineParser, SettingsParser, add_log_flag
-from services.experiment import LOCAL_GROUPS, SIMULATE_GROUPS, ExperimentConfig, SimulateConfig
+from services.experiment import (
+    LOCAL_GROUPS,
+    SIMULATE_GROUPS,
+    CentralisedConfig,
+    CompareConfig,
+    ExperimentConfig,
+    SimulateConfig,
+)
 
 logger = logging.getLogger("flclustering")
 
@@ -40,24 +47,11 @@ def _progress(total: int, started: float) -> Any:
 
 def run_local_command(config: ExperimentConfig) -> int:
     """`flclustering local`: run, print a summary table, write the results."""
-    from services.common.report import write_results
     from services.local import run_local
 
     result = run_local(config, _progress(config.federation.rounds, time.perf_counter()))
-    payload = {
-        "config": result.config,
-        "rounds": result.rounds,
-        "clusters": result.clusters,
-        "clustering": result.clustering,
-        "final": result.final,
-    }
-    written = write_results(Path(config.run.out), payload)
-    if result.card is not None:
-        from services.common.model_file import write_model_file
-
-        write_model_file(Path(config.run.out), result.weights, result.card)
     purity = result.clustering.get("purity") if result.clustering else None
-    _summary(result.rounds, result.final, purity, written[0].parent)
+    _summary(result.rounds, result.final, purity, _write_run(config, result))
     return 0
 
 
@@ -122,6 +116,71 @@ def run_simulate_command(config: SimulateConfig) -> int:
         print(f"peak memory (MB): {peaks}")
     print(f"took {time.perf_counter() - started:.0f}s")
     return 0
+
+
+def _write_run(config: ExperimentConfig, result: Any) -> Path:
+    """results.json, rounds.csv, figures and the model file of an in-process run."""
+    from services.common.model_file import write_model_file
+    from services.common.report import write_results
+
+    payload = {
+        "config": result.config,
+        "rounds": result.rounds,
+        "clusters": result.clusters,
+        "clustering": result.clustering,
+        "final": result.final,
+    }
+    written = write_results(Path(config.run.out), payload)
+    if result.card is not None:
+        write_model_file(Path(config.run.out), result.weights, result.card)
+    return written[0].parent
+
+
+def run_centralised_command(config: ExperimentConfig) -> int:
+    """`flclustering centralised`: the pooled-data baseline, written like a run."""
+    from services.centralised import run_centralised
+
+    result = run_centralised(config, _progress(config.federation.rounds, time.perf_counter()))
+    _summary(result.rounds, result.final, None, _write_run(config, result))
+    return 0
+
+
+def run_compare_command(config: ExperimentConfig, args: argparse.Namespace) -> int:
+    """`flclustering compare`: strategies side by side, one table and one figure."""
+    from services.common.errors import ConfigError
+    from services.common.strategies import STRATEGIES
+    from services.compare import CENTRALISED, compare, markdown, table_rows
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(
+            f"--strategies: unknown {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(STRATEGIES)}"
+        )
+    if args.centralised:
+        strategies.append(CENTRALISED)
+    seeds = args.seeds or [config.federation.seed]
+
+    def done(strategy: str, seed: int, results: dict[str, Any]) -> None:
+        print(f"{strategy} seed {seed}: mean accuracy {results['final']['mean_accuracy']:.3f}")
+
+    runs = compare(config, strategies, seeds, args.over, done)
+    print()
+    print(markdown(table_rows(runs)), end="")
+    out = Path(config.run.out)
+    print(f"wrote compare.csv, compare.md, compare.png and runs/ to {out}")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers") from None
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds) or len(seeds) > 100:
+        raise argparse.ArgumentTypeError("1-100 seeds, each in [0, 2^32)")
+    return seeds
 
 
 def run_config_command(args: argparse.Namespace) -> int:
@@ -266,10 +325,43 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         help="run the same algorithm in one process, no network",
         description="Run the same algorithm in one process, without the network.",
     )
+    centralised = sub.add_parser(
+        "centralised",
+        help="the baseline: the same model, data and budget on pooled data",
+        description="Train the same model on the pooled training data of every participant, "
+        "with the federation's budget of examples per round, and evaluate it on every "
+        "participant's test split after each round; written like a run.",
+    )
+    comparing = sub.add_parser(
+        "compare",
+        help="run several strategies (and the centralised baseline): one table, one figure",
+        description="Run each strategy (and with --centralised the pooled-data baseline) "
+        "with the same settings and seeds; write compare.csv, compare.md, compare.png and "
+        "each run under OUT/runs/.",
+    )
     settings = {
         "simulate": SettingsParser(sim, SimulateConfig, SIMULATE_GROUPS),
         "local": SettingsParser(local, ExperimentConfig, LOCAL_GROUPS),
+        "centralised": SettingsParser(centralised, CentralisedConfig, LOCAL_GROUPS),
+        "compare": SettingsParser(comparing, CompareConfig, LOCAL_GROUPS),
     }
+    comparing.add_argument(
+        "--strategies",
+        default="fedavg,flclustering",
+        help="comma-separated strategies (default: fedavg,flclustering)",
+    )
+    comparing.add_argument(
+        "--centralised", action="store_true", help="add the centralised baseline"
+    )
+    comparing.add_argument(
+        "--seeds", type=_seeds, default=None, help="comma-separated seeds (default: --seed)"
+    )
+    comparing.add_argument(
+        "--over",
+        choices=("local", "grpc"),
+        default="local",
+        help="in one process (local) or as services over gRPC (simulate) (default: local)",
+    )
     config = sub.add_parser(
         "config",
         help="print the defaults as a run file (edit it, pass it with --config FILE)",
@@ -387,6 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = settings[args.command].from_namespace(args)
         if args.command == "simulate":
             return run_simulate_command(config)
+        if args.command == "centralised":
+            return run_centralised_command(config)
+        if args.command == "compare":
+            return run_compare_command(config, args)
         return run_local_command(config)
     except FLClusteringError as exc:
         sys.stderr.write(f"flclustering: error: {exc}\n")

@@ -96,6 +96,18 @@ class SimulateConfig(ExperimentConfig):
     hosting: HostingSettings = HostingSettings()
 
 
+class CentralisedConfig(ExperimentConfig):
+    """The centralised baseline: an experiment trained on pooled data."""
+
+    run: RunSettings = RunSettings(out="runs/centralised")
+
+
+class CompareConfig(ExperimentConfig):
+    """The experiment `flclustering compare` runs with each strategy."""
+
+    run: RunSettings = RunSettings(out="runs/compare")
+
+
 # The settings file simulate writes for its processes carries these groups.
 EXPERIMENT_GROUPS = ("federation", "training", "defence", "data", "adversary", "clustering")
 
