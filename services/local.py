@@ -23,7 +23,7 @@ from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.device import resolve_device
-from services.common.figures import accuracy_summary, group_means, purity
+from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.model_file import ModelCard
 from services.common.models import build_model
 from services.common.strategies import get_strategy
@@ -258,6 +258,7 @@ def run_local(
         if attack.backdoors:  # every test input of the other classes, triggered
             rate = success_rate(model, data.x_test, data.y_test, attack.target)
             backdoor["backdoor_success_rate"] = rate
+        fired = attack.fires(rnd) and any(people[i].attacker for i in rows)
         record = {
             "round": rnd,
             "mean_accuracy": summary.mean,
@@ -266,12 +267,17 @@ def run_local(
             "worst_accuracy": summary.worst,
             "worst_decile_accuracy": summary.worst_decile,
             "group_accuracy": by_group,
+            "cluster_accuracy": group_means(
+                {p.index: a for p, (_, a) in zip(people, figs, strict=True)}, groups
+            ),
             "duration_s": time.perf_counter() - start,
             "rejected": len(outcome.rejected_updates),
             "rejected_attackers": rejected_attackers,
             "attackers_selected": sum(people[i].attacker for i in rows),
             "rejected_clusters": len(outcome.rejected_clusters),
             "fallbacks": len(outcome.fallbacks),
+            "rejected_by": rejections_by_layer(outcome.rejected_updates.values()),
+            "attack_fired": fired,
             "selection": {str(i): c for i, c in plan.selected.items()},
             **personal,
             **backdoor,

@@ -378,6 +378,7 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         "fallbacks",
     ):
         d[key] = int(d.get(key, 0))
+    d["rejected_by"] = {k: int(v) for k, v in d.get("rejected_by", {}).items()}
     for key in (
         "cluster_weights",
         "group_accuracy",
@@ -398,6 +399,9 @@ def collect(
 ) -> dict[str, Any]:
     """results.json's content from the clusterer's final status."""
     rounds = [round_dict(h) for h in status.history]
+    attack = config.adversary.config()
+    for r in rounds:  # the schedule of the attackers' processes (they log each firing)
+        r["attack_fired"] = bool(attackers) and attack.fires(r["round"])
     last = rounds[-1]
     bad = set(attackers)
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
+from services.common.figures import rejection_layer
 from services.common.metrics import (
     DURATION_BUCKETS,
     SIZE_BUCKETS,
@@ -16,8 +17,8 @@ DEFENCE_REASONS = ("norm", "non-finite", "robust-rule")
 
 
 def reason_label(reason: str) -> str:
-    """A defence rejection reason as a bounded label value."""
-    return reason if reason in ("norm", "non-finite", "near-twin") else "robust-rule"
+    """A defence rejection reason as a bounded label value (its layer)."""
+    return rejection_layer(reason)
 
 
 class AggregatorMetrics(Catalogue):

@@ -34,7 +34,7 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
 from services.common.errors import ConfigError, StateError
-from services.common.figures import accuracy_summary, group_means
+from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
@@ -127,6 +127,7 @@ def round_record(
         "abandoned": progress.abandon,
         "timed_out": len(progress.timed_out),
         "rejected": len(reply.rejected),
+        "rejected_by": rejections_by_layer(r.reason for r in reply.rejected),
         "rejected_clusters": len(reply.rejected_clusters),
         "fallbacks": len(reply.fallbacks),
         "cluster_weights": {int(c): float(w) for c, w in reply.cluster_weights.items()},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,3 +53,20 @@ def purity(assignment: Sequence[int] | np.ndarray, truth: Sequence[int] | np.nda
         _, counts = np.unique(true[pred == c], return_counts=True)
         total += int(counts.max())
     return total / pred.size
+
+
+# The defence's layers an update can be rejected by (a robust rule's own reason is its name).
+LAYERS = ("non-finite", "norm", "near-twin", "robust-rule")
+
+
+def rejection_layer(reason: str) -> str:
+    """The layer of a rejection reason: a bounded set (metric labels, figures)."""
+    return reason if reason in LAYERS[:3] else "robust-rule"
+
+
+def rejections_by_layer(reasons: Iterable[str]) -> dict[str, int]:
+    """How many updates each layer rejected (every layer present, zeros included)."""
+    counts = dict.fromkeys(LAYERS, 0)
+    for reason in reasons:
+        counts[rejection_layer(reason)] += 1
+    return counts

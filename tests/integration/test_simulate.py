@@ -43,6 +43,12 @@ def test_small_simulation_writes_everything(tmp_path):
     )
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+    # What the figures draw: each layer's rejections, each cluster's accuracy, attack rounds.
+    assert all(
+        set(r["rejected_by"]) == {"non-finite", "norm", "near-twin", "robust-rule"} for r in rounds
+    )
+    assert all(sum(r["rejected_by"].values()) == r["rejected"] for r in rounds)
+    assert all(len(r["cluster_accuracy"]) >= 1 and r["attack_fired"] is False for r in rounds)
     for key in (
         "mean_accuracy",
         "mean_loss",
@@ -62,7 +68,7 @@ def test_small_simulation_writes_everything(tmp_path):
     assert results["final"]["worst_group_accuracy"] == min(by_group.values())
     with (out / "rounds.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
-    for png in ("accuracy.png", "loss.png", "std.png"):
+    for png in ("accuracy.png", "defences.png", "loss.png", "std.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     endpoints = json.loads((out / "endpoints.json").read_text())
     assert endpoints["clusterer"]["grpc"].startswith("127.0.0.1:")

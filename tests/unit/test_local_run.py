@@ -30,6 +30,11 @@ def test_defence_holds_where_fedavg_collapses():
     plain = run_local(ExperimentConfig().replace(strategy="fedavg", **common))
     assert sum(r["attackers_selected"] for r in defended.rounds) > 0
     assert sum(r["rejected_attackers"] for r in defended.rounds) > 0
+    # Attackers fire every 2nd round (rounds 1, 3, ...), and the figures know which.
+    fired = [r["round"] for r in defended.rounds if r["attack_fired"]]
+    assert fired and all(r % 2 == 1 for r in fired)
+    assert all(sum(r["rejected_by"].values()) == r["rejected"] for r in defended.rounds)
+    assert sum(r["rejected_by"]["norm"] for r in defended.rounds) > 0
     assert defended.final["mean_accuracy"] >= 0.7
     assert plain.final["mean_accuracy"] <= defended.final["mean_accuracy"] - 0.3
 
