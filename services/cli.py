@@ -351,7 +351,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         help="comma-separated strategies (default: fedavg,flclustering)",
     )
     comparing.add_argument(
-        "--centralised", action="store_true", help="add the centralised baseline"
+        "--centralised",
+        action="store_true",
+        help="add the centralised baseline (pooled data) to the table (default: off)",
     )
     comparing.add_argument(
         "--seeds", type=_seeds, default=None, help="comma-separated seeds (default: --seed)"
@@ -377,7 +379,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         help="the command whose settings to print (default: simulate)",
     )
     config.add_argument(
-        "--format", choices=("json", "yaml"), default="json", help="(default: json)"
+        "--format",
+        choices=("json", "yaml"),
+        default="json",
+        help="output format: json, or yaml (default: json)",
     )
     predict = sub.add_parser(
         "predict",
@@ -395,7 +400,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "(default: runs/simulate/model.safetensors)",
     )
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG")
-    predict.add_argument("--json", action="store_true", help="print JSON for programs")
+    predict.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for programs instead of a line per image (default: off)",
+    )
     scrape = sub.add_parser(
         "scrape-config",
         help="print a Prometheus config scraping a simulation's services",

@@ -71,10 +71,10 @@ def test_settings_files_must_be_json_objects(tmp_path, capsys):
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit):
         aggregator_parser().parse(["--settings", str(bad)])
-    assert "JSON object" in capsys.readouterr().err
+    assert "expected an object of settings groups" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         aggregator_parser().parse(["--settings", str(tmp_path / "missing.json")])
-    assert "--settings" in capsys.readouterr().err
+    assert "--config" in capsys.readouterr().err  # --settings is its alias
 
 
 def test_groups_validate_ranges_nan_and_names():
