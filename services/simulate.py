@@ -387,6 +387,9 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         "personal_cluster_accuracy",
     ):
         d[key] = {int(k): float(v) for k, v in d.get(key, {}).items()}
+    if not d["personal_cluster_accuracy"]:  # no --personalise: its figures are no zeros
+        for key in [k for k in d if k.startswith("personal_")]:
+            del d[key]
     return d
 
 
@@ -430,7 +433,7 @@ def collect(
                 if last["group_accuracy"]
                 else {}
             ),
-            **(personal_final(last) if config.federation.personalise else {}),
+            **(personal_final(last) if "personal_mean_accuracy" in last else {}),
         },
         "endpoints": endpoints,
     }

@@ -103,11 +103,28 @@ class KerasCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+RESNET_GROUPS = 32  # GroupNorm groups (Wu and He's default); every ResNet-18 width divides
+
+
 def resnet18(shape: Shape, classes: int) -> nn.Module:
-    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, no max-pool)."""
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, no max-pool), GroupNorm
+    in place of BatchNorm and each residual branch's last norm starting at zero.
+
+    Why, measured (`flclustering local --model resnet18 --participants 12 --select 6`, digits,
+    3 rounds): with BatchNorm the running statistics travel in every delta and are averaged
+    across non-IID participants; clustering purity fell to 0.50 and accuracy to 0.17 (0.48 at
+    lr 0.002). GroupNorm has no statistics to average (Hsieh et al., ICML 2020): purity 1.00.
+    Zero-initialised residual branches (Goyal et al., 2017) let it train at the small CNN's
+    learning rate (0.05): 0.11 without them, 0.51 with, and 0.97 by round 13 of `simulate`.
+    """
     from torchvision.models import resnet18 as tv_resnet18
 
-    model = tv_resnet18(weights=None, num_classes=classes)
+    model = tv_resnet18(
+        weights=None,
+        num_classes=classes,
+        norm_layer=lambda channels: nn.GroupNorm(RESNET_GROUPS, channels),
+        zero_init_residual=True,
+    )
     model.conv1 = nn.Conv2d(shape[0], 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model

@@ -49,6 +49,9 @@ def test_small_simulation_writes_everything(tmp_path):
     )
     assert all(sum(r["rejected_by"].values()) == r["rejected"] for r in rounds)
     assert all(len(r["cluster_accuracy"]) >= 1 and r["attack_fired"] is False for r in rounds)
+    # Without --personalise there are no cluster-model figures (not zeros, as proto defaults).
+    assert not [k for r in rounds for k in r if k.startswith("personal_")]
+    assert not [k for k in results["final"] if k.startswith("personal_")]
     for key in (
         "mean_accuracy",
         "mean_loss",

@@ -33,16 +33,47 @@ def write_idx(path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_mnist_loads_idx_files_from_data_dir(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fmnist", "FashionMNIST")])
+def test_idx_datasets_load_from_data_dir(tmp_path, name, folder):
+    raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
+    images = {}
     for prefix, n in (("train", 12), ("t10k", 5)):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    d = load_dataset("mnist", tmp_path, download=False)
+        images[prefix] = rng.integers(0, 256, (n, 28, 28))
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[prefix])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) * 3) % 10)
+    d = load_dataset(name, tmp_path, download=False)
     assert d.x_train.shape == (12, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
-    assert d.y_train.tolist() == [i % 10 for i in range(12)]
+    assert d.y_train.tolist() == [(i * 3) % 10 for i in range(12)]
+    assert d.num_classes == 10 and len(d.classes) == 10
+    if name == "fmnist":
+        assert d.classes[0] == "T-shirt/top"
+    # Pixels arrive in order, standardised with the train split's mean and std.
+    x = images["t10k"][3].astype(np.float64) / 255.0
+    pixels = images["train"].astype(np.float64) / 255.0
+    expected = (x - pixels.mean()) / pixels.std()
+    assert np.allclose(d.x_test[3, 0].numpy(), expected, atol=1e-3)
+
+
+def test_cifar10_loads_its_binary_release_from_data_dir(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for i, n in enumerate(names):
+        labels = np.array([(i + j) % 10 for j in range(4)], dtype=np.uint8)
+        pixels = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        (folder / n).write_bytes(np.concatenate([labels[:, None], pixels], axis=1).tobytes())
+    d = load_dataset("cifar10", tmp_path, download=False)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
+    assert d.y_train[:8].tolist() == [0, 1, 2, 3, 1, 2, 3, 4]
+    assert d.y_test.tolist() == [5, 6, 7, 8]
+    assert d.classes[3] == "cat" and len(d.mean) == 3
+    # A batch missing is one line naming what is expected.
+    (folder / "data_batch_3.bin").unlink()
+    with pytest.raises(DatasetUnavailableError, match=r"data_batch_3\.bin"):
+        load_dataset("cifar10", tmp_path, download=False)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fmnist", "cifar10"])

@@ -12,12 +12,22 @@ from services.common.models import MODELS, build_model
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("shape,classes", [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 7)])
 def test_forward_shapes(name, shape, classes):
-    if name == "resnet18" and shape[1] != 32:
-        shape = (shape[0], 32, 32)
     model = build_model(name, shape, classes)
-    model.eval()
-    out = model(torch.zeros(2, *shape))
-    assert out.shape == (2, classes)
+    for train in (True, False):  # a batch of one 8x8 image is fine in training mode too
+        model.train(train)
+        assert model(torch.zeros(1, *shape)).shape == (1, classes)
+    assert model(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def test_resnet18_has_nothing_but_parameters_to_average():
+    # No BatchNorm running statistics in the state a participant sends (see models.resnet18).
+    model = build_model("resnet18", (1, 8, 8), 10)
+    assert not list(model.buffers())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)
+    # Each residual branch starts as the identity (its last norm's scale is zero).
+    assert all(not b.bn2.weight.detach().any() for b in model.layer1)
 
 
 def test_same_seed_same_weights():
