@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,11 +19,13 @@ from typing import Any
 from services.common.errors import FLClusteringError
 from services.common.flags import OneLineParser, SettingsParser, add_log_flag
 from services.experiment import (
+    EXPORT_GROUPS,
     LOCAL_GROUPS,
     SIMULATE_GROUPS,
     CentralisedConfig,
     CompareConfig,
     ExperimentConfig,
+    ExportConfig,
     SimulateConfig,
 )
 
@@ -229,6 +232,15 @@ def run_predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_command(config: ExportConfig, args: argparse.Namespace) -> int:
+    """`flclustering export`: the running aggregator's newest model as a model file."""
+    from services.export import export_model
+
+    version, paths = export_model(config, args.aggregator, args.identity)
+    print(f"wrote version {version} of the global model: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
@@ -339,12 +351,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "with the same settings and seeds; write compare.csv, compare.md, compare.png and "
         "each run under OUT/runs/.",
     )
+    exporting = sub.add_parser(
+        "export",
+        help="write a running aggregator's newest model as model.safetensors + model.json",
+        description="Fetch the newest global model from a running aggregator (as an "
+        "operator: --tls-dir with the operator's certificate) and write model.safetensors "
+        "and model.json into --out, the normalisation and classes taken from --dataset "
+        "here; for federations started as services (by hand, on Kubernetes).",
+    )
     settings = {
+        "export": SettingsParser(exporting, ExportConfig, EXPORT_GROUPS),
         "simulate": SettingsParser(sim, SimulateConfig, SIMULATE_GROUPS),
         "local": SettingsParser(local, ExperimentConfig, LOCAL_GROUPS),
         "centralised": SettingsParser(centralised, CentralisedConfig, LOCAL_GROUPS),
         "compare": SettingsParser(comparing, CompareConfig, LOCAL_GROUPS),
     }
+    exporting.add_argument(
+        "--aggregator",
+        default=os.environ.get("AGGREGATOR_ADDR", "127.0.0.1:50052"),
+        help="host:port of the aggregator (default: 127.0.0.1:50052; env AGGREGATOR_ADDR)",
+    )
+    exporting.add_argument(
+        "--identity",
+        default="operator",
+        metavar="NAME",
+        help="whose certificate in --tls-dir to call with (NAME.crt/NAME.key) (default: operator)",
+    )
     comparing.add_argument(
         "--strategies",
         default="fedavg,flclustering",
@@ -486,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tokens":
             return run_tokens_command(args)
         config = settings[args.command].from_namespace(args)
+        if args.command == "export":
+            return run_export_command(config, args)
         if args.command == "simulate":
             return run_simulate_command(config)
         if args.command == "centralised":

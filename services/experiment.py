@@ -108,6 +108,22 @@ class CompareConfig(ExperimentConfig):
     run: RunSettings = RunSettings(out="runs/compare")
 
 
+class ExportConfig(ExperimentConfig):
+    """What `flclustering export` needs: the model and dataset the services run (for the
+    card), credentials, and where to write."""
+
+    run: RunSettings = RunSettings(out="model")
+    transport: TransportSettings = TransportSettings()
+
+
+EXPORT_GROUPS = (
+    Group("federation", only=("model", "dataset")),
+    Group("data", only=("data_dir", "download")),
+    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
+    Group("run", only=("out",)),
+)
+
+
 # The settings file simulate writes for its processes carries these groups.
 EXPERIMENT_GROUPS = ("federation", "training", "defence", "data", "adversary", "clustering")
 

@@ -313,14 +313,14 @@ class AggregatorService:
 
 
 def policy(max_workers: int) -> Policy:
-    """Only the clusterer writes (and reads models); operators may read the status. Upload
+    """Only the clusterer writes; it and operators read models and the status. Upload
     streams leave threads free for health, status and Aggregate."""
     streams = max(1, max_workers - 24)  # leaves threads for Aggregate, status, health
     return Policy(
         roles={
             "ForwardUpdate": frozenset({"clusterer"}),
             "Aggregate": frozenset({"clusterer"}),
-            "GetModel": frozenset({"clusterer"}),
+            "GetModel": frozenset({"clusterer", "operator"}),  # operators export the model
             "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
         },
         per_identity={"ForwardUpdate": streams, "GetModel": 4},

@@ -16,10 +16,12 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 
 from services.aggregator.server import AggregatorService
 from services.aggregator.server import build_service as build_aggregator
 from services.aggregator.settings import AggregatorConfig
+from services.cli import main
 from services.clusterer.server import ClustererService
 from services.clusterer.server import build_service as build_clusterer
 from services.clusterer.settings import ClustererConfig
@@ -31,6 +33,7 @@ from services.common.credentials import (
     write_tokens,
 )
 from services.common.grpc_client import call_metadata, channel
+from services.common.model_file import load_model_file
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -127,9 +130,9 @@ def test_a_participant_credential_cannot_reach_the_aggregator(secured):
         assert rpc_code(lambda s=who: s.Aggregate(agg_pb.AggregateRequest(round=0))) == (
             C.PERMISSION_DENIED
         )
-        assert rpc_code(lambda s=who: list(s.GetModel(agg_pb.GetModelRequest()))) == (
-            C.PERMISSION_DENIED
-        )
+    # Models: the clusterer and operators (who export it) read them, participants do not.
+    assert rpc_code(lambda: list(me.GetModel(agg_pb.GetModelRequest()))) == C.PERMISSION_DENIED
+    assert rpc_code(lambda: list(operator.GetModel(agg_pb.GetModelRequest()))) == C.OK
     assert rpc_code(lambda: me.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
     status = agg_pb.GetAggregatorStatusRequest()
     assert rpc_code(lambda: me.GetAggregatorStatus(status)) == C.PERMISSION_DENIED
@@ -409,15 +412,15 @@ def test_tokens_need_tls_and_a_shared_token_excludes_tls(tmp_path):
 
 def test_a_client_follows_its_renewed_certificate(tmp_path, monkeypatch):
     """A long-lived client (a participant, the clusterer towards the aggregator) picks up
-    the certificate written over its old one: here the files now name an operator, and the
-    next call is the operator's (refused where only the clusterer may call)."""
+    the certificate written over its old one: here the files now name a participant, and
+    the next call is the participant's (refused where only the clusterer may call)."""
     import services.common.grpc_client as grpc_client
     from services.common.credentials import TlsFiles
     from services.common.grpc_client import Renewing
 
     monkeypatch.setattr(grpc_client, "RENEW_CHECK_S", 0.0)
     kit = tmp_path / "kit"
-    write_kit(kit, [])
+    write_kit(kit, [ME])
     agg = build_aggregator(
         AggregatorConfig().replace(host="127.0.0.1", port=0, tls_dir=str(kit), metrics_port=None)
     )
@@ -431,9 +434,38 @@ def test_a_client_follows_its_renewed_certificate(tmp_path, monkeypatch):
         stub = Renewing(load_tls(kit, "clusterer"), connect)
         assert rpc_code(lambda: list(stub.GetModel(agg_pb.GetModelRequest(), timeout=10))) == C.OK
         for suffix in ("key", "crt"):
-            (kit / f"clusterer.{suffix}").write_bytes((kit / f"operator.{suffix}").read_bytes())
+            (kit / f"clusterer.{suffix}").write_bytes((kit / f"{ME}.{suffix}").read_bytes())
         assert rpc_code(lambda: list(stub.GetModel(agg_pb.GetModelRequest(), timeout=10))) == (
             C.PERMISSION_DENIED
         )
     finally:
         agg.server.stop(0).wait()
+
+
+def test_an_operator_exports_the_model_a_participant_cannot(secured, tmp_path, capsys):
+    """`flclustering export` writes the aggregator's newest model as a model file, read
+    with safetensors alone; a participant's certificate and wrong settings are one line."""
+    out = tmp_path / "model"
+    base = ["export", "--aggregator", secured.agg_address, "--tls-dir", str(secured.kit)]
+    assert main([*base, "--out", str(out)]) == 0
+    assert "wrote version 0" in capsys.readouterr().out
+    model, card = load_model_file(out)
+    _, weights = read_model(secured.aggregator_as("clusterer").GetModel(agg_pb.GetModelRequest()))
+    state = model.state_dict()
+    assert set(state) == set(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert (card.model, card.dataset, card.input_shape) == ("cnn", "digits", (1, 8, 8))
+    assert len(card.classes) == 10 and card.extra["model_version"] == 0
+    assert card.extra["strategy"] == "fedavg" and card.std[0] > 0
+
+    refused = [
+        (["--identity", ME, "--out", str(tmp_path / "p")], "refused 'participant-00000'"),
+        (["--model", "2nn", "--out", str(tmp_path / "m")], "is not --model 2nn"),
+    ]
+    for flags, needle in refused:
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
+    nowhere = ["export", "--aggregator", "127.0.0.1:1", "--out", str(tmp_path / "n")]
+    assert main(nowhere) == 2
+    assert "cannot reach the aggregator at 127.0.0.1:1" in capsys.readouterr().err

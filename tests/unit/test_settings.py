@@ -159,3 +159,36 @@ def test_simulate_reads_every_services_flags_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "False"]
+
+
+def test_the_readmes_seed_commands_are_valid():
+    """Every command "From the seeds" shows parses and builds its settings: a renamed or
+    misspelt flag, or a value out of range, fails here, not on a reader's machine."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text[text.index("## From the seeds") : text.index("## Decisions")]
+    lines = re.findall(r"`((?:flclustering|python -m services\.\w+) [^`]+)`", section)
+    lines += [
+        line.split(".venv/bin/", 1)[1]
+        for line in section.splitlines()
+        if line.startswith(".venv/bin/")
+    ]
+    assert len(lines) >= 10
+    top, settings = build_parser()
+    services = {
+        "clusterer": clusterer_parser(),
+        "aggregator": aggregator_parser(),
+        "participant": participant_parser(),
+    }
+    for line in lines:
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            service = services[argv[2].split(".")[1]]
+            service.from_namespace(service.parser.parse_args(argv[3:]))
+            continue
+        args = top.parse_args(argv[1:])  # a bad flag exits 2, failing the test
+        if args.command in settings:
+            settings[args.command].from_namespace(args)

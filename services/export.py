@@ -1,0 +1,96 @@
+"""`flclustering export`: a running aggregator's newest global model as a model file.
+
+For federations started as services (by hand, or on Kubernetes) rather than by a run
+command: an operator fetches the model over gRPC (`GetModel`, read-only, allowed to the
+clusterer and operators) and writes `model.safetensors` and `model.json`, as every run
+does, for `flclustering predict` and anyone with safetensors. The aggregator has no data,
+so the card's normalisation and class names come from the dataset here (`--dataset`,
+`--data-dir`: the same settings, flags or `FLCLUSTERING_*` variables, the services ran
+with); the weights must fit `--model` on that dataset or nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.common.errors import ConfigError, FLClusteringError
+from services.common.grpc_client import call_metadata, channel
+from services.common.model_file import ModelCard, write_model_file
+from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
+from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
+from services.common.streams import read_model
+from services.experiment import ExportConfig
+
+EXPORT_TIMEOUT_S = 600.0  # a large model over a slow link
+
+
+class ExportError(FLClusteringError):
+    """The aggregator refused or could not be reached; one line for the operator."""
+
+
+def export_model(config: ExportConfig, aggregator: str, identity: str) -> tuple[int, list[Path]]:
+    """Fetch the aggregator's newest global model and write it with its card into
+    `config.run.out`; its version and the paths written."""
+    from services.common.credentials import load_tls
+    from services.common.models import build_model
+    from services.common.tensors import check_spec, spec_of
+    from services.participant.partition import federation_data
+
+    fed = config.federation
+    data = federation_data(fed, config.data, hosted=())  # the card's facts, before any call
+    transport = config.transport
+    client = load_tls(transport.tls_dir, identity) if transport.tls_dir else None
+    metadata = call_metadata(None if client else transport.token())
+    stub = agg_grpc.AggregatorStub(channel(aggregator, client=client))
+    try:
+        status = stub.GetAggregatorStatus(
+            agg_pb.GetAggregatorStatusRequest(), metadata=metadata, timeout=30
+        )
+        request = agg_pb.GetModelRequest(model_version=status.model_version)
+        header, weights = read_model(
+            stub.GetModel(request, metadata=metadata, timeout=EXPORT_TIMEOUT_S),
+            transport.max_update_bytes,
+        )
+    except grpc.RpcError as exc:
+        raise ExportError(_refused(exc, aggregator, identity)) from None
+    model = build_model(fed.model, data.input_shape, data.num_classes)
+    try:
+        check_spec(weights, spec_of(model.state_dict()))
+    except FLClusteringError as exc:
+        raise ConfigError(
+            f"the aggregator's model is not --model {fed.model} on --dataset {fed.dataset} "
+            f"({exc}): export with the settings the services run with"
+        ) from None
+    channels = data.input_shape[0]
+    card = ModelCard(
+        fed.model,
+        fed.dataset,
+        data.input_shape,
+        data.classes,
+        data.mean or (0.0,) * channels,
+        data.std or (1.0,) * channels,
+        {
+            "strategy": status.policy.strategy,
+            "model_version": int(header.model_version),
+            "aggregator": aggregator,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    return int(header.model_version), write_model_file(Path(config.run.out), weights, card)
+
+
+def _refused(exc: Any, aggregator: str, identity: str) -> str:
+    code = exc.code()
+    detail = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return (
+            f"the aggregator at {aggregator} refused {identity!r}: only the clusterer and "
+            f"operators may read its model (use an operator's certificate) [{detail}]"
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"cannot reach the aggregator at {aggregator}: {code.name} ({detail})"
+    return f"the aggregator at {aggregator} answered {code.name}: {detail}"
