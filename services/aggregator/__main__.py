@@ -21,7 +21,7 @@ GROUPS = (
             "stream_max_s",
         ),
     ),
-    Group("federation", only=("strategy", "model", "dataset", "seed")),
+    Group("federation", only=("strategy", "model", "dataset", "seed", "personalise")),
     Group("defence"),
     Group("training", only=("lr", "lr_decay")),
     Group("store", "AGGREGATOR_"),

@@ -30,9 +30,12 @@ TOKEN = "durability-token"
 META = call_metadata(TOKEN)
 
 
-def start_aggregator(state: Path, ready: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_aggregator(
+    state: Path, ready: Path, **settings: str
+) -> tuple[subprocess.Popen[bytes], str]:
     ready.unlink(missing_ok=True)
     env = {**os.environ, "FLCLUSTERING_AUTH_TOKEN": TOKEN}
+    env.update({f"FLCLUSTERING_{k.upper()}": v for k, v in settings.items()})
     flags = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file"]
     proc = subprocess.Popen(
         [
@@ -94,6 +97,61 @@ def test_an_acknowledged_update_survives_kill_9(tmp_path):
         assert again == reply
         after = status(stub)
         assert (after.pending_updates, after.open_round) == (0, 1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cluster_models_survive_kill_9(tmp_path):
+    """--personalise: the cluster models a round made are what the aggregator serves after
+    a SIGKILL and a restart, byte for byte, beside the global model."""
+    state, ready = tmp_path / "state", tmp_path / "ready.json"
+    proc, address = start_aggregator(state, ready, personalise="true")
+    served: dict[int | None, dict[str, torch.Tensor]] = {}
+    try:
+        stub = agg_grpc.AggregatorStub(channel(address))
+        _, w0 = read_model(stub.GetModel(agg_pb.GetModelRequest(), metadata=META))
+        gen = torch.Generator().manual_seed(0)
+        for i, cluster in enumerate((0, 0, 1, 1)):
+            shift = 0.01 * (cluster + 1)
+            weights = {
+                k: v + shift + 0.001 * torch.randn(v.shape, generator=gen)
+                if v.is_floating_point()
+                else v
+                for k, v in w0.items()
+            }
+            model = tensors_pb2.ModelHeader(
+                sender=f"participant-{i:05d}",
+                round=0,
+                model_version=0,
+                num_samples=5,
+                kind="weights",
+            )
+            update = agg_pb.UpdateHeader(model=model, cluster=cluster)
+            stream = build_stream(agg_pb.ForwardUpdateRequest, update, update.model, weights)
+            assert stub.ForwardUpdate(stream, metadata=META, timeout=60).accepted
+        accuracy = {0: 0.5, 1: 0.7}
+        reply = stub.Aggregate(
+            agg_pb.AggregateRequest(round=0, cluster_accuracy=accuracy), metadata=META
+        )
+        assert reply.model_version == 1
+        for cluster in (None, 0, 1):
+            request = agg_pb.GetModelRequest(model_version=1, cluster=cluster)
+            served[cluster] = read_model(stub.GetModel(request, metadata=META))[1]
+        key = next(k for k, v in w0.items() if v.is_floating_point())
+        assert not torch.equal(served[0][key], served[1][key])  # two models, not one
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, address = start_aggregator(state, ready, personalise="true")
+    try:
+        stub = agg_grpc.AggregatorStub(channel(address))
+        assert status(stub).model_version == 1
+        for cluster, before in served.items():
+            request = agg_pb.GetModelRequest(model_version=1, cluster=cluster)
+            after = read_model(stub.GetModel(request, metadata=META))[1]
+            assert set(after) == set(before)
+            assert all(torch.equal(after[k], before[k]) for k in before), cluster
     finally:
         proc.terminate()
         proc.wait(30)
