@@ -236,7 +236,7 @@ def run_export_command(config: ExportConfig, args: argparse.Namespace) -> int:
     """`flclustering export`: the running aggregator's newest model as a model file."""
     from services.export import export_model
 
-    version, paths = export_model(config, args.aggregator, args.identity)
+    version, paths = export_model(config, args.aggregator, args.identity, args.tls_server_name)
     print(f"wrote version {version} of the global model: {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -372,6 +372,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         help="host:port of the aggregator (default: 127.0.0.1:50052; env AGGREGATOR_ADDR)",
     )
     exporting.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="the name the aggregator's certificate carries, when --aggregator is another "
+        "(a port-forward's localhost: aggregator) (default: the --aggregator host)",
+    )
+    exporting.add_argument(
         "--identity",
         default="operator",
         metavar="NAME",
@@ -468,7 +475,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         action="append",
         default=None,
         metavar="NAME",
-        help="operator identities allowed to read status (repeatable) (default: operator)",
+        help="operator identities: they read status and export the global model "
+        "(repeatable) (default: operator)",
     )
     certs.add_argument(
         "--clusterer-dns",

@@ -11,6 +11,8 @@ with); the weights must fit `--model` on that dataset or nothing is written.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from services.common.model_file import ModelCard, write_model_file
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.streams import read_model
+from services.common.wire import WireError
 from services.experiment import ExportConfig
 
 EXPORT_TIMEOUT_S = 600.0  # a large model over a slow link
@@ -32,31 +35,48 @@ class ExportError(FLClusteringError):
     """The aggregator refused or could not be reached; one line for the operator."""
 
 
-def export_model(config: ExportConfig, aggregator: str, identity: str) -> tuple[int, list[Path]]:
+def export_model(
+    config: ExportConfig, aggregator: str, identity: str, server_name: str | None = None
+) -> tuple[int, list[Path]]:
     """Fetch the aggregator's newest global model and write it with its card into
-    `config.run.out`; its version and the paths written."""
+    `config.run.out`; its version and the paths written (both files, or neither)."""
     from services.common.credentials import load_tls
     from services.common.models import build_model
     from services.common.tensors import check_spec, spec_of
     from services.participant.partition import federation_data
 
     fed = config.federation
-    data = federation_data(fed, config.data, hosted=())  # the card's facts, before any call
     transport = config.transport
-    client = load_tls(transport.tls_dir, identity) if transport.tls_dir else None
+    if transport.tls_dir and (transport.auth_token or transport.auth_token_file):
+        raise ConfigError("--tls-dir and --auth-token exclude each other: use one")
+    out = Path(config.run.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # a bad --out is found before the download
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {out}: {exc.strerror}") from None
+    data = federation_data(fed, config.data, hosted=())  # the card's facts, before any call
+    # The named certificate only (no tls.crt fallback): a refusal names who really called.
+    client = load_tls(transport.tls_dir, identity, fallback=False) if transport.tls_dir else None
     metadata = call_metadata(None if client else transport.token())
-    stub = agg_grpc.AggregatorStub(channel(aggregator, client=client))
+    stub = agg_grpc.AggregatorStub(channel(aggregator, None, server_name, client=client))
     try:
         status = stub.GetAggregatorStatus(
             agg_pb.GetAggregatorStatusRequest(), metadata=metadata, timeout=30
         )
-        request = agg_pb.GetModelRequest(model_version=status.model_version)
-        header, weights = read_model(
-            stub.GetModel(request, metadata=metadata, timeout=EXPORT_TIMEOUT_S),
+        header, weights = read_model(  # -1: the newest, whichever it is by now
+            stub.GetModel(
+                agg_pb.GetModelRequest(model_version=-1),
+                metadata=metadata,
+                timeout=EXPORT_TIMEOUT_S,
+            ),
             transport.max_update_bytes,
         )
     except grpc.RpcError as exc:
-        raise ExportError(_refused(exc, aggregator, identity)) from None
+        raise ExportError(_refused(exc, aggregator, identity, client is not None)) from None
+    except WireError as exc:
+        raise ExportError(
+            f"the aggregator at {aggregator} sent a bad model stream: {exc}"
+        ) from None
     model = build_model(fed.model, data.input_shape, data.num_classes)
     try:
         check_spec(weights, spec_of(model.state_dict()))
@@ -80,10 +100,18 @@ def export_model(config: ExportConfig, aggregator: str, identity: str) -> tuple[
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
-    return int(header.model_version), write_model_file(Path(config.run.out), weights, card)
+    try:  # written aside, then moved in: a failure leaves no half of a model file
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+            written = write_model_file(Path(tmp), weights, card)
+            paths = [out / p.name for p in written]
+            for source, target in zip(written, paths, strict=True):
+                os.replace(source, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {out}: {exc.strerror or exc}") from None
+    return int(header.model_version), paths
 
 
-def _refused(exc: Any, aggregator: str, identity: str) -> str:
+def _refused(exc: Any, aggregator: str, identity: str, tls: bool) -> str:
     code = exc.code()
     detail = (exc.details() or "").splitlines()[0] if exc.details() else ""
     if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -92,5 +120,11 @@ def _refused(exc: Any, aggregator: str, identity: str) -> str:
             f"operators may read its model (use an operator's certificate) [{detail}]"
         )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return f"cannot reach the aggregator at {aggregator}: {code.name} ({detail})"
+        hint = (
+            "; over TLS, check that --aggregator (or --tls-server-name) is a name its "
+            "certificate carries, e.g. aggregator through a port-forward"
+            if tls
+            else ""
+        )
+        return f"cannot reach the aggregator at {aggregator}: {code.name} ({detail}){hint}"
     return f"the aggregator at {aggregator} answered {code.name}: {detail}"

@@ -19,12 +19,14 @@ from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
 from services.aggregator.store import DeltaStore, RowFile
 from services.common.device import resolve_device
+from services.common.errors import ForbiddenError
 from services.common.grpc_server import (
     Policy,
     StallWatch,
     add_health_and_reflection,
     add_servicer,
     bind_service,
+    caller,
     credentials,
     new_server,
     rpc,
@@ -227,6 +229,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         cluster = request.cluster if request.HasField("cluster") else None
         if cluster is not None and not 0 <= cluster < MAX_CLUSTERS:
             raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
+        if cluster is not None and caller().role == "operator":
+            # A small cluster's model is close to its few members' own: operators export
+            # the global model only.
+            raise ForbiddenError("operators read global models only, not a cluster's")
         version, weights = self.state.weights(request.model_version, cluster)
         header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind="weights")
         messages = build_stream(pb.GetModelResponse, header, header, weights)
@@ -312,6 +318,10 @@ class AggregatorService:
         self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
 
 
+MODEL_READS = 4  # GetModel calls the clusterer may have in flight
+OPERATOR_MODEL_READS = 1  # and operators (flclustering export), together
+
+
 def policy(max_workers: int) -> Policy:
     """Only the clusterer writes; it and operators read models and the status. Upload
     streams leave threads free for health, status and Aggregate."""
@@ -323,8 +333,11 @@ def policy(max_workers: int) -> Policy:
             "GetModel": frozenset({"clusterer", "operator"}),  # operators export the model
             "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
         },
-        per_identity={"ForwardUpdate": streams, "GetModel": 4},
-        total={"ForwardUpdate": streams, "GetModel": 4},
+        # The clusterer's four model downloads always have their slots; operators
+        # exporting the model share one more between them.
+        per_identity={"ForwardUpdate": streams, "GetModel": MODEL_READS},
+        total={"ForwardUpdate": streams, "GetModel": MODEL_READS + OPERATOR_MODEL_READS},
+        per_role={"GetModel": {"operator": OPERATOR_MODEL_READS}},
     )
 
 

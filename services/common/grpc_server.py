@@ -343,6 +343,10 @@ class Policy:
     per_identity: Mapping[str, int] = dataclass_field(default_factory=dict)
     default_per_identity: int = 8
     total: Mapping[str, int] = dataclass_field(default_factory=dict)
+    # method -> role -> calls that role may have in flight together: a secondary reader
+    # (operators exporting the model) cannot take the slots the main one (the clusterer)
+    # needs when `total` leaves room for both.
+    per_role: Mapping[str, Mapping[str, int]] = dataclass_field(default_factory=dict)
 
 
 class _Admission:
@@ -353,6 +357,7 @@ class _Admission:
         self._lock = threading.Lock()
         self._mine: dict[tuple[str, str, str], int] = {}
         self._all: dict[str, int] = {}
+        self._roles: dict[tuple[str, str], int] = {}
 
     def enter(self, who: Identity, method: str) -> str | None:
         """Take a slot; None, or why there is none."""
@@ -360,14 +365,21 @@ class _Admission:
         key = (who.role, who.name, method)
         limit = p.per_identity.get(method, p.default_per_identity)
         total = p.total.get(method)
+        role_limit = p.per_role.get(method, {}).get(who.role)
         with self._lock:
             mine = self._mine.get(key, 0)
             if not who.is_dev and mine >= limit:
                 return f"{who.name} already has {mine} {method} call(s) in flight (limit {limit})"
             if total is not None and self._all.get(method, 0) >= total:
                 return f"the server is handling {total} {method} calls: try again shortly"
+            role_key = (method, who.role)
+            if role_limit is not None and self._roles.get(role_key, 0) >= role_limit:
+                return (
+                    f"{who.role}s have {role_limit} {method} call(s) in flight: try again shortly"
+                )
             self._mine[key] = mine + 1
             self._all[method] = self._all.get(method, 0) + 1
+            self._roles[role_key] = self._roles.get(role_key, 0) + 1
         return None
 
     def leave(self, who: Identity, method: str) -> None:
@@ -380,6 +392,8 @@ class _Admission:
             else:
                 self._mine.pop(key, None)
             self._all[method] = self._all.get(method, 1) - 1
+            role_key = (method, who.role)
+            self._roles[role_key] = self._roles.get(role_key, 1) - 1
 
 
 class Gate(Wrapping):
@@ -395,6 +409,7 @@ class Gate(Wrapping):
             per_identity={"Watch": 1, **policy.per_identity},
             default_per_identity=policy.default_per_identity,
             total={**COMMON_TOTAL, **policy.total},
+            per_role=policy.per_role,
         )
         self._admission = _Admission(policy)
 

@@ -227,7 +227,7 @@ def _load_cifar10(root: Path, download: bool) -> Dataset:
     folder = root / "cifar-10-batches-bin"
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
     if not all((folder / n).is_file() for n in names):
-        files = [f"cifar-10-batches-bin/{n}" for n in names]
+        files = [f"cifar-10-batches-bin/{n}" for n in names if not (folder / n).is_file()]
         if not download:
             raise _unavailable("cifar10", root, files, "download disabled")
         try:

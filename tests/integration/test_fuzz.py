@@ -214,7 +214,7 @@ RPCS = _rpcs(
     ("clusterer", "GetStatus", "unary", pb.GetStatusRequest, "operator"),
     ("aggregator", "ForwardUpdate", "stream_unary", agg_pb.ForwardUpdateRequest, "clusterer"),
     ("aggregator", "Aggregate", "unary", agg_pb.AggregateRequest, "clusterer"),
-    ("aggregator", "GetModel", "unary_stream", agg_pb.GetModelRequest, "clusterer"),
+    ("aggregator", "GetModel", "unary_stream", agg_pb.GetModelRequest, "clusterer operator"),
     (
         "aggregator",
         "GetAggregatorStatus",

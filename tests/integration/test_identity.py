@@ -118,7 +118,8 @@ def weights_stream(weights: Any, sender: str) -> Iterator[pb.SubmitUpdateRequest
 
 
 def test_a_participant_credential_cannot_reach_the_aggregator(secured):
-    """The aggregator's write and read RPCs accept only the clusterer's identity."""
+    """The aggregator's write RPCs accept only the clusterer's identity; its models the
+    clusterer and operators."""
     me = secured.aggregator_as(ME)
     operator = secured.aggregator_as("operator")
     _, weights = read_model(secured.aggregator_as("clusterer").GetModel(agg_pb.GetModelRequest()))
@@ -130,9 +131,13 @@ def test_a_participant_credential_cannot_reach_the_aggregator(secured):
         assert rpc_code(lambda s=who: s.Aggregate(agg_pb.AggregateRequest(round=0))) == (
             C.PERMISSION_DENIED
         )
-    # Models: the clusterer and operators (who export it) read them, participants do not.
+    # Models: the clusterer and operators (who export it) read them, participants do not;
+    # operators read global models only, never a cluster's.
     assert rpc_code(lambda: list(me.GetModel(agg_pb.GetModelRequest()))) == C.PERMISSION_DENIED
     assert rpc_code(lambda: list(operator.GetModel(agg_pb.GetModelRequest()))) == C.OK
+    one_cluster = agg_pb.GetModelRequest(cluster=0)
+    assert rpc_code(lambda: list(operator.GetModel(one_cluster))) == C.PERMISSION_DENIED
+    assert rpc_code(lambda: operator.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
     assert rpc_code(lambda: me.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
     status = agg_pb.GetAggregatorStatusRequest()
     assert rpc_code(lambda: me.GetAggregatorStatus(status)) == C.PERMISSION_DENIED
@@ -465,7 +470,13 @@ def test_an_operator_exports_the_model_a_participant_cannot(secured, tmp_path, c
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
-    assert not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
+    assert not [*(tmp_path / "p").iterdir(), *(tmp_path / "m").iterdir()]  # nothing written
     nowhere = ["export", "--aggregator", "127.0.0.1:1", "--out", str(tmp_path / "n")]
     assert main(nowhere) == 2
-    assert "cannot reach the aggregator at 127.0.0.1:1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach the aggregator at 127.0.0.1:1" in err and err.count("\n") == 1
+    # An --out that cannot be a directory is found before anything is fetched.
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write --out" in err and err.count("\n") == 1
