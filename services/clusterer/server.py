@@ -41,7 +41,7 @@ from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.credentials import TlsFiles, TokenTable
-from services.common.errors import NotFoundError, StateError
+from services.common.errors import ForbiddenError, NotFoundError, StateError
 from services.common.grpc_client import (
     PEER_OPTIONS,
     Renewing,
@@ -63,6 +63,7 @@ from services.common.grpc_server import (
     bind_service,
     bind_tls,
     blocking_iter,
+    caller,
     credentials,
     new_aio_server,
     on_pool,
@@ -437,6 +438,16 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         cluster = request.cluster if request.HasField("cluster") else None
         if cluster is not None and not 0 <= cluster < MAX_CLUSTERS:
             raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
+        who = caller()
+        if cluster is not None and who.role == "participant":
+            # A cluster's model is its members': close to their own updates when it is small.
+            member = self.state.members.get(who.name)  # one lookup, atomic under the GIL
+            mine = member.cluster if member is not None else -1
+            if mine != cluster:
+                raise ForbiddenError(
+                    f"{who.name} is not in cluster {cluster}: a participant downloads its own "
+                    "cluster's model"
+                )
         cached = self.models.get(request.model_version, cluster)
         if cached is None:
             of = "" if cluster is None else f" of cluster {cluster}"

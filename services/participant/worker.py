@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 import torch
@@ -107,8 +108,17 @@ class ModelStore:
         self._locks: dict[tuple[int, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, version: int, cluster: int | None = None) -> OrderedDict[str, torch.Tensor]:
-        """The weights of a version (or of a cluster's model of it), downloaded on first use."""
+    def get(
+        self,
+        version: int,
+        cluster: int | None = None,
+        via: tuple[pb_grpc.ClustererStub, Any] | None = None,
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The weights of a version (or of a cluster's model of it), downloaded on first use;
+        `via`: the stub and call metadata to download with (a cluster's model is served to
+        that cluster's members only, so a member asks for it), the process's first
+        participant's otherwise."""
+        stub, metadata = via if via is not None else (self._stub, call_metadata(self._token))
         key = (version, -1 if cluster is None else cluster)
         with self._lock:
             if key in self._models:
@@ -121,9 +131,9 @@ class ModelStore:
             # Downloads are idempotent: retried while the clusterer is busy or restarting.
             header, weights = with_retries(
                 lambda: read_model(
-                    self._stub.DownloadModel(
+                    stub.DownloadModel(
                         pb.DownloadModelRequest(model_version=version, cluster=cluster),
-                        metadata=call_metadata(self._token),
+                        metadata=metadata,
                         timeout=600,
                     ),
                     cls=pb.DownloadModelResponse,
@@ -186,6 +196,7 @@ class Participant:
         self.gen = participant_generator(settings.seed, index)
         self.rng = random.Random(settings.seed * 7919 + index)
         self.meta = call_metadata(settings.auth_token)
+        self.via = (self.stub, self.meta)  # how it downloads its cluster's model
         # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
         self.retries = RetryPolicy(
             attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
@@ -240,7 +251,7 @@ class Participant:
         )
 
     def _load(self, version: int, cluster: int | None = None) -> None:
-        weights = self.store.get(version, cluster)
+        weights = self.store.get(version, cluster, self.via)
         check_spec(weights, self.spec)
         self.model.load_state_dict(weights)
 
@@ -335,7 +346,7 @@ class Participant:
         self.metrics.examples.labels(self.label).inc(result.examples)
         weights = state_of(self.model)
         if colluding:
-            base = flatten(self.store.get(task.model_version, cluster), self.spec)
+            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
             honest = flatten(weights, self.spec) - base
             pooled = self.collusion.pool(task.round, self.id, honest)
             crafted = craft(self.attack, pooled, self.settings.round_size)
@@ -349,7 +360,7 @@ class Participant:
                 task.round,
             )
         elif self.attack.backdoors:
-            base = flatten(self.store.get(task.model_version, cluster), self.spec)
+            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
             delta = flatten(weights, self.spec) - base
             boost = self.attack.boost or self.settings.round_size
             sent = boosted(delta, boost, self.attack.norm_bound)
@@ -361,7 +372,7 @@ class Participant:
                 task.round,
             )
         elif self.attack.fires(task.round) and self.attack.changes_model:
-            reference = self.store.get(task.model_version, cluster)
+            reference = self.store.get(task.model_version, cluster, self.via)
             flat = apply_model_attack(
                 self.attack,
                 flatten(weights, self.spec),

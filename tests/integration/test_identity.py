@@ -480,3 +480,13 @@ def test_an_operator_exports_the_model_a_participant_cannot(secured, tmp_path, c
     assert main([*base, "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert "cannot write --out" in err and err.count("\n") == 1
+
+
+def test_a_participant_downloads_only_its_own_clusters_model(secured):
+    """A cluster's model (--personalise) is served to that cluster's members only; the
+    global model to every participant."""
+    me = secured.clusterer_as(ME)
+    assert join(me, ME) in (C.OK, C.FAILED_PRECONDITION)  # joined here or by another test
+    other = pb.DownloadModelRequest(model_version=0, cluster=0)  # ME is in no cluster yet
+    assert rpc_code(lambda: list(me.DownloadModel(other, timeout=10))) == C.PERMISSION_DENIED
+    assert rpc_code(lambda: list(me.DownloadModel(pb.DownloadModelRequest(), timeout=10))) == C.OK
