@@ -122,7 +122,8 @@ def write_table(out: Path, runs: dict[str, list[dict[str, Any]]]) -> list[Path]:
 
 
 def plot(out: Path, runs: dict[str, list[dict[str, Any]]]) -> Path:
-    """compare.png: mean and worst participant accuracy against rounds, per strategy."""
+    """compare.png: mean and worst participant accuracy against rounds, per strategy (the
+    mean over the seeds, their range shaded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,16 +136,21 @@ def plot(out: Path, runs: dict[str, list[dict[str, Any]]]) -> Path:
     ):
         for strategy, results in runs.items():
             length = min(len(r["rounds"]) for r in results)
-            curve = [statistics.fmean(r["rounds"][i][key] for r in results) for i in range(length)]
+            per_round = [[r["rounds"][i][key] for r in results] for i in range(length)]
+            curve = [statistics.fmean(v) for v in per_round]
             style = "--" if strategy == CENTRALISED else "-"
-            ax.plot(range(length), curve, style, label=strategy)
+            (line,) = ax.plot(range(length), curve, style, label=strategy)
+            if len(results) > 1:  # the seeds' range: how much of a gap is noise
+                low, high = [min(v) for v in per_round], [max(v) for v in per_round]
+                ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     axes[1].legend(loc="lower right")
     seeds = len(next(iter(runs.values()))) if runs else 0
-    fig.suptitle(f"strategies compared (mean of {seeds} seed(s))")
+    spread = ", the band their range" if seeds > 1 else ""
+    fig.suptitle(f"strategies compared (mean of {seeds} seed(s){spread})")
     fig.tight_layout()
     path = out / "compare.png"
     fig.savefig(path, dpi=100)
