@@ -22,6 +22,13 @@ from services.aggregator.merge import local_steps
 from services.aggregator.rounds import aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
+from services.common.compression import (
+    Compression,
+    ErrorFeedback,
+    decode,
+    float_sizes,
+    payload_bytes,
+)
 from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.model_file import ModelCard
@@ -171,6 +178,12 @@ def run_local(
     def base_of(i: int) -> torch.Tensor:
         return cluster_w.get(groups.get(i, -1), global_w) if fed.personalise else global_w
 
+    scheme = Compression.parse(fed.compression)
+    feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
+    cpu_gens = {  # int8's rounding, seeded as each participant process seeds it
+        p.index: torch.Generator().manual_seed(fed.seed * 1_000_003 + p.index) for p in people
+    }
+
     for rnd in range(fed.rounds):
         start = time.perf_counter()
         plan = plan_round(strategy, groups, rnd, fed.select, fed.eval_per_cluster, rng)
@@ -212,6 +225,15 @@ def run_local(
                 for k in colluders:
                     gen = people[rows[k]].gen
                     updates[k] = jittered(crafted, pooled, attack.jitter, gen).clone()
+        # What travels: float32 weights, or each delta compressed as its participant would
+        # (top-k with its own residual); the aggregator decodes before the defence.
+        upload_bytes = 4 * sum(float_sizes(spec)) * len(updates)
+        if scheme.scheme != "none":
+            upload_bytes = 0
+            for k, i in enumerate(rows):
+                payload = feedback[i].send(updates[k], spec, scheme, cpu_gens[i])
+                upload_bytes += payload_bytes(payload)
+                updates[k] = decode(payload, spec, scheme).to(updates[k].device)
         outcome_round = aggregate_round(
             global_w,
             torch.stack(updates),
@@ -278,6 +300,7 @@ def run_local(
             "fallbacks": len(outcome.fallbacks),
             "rejected_by": rejections_by_layer(outcome.rejected_updates.values()),
             "attack_fired": fired,
+            "upload_bytes": upload_bytes,
             "selection": {str(i): c for i, c in plan.selected.items()},
             **personal,
             **backdoor,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
@@ -17,7 +18,14 @@ from prometheus_client import CollectorRegistry
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
-from services.aggregator.store import DeltaStore, RowFile
+from services.aggregator.store import Delta, DeltaStore, RowFile
+from services.common.compression import (
+    Compression,
+    PayloadError,
+    decode,
+    payload_spec_of,
+    upload_scheme,
+)
 from services.common.device import resolve_device
 from services.common.errors import ForbiddenError
 from services.common.grpc_server import (
@@ -45,10 +53,9 @@ from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.strategies import get_strategy
 from services.common.streams import Received, build_stream, validated
-from services.common.tensors import state_of
+from services.common.tensors import TensorSpec, state_of, unflatten
 from services.common.wire import (
     StreamReader,
-    check_header_tensors,
     check_update_header,
     invalid,
 )
@@ -96,16 +103,20 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         received = Received()
         reserved: list[str] = []  # the sender, once its upload may start
 
+        scheme: list[Compression] = []  # the upload's compression, from its header's kind
+        decoded: list[torch.Tensor | RowFile] = []  # where a compressed upload's delta went
+
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
             check_update_header(m)
-            if m.kind != "weights":
-                raise invalid(f"the aggregator takes weights, not {m.kind[:32]!r}")
+            scheme.append(upload_scheme(m.kind))
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
-            check_header_tensors(m.tensors, self.state.spec)
+            spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
+            if scheme[0].scheme != "none":  # a compressed delta: small, decoded at the end
+                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
             return StreamReader(  # keeps the delta against the model it was trained from
                 self.state.spec,
                 max_bytes=self.config.transport.max_update_bytes,
@@ -121,7 +132,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             reader = received.reader
             assert reader is not None
             sink = reader.sink
-            delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
+            delta: Delta | None
+            if scheme[0].scheme != "none":
+                place = self.state.buffer(self.state.store.numel)
+                decoded.append(place)
+                delta = decode_into(reader, self.state.spec, scheme[0], place)
+            else:
+                delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
             assert delta is not None
             update = PendingUpdate(
                 m.sender, int(received.header.cluster), int(m.num_samples), delta, dict(m.metrics)
@@ -141,7 +158,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         finally:
             for who in reserved:
                 self.state.release(who)
-            if not accepted and received.reader is not None:
+            if not accepted and decoded:
+                self.state.discard(decoded[0])  # a compressed upload's place goes back
+            elif not accepted and received.reader is not None and scheme[0].scheme == "none":
                 # The refused update's buffer or file goes back; nothing else changed.
                 r = received.reader
                 self.state.discard(r.flat if r.sink is None else r.sink)
@@ -316,6 +335,28 @@ class AggregatorService:
         config = self.servicer.config
         svc = config.service
         self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
+
+
+def decode_into(
+    reader: StreamReader,
+    spec: tuple[TensorSpec, ...],
+    scheme: Compression,
+    place: torch.Tensor | RowFile,
+) -> torch.Tensor | Delta:
+    """A compressed upload's delta, decoded from its validated payload into `place` (a
+    buffer of the store, or its file)."""
+    payload_spec = reader.spec
+    assert reader.flat is not None
+    payload = unflatten(reader.flat, payload_spec, reader.others)
+    try:
+        delta = decode(payload, spec, scheme)
+    except PayloadError as exc:
+        raise invalid(f"{scheme} payload: {exc}") from None
+    if isinstance(place, RowFile):
+        place.write(0, delta.numpy())
+        return place.close()
+    place.copy_(delta)
+    return place
 
 
 MODEL_READS = 4  # GetModel calls the clusterer may have in flight

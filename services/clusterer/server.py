@@ -40,6 +40,7 @@ from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCac
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
+from services.common.compression import Compression, payload_spec_of, upload_scheme
 from services.common.credentials import TlsFiles, TokenTable
 from services.common.errors import ForbiddenError, NotFoundError, StateError
 from services.common.grpc_client import (
@@ -208,7 +209,9 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             pre_steps=t.pre_steps,
             adjusted=t.adjusted,
             report_loss=get_strategy(self.config.federation.strategy).needs_losses,
+            compression=self.config.federation.compression,
         )
+        self.scheme = Compression.parse(self.config.federation.compression)
 
     @rpc("Clusterer.Join")
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
@@ -304,11 +307,16 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         act_as(h.sender)
         if h.kind in ("pretrain-delta", "pretrain-sketch"):
             return self._pretrain_delta(h, itertools.chain([first], it))
-        if h.kind != "weights":
+        if h.kind != self.scheme.kind:
+            upload_scheme(h.kind)  # an unknown kind is INVALID_ARGUMENT
             raise invalid(
-                f"unknown update kind {h.kind[:32]!r} (weights, pretrain-delta or pretrain-sketch)"
+                f"this federation's updates are {self.scheme.kind!r} (--compression "
+                f"{self.scheme}), not {h.kind[:32]!r}"
             )
-        self._reader_for(h)  # the header against the model, before the aggregator is called
+        # The header against the model (as this scheme sends it), before the aggregator is
+        # called; the aggregator validates the content as it keeps it.
+        spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
+        StreamReader(spec, keep=False, max_bytes=self.config.transport.max_update_bytes)
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False
         try:

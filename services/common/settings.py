@@ -29,6 +29,7 @@ from typing_extensions import Self
 
 from services.common.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits
 from services.common.errors import ConfigError
+from services.common.schemes import normalised
 from services.common.strategies import STRATEGIES
 
 
@@ -53,6 +54,13 @@ def _none_words(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
         return None
     return value
+
+
+def _scheme(value: str) -> str:
+    try:
+        return normalised(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _empty_none(value: Any) -> Any:
@@ -203,6 +211,12 @@ class FederationSettings(Settings):
         False,
         description="per-cluster models: each cluster trains and serves its own model (its "
         "robust rule makes it), the global model is their fair merge (clustered strategies)",
+    )
+    compression: Annotated[str, AfterValidator(_scheme)] = Field(
+        "none",
+        description="what participants upload: none (float32 weights), or their delta as "
+        "fp16, int8 (a scale per tensor, stochastic rounding) or topk:FRACTION (the largest "
+        "coordinates, the rest carried to the next round)",
     )
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import torch
 
+from services.common.compression import Compression, ErrorFeedback
 from services.common.errors import SpecMismatchError, StateError
 from services.common.grpc_client import (
     RetryPolicy,
@@ -197,6 +198,9 @@ class Participant:
         self.rng = random.Random(settings.seed * 7919 + index)
         self.meta = call_metadata(settings.auth_token)
         self.via = (self.stub, self.meta)  # how it downloads its cluster's model
+        self.feedback = ErrorFeedback()  # top-k: what it has not sent yet
+        # int8's stochastic rounding: its own seeded stream, on the CPU where encoding runs
+        self.cpu_gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
         self.retries = RetryPolicy(
             attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
@@ -387,11 +391,18 @@ class Participant:
                 self.attack.kind,
                 task.round,
             )
+        kind, upload = "weights", weights
+        scheme = Compression.parse(t.compression or "none")
+        if scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
+            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
+            delta = flatten(weights, self.spec) - base
+            upload = self.feedback.send(delta, self.spec, scheme, self.cpu_gen)
+            kind = scheme.kind
         self._send(
-            "weights",
+            kind,
             task.round,
             task.model_version,
-            weights,
+            upload,
             {
                 **before,
                 "train_loss": result.loss,

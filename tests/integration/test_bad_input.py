@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import grpc
 import pytest
+import torch
 
 from services.common.grpc_client import channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
@@ -346,3 +347,109 @@ def test_every_scalar_field_has_a_limit(open_round):
     )
     assert unchanged(fed)
     assert submit(fed, messages(w)) == C.OK  # the round still takes the good update
+
+
+@pytest.mark.parametrize("scheme", ["int8", "topk:0.1"])
+def test_bad_compressed_uploads_get_their_codes_and_change_nothing(federation_factory, scheme):
+    """A federation with --compression: a lying header, content out of range, the wrong
+    scheme, a truncated stream; each its code, nothing kept; then a good upload counts."""
+    from services.common.compression import INDICES, SCALES, VALUES, Compression, encode
+    from services.common.tensors import spec_of
+
+    fed = federation_factory(
+        strategy="fedavg",
+        participants=3,
+        select=3,
+        rounds=1,
+        round_timeout_s=600,
+        compression=scheme,
+    )
+    for i in range(3):
+        fed.stub.Join(
+            pb.JoinRequest(participant_id=f"participant-{i:05d}", num_train=50, num_test=20),
+            metadata=META,
+            timeout=10,
+        )
+    task = fed.stub.GetTask(
+        pb.GetTaskRequest(participant_id=PID, wait_s=20), metadata=META, timeout=30
+    )
+    assert task.training.compression == scheme
+    _, w = read_model(
+        fed.stub.DownloadModel(pb.DownloadModelRequest(model_version=0), metadata=META)
+    )
+    c = Compression.parse(scheme)
+    spec = spec_of(w)
+    n = sum(s.numel for s in spec if s.dtype.is_floating_point)
+    good = encode(0.01 * torch.randn(n), spec, c, torch.Generator().manual_seed(0))
+
+    def h():
+        out = header()
+        out.kind = c.kind
+        return out
+
+    def changed(**tensors):
+        return OrderedDict((k, tensors.get(k, v).clone()) for k, v in good.items())
+
+    cases = {
+        "weights where the federation compresses": (messages(w), C.INVALID_ARGUMENT),
+        "another scheme": (
+            messages(encode(torch.zeros(n), spec, Compression("fp16")), _kind(h(), "delta:fp16")),
+            C.INVALID_ARGUMENT,
+        ),
+        "an unknown kind": (messages(good, _kind(h(), "delta:zip")), C.INVALID_ARGUMENT),
+        "truncated": (messages(good, h())[:-2], C.DATA_LOSS),
+    }
+    if c.scheme == "int8":
+        first = next(k for k in good if k != SCALES)
+        cases |= {
+            "a NaN scale": (
+                messages(changed(**{SCALES: torch.full_like(good[SCALES], float("nan"))}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "a zero scale": (
+                messages(changed(**{SCALES: torch.zeros_like(good[SCALES])}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "-128": (
+                messages(changed(**{first: torch.full_like(good[first], -128)}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "float32 where int8 goes": (
+                messages(changed(**{first: good[first].float()}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+        }
+    else:
+        idx, val = good[INDICES], good[VALUES]
+        over = encode(0.01 * torch.randn(n), spec, Compression("topk", 0.5))
+        cases |= {
+            "more values than its share": (messages(over, h()), C.INVALID_ARGUMENT),
+            "an index out of range": (
+                messages(changed(**{INDICES: torch.cat([idx[:-1], idx.new_tensor([n])])}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "repeated indices": (
+                messages(changed(**{INDICES: torch.zeros_like(idx)}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "a NaN value": (
+                messages(changed(**{VALUES: torch.full_like(val, float("nan"))}), h()),
+                C.INVALID_ARGUMENT,
+            ),
+            "as many indices as values, lied about": (
+                messages(OrderedDict([(INDICES, idx), (VALUES, torch.cat([val, val[:1]]))]), h()),
+                C.INVALID_ARGUMENT,
+            ),
+        }
+    for name, (msgs, expected) in cases.items():
+        assert submit(fed, msgs) == expected, name
+        assert unchanged(fed), name
+    # A good compressed upload is accepted, and it is the delta it encodes.
+    assert submit(fed, messages(good, h())) == C.OK
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert status.pending_updates == 1
+
+
+def _kind(h, kind):
+    h.kind = kind
+    return h

@@ -26,6 +26,25 @@ def test_six_participants_learn_over_grpc(federation_factory):
     assert [h.evaluated for h in status.history] == [6, 6, 6]
 
 
+@pytest.mark.parametrize("scheme,ratio", [("int8", 4), ("topk:0.01", 50)])
+def test_compressed_updates_learn_over_grpc(federation_factory, scheme, ratio):
+    """--compression: participants send their deltas compressed (told by the task), the
+    aggregator decodes them before the defence; the model learns and the bytes it received
+    per update are the model's float32 bytes divided by about `ratio`."""
+    fed = federation_factory(participants=6, select=6, rounds=3, clusters=3, compression=scheme)
+    fed.add_participants(0, 6)
+    status = fed.wait_for(lambda s: s.done, timeout=240)
+    accs = [h.mean_accuracy for h in status.history]
+    assert all(h.received == h.selected == 6 and h.rejected < 6 for h in status.history)
+    assert accs[-1] > accs[0] + 0.05 or accs[-1] > 0.8, accs
+    registry = fed.aggregator.registry
+    count = registry.get_sample_value("flclustering_update_size_bytes_count")
+    total = registry.get_sample_value("flclustering_update_size_bytes_sum")
+    floats = sum(s.numel for s in fed.aggregator.servicer.state.spec)
+    assert count == 18
+    assert 0.8 * 4 * floats / ratio <= total / count <= 1.25 * 4 * floats / ratio
+
+
 def test_dead_participant_does_not_hold_the_round(federation_factory):
     fed = federation_factory(
         strategy="fedavg",

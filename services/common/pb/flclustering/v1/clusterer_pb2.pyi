@@ -54,7 +54,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted", "report_loss", "sketch_dim", "sketch_seed")
+    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted", "report_loss", "sketch_dim", "sketch_seed", "compression")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class TrainingSettings(_message.Message):
     REPORT_LOSS_FIELD_NUMBER: _ClassVar[int]
     SKETCH_DIM_FIELD_NUMBER: _ClassVar[int]
     SKETCH_SEED_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     lr: float
@@ -73,7 +74,8 @@ class TrainingSettings(_message.Message):
     report_loss: bool
     sketch_dim: int
     sketch_seed: int
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ..., sketch_dim: _Optional[int] = ..., sketch_seed: _Optional[int] = ...) -> None: ...
+    compression: str
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ..., sketch_dim: _Optional[int] = ..., sketch_seed: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s", "cluster")

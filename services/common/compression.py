@@ -1,0 +1,245 @@
+"""Compressed updates: what a participant sends instead of its float32 weights.
+
+A compressed upload carries the participant's delta (its trained weights minus the model it
+started from), encoded as ordinary named tensors on the same wire as weights (header of
+specs, raw chunks, checksum), so the stream format, its limits and its checks stay one:
+
+- `fp16`: each float tensor of the delta as float16 (2x fewer bytes).
+- `int8`: each float tensor as int8 with one float32 scale per tensor (`__scales__`),
+  stochastically rounded so the decoded delta is unbiased (QSGD-style; 4x fewer bytes).
+- `topk:F`: the F share of the delta's coordinates largest in magnitude, as sorted int32
+  indices (`__indices__`) and float32 values (`__values__`); what is not sent is kept by
+  the participant and added to its next delta (error feedback, Stich et al. 2018), so
+  nothing is lost, only delayed.
+
+The payload spec is fixed by the model's spec and the scheme (and, for top-k, the count
+the header declares, capped by the share), so a header is checked like any other; the
+content (scales, indices, values) is checked when decoded: INVALID_ARGUMENT for anything
+out of range, and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import ConfigError
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.schemes import parse_scheme, scheme_name
+from services.common.tensors import TensorSpec
+from services.common.wire import check_header_spec, invalid, spec_from_pb
+
+SCALES = "__scales__"
+INDICES = "__indices__"
+VALUES = "__values__"
+MAX_INDEX = 2**31 - 1  # int32 indices: deltas of up to 2^31 floats (8 GiB)
+
+
+class PayloadError(ValueError):
+    """A compressed payload whose content is out of range (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A compression scheme: `none`, `fp16`, `int8` or `topk` with its share of coordinates."""
+
+    scheme: str = "none"
+    share: float = 1.0  # topk only
+
+    @staticmethod
+    def parse(text: str) -> Compression:
+        """`none`, `fp16`, `int8` or `topk:F` with 0 < F <= 1; a ConfigError otherwise."""
+        return Compression(*parse_scheme(text))
+
+    def __str__(self) -> str:
+        return scheme_name(self.scheme, self.share)
+
+    @property
+    def kind(self) -> str:
+        """The `kind` of an upload's header in this scheme."""
+        return "weights" if self.scheme == "none" else f"delta:{self}"
+
+    def max_count(self, floats: int) -> int:
+        """Most coordinates a top-k upload of a delta of `floats` values may carry."""
+        return max(1, math.ceil(self.share * floats))
+
+    def payload_spec(self, spec: Sequence[TensorSpec], count: int = 0) -> tuple[TensorSpec, ...]:
+        """The tensors an upload of this scheme carries for a model of `spec` (top-k:
+        `count` coordinates)."""
+        floats = [s for s in spec if s.dtype.is_floating_point]
+        if self.scheme == "fp16":
+            return tuple(TensorSpec(s.name, s.shape, torch.float16) for s in floats)
+        if self.scheme == "int8":
+            ints = [TensorSpec(s.name, s.shape, torch.int8) for s in floats]
+            return (*ints, TensorSpec(SCALES, (len(floats),), torch.float32))
+        if self.scheme == "topk":
+            return (
+                TensorSpec(INDICES, (count,), torch.int32),
+                TensorSpec(VALUES, (count,), torch.float32),
+            )
+        return tuple(spec)
+
+
+def float_sizes(spec: Sequence[TensorSpec]) -> list[int]:
+    """Element counts of the float tensors, in order: how the flat delta is cut."""
+    return [s.numel for s in spec if s.dtype.is_floating_point]
+
+
+def encode(
+    delta: torch.Tensor,
+    spec: Sequence[TensorSpec],
+    scheme: Compression,
+    generator: torch.Generator | None = None,
+) -> OrderedDict[str, torch.Tensor]:
+    """The payload of a flat float32 delta (on the CPU) in `scheme` (not `none`)."""
+    delta = delta.detach().to("cpu", torch.float32).reshape(-1)
+    sizes = float_sizes(spec)
+    if delta.numel() != sum(sizes):
+        raise ValueError(f"a delta of {delta.numel()} values for a model of {sum(sizes)}")
+    names = [s.name for s in spec if s.dtype.is_floating_point]
+    shapes = [s.shape for s in spec if s.dtype.is_floating_point]
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    if scheme.scheme == "fp16":
+        # Past float16's range a coordinate saturates (the norm screen sees such a delta).
+        clipped = delta.clamp(-65504.0, 65504.0).to(torch.float16)
+        for name, shape, part in zip(names, shapes, clipped.split(sizes), strict=True):
+            out[name] = part.reshape(shape)
+        return out
+    if scheme.scheme == "int8":
+        scales = torch.zeros(len(sizes), dtype=torch.float32)
+        for i, (name, shape, part) in enumerate(
+            zip(names, shapes, delta.split(sizes), strict=True)
+        ):
+            top = float(part.abs().max()) if part.numel() else 0.0
+            scale = top / 127.0 if top > 0 else 1.0
+            scaled = part / scale
+            noise = torch.rand(scaled.shape, generator=generator)
+            q = torch.floor(scaled + noise).clamp(-127, 127)  # unbiased stochastic rounding
+            out[name] = q.to(torch.int8).reshape(shape)
+            scales[i] = scale
+        out[SCALES] = scales
+        return out
+    if scheme.scheme == "topk":
+        if delta.numel() > MAX_INDEX:
+            raise ValueError(f"top-k indices are int32: at most {MAX_INDEX} values")
+        count = min(scheme.max_count(delta.numel()), delta.numel())
+        chosen = torch.topk(delta.abs(), count, sorted=False).indices.sort().values
+        out[INDICES] = chosen.to(torch.int32)
+        out[VALUES] = delta[chosen]
+        return out
+    raise ValueError(f"nothing to encode in scheme {scheme}")
+
+
+def decode(
+    payload: Mapping[str, torch.Tensor], spec: Sequence[TensorSpec], scheme: Compression
+) -> torch.Tensor:
+    """The flat float32 delta of a payload (whose tensors match `payload_spec`); a
+    PayloadError names what is out of range."""
+    sizes = float_sizes(spec)
+    names = [s.name for s in spec if s.dtype.is_floating_point]
+    if scheme.scheme == "fp16":
+        parts = [payload[n].reshape(-1).to(torch.float32) for n in names]
+        return torch.cat(parts) if parts else torch.zeros(0)
+    if scheme.scheme == "int8":
+        scales = payload[SCALES].to(torch.float32)
+        if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
+            raise PayloadError(f"{SCALES} must be finite and positive")
+        if bool((scales > 1e30).any()):
+            raise PayloadError(f"{SCALES} must be at most 1e30")
+        parts = []
+        for i, name in enumerate(names):
+            q = payload[name].reshape(-1)
+            if bool((q == -128).any()):
+                raise PayloadError(f"int8 values of {name!r} must be in [-127, 127]")
+            parts.append(q.to(torch.float32) * scales[i])
+        return torch.cat(parts) if parts else torch.zeros(0)
+    if scheme.scheme == "topk":
+        n = sum(sizes)
+        indices = payload[INDICES].reshape(-1).to(torch.int64)
+        values = payload[VALUES].reshape(-1).to(torch.float32)
+        if indices.numel() != values.numel():
+            raise PayloadError("top-k carries as many indices as values")
+        if indices.numel() > scheme.max_count(n):
+            raise PayloadError(f"top-k may carry at most {scheme.max_count(n)} of {n} values")
+        if indices.numel():
+            if int(indices[0]) < 0 or int(indices[-1]) >= n:
+                raise PayloadError(f"top-k indices must be in [0, {n})")
+            if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+                raise PayloadError("top-k indices must be strictly increasing")
+        if not bool(torch.isfinite(values).all()):
+            raise PayloadError("top-k values must be finite")
+        out = torch.zeros(n, dtype=torch.float32)
+        out[indices] = values
+        return out
+    raise PayloadError(f"nothing to decode in scheme {scheme}")
+
+
+def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a payload's data on the wire."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+class ErrorFeedback:
+    """A participant's top-k memory: what it did not send, added to its next delta."""
+
+    def __init__(self) -> None:
+        self.residual: torch.Tensor | None = None
+
+    def send(
+        self,
+        delta: torch.Tensor,
+        spec: Sequence[TensorSpec],
+        scheme: Compression,
+        generator: torch.Generator | None = None,
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The payload to send for `delta`; with top-k, the residual carried over."""
+        delta = delta.detach().to("cpu", torch.float32).reshape(-1)
+        if scheme.scheme != "topk":
+            return encode(delta, spec, scheme, generator)
+        if self.residual is not None and self.residual.shape == delta.shape:
+            delta = delta + self.residual
+        payload = encode(delta, spec, scheme, generator)
+        self.residual = delta - decode(payload, spec, scheme)
+        return payload
+
+
+def upload_scheme(kind: str) -> Compression:
+    """The compression of an upload from its header's kind: `weights` (none) or
+    `delta:SCHEME`; INVALID_ARGUMENT otherwise."""
+    if kind == "weights":
+        return Compression()
+    if kind.startswith("delta:"):
+        try:
+            scheme = Compression.parse(kind[len("delta:") :])
+        except ConfigError:
+            scheme = Compression()
+        if scheme.scheme != "none":
+            return scheme
+    raise invalid(f"unknown update kind {kind[:32]!r} (weights, or delta:fp16|int8|topk:F)")
+
+
+def payload_spec_of(
+    items: Sequence[tensors_pb2.TensorSpec], spec: Sequence[TensorSpec], scheme: Compression
+) -> tuple[TensorSpec, ...]:
+    """The tensors an upload's header lists, checked against what `scheme` sends for a
+    model of `spec` (top-k: the count it declares, within its share); INVALID_ARGUMENT
+    otherwise. Counted first: a header of 300,000 specs costs one comparison."""
+    count = 0
+    if scheme.scheme == "topk":
+        floats = sum(float_sizes(spec))
+        if len(items) != 2 or len(items[0].shape) != 1:
+            raise invalid(f"a top-k upload lists {INDICES} and {VALUES}, each of one dimension")
+        count = int(items[0].shape[0])
+        if not 1 <= count <= scheme.max_count(floats):
+            raise invalid(
+                f"a {scheme} upload carries 1 to {scheme.max_count(floats)} values, not {count}"
+            )
+    expected = scheme.payload_spec(spec, count)
+    if len(items) != len(expected):
+        raise invalid(f"the header lists {len(items)} tensors, a {scheme} upload {len(expected)}")
+    check_header_spec(spec_from_pb(items), expected)
+    return expected
