@@ -232,6 +232,7 @@ def run_local(
             upload_bytes = 0
             for k, i in enumerate(rows):
                 payload = feedback[i].send(updates[k], spec, scheme, cpu_gens[i])
+                feedback[i].commit()  # in process, every update reaches the aggregator
                 upload_bytes += payload_bytes(payload)
                 updates[k] = decode(payload, spec, scheme).to(updates[k].device)
         outcome_round = aggregate_round(

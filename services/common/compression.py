@@ -184,10 +184,20 @@ def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
 
 
 class ErrorFeedback:
-    """A participant's top-k memory: what it did not send, added to its next delta."""
+    """A participant's top-k memory: what it did not send, added to its next delta.
+
+    Two steps: `send` makes the payload, `commit` (once the upload was accepted) keeps what
+    it left out. An upload that was refused (a round that closed, a lost connection) leaves
+    the memory as it was: its delta is dropped as any dropped update is."""
 
     def __init__(self) -> None:
         self.residual: torch.Tensor | None = None
+        self._next: torch.Tensor | None = None
+
+    def commit(self) -> None:
+        """The last payload was accepted: carry what it left out."""
+        if self._next is not None:
+            self.residual, self._next = self._next, None
 
     def send(
         self,
@@ -203,7 +213,7 @@ class ErrorFeedback:
         if self.residual is not None and self.residual.shape == delta.shape:
             delta = delta + self.residual
         payload = encode(delta, spec, scheme, generator)
-        self.residual = delta - decode(payload, spec, scheme)
+        self._next = delta - decode(payload, spec, scheme)
         return payload
 
 

@@ -409,6 +409,7 @@ class Participant:
                 "train_seconds": result.seconds,
             },
         )
+        self.feedback.commit()  # accepted: what top-k left out is carried to the next round
 
     def evaluate(self, task: pb.GetTaskResponse) -> None:
         """Evaluate a global model version (and the cluster's model of it, when the task

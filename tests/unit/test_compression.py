@@ -96,8 +96,13 @@ def test_topk_keeps_the_largest_and_error_feedback_loses_nothing():
         step = delta(r)
         due += step
         sent += decode(memory.send(step, SPEC, scheme), SPEC, scheme)
+        memory.commit()
     assert memory.residual is not None
     assert torch.allclose(sent + memory.residual, due, atol=1e-6)
+    # A payload that was refused (no commit) leaves the memory as it was.
+    held = memory.residual.clone()
+    memory.send(delta(9), SPEC, scheme)
+    assert torch.equal(memory.residual, held)
 
 
 @pytest.mark.parametrize(
