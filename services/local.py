@@ -25,8 +25,8 @@ from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.compression import (
     Compression,
     ErrorFeedback,
+    PayloadError,
     decode,
-    float_sizes,
     payload_bytes,
 )
 from services.common.device import resolve_device
@@ -227,14 +227,18 @@ def run_local(
                     updates[k] = jittered(crafted, pooled, attack.jitter, gen).clone()
         # What travels: float32 weights, or each delta compressed as its participant would
         # (top-k with its own residual); the aggregator decodes before the defence.
-        upload_bytes = 4 * sum(float_sizes(spec)) * len(updates)
+        upload_bytes = sum(s.numel * s.dtype.itemsize for s in spec) * len(updates)
         if scheme.scheme != "none":
             upload_bytes = 0
             for k, i in enumerate(rows):
                 payload = feedback[i].send(updates[k], spec, scheme, cpu_gens[i])
                 feedback[i].commit()  # in process, every update reaches the aggregator
                 upload_bytes += payload_bytes(payload)
-                updates[k] = decode(payload, spec, scheme).to(updates[k].device)
+                try:
+                    decoded = decode(payload, spec, scheme)
+                except PayloadError:  # a non-finite delta: refused, as NaN weights would be
+                    decoded = torch.full_like(updates[k].cpu(), float("nan"))
+                updates[k] = decoded.to(updates[k].device)
         outcome_round = aggregate_round(
             global_w,
             torch.stack(updates),

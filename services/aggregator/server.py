@@ -22,7 +22,7 @@ from services.aggregator.store import Delta, DeltaStore, RowFile
 from services.common.compression import (
     Compression,
     PayloadError,
-    decode,
+    decode_parts,
     payload_spec_of,
     upload_scheme,
 )
@@ -115,7 +115,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
-            if scheme[0].scheme != "none":  # a compressed delta: small, decoded at the end
+            if scheme[0].scheme == "fp16":  # the delta itself, float16 read as float32
+                return StreamReader(
+                    spec, max_bytes=self.config.transport.max_update_bytes, out=self.state.buffer
+                )
+            if scheme[0].scheme != "none":  # int8, top-k: small, decoded at the end
                 return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
             return StreamReader(  # keeps the delta against the model it was trained from
                 self.state.spec,
@@ -133,7 +137,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             assert reader is not None
             sink = reader.sink
             delta: Delta | None
-            if scheme[0].scheme != "none":
+            if scheme[0].scheme not in ("none", "fp16"):
                 place = self.state.buffer(self.state.store.numel)
                 decoded.append(place)
                 delta = decode_into(reader, self.state.spec, scheme[0], place)
@@ -160,7 +164,15 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 self.state.release(who)
             if not accepted and decoded:
                 self.state.discard(decoded[0])  # a compressed upload's place goes back
-            elif not accepted and received.reader is not None and scheme[0].scheme == "none":
+            elif (
+                not accepted
+                and received.reader is not None
+                and scheme[0].scheme
+                in (
+                    "none",
+                    "fp16",
+                )
+            ):
                 # The refused update's buffer or file goes back; nothing else changed.
                 r = received.reader
                 self.state.discard(r.flat if r.sink is None else r.sink)
@@ -345,18 +357,18 @@ def decode_into(
 ) -> torch.Tensor | Delta:
     """A compressed upload's delta, decoded from its validated payload into `place` (a
     buffer of the store, or its file)."""
-    payload_spec = reader.spec
     assert reader.flat is not None
-    payload = unflatten(reader.flat, payload_spec, reader.others)
+    payload = unflatten(reader.flat, reader.spec, reader.others, share=True)
     try:
-        delta = decode(payload, spec, scheme)
+        parts = decode_parts(payload, spec, scheme)  # every check before the first part
     except PayloadError as exc:
         raise invalid(f"{scheme} payload: {exc}") from None
-    if isinstance(place, RowFile):
-        place.write(0, delta.numpy())
-        return place.close()
-    place.copy_(delta)
-    return place
+    for at, values in parts:  # a float tensor at a time, where it goes
+        if isinstance(place, RowFile):
+            place.write(at, values.numpy())
+        else:
+            place[at : at + values.numel()] = values
+    return place.close() if isinstance(place, RowFile) else place
 
 
 MODEL_READS = 4  # GetModel calls the clusterer may have in flight

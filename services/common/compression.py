@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +104,11 @@ def encode(
     shapes = [s.shape for s in spec if s.dtype.is_floating_point]
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     if scheme.scheme == "fp16":
-        # Past float16's range a coordinate saturates (the norm screen sees such a delta).
-        clipped = delta.clamp(-65504.0, 65504.0).to(torch.float16)
+        # Past float16's range a finite coordinate saturates (the norm screen sees such a
+        # delta); NaN and Inf stay what they are, for the receiver to refuse.
+        clipped = torch.where(torch.isfinite(delta), delta.clamp(-65504.0, 65504.0), delta).to(
+            torch.float16
+        )
         for name, shape, part in zip(names, shapes, clipped.split(sizes), strict=True):
             out[name] = part.reshape(shape)
         return out
@@ -115,7 +118,14 @@ def encode(
             zip(names, shapes, delta.split(sizes), strict=True)
         ):
             top = float(part.abs().max()) if part.numel() else 0.0
-            scale = top / 127.0 if top > 0 else 1.0
+            # A scale in float32 as sent; zero (all zeros, or too small for float32) is 1.
+            # A non-finite delta gets a NaN scale: the receiver refuses it, as it refuses
+            # NaN in float32 weights.
+            scale = float(torch.tensor(top / 127.0, dtype=torch.float32))
+            if not math.isfinite(top):
+                scale = math.nan
+            elif scale == 0.0:
+                scale = 1.0
             scaled = part / scale
             noise = torch.rand(scaled.shape, generator=generator)
             q = torch.floor(scaled + noise).clamp(-127, 127)  # unbiased stochastic rounding
@@ -139,24 +149,40 @@ def decode(
 ) -> torch.Tensor:
     """The flat float32 delta of a payload (whose tensors match `payload_spec`); a
     PayloadError names what is out of range."""
+    parts = [values for _, values in decode_parts(payload, spec, scheme)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def decode_parts(
+    payload: Mapping[str, torch.Tensor], spec: Sequence[TensorSpec], scheme: Compression
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The decoded delta a float tensor at a time, as (flat offset, float32 values), every
+    check done before the first part: a receiver writes each part where it goes (a buffer,
+    a file) without holding the whole decoded delta twice."""
     sizes = float_sizes(spec)
     names = [s.name for s in spec if s.dtype.is_floating_point]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     if scheme.scheme == "fp16":
-        parts = [payload[n].reshape(-1).to(torch.float32) for n in names]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        for name in names:
+            if not bool(torch.isfinite(payload[name]).all()):
+                raise PayloadError(f"fp16 values of {name!r} must be finite")
+        return (
+            (at, payload[n].reshape(-1).to(torch.float32))
+            for n, at in zip(names, offsets, strict=True)
+        )
     if scheme.scheme == "int8":
         scales = payload[SCALES].to(torch.float32)
         if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
             raise PayloadError(f"{SCALES} must be finite and positive")
         if bool((scales > 1e30).any()):
             raise PayloadError(f"{SCALES} must be at most 1e30")
-        parts = []
-        for i, name in enumerate(names):
-            q = payload[name].reshape(-1)
-            if bool((q == -128).any()):
+        for name in names:
+            if bool((payload[name] == -128).any()):
                 raise PayloadError(f"int8 values of {name!r} must be in [-127, 127]")
-            parts.append(q.to(torch.float32) * scales[i])
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return (
+            (at, payload[n].reshape(-1).to(torch.float32) * scales[i])
+            for i, (n, at) in enumerate(zip(names, offsets, strict=True))
+        )
     if scheme.scheme == "topk":
         n = sum(sizes)
         indices = payload[INDICES].reshape(-1).to(torch.int64)
@@ -172,10 +198,20 @@ def decode(
                 raise PayloadError("top-k indices must be strictly increasing")
         if not bool(torch.isfinite(values).all()):
             raise PayloadError("top-k values must be finite")
-        out = torch.zeros(n, dtype=torch.float32)
-        out[indices] = values
-        return out
+        return _scattered(indices, values, sizes, offsets)
     raise PayloadError(f"nothing to decode in scheme {scheme}")
+
+
+def _scattered(
+    indices: torch.Tensor, values: torch.Tensor, sizes: list[int], offsets: list[int]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Sorted sparse coordinates as dense parts, one float tensor at a time."""
+    bounds = torch.searchsorted(indices, torch.tensor([*offsets, sum(sizes)]))
+    for i, (size, at) in enumerate(zip(sizes, offsets, strict=True)):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        part = torch.zeros(size, dtype=torch.float32)
+        part[indices[lo:hi] - at] = values[lo:hi]
+        yield at, part
 
 
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:

@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from services.common.compression import Compression, ErrorFeedback
-from services.common.errors import SpecMismatchError, StateError
+from services.common.errors import ConfigError, SpecMismatchError, StateError
 from services.common.grpc_client import (
     RetryPolicy,
     call_metadata,
@@ -324,6 +324,12 @@ class Participant:
     def train(self, task: pb.GetTaskResponse) -> None:
         """Train from the global model (personalised: the cluster's the task names) and
         stream the weights (attacked when simulated)."""
+        # The scheme first: a value this participant cannot send fails the task before it
+        # trains (StateError, as any task it cannot do), not after.
+        try:
+            scheme = Compression.parse(task.training.compression or "none")
+        except ConfigError as exc:
+            raise StateError(f"the clusterer asked for {exc}") from None
         colluding = self.attack.colludes and self.attack.fires(task.round)
         if colluding:
             self.collusion.enlist(task.round, self.id)
@@ -392,7 +398,6 @@ class Participant:
                 task.round,
             )
         kind, upload = "weights", weights
-        scheme = Compression.parse(t.compression or "none")
         if scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
             base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
             delta = flatten(weights, self.spec) - base
