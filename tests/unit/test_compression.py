@@ -131,3 +131,22 @@ def test_topk_may_not_carry_more_than_its_share():
     payload = encode(delta(), SPEC, Compression("topk", 0.5))
     with pytest.raises(PayloadError, match="at most 5 of 43"):
         decode(payload, SPEC, c)
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "topk:0.5"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_delta_is_refused_not_quietly_repaired(scheme, bad):
+    c = Compression.parse(scheme)
+    d = delta()
+    d[3] = bad
+    payload = encode(d, SPEC, c, torch.Generator().manual_seed(0))
+    with pytest.raises(PayloadError):
+        decode(payload, SPEC, c)
+
+
+def test_a_tiny_int8_tensor_gets_a_usable_scale():
+    d = torch.zeros(N)
+    d[0] = 1e-45  # its scale would be 0 in float32
+    payload = encode(d, SPEC, Compression("int8"), torch.Generator().manual_seed(0))
+    assert bool((payload[SCALES] > 0).all())
+    assert decode(payload, SPEC, Compression("int8")).abs().max() <= 1e-44
