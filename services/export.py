@@ -21,7 +21,7 @@ import grpc
 
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import call_metadata, channel
-from services.common.model_file import ModelCard, write_model_file
+from services.common.model_file import write_model_file
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.streams import read_model
@@ -43,6 +43,7 @@ def export_model(
     from services.common.credentials import load_tls
     from services.common.models import build_model
     from services.common.tensors import check_spec, spec_of
+    from services.local import model_card
     from services.participant.partition import federation_data
 
     fed = config.federation
@@ -85,21 +86,13 @@ def export_model(
             f"the aggregator's model is not --model {fed.model} on --dataset {fed.dataset} "
             f"({exc}): export with the settings the services run with"
         ) from None
-    channels = data.input_shape[0]
-    card = ModelCard(
-        fed.model,
-        fed.dataset,
-        data.input_shape,
-        data.classes,
-        data.mean or (0.0,) * channels,
-        data.std or (1.0,) * channels,
-        {
-            "strategy": status.policy.strategy,
-            "model_version": int(header.model_version),
-            "aggregator": aggregator,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    facts = {
+        "strategy": status.policy.strategy,
+        "model_version": int(header.model_version),
+        "aggregator": aggregator,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    card = model_card(fed.model, fed.dataset, data, facts)
     try:  # written aside, then moved in: a failure leaves no half of a model file
         with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
             written = write_model_file(Path(tmp), weights, card)

@@ -35,6 +35,7 @@ from services.common.model_file import ModelCard
 from services.common.models import build_model
 from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
+from services.common.wire import nbytes
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
 from services.participant.backdoor import boosted, poison, success_rate
@@ -42,7 +43,7 @@ from services.participant.collusion import craft, jittered, steer
 from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
-from services.participant.worker import participant_generator
+from services.participant.worker import participant_generator, rounding_generator
 
 
 @dataclass
@@ -180,9 +181,7 @@ def run_local(
 
     scheme = Compression.parse(fed.compression)
     feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
-    cpu_gens = {  # int8's rounding, seeded as each participant process seeds it
-        p.index: torch.Generator().manual_seed(fed.seed * 1_000_003 + p.index) for p in people
-    }
+    cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
 
     for rnd in range(fed.rounds):
         start = time.perf_counter()
@@ -227,7 +226,7 @@ def run_local(
                     updates[k] = jittered(crafted, pooled, attack.jitter, gen).clone()
         # What travels: float32 weights, or each delta compressed as its participant would
         # (top-k with its own residual); the aggregator decodes before the defence.
-        upload_bytes = sum(s.numel * s.dtype.itemsize for s in spec) * len(updates)
+        upload_bytes = sum(nbytes(s) for s in spec) * len(updates)
         if scheme.scheme != "none":
             upload_bytes = 0
             for k, i in enumerate(rows):
@@ -340,18 +339,24 @@ def run_local(
 def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> ModelCard:
     """The card of a run's final global model: how to use it, and what it reached."""
     fed = config.federation
+    facts = {
+        "strategy": fed.strategy,
+        "rounds": fed.rounds,
+        "seed": fed.seed,
+        "mean_accuracy": final.get("mean_accuracy"),
+    }
+    return model_card(fed.model, fed.dataset, data, facts)
+
+
+def model_card(model: str, dataset: str, data: Dataset, facts: dict[str, Any]) -> ModelCard:
+    """The card of a `model` trained on `data`, with `facts` about where it came from."""
     channels = data.input_shape[0]
     return ModelCard(
-        fed.model,
-        fed.dataset,
+        model,
+        dataset,
         data.input_shape,
         data.classes,
         data.mean or (0.0,) * channels,  # generated features are not standardised
         data.std or (1.0,) * channels,
-        {
-            "strategy": fed.strategy,
-            "rounds": fed.rounds,
-            "seed": fed.seed,
-            "mean_accuracy": final.get("mean_accuracy"),
-        },
+        facts,
     )

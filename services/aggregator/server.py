@@ -115,17 +115,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
-            if scheme[0].scheme == "fp16":  # the delta itself, float16 read as float32
-                return StreamReader(
-                    spec, max_bytes=self.config.transport.max_update_bytes, out=self.state.buffer
-                )
-            if scheme[0].scheme != "none":  # int8, top-k: small, decoded at the end
-                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
-            return StreamReader(  # keeps the delta against the model it was trained from
-                self.state.spec,
+            streamed = scheme[0].streamed
+            return StreamReader(  # weights: the delta against the model they came from
+                spec,
                 max_bytes=self.config.transport.max_update_bytes,
-                out=self.state.buffer,
-                minus=base,
+                out=self.state.buffer if streamed else None,  # int8, top-k: decoded after
+                minus=base if scheme[0].scheme == "none" else None,
             )
 
         accepted = False
@@ -137,7 +132,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             assert reader is not None
             sink = reader.sink
             delta: Delta | None
-            if scheme[0].scheme not in ("none", "fp16"):
+            if not scheme[0].streamed:
                 place = self.state.buffer(self.state.store.numel)
                 decoded.append(place)
                 delta = decode_into(reader, self.state.spec, scheme[0], place)
@@ -162,19 +157,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         finally:
             for who in reserved:
                 self.state.release(who)
+            r = received.reader
             if not accepted and decoded:
-                self.state.discard(decoded[0])  # a compressed upload's place goes back
-            elif (
-                not accepted
-                and received.reader is not None
-                and scheme[0].scheme
-                in (
-                    "none",
-                    "fp16",
-                )
-            ):
+                self.state.discard(decoded[0])  # a decoded upload's place goes back
+            elif not accepted and r is not None and scheme[0].streamed:
                 # The refused update's buffer or file goes back; nothing else changed.
-                r = received.reader
                 self.state.discard(r.flat if r.sink is None else r.sink)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
         return pb.ForwardUpdateResponse(accepted=True, round=m.round)

@@ -96,6 +96,7 @@ from services.common.wire import (
     check_header_tensors,
     check_id,
     check_update_header,
+    checked_size,
     invalid,
     read_frame,
 )
@@ -316,7 +317,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         # The header against the model (as this scheme sends it), before the aggregator is
         # called; the aggregator validates the content as it keeps it.
         spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
-        StreamReader(spec, keep=False, max_bytes=self.config.transport.max_update_bytes)
+        checked_size(spec, self.config.transport.max_update_bytes)
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False
         try:

@@ -20,6 +20,7 @@ out of range, and nothing is kept.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,6 +60,12 @@ class Compression:
         return scheme_name(self.scheme, self.share)
 
     @property
+    def streamed(self) -> bool:
+        """Whether the upload's floats lie as the model's do (weights, or the fp16 delta):
+        the receiver reads them straight into their place; int8 and top-k decode after."""
+        return self.scheme in ("none", "fp16")
+
+    @property
     def kind(self) -> str:
         """The `kind` of an upload's header in this scheme."""
         return "weights" if self.scheme == "none" else f"delta:{self}"
@@ -70,7 +77,7 @@ class Compression:
     def payload_spec(self, spec: Sequence[TensorSpec], count: int = 0) -> tuple[TensorSpec, ...]:
         """The tensors an upload of this scheme carries for a model of `spec` (top-k:
         `count` coordinates)."""
-        floats = [s for s in spec if s.dtype.is_floating_point]
+        floats = float_specs(spec)
         if self.scheme == "fp16":
             return tuple(TensorSpec(s.name, s.shape, torch.float16) for s in floats)
         if self.scheme == "int8":
@@ -84,9 +91,14 @@ class Compression:
         return tuple(spec)
 
 
+def float_specs(spec: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The float tensors, in order: what the flat delta is made of."""
+    return [s for s in spec if s.dtype.is_floating_point]
+
+
 def float_sizes(spec: Sequence[TensorSpec]) -> list[int]:
     """Element counts of the float tensors, in order: how the flat delta is cut."""
-    return [s.numel for s in spec if s.dtype.is_floating_point]
+    return [s.numel for s in float_specs(spec)]
 
 
 def encode(
@@ -97,11 +109,12 @@ def encode(
 ) -> OrderedDict[str, torch.Tensor]:
     """The payload of a flat float32 delta (on the CPU) in `scheme` (not `none`)."""
     delta = delta.detach().to("cpu", torch.float32).reshape(-1)
-    sizes = float_sizes(spec)
+    floats = float_specs(spec)
+    sizes = [s.numel for s in floats]
     if delta.numel() != sum(sizes):
         raise ValueError(f"a delta of {delta.numel()} values for a model of {sum(sizes)}")
-    names = [s.name for s in spec if s.dtype.is_floating_point]
-    shapes = [s.shape for s in spec if s.dtype.is_floating_point]
+    names = [s.name for s in floats]
+    shapes = [s.shape for s in floats]
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     if scheme.scheme == "fp16":
         # Past float16's range a finite coordinate saturates (the norm screen sees such a
@@ -159,9 +172,10 @@ def decode_parts(
     """The decoded delta a float tensor at a time, as (flat offset, float32 values), every
     check done before the first part: a receiver writes each part where it goes (a buffer,
     a file) without holding the whole decoded delta twice."""
-    sizes = float_sizes(spec)
-    names = [s.name for s in spec if s.dtype.is_floating_point]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    floats = float_specs(spec)
+    sizes = [s.numel for s in floats]
+    names = [s.name for s in floats]
+    offsets = [0, *itertools.accumulate(sizes)][:-1]
     if scheme.scheme == "fp16":
         for name in names:
             if not bool(torch.isfinite(payload[name]).all()):

@@ -246,6 +246,17 @@ class Sink(Protocol):
         ...
 
 
+def checked_size(spec: Sequence[TensorSpec], max_bytes: int | None) -> int:
+    """The bytes a stream of `spec` carries; RESOURCE_EXHAUSTED over `max_bytes`."""
+    total = sum(nbytes(s) for s in spec)
+    if max_bytes is not None and total > max_bytes:
+        raise WireError(
+            "RESOURCE_EXHAUSTED",
+            f"model of {total:,} bytes is over the limit of {max_bytes:,} bytes",
+        )
+    return total
+
+
 @dataclass
 class _Slot:
     spec: TensorSpec
@@ -275,12 +286,7 @@ class StreamReader:
         `minus`: a flat float32 vector subtracted as the values are stored, so `flat` holds
         the delta against it without a second pass over the model."""
         self.spec = tuple(spec)
-        self.total = sum(nbytes(s) for s in self.spec)
-        if max_bytes is not None and self.total > max_bytes:
-            raise WireError(
-                "RESOURCE_EXHAUSTED",
-                f"model of {self.total:,} bytes is over the limit of {max_bytes:,} bytes",
-            )
+        self.total = checked_size(self.spec, max_bytes)
         self.keep = keep
         self.received = 0
         self._hash = xxh3_128()

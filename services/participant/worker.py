@@ -74,6 +74,12 @@ def participant_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + index)
 
 
+def rounding_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of participant `index`'s int8 stochastic rounding (the in-process
+    federation uses the same)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every participant of a process shares."""
@@ -199,8 +205,7 @@ class Participant:
         self.meta = call_metadata(settings.auth_token)
         self.via = (self.stub, self.meta)  # how it downloads its cluster's model
         self.feedback = ErrorFeedback()  # top-k: what it has not sent yet
-        # int8's stochastic rounding: its own seeded stream, on the CPU where encoding runs
-        self.cpu_gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+        self.cpu_gen = rounding_generator(settings.seed, index)  # int8's rounding, on the CPU
         # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
         self.retries = RetryPolicy(
             attempts=1 << 20, codes=RETRYABLE, budget_s=settings.retry_budget_s
@@ -355,8 +360,17 @@ class Participant:
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
         weights = state_of(self.model)
+        flat_bases: list[torch.Tensor] = []
+
+        def base_flat() -> torch.Tensor:
+            """The model it trained from, flat: fetched and flattened once per task."""
+            if not flat_bases:
+                got = self.store.get(task.model_version, cluster, self.via)
+                flat_bases.append(flatten(got, self.spec))
+            return flat_bases[0]
+
         if colluding:
-            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
+            base = base_flat()
             honest = flatten(weights, self.spec) - base
             pooled = self.collusion.pool(task.round, self.id, honest)
             crafted = craft(self.attack, pooled, self.settings.round_size)
@@ -370,7 +384,7 @@ class Participant:
                 task.round,
             )
         elif self.attack.backdoors:
-            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
+            base = base_flat()
             delta = flatten(weights, self.spec) - base
             boost = self.attack.boost or self.settings.round_size
             sent = boosted(delta, boost, self.attack.norm_bound)
@@ -399,8 +413,7 @@ class Participant:
             )
         kind, upload = "weights", weights
         if scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
-            base = flatten(self.store.get(task.model_version, cluster, self.via), self.spec)
-            delta = flatten(weights, self.spec) - base
+            delta = flatten(weights, self.spec) - base_flat()
             upload = self.feedback.send(delta, self.spec, scheme, self.cpu_gen)
             kind = scheme.kind
         self._send(

@@ -21,11 +21,11 @@ C = grpc.StatusCode
 PID = "participant-00000"
 
 
-@pytest.fixture
-def open_round(federation_factory):
-    """A fedavg federation of 3 raw clients, all selected, round 0 collecting updates."""
+def start_round(federation_factory, **settings):
+    """A fedavg federation of 3 raw clients, all selected, round 0 collecting updates: the
+    federation, participant 0's TRAIN task and the model it trains from."""
     fed = federation_factory(
-        strategy="fedavg", participants=3, select=3, rounds=1, round_timeout_s=600
+        strategy="fedavg", participants=3, select=3, rounds=1, round_timeout_s=600, **settings
     )
     for i in range(3):
         fed.stub.Join(
@@ -42,6 +42,12 @@ def open_round(federation_factory):
     _, weights = read_model(
         fed.stub.DownloadModel(pb.DownloadModelRequest(model_version=0), metadata=META)
     )
+    return fed, task, weights
+
+
+@pytest.fixture
+def open_round(federation_factory):
+    fed, _, weights = start_round(federation_factory)
     return fed, weights
 
 
@@ -356,27 +362,8 @@ def test_bad_compressed_uploads_get_their_codes_and_change_nothing(federation_fa
     from services.common.compression import INDICES, SCALES, VALUES, Compression, encode
     from services.common.tensors import spec_of
 
-    fed = federation_factory(
-        strategy="fedavg",
-        participants=3,
-        select=3,
-        rounds=1,
-        round_timeout_s=600,
-        compression=scheme,
-    )
-    for i in range(3):
-        fed.stub.Join(
-            pb.JoinRequest(participant_id=f"participant-{i:05d}", num_train=50, num_test=20),
-            metadata=META,
-            timeout=10,
-        )
-    task = fed.stub.GetTask(
-        pb.GetTaskRequest(participant_id=PID, wait_s=20), metadata=META, timeout=30
-    )
+    fed, task, w = start_round(federation_factory, compression=scheme)
     assert task.training.compression == scheme
-    _, w = read_model(
-        fed.stub.DownloadModel(pb.DownloadModelRequest(model_version=0), metadata=META)
-    )
     c = Compression.parse(scheme)
     spec = spec_of(w)
     n = sum(s.numel for s in spec if s.dtype.is_floating_point)
