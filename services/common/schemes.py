@@ -8,14 +8,18 @@ import math
 from services.common.errors import ConfigError
 
 SCHEMES = ("none", "fp16", "int8", "topk")
+MAX_SCHEME = 32  # characters of a scheme's name, as a setting, a task or a header carries it
 
 
 def parse_scheme(text: str) -> tuple[str, float]:
     """`none`, `fp16`, `int8` or `topk:F` with 0 < F <= 1 as (scheme, share); one
     ConfigError otherwise."""
+    shown = text[:32] + ("..." if len(text) > 32 else "")  # a hostile value is not echoed
+    if len(text) > MAX_SCHEME:
+        raise ConfigError(f"compression {shown!r} is longer than {MAX_SCHEME} characters")
     name, _, arg = text.strip().partition(":")
     if name not in SCHEMES or (arg and name != "topk"):
-        raise ConfigError(f"compression {text!r} is not none, fp16, int8 or topk:FRACTION")
+        raise ConfigError(f"compression {shown!r} is not none, fp16, int8 or topk:FRACTION")
     if name != "topk":
         return name, 1.0
     try:
@@ -23,7 +27,7 @@ def parse_scheme(text: str) -> tuple[str, float]:
     except ValueError:
         share = math.nan
     if not 0 < share <= 1:  # NaN fails this too
-        raise ConfigError(f"compression {text!r}: topk needs a fraction in (0, 1]")
+        raise ConfigError(f"compression {shown!r}: topk needs a fraction in (0, 1]")
     return name, share
 
 

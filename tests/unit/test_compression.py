@@ -150,3 +150,46 @@ def test_a_tiny_int8_tensor_gets_a_usable_scale():
     payload = encode(d, SPEC, Compression("int8"), torch.Generator().manual_seed(0))
     assert bool((payload[SCALES] > 0).all())
     assert decode(payload, SPEC, Compression("int8")).abs().max() <= 1e-44
+
+
+def test_hostile_headers_and_scheme_names_are_refused_before_any_data():
+    from services.common.compression import payload_spec_of, upload_scheme
+    from services.common.pb.flclustering.v1 import tensors_pb2
+    from services.common.wire import WireError, spec_to_pb
+
+    def pb_spec(*specs):
+        return spec_to_pb([TensorSpec(n, shape, dtype) for n, shape, dtype in specs])
+
+    topk = Compression("topk", 0.1)
+    int8 = Compression("int8")
+    hostile = [
+        (topk, pb_spec((INDICES, (0,), torch.int32), (VALUES, (0,), torch.float32))),
+        (topk, pb_spec((INDICES, (5,), torch.int32), (VALUES, (4,), torch.float32))),
+        (topk, pb_spec((VALUES, (4,), torch.float32), (INDICES, (4,), torch.int32))),
+        (topk, pb_spec((INDICES, (2, 2), torch.int32), (VALUES, (4,), torch.float32))),
+        (topk, pb_spec((INDICES, (4,), torch.int64), (VALUES, (4,), torch.float32))),
+        (topk, [*pb_spec((INDICES, (4,), torch.int32), (VALUES, (4,), torch.float32))] * 2),
+        (int8, pb_spec(("conv.weight", (4, 3, 3), torch.int8), ("fc.bias", (7,), torch.int8))),
+        (
+            int8,
+            pb_spec(
+                ("conv.weight", (4, 3, 3), torch.int8),
+                ("fc.bias", (7,), torch.int8),
+                (SCALES, (3,), torch.float32),
+            ),
+        ),
+    ]
+    for scheme, items in hostile:
+        with pytest.raises(WireError) as err:
+            payload_spec_of(items, SPEC, scheme)
+        assert err.value.code == "INVALID_ARGUMENT"
+    shape = tensors_pb2.TensorSpec(name=INDICES, dtype="int32", shape=[-1])
+    with pytest.raises(WireError):
+        payload_spec_of([shape, shape], SPEC, topk)
+    for kind in ("delta:" + "9" * 100_000, "delta:none", "delta:", "delta:topk:inf", "x" * 999):
+        with pytest.raises(WireError) as err:
+            upload_scheme(kind)
+        assert len(str(err.value)) < 200
+    with pytest.raises(ConfigError) as cerr:
+        Compression.parse("topk:" + "1" * 100_000)
+    assert len(str(cerr.value)) < 200
