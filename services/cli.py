@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import FLClusteringError
+from services.common.errors import ConfigError, FLClusteringError
 from services.common.flags import OneLineParser, SettingsParser, add_log_flag
 from services.experiment import (
     EXPORT_GROUPS,
@@ -279,6 +279,25 @@ def run_certs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_he_keys_command(args: argparse.Namespace) -> int:
+    """`flclustering he-keys`: a CKKS key pair for --secure he."""
+    from services.common.homomorphic import PUBLIC_FILE, SECRET_FILE, write_keys
+
+    for name in (SECRET_FILE, PUBLIC_FILE):
+        if (args.out / name).exists() and not args.force:
+            raise ConfigError(f"{args.out / name} exists: keep it, or pass --force for new keys")
+    try:
+        secret, public, keys = write_keys(args.out)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: {exc.strerror or exc}") from None
+    print(
+        f"wrote {secret} (mode 0600: give it to every participant, and an operator who "
+        f"exports the model) and {public} (the aggregator's: it adds ciphertexts, it cannot "
+        f"decrypt); key {keys.short()}"
+    )
+    return 0
+
+
 def run_tokens_command(args: argparse.Namespace) -> int:
     """`flclustering tokens`: per-participant tokens and the digests the clusterer keeps."""
     from services.common.credentials import participant_id, write_tokens
@@ -505,6 +524,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "the digests the clusterer checks them against (--participant-tokens).",
     )
     _identity_flags(tokens, "tokens")
+    he_keys = sub.add_parser(
+        "he-keys",
+        help="make the CKKS key pair of --secure he (participants: secret, aggregator: public)",
+        description="Write he-secret.ctx (the secret key, for participants) and "
+        "he-public.ctx (the public context, for the aggregator) to --out.",
+    )
+    he_keys.add_argument(
+        "--out", type=Path, default=Path("credentials"), help="directory (default: credentials)"
+    )
+    he_keys.add_argument(
+        "--force", action="store_true", help="replace existing key files (default: refuse)"
+    )
     return parser, settings
 
 
@@ -525,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_certs_command(args)
         if args.command == "tokens":
             return run_tokens_command(args)
+        if args.command == "he-keys":
+            return run_he_keys_command(args)
         config = settings[args.command].from_namespace(args)
         if args.command == "export":
             return run_export_command(config, args)

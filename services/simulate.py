@@ -194,6 +194,18 @@ def simulate(
         {"aggregator": ["aggregator"], "clusterer": ["clusterer"], "operator": ["operator"]}
         | hosted_by,
     )
+    if config.federation.secure == "he":
+        # One CKKS key pair: the secret context beside each participant process's keys
+        # (and the operator's, this process, which decrypts the final model), the public
+        # one beside the aggregator's: it adds ciphertexts it cannot read.
+        from services.common.credentials import write_file
+        from services.common.homomorphic import PUBLIC_FILE, SECRET_FILE, HeKeys
+
+        he = HeKeys.create()
+        write_file(dirs["aggregator"] / PUBLIC_FILE, he.public_bytes(), secret=False)
+        for holder in [*hosted_by, "operator"]:
+            write_file(dirs[holder] / SECRET_FILE, he.secret_bytes(), secret=True)
+        del he
     # Every process reads the experiment from one settings file.
     settings = out / "settings.json"
     groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
@@ -306,6 +318,8 @@ def simulate(
         results["processes"] = procs.peak_rss_mb()
         state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
         model = out / "state" / "aggregator" / state["model"]
+        if state.get("sealed"):  # --secure he: the operator's secret key opens it
+            model = open_sealed_file(config, model, dirs["operator"])
         if config.adversary.config().backdoors:
             results["final"]["backdoor_success_rate"] = backdoor_success(config, model)
         save_final_model(config, model, card_data.result(), results["final"])
@@ -456,6 +470,26 @@ def data_facts(config: SimulateConfig) -> Any:
     from services.participant.partition import federation_data
 
     return federation_data(config.federation, config.data, hosted=())
+
+
+def open_sealed_file(config: SimulateConfig, sealed: Path, keys_dir: Path) -> Path:
+    """The aggregator's encrypted final model, decrypted beside it (model.safetensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from services.common.homomorphic import load_keys, open_model
+    from services.common.models import build_model
+    from services.common.tensors import spec_of
+
+    fed = config.federation
+    data = data_facts(config)
+    spec = spec_of(build_model(fed.model, data.input_shape, data.num_classes).state_dict())
+    with safe_open(str(sealed), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    weights = open_model(tensors, load_keys(None, str(keys_dir), secret=True), spec)
+    out = sealed.with_name("model-decrypted.safetensors")
+    save_file(dict(weights), str(out))
+    return out
 
 
 def save_final_model(

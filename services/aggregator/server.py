@@ -16,6 +16,7 @@ from grpc_health.v1.health import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from services.aggregator.metrics import AggregatorMetrics, reason_label
+from services.aggregator.sealed import SealedState
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
 from services.aggregator.store import Delta, DeltaStore, RowFile
@@ -40,6 +41,9 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
+from services.common.homomorphic import KIND as HE_KIND
+from services.common.homomorphic import PayloadError as HePayloadError
+from services.common.homomorphic import load_keys, upload_spec
 from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -78,6 +82,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.watch = StallWatch(t.stream_idle_s, t.stream_max_s)
         self._closing = threading.Lock()
         self._saved_round = state.open_round - 1  # restored state is on disk already
+        self.sealed = state if isinstance(state, SealedState) else None  # --secure he
         metrics.model_version.set(state.version)
         d = config.defence
         self.policy = pb.DefencePolicy(
@@ -88,6 +93,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             cluster_factor=d.cluster_factor,
             twin_factor=d.twin_factor,
             personalise=config.federation.personalise,
+            secure=config.federation.secure,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 
@@ -109,9 +115,19 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
             check_update_header(m)
-            scheme.append(upload_scheme(m.kind))
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
+            if self.sealed is not None:  # --secure he: ciphertexts only, checked when read
+                if m.kind != HE_KIND:
+                    raise invalid(
+                        f"this aggregator adds encrypted updates (--secure he): kind "
+                        f"{HE_KIND!r}, not {m.kind[:32]!r}"
+                    )
+                spec = upload_spec(m.tensors, self.state.spec)
+                self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
+                reserved.append(m.sender)
+                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
+            scheme.append(upload_scheme(m.kind))
             spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
@@ -132,16 +148,26 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             assert reader is not None
             sink = reader.sink
             delta: Delta | None
-            if not scheme[0].streamed:
-                place = self.state.buffer(self.state.store.numel)
-                decoded.append(place)
-                delta = decode_into(reader, self.state.spec, scheme[0], place)
+            cluster = int(received.header.cluster)
+            if self.sealed is not None:
+                try:
+                    update = self.sealed.sealed_update(
+                        m.sender, cluster, int(m.num_samples), dict(reader.others)
+                    )
+                except HePayloadError as exc:
+                    raise invalid(f"encrypted upload: {exc}") from None
+                update.metrics.update(m.metrics)
             else:
-                delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
-            assert delta is not None
-            update = PendingUpdate(
-                m.sender, int(received.header.cluster), int(m.num_samples), delta, dict(m.metrics)
-            )
+                if not scheme[0].streamed:
+                    place = self.state.buffer(self.state.store.numel)
+                    decoded.append(place)
+                    delta = decode_into(reader, self.state.spec, scheme[0], place)
+                else:
+                    delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
+                assert delta is not None
+                update = PendingUpdate(
+                    m.sender, cluster, int(m.num_samples), delta, dict(m.metrics)
+                )
             state_dir = self.config.service.state_dir
             # Durable before acknowledged: a kill -9 after the answer loses nothing.
             saved = self.state.persist(update, m.round, Path(state_dir)) if state_dir else None
@@ -160,7 +186,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             r = received.reader
             if not accepted and decoded:
                 self.state.discard(decoded[0])  # a decoded upload's place goes back
-            elif not accepted and r is not None and scheme[0].streamed:
+            elif not accepted and r is not None and scheme and scheme[0].streamed:
                 # The refused update's buffer or file goes back; nothing else changed.
                 self.state.discard(r.flat if r.sink is None else r.sink)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
@@ -251,8 +277,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             # A small cluster's model is close to its few members' own: operators export
             # the global model only.
             raise ForbiddenError("operators read global models only, not a cluster's")
-        version, weights = self.state.weights(request.model_version, cluster)
-        header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind="weights")
+        version, kind, weights = self.state.served(request.model_version, cluster)
+        header = tensors_pb2.ModelHeader(sender="aggregator", model_version=version, kind=kind)
         messages = build_stream(pb.GetModelResponse, header, header, weights)
         for msg in self.watch.watch(messages, context, "GetModel"):
             if msg.WhichOneof("part") == "data":
@@ -291,9 +317,16 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
         store.memory_budget_mb,
         spill,
     )
-    state = AggregatorState(
-        weights, store.keep_versions, device, deltas, config.federation.personalise
-    )
+    state: AggregatorState
+    if config.federation.secure == "he":  # the public context only: it adds, never reads
+        t = config.transport
+        keys = load_keys(t.he_key, t.tls_dir, secret=False)
+        logger.info("--secure he: adding ciphertexts under key %s", keys.short())
+        state = SealedState(weights, keys, store.keep_versions)
+    else:
+        state = AggregatorState(
+            weights, store.keep_versions, device, deltas, config.federation.personalise
+        )
     del weights
     if state_dir and state.restore(Path(state_dir)):
         logger.info(

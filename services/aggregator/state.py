@@ -59,8 +59,9 @@ class PendingUpdate:
     participant: str
     cluster: int
     samples: int
-    delta: Delta  # in memory or in a file (the store decides)
+    delta: Delta  # in memory or in a file (the store decides); empty when encrypted
     metrics: dict[str, float] = field(default_factory=dict)
+    ciphertexts: tuple[bytes, ...] = ()  # --secure he: n_i * w_i, encrypted (sealed.py)
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,15 @@ class AggregatorState:
             if participant in self.pending or participant in self._receiving:
                 raise StateError(f"{participant} already submitted an update for round {round_}")
             self._receiving.add(participant)
-            base = self.versions[self.version]
-            assert isinstance(base, torch.Tensor)  # the current version stays in memory
-            if self.personalise:
-                return self.cluster_models.get(cluster, base)
-            return base
+            return self._base(cluster)
+
+    def _base(self, cluster: int) -> torch.Tensor:
+        """The model an update of `cluster` was trained from (lock held)."""
+        base = self.versions[self.version]
+        assert isinstance(base, torch.Tensor)  # the current version stays in memory
+        if self.personalise:
+            return self.cluster_models.get(cluster, base)
+        return base
 
     def end_update(self, update: PendingUpdate | None, round_: int) -> None:
         """Accept a fully validated update (or release the reservation when None)."""
@@ -249,23 +254,12 @@ class AggregatorState:
         local steps behind each update.
         """
         with self.lock:
-            if round_ == self.open_round - 1 and self.last_report is not None:
-                return replace(self.last_report, replayed=True)
-            if round_ != self.open_round:
-                raise StateError(
-                    f"round {round_} is not open (the open round is {self.open_round})"
-                )
-            # Canonical order: the same updates give the same bits however they arrived
-            # (or were read back from their files after a restart).
-            updates = [self.pending[p] for p in sorted(self.pending)]
+            closing = self._closing(round_, abandon)
+            if isinstance(closing, RoundReport):
+                return closing
+            updates = closing
             base = self.versions[self.version]
             assert isinstance(base, torch.Tensor)
-            if abandon or not updates:
-                self._recycle(updates)
-                self.pending.clear()
-                self.open_round += 1
-                self.last_report = RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
-                return self.last_report
             # A failure here leaves the round open with its updates (nothing changes).
             on = self.device
             outcome = aggregate_round(
@@ -317,20 +311,52 @@ class AggregatorState:
             )
             return self.last_report
 
-    def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
-        """Write an accepted update durably (written, flushed, renamed) before it is
-        acknowledged; `restore` brings it back into its round after a crash."""
-        pending = directory / PENDING
-        pending.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(update.participant.encode()).hexdigest()[:24]
-        path = pending / f"r{round_}-{digest}.safetensors"
-        meta = {
+    def _closing(self, round_: int, abandon: bool) -> RoundReport | list[PendingUpdate]:
+        """The open round's updates in canonical order, or the report to answer without
+        aggregating: the last one again (asked twice), or an abandoned round's (lock held)."""
+        if round_ == self.open_round - 1 and self.last_report is not None:
+            return replace(self.last_report, replayed=True)
+        if round_ != self.open_round:
+            raise StateError(f"round {round_} is not open (the open round is {self.open_round})")
+        # Canonical order: the same updates give the same bits however they arrived (or
+        # were read back from their files after a restart).
+        updates = [self.pending[p] for p in sorted(self.pending)]
+        if abandon or not updates:
+            self._recycle(updates)
+            self.pending.clear()
+            self.open_round += 1
+            self.last_report = RoundReport(self.version, 0, {}, {}, {}, {}, abandoned=True)
+            return self.last_report
+        return updates
+
+    def served(
+        self, version: int = -1, cluster: int | None = None
+    ) -> tuple[int, str, OrderedDict[str, torch.Tensor]]:
+        """What GetModel streams: the version, the header's kind and the tensors."""
+        v, weights = self.weights(version, cluster)
+        return v, "weights", weights
+
+    def _pending_meta(self, update: PendingUpdate, round_: int) -> dict[str, str]:
+        """What a persisted update's file says about it beside its tensors."""
+        return {
             "participant": update.participant,
             "cluster": str(update.cluster),
             "samples": str(update.samples),
             "round": str(round_),
             "metrics": json.dumps(update.metrics),
         }
+
+    def _pending_path(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
+        pending = directory / PENDING
+        pending.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(update.participant.encode()).hexdigest()[:24]
+        return pending / f"r{round_}-{digest}.safetensors"
+
+    def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
+        """Write an accepted update durably (written, flushed, renamed) before it is
+        acknowledged; `restore` brings it back into its round after a crash."""
+        path = self._pending_path(update, round_, directory)
+        meta = self._pending_meta(update, round_)
         durable_write(path, lambda tmp: write_safetensors(tmp, {"delta": update.delta}, meta))
         return path
 

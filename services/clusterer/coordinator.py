@@ -91,7 +91,8 @@ class ModelCache:
                 self._clusters.setdefault(header.model_version, {})[cluster] = model
                 return
             self._models[header.model_version] = model
-            self.spec = spec_from_pb(header.tensors)
+            if header.kind in ("", "weights"):  # an encrypted version lists ciphertexts
+                self.spec = spec_from_pb(header.tensors)
             while len(self._models) > self._keep:
                 oldest = min(v for v in self._models if v != 0)
                 del self._models[oldest]
@@ -343,6 +344,11 @@ class Coordinator(ClustererParts):
             raise ConfigError(
                 f"the aggregator runs with --personalise {str(status.policy.personalise).lower()}"
                 f", this clusterer with {str(self.fed.personalise).lower()}: start both alike"
+            )
+        if (status.policy.secure or "none") != self.fed.secure:
+            raise ConfigError(
+                f"the aggregator runs with --secure {status.policy.secure or 'none'}, this "
+                f"clusterer with {self.fed.secure}: start both alike"
             )
         return status
 

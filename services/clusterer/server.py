@@ -72,6 +72,8 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
+from services.common.homomorphic import KIND as HE_KIND
+from services.common.homomorphic import upload_spec
 from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -211,8 +213,11 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             adjusted=t.adjusted,
             report_loss=get_strategy(self.config.federation.strategy).needs_losses,
             compression=self.config.federation.compression,
+            secure=self.config.federation.secure,
         )
         self.scheme = Compression.parse(self.config.federation.compression)
+        self.sealed = self.config.federation.secure == "he"
+        self.kind = HE_KIND if self.sealed else self.scheme.kind
 
     @rpc("Clusterer.Join")
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
@@ -308,15 +313,20 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         act_as(h.sender)
         if h.kind in ("pretrain-delta", "pretrain-sketch"):
             return self._pretrain_delta(h, itertools.chain([first], it))
-        if h.kind != self.scheme.kind:
-            upload_scheme(h.kind)  # an unknown kind is INVALID_ARGUMENT
+        if h.kind != self.kind:
+            if h.kind != HE_KIND:
+                upload_scheme(h.kind)  # an unknown kind is INVALID_ARGUMENT
+            how = "--secure he" if self.sealed else f"--compression {self.scheme}"
             raise invalid(
-                f"this federation's updates are {self.scheme.kind!r} (--compression "
-                f"{self.scheme}), not {h.kind[:32]!r}"
+                f"this federation's updates are {self.kind!r} ({how}), not {h.kind[:32]!r}"
             )
         # The header against the model (as this scheme sends it), before the aggregator is
-        # called; the aggregator validates the content as it keeps it.
-        spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
+        # called; the aggregator validates the content as it keeps it (encrypted: it parses
+        # every ciphertext against its context).
+        if self.sealed:
+            spec = upload_spec(h.tensors, self.models.spec)
+        else:
+            spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
         checked_size(spec, self.config.transport.max_update_bytes)
         cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
         accepted = False

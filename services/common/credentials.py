@@ -202,7 +202,7 @@ class Authority:
         return _pem_cert(cert), _pem_key(key)
 
 
-def _write(path: Path, data: bytes, secret: bool) -> None:
+def write_file(path: Path, data: bytes, secret: bool) -> None:
     """Write a file (0600 for keys and tokens) atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
@@ -239,12 +239,12 @@ def write_kit(
             raise ConfigError(f"the name {name!r} is taken twice (its files would clash)")
         seen.add(name)
     directory.mkdir(parents=True, exist_ok=True)
-    _write(directory / "ca.crt", ca.cert, secret=False)
-    _write(directory / "ca.key", ca.key, secret=True)
+    write_file(directory / "ca.crt", ca.cert, secret=False)
+    write_file(directory / "ca.key", ca.key, secret=True)
     for role, name, dns, ips in jobs:
         cert, key = ca.issue(role, name, dict.fromkeys(dns), ips)
-        _write(directory / f"{name}.crt", cert, secret=False)
-        _write(directory / f"{name}.key", key, secret=True)
+        write_file(directory / f"{name}.crt", cert, secret=False)
+        write_file(directory / f"{name}.key", key, secret=True)
     return ca
 
 
@@ -259,7 +259,7 @@ def hand_out(kit: Path, holders: Mapping[str, Iterable[str]]) -> dict[str, Path]
         (d / "ca.crt").write_bytes((kit / "ca.crt").read_bytes())
         for name in names:
             (d / f"{name}.crt").write_bytes((kit / f"{name}.crt").read_bytes())
-            _write(d / f"{name}.key", (kit / f"{name}.key").read_bytes(), secret=True)
+            write_file(d / f"{name}.key", (kit / f"{name}.key").read_bytes(), secret=True)
         out[holder] = d
     for leftover in kit.glob("*.key"):
         leftover.unlink()
@@ -423,7 +423,7 @@ def write_tokens(directory: Path, participants: Iterable[str]) -> Path:
     for p in ids:
         token = new_token(p)
         digests[p] = token_digest(token.rpartition(".")[2])
-        _write(directory / f"{p}.token", token.encode() + b"\n", secret=True)
+        write_file(directory / f"{p}.token", token.encode() + b"\n", secret=True)
     out = directory / "tokens.sha256.json"
-    _write(out, json.dumps(digests, indent=1).encode(), secret=False)
+    write_file(out, json.dumps(digests, indent=1).encode(), secret=False)
     return out

@@ -218,6 +218,25 @@ class FederationSettings(Settings):
         "fp16, int8 (a scale per tensor, stochastic rounding) or topk:FRACTION (the largest "
         "coordinates, the rest carried to the next round)",
     )
+    secure: Annotated[str, choice(("none", "he"))] = Field(
+        "none",
+        description="none, or he: participants upload CKKS-encrypted weights (keys from "
+        "flclustering he-keys), the aggregator adds ciphertexts it cannot read; fedavg only "
+        "(no defence runs on ciphertexts)",
+    )
+
+    @model_validator(mode="after")
+    def _he_is_fedavg(self) -> Self:
+        """What a sum of ciphertexts can compute: FedAvg of full weights."""
+        if self.secure == "he":
+            if self.strategy != "fedavg":
+                raise ValueError(
+                    f"--secure he computes FedAvg on ciphertexts: use --strategy fedavg, not "
+                    f"{self.strategy} (robust rules cannot run on what they cannot read)"
+                )
+            if self.compression != "none":
+                raise ValueError("--secure he encrypts full weights: use --compression none")
+        return self
 
     @model_validator(mode="after")
     def _personalise_needs_clusters(self) -> Self:
@@ -290,6 +309,12 @@ class TransportSettings(Settings):
         None,
         description="mutual TLS on every link: directory with ca.crt and this party's "
         "NAME.crt/NAME.key (or tls.crt/tls.key), as `flclustering certs` writes them",
+    )
+    he_key: OptionalStr = Field(
+        None,
+        description="--secure he: the CKKS context file from flclustering he-keys "
+        "(participants he-secret.ctx, the aggregator he-public.ctx; default: that file in "
+        "--tls-dir)",
     )
     auth_token: OptionalStr = Field(
         None,

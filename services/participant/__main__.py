@@ -24,9 +24,12 @@ from services.common.device import resolve_device
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import EDGE_OPTIONS, Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
+from services.common.homomorphic import load_keys
 from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
+from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
 from services.participant.metrics import ParticipantMetrics
@@ -100,12 +103,28 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         ready["participants"] = f"{me.index}..{last}"
         write_ready_file(svc.ready_file, ready)
     hosted = range(me.index, me.index + me.count)
+    he = None
+    if fed.secure == "he":  # the secret context: encrypts uploads, decrypts the model
+        tr = config.transport
+        keys = load_keys(tr.he_key, tr.tls_dir, secret=True)
+        he = (
+            keys,
+            spec_of(build_model(fed.model, data.input_shape, data.num_classes).state_dict()),
+        )
+        logger.info("--secure he: updates are encrypted under key %s", keys.short())
     ids, stubs = connect(config, hosted, metrics)
     settings = WorkerSettings(
-        fed.model, device, token, me.poll_wait_s, fed.seed, me.retry_budget_s, fed.select
+        fed.model,
+        device,
+        token,
+        me.poll_wait_s,
+        fed.seed,
+        me.retry_budget_s,
+        fed.select,
+        he[0] if he else None,
     )
     collusion = Collusion()  # the attackers this process hosts pool their updates here
-    store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop)
+    store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop, he=he)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)
     honest = AttackConfig()
     participants = [

@@ -26,6 +26,8 @@ from services.common.grpc_client import (
     raw_responses,
     with_retries,
 )
+from services.common.homomorphic import KIND as HE_KIND
+from services.common.homomorphic import HeKeys, PayloadError, open_model, upload_tensors
 from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
@@ -33,7 +35,14 @@ from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.settings import TrainingSettings
 from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
-from services.common.tensors import check_spec, flatten, spec_of, state_of, unflatten
+from services.common.tensors import (
+    TensorSpec,
+    check_spec,
+    flatten,
+    spec_of,
+    state_of,
+    unflatten,
+)
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
 from services.participant.backdoor import boosted, poison
 from services.participant.collusion import Collusion, craft, jittered, steer
@@ -91,6 +100,7 @@ class WorkerSettings:
     seed: int = 0
     retry_budget_s: float = 900.0
     round_size: int = 15  # participants selected per round (what colluding attackers assume)
+    he: HeKeys | None = None  # --secure he: the secret context (encrypts, decrypts)
 
 
 class ModelStore:
@@ -104,7 +114,9 @@ class ModelStore:
         keep: int = 3,
         on_bytes: Callable[[int], None] | None = None,
         stop: threading.Event | None = None,
+        he: tuple[HeKeys, tuple[TensorSpec, ...]] | None = None,
     ) -> None:
+        self._he = he  # --secure he: encrypted versions are decrypted once, here
         self._on_bytes = on_bytes
         self._stop = stop  # a stopping process gives up retrying downloads
         self._stub = stub
@@ -153,12 +165,27 @@ class ModelStore:
                 self._on_bytes(header.total_bytes)
             if header.model_version != version:
                 raise SpecMismatchError(f"asked for version {version}, got {header.model_version}")
+            if header.kind == HE_KIND:
+                weights = self._open(weights)
             with self._lock:
                 self._models[key] = weights
                 while len({v for v, _ in self._models}) > self._keep:
                     self._models.popitem(last=False)
                 self._locks.pop(key, None)
             return weights
+
+    def _open(self, sealed: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """An encrypted global model, decrypted with this process's secret key."""
+        if self._he is None:
+            raise StateError(
+                "the global model is encrypted (--secure he) and this participant holds no "
+                "HE key (--he-key)"
+            )
+        keys, spec = self._he
+        try:
+            return open_model(sealed, keys, spec)
+        except PayloadError as exc:
+            raise SpecMismatchError(f"the encrypted global model: {exc}") from None
 
 
 class Participant:
@@ -335,6 +362,14 @@ class Participant:
             scheme = Compression.parse(task.training.compression or "none")
         except ConfigError as exc:
             raise StateError(f"the clusterer asked for {exc}") from None
+        he = self.settings.he
+        asked = task.training.secure or "none"
+        if asked != ("he" if he is not None else "none"):
+            # Never a downgrade: a participant set up to encrypt sends nothing in the clear.
+            raise StateError(
+                f"the clusterer asked for updates with --secure {asked}; this participant is "
+                f"set up for --secure {'he' if he is not None else 'none'}"
+            )
         colluding = self.attack.colludes and self.attack.fires(task.round)
         if colluding:
             self.collusion.enlist(task.round, self.id)
@@ -412,7 +447,11 @@ class Participant:
                 task.round,
             )
         kind, upload = "weights", weights
-        if scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
+        if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
+            flat = flatten(weights, self.spec)
+            upload = upload_tensors(he, he.encrypt(flat, len(self.y_train)))
+            kind = HE_KIND
+        elif scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
             delta = flatten(weights, self.spec) - base_flat()
             upload = self.feedback.send(delta, self.spec, scheme, self.cpu_gen)
             kind = scheme.kind

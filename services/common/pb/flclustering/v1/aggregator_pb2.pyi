@@ -108,7 +108,7 @@ class GetAggregatorStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DefencePolicy(_message.Message):
-    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise")
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise", "secure")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DefencePolicy(_message.Message):
     CLUSTER_FACTOR_FIELD_NUMBER: _ClassVar[int]
     TWIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
     PERSONALISE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     q: float
     byzantine_fraction: float
@@ -123,7 +124,8 @@ class DefencePolicy(_message.Message):
     cluster_factor: float
     twin_factor: float
     personalise: bool
-    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ...) -> None: ...
+    secure: str
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
     __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")

@@ -54,7 +54,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted", "report_loss", "sketch_dim", "sketch_seed", "compression")
+    __slots__ = ("epochs", "batch_size", "lr", "momentum", "pre_steps", "adjusted", "report_loss", "sketch_dim", "sketch_seed", "compression", "secure")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class TrainingSettings(_message.Message):
     SKETCH_DIM_FIELD_NUMBER: _ClassVar[int]
     SKETCH_SEED_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     lr: float
@@ -75,7 +76,8 @@ class TrainingSettings(_message.Message):
     sketch_dim: int
     sketch_seed: int
     compression: str
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ..., sketch_dim: _Optional[int] = ..., sketch_seed: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
+    secure: str
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., pre_steps: _Optional[int] = ..., adjusted: _Optional[bool] = ..., report_loss: _Optional[bool] = ..., sketch_dim: _Optional[int] = ..., sketch_seed: _Optional[int] = ..., compression: _Optional[str] = ..., secure: _Optional[str] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("kind", "round", "model_version", "training", "evaluation_id", "next_poll_s", "cluster")

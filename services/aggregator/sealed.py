@@ -1,0 +1,232 @@
+"""The aggregator's state under --secure he: it adds ciphertexts it cannot read.
+
+Version 0 is the public initial model w0 (participants start from it in the clear); every
+later version is the encrypted sum of a round's `n_i * w_i` with `N = sum n_i`, which only
+participants (the secret key's holders) decrypt. Rounds, reservations, replayed Aggregate
+answers and durability work as in AggregatorState (this is a subclass): accepted updates
+are written (safetensors of raw ciphertext bytes) before they are acknowledged, and each
+new version before Aggregate is answered, so a kill -9 loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.aggregator.state import (
+    PENDING,
+    AggregatorState,
+    PendingUpdate,
+    RoundReport,
+    _round_of,
+)
+from services.common.errors import NotFoundError, SpecMismatchError, StateError
+from services.common.files import durable_write
+from services.common.homomorphic import (
+    EXAMPLES,
+    KEY,
+    KIND,
+    HeKeys,
+    as_bytes,
+    check_key,
+    chunks,
+    ciphertexts_of,
+    model_tensors,
+    upload_tensors,
+)
+from services.common.settings import DefenceSettings
+from services.common.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class SealedModel:
+    """An encrypted global model: the ciphertexts of sum n_i * w_i, and N."""
+
+    ciphertexts: tuple[bytes, ...]
+    examples: int
+
+
+class SealedState(AggregatorState):
+    """Versions 1.. are SealedModels; the robust rules and merges do not run (fedavg)."""
+
+    def __init__(
+        self, initial: OrderedDict[str, torch.Tensor], keys: HeKeys, keep_versions: int = 3
+    ) -> None:
+        super().__init__(initial, keep_versions)
+        self.keys = keys
+        self.floats = self.store.numel
+        self.sealed: OrderedDict[int, SealedModel] = OrderedDict()
+
+    def _base(self, cluster: int) -> torch.Tensor:
+        return torch.zeros(0)  # updates are whole weights, encrypted: nothing is subtracted
+
+    def _recycle(self, updates: list[PendingUpdate]) -> None:
+        pass  # ciphertexts are bytes, not the store's buffers
+
+    def sealed_update(
+        self, participant: str, cluster: int, samples: int, tensors: dict[str, torch.Tensor]
+    ) -> PendingUpdate:
+        """An encrypted upload (its header already checked by `upload_spec`), its content
+        checked: this federation's key (FAILED_PRECONDITION), every ciphertext parsed
+        against the public context, of its size, scale and level (PayloadError)."""
+        check_key(as_bytes(tensors[KEY]), self.keys)
+        ciphertexts = ciphertexts_of(tensors)
+        self.keys.check(ciphertexts, self.floats)
+        return PendingUpdate(participant, cluster, samples, torch.zeros(0), {}, tuple(ciphertexts))
+
+    def aggregate(
+        self,
+        round_: int,
+        strategy: Strategy,
+        cluster_accuracy: dict[int, float],
+        defence: DefenceSettings,
+        lr: float,
+        abandon: bool = False,
+        training: tuple[int, int] | None = None,
+    ) -> RoundReport:
+        """Close the open round: the sum of its ciphertexts and of its sample counts is
+        the next version (asked again: the same report)."""
+        with self.lock:
+            closing = self._closing(round_, abandon)
+            if isinstance(closing, RoundReport):
+                return closing
+            updates = closing
+            total = self.keys.add([u.ciphertexts for u in updates], self.floats)
+            examples = sum(u.samples for u in updates)
+            self.version += 1
+            self.sealed[self.version] = SealedModel(tuple(total), examples)
+            while len(self.sealed) > self.keep_versions:
+                self.sealed.popitem(last=False)
+            self.pending.clear()
+            self.open_round += 1
+            shares: dict[int, float] = {}
+            for u in updates:
+                shares[u.cluster] = shares.get(u.cluster, 0.0) + u.samples / examples
+            self.last_report = RoundReport(self.version, len(updates), {}, shares, {}, {})
+            return self.last_report
+
+    def served(
+        self, version: int = -1, cluster: int | None = None
+    ) -> tuple[int, str, OrderedDict[str, torch.Tensor]]:
+        """Version 0 in the clear (w0 is public), later versions encrypted."""
+        if cluster is not None:
+            raise StateError("this aggregator keeps no per-cluster models (--secure he)")
+        with self.lock:
+            v = self.version if version < 0 else version
+            if v == 0:
+                flat = self._flat(0)
+            elif v in self.sealed:
+                model = self.sealed[v]
+            else:
+                kept = ", ".join(map(str, [0, *self.sealed]))
+                raise NotFoundError(f"model version {v} is not kept (have {kept})")
+        if v == 0:
+            return 0, "weights", self._weights_of(flat)
+        return v, KIND, model_tensors(self.keys, model.ciphertexts, model.examples, self.reference)
+
+    def _weights_of(self, flat: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        from services.common.tensors import unflatten
+
+        return unflatten(flat, self.spec, self.reference, share=True)
+
+    def weights(
+        self, version: int = -1, cluster: int | None = None
+    ) -> tuple[int, OrderedDict[str, torch.Tensor]]:
+        raise StateError("the global model is encrypted (--secure he): served() streams it")
+
+    # ---- durability --------------------------------------------------------------------
+    def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
+        path = self._pending_path(update, round_, directory)
+        tensors = upload_tensors(self.keys, update.ciphertexts)
+        meta = self._pending_meta(update, round_)
+        durable_write(path, lambda tmp: _save(tmp, tensors, meta))
+        return path
+
+    def save(self, directory: Path) -> None:
+        """The newest version (encrypted), the counters and the last report, durably;
+        then the persisted updates of closed rounds go."""
+        with self.lock:
+            version, open_round = self.version, self.open_round
+            model = self.sealed.get(version)
+            report = None if self.last_report is None else self.last_report.to_json()
+        if model is None:  # version 0: nothing aggregated yet, w0 in the clear
+            super().save(directory)
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"sealed-v{version}.safetensors"
+        tensors = model_tensors(self.keys, model.ciphertexts, model.examples, self.reference)
+        durable_write(path, lambda tmp: _save(tmp, tensors, {}))
+        info: dict[str, Any] = {
+            "version": version,
+            "open_round": open_round,
+            "model": path.name,
+            "sealed": True,
+            "report": report,
+        }
+        state = json.dumps(info, default=float)
+        durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
+        for old in (*directory.glob("model-v*.safetensors"), *directory.glob("sealed-v*")):
+            if old != path:
+                old.unlink(missing_ok=True)
+        for done in (directory / PENDING).glob("r*.safetensors"):
+            if _round_of(done) < open_round:
+                done.unlink(missing_ok=True)
+
+    def restore(self, directory: Path) -> bool:
+        """The saved version and counters, and the open round's persisted updates, each
+        checked again against the key (a file of another federation is refused)."""
+        meta = directory / "state.json"
+        restored = False
+        if meta.exists():
+            info = json.loads(meta.read_text())
+            sealed: OrderedDict[int, SealedModel] = OrderedDict()
+            if info.get("sealed"):
+                tensors, _ = _load(directory / str(info["model"]))
+                check_key(as_bytes(tensors[KEY]), self.keys)
+                cts = ciphertexts_of(tensors)
+                if len(cts) != chunks(self.floats):
+                    raise SpecMismatchError(f"{info['model']} is not a model of this size")
+                examples = int(tensors[EXAMPLES].reshape(-1)[0])
+                sealed[int(info["version"])] = SealedModel(tuple(cts), examples)
+            elif int(info["version"]) != 0:
+                raise SpecMismatchError(f"{meta} holds a model in the clear (not --secure he)")
+            with self.lock:  # version 0 is w0, rebuilt from the seed
+                self.version = int(info["version"])
+                self.open_round = int(info["open_round"])
+                self.sealed = sealed
+                report = info.get("report")
+                self.last_report = None if report is None else RoundReport.from_json(report)
+            restored = True
+        for path in sorted((directory / PENDING).glob("r*.safetensors")):
+            if _round_of(path) != self.open_round:
+                path.unlink(missing_ok=True)
+                continue
+            tensors, info = _load(path)
+            update = self.sealed_update(
+                info["participant"], int(info["cluster"]), int(info["samples"]), tensors
+            )
+            update.metrics.update(json.loads(info["metrics"]))
+            with self.lock:
+                self.pending[update.participant] = update
+            restored = True
+        return restored
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), meta or None)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A sealed file's tensors and metadata (safetensors: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+        return tensors, dict(fh.metadata() or {})
