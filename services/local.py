@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.aggregator.defence import RoundDefence
 from services.aggregator.merge import local_steps
-from services.aggregator.rounds import aggregate_round
+from services.aggregator.rounds import RoundOutcome, aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
 from services.common.compression import (
@@ -31,6 +32,7 @@ from services.common.compression import (
 )
 from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
+from services.common.homomorphic import HeKeys
 from services.common.model_file import ModelCard
 from services.common.models import build_model
 from services.common.strategies import get_strategy
@@ -44,6 +46,8 @@ from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator, rounding_generator
+
+KEY_BYTES = 32  # he:key, beside an encrypted upload's ciphertexts
 
 
 @dataclass
@@ -180,6 +184,10 @@ def run_local(
         return cluster_w.get(groups.get(i, -1), global_w) if fed.personalise else global_w
 
     scheme = Compression.parse(fed.compression)
+    sealed = None
+    if fed.secure == "he":  # one key pair; the "aggregator" holds the public context only
+        secret = HeKeys.create()
+        sealed = (secret, HeKeys.from_bytes(secret.public_bytes(), "public context"))
     feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
     cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
 
@@ -238,20 +246,38 @@ def run_local(
                 except PayloadError:  # a non-finite delta: refused, as NaN weights would be
                     decoded = torch.full_like(updates[k].cpu(), float("nan"))
                 updates[k] = decoded.to(updates[k].device)
-        outcome_round = aggregate_round(
-            global_w,
-            torch.stack(updates),
-            [plan.selected[i] for i in rows],
-            [people[i].samples for i in rows],
-            strategy,
-            rnd,
-            group_acc,
-            config.defence,
-            losses or None,
-            train.lr_at(rnd),
-            local_steps([people[i].samples for i in rows], train.local_epochs, train.batch_size),
-            cluster_w if fed.personalise else None,
-        )
+        if sealed is not None:
+            # --secure he: each participant encrypts n_i * w_i with its key, the aggregator's
+            # public context adds them, participants decrypt the sum and divide by N.
+            secret, public = sealed
+            samples = [people[i].samples for i in rows]
+            uploads = [
+                secret.encrypt(global_w + updates[k].to(global_w.device), n)
+                for k, n in enumerate(samples)
+            ]
+            upload_bytes = sum(KEY_BYTES + sum(map(len, u)) for u in uploads)
+            total = public.add(uploads, global_w.numel())
+            new = secret.decrypt(total, global_w.numel()) / sum(samples)
+            outcome_round = RoundOutcome(
+                new.to(global_w.device, torch.float32), RoundDefence({}), {0: 1.0}
+            )
+        else:
+            outcome_round = aggregate_round(
+                global_w,
+                torch.stack(updates),
+                [plan.selected[i] for i in rows],
+                [people[i].samples for i in rows],
+                strategy,
+                rnd,
+                group_acc,
+                config.defence,
+                losses or None,
+                train.lr_at(rnd),
+                local_steps(
+                    [people[i].samples for i in rows], train.local_epochs, train.batch_size
+                ),
+                cluster_w if fed.personalise else None,
+            )
         global_w = outcome_round.global_weights
         cluster_w.update(outcome_round.cluster_models)
         outcome = outcome_round.defence

@@ -83,10 +83,14 @@ class Federation:
 def federation_factory() -> Iterator[Callable[..., Federation]]:
     started: list[Federation] = []
 
-    def make(**clusterer_overrides: Any) -> Federation:
+    def make(
+        aggregator_only: dict[str, Any] | None = None, **clusterer_overrides: Any
+    ) -> Federation:
         # The experiment's settings both services have (the strategy above all: the
         # aggregator owns the defence policy and the clusterer checks they agree).
-        agg_config = AggregatorConfig().replace(host="127.0.0.1", port=0, auth_token=TOKEN)
+        agg_config = AggregatorConfig().replace(
+            host="127.0.0.1", port=0, auth_token=TOKEN, **(aggregator_only or {})
+        )
         groups = (type(agg_config.federation), type(agg_config.training))
         shared = {
             k: v for k, v in clusterer_overrides.items() if any(k in g.model_fields for g in groups)

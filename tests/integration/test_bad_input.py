@@ -440,3 +440,80 @@ def test_bad_compressed_uploads_get_their_codes_and_change_nothing(federation_fa
 def _kind(h, kind):
     h.kind = kind
     return h
+
+
+def test_bad_encrypted_uploads_get_their_codes_and_change_nothing(federation_factory, tmp_path):
+    """--secure he: uploads in the clear, of another key, with ciphertexts that are not
+    this federation's (random, another scale, swapped, oversized, missing) or cut short:
+    each its code, nothing kept; then a good encrypted upload counts."""
+    import tenseal as ts
+
+    from services.common.homomorphic import (
+        KEY,
+        KIND,
+        MAX_CIPHERTEXT_BYTES,
+        PUBLIC_FILE,
+        SECRET_FILE,
+        HeKeys,
+        upload_tensors,
+        write_keys,
+    )
+    from services.common.tensors import flatten, spec_of
+
+    write_keys(tmp_path)
+    fed, task, w = start_round(
+        federation_factory, secure="he", aggregator_only={"he_key": str(tmp_path / PUBLIC_FILE)}
+    )
+    assert task.training.secure == "he"
+    secret = HeKeys.load(tmp_path / SECRET_FILE, secret=True)
+    flat = flatten(w, spec_of(w))
+    good = upload_tensors(secret, secret.encrypt(flat, 50))
+    other = HeKeys.create()
+
+    def h():
+        return _kind(header(), KIND)
+
+    def changed(name, data):
+        out = OrderedDict((k, v.clone()) for k, v in good.items())
+        out[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return out
+
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 49])
+    ctx.global_scale = 2.0**20
+    rescaled = bytes(ts.ckks_vector(ctx, flat[:2048].tolist()).serialize())
+    swapped = OrderedDict(good)
+    last = f"he:{len(good) - 2}"  # holds fewer values than a full one: the swap shows
+    swapped["he:0"], swapped[last] = good[last], good["he:0"]
+    cases = {
+        "weights in the clear": (messages(w), C.INVALID_ARGUMENT),
+        "a compressed delta": (
+            messages(w, _kind(header(), "delta:fp16")),
+            C.INVALID_ARGUMENT,
+        ),
+        "encrypted under another key": (
+            messages(upload_tensors(other, other.encrypt(flat, 50)), h()),
+            C.FAILED_PRECONDITION,
+        ),
+        "another key's tag": (
+            messages(changed(KEY, other.fingerprint), h()),
+            C.FAILED_PRECONDITION,
+        ),
+        "random bytes": (messages(changed("he:0", bytes(65_000)), h()), C.INVALID_ARGUMENT),
+        "another scale": (messages(changed("he:0", rescaled), h()), C.INVALID_ARGUMENT),
+        "swapped ciphertexts": (messages(swapped, h()), C.INVALID_ARGUMENT),
+        "a ciphertext too long": (
+            messages(changed("he:0", bytes(MAX_CIPHERTEXT_BYTES + 1)), h()),
+            C.INVALID_ARGUMENT,
+        ),
+        "a ciphertext missing": (
+            messages(OrderedDict(list(good.items())[:-1]), h()),
+            C.INVALID_ARGUMENT,
+        ),
+        "truncated": (messages(good, h())[:-2], C.DATA_LOSS),
+    }
+    for name, (msgs, expected) in cases.items():
+        assert submit(fed, msgs) == expected, name
+        assert unchanged(fed), name
+    assert submit(fed, messages(good, h())) == C.OK
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert status.pending_updates == 1 and status.policy.secure == "he"

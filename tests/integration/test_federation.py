@@ -45,6 +45,45 @@ def test_compressed_updates_learn_over_grpc(federation_factory, scheme, ratio):
     assert 0.8 * 4 * floats / ratio <= total / count <= 1.25 * 4 * floats / ratio
 
 
+def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_path):
+    """--secure he over real gRPC: the aggregator holds the public context only (it cannot
+    decrypt what it adds, nor the model it serves), participants decrypt the global model,
+    and the accuracies are within a point of plaintext FedAvg with the same seed."""
+    import tenseal as ts
+
+    from services.common.errors import ConfigError
+    from services.common.homomorphic import KIND, PUBLIC_FILE, SECRET_FILE, write_keys
+    from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
+    from services.common.streams import read_model
+
+    write_keys(tmp_path)
+    runs = {}
+    for secure in ("none", "he"):
+        extra = {"he_key": str(tmp_path / PUBLIC_FILE)} if secure == "he" else {}
+        fed = federation_factory(
+            extra, strategy="fedavg", participants=6, select=6, rounds=3, secure=secure
+        )
+        mine = {"he_key": str(tmp_path / SECRET_FILE)} if secure == "he" else {}
+        fed.add_participants(0, 6, strategy="fedavg", secure=secure, **mine)
+        status = fed.wait_for(lambda s: s.done, timeout=240)
+        assert all(h.received == h.selected == 6 for h in status.history)
+        runs[secure] = [h.mean_accuracy for h in status.history]
+    assert runs["he"][-1] > 0.6, runs
+    for plain, sealed in zip(runs["none"], runs["he"], strict=True):
+        assert abs(plain - sealed) <= 0.01, runs
+    state = fed.aggregator.servicer.state
+    assert not state.keys.private
+    header, served = read_model(
+        fed.agg_stub.GetModel(agg_pb.GetModelRequest(model_version=-1), metadata=META)
+    )
+    assert header.kind == KIND and header.model_version == 3
+    with pytest.raises(ConfigError, match="no secret key"):
+        state.keys.decrypt([bytes(served["he:0"].numpy())], 2048)
+    vector = ts.ckks_vector_from(state.keys.context, bytes(served["he:0"].numpy()))
+    with pytest.raises(ValueError, match="secret"):
+        vector.decrypt()
+
+
 def test_dead_participant_does_not_hold_the_round(federation_factory):
     fed = federation_factory(
         strategy="fedavg",
