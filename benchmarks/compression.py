@@ -9,7 +9,9 @@ participants, 15 selected per round, flclustering:
 - through the services (`flclustering simulate`, real processes and gRPC, one seed): the
   mean seconds a round takes and its final mean accuracy.
 
-Homomorphic encryption (`he`) is not built yet: it has no row.
+`he` (`--secure he`: CKKS-encrypted weights, summed by an aggregator that cannot read them)
+runs FedAvg, the only rule a sum of ciphertexts computes, so `fedavg` (plaintext FedAvg,
+the same seeds) is its row to compare with.
 
     python benchmarks/compression.py [--seeds 0 1 2] [--rounds 30] [--schemes ...]
         [--no-simulate] [--json FILE]
@@ -27,7 +29,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("none", "fp16", "int8", "topk:0.1", "topk:0.01")
+SCHEMES = ("none", "fp16", "int8", "topk:0.1", "topk:0.01", "fedavg", "he")
+
+
+def settings_of(scheme: str) -> dict[str, str]:
+    """A row's settings: a compression scheme under flclustering, or FedAvg in the clear
+    (`fedavg`) or encrypted (`he`)."""
+    if scheme == "fedavg":
+        return {"strategy": "fedavg"}
+    if scheme == "he":
+        return {"strategy": "fedavg", "secure": "he"}
+    return {"compression": scheme}
 
 
 def local_cell(scheme: str, seed: int, rounds: int) -> dict[str, Any]:
@@ -38,7 +50,7 @@ def local_cell(scheme: str, seed: int, rounds: int) -> dict[str, Any]:
     from services.local import run_local
 
     torch.set_num_threads(1)
-    cfg = ExperimentConfig().replace(compression=scheme, rounds=rounds, seed=seed)
+    cfg = ExperimentConfig().replace(**settings_of(scheme), rounds=rounds, seed=seed)
     result = run_local(cfg)
     return {
         "scheme": scheme,
@@ -56,8 +68,7 @@ def simulate_cell(scheme: str, rounds: int) -> dict[str, Any]:
             "-m",
             "services.cli",
             "simulate",
-            "--compression",
-            scheme,
+            *(a for k, v in settings_of(scheme).items() for a in (f"--{k}", v)),
             "--rounds",
             str(rounds),
             "--out",
@@ -70,6 +81,11 @@ def simulate_cell(scheme: str, rounds: int) -> dict[str, Any]:
         "seconds_per_round": statistics.fmean(r["duration_s"] for r in results["rounds"]),
         "simulate_accuracy": results["final"]["mean_accuracy"],
     }
+
+
+def _ratio(base: float, bytes_: float) -> str:
+    """How many times fewer (or more) bytes than `none`."""
+    return f"{base / bytes_:.1f}x fewer" if bytes_ <= base else f"{bytes_ / base:.1f}x more"
 
 
 def main() -> None:
@@ -102,7 +118,7 @@ def main() -> None:
         rows.append(row)
     base = next((r for r in rows if r["scheme"] == "none"), rows[0])
     print(
-        "| scheme | bytes uploaded per round | fewer bytes than none | final mean accuracy "
+        "| scheme | bytes uploaded per round | bytes against none | final mean accuracy "
         f"(local, seeds {' '.join(map(str, args.seeds))}) | seconds per round (simulate) "
         "| final mean accuracy (simulate) |"
     )
@@ -112,7 +128,7 @@ def main() -> None:
         acc = f"{r['simulate_accuracy']:.3f}" if "simulate_accuracy" in r else "-"
         print(
             f"| {r['scheme']} | {r['upload_bytes'] / 1e6:.3f} MB | "
-            f"{base['upload_bytes'] / r['upload_bytes']:.1f}x | {r['mean_accuracy']:.3f} | "
+            f"{_ratio(base['upload_bytes'], r['upload_bytes'])} | {r['mean_accuracy']:.3f} | "
             f"{secs} | {acc} |"
         )
     if args.json:

@@ -119,7 +119,7 @@ class ExportConfig(ExperimentConfig):
 EXPORT_GROUPS = (
     Group("federation", only=("model", "dataset")),
     Group("data", only=("data_dir", "download")),
-    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
+    Group("transport", only=("tls_dir", "auth_token", "auth_token_file", "he_key")),
     Group("run", only=("out",)),
 )
 

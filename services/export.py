@@ -21,6 +21,9 @@ import grpc
 
 from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import call_metadata, channel
+from services.common.homomorphic import KIND as HE_KIND
+from services.common.homomorphic import PayloadError as HePayloadError
+from services.common.homomorphic import load_keys, open_model
 from services.common.model_file import write_model_file
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
@@ -79,6 +82,12 @@ def export_model(
             f"the aggregator at {aggregator} sent a bad model stream: {exc}"
         ) from None
     model = build_model(fed.model, data.input_shape, data.num_classes)
+    if header.kind == HE_KIND:  # --secure he: only a holder of the secret key reads it
+        keys = load_keys(transport.he_key, transport.tls_dir, secret=True)
+        try:
+            weights = open_model(weights, keys, spec_of(model.state_dict()))
+        except HePayloadError as exc:
+            raise ExportError(f"the aggregator's encrypted model: {exc}") from None
     try:
         check_spec(weights, spec_of(model.state_dict()))
     except FLClusteringError as exc:

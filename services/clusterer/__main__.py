@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 from services.clusterer.settings import ClustererConfig
 from services.common.flags import Group, SettingsParser
-from services.common.settings import FederationSettings
+from services.common.settings import FederationSettings, TransportSettings
 
 GROUPS = (
     Group("service", "CLUSTERER_"),
-    Group("transport"),
+    # It holds no HE key: it relays ciphertexts it checks by their header.
+    Group("transport", only=tuple(f for f in TransportSettings.model_fields if f != "he_key")),
     # The clusterer never builds the model: it relays it.
     Group(
         "federation",

@@ -107,8 +107,9 @@ GROUPS = (
         "PARTICIPANT_",
         only=("metrics_host", "metrics_port", "ready_file", "log_level"),
     ),
-    Group("transport", only=("tls_dir", "auth_token", "auth_token_file")),
-    Group("federation", only=("model", "dataset", "participants", "seed")),
+    Group("transport", only=("tls_dir", "auth_token", "auth_token_file", "he_key")),
+    # strategy: only to check --secure he against it (encrypted updates are FedAvg's).
+    Group("federation", only=("model", "dataset", "participants", "seed", "strategy", "secure")),
     Group("data"),
     # Every attack setting but who attacks (the share and the placement are the
     # federation's: simulate draws them and passes --attack-indices).

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.credentials import Authority, Identity, load_tls, parse_spiffe_id, write_kit
 from services.common.grpc_client import channel
+from services.common.homomorphic import write_keys
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from tests.deploy.checkov import run_checkov
@@ -190,8 +191,18 @@ def test_every_pod_gets_its_own_identity_from_the_issuer():
         (container,) = spec["containers"]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env["FLCLUSTERING_TLS_DIR"] == mount, name
-        # No Secret volume: no key stored in the cluster, no shared token.
-        assert not [v for v in spec["volumes"] if "secret" in v or "projected" in v], name
+        # No identity key or shared token in a Secret. The one Secret a pod may mount is
+        # --secure he's CKKS context (one key pair for the federation, as single-key HE
+        # works), optional: participants the secret key, the aggregator the public context
+        # only, the clusterer none.
+        secrets = [v for v in spec["volumes"] if "secret" in v or "projected" in v]
+        he = {"participant": "flclustering-he-secret", "aggregator": "flclustering-he-public"}
+        want = [he[name]] if name in he else []
+        assert [v["secret"]["secretName"] for v in secrets] == want, name
+        assert all(v["secret"]["optional"] for v in secrets), name
+        if want:
+            key = "he-secret.ctx" if name == "participant" else "he-public.ctx"
+            assert env["FLCLUSTERING_HE_KEY"].endswith("/" + key), name
         assert attrs[CSI + "issuer-name"] == issuer["metadata"]["name"]
         assert attrs[CSI + "issuer-kind"] == "Issuer"
         assert attrs.get(CSI + "is-ca", "false") == "false"
@@ -369,9 +380,12 @@ def volume_folders(
             fill_identity_volume(pod, ca, folder)
         elif "persistentVolumeClaim" in volume or "emptyDir" in volume:
             folder.mkdir(parents=True)
-        elif "secret" in volume and secrets is not None:
-            folder.mkdir(parents=True)
-            for key, data in secrets[volume["secret"]["secretName"]].items():
+        elif "secret" in volume:
+            given = (secrets or {}).get(volume["secret"]["secretName"])
+            if given is None and not volume["secret"].get("optional"):
+                raise AssertionError(f"{pod.name}: no Secret {volume['secret']['secretName']}")
+            folder.mkdir(parents=True)  # an optional Secret not there: an empty folder
+            for key, data in (given or {}).items():
                 (folder / key).write_bytes(data)
         else:
             raise AssertionError(f"{pod.name}: unhandled volume {volume}")
@@ -453,8 +467,22 @@ def refused(call: Any) -> grpc.StatusCode:
     return err.value.code()
 
 
-def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
+@pytest.mark.parametrize("secure", ["none", "he"])
+def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path, secure):
+    """The manifests' commands as local processes; `he`: the ConfigMap switched to
+    encrypted FedAvg, the key Secrets made as the ConfigMap's comment says."""
     docs = documents()
+    secrets = None
+    if secure == "he":
+        config = next(d["data"] for d in docs if d["kind"] == "ConfigMap")
+        config |= {"FLCLUSTERING_STRATEGY": "fedavg", "FLCLUSTERING_SECURE": "he"}
+        write_keys(tmp_path / "he")
+        secrets = {
+            f"flclustering-he-{kind}": {
+                f"he-{kind}.ctx": (tmp_path / "he" / f"he-{kind}.ctx").read_bytes()
+            }
+            for kind in ("secret", "public")
+        }
     pods = pods_of(docs)
     services = service_addresses(docs, pods)
     # The federation's CA (the Secret flclustering-ca behind the Issuer) and an operator's kit.
@@ -471,7 +499,7 @@ def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
     folders: dict[str, dict[str, Path]] = {}
     try:
         for pod in order:
-            folders[pod.name] = volume_folders(pod, ca, tmp_path / "volumes")
+            folders[pod.name] = volume_folders(pod, ca, tmp_path / "volumes", secrets)
             start(pod, resolve_env(pod, docs, services), folders[pod.name], tmp_path)
         deadline = time.monotonic() + 180
         for pod in order:
@@ -490,7 +518,10 @@ def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
         assert status.participants == len(participants)
         assert status.model_version == int(ROUNDS)  # every round aggregated
         assert all(h.evaluated == status.participants for h in status.history)
-        assert status.purity == 1.0  # participant-k computed shard k: the ordinal reached it
+        if secure == "none":  # participant-k computed shard k: the ordinal reached it
+            assert status.purity == 1.0
+        else:  # encrypted FedAvg learns too (digits: far above chance's 0.1)
+            assert status.history[-1].mean_accuracy > 0.5
         # A finished participant stays up (a StatefulSet restarts a pod whose process ends,
         # exit 0 included: a restart loop) and its liveness probe keeps answering.
         for pod in participants:
@@ -499,7 +530,7 @@ def test_manifests_run_as_local_processes_and_a_federation_completes(tmp_path):
         assert {c.participant_id for c in status.clusters} == {p.name for p in participants}
         # The aggregator wrote its state where the PersistentVolumeClaim is mounted.
         state = folders["aggregator-0"]["/var/lib/flclustering"]
-        assert list(state.glob("model-v*.safetensors"))
+        assert list(state.glob("model-v*.safetensors" if secure == "none" else "sealed-v*"))
         # Every link is mutual TLS: no certificate, no call; a participant reads no status.
         plain = pb_grpc.ClustererStub(channel(services["clusterer"]))
         assert refused(lambda: plain.GetStatus(pb.GetStatusRequest(), timeout=5)) in (

@@ -82,6 +82,40 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     vector = ts.ckks_vector_from(state.keys.context, bytes(served["he:0"].numpy()))
     with pytest.raises(ValueError, match="secret"):
         vector.decrypt()
+    # An operator exports the model only with the participants' secret key.
+    from services.cli import main
+    from services.common.model_file import load_model_file
+
+    from .conftest import TOKEN
+
+    args = ["export", "--aggregator", f"127.0.0.1:{fed.aggregator.port}", "--auth-token", TOKEN]
+    assert main([*args, "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none" / "model.safetensors").exists()
+    out = tmp_path / "model"
+    assert main([*args, "--out", str(out), "--he-key", str(tmp_path / SECRET_FILE)]) == 0
+    model, card = load_model_file(out / "model.safetensors")
+    assert card.extra["model_version"] == 3
+
+
+def test_a_participant_set_up_to_encrypt_sends_nothing_in_the_clear(federation_factory, tmp_path):
+    """No downgrade: a clusterer that asks for plaintext updates gets none from a
+    participant started with --secure he; the round goes on without it."""
+    from services.common.homomorphic import SECRET_FILE, write_keys
+
+    write_keys(tmp_path)
+    fed = federation_factory(
+        strategy="fedavg",
+        participants=2,
+        select=2,
+        rounds=1,
+        round_timeout_s=4.0,
+        eval_timeout_s=4.0,
+    )
+    fed.add_participants(0, 1, strategy="fedavg")
+    fed.add_participants(1, 1, strategy="fedavg", secure="he", he_key=str(tmp_path / SECRET_FILE))
+    status = fed.wait_for(lambda s: s.done, timeout=120)
+    (first,) = status.history
+    assert first.selected == 2 and first.received == 1 and first.timed_out == 1
 
 
 def test_dead_participant_does_not_hold_the_round(federation_factory):
