@@ -50,11 +50,20 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     decrypt what it adds, nor the model it serves), participants decrypt the global model,
     and the accuracies are within a point of plaintext FedAvg with the same seed."""
     import tenseal as ts
+    import torch
 
     from services.common.errors import ConfigError
-    from services.common.homomorphic import KIND, PUBLIC_FILE, SECRET_FILE, write_keys
+    from services.common.homomorphic import (
+        KIND,
+        PUBLIC_FILE,
+        SECRET_FILE,
+        HeKeys,
+        open_model,
+        write_keys,
+    )
     from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
     from services.common.streams import read_model
+    from services.common.tensors import spec_of
 
     write_keys(tmp_path)
     runs = {}
@@ -95,6 +104,11 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     assert main([*args, "--out", str(out), "--he-key", str(tmp_path / SECRET_FILE)]) == 0
     model, card = load_model_file(out / "model.safetensors")
     assert card.extra["model_version"] == 3
+    # ...and it is the served ciphertexts, decrypted (what participants train from).
+    secret = HeKeys.load(tmp_path / SECRET_FILE, secret=True)
+    want = open_model(served, secret, spec_of(model.state_dict()))
+    got = model.state_dict()
+    assert all(torch.allclose(got[k].float(), v.float(), atol=1e-6) for k, v in want.items())
 
 
 def test_a_participant_set_up_to_encrypt_sends_nothing_in_the_clear(federation_factory, tmp_path):
