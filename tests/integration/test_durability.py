@@ -314,3 +314,85 @@ def test_a_snapshot_with_inline_centroids_still_restores(tmp_path):
     again, _ = clusterer_state(tmp_path)
     assert torch.equal(again.centroids[1], torch.ones(4))
     assert json.loads(path.read_text())["centroids_file"]  # moved to its own file
+
+
+def test_encrypted_updates_and_models_survive_kill_9(tmp_path):
+    """--secure he: acknowledged ciphertexts and the encrypted version a round made come
+    back after SIGKILL, byte for byte, and decrypt to FedAvg of what was sent."""
+    from services.common.homomorphic import (
+        KIND,
+        PUBLIC_FILE,
+        SECRET_FILE,
+        HeKeys,
+        open_model,
+        upload_tensors,
+        write_keys,
+    )
+    from services.common.tensors import flatten, spec_of
+
+    write_keys(tmp_path / "he")
+    secret = HeKeys.load(tmp_path / "he" / SECRET_FILE, secret=True)
+    settings = {
+        "strategy": "fedavg",
+        "secure": "he",
+        "he_key": str(tmp_path / "he" / PUBLIC_FILE),
+    }
+
+    def start() -> tuple[subprocess.Popen[bytes], agg_grpc.AggregatorStub]:
+        proc, address = start_aggregator(tmp_path / "state", tmp_path / "ready.json", **settings)
+        return proc, agg_grpc.AggregatorStub(channel(address))
+
+    def forward(stub, sender, round_, version, flat, n):
+        model = tensors_pb2.ModelHeader(
+            sender=sender, round=round_, model_version=version, num_samples=n, kind=KIND
+        )
+        update = agg_pb.UpdateHeader(model=model, cluster=0)
+        tensors = upload_tensors(secret, secret.encrypt(flat, n))
+        stream = build_stream(agg_pb.ForwardUpdateRequest, update, update.model, tensors)
+        return stub.ForwardUpdate(stream, metadata=META, timeout=60).accepted
+
+    proc, stub = start()
+    try:
+        header, w0 = read_model(stub.GetModel(agg_pb.GetModelRequest(), metadata=META))
+        assert header.kind == "weights"  # version 0, the seeded w0, is public
+        spec = spec_of(w0)
+        sent = {
+            "participant-00001": (flatten(w0, spec) + 0.5, 10),
+            "participant-00002": (flatten(w0, spec) - 0.25, 30),
+        }
+        for sender, (flat, n) in sent.items():
+            assert forward(stub, sender, 0, 0, flat, n)
+    finally:
+        proc.kill()  # SIGKILL right after the acknowledgements
+        proc.wait()
+    proc, stub = start()
+    try:
+        assert status(stub).pending_updates == 2
+        reply = stub.Aggregate(agg_pb.AggregateRequest(round=0), metadata=META)
+        assert (reply.updates, reply.model_version) == (2, 1)
+    finally:
+        proc.kill()  # SIGKILL right after answering Aggregate
+        proc.wait()
+    proc, stub = start()
+    try:
+        assert stub.Aggregate(agg_pb.AggregateRequest(round=0), metadata=META) == reply
+        newest = agg_pb.GetModelRequest(model_version=-1)
+        header, sealed = read_model(stub.GetModel(newest, metadata=META))
+        assert (header.kind, header.model_version) == (KIND, 1)
+        got = flatten(open_model(sealed, secret, spec), spec)
+        want = (10 * sent["participant-00001"][0] + 30 * sent["participant-00002"][0]) / 40
+        assert torch.allclose(got, want, atol=1e-5)
+        assert forward(stub, "participant-00001", 1, 1, got, 10)
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, stub = start()
+    try:
+        after = status(stub)
+        assert (after.pending_updates, after.open_round, after.model_version) == (1, 1, 1)
+        newest = agg_pb.GetModelRequest(model_version=-1)
+        _, again = read_model(stub.GetModel(newest, metadata=META))
+        assert all(torch.equal(again[k], v) for k, v in sealed.items())
+    finally:
+        proc.terminate()
+        proc.wait(30)
