@@ -126,7 +126,12 @@ def test_a_participant_credential_cannot_reach_the_aggregator(secured):
     update = agg_pb.UpdateHeader(
         model=tensors_pb2.ModelHeader(sender=ME, round=0, model_version=0, kind="weights")
     )
-    forward = build_stream(agg_pb.ForwardUpdateRequest, update, update.model, weights)
+
+    def forward() -> Any:
+        """A fresh stream per call: a refused call's request thread may still be reading
+        the one it was given (a shared generator then fails as 'already executing')."""
+        return build_stream(agg_pb.ForwardUpdateRequest, update, update.model, weights)
+
     for who in (me, operator):
         assert rpc_code(lambda s=who: s.Aggregate(agg_pb.AggregateRequest(round=0))) == (
             C.PERMISSION_DENIED
@@ -137,8 +142,8 @@ def test_a_participant_credential_cannot_reach_the_aggregator(secured):
     assert rpc_code(lambda: list(operator.GetModel(agg_pb.GetModelRequest()))) == C.OK
     one_cluster = agg_pb.GetModelRequest(cluster=0)
     assert rpc_code(lambda: list(operator.GetModel(one_cluster))) == C.PERMISSION_DENIED
-    assert rpc_code(lambda: operator.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
-    assert rpc_code(lambda: me.ForwardUpdate(forward, timeout=30)) == C.PERMISSION_DENIED
+    assert rpc_code(lambda: operator.ForwardUpdate(forward(), timeout=30)) == C.PERMISSION_DENIED
+    assert rpc_code(lambda: me.ForwardUpdate(forward(), timeout=30)) == C.PERMISSION_DENIED
     status = agg_pb.GetAggregatorStatusRequest()
     assert rpc_code(lambda: me.GetAggregatorStatus(status)) == C.PERMISSION_DENIED
     # Operators read the status, with the defence the aggregator was started with.
