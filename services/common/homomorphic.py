@@ -158,23 +158,20 @@ class HeKeys:
 
     def public_bytes(self) -> bytes:
         """The public context: the public key, no secret key, no evaluation keys."""
-        return bytes(
-            self.context.serialize(
-                save_public_key=True,
-                save_secret_key=False,
-                save_galois_keys=False,
-                save_relin_keys=False,
-            )
-        )
+        return self._serialized(secret=False)
 
     def secret_bytes(self) -> bytes:
         """The context with the secret key (participants' file)."""
         if not self.private:
             raise ConfigError("this context holds no secret key")
+        return self._serialized(secret=True)
+
+    def _serialized(self, secret: bool) -> bytes:
+        # No relinearisation or Galois keys: nothing here multiplies or rotates.
         return bytes(
             self.context.serialize(
                 save_public_key=True,
-                save_secret_key=True,
+                save_secret_key=secret,
                 save_galois_keys=False,
                 save_relin_keys=False,
             )
