@@ -32,7 +32,7 @@ from services.common.compression import (
 )
 from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
-from services.common.homomorphic import HeKeys
+from services.common.homomorphic import HeKeys, upload_tensors
 from services.common.model_file import ModelCard
 from services.common.models import build_model
 from services.common.strategies import get_strategy
@@ -46,8 +46,6 @@ from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator, rounding_generator
-
-KEY_BYTES = 32  # he:key, beside an encrypted upload's ciphertexts
 
 
 @dataclass
@@ -255,7 +253,7 @@ def run_local(
                 secret.encrypt(global_w + updates[k].to(global_w.device), n)
                 for k, n in enumerate(samples)
             ]
-            upload_bytes = sum(KEY_BYTES + sum(map(len, u)) for u in uploads)
+            upload_bytes = sum(payload_bytes(upload_tensors(secret, u)) for u in uploads)
             total = public.add(uploads, global_w.numel())
             new = secret.decrypt(total, global_w.numel()) / sum(samples)
             outcome_round = RoundOutcome(

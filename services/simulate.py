@@ -319,7 +319,7 @@ def simulate(
         state = json.loads((out / "state" / "aggregator" / "state.json").read_text())
         model = out / "state" / "aggregator" / state["model"]
         if state.get("sealed"):  # --secure he: the operator's secret key opens it
-            model = open_sealed_file(config, model, dirs["operator"])
+            model = open_sealed_file(config, model, dirs["operator"], card_data.result())
         if config.adversary.config().backdoors:
             results["final"]["backdoor_success_rate"] = backdoor_success(config, model)
         save_final_model(config, model, card_data.result(), results["final"])
@@ -472,7 +472,7 @@ def data_facts(config: SimulateConfig) -> Any:
     return federation_data(config.federation, config.data, hosted=())
 
 
-def open_sealed_file(config: SimulateConfig, sealed: Path, keys_dir: Path) -> Path:
+def open_sealed_file(config: SimulateConfig, sealed: Path, keys_dir: Path, data: Any) -> Path:
     """The aggregator's encrypted final model, decrypted beside it (model.safetensors)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -482,7 +482,6 @@ def open_sealed_file(config: SimulateConfig, sealed: Path, keys_dir: Path) -> Pa
     from services.common.tensors import spec_of
 
     fed = config.federation
-    data = data_facts(config)
     spec = spec_of(build_model(fed.model, data.input_shape, data.num_classes).state_dict())
     with safe_open(str(sealed), "pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)

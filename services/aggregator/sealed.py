@@ -24,6 +24,7 @@ from services.aggregator.state import (
     PendingUpdate,
     RoundReport,
     _round_of,
+    commit_state,
 )
 from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.files import durable_write
@@ -41,6 +42,7 @@ from services.common.homomorphic import (
 )
 from services.common.settings import DefenceSettings
 from services.common.strategies import Strategy
+from services.common.tensors import unflatten
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,12 @@ class SealedState(AggregatorState):
         pass  # ciphertexts are bytes, not the store's buffers
 
     def sealed_update(
-        self, participant: str, cluster: int, samples: int, tensors: dict[str, torch.Tensor]
+        self,
+        participant: str,
+        cluster: int,
+        samples: int,
+        tensors: dict[str, torch.Tensor],
+        metrics: dict[str, float] | None = None,
     ) -> PendingUpdate:
         """An encrypted upload (its header already checked by `upload_spec`), its content
         checked: this federation's key (FAILED_PRECONDITION), every ciphertext parsed
@@ -77,7 +84,9 @@ class SealedState(AggregatorState):
         check_key(as_bytes(tensors[KEY]), self.keys)
         ciphertexts = ciphertexts_of(tensors)
         self.keys.check(ciphertexts, self.floats)
-        return PendingUpdate(participant, cluster, samples, torch.zeros(0), {}, tuple(ciphertexts))
+        return PendingUpdate(
+            participant, cluster, samples, torch.zeros(0), dict(metrics or {}), tuple(ciphertexts)
+        )
 
     def aggregate(
         self,
@@ -126,13 +135,8 @@ class SealedState(AggregatorState):
                 kept = ", ".join(map(str, [0, *self.sealed]))
                 raise NotFoundError(f"model version {v} is not kept (have {kept})")
         if v == 0:
-            return 0, "weights", self._weights_of(flat)
+            return 0, "weights", unflatten(flat, self.spec, self.reference, share=True)
         return v, KIND, model_tensors(self.keys, model.ciphertexts, model.examples, self.reference)
-
-    def _weights_of(self, flat: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        from services.common.tensors import unflatten
-
-        return unflatten(flat, self.spec, self.reference, share=True)
 
     def weights(
         self, version: int = -1, cluster: int | None = None
@@ -168,14 +172,7 @@ class SealedState(AggregatorState):
             "sealed": True,
             "report": report,
         }
-        state = json.dumps(info, default=float)
-        durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
-        for old in (*directory.glob("model-v*.safetensors"), *directory.glob("sealed-v*")):
-            if old != path:
-                old.unlink(missing_ok=True)
-        for done in (directory / PENDING).glob("r*.safetensors"):
-            if _round_of(done) < open_round:
-                done.unlink(missing_ok=True)
+        commit_state(directory, info, [path])
 
     def restore(self, directory: Path) -> bool:
         """The saved version and counters, and the open round's persisted updates, each
@@ -208,9 +205,12 @@ class SealedState(AggregatorState):
                 continue
             tensors, info = _load(path)
             update = self.sealed_update(
-                info["participant"], int(info["cluster"]), int(info["samples"]), tensors
+                info["participant"],
+                int(info["cluster"]),
+                int(info["samples"]),
+                tensors,
+                {k: float(v) for k, v in json.loads(info["metrics"]).items()},
             )
-            update.metrics.update(json.loads(info["metrics"]))
             with self.lock:
                 self.pending[update.participant] = update
             restored = True

@@ -124,13 +124,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                         f"{HE_KIND!r}, not {m.kind[:32]!r}"
                     )
                 spec = upload_spec(m.tensors, self.state.spec)
-                self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
-                reserved.append(m.sender)
-                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
-            scheme.append(upload_scheme(m.kind))
-            spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
+            else:
+                scheme.append(upload_scheme(m.kind))
+                spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
+            if self.sealed is not None:
+                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
             streamed = scheme[0].streamed
             return StreamReader(  # weights: the delta against the model they came from
                 spec,
@@ -152,11 +152,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if self.sealed is not None:
                 try:
                     update = self.sealed.sealed_update(
-                        m.sender, cluster, int(m.num_samples), dict(reader.others)
+                        m.sender, cluster, int(m.num_samples), dict(reader.others), dict(m.metrics)
                     )
                 except HePayloadError as exc:
                     raise invalid(f"encrypted upload: {exc}") from None
-                update.metrics.update(m.metrics)
             else:
                 if not scheme[0].streamed:
                     place = self.state.buffer(self.state.store.numel)

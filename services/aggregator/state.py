@@ -388,14 +388,7 @@ class AggregatorState:
             durable_write(path, lambda tmp: write_safetensors(tmp, rows))
             info["clusters"] = path.name
             kept.append(path)
-        state = json.dumps(info, default=float)
-        durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
-        for old in (*directory.glob("model-v*.safetensors"), *directory.glob("clusters-v*")):
-            if old not in kept:
-                old.unlink(missing_ok=True)
-        for done in (directory / PENDING).glob("r*.safetensors"):
-            if _round_of(done) < open_round:
-                done.unlink(missing_ok=True)
+        commit_state(directory, info, kept)
 
     def restore(self, directory: Path) -> bool:
         """Load a saved state and the persisted updates of its open round, if there are any
@@ -450,6 +443,21 @@ class AggregatorState:
                 self.pending[update.participant] = update
             restored = True
         return restored
+
+
+def commit_state(directory: Path, info: dict[str, Any], kept: list[Path]) -> None:
+    """Make `info` the saved state (state.json, durably, once the files it names in `kept`
+    are), then drop the model files it does not name and the persisted updates of the
+    rounds it closed."""
+    state = json.dumps(info, default=float)
+    durable_write(directory / "state.json", lambda tmp: tmp.write_text(state))
+    for pattern in ("model-v*.safetensors", "clusters-v*", "sealed-v*"):
+        for old in directory.glob(pattern):
+            if old not in kept:
+                old.unlink(missing_ok=True)
+    for done in (directory / PENDING).glob("r*.safetensors"):
+        if _round_of(done) < int(info["open_round"]):
+            done.unlink(missing_ok=True)
 
 
 def _read_clusters(path: Path, numel: int) -> dict[int, torch.Tensor]:

@@ -347,7 +347,7 @@ class Coordinator(ClustererParts):
             )
         if (status.policy.secure or "none") != self.fed.secure:
             raise ConfigError(
-                f"the aggregator runs with --secure {status.policy.secure or 'none'}, this "
+                f"the aggregator runs with --secure {status.policy.secure[:32] or 'none'!r}, this "
                 f"clusterer with {self.fed.secure}: start both alike"
             )
         return status

@@ -31,7 +31,7 @@ import torch
 from services.common.errors import ConfigError
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.schemes import parse_scheme, scheme_name
-from services.common.tensors import TensorSpec
+from services.common.tensors import TensorSpec, float_specs
 from services.common.wire import check_header_spec, invalid, spec_from_pb
 
 SCALES = "__scales__"
@@ -89,11 +89,6 @@ class Compression:
                 TensorSpec(VALUES, (count,), torch.float32),
             )
         return tuple(spec)
-
-
-def float_specs(spec: Sequence[TensorSpec]) -> list[TensorSpec]:
-    """The float tensors, in order: what the flat delta is made of."""
-    return [s for s in spec if s.dtype.is_floating_point]
 
 
 def float_sizes(spec: Sequence[TensorSpec]) -> list[int]:

@@ -231,13 +231,13 @@ class HeKeys:
     def add(self, uploads: Sequence[Sequence[bytes]], floats: int) -> list[bytes]:
         """The ciphertexts of the sum of checked uploads (exact: CKKS addition is modular
         integer addition, so the order does not change a bit)."""
-        sizes = slot_counts(floats)
+        ts = _tenseal()
         out = []
         with self._lock:
-            for i, size in enumerate(sizes):
+            for i, size in enumerate(slot_counts(floats)):
                 total = self._vector(uploads[0][i], size, chunk_name(i))
                 for upload in uploads[1:]:
-                    total.add_(_tenseal().ckks_vector_from(self.context, upload[i]))
+                    total.add_(ts.ckks_vector_from(self.context, upload[i]))
                 out.append(bytes(total.serialize()))
         return out
 

@@ -89,6 +89,18 @@ def rounding_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+def check_secure(asked: str, encrypts: bool) -> None:
+    """A TRAIN task's `secure` against this participant's own setting: never a downgrade
+    (a participant set up to encrypt sends nothing in the clear), never a mode it cannot
+    do; a StateError quoting at most 32 characters of the task's value otherwise."""
+    mine = "he" if encrypts else "none"
+    if (asked or "none") != mine:
+        raise StateError(
+            f"the clusterer asked for updates with --secure {asked[:32]!r}; this participant "
+            f"is set up for --secure {mine}"
+        )
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every participant of a process shares."""
@@ -363,13 +375,7 @@ class Participant:
         except ConfigError as exc:
             raise StateError(f"the clusterer asked for {exc}") from None
         he = self.settings.he
-        asked = task.training.secure or "none"
-        if asked != ("he" if he is not None else "none"):
-            # Never a downgrade: a participant set up to encrypt sends nothing in the clear.
-            raise StateError(
-                f"the clusterer asked for updates with --secure {asked}; this participant is "
-                f"set up for --secure {'he' if he is not None else 'none'}"
-            )
+        check_secure(task.training.secure, he is not None)
         colluding = self.attack.colludes and self.attack.fires(task.round)
         if colluding:
             self.collusion.enlist(task.round, self.id)

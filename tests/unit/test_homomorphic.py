@@ -205,3 +205,19 @@ def test_sealed_state_round_survives_a_restart(
     assert err.value.code == "FAILED_PRECONDITION"
     assert as_bytes(foreign[KEY]) == other.fingerprint
     assert not again.pending
+
+
+def test_a_tasks_secure_value_is_checked_and_never_echoed_whole() -> None:
+    """A participant's own --secure decides: a task asking for another mode (a downgrade,
+    a mode it holds no key for, or junk of any length) is refused in one short line."""
+    from services.participant.worker import check_secure
+
+    check_secure("he", encrypts=True)
+    check_secure("", encrypts=False)  # an older clusterer leaves the field empty: clear
+    check_secure("none", encrypts=False)
+    for asked, encrypts in (("", True), ("none", True), ("he", False), ("HE", True)):
+        with pytest.raises(StateError, match="set up for --secure"):
+            check_secure(asked, encrypts)
+    with pytest.raises(StateError) as err:
+        check_secure("x" * 100_000, encrypts=True)
+    assert len(str(err.value)) < 200
