@@ -7,9 +7,12 @@ checks, status and joins answer at once.
 
 Every handler is a coroutine that puts its blocking work on the server's threads, carrying
 the caller along for `act_as`: the state's methods that journal before they answer and the
-status page on a few threads (asyncio.to_thread), the upload relay, which streams through
-the aggregator's sync stub (the coordinator's) from a thread reading the participant's
-stream through the loop (`blocking_iter`), on the large pool (`on_pool`). A poll reads the
+status page on a few threads (asyncio.to_thread), a pre-training delta, read whole, on the
+large pool (`on_pool`, through `blocking_iter`). An update is passed on to the aggregator
+from the loop itself (`AggregatorRelay`, an asyncio channel): each message goes from the
+participant's call to the aggregator's as it arrives, with no thread held and no hop
+between threads per message (the sync relay's three hops cost a fifth of the relay's CPU
+and kept it under the bare relay's throughput; benchmarks/transport.py). A poll reads the
 state without its lock (`ClustererState.peek`). They are not left sync, although aio would
 run sync handlers in that same pool, because of what it gives them: a context without code(),
 is_active() or cancel(), add_callback() callbacks run only after a unary answer, none of
@@ -23,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 import torch
@@ -42,14 +45,13 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.compression import Compression, payload_spec_of, upload_scheme
 from services.common.credentials import TlsFiles, TokenTable
-from services.common.errors import ForbiddenError, NotFoundError, StateError
+from services.common.errors import ForbiddenError, NotFoundError
 from services.common.grpc_client import (
     PEER_OPTIONS,
     Renewing,
+    aio_channel,
     call_metadata,
     channel,
-    quiet_refused_streams,
-    raw_requests,
     raw_responses,
 )
 from services.common.grpc_server import (
@@ -76,6 +78,7 @@ from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import upload_spec
 from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
+    RpcMetrics,
     ServerMetricsInterceptor,
     counting_refusals,
     instrument_channel,
@@ -108,6 +111,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "flclustering.v1.Clusterer"
 AGGREGATOR = "flclustering.v1.Aggregator"
 Context: TypeAlias = grpc.aio.ServicerContext
+T = TypeVar("T")
 IdleAnswer = tuple[int, int, int]  # (kind, round, model version) for a participant without a task
 
 
@@ -201,8 +205,10 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         self.polls = _Polls(self.state, self.config.clustering.max_participants)
         tr = self.config.transport
         self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
-        # Uploads hold a thread while they stream: the server's large pool (build_service).
+        # Pre-training deltas are read whole on the server's large pool, updates are passed
+        # on to the aggregator from the loop (both set by build_service).
         self.stream_pool: futures.Executor | None = None
+        self.relay: AggregatorRelay
         t = self.config.training
         self.training = pb.TrainingSettings(
             epochs=t.local_epochs,
@@ -283,36 +289,34 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     ) -> pb.SubmitUpdateResponse:
         loop = asyncio.get_running_loop()
         cut = Cut(context, loop, "the upload was cut: it stalled, or its round closed")
-        messages = blocking_iter(request_iterator, context, loop)
-        return await on_pool(
-            self.stream_pool,
-            self._receive,
-            self.watch.watch(messages, cut, "SubmitUpdate"),
-            cut.cancel,
-        )
-
-    def _receive(
-        self, messages: Iterator[bytes], cut: Callable[[], None]
-    ) -> pb.SubmitUpdateResponse:
-        """An upload (serialized messages: `add_servicer`), read and relayed on a pool thread."""
+        messages = self.watch.awatch(request_iterator, cut, "SubmitUpdate")
         with counting_refusals(self.metrics.updates_rejected):
-            reply = self._submit(messages, cut)
+            reply = await self._submit(messages, context, cut)
         if reply.round >= 0:
             self.metrics.updates_received.inc()
         return reply
 
-    def _submit(
-        self, request_iterator: Iterator[bytes], cut: Callable[[], None]
+    async def _submit(
+        self, messages: AsyncIterator[bytes], context: Context, cut: Cut
     ) -> pb.SubmitUpdateResponse:
-        it = iter(request_iterator)
-        first = next(it, None)
+        """An upload (serialized messages: `add_servicer`): checked by its header, then
+        passed on to the aggregator message by message, on the loop."""
+        first = await anext(messages, None)
         part, h = part_of(first, pb.SubmitUpdateRequest) if first is not None else (None, None)
         if part != "header" or h is None:
             raise invalid("a weights stream must start with a header")
         check_update_header(h)
         act_as(h.sender)
         if h.kind in ("pretrain-delta", "pretrain-sketch"):
-            return self._pretrain_delta(h, itertools.chain([first], it))
+            # Kept here (clustering input), read whole on a pool thread.
+            async def whole() -> AsyncIterator[bytes]:
+                yield cast(bytes, first)
+                async for raw in messages:
+                    yield raw
+
+            loop = asyncio.get_running_loop()
+            rest = blocking_iter(whole(), context, loop)
+            return await on_pool(self.stream_pool, self._pretrain_delta, h, rest)
         if h.kind != self.kind:
             if h.kind != HE_KIND:
                 upload_scheme(h.kind)  # an unknown kind is INVALID_ARGUMENT
@@ -328,14 +332,54 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         else:
             spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
         checked_size(spec, self.config.transport.max_update_bytes)
-        cluster = self.state.begin_upload(h.sender, h.round, h.model_version, cut)
+        # The reservation is made and released on a thread (the state journals under its
+        # lock); a participant that goes away cancels this coroutine, never the thread's
+        # work, and a reservation made meanwhile is released all the same.
+        pid, round_ = h.sender, h.round
+        reserving = _uncancelled(self.state.begin_upload, pid, round_, h.model_version, cut.cancel)
+        try:
+            cluster = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(
+                lambda done: (
+                    done.cancelled()
+                    or done.exception() is not None
+                    or _uncancelled(self.state.finish_upload, pid, round_, False)
+                )
+            )
+            raise
         accepted = False
         try:
-            self._forward(h, it, cluster)
+            header = agg_pb.UpdateHeader(model=h, cluster=cluster)
+            await self.relay.forward(header, self._passed_on(messages, context), self.token)
             accepted = True
         finally:
-            self.state.finish_upload(h.sender, h.round, accepted)
+            await asyncio.shield(_uncancelled(self.state.finish_upload, pid, round_, accepted))
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
+
+    async def _passed_on(
+        self, messages: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[bytes]:
+        """An upload's data and trailer messages as the aggregator's: SubmitUpdateRequest
+        and ForwardUpdateRequest encode them as the same bytes (fields 2 and 3), so they pass
+        untouched, and the aggregator, which keeps the update, validates content and
+        checksum once. A message in another valid layout is re-encoded; a second header is
+        refused here (as UpdateHeader it would read differently)."""
+        counter = self.metrics.rpc
+        while True:
+            try:
+                raw = await anext(messages)
+            except StopAsyncIteration:
+                return
+            except Exception:
+                if context.done():  # cut: the participant has its status already
+                    raise WireError("CANCELLED", "the upload was cut") from None
+                raise
+            if read_frame(raw) is None and read_frame(raw, TRAILER_TAG) is None:
+                raw = self._canonical(raw)
+            counter.received_bytes.inc(len(raw))
+            counter.sent_bytes.inc(len(raw))
+            yield raw
 
     def _reader_for(
         self, header: Any, keep: bool = False, spec: tuple[TensorSpec, ...] | None = None
@@ -350,40 +394,6 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         CountSketches (so participants send the sketch)."""
         return sum(t.numel for t in self.models.spec) > SKETCH_ABOVE
 
-    def _forward(self, header: Any, rest: Iterator[bytes], cluster: int) -> None:
-        """Stream the upload on to the aggregator as it came: the data and trailer messages
-        of SubmitUpdateRequest and ForwardUpdateRequest are the same bytes (fields 2 and 3),
-        so they pass untouched, and the aggregator, which keeps the update, validates
-        content and checksum once. Only the header is rebuilt (it gains the cluster); a
-        second header is refused here (as UpdateHeader it would read differently)."""
-        failure: list[BaseException] = []
-        counter = self.metrics.rpc
-
-        def requests() -> Iterator[bytes]:
-            try:
-                update = agg_pb.UpdateHeader(model=header, cluster=cluster)
-                yield agg_pb.ForwardUpdateRequest(header=update).SerializeToString()
-                for raw in rest:
-                    if read_frame(raw) is None and read_frame(raw, TRAILER_TAG) is None:
-                        raw = self._canonical(raw)  # another encoder's layout: re-encoded
-                    counter.received_bytes.inc(len(raw))
-                    counter.sent_bytes.inc(len(raw))
-                    yield raw
-            except BaseException as exc:
-                failure.append(exc)
-                raise
-
-        try:
-            self.aggregator.ForwardUpdate(
-                requests(), metadata=call_metadata(self.token), timeout=3600
-            )
-        except grpc.RpcError as exc:
-            if failure and isinstance(failure[0], (WireError, StateError)):
-                raise failure[0] from None
-            if failure and isinstance(failure[0], grpc.RpcError):
-                raise failure[0] from None  # the participant's own stream broke
-            raise _Relayed(exc) from None
-
     @staticmethod
     def _canonical(raw: bytes) -> bytes:
         """A data or trailer message in another valid layout, as the aggregator's message."""
@@ -395,6 +405,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         raise invalid("a weights stream carries exactly one header")
 
     def _pretrain_delta(self, header: Any, messages: Iterator[Any]) -> pb.SubmitUpdateResponse:
+        """A pre-training delta (or its sketch), read whole and kept for the clustering."""
         self.state.check_pretrain_task(header.sender)
         spec = None
         if header.kind == "pretrain-sketch":
@@ -532,10 +543,138 @@ def page(offset: int, limit: int, default: int, most: int) -> slice:
 class _Relayed(Exception):
     """An aggregator status passed back to the participant unchanged."""
 
-    def __init__(self, exc: grpc.RpcError) -> None:
-        super().__init__(exc.details())
-        self.code = exc.code()
-        self.details = exc.details() or "aggregator error"
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details or "aggregator error"
+
+
+FORWARD = f"/{AGGREGATOR}/ForwardUpdate"
+
+
+class AggregatorRelay:
+    """Uploads passed on to the aggregator's ForwardUpdate from the server's loop, over an
+    asyncio channel of their own (the coordinator's sync stub makes every other call):
+    an upload's messages go from the participant's call to the aggregator's as each
+    arrives, without a thread or a hop between threads per message. The channel is made on
+    the loop at the first upload and, with TLS, follows certificate renewals as the sync
+    stub does (`Renewing`)."""
+
+    def __init__(self, address: str, tls: TlsFiles | None, metrics: RpcMetrics) -> None:
+        self._address = address
+        self._tls = tls
+        self._metrics = metrics
+        self._fixed: tuple[grpc.aio.Channel, Any] | None = None
+        self._renewing: Renewing[Any] | None = None
+
+    def _build(self, client: TlsFiles | None) -> tuple[grpc.aio.Channel, Any]:
+        ch = aio_channel(self._address, client=client, extra=PEER_OPTIONS)
+        method = ch.stream_unary(
+            FORWARD,
+            request_serializer=None,  # the participant's serialized messages, as they came
+            response_deserializer=agg_pb.ForwardUpdateResponse.FromString,
+            _registered_method=True,
+        )
+        return ch, method
+
+    def _method(self) -> Any:
+        if self._tls is not None:
+            if self._renewing is None:
+                self._renewing = Renewing(self._tls, self._build)
+            return self._renewing.stub()
+        if self._fixed is None:
+            self._fixed = self._build(None)
+        return self._fixed[1]
+
+    async def forward(
+        self, header: agg_pb.UpdateHeader, rest: AsyncIterator[bytes], token: str | None
+    ) -> None:
+        """Stream header + rest to the aggregator; its refusal comes back as `_Relayed`
+        (the same status for the participant), and a failure of `rest` cancels the call."""
+        call = self._method()(metadata=call_metadata(token), timeout=3600)
+        ended = _FirstStatus(call)
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            first = agg_pb.ForwardUpdateRequest(header=header).SerializeToString()
+            if await _sent(call, first):
+                async for raw in rest:
+                    if not await _sent(call, raw):
+                        break
+                else:
+                    await call.done_writing()
+            await call
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.INTERNAL and ended.code not in (None, code):
+                code, details = ended.code, ended.details  # see _FirstStatus
+            raise _Relayed(code, details) from None
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            call.cancel()
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            self._metrics.client_seconds.labels(AGGREGATOR, "ForwardUpdate").observe(elapsed)
+            self._metrics.client_handled.labels(AGGREGATOR, "ForwardUpdate", code.name).inc()
+
+    async def close(self) -> None:
+        """Close the channel (the server has stopped)."""
+        channels = [self._fixed[0]] if self._fixed is not None else []
+        if self._renewing is not None:
+            channels.append(self._renewing.channel)
+        for ch in channels:
+            await ch.close()
+
+
+async def _sent(call: grpc.aio.StreamUnaryCall, message: bytes) -> bool:
+    """Write one message; False when the call has ended (the aggregator refused the upload
+    and stopped reading): its status is read by awaiting the call."""
+    try:
+        await call.write(message)
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        return False
+    return True
+
+
+_RUNNING: set[asyncio.Future[Any]] = set()  # work that outlives the call that started it
+
+
+def _uncancelled(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """fn(*args) on a thread, carrying the caller's context, as a task that runs to its end
+    whatever happens to the coroutine that started it (await it through asyncio.shield)."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return task
+
+
+class _FirstStatus:
+    """The status a grpc.aio call is first given, kept as it is set (a done callback runs
+    once, then). A write that fails because the call has just ended makes grpc.aio set the
+    call's status to INTERNAL "Internal error from Core" (grpc/grpc#36066): when the
+    aggregator's answer had arrived first it is overwritten, and only this copy keeps it;
+    when it arrives after, it overwrites the INTERNAL one and the call reports it."""
+
+    def __init__(self, call: grpc.aio.Call) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        # The status is set when this runs, so these coroutines finish without waiting.
+        self.code = _settled(call.code())
+        self.details = _settled(call.details()) or ""
+
+
+def _settled(coroutine: Coroutine[Any, Any, T]) -> T | None:
+    """The value of a coroutine that completes without suspending (None if it would)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coroutine.close()
+    return None
 
 
 @dataclass
@@ -650,15 +789,12 @@ def build_service(config: ClustererConfig) -> ClustererService:
         config.clustering.max_participants,
         on_phase=metrics.phase.state,
     )
-    quiet_refused_streams()  # a refused upload is one log line, not gRPC's traceback
 
     def connect(client: TlsFiles | None) -> tuple[grpc.Channel, agg_grpc.AggregatorStub]:
         ch = channel(config.clustering.aggregator, client=client, extra=PEER_OPTIONS)
         calls = instrument_channel(ch, metrics.rpc)
-        stub = agg_grpc.AggregatorStub(calls)  # uploads pass on as serialized messages
-        reply = agg_pb.ForwardUpdateResponse
-        raw_requests(stub, calls, AGGREGATOR, "ForwardUpdate", reply)
-        # and models come as the aggregator's messages, served to participants as they are
+        stub = agg_grpc.AggregatorStub(calls)  # uploads go by AggregatorRelay
+        # Models come as the aggregator's messages, served to participants as they are.
         return ch, raw_responses(stub, calls, AGGREGATOR, "GetModel", agg_pb.GetModelRequest)
 
     if tls is None:
@@ -679,6 +815,8 @@ def build_service(config: ClustererConfig) -> ClustererService:
         svc.max_workers, authenticator, policy(svc.max_workers), interceptors, pending
     )
     servicer.stream_pool = server.pool
+    servicer.relay = AggregatorRelay(config.clustering.aggregator, tls, metrics.rpc)
+    server.on_stop(servicer.relay.close)
     add_servicer(
         pb_grpc.add_ClustererServicer_to_server,
         servicer,

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from services.common.credentials import TlsFiles
-from services.common.errors import ConfigError, FLClusteringError
+from services.common.errors import ConfigError
 from services.common.limits import MESSAGE_LIMITS
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,19 @@ def channel(
 
 S = TypeVar("S")
 RENEW_CHECK_S = 60.0
+
+
+def aio_channel(
+    address: str, client: TlsFiles | None = None, extra: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """`channel`'s asyncio twin for a service's channel to another (mutual TLS with a
+    client's kit, plain otherwise), with the same limits and keepalive; made on the loop
+    that will use it."""
+    options = [*CHANNEL_OPTIONS, *extra]
+    if client is not None:
+        creds = grpc.ssl_channel_credentials(client.ca, client.key, client.cert)
+        return grpc.aio.secure_channel(address, creds, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 def raw_requests(stub: S, ch: grpc.Channel, service: str, method: str, response: Any) -> S:
@@ -141,23 +154,6 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 T = TypeVar("T")
-
-
-class _RefusedStreamFilter(logging.Filter):
-    """Drops gRPC's traceback for a request stream we ended on purpose with a domain error
-    (a relay refusing a bad upload mid-stream): the refusal is answered and logged as one
-    line where it is decided."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, FLClusteringError)
-
-
-def quiet_refused_streams() -> None:
-    """Install the filter on gRPC's channel logger (once; relays call it when built)."""
-    log = logging.getLogger("grpc._channel")
-    if not any(isinstance(f, _RefusedStreamFilter) for f in log.filters):
-        log.addFilter(_RefusedStreamFilter())
 
 
 @dataclass(frozen=True)

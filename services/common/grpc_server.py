@@ -32,7 +32,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent import futures
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -599,23 +607,45 @@ class StallWatch:
 
     def watch(self, messages: Iterator[Any], context: Cancellable, what: str) -> Iterator[Any]:
         """messages, while cancelling the call if the sender stalls."""
+        key = self._register(context, what)
+        try:
+            for msg in messages:
+                self._seen(key)
+                yield msg
+        finally:
+            self._forget(key)
+
+    async def awatch(
+        self, messages: AsyncIterator[T], cut: Cancellable, what: str
+    ) -> AsyncIterator[T]:
+        """`watch` for an aio call's request stream read on its loop (`cut`: its `Cut`)."""
+        key = self._register(cut, what)
+        try:
+            async for msg in messages:
+                self._seen(key)
+                yield msg
+        finally:
+            self._forget(key)
+
+    def _register(self, call: Cancellable, what: str) -> int:
         key = next(self._ids)
         now = time.monotonic()
         with self._lock:
-            self._streams[key] = [context, now, now, what]
+            self._streams[key] = [call, now, now, what]
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
                 self._thread.start()
-        try:
-            for msg in messages:
-                with self._lock:
-                    entry = self._streams.get(key)
-                    if entry is not None:
-                        entry[2] = time.monotonic()
-                yield msg
-        finally:
-            with self._lock:
-                self._streams.pop(key, None)
+        return key
+
+    def _seen(self, key: int) -> None:
+        with self._lock:
+            entry = self._streams.get(key)
+            if entry is not None:
+                entry[2] = time.monotonic()
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._streams.pop(key, None)
 
     async def send(self, context: Any, messages: Iterable[Any], what: str) -> None:
         """Write messages on an aio call: a write its receiver does not take within `idle_s`,
@@ -936,6 +966,7 @@ class AioServer:
         self._ended = threading.Event()
         self._stopping = False
         self._lock = threading.Lock()
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
         threading.Thread(target=self._run, name="grpc-aio", daemon=True).start()
         self.server: grpc.aio.Server = self.call(
             lambda: grpc.aio.server(
@@ -998,9 +1029,20 @@ class AioServer:
             if self._stopping or self.loop.is_closed():
                 return self._ended
             self._stopping = True
-        stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+        stopping = asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop)
         stopping.add_done_callback(lambda _: self._end())
         return self._ended
+
+    def on_stop(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Have `stop` await close() on the loop once the server has stopped (a channel the
+        handlers used)."""
+        self._closers.append(close)
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
 
     def _end(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

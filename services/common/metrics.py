@@ -52,7 +52,7 @@ def counting_refusals(counter: Counter) -> Iterator[None]:
     """Count an upload that fails, labelled by the status code it is answered with."""
     try:
         yield
-    except grpc.RpcError:  # the sender's own stream broke
+    except (grpc.RpcError, asyncio.CancelledError):  # the sender's own stream broke
         counter.labels("cancelled").inc()
         raise
     except Exception as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -130,6 +132,46 @@ def test_each_bad_upload_gets_its_code_and_changes_nothing(open_round):
     assert submit(fed, messages(w)) == C.FAILED_PRECONDITION
     status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
     assert status.pending_updates == 1
+
+
+def test_a_stalled_or_abandoned_upload_changes_nothing(federation_factory):
+    """The clusterer passes uploads on from its event loop: one that stalls mid-stream is
+    cut after --stream-idle-s (CANCELLED), one whose sender gives up mid-stream is
+    dropped; either way the aggregator keeps nothing, the participant's reservation is
+    released and its next upload counts."""
+    fed, _, weights = start_round(federation_factory, stream_idle_s=1.0)
+    full = messages(weights)
+    assert len(full) > 6
+    go_on = threading.Event()
+
+    def stalling() -> Iterator[pb.SubmitUpdateRequest]:
+        yield from full[:4]  # the header and some data, then silence
+        go_on.wait(30)
+
+    started = time.monotonic()
+    code = submit(fed, stalling())
+    took = time.monotonic() - started
+    go_on.set()
+    assert code == C.CANCELLED and 1.0 <= took < 10, (code, took)
+    assert unchanged(fed)
+
+    gave_up = threading.Event()
+
+    def abandoned() -> Iterator[pb.SubmitUpdateRequest]:
+        yield from full[:4]
+        gave_up.wait(30)
+
+    upload = fed.stub.SubmitUpdate.future(abandoned(), metadata=META, timeout=30)
+    time.sleep(0.5)
+    upload.cancel()
+    gave_up.set()
+    assert unchanged(fed)
+    deadline = time.monotonic() + 5  # the release follows the cancellation closely
+    while (code := submit(fed, full)) == C.FAILED_PRECONDITION and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert code == C.OK
+    status = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert status.pending_participants == [PID]
 
 
 def test_bad_reports_and_requests(open_round):
