@@ -71,17 +71,23 @@ class Scan:
 
 
 def scan(rows: Rows) -> Scan:
-    """One pass: the Gram matrix accumulated block by block, and each row's finiteness.
+    """One pass: the Gram matrix accumulated block by block; each row's finiteness from it.
 
-    A row whose sum is finite has only finite entries (an Inf or NaN makes the sum one), so
-    the elementwise check runs only for rows whose block sum is not.
+    A row's squared norm (its diagonal entry) is finite when all its entries are: an Inf or
+    NaN entry makes it Inf or NaN. It can also overflow with finite entries (|x| > 1.8e19),
+    so only rows whose norm is not finite are read again, entry by entry (a second pass,
+    which rounds of finite updates never take: the aggregator has checked every value).
     """
     n, _ = rows.shape
     gram = torch.zeros(n, n, dtype=torch.float32, device=rows.device)
-    finite = torch.ones(n, dtype=torch.bool, device=rows.device)
     for _, block in rows.blocks():
         gram.addmm_(block, block.T)
-        sums = torch.isfinite(block.sum(dim=1))
-        for i in torch.nonzero(~sums).flatten().tolist():
-            finite[i] &= bool(torch.isfinite(block[i]).all())
+    finite = torch.isfinite(gram.diagonal()).clone()
+    suspects = torch.nonzero(~finite).flatten().tolist()
+    if suspects:
+        finite[suspects] = True
+        for _, block in rows.blocks():
+            for i in suspects:
+                if not bool(torch.isfinite(block[i]).all()):
+                    finite[i] = False
     return Scan(gram, finite)

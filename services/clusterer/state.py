@@ -669,13 +669,14 @@ class ClustererState:
     def plan(
         self, round_: int, selected: Mapping[str, int], evaluators: Iterable[str]
     ) -> RoundProgress:
-        """Fix round_'s plan, durably and with the stream it was drawn from, so that a
-        restart redoes the round with the same selection and draws later rounds alike."""
+        """Fix round_'s plan. It is saved, with the stream it was drawn from, by the next
+        step (the evaluators asked, or the round opened) before anyone is told anything: a
+        restart before then plans the round again from the saved stream, and one after
+        redoes it with the same selection and draws later rounds alike."""
         with self.cond:
             self.progress = RoundProgress(
                 round_, "planned", dict(selected), list(evaluators), time.time()
             )
-            self._persist()
             return self.progress
 
     def resume_round(self, round_: int) -> RoundProgress:
@@ -860,12 +861,13 @@ class ClustererState:
             return p
 
     def aggregated(self, round_: int, reply: dict[str, Any]) -> None:
-        """The aggregator answered round_'s Aggregate: kept, so it is not asked again."""
+        """The aggregator answered round_'s Aggregate: kept, and saved by the next step
+        (the new model's evaluation asked) so that it is not asked again; a restart
+        before then asks again and gets the same answer (Aggregate is idempotent)."""
         with self.cond:
             p = self._progress(round_)
             p.reply = reply
             p.step = "aggregated"
-            self._persist()
 
     def phase_took(self, round_: int, phase: str, seconds: float) -> None:
         """Note how long a phase of round_ took (kept with the round, saved with its next

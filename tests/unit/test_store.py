@@ -88,6 +88,19 @@ def test_the_scan_gives_the_gram_matrix_and_finite_rows():
     torch.testing.assert_close(found.gram[ok][:, ok].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_norm_that_overflows_is_not_a_non_finite_row():
+    """Finiteness comes from the Gram diagonal; a finite row whose squared norm overflows
+    float32 is read again and stays finite, rows with one Inf or NaN entry are not."""
+    deltas = torch.randn(4, 30)
+    deltas[1, 5] = 1e30  # finite, squared: inf
+    deltas[2, 29] = float("inf")
+    deltas[3, 0] = float("nan")
+    for width in (None, 7):
+        found = scan(MatrixRows(deltas, width=width))
+        assert found.finite.tolist() == [True, True, False, False]
+        assert not torch.isfinite(found.gram[1, 1])
+
+
 def test_deltas_past_the_budget_go_to_files_and_come_back():
     numel = 50_000  # 200 KB a model: two copies and 6 KB of blocks leave room for 3 deltas
     store = DeltaStore(numel, budget_mb=1, block_bytes=1024)
