@@ -10,7 +10,8 @@ round (the participants' start-up, first connections and downloads; not counted)
 round's wall time is measured from the first TRAIN task of the round reaching a
 participant to the first TRAIN task of the next (the last round: to the first DONE).
 Prints each round, the phases as the clusterer records them, the CPU each kind of process
-spent per round, and ends with
+spent per counted round (start-up left out) and what that CPU alone takes of the machine's
+cores, and ends with
 
     round: mean X.XXX s, p95 Y.YYY s
 
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,14 +65,17 @@ def participant(index: int, address: str, out: Any) -> None:
     gen = torch.Generator().manual_seed(index)
     noise: dict[str, torch.Tensor] = {}
     trains: dict[int, float] = {}
+    counted = 0.0  # CPU time when round 1 (the first counted) began here
     while True:
         task = stub.GetTask(pb.GetTaskRequest(participant_id=pid, wait_s=20), metadata=md)
         got = time.time()
         if task.kind == pb.TASK_KIND_DONE:
-            out.put((index, trains, got, time.process_time()))
+            out.put((index, trains, got, time.process_time() - counted))
             return
         if task.kind == pb.TASK_KIND_TRAIN:
             trains[task.round] = got
+            if task.round == 1:
+                counted = time.process_time()
             request = pb.DownloadModelRequest(model_version=task.model_version)
             _, weights = read_model(
                 stub.DownloadModel(request, metadata=md), cls=pb.DownloadModelResponse
@@ -100,6 +106,35 @@ def participant(index: int, address: str, out: Any) -> None:
                 metadata=md,
                 timeout=60,
             )
+
+
+class Sampler:
+    """The CPU time of processes, sampled every 20 ms from a thread (read at any moment
+    after by interpolation), so that a run's start-up can be left out."""
+
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
+        self.samples: list[tuple[float, ...]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.samples.append((time.time(), *(cpu_s(p) for p in self.pids)))
+            self._done.wait(0.02)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def at(self, when: float) -> list[float]:
+        """Each process's CPU seconds at time `when` (within the samples)."""
+        times = [s[0] for s in self.samples]
+        return [
+            float(np.interp(when, times, [s[i] for s in self.samples]))
+            for i in range(1, len(self.pids) + 1)
+        ]
 
 
 def main() -> int:
@@ -144,9 +179,9 @@ def main() -> int:
         ]
         for p in players:
             p.start()
+        services = Sampler(clu.pid, agg.pid)
         results = [out.get(timeout=600) for _ in players]
-        cpu = {"clusterer": cpu_s(clu.pid), "aggregator": cpu_s(agg.pid)}
-        cpu["participants"] = sum(r[3] for r in results)
+        services.stop()
         for p in players:
             p.join(30)
     finally:
@@ -167,9 +202,17 @@ def main() -> int:
     print("rounds (s): " + " ".join(f"{t:.3f}" for t in took))
     if phases:
         print("phases, mean (s): " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in phases.items()))
+    # CPU over the counted rounds (from the first TRAIN task of round 1 to the first DONE):
+    # the services' sampled, the participants' own.
+    began = starts[1]
+    clu_cpu, agg_cpu = (b - a for a, b in zip(services.at(began), services.at(done), strict=True))
+    cpu = {"clusterer": clu_cpu, "aggregator": agg_cpu, "participants": sum(r[3] for r in results)}
+    total = sum(cpu.values()) / a.rounds
+    cores = os.cpu_count() or 1
     print(
-        "CPU per round, whole run (s): "
-        + ", ".join(f"{k} {v / (a.rounds + 1):.3f}" for k, v in cpu.items())
+        "CPU per round (s): "
+        + ", ".join(f"{k} {v / a.rounds:.3f}" for k, v in cpu.items())
+        + f"; together {total:.3f}, at least {total / cores:.3f} s of wall time on {cores} cores"
     )
     print(f"round: mean {np.mean(took):.3f} s, p95 {np.percentile(took, 95):.3f} s")
     return 0

@@ -751,10 +751,11 @@ def policy(max_workers: int) -> Policy:
     status is for operators. Per identity: one poll and one upload at a time (plus one
     being torn down). A waiting poll holds no thread (the server is asyncio): up to
     --max-participants wait at once, past that a poll answers at once (WAIT with
-    next_poll_s). Uploads, each relayed on a pool thread, take at most half the threads (a
-    round selecting a hundred uploads at once), downloads (coroutines) as many as a quarter
-    of the threads, reflection and health watches a few streams: half the pool is always
-    free for joins, evaluations and status, and health checks are answered on the loop."""
+    next_poll_s). Uploads (passed on from the loop, each holding one of the aggregator's
+    threads while it streams, pre-training deltas one of ours) are at most half as many as
+    the threads (a round selecting a hundred uploads at once), downloads (coroutines) a
+    quarter, reflection and health watches a few streams: half the pool is always free for
+    joins, evaluations and status, and health checks are answered on the loop."""
     part = frozenset({"participant"})
     return Policy(
         roles={
