@@ -159,7 +159,8 @@ def read_model(
 
     got = read_all(messages, on_header, cls)
     assert got.reader is not None and got.reader.flat is not None
-    weights = unflatten(got.reader.flat, spec_box[0], got.reader.others)
+    # The flat buffer is this call's own: the tensors are views of it, not a second copy.
+    weights = unflatten(got.reader.flat, spec_box[0], got.reader.others, share=True)
     return got.header, weights
 
 
