@@ -301,7 +301,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     ) -> pb.SubmitUpdateResponse:
         """An upload (serialized messages: `add_servicer`): checked by its header, then
         passed on to the aggregator message by message, on the loop."""
-        first = await anext(messages, None)
+        first = await _next(messages, context)
         part, h = part_of(first, pb.SubmitUpdateRequest) if first is not None else (None, None)
         if part != "header" or h is None:
             raise invalid("a weights stream must start with a header")
@@ -332,11 +332,15 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         else:
             spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
         checked_size(spec, self.config.transport.max_update_bytes)
-        # The reservation is made and released on a thread (the state journals under its
-        # lock); a participant that goes away cancels this coroutine, never the thread's
-        # work, and a reservation made meanwhile is released all the same.
-        pid, round_ = h.sender, h.round
-        reserving = _uncancelled(self.state.begin_upload, pid, round_, h.model_version, cut.cancel)
+        # The reservation is made and released on a thread of the large pool (the state
+        # journals under its lock, and a reservation may wait for the one of the
+        # participant's previous upload to be released; uploads are at most half the pool,
+        # `policy`); a participant that goes away cancels this coroutine, never the
+        # thread's work, and a reservation made meanwhile is released all the same.
+        pid, round_, pool = h.sender, h.round, self.stream_pool
+        reserving = _uncancelled(
+            pool, self.state.begin_upload, pid, round_, h.model_version, cut.cancel
+        )
         try:
             cluster = await asyncio.shield(reserving)
         except asyncio.CancelledError:
@@ -344,17 +348,19 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
                 lambda done: (
                     done.cancelled()
                     or done.exception() is not None
-                    or _uncancelled(self.state.finish_upload, pid, round_, False)
+                    or _uncancelled(pool, self.state.finish_upload, pid, round_, False)
                 )
             )
             raise
         accepted = False
         try:
             header = agg_pb.UpdateHeader(model=h, cluster=cluster)
-            await self.relay.forward(header, self._passed_on(messages, context), self.token)
+            await self.relay.forward(header, self._passed_on(messages, context), self.token, cut)
             accepted = True
         finally:
-            await asyncio.shield(_uncancelled(self.state.finish_upload, pid, round_, accepted))
+            await asyncio.shield(
+                _uncancelled(pool, self.state.finish_upload, pid, round_, accepted)
+            )
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 
     async def _passed_on(
@@ -366,15 +372,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         checksum once. A message in another valid layout is re-encoded; a second header is
         refused here (as UpdateHeader it would read differently)."""
         counter = self.metrics.rpc
-        while True:
-            try:
-                raw = await anext(messages)
-            except StopAsyncIteration:
-                return
-            except Exception:
-                if context.done():  # cut: the participant has its status already
-                    raise WireError("CANCELLED", "the upload was cut") from None
-                raise
+        while (raw := await _next(messages, context)) is not None:
             if read_frame(raw) is None and read_frame(raw, TRAILER_TAG) is None:
                 raw = self._canonical(raw)
             counter.received_bytes.inc(len(raw))
@@ -577,22 +575,32 @@ class AggregatorRelay:
         )
         return ch, method
 
-    def _method(self) -> Any:
+    def connect(self) -> None:
+        """Make the channel (on the server's loop, once it runs: `AioServer.call`), so the
+        first upload finds it connected and certificate renewals are checked from now."""
         if self._tls is not None:
-            if self._renewing is None:
-                self._renewing = Renewing(self._tls, self._build)
-            return self._renewing.stub()
-        if self._fixed is None:
+            self._renewing = Renewing(self._tls, self._build)
+        else:
             self._fixed = self._build(None)
+
+    def _method(self) -> Any:
+        if self._renewing is None and self._fixed is None:
+            self.connect()
+        if self._renewing is not None:
+            return self._renewing.stub()
+        assert self._fixed is not None
         return self._fixed[1]
 
     async def forward(
-        self, header: agg_pb.UpdateHeader, rest: AsyncIterator[bytes], token: str | None
+        self, header: agg_pb.UpdateHeader, rest: AsyncIterator[bytes], token: str | None, cut: Cut
     ) -> None:
         """Stream header + rest to the aggregator; its refusal comes back as `_Relayed`
-        (the same status for the participant), and a failure of `rest` cancels the call."""
+        (the same status for the participant). A failure of `rest` cancels the call, and so
+        does a cut of the participant's (stalled, or its round closed): the aggregator
+        keeps nothing the participant was told was refused."""
         call = self._method()(metadata=call_metadata(token), timeout=3600)
         ended = _FirstStatus(call)
+        cut.also(call.cancel)
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -609,6 +617,13 @@ class AggregatorRelay:
             if code == grpc.StatusCode.INTERNAL and ended.code not in (None, code):
                 code, details = ended.code, ended.details  # see _FirstStatus
             raise _Relayed(code, details) from None
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            task = asyncio.current_task()
+            if cut.done and task is not None and not task.cancelling():
+                raise WireError("CANCELLED", "the upload was cut") from None  # the call's
+            call.cancel()
+            raise  # this coroutine's: the participant went away
         except BaseException:
             code = grpc.StatusCode.CANCELLED
             call.cancel()
@@ -622,9 +637,22 @@ class AggregatorRelay:
         """Close the channel (the server has stopped)."""
         channels = [self._fixed[0]] if self._fixed is not None else []
         if self._renewing is not None:
-            channels.append(self._renewing.channel)
+            channels += [self._renewing.channel, *self._renewing.previous()]
         for ch in channels:
             await ch.close()
+
+
+async def _next(messages: AsyncIterator[bytes], context: Context) -> bytes | None:
+    """The next message of a participant's stream (None at its end); a read that fails
+    because the call was cut is the refusal CANCELLED (the participant has that status)."""
+    try:
+        return await anext(messages)
+    except StopAsyncIteration:
+        return None
+    except Exception:
+        if context.done():
+            raise WireError("CANCELLED", "the upload was cut") from None
+        raise
 
 
 async def _sent(call: grpc.aio.StreamUnaryCall, message: bytes) -> bool:
@@ -640,10 +668,12 @@ async def _sent(call: grpc.aio.StreamUnaryCall, message: bytes) -> bool:
 _RUNNING: set[asyncio.Future[Any]] = set()  # work that outlives the call that started it
 
 
-def _uncancelled(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """fn(*args) on a thread, carrying the caller's context, as a task that runs to its end
+def _uncancelled(
+    pool: futures.Executor | None, fn: Callable[..., T], *args: Any
+) -> asyncio.Future[T]:
+    """fn(*args) on `pool`, carrying the caller's context, as a task that runs to its end
     whatever happens to the coroutine that started it (await it through asyncio.shield)."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    task = asyncio.ensure_future(on_pool(pool, fn, *args))
     _RUNNING.add(task)
     task.add_done_callback(_RUNNING.discard)
     return task
@@ -817,6 +847,7 @@ def build_service(config: ClustererConfig) -> ClustererService:
     )
     servicer.stream_pool = server.pool
     servicer.relay = AggregatorRelay(config.clustering.aggregator, tls, metrics.rpc)
+    server.call(servicer.relay.connect)
     server.on_stop(servicer.relay.close)
     add_servicer(
         pb_grpc.add_ClustererServicer_to_server,

@@ -42,6 +42,9 @@ STAGES = ("waiting", "pretraining", "clustering", "clustered", "done")
 # The steps of the round in flight: planned (pre-round evaluation next), training,
 # aggregating (Aggregate may have been called), aggregated (post-round evaluation next).
 STEPS = ("planned", "training", "aggregating", "aggregated")
+# How long an upload waits for the reservation of the same participant's previous upload,
+# which broke on its side and is being released, before it is refused as a duplicate.
+RELEASE_WAIT_S = 2.0
 
 
 def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
@@ -424,6 +427,12 @@ class ClustererState:
         `cut` cancels the upload (the round closes without waiting for it)."""
         with self.cond:
             self._member(pid)
+            # An upload of pid's that broke on its side releases its reservation in a
+            # moment (from the server's thread): a retry waits for that, briefly.
+            self.cond.wait_for(
+                lambda: self.collecting is None or pid not in self.collecting.in_flight,
+                timeout=RELEASE_WAIT_S,
+            )
             open_ = self.collecting
             if open_ is not None and (pid in open_.received or pid in open_.in_flight):
                 raise StateError(
@@ -726,6 +735,8 @@ class ClustererState:
             asked = sorted(participants)
             got = self.evaluations.setdefault(tag, {})
             self.asked[tag] = asked
+            # Saved before the tasks exist: polls read them without the lock.
+            self._persist()
             self.tasks.update(
                 {
                     p: Task(pb.TASK_KIND_EVALUATE, self.round, self.model_version, tag)
@@ -733,7 +744,6 @@ class ClustererState:
                     if p not in got
                 }
             )
-            self._persist()
             self.cond.notify_all()
             return asked
 
@@ -757,10 +767,10 @@ class ClustererState:
             p.cluster_accuracy = dict(cluster_accuracy)
             self._enter("training")
             self.collecting = RoundCollection(round_, self.model_version, dict(p.selected))
+            self._persist()  # before the tasks exist: polls read them without the lock
             self.tasks.update(
                 {q: Task(pb.TASK_KIND_TRAIN, round_, self.model_version) for q in p.selected}
             )
-            self._persist()
             self.cond.notify_all()
 
     def reopen_round(self, round_: int, acknowledged: Iterable[str]) -> list[str]:

@@ -131,6 +131,10 @@ class Renewing(Generic[S]):
         """The channel calls go over now."""
         return self._channel
 
+    def previous(self) -> list[grpc.Channel]:
+        """The channel before the last renewal, kept for the calls still on it (if any)."""
+        return [self._previous] if self._previous is not None else []
+
     def stub(self) -> S:
         """The stub to call now."""
         if time.monotonic() - self._checked >= RENEW_CHECK_S:

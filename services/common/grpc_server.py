@@ -705,6 +705,16 @@ class Cut:
         self._context = context
         self._loop = loop
         self._why = why
+        self._also: list[Callable[[], Any]] = []
+        self.done = False  # the call has been cut
+
+    def also(self, end: Callable[[], Any]) -> None:
+        """Have the cut call end() too, on the loop (a call made on the cut call's behalf);
+        at once if it has been cut already (call on the loop)."""
+        if self.done:
+            end()
+        else:
+            self._also.append(end)
 
     def cancel(self) -> None:
         """Cut the call soon (any thread)."""
@@ -717,6 +727,11 @@ class Cut:
         await asyncio.wait({self._start()}, timeout=CUT_WAIT_S)
 
     def _start(self) -> asyncio.Task[None]:
+        self.done = True
+        for end in self._also:
+            with contextlib.suppress(Exception):
+                end()
+        self._also.clear()
         task = asyncio.ensure_future(self._abort())
         _CUTTING.add(task)
         task.add_done_callback(_CUTTING.discard)
