@@ -344,13 +344,12 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         try:
             cluster = await asyncio.shield(reserving)
         except asyncio.CancelledError:
-            reserving.add_done_callback(
-                lambda done: (
-                    done.cancelled()
-                    or done.exception() is not None
-                    or _uncancelled(pool, self.state.finish_upload, pid, round_, False)
-                )
-            )
+
+            def release(made: asyncio.Future[int]) -> None:
+                if not made.cancelled() and made.exception() is None:
+                    _uncancelled(pool, self.state.finish_upload, pid, round_, False)
+
+            reserving.add_done_callback(release)
             raise
         accepted = False
         try:
@@ -617,21 +616,18 @@ class AggregatorRelay:
             if code == grpc.StatusCode.INTERNAL and ended.code not in (None, code):
                 code, details = ended.code, ended.details  # see _FirstStatus
             raise _Relayed(code, details) from None
-        except asyncio.CancelledError:
+        except BaseException as exc:
             code = grpc.StatusCode.CANCELLED
+            call.cancel()
             task = asyncio.current_task()
-            if cut.done and task is not None and not task.cancelling():
+            ours = task is not None and task.cancelling() > 0  # the participant went away
+            if isinstance(exc, asyncio.CancelledError) and cut.done and not ours:
                 raise WireError("CANCELLED", "the upload was cut") from None  # the call's
-            call.cancel()
-            raise  # this coroutine's: the participant went away
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED
-            call.cancel()
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            self._metrics.client_seconds.labels(AGGREGATOR, "ForwardUpdate").observe(elapsed)
-            self._metrics.client_handled.labels(AGGREGATOR, "ForwardUpdate", code.name).inc()
+            self._metrics.client_done(
+                AGGREGATOR, "ForwardUpdate", time.perf_counter() - start, code
+            )
 
     async def close(self) -> None:
         """Close the channel (the server has stopped)."""

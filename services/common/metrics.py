@@ -171,9 +171,7 @@ class _ClientInterceptor(
         self.m = metrics
 
     def _done(self, details: Any, start: float, code: grpc.StatusCode) -> None:
-        service, method = _split(details.method)
-        self.m.client_seconds.labels(service, method).observe(time.perf_counter() - start)
-        self.m.client_handled.labels(service, method, code.name).inc()
+        self.m.client_done(*_split(details.method), time.perf_counter() - start, code)
 
     def _unary_result(self, continuation: Any, details: Any, request: Any) -> Any:
         start = time.perf_counter()
@@ -305,6 +303,11 @@ class RpcMetrics(Table):
         ),
         Metric("sent_bytes", Counter, "sent_bytes_total", "Model bytes sent in weight streams."),
     )
+
+    def client_done(self, service: str, method: str, seconds: float, code: grpc.StatusCode) -> None:
+        """An RPC this service made ended with `code` after `seconds`."""
+        self.client_seconds.labels(service, method).observe(seconds)
+        self.client_handled.labels(service, method, code.name).inc()
 
 
 def refusals(*extra: str) -> Metric:
