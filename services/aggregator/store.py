@@ -14,6 +14,7 @@ never all in memory at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -138,6 +139,7 @@ class DeltaStore:
         self._in_ram = 0  # bytes of delta buffers alive (in rounds, in flight, or spare)
         self._spare: list[torch.Tensor] = []
         self._keep = 0  # spare buffers worth keeping: as many as the last round used
+        self._block: torch.Tensor | None = None  # the column-block buffer between uses
 
     @property
     def directory(self) -> Path:
@@ -207,7 +209,26 @@ class DeltaStore:
 
     def rows(self, deltas: Sequence[Delta], device: torch.device) -> StoredRows:
         """The deltas as rows read in column blocks of at most `block_bytes`."""
-        return StoredRows(list(deltas), self.numel, device, self.block_bytes)
+        return StoredRows(list(deltas), self.numel, device, self.block_bytes, self)
+
+    @contextlib.contextmanager
+    def block_buffer(self, numel: int) -> Iterator[torch.Tensor]:
+        """A buffer of `numel` floats to assemble column blocks in: the previous pass's,
+        whose pages are mapped already. A round makes two or three passes over its rows and
+        a fresh 16 MB buffer costs 4,096 page faults each time (`perf` counted 12,000 a
+        round in the aggregator of benchmarks/round.py, most of them here). Passes that
+        overlap get a buffer each; one is kept between them (within the working blocks the
+        budget counts)."""
+        with self._lock:
+            buffer, self._block = self._block, None
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32)
+        try:
+            yield buffer[:numel]
+        finally:
+            with self._lock:
+                if self._block is None or self._block.numel() < buffer.numel():
+                    self._block = buffer
 
     def close(self) -> None:
         """Remove a temporary directory of the store's own."""
@@ -219,12 +240,18 @@ class StoredRows:
     """Rows in memory and in files, assembled into column blocks (`rows.Rows`)."""
 
     def __init__(
-        self, deltas: list[Delta], numel: int, device: torch.device, block_bytes: int
+        self,
+        deltas: list[Delta],
+        numel: int,
+        device: torch.device,
+        block_bytes: int,
+        store: DeltaStore | None = None,
     ) -> None:
         self.deltas = deltas
         self.numel = numel
         self._device = device
         self.width = max(1, block_bytes // (4 * max(1, len(deltas))))
+        self._store = store
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -236,16 +263,21 @@ class StoredRows:
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         n = len(self.deltas)
-        buffer = torch.empty(n * min(self.width, self.numel), dtype=torch.float32)
-        for start in range(0, self.numel, self.width):
-            w = min(self.width, self.numel - start)
-            block = buffer[: n * w].view(n, w)
-            for i, d in enumerate(self.deltas):
-                if isinstance(d, DiskRow):
-                    d.read(start, block[i].numpy())
-                else:
-                    block[i].copy_(d.narrow(0, start, w))
-            yield start, block.to(self._device, non_blocking=True)
+        numel = n * min(self.width, self.numel)
+        with (
+            self._store.block_buffer(numel)
+            if self._store is not None
+            else contextlib.nullcontext(torch.empty(numel, dtype=torch.float32))
+        ) as buffer:
+            for start in range(0, self.numel, self.width):
+                w = min(self.width, self.numel - start)
+                block = buffer[: n * w].view(n, w)
+                for i, d in enumerate(self.deltas):
+                    if isinstance(d, DiskRow):
+                        d.read(start, block[i].numpy())
+                    else:
+                        block[i].copy_(d.narrow(0, start, w))
+                yield start, block.to(self._device, non_blocking=True)
 
 
 def safetensors_row(path: Path, name: str = "delta") -> DiskRow:

@@ -78,6 +78,39 @@ def test_a_round_read_in_blocks_from_files_equals_the_round_in_memory(name, tmp_
     assert not torch.equal(want.global_weights, base)
 
 
+def test_passes_over_the_rows_reuse_one_block_buffer_and_overlapping_ones_do_not_share(
+    tmp_path,
+):
+    """A pass assembles its blocks in the buffer the previous pass used (its pages are
+    mapped already); two passes at once each get their own; every block holds its rows'
+    columns whatever the buffer held before (another round's rows included)."""
+    cpu = torch.device("cpu")
+    _, deltas = round_of(n=8, d=101)
+    store = DeltaStore(101, block_bytes=16 * 4 * 8)
+
+    def check(rows, blocks):
+        for start, block in blocks:
+            want = deltas[:, start : start + block.shape[1]]
+            assert torch.equal(block.nan_to_num(7.0), want.nan_to_num(7.0))
+
+    rows = store.rows(half_on_disk(deltas, tmp_path), cpu)
+    first = [(s, b.clone()) for s, b in rows.blocks()]
+    check(rows, first)
+    held = [b for _, b in rows.blocks()]  # one pass after the other: the same buffer
+    again = [b for _, b in rows.blocks()]
+    pointers = {b.untyped_storage().data_ptr() for b in held + again}
+    assert len(pointers) == 1
+    outer, inner = rows.blocks(), rows.blocks()  # at once: a buffer each
+    (s1, b1), (s2, b2) = next(outer), next(inner)
+    assert b1.untyped_storage().data_ptr() != b2.untyped_storage().data_ptr()
+    check(rows, [(s1, b1), (s2, b2)])
+    outer.close()
+    inner.close()
+    other = store.rows([d * 3 for d in deltas], cpu)  # the next round's rows, same buffer
+    list(other.blocks())
+    check(rows, [(s, b.clone()) for s, b in rows.blocks()])
+
+
 def test_the_scan_gives_the_gram_matrix_and_finite_rows():
     _, deltas = round_of(d=50)
     found = scan(MatrixRows(deltas, width=7))
