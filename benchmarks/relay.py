@@ -5,9 +5,8 @@ print their port and serve until killed. The sink counts the bytes of a stream o
 messages (no deserializer) and answers the count; the middle forwards each message
 untouched (identity serializers) to the sink as it arrives. Same server kinds as the
 pipeline it is compared with (the clusterer's asyncio server in the middle, the
-aggregator's thread-pool server at the end), the same message limits, malloc settings
-(`tune_malloc`) and no TLS, as in the pipeline run. `send(port, chunks)` pushes one
-stream through and returns the count.
+aggregator's thread-pool server at the end), the same message limits and no TLS, as in the
+pipeline run. `send(port, chunks)` pushes one stream through and returns the count.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from concurrent import futures
 
 import grpc
 
-from services.common.lifecycle import tune_malloc
 from services.common.limits import MESSAGE_LIMITS
 
 SERVICE = "bench.Relay"
@@ -73,7 +71,6 @@ def send(channel: grpc.Channel, chunks: Iterable[bytes]) -> int:
 
 
 if __name__ == "__main__":
-    tune_malloc()  # as the services do: the yardstick runs on the same allocator settings
     if sys.argv[1:2] == ["sink"]:
         sink()
     elif sys.argv[1:2] == ["middle"] and len(sys.argv) == 3:

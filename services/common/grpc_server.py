@@ -69,7 +69,7 @@ from services.common.errors import (
     SpecMismatchError,
     StateError,
 )
-from services.common.lifecycle import exit_with_parent, freeze_heap, tune_malloc
+from services.common.lifecycle import exit_with_parent, freeze_heap, limit_malloc_arenas
 from services.common.settings import ServiceSettings, TransportSettings
 from services.common.wire import MESSAGE_LIMITS, WireError, invalid
 
@@ -1415,7 +1415,7 @@ def serve_main(name: str, settings: ServiceSettings, build: Callable[[], Service
     """A service's main(): build and start it, announce where it listens, serve until
     SIGTERM. A start-up failure (port taken, file missing) is one line and exit status 2."""
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
-    tune_malloc()  # before the servers' threads exist
+    limit_malloc_arenas()  # before the servers' threads exist
     try:
         service = build()
         freeze_heap()

@@ -94,43 +94,23 @@ def freeze_heap() -> None:
     gc.set_threshold(10_000, 10, 1000)
 
 
-# glibc's mallopt parameters, and the environment variables by which an operator sets them
-# instead (then left as they are).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-MALLOC_SETTINGS = (
-    (M_ARENA_MAX, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max", 2),
-    (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold", 8 << 20),
-    (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", 16 << 20),
-)
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
-def tune_malloc() -> list[str]:
-    """Set glibc's malloc for a service that moves models through gRPC; call it before the
-    process's threads exist. Returns the settings made (none where libc is not glibc, and
-    none that the environment already sets: MALLOC_* variables or GLIBC_TUNABLES).
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process, unless MALLOC_ARENA_MAX says otherwise.
 
-    - Two arenas: glibc gives threads that allocate at the same time arenas of their own,
-      up to 8 per core, and memory freed in one is not returned while anything in it
-      lives: a gRPC server whose pool threads take turns with hostile calls grew by
-      60-115 MiB over 3,000 of them (tests/integration/test_fuzz.py), the spread set by
-      nothing but timing. Two is the common setting for threaded Python servers.
-    - Buffers under 8 MiB (every gRPC message: the cap is 4 MiB) from the heap, and the
-      heap's free top returned to the kernel only past 16 MiB. With glibc's defaults each
-      2 MiB message was mmap'ed or trimmed off the heap when freed and its pages faulted in
-      again, zeroed, for the next: receiving 10 MB cost 11-16 ms of CPU instead of 4-5
-      (page faults and madvise were the largest items in `perf`), a third of a round's
-      CPU in `benchmarks/round.py`. Model-sized buffers are still mmap'ed and given back
-      when freed; what the heap keeps is bounded by 16 MiB per arena.
+    glibc gives threads that allocate at the same time arenas of their own, up to 8 per
+    core, and memory freed in one is not returned while anything in it lives: a gRPC server
+    whose pool threads take turns with hostile calls grew by 60-115 MiB over 3,000 of them
+    (tests/integration/test_fuzz.py), the spread set by nothing but timing. Two arenas is
+    the common setting for threaded Python servers (one GIL runs Python anyway; big buffers
+    are mmap'ed outside the arenas). Returns whether the cap was set (not glibc: no cap).
     """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
-        return []
-    made = []
-    for param, variable, tunable, value in MALLOC_SETTINGS:
-        if variable in os.environ or tunable in tunables:
-            continue
-        if mallopt(param, value):
-            made.append(f"{tunable}={value}")
-    return made
+        return False
