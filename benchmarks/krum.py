@@ -2,7 +2,7 @@
 
 Goal: `krum/matmul ratio` of 1.5 or less (Krum is the Gram product plus O(n^2) work).
 
-    python benchmarks/krum.py [--n 50] [--d 1000000] [--repeats 5] [--device cpu|cuda]
+    python benchmarks/krum.py [--n 50] [--d 1000000] [--repeats 9] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -29,17 +29,20 @@ def naive_krum(x: torch.Tensor, f: int) -> int:
     return min(range(n), key=scores.__getitem__)
 
 
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of fn over `repeats` runs after one warm-up."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Median wall time of each fn over `repeats` rounds after one warm-up, the fns taking
+    turns within each round so that a slow spell of the machine falls on all of them."""
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sync()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -49,7 +52,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--d", type=int, default=1_000_000)
     p.add_argument("--f", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -57,10 +60,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, args.d, generator=gen).to(device)
 
-    t_matmul = timed(lambda: x @ x.T, args.repeats, sync)
-    t_krum = timed(lambda: krum(x, args.f), args.repeats, sync)
-    t_naive = timed(lambda: naive_krum(x, args.f), 1, sync)
-    assert naive_krum(x, args.f) == krum(x, args.f).kept[0], "Krum disagrees with the naive loop"
+    t_matmul, t_krum = timed([lambda: x @ x.T, lambda: krum(x, args.f)], args.repeats, sync)
+    start = time.perf_counter()
+    naive = naive_krum(x, args.f)
+    t_naive = time.perf_counter() - start
+    assert naive == krum(x, args.f).kept[0], "Krum disagrees with the naive loop"
 
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"n={args.n} updates of d={args.d:,} float32, f={args.f}")
