@@ -254,7 +254,7 @@ class ClustererState:
             return
         self.store.snapshot(self._data())
         if export:
-            self.store.export(self._export())
+            self.store.export(self._export)
 
     def _data(self) -> dict[str, Any]:
         """Everything a restart needs, JSON-able (cond held)."""
@@ -897,7 +897,9 @@ class ClustererState:
                 self.store.append_round(record)
             self.history.append(record)
             self.progress = None
-            self._persist(export=True)
+            self._persist()
+            if self.store is not None:
+                self.store.export(self._export, when_due=True)
             self.cond.notify_all()
 
     def finish(self, rounds: int) -> None:

@@ -295,6 +295,45 @@ def test_finished_rounds_are_appended_once_and_a_line_no_snapshot_counts_is_drop
         clusterer_state(tmp_path)
 
 
+def test_history_json_follows_the_rounds_while_cheap_and_is_whole_at_the_end(tmp_path):
+    """history.json is rewritten whole, so after a round only when that costs under 2% of
+    the time since the last rewrite (here each costs 10 ms of the clock: 0.5 s apart);
+    rounds.jsonl has every round at once, and finishing writes the export whatever it costs."""
+    now = [0.0]
+
+    def clock() -> float:  # every reading advances it by 10 ms: an export costs 10 ms
+        now[0] += 0.01
+        return now[0]
+
+    state = ClustererState(get_strategy("flclustering"), 0)
+    state.attach(ClustererStore(tmp_path, clock=clock), np.random.default_rng(0))
+
+    def exported() -> list[int]:
+        return [h["round"] for h in json.loads((tmp_path / "history.json").read_text())["history"]]
+
+    def recorded() -> list[int]:
+        return [json.loads(x)["round"] for x in (tmp_path / "rounds.jsonl").read_text().split()]
+
+    state.record_round({"round": 0})
+    assert exported() == [0]  # the first export is always due
+    now[0] += 1.0
+    state.record_round({"round": 1})
+    assert exported() == [0, 1]  # 1 s after a 10 ms export
+    for r in (2, 3):
+        state.record_round({"round": r})
+    assert exported() == [0, 1]  # 10-20 ms after it: would cost half the time
+    assert recorded() == [0, 1, 2, 3]  # the record is not throttled
+    now[0] += 1.0
+    state.record_round({"round": 4})
+    assert exported() == [0, 1, 2, 3, 4]
+    state.record_round({"round": 5})
+    assert exported() == [0, 1, 2, 3, 4]
+    state.finish(6)
+    assert exported() == [0, 1, 2, 3, 4, 5]
+    assert json.loads((tmp_path / "history.json").read_text())["phase"] == "done"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_snapshot_with_inline_centroids_still_restores(tmp_path):
     """Snapshots written before the centroids had their own file held them as JSON."""
     state, _ = clusterer_state(tmp_path)
