@@ -583,11 +583,9 @@ class AggregatorRelay:
             self._fixed = self._build(None)
 
     def _method(self) -> Any:
-        if self._renewing is None and self._fixed is None:
-            self.connect()
         if self._renewing is not None:
             return self._renewing.stub()
-        assert self._fixed is not None
+        assert self._fixed is not None, "connect() runs before the server serves"
         return self._fixed[1]
 
     async def forward(

@@ -248,13 +248,14 @@ class ClustererState:
         if seq:  # _journal numbers records only when there is a store
             self.store.sync(seq)  # type: ignore[union-attr]
 
-    def _persist(self, export: bool = False) -> None:
-        """Snapshot the whole state at a phase change (cond held); export history.json."""
+    def _persist(self, export: bool = False, when_due: bool = False) -> None:
+        """Snapshot the whole state at a phase change (cond held); export history.json
+        (with `when_due`, only if it is cheap enough by now: `ClustererStore.export`)."""
         if self.store is None:
             return
         self.store.snapshot(self._data())
         if export:
-            self.store.export(self._export)
+            self.store.export(self._export, when_due)
 
     def _data(self) -> dict[str, Any]:
         """Everything a restart needs, JSON-able (cond held)."""
@@ -897,9 +898,7 @@ class ClustererState:
                 self.store.append_round(record)
             self.history.append(record)
             self.progress = None
-            self._persist()
-            if self.store is not None:
-                self.store.export(self._export, when_due=True)
+            self._persist(export=True, when_due=True)
             self.cond.notify_all()
 
     def finish(self, rounds: int) -> None:
