@@ -31,6 +31,7 @@ from services.common.compression import (
     payload_bytes,
 )
 from services.common.device import resolve_device
+from services.common.errors import ConfigError
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import HeKeys, upload_tensors
 from services.common.model_file import ModelCard
@@ -114,6 +115,11 @@ def run_local(
     fed, train = config.federation, config.training
     strategy = get_strategy(fed.strategy)
     attack = config.adversary.config()
+    if attack.forges:  # what stops it is the participants' verdicts and the rollback
+        raise ConfigError(
+            f"--attack {attack.kind} is simulated by the services only (participants refuse "
+            "the model, the clusterer rolls it back): use flclustering simulate"
+        )
     data = federation_data(fed, config.data)
     attack.check_classes(data.num_classes)
     people = build_participants(config, data)
@@ -189,12 +195,21 @@ def run_local(
     feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
     cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
 
+    published: dict[int, float] = {}  # everyone's accuracy of the current global model
     for rnd in range(fed.rounds):
         start = time.perf_counter()
         plan = plan_round(strategy, groups, rnd, fed.select, fed.eval_per_cluster, rng)
-        # Accuracy of the current global model per group, for the fair merge.
+        # Accuracy of the current global model per group, for the fair merge: every
+        # member of a selected group evaluated it after the last round (as the services'
+        # members evaluate each published version), the planned evaluators otherwise.
         load(global_w)
-        accs = {i: evaluate(model, people[i].x_test, people[i].y_test)[1] for i in plan.evaluators}
+        accs = {}
+        if plan.evaluators:
+            wanted = set(plan.selected.values())
+            accs = {i: a for i, a in published.items() if groups.get(i, -1) in wanted}
+            for i in plan.evaluators:
+                if i not in accs:
+                    accs[i] = evaluate(model, people[i].x_test, people[i].y_test)[1]
         if attack.lies:  # what lying attackers report instead
             accs.update({i: attack.lie for i in accs if people[i].attacker})
         group_acc = group_accuracy(accs, groups, plan.selected)
@@ -283,6 +298,7 @@ def run_local(
         # Every participant evaluates the new global model on its own test split.
         load(global_w)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
+        published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
         summary = accuracy_summary([a for _, a in figs])
         by_group = group_means(
             {p.index: a for p, (_, a) in zip(people, figs, strict=True)},

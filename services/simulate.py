@@ -390,6 +390,9 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         "model_version",
         "rejected_clusters",
         "fallbacks",
+        "evaluated",
+        "refused_evaluations",
+        "diverged_evaluations",
     ):
         d[key] = int(d.get(key, 0))
     d["rejected_by"] = {k: int(v) for k, v in d.get("rejected_by", {}).items()}

@@ -60,6 +60,12 @@ class AggregatorMetrics(Catalogue):
             "Cluster models dropped by the cluster check.",
         ),
         Metric(
+            "rollbacks",
+            Counter,
+            "rollbacks_total",
+            "Versions replaced by a copy of the last good one (their evaluators refused them).",
+        ),
+        Metric(
             "fallbacks",
             Counter,
             "robust_fallbacks_total",

@@ -22,6 +22,7 @@ from services.aggregator.state import (
     PENDING,
     AggregatorState,
     PendingUpdate,
+    Rollback,
     RoundReport,
     _round_of,
     commit_state,
@@ -119,23 +120,41 @@ class SealedState(AggregatorState):
             self.last_report = RoundReport(self.version, len(updates), {}, shares, {}, {})
             return self.last_report
 
+    def _kept(self) -> list[int]:
+        return sorted({*self.versions, *self.sealed})
+
+    def _copy_version(self, to_version: int) -> None:
+        """A rollback: the newest version is a copy of an encrypted one, or of w0 (served
+        in the clear like version 0)."""
+        self.version += 1
+        if to_version in self.sealed:
+            self.sealed[self.version] = self.sealed[to_version]
+            while len(self.sealed) > self.keep_versions:
+                self.sealed.popitem(last=False)
+        else:
+            self.versions[self.version] = self.versions[0]
+        while len(self.versions) > self.keep_versions + 1:
+            self.versions.pop(next(v for v in self.versions if v != 0))
+
     def served(
         self, version: int = -1, cluster: int | None = None
     ) -> tuple[int, str, OrderedDict[str, torch.Tensor]]:
-        """Version 0 in the clear (w0 is public), later versions encrypted."""
+        """Version 0 in the clear (w0 is public; so is a rollback's copy of it), later
+        versions encrypted."""
         if cluster is not None:
             raise StateError("this aggregator keeps no per-cluster models (--secure he)")
         with self.lock:
             v = self.version if version < 0 else version
-            if v == 0:
-                flat = self._flat(0)
+            clear = v in self.versions and v not in self.sealed
+            if clear:
+                flat = self._flat(v)
             elif v in self.sealed:
                 model = self.sealed[v]
             else:
                 kept = ", ".join(map(str, [0, *self.sealed]))
                 raise NotFoundError(f"model version {v} is not kept (have {kept})")
-        if v == 0:
-            return 0, "weights", unflatten(flat, self.spec, self.reference, share=True)
+        if clear:
+            return v, "weights", unflatten(flat, self.spec, self.reference, share=True)
         return v, KIND, model_tensors(self.keys, model.ciphertexts, model.examples, self.reference)
 
     def weights(
@@ -158,7 +177,8 @@ class SealedState(AggregatorState):
             version, open_round = self.version, self.open_round
             model = self.sealed.get(version)
             report = None if self.last_report is None else self.last_report.to_json()
-        if model is None:  # version 0: nothing aggregated yet, w0 in the clear
+            rollback = None if self.last_rollback is None else self.last_rollback.to_json()
+        if model is None:  # w0 in the clear: nothing aggregated yet, or a rollback to it
             super().save(directory)
             return
         directory.mkdir(parents=True, exist_ok=True)
@@ -171,6 +191,7 @@ class SealedState(AggregatorState):
             "model": path.name,
             "sealed": True,
             "report": report,
+            "rollback": rollback,
         }
         commit_state(directory, info, [path])
 
@@ -190,14 +211,22 @@ class SealedState(AggregatorState):
                     raise SpecMismatchError(f"{info['model']} is not a model of this size")
                 examples = int(tensors[EXAMPLES].reshape(-1)[0])
                 sealed[int(info["version"])] = SealedModel(tuple(cts), examples)
-            elif int(info["version"]) != 0:
+            done = info.get("rollback")
+            rollback = None if done is None else Rollback.from_json(done)
+            version = int(info["version"])
+            # In the clear: w0, or a rollback's copy of it (rebuilt from the seed).
+            copy_of_w0 = rollback is not None and rollback.version == version and rollback.to == 0
+            if not info.get("sealed") and version != 0 and not copy_of_w0:
                 raise SpecMismatchError(f"{meta} holds a model in the clear (not --secure he)")
             with self.lock:  # version 0 is w0, rebuilt from the seed
-                self.version = int(info["version"])
+                self.version = version
                 self.open_round = int(info["open_round"])
                 self.sealed = sealed
+                if copy_of_w0:
+                    self.versions[version] = self.versions[0]
                 report = info.get("report")
                 self.last_report = None if report is None else RoundReport.from_json(report)
+                self.last_rollback = rollback
             restored = True
         for path in sorted((directory / PENDING).glob("r*.safetensors")):
             if _round_of(path) != self.open_round:

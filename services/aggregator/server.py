@@ -67,6 +67,7 @@ from services.common.wire import (
 logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Aggregator"
+MAX_REASON = 200  # characters of a rollback's reason
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -284,6 +285,35 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 self.metrics.rpc.sent_bytes.inc(len(msg.data))
             yield msg
 
+    @rpc("Aggregator.Rollback")
+    def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.ServicerContext
+    ) -> pb.RollbackResponse:
+        if len(request.reason) > MAX_REASON:
+            raise invalid(f"reason is at most {MAX_REASON} characters")
+        if request.to_version < 0:
+            raise invalid(f"to_version must be >= 0, not {request.to_version}")
+        with self._closing:  # not while a round is being aggregated or saved
+            done = self.state.rollback(int(request.round), int(request.to_version), request.reason)
+            if not done.replayed:
+                self.metrics.rollbacks.inc()
+                self.metrics.model_version.set(done.version)
+                state_dir = self.config.service.state_dir
+                if state_dir:  # durable before it is answered
+                    self.state.save(Path(state_dir))
+        logger.warning(
+            "[Aggregator.Rollback] round %d: version %d refused (%s); version %d is a copy of %d%s",
+            done.round,
+            done.refused,
+            done.reason[:200] or "no reason given",
+            done.version,
+            done.to,
+            " (answered again)" if done.replayed else "",
+        )
+        return pb.RollbackResponse(
+            model_version=done.version, round=done.round, refused_version=done.refused
+        )
+
     @rpc("Aggregator.GetAggregatorStatus")
     def GetAggregatorStatus(
         self, request: pb.GetAggregatorStatusRequest, context: grpc.ServicerContext
@@ -402,6 +432,7 @@ def policy(max_workers: int) -> Policy:
         roles={
             "ForwardUpdate": frozenset({"clusterer"}),
             "Aggregate": frozenset({"clusterer"}),
+            "Rollback": frozenset({"clusterer"}),
             "GetModel": frozenset({"clusterer", "operator"}),  # operators export the model
             "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
         },

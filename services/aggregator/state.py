@@ -101,6 +101,34 @@ class RoundReport:
         )
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """What Rollback did: round `round`'s version `refused` was replaced by `version`, a
+    copy of `to` (kept and saved: asked again for that round, the same answer)."""
+
+    round: int
+    refused: int
+    to: int
+    version: int
+    reason: str = ""
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """As state.json keeps it."""
+        return {k: v for k, v in asdict(self).items() if k != "replayed"}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Rollback:
+        """Read back from state.json."""
+        return Rollback(
+            int(data["round"]),
+            int(data["refused"]),
+            int(data["to"]),
+            int(data["version"]),
+            str(data.get("reason", ""))[:200],
+        )
+
+
 class AggregatorState:
     """Global model versions, the open round and its pending updates."""
 
@@ -131,6 +159,7 @@ class AggregatorState:
         self.open_round = 0
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
         self.last_report: RoundReport | None = None  # of round open_round - 1
+        self.last_rollback: Rollback | None = None  # the newest rollback, if any
         self._receiving: set[str] = set()
         self.lock = threading.Condition()
 
@@ -278,17 +307,7 @@ class AggregatorState:
             )
             new = outcome.global_weights.cpu()
             if not torch.equal(new, base):
-                if self.store.limited:
-                    self.versions[self.version] = self.store.stash(self.version, base)
-                self.version += 1
-                self.versions[self.version] = new
-                # Version 0 (w0) stays: late joiners and a restarted clusterer pre-train
-                # from it.
-                while len(self.versions) > self.keep_versions + 1:
-                    oldest = next(v for v in self.versions if v != 0)
-                    gone = self.versions.pop(oldest)
-                    if isinstance(gone, DiskRow):
-                        gone.drop()
+                self._add_version(new)
                 # The surviving clusters' models move on with the version (new dict: a
                 # reader holding the old one keeps a consistent set).
                 moved = {c: m.cpu() for c, m in outcome.cluster_models.items()}
@@ -310,6 +329,64 @@ class AggregatorState:
                 per_cluster,
             )
             return self.last_report
+
+    def _add_version(self, flat: torch.Tensor) -> None:
+        """Make `flat` the newest version (lock held); the oldest but w0 go past
+        keep_versions. Version 0 (w0) stays: late joiners and a restarted clusterer
+        pre-train from it."""
+        base = self.versions[self.version]
+        if self.store.limited and isinstance(base, torch.Tensor):
+            self.versions[self.version] = self.store.stash(self.version, base)
+        self.version += 1
+        self.versions[self.version] = flat
+        while len(self.versions) > self.keep_versions + 1:
+            oldest = next(v for v in self.versions if v != 0)
+            gone = self.versions.pop(oldest)
+            if isinstance(gone, DiskRow) and not any(k is gone for k in self.versions.values()):
+                gone.drop()
+
+    def rollback(self, round_: int, to_version: int, reason: str = "") -> Rollback:
+        """Publish a copy of `to_version` as the newest version: the round just closed
+        (`round_`) made a version its evaluators refused. Versions only grow (a
+        participant's cache of version v is never wrong); asked again for the same round,
+        the same answer. StateError when round_ is not the last closed round, an update
+        of the open round is already in, or to_version is not an earlier kept version."""
+        with self.lock:
+            done = self.last_rollback
+            if done is not None and done.round == round_:
+                if done.to != to_version:
+                    raise StateError(
+                        f"round {round_} was rolled back to version {done.to} already, "
+                        f"not {to_version}"
+                    )
+                return replace(done, replayed=True)
+            if round_ != self.open_round - 1 or self.last_report is None:
+                raise StateError(
+                    f"round {round_} is not the last aggregated round (the open round is "
+                    f"{self.open_round})"
+                )
+            if self.pending or self._receiving:
+                raise StateError(
+                    f"round {self.open_round} has updates already: a rollback comes first"
+                )
+            if not 0 <= to_version < self.version or to_version not in self._kept():
+                kept = ", ".join(str(v) for v in self._kept() if v < self.version)
+                raise NotFoundError(
+                    f"version {to_version} is not an earlier kept version (have {kept})"
+                )
+            refused = self.version
+            self._copy_version(to_version)
+            self.cluster_models = {}  # the refused version's; clusters serve the copy
+            self.last_rollback = Rollback(round_, refused, to_version, self.version, reason[:200])
+            return self.last_rollback
+
+    def _kept(self) -> list[int]:
+        """The versions kept, ascending (lock held)."""
+        return sorted(self.versions)
+
+    def _copy_version(self, to_version: int) -> None:
+        """Make a copy of kept version `to_version` the newest (lock held)."""
+        self._add_version(self._flat(to_version))
 
     def _closing(self, round_: int, abandon: bool) -> RoundReport | list[PendingUpdate]:
         """The open round's updates in canonical order, or the report to answer without
@@ -370,6 +447,7 @@ class AggregatorState:
             version, open_round = self.version, self.open_round
             flat = self._flat(version)
             report = None if self.last_report is None else self.last_report.to_json()
+            rollback = None if self.last_rollback is None else self.last_rollback.to_json()
             clusters = dict(self.cluster_models)
         weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -380,6 +458,7 @@ class AggregatorState:
             "open_round": open_round,
             "model": model.name,
             "report": report,
+            "rollback": rollback,
         }
         kept = [model]
         if clusters:  # --personalise: each cluster's model, flat float32 vectors
@@ -418,6 +497,8 @@ class AggregatorState:
                 self.reference = others
                 report = info.get("report")
                 self.last_report = None if report is None else RoundReport.from_json(report)
+                done = info.get("rollback")
+                self.last_rollback = None if done is None else Rollback.from_json(done)
             restored = True
         size = self.store.numel
         for path in sorted((directory / PENDING).glob("r*.safetensors")):

@@ -30,6 +30,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from services.clusterer.clustering import group_deltas
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.plan import evaluation_sample, group_accuracy, plan_round
+from services.clusterer.quarantine import judge
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
@@ -71,6 +72,15 @@ class Stopped(Exception):
     """The service is stopping: the protocol ends where it is (a restart resumes it)."""
 
 
+class Diverging(Exception):
+    """Round after round was rolled back: the federation stops with its last good model."""
+
+
+# Rounds in a row rolled back before the federation stops. Tracing one forger among n
+# suspects costs about log2(n) + 1 failed rounds, not all of them in a row.
+MAX_ROLLBACKS = 10
+
+
 class ModelCache:
     """Encoded global models (header, chunks, checksum) by version, served to participants;
     with --personalise each version's cluster models beside its global one."""
@@ -81,6 +91,9 @@ class ModelCache:
         self._keep = keep
         self._lock = threading.Lock()
         self.spec: tuple[TensorSpec, ...] = ()
+        # Set once version 0 is here: the clusterer says it serves only then, so a
+        # participant that downloads w0 the moment the ready file appears finds it.
+        self.initial = threading.Event()
 
     def put(self, model: EncodedModel, cluster: int | None = None) -> None:
         """Store a version (or a cluster's model of it); drop the oldest version but 0
@@ -97,6 +110,8 @@ class ModelCache:
                 oldest = min(v for v in self._models if v != 0)
                 del self._models[oldest]
                 self._clusters.pop(oldest, None)
+        if header.model_version == 0:
+            self.initial.set()
 
     def get(self, version: int, cluster: int | None = None) -> EncodedModel | None:
         """A stored version (-1: the newest), or a cluster's model of it, or None."""
@@ -197,6 +212,8 @@ class Coordinator(ClustererParts):
         self.metrics.round.set(-1)
         for phase in PHASES:  # every series exists from the first scrape
             self.metrics.phase_seconds.labels(phase)
+        for verdict in ("ok", "refused", "diverged"):
+            self.metrics.verdicts.labels(verdict)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
         self.on_round: Callable[[dict[str, Any]], None] | None = None
@@ -257,6 +274,9 @@ class Coordinator(ClustererParts):
             logger.info("federation done after %d rounds", self.fed.rounds)
         except Stopped:
             logger.info("coordinator stopped")
+        except Diverging as exc:
+            logger.error("federation stopped: %s", exc)
+            self.state.fail(str(exc))
         except Exception as exc:  # the service stays up and reports the failure
             if self.stop.is_set():
                 logger.info("coordinator stopped (%s)", type(exc).__name__)
@@ -486,25 +506,32 @@ class Coordinator(ClustererParts):
         self.metrics.active.set(len(groups))
         if not groups:
             raise RuntimeError("no active, clustered participant is left")
+        groups = self.state.selectable(groups)  # rolled-back rounds being traced: quarantine
         plan = plan_round(
             self.strategy, groups, r, self.fed.select, self.fed.eval_per_cluster, self.rng
         )
         return self.state.plan(r, plan.selected, plan.evaluators)
 
     def _pre_evaluate(self, r: int, progress: RoundProgress) -> dict[int, float]:
-        """The planned evaluators' accuracy of the current model, per selected cluster."""
+        """The accuracy of the current model per selected cluster: the median over every
+        member that evaluated it when it was published and the planned evaluators."""
         if not progress.evaluators:
             return {}
-        # Everyone evaluated this model version when it was published: only evaluators
-        # without a result from then (new, or after a restart) are asked again.
+        # Everyone (past --eval-sample: a sample) evaluated this version when it was
+        # published. All of a cluster's members count, not only the planned few: the
+        # median of more reports is what a minority of lying evaluators cannot move
+        # (plan.group_accuracy). Planned evaluators without a result from then (new, or
+        # after a restart) are asked.
         version, known = self.published
         if version != self.state.model_version:
             known = {}
-        evals = {p: known[p] for p in progress.evaluators if p in known}
+        wanted = set(progress.selected.values())
+        evals = {p: known[p] for p, c in self.state.clusters_of(known).items() if c in wanted}
+        evals |= {p: known[p] for p in progress.evaluators if p in known}
         missing = [p for p in progress.evaluators if p not in evals]
         if missing:
             evals |= self._evaluate(missing, f"pre-{r}")
-        accuracy = {p: e.accuracy for p, e in evals.items()}
+        accuracy = {p: e.accuracy for p, e in evals.items() if e.verdict == "ok"}
         return group_accuracy(accuracy, self.state.clusters_of(evals), progress.selected)
 
     def _collect(self, r: int, progress: RoundProgress) -> None:
@@ -578,6 +605,43 @@ class Coordinator(ClustererParts):
             began = self._took(r, "aggregate", began)
         self._finish_round(r, progress, began)
 
+    def _rollback(self, r: int, progress: RoundProgress, reason: str) -> int:
+        """Have the aggregator publish a copy of the round's base version (idempotent
+        there; the answer is saved before anything else happens); the new version."""
+        if progress.rollback is None:
+            request = agg_pb.RollbackRequest(
+                round=r, to_version=progress.base_version, reason=reason[:200]
+            )
+            reply: agg_pb.RollbackResponse = with_retries(
+                lambda: self.aggregator.Rollback(request, metadata=self._meta(), timeout=60),
+                "Aggregator.Rollback",
+                AGGREGATOR_RETRY,
+                stop=self.stop,
+            )
+            self.state.rolled_back(r, MessageToDict(reply, preserving_proto_field_name=True))
+            self.metrics.rollbacks.inc()
+        answer = ParseDict(progress.rollback or {}, agg_pb.RollbackResponse())
+        logger.warning(
+            "round %d: %s: rolled back; version %d is a copy of version %d",
+            r,
+            reason,
+            answer.model_version,
+            progress.base_version,
+        )
+        self._refresh_model(int(answer.model_version))
+        return int(answer.model_version)
+
+    def _check_progress(self, r: int) -> None:
+        """Stop (Diverging) when the last MAX_ROLLBACKS rounds were all rolled back: the
+        federation makes no progress, and the last good model is what it has."""
+        last = self.state.history[-MAX_ROLLBACKS:]
+        if len(last) == MAX_ROLLBACKS and all(h.get("rolled_back") for h in last):
+            raise Diverging(
+                f"rounds {last[0]['round']}-{r} were all rolled back (their models were "
+                f"refused or diverged): stopping with the last good model, version "
+                f"{self.state.model_version}"
+            )
+
     def _took(self, r: int, phase: str, began: float) -> float:
         """Note the phase that began at `began` as done now; the time it ended."""
         now = time.monotonic()
@@ -599,14 +663,43 @@ class Coordinator(ClustererParts):
                 r,
             )
         evals = self._evaluate(asked, tag)
-        self.published = (int(reply.model_version), evals)
+        judged = judge(evals)
+        counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
+        version = int(reply.model_version)
+        if judged.collapsed and 0 <= progress.base_version < version:
+            version = self._rollback(r, progress, judged.reason)
+            # The copy's evaluations are the last good version's, when this process has them.
+            before, known = self.published
+            self.published = (version, known if before == progress.base_version else {})
+        else:
+            if judged.collapsed:
+                logger.error(
+                    "round %d: %s, but the round made no new version to roll back", r, judged.reason
+                )
+            self.published = (version, counted)
         self._took(r, "publish", began)
         record = round_record(
-            r, reply, progress, evals, self.state.true_groups(), self.state.clusters_of(evals)
+            r, reply, progress, counted, self.state.true_groups(), self.state.clusters_of(counted)
+        )
+        record.update(
+            model_version=version,
+            rolled_back=version != int(reply.model_version),
+            rollback_reason=judged.reason if version != int(reply.model_version) else "",
+            refused_evaluations=judged.refused,
+            diverged_evaluations=judged.diverged,
         )
         record["duration_s"] = time.time() - progress.started
         self._export(record)
-        self.state.record_round(record)
+        convicted = self.state.record_round(record)
+        if convicted:
+            logger.warning(
+                "round %d: convicted %s (the one untrusted contributor of a rolled-back "
+                "round): never selected again",
+                r,
+                ", ".join(p[:64] for p in convicted),
+            )
+        self.metrics.convicted.set(len(self.state.quarantine.convicted))
+        self._check_progress(r)
         logger.info(
             "round %d: accuracy %.3f (std %.3f), %d/%d updates, %d rejected, %.1fs",
             r,

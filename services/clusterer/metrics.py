@@ -61,6 +61,27 @@ class ClustererMetrics(Catalogue):
             "Updates accepted and forwarded.",
         ),
         refusals(),
+        Metric(
+            "verdicts",
+            Counter,
+            "evaluations_total",
+            "Evaluations received, by verdict: ok, refused (the model was not adopted: "
+            "non-finite or absurd values), diverged (its loss was not finite).",
+            ("verdict",),
+        ),
+        Metric(
+            "rollbacks",
+            Counter,
+            "rollbacks_total",
+            "Rounds whose model most evaluators refused or found diverged: rolled back.",
+        ),
+        Metric(
+            "convicted",
+            Gauge,
+            "participants_convicted",
+            "Participants never selected again: each was the one untrusted contributor of a "
+            "rolled-back round.",
+        ),
         Metric("cluster_size", Gauge, "cluster_size", "Members per cluster.", ("cluster",)),
         Metric(
             "cluster_weight",

@@ -428,6 +428,27 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         check_id(request.participant_id, "participant_id")
         act_as(request.participant_id)
         check_id(request.evaluation_id, "evaluation_id")
+        verdict = VERDICTS.get(request.verdict)
+        if verdict is None:
+            raise invalid(f"verdict {request.verdict} is not one of {sorted(VERDICTS)}")
+        if len(request.reason) > MAX_REASON:
+            raise invalid(f"reason is at most {MAX_REASON} characters")
+        if verdict != "ok":  # no figures: the model could not be judged by them
+            if request.accuracy != 0.0 or request.loss != 0.0:
+                raise invalid(f"a {verdict} verdict comes with accuracy and loss 0")
+            if request.HasField("personal_accuracy") or request.HasField("personal_loss"):
+                raise invalid(f"a {verdict} verdict comes without personal figures")
+            if not 0 < request.num_examples <= MAX_SAMPLES:
+                raise invalid(f"num_examples must be in [1, {MAX_SAMPLES}]")
+            await asyncio.to_thread(
+                self.state.record_evaluation,
+                request.participant_id,
+                request.evaluation_id,
+                request.model_version,
+                Evaluation(0.0, 0.0, request.num_examples, verdict=verdict, reason=request.reason),
+            )
+            self.metrics.verdicts.labels(verdict).inc()
+            return pb.ReportEvaluationResponse(accepted=True)
         if not (0.0 <= request.accuracy <= 1.0):
             raise invalid(f"accuracy {request.accuracy} is outside [0, 1]")
         if not math.isfinite(request.loss) or request.loss < 0:
@@ -458,6 +479,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             request.model_version,
             result,
         )
+        self.metrics.verdicts.labels("ok").inc()
         return pb.ReportEvaluationResponse(accepted=True)
 
     @rpc("Clusterer.DownloadModel")
@@ -518,6 +540,13 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
 
 
 ROUND_FIELDS = set(pb.RoundSummary.DESCRIPTOR.fields_by_name)
+# An evaluation's verdict as the state keeps it (Evaluation.verdict).
+VERDICTS = {
+    pb.EVALUATION_VERDICT_OK: "ok",
+    pb.EVALUATION_VERDICT_REFUSED: "refused",
+    pb.EVALUATION_VERDICT_DIVERGED: "diverged",
+}
+MAX_REASON = 200  # characters of an evaluation's reason
 # What a participant of a long model sends for clustering (services/common/sketch.py).
 SKETCH_SPEC = (TensorSpec("sketch", (SKETCH_DIM,), torch.float32),)
 MAX_PAGE = 1000  # members or rounds in one GetStatus answer
@@ -735,6 +764,17 @@ class ClustererService:
             self.servicer.config.service.metrics_port,
         )
         self.coordinator.start()
+        self._await_initial_model()
+
+    def _await_initial_model(self) -> None:
+        """Return once version 0 is cached (the coordinator fetches it from the aggregator
+        first), or the protocol ended without it: the ready file and the log line that
+        say "serving" come after this, so a download of version 0 at that moment never
+        meets NOT_FOUND (it did once in about eight starts when they came first)."""
+        models, coordinator = self.servicer.models, self.coordinator
+        while not models.initial.wait(0.05):
+            if not coordinator.thread.is_alive() or self.servicer.state.phase == "failed":
+                return
 
 
 class _RelayInterceptor(Wrapping):

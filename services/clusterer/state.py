@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from services.clusterer.plan import static_group
+from services.clusterer.quarantine import Quarantine
 from services.clusterer.store import ClustererStore
 from services.common.errors import CapacityError, ConfigError, NotFoundError, StateError
 from services.common.figures import purity
@@ -108,6 +109,10 @@ class Evaluation:
     examples: int
     personal_accuracy: float | None = None  # --personalise: of its cluster's model
     personal_loss: float | None = None
+    # "ok", or what the participant found instead of a usable model (VERDICTS): "refused"
+    # (not adopted: non-finite or absurd values) or "diverged" (its loss is not finite).
+    verdict: str = "ok"
+    reason: str = ""
 
 
 @dataclass
@@ -141,6 +146,8 @@ class RoundProgress:
     abandon: bool = False
     reply: dict[str, Any] | None = None  # the aggregator's AggregateResponse, as JSON
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES)
+    base_version: int = -1  # the version the round trains from (its rollback target)
+    rollback: dict[str, Any] | None = None  # the aggregator's RollbackResponse, as JSON
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,7 @@ class ClustererState:
         self.purity: float | None = None
         self.error = ""
         self.rng: np.random.Generator | None = None  # the coordinator's plan stream
+        self.quarantine = Quarantine()  # who may train after rolled-back rounds
         self.store: ClustererStore | None = None
         self.cond = threading.Condition()
 
@@ -288,6 +296,7 @@ class ClustererState:
                 for tag, got in self.evaluations.items()
             },
             "rounds": len(self.history),  # the records are in the store's rounds.jsonl
+            "quarantine": self.quarantine.to_json(),
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -307,6 +316,7 @@ class ClustererState:
             inline = data.get("centroids", {})
             self.centroids = {int(k): _tensor_of(v) for k, v in inline.items()}
         self.purity = data["purity"]
+        self.quarantine = Quarantine.from_json(data.get("quarantine"))
         if data["rng"] is not None and self.rng is not None:
             self.rng.bit_generator.state = data["rng"]
         p = data["progress"]
@@ -350,6 +360,8 @@ class ClustererState:
                     event["examples"],
                     event.get("personal_accuracy"),
                     event.get("personal_loss"),
+                    str(event.get("verdict", "ok")),
+                    str(event.get("reason", "")),
                 )
         elif kind == "update":
             c = self.collecting
@@ -701,11 +713,21 @@ class ClustererState:
         """Grouped members heard from recently or busy with a task, by id."""
         now = time.monotonic()
         with self.cond:
+            convicted = self.quarantine.convicted
             return {
                 p: m.cluster
                 for p, m in sorted(self.members.items())
-                if m.cluster >= 0 and (now - m.last_seen <= liveness_s or p in self.tasks)
+                if m.cluster >= 0
+                and p not in convicted
+                and (now - m.last_seen <= liveness_s or p in self.tasks)
             }
+
+    def selectable(self, groups: Mapping[str, int]) -> dict[str, int]:
+        """Of active members, those a round may select while rolled-back rounds are being
+        traced to their contributors (quarantine.py): all of them when none is suspected."""
+        with self.cond:
+            allowed = set(self.quarantine.eligible(groups))
+        return {p: c for p, c in groups.items() if p in allowed}
 
     def true_groups(self) -> dict[str, int]:
         """The ground-truth group each member joined with (-1: none), by id."""
@@ -766,6 +788,7 @@ class ClustererState:
             p = self._progress(round_)
             p.step = "training"
             p.cluster_accuracy = dict(cluster_accuracy)
+            p.base_version = self.model_version
             self._enter("training")
             self.collecting = RoundCollection(round_, self.model_version, dict(p.selected))
             self._persist()  # before the tasks exist: polls read them without the lock
@@ -880,6 +903,14 @@ class ClustererState:
             p.reply = reply
             p.step = "aggregated"
 
+    def rolled_back(self, round_: int, reply: dict[str, Any]) -> None:
+        """The aggregator answered round_'s Rollback: kept with the round, saved at once
+        (a restart finds it and does not ask again; if it did, the answer is the same)."""
+        with self.cond:
+            p = self._progress(round_)
+            p.rollback = reply
+            self._persist()
+
     def phase_took(self, round_: int, phase: str, seconds: float) -> None:
         """Note how long a phase of round_ took (kept with the round, saved with its next
         step, reported in its history entry)."""
@@ -891,15 +922,24 @@ class ClustererState:
         with self.cond:
             self.model_version = max(self.model_version, version)
 
-    def record_round(self, record: dict[str, Any]) -> None:
-        """Append a finished round to the history; the round in flight is done."""
+    def record_round(self, record: dict[str, Any]) -> list[str]:
+        """Append a finished round to the history; the round in flight is done. What its
+        contributors did (a good or a rolled-back model) goes to the quarantine; who
+        that convicted."""
         with self.cond:
+            convicted: list[str] = []
+            if self.progress is not None and self.progress.round == record["round"]:
+                convicted = self.quarantine.record(
+                    self.progress.received, bool(record.get("rolled_back"))
+                )
+                record["convicted"] = convicted
             if self.store is not None:
                 self.store.append_round(record)
             self.history.append(record)
             self.progress = None
             self._persist(export=True, when_due=True)
             self.cond.notify_all()
+            return convicted
 
     def finish(self, rounds: int) -> None:
         """The federation is done: every member's next task is DONE."""

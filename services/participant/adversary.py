@@ -19,6 +19,11 @@ from services.common.settings import Settings, choice
 # collusion.py): small steps, close to the honest updates, every round by default.
 # cluster-steering also crafts the pre-training delta (to be clustered together) and lies.
 COLLUDING = ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
+# --secure he only: an update the aggregator cannot read and so cannot screen.
+# he-forged-key encrypts under a key of the attacker's own, tagged with the federation's
+# key (the sum decrypts to noise); he-huge encrypts values near CKKS's range under the
+# right key. Participants refuse the model either makes; the clusterer rolls it back.
+FORGING = ("he-forged-key", "he-huge")
 ATTACKS = (
     "none",
     "scaling",
@@ -29,8 +34,9 @@ ATTACKS = (
     *COLLUDING,
     "backdoor",
     "lying-evaluation",
+    *FORGING,
 )
-EVERY_ROUND = (*COLLUDING, "backdoor")  # attacks that fire every round by default
+EVERY_ROUND = (*COLLUDING, "backdoor", *FORGING)  # attacks that fire every round by default
 PLACEMENTS = ("per-group", "random")
 PERTURBATIONS = ("std", "unit", "sign")  # min-max / min-sum: the direction from the mean
 LOUD_EVERY = 5  # model attacks that a norm screen sees fire every 5th round by default
@@ -137,9 +143,14 @@ class AttackConfig:
         return self.kind == "cluster-steering"
 
     @property
+    def forges(self) -> bool:
+        """Whether the attack forges encrypted updates (--secure he only)."""
+        return self.kind in FORGING
+
+    @property
     def changes_model(self) -> bool:
         """Whether the attack changes the weights sent (in the rounds it fires)."""
-        return not (self.kind in ("none", "lying-evaluation") or self.poisons_data)
+        return not (self.kind in ("none", "lying-evaluation") or self.poisons_data or self.forges)
 
     def fires(self, round_: int) -> bool:
         """Whether a model attack fires in this round (data attacks fire always)."""

@@ -14,6 +14,7 @@ from services.common.registry import Registry
 from services.participant.adversary import (
     ATTACKS,
     COLLUDING,
+    FORGING,
     PLACEMENTS,
     AttackConfig,
     AttackSettings,
@@ -78,6 +79,7 @@ assert set(ATTACKS) == {
     "backdoor",
     *COLLUDING,
     *MODEL_ATTACKS,
+    *FORGING,
 }
 
 

@@ -7,6 +7,7 @@ downloaded global models but each trains its own copy of the model.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.sanity import largest, unfit
 from services.common.settings import TrainingSettings
 from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
@@ -65,6 +67,15 @@ RETRYABLE = frozenset(
 )
 MAX_REJOINS = 5
 MAX_SKETCH_DIM = 1 << 16  # what a task may ask this process to allocate for a sketch
+
+
+class TaskNotDone(StateError):
+    """A task this participant skips and says why (the participant goes on)."""
+
+
+class ModelRefused(TaskNotDone):
+    """A downloaded model that is not adopted (non-finite or absurd values:
+    services/common/sanity.py); evaluation tasks report it as their verdict."""
 
 
 def clusterer_stub(calls: grpc.Channel) -> pb_grpc.ClustererStub:
@@ -138,6 +149,8 @@ class ModelStore:
         self._models: OrderedDict[tuple[int, int], OrderedDict[str, torch.Tensor]] = OrderedDict()
         self._locks: dict[tuple[int, int], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._refused: dict[tuple[int, int], str] = {}  # versions not adopted, and why
+        self._last: tuple[int, float] | None = None  # newest adopted version, largest weight
 
     def get(
         self,
@@ -154,11 +167,13 @@ class ModelStore:
         with self._lock:
             if key in self._models:
                 return self._models[key]
+            self._check_refused(key)
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
+                self._check_refused(key)
             # Downloads are idempotent: retried while the clusterer is busy or restarting.
             header, weights = with_retries(
                 lambda: read_model(
@@ -180,11 +195,26 @@ class ModelStore:
             if header.kind == HE_KIND:
                 weights = self._open(weights)
             with self._lock:
+                last_top = self._last[1] if self._last is not None else 0.0
+                why = unfit(weights, last_top)
+                if why is not None:
+                    self._refused[key] = why
+                    self._locks.pop(key, None)
+                    logger.warning("model version %d%s not adopted: %s", version, _of(cluster), why)
+                    self._check_refused(key)
+                if cluster is None and (self._last is None or version >= self._last[0]):
+                    self._last = (version, largest(weights))
                 self._models[key] = weights
                 while len({v for v, _ in self._models}) > self._keep:
                     self._models.popitem(last=False)
                 self._locks.pop(key, None)
             return weights
+
+    def _check_refused(self, key: tuple[int, int]) -> None:
+        """ModelRefused for a version (or cluster model) found unfit before (lock held)."""
+        why = self._refused.get(key)
+        if why is not None:
+            raise ModelRefused(f"model version {key[0]}{_of(key[1])}: {why}")
 
     def _open(self, sealed: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """An encrypted global model, decrypted with this process's secret key."""
@@ -198,6 +228,11 @@ class ModelStore:
             return open_model(sealed, keys, spec)
         except PayloadError as exc:
             raise SpecMismatchError(f"the encrypted global model: {exc}") from None
+
+
+def _of(cluster: int | None) -> str:
+    """' of cluster c' for a cluster's model, '' for the global one."""
+    return "" if cluster is None or cluster < 0 else f" of cluster {cluster}"
 
 
 class Participant:
@@ -244,6 +279,7 @@ class Participant:
         self.meta = call_metadata(settings.auth_token)
         self.via = (self.stub, self.meta)  # how it downloads its cluster's model
         self.feedback = ErrorFeedback()  # top-k: what it has not sent yet
+        self._own_key: HeKeys | None = None  # he-forged-key: the attacker's own key pair
         self.cpu_gen = rounding_generator(settings.seed, index)  # int8's rounding, on the CPU
         # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
         self.retries = RetryPolicy(
@@ -455,7 +491,10 @@ class Participant:
         kind, upload = "weights", weights
         if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
             flat = flatten(weights, self.spec)
-            upload = upload_tensors(he, he.encrypt(flat, len(self.y_train)))
+            try:
+                upload = upload_tensors(he, self._encrypt(he, flat, task.round))
+            except ValueError as exc:  # non-finite or past CKKS's range: nothing is sent
+                raise TaskNotDone(f"round {task.round}: the trained weights: {exc}") from None
             kind = HE_KIND
         elif scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
             delta = flatten(weights, self.spec) - base_flat()
@@ -474,16 +513,46 @@ class Participant:
         )
         self.feedback.commit()  # accepted: what top-k left out is carried to the next round
 
+    def _encrypt(self, he: HeKeys, flat: torch.Tensor, round_: int) -> list[bytes]:
+        """n_i * w_i as ciphertexts; a simulated forger's instead when it attacks (the
+        upload still carries the federation's key tag: the aggregator cannot tell)."""
+        n = len(self.y_train)
+        if not (self.attack.forges and self.attack.fires(round_)):
+            return he.encrypt(flat, n)
+        logger.warning(
+            "SIMULATED ATTACK: %s sends %s ciphertexts in round %d",
+            self.id,
+            self.attack.kind,
+            round_,
+        )
+        if self.attack.kind == "he-forged-key":
+            if self._own_key is None:
+                self._own_key = HeKeys.create()
+            return self._own_key.encrypt(flat, n)
+        # he-huge: every value of n * w at half of what encryption allows (2^27)
+        return he.encrypt(torch.where(flat < 0, -1.0, 1.0) * (2.0**27 / n), 1.0)
+
     def evaluate(self, task: pb.GetTaskResponse) -> None:
         """Evaluate a global model version (and the cluster's model of it, when the task
-        names a cluster) on the own test split and report it."""
+        names a cluster) on the own test split and report it; a model it refused to adopt,
+        or whose loss is not finite, is reported as such (the verdict), not as figures."""
         personal: dict[str, float] = {}
-        if task.HasField("cluster"):
-            self._load(task.model_version, task.cluster)
-            p_loss, p_acc = evaluate(self.model, self.x_test, self.y_test)
-            personal = {"personal_accuracy": p_acc, "personal_loss": p_loss}
-        self._load(task.model_version)
-        loss, acc = evaluate(self.model, self.x_test, self.y_test)
+        try:
+            if task.HasField("cluster"):
+                self._load(task.model_version, task.cluster)
+                p_loss, p_acc = evaluate(self.model, self.x_test, self.y_test)
+                personal = {"personal_accuracy": p_acc, "personal_loss": p_loss}
+            self._load(task.model_version)
+            loss, acc = evaluate(self.model, self.x_test, self.y_test)
+        except ModelRefused as exc:
+            self._report_verdict(task, pb.EVALUATION_VERDICT_REFUSED, str(exc))
+            return
+        if not all(math.isfinite(v) for v in (loss, *personal.values())):
+            why = f"model version {task.model_version}: its loss on {len(self.y_test)} test "
+            self._report_verdict(
+                task, pb.EVALUATION_VERDICT_DIVERGED, why + "examples is not finite"
+            )
+            return
         self.metrics.test_accuracy.labels(self.label).set(acc)
         if self.attack.lies:
             logger.warning("SIMULATED ATTACK: %s reports accuracy %s", self.id, self.attack.lie)
@@ -496,7 +565,26 @@ class Participant:
             accuracy=acc,
             loss=loss,
             num_examples=len(self.y_test),
-            **personal,
+            personal_accuracy=personal.get("personal_accuracy"),
+            personal_loss=personal.get("personal_loss"),
+        )
+        self._call(
+            "ReportEvaluation",
+            lambda: self.stub.ReportEvaluation(request, metadata=self.meta, timeout=30),
+        )
+
+    def _report_verdict(self, task: pb.GetTaskResponse, verdict: int, reason: str) -> None:
+        """Report that the model of an evaluation task could not be judged by its figures."""
+        logger.warning(
+            "%s: %s: %s", self.id, pb.EvaluationVerdict.Name(verdict).lower(), reason[:200]
+        )
+        request = pb.ReportEvaluationRequest(
+            participant_id=self.id,
+            evaluation_id=task.evaluation_id,
+            model_version=task.model_version,
+            num_examples=len(self.y_test),
+            verdict=verdict,  # type: ignore[arg-type]
+            reason=reason[:200],
         )
         self._call(
             "ReportEvaluation",
@@ -542,6 +630,10 @@ class Participant:
             try:
                 handler(task)
                 self.metrics.tasks.labels(self.label, pb.TaskKind.Name(task.kind)).inc()
+            except TaskNotDone as exc:  # a model it refused, weights it cannot send
+                logger.warning(
+                    "%s: %s not done: %s", self.id, pb.TaskKind.Name(task.kind), str(exc)[:300]
+                )
             except grpc.RpcError as exc:
                 # Late, duplicate or rejected: the clusterer said why; go on with the next task.
                 logger.warning(

@@ -214,6 +214,7 @@ RPCS = _rpcs(
     ("clusterer", "GetStatus", "unary", pb.GetStatusRequest, "operator"),
     ("aggregator", "ForwardUpdate", "stream_unary", agg_pb.ForwardUpdateRequest, "clusterer"),
     ("aggregator", "Aggregate", "unary", agg_pb.AggregateRequest, "clusterer"),
+    ("aggregator", "Rollback", "unary", agg_pb.RollbackRequest, "clusterer"),
     ("aggregator", "GetModel", "unary_stream", agg_pb.GetModelRequest, "clusterer operator"),
     (
         "aggregator",
@@ -662,6 +663,8 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "accuracy": doubles,
         "loss": doubles,
         "num_examples": int64s,
+        "verdict": st.one_of(st.sampled_from([0, 1, 2]), int32s),
+        "reason": strings,
     },
     "Clusterer.DownloadModel": {"model_version": st.one_of(st.sampled_from([0, -1]), int64s)},
     "Clusterer.GetStatus": {
@@ -674,6 +677,11 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "round": st.one_of(st.just(OPEN_ROUND), int64s),
         "cluster_accuracy": accuracies,
         "abandon": st.booleans(),
+    },
+    "Aggregator.Rollback": {
+        "round": st.one_of(st.just(OPEN_ROUND), int64s),
+        "to_version": st.one_of(st.sampled_from([0, -1]), int64s),
+        "reason": strings,
     },
     "Aggregator.GetModel": {"model_version": st.one_of(st.sampled_from([0, -1]), int64s)},
     "Aggregator.GetAggregatorStatus": {},
@@ -700,6 +708,7 @@ VALID: dict[str, dict[str, Any]] = {
     "Clusterer.DownloadModel": {"model_version": 0},
     "Clusterer.GetStatus": {"members_limit": 10},
     "Aggregator.Aggregate": {"round": OPEN_ROUND, "cluster_accuracy": {0: 0.5}},
+    "Aggregator.Rollback": {"round": OPEN_ROUND, "to_version": 0, "reason": "fuzz"},
     "Aggregator.GetModel": {"model_version": -1},
     "Aggregator.GetAggregatorStatus": {},
 }

@@ -140,3 +140,23 @@ class GetAggregatorStatusResponse(_message.Message):
     pending_participants: _containers.RepeatedScalarFieldContainer[str]
     policy: DefencePolicy
     def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ..., pending_participants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[DefencePolicy, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("round", "to_version", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    to_version: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., to_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("model_version", "round", "refused_version")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    round: int
+    refused_version: int
+    def __init__(self, model_version: _Optional[int] = ..., round: _Optional[int] = ..., refused_version: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class AggregatorStub:
                 request_serializer=flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusRequest.SerializeToString,
                 response_deserializer=flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusResponse.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/flclustering.v1.Aggregator/Rollback',
+                request_serializer=flclustering_dot_v1_dot_aggregator__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=flclustering_dot_v1_dot_aggregator__pb2.RollbackResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -86,6 +91,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Publishes a copy of an earlier version as the newest one, after the round that made the
+        current version turned out bad (idempotent: asked again for that round, the same answer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.GetAggregatorStatus,
                     request_deserializer=flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusRequest.FromString,
                     response_serializer=flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=flclustering_dot_v1_dot_aggregator__pb2.RollbackRequest.FromString,
+                    response_serializer=flclustering_dot_v1_dot_aggregator__pb2.RollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class Aggregator:
             '/flclustering.v1.Aggregator/GetAggregatorStatus',
             flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusRequest.SerializeToString,
             flclustering_dot_v1_dot_aggregator__pb2.GetAggregatorStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flclustering.v1.Aggregator/Rollback',
+            flclustering_dot_v1_dot_aggregator__pb2.RollbackRequest.SerializeToString,
+            flclustering_dot_v1_dot_aggregator__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,12 +16,21 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
     TASK_KIND_DONE: _ClassVar[TaskKind]
+
+class EvaluationVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVALUATION_VERDICT_OK: _ClassVar[EvaluationVerdict]
+    EVALUATION_VERDICT_REFUSED: _ClassVar[EvaluationVerdict]
+    EVALUATION_VERDICT_DIVERGED: _ClassVar[EvaluationVerdict]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_WAIT: TaskKind
 TASK_KIND_PRETRAIN: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 TASK_KIND_DONE: TaskKind
+EVALUATION_VERDICT_OK: EvaluationVerdict
+EVALUATION_VERDICT_REFUSED: EvaluationVerdict
+EVALUATION_VERDICT_DIVERGED: EvaluationVerdict
 
 class JoinRequest(_message.Message):
     __slots__ = ("participant_id", "num_train", "num_test", "group", "device")
@@ -116,7 +125,7 @@ class SubmitUpdateResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ReportEvaluationRequest(_message.Message):
-    __slots__ = ("participant_id", "evaluation_id", "model_version", "accuracy", "loss", "num_examples", "personal_accuracy", "personal_loss")
+    __slots__ = ("participant_id", "evaluation_id", "model_version", "accuracy", "loss", "num_examples", "personal_accuracy", "personal_loss", "verdict", "reason")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +134,8 @@ class ReportEvaluationRequest(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     evaluation_id: str
     model_version: int
@@ -133,7 +144,9 @@ class ReportEvaluationRequest(_message.Message):
     num_examples: int
     personal_accuracy: float
     personal_loss: float
-    def __init__(self, participant_id: _Optional[str] = ..., evaluation_id: _Optional[str] = ..., model_version: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., personal_accuracy: _Optional[float] = ..., personal_loss: _Optional[float] = ...) -> None: ...
+    verdict: EvaluationVerdict
+    reason: str
+    def __init__(self, participant_id: _Optional[str] = ..., evaluation_id: _Optional[str] = ..., model_version: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., personal_accuracy: _Optional[float] = ..., personal_loss: _Optional[float] = ..., verdict: _Optional[_Union[EvaluationVerdict, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportEvaluationResponse(_message.Message):
     __slots__ = ("accepted",)
@@ -172,7 +185,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +260,11 @@ class RoundSummary(_message.Message):
     CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    DIVERGED_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVICTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -272,7 +290,12 @@ class RoundSummary(_message.Message):
     cluster_accuracy: _containers.ScalarMap[int, float]
     personal_cluster_accuracy: _containers.ScalarMap[int, float]
     rejected_by: _containers.ScalarMap[str, int]
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    rolled_back: bool
+    rollback_reason: str
+    refused_evaluations: int
+    diverged_evaluations: int
+    convicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")

@@ -1,0 +1,131 @@
+"""Who may train after a rolled-back round: adaptive group testing over the contributors.
+
+When the evaluators refuse a round's model (it decrypts to noise, overflows or diverged),
+the clusterer knows only that someone among the round's contributors sent a bad update:
+under `--secure he` nobody can see an update, and in the clear the damage may come from
+several updates together. It finds the culprits the way group testing does. Each
+rolled-back round counts a failure against its contributors that no good round has
+cleared; the next rounds train with the cleared participants and half of the most
+suspected ones (the probe); a good round clears its contributors, a failed round whose
+only uncleared contributor is one participant convicts it, and a convicted participant
+is never selected or asked to evaluate again. One forger among n suspects is found
+after about log2(n) + 1 failed rounds; every other round makes progress.
+
+A failed round whose contributors were all cleared (an attacker that behaved until it was
+trusted) makes them suspects again: clearance is evidence, not a promise.
+
+Pure data and rules, persisted with the clusterer's state (`to_json`/`from_json`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Verdict(Protocol):
+    """What `judge` reads of an evaluation (the clusterer's Evaluation)."""
+
+    verdict: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The evaluators' verdict on a new version."""
+
+    collapsed: bool  # most evaluators that answered refused it or found it diverged
+    refused: int
+    diverged: int
+    reason: str = ""
+
+
+def judge(evaluations: Mapping[str, Verdict]) -> Judgement:
+    """Whether a version is to be rolled back: more of the evaluators that answered report
+    REFUSED or DIVERGED than OK. Honest participants all see the same model (under
+    --secure he they decrypt the same sum), so they agree; a minority of lying reports can
+    neither force a rollback nor block one. Evaluators that did not answer count neither
+    way."""
+    refused = sum(e.verdict == "refused" for e in evaluations.values())
+    diverged = sum(e.verdict == "diverged" for e in evaluations.values())
+    bad = refused + diverged
+    if bad == 0 or bad * 2 <= len(evaluations):
+        return Judgement(False, refused, diverged)
+    example = next(e.reason for e in evaluations.values() if e.verdict != "ok")
+    reason = (
+        f"{refused} of {len(evaluations)} evaluators refused the model and {diverged} found "
+        f"it diverged (e.g. {example[:120]!r})"
+    )
+    return Judgement(True, refused, diverged, reason)
+
+
+@dataclass
+class Quarantine:
+    """Failures per suspect, the cleared and the convicted participants."""
+
+    suspects: dict[str, int] = field(default_factory=dict)
+    cleared: set[str] = field(default_factory=set)
+    convicted: set[str] = field(default_factory=set)
+
+    def record(self, contributors: Iterable[str], rolled_back: bool) -> list[str]:
+        """Learn from a finished round: its contributors and whether its model was rolled
+        back; the participants convicted by it."""
+        who = set(contributors)
+        if not who:
+            return []
+        if not rolled_back:
+            self.cleared |= who
+            for p in who:
+                self.suspects.pop(p, None)
+            return []
+        unproven = who - self.cleared
+        if len(unproven) == 1:
+            (culprit,) = unproven
+            self.suspects.pop(culprit, None)
+            self.convicted.add(culprit)
+            return [culprit]
+        if not unproven:  # someone trusted turned: trust none of them any more
+            unproven = who
+            self.cleared -= who
+        for p in unproven:
+            self.suspects[p] = self.suspects.get(p, 0) + 1
+        return []
+
+    def probe(self) -> list[str]:
+        """The suspects the next round tests: half (rounded up) of the most suspected
+        ones, in id order."""
+        if not self.suspects:
+            return []
+        top = max(self.suspects.values())
+        most = sorted(p for p, n in self.suspects.items() if n == top)
+        return most[: (len(most) + 1) // 2]
+
+    def eligible(self, participants: Iterable[str]) -> list[str]:
+        """Who of participants may be selected now: nobody convicted; while suspects are
+        being tested, only the cleared ones and the probe (anyone else would blur what a
+        failure says); otherwise everyone."""
+        ids = [p for p in participants if p not in self.convicted]
+        if not self.suspects:
+            return ids
+        allowed = self.cleared | set(self.probe())
+        return [p for p in ids if p in allowed]
+
+    def to_json(self) -> dict[str, Any]:
+        """As the clusterer's snapshot keeps it."""
+        return {
+            "suspects": dict(sorted(self.suspects.items())),
+            "cleared": sorted(self.cleared),
+            "convicted": sorted(self.convicted),
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any] | None) -> Quarantine:
+        """Read back (None: nothing was ever rolled back)."""
+        if not data:
+            return Quarantine()
+        return Quarantine(
+            {str(p): int(n) for p, n in data.get("suspects", {}).items()},
+            {str(p) for p in data.get("cleared", [])},
+            {str(p) for p in data.get("convicted", [])},
+        )
