@@ -75,8 +75,8 @@ def main() -> None:
         per_seed = []
         for seed in args.seeds:
             start = time.perf_counter()
-            cfg = ExperimentConfig().replace(
-                strategy=strategy, rounds=args.rounds, seed=seed, **extra
+            cfg = ExperimentConfig().replace(  # the rules alone, without the guard
+                strategy=strategy, rounds=args.rounds, seed=seed, guard=False, **extra
             )
             per_seed.append(summarise(run_local(cfg).rounds) | {"s": time.perf_counter() - start})
         mean = {k: statistics.fmean(r[k] for r in per_seed) for k in per_seed[0]}

@@ -81,6 +81,7 @@ def cell(strategy: str, attack: str, rate: float, seed: int, rounds: int) -> dic
         strategy=strategy,
         rounds=rounds,
         seed=seed,
+        guard=False,  # the rules alone: the divergence guard is benchmarks/guard.py's
         **({"attack_rate": rate, **extra} if extra else {}),
     )
     start = time.perf_counter()

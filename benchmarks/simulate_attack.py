@@ -2,7 +2,9 @@
 
 For each seed: flclustering and fedavg, clean and under the scaling attack (30% of the
 participants, per-group placement, send their negated model every 5th round; the last
-round is an attack round). Prints final mean accuracy per run and the means over seeds.
+round is an attack round), the rules alone (`--guard false`: the divergence guard, which
+would roll the attack rounds back for both, is measured by benchmarks/guard.py).
+Prints final mean accuracy per run and the means over seeds.
 
     python benchmarks/simulate_attack.py [--seeds 0 1 2] [--rounds 30]
 """
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 ATTACK = ["--attack", "scaling", "--attack-rate", "0.3"]
+RULES = ["--guard", "false"]  # the rules alone: the divergence guard is benchmarks/guard.py's
 
 
 def run(out: Path, flags: list[str]) -> tuple[float, float]:
@@ -53,7 +56,7 @@ def main() -> None:
         for case, flags in cases.items():
             acc, secs = run(
                 tmp / f"{case.replace(' ', '-')}-{seed}",
-                [*flags, "--seed", str(seed), "--rounds", str(a.rounds)],
+                [*flags, *RULES, "--seed", str(seed), "--rounds", str(a.rounds)],
             )
             finals[case].append(acc)
             print(f"{case:<24} {seed:>4} {acc:>6.3f} {secs:>7.0f}", flush=True)

@@ -109,6 +109,31 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
+                "Divergence guard: merges refused, rounds rolled back, participants convicted",
+                "none",
+                [
+                    (
+                        f"sum(increase(flclustering_merges_refused_total[{RANGE}])) or vector(0)",
+                        "merges refused",
+                    ),
+                    (
+                        f"sum(increase(flclustering_rollbacks_total[{RANGE}])) or vector(0)",
+                        "rolled back",
+                    ),
+                    ("max(flclustering_participants_convicted) or vector(0)", "convicted"),
+                ],
+            ),
+            (
+                "Evaluations by verdict (refused: not adopted; diverged: loss not finite)",
+                "ops",
+                [
+                    (
+                        f"sum by (verdict) (rate(flclustering_evaluations_total[{RATE}]))",
+                        "{{verdict}}",
+                    )
+                ],
+            ),
+            (
                 "Cluster models dropped by the cluster check",
                 "none",
                 [
@@ -381,6 +406,15 @@ groups:
         annotations:
           summary: Fewer than 80% of joined participants are active
           description: "{{{{ $value }}}} participants active; rounds may miss their minimum share."
+      - alert: FLClusteringModelRefused
+        expr: |
+          (sum(increase(flclustering_merges_refused_total[{stall_window}])) or vector(0))
+            + (sum(increase(flclustering_rollbacks_total[{stall_window}])) or vector(0)) > 0
+        labels:
+          severity: critical
+        annotations:
+          summary: The federation refused or rolled back a global model in the last {stall_window}
+          description: A merge left any sane range or most evaluators refused the new model; the last good version is kept. Look at the rounds' merge_refused, rollback_reason and convicted in GetStatus or history.json.
       - alert: FLClusteringClusterLagging
         expr: |
           flclustering_cluster_accuracy < on() group_left() (avg(flclustering_cluster_accuracy) - 0.2)

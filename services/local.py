@@ -10,6 +10,7 @@ participants into the same clusters.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ import numpy as np
 import torch
 
 from services.aggregator.defence import RoundDefence
+from services.aggregator.guard import check_merge, remember
 from services.aggregator.merge import local_steps
 from services.aggregator.rounds import RoundOutcome, aggregate_round
 from services.clusterer.clustering import group_deltas
 from services.clusterer.plan import group_accuracy, plan_round, static_group
+from services.clusterer.quarantine import Quarantine, judge
 from services.common.compression import (
     Compression,
     ErrorFeedback,
@@ -36,6 +39,7 @@ from services.common.figures import accuracy_summary, group_means, purity, rejec
 from services.common.homomorphic import HeKeys, upload_tensors
 from services.common.model_file import ModelCard
 from services.common.models import build_model
+from services.common.sanity import largest, unfit
 from services.common.strategies import get_strategy
 from services.common.tensors import flatten, spec_of, unflatten
 from services.common.wire import nbytes
@@ -106,6 +110,38 @@ def build_participants(config: ExperimentConfig, data: Dataset) -> list[Particip
         )
         for s in shards
     ]
+
+
+@dataclass(frozen=True)
+class LocalVerdict:
+    """A participant's verdict on a new version in process (what ReportEvaluation says)."""
+
+    accuracy: float
+    verdict: str
+    reason: str = ""
+
+
+def verdicts(
+    people: list[Participant],
+    figs: list[tuple[float, float]],
+    new: torch.Tensor,
+    before: torch.Tensor,
+) -> dict[str, LocalVerdict]:
+    """Every participant's verdict on the new global model (services/participant/worker.py:
+    refused when it is not fit to adopt, diverged when its loss is not finite)."""
+    why = None
+    if new is not before:
+        last_top = largest({"w": before})
+        why = unfit({"w": new}, last_top)
+    out = {}
+    for p, (loss, acc) in zip(people, figs, strict=True):
+        if why is not None:
+            out[str(p.index)] = LocalVerdict(0.0, "refused", why)
+        elif not math.isfinite(loss):
+            out[str(p.index)] = LocalVerdict(0.0, "diverged", "its loss is not finite")
+        else:
+            out[str(p.index)] = LocalVerdict(acc, "ok")
+    return out
 
 
 def run_local(
@@ -196,9 +232,14 @@ def run_local(
     cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
 
     published: dict[int, float] = {}  # everyone's accuracy of the current global model
+    figs: list[tuple[float, float]] = []  # everyone's (loss, accuracy) of it
+    quarantine = Quarantine()  # who may train after failed rounds (as the clusterer's)
+    steps: list[float] = []  # the last accepted merges' lengths (the aggregator's guard)
     for rnd in range(fed.rounds):
         start = time.perf_counter()
-        plan = plan_round(strategy, groups, rnd, fed.select, fed.eval_per_cluster, rng)
+        allowed = set(quarantine.eligible(str(i) for i in groups))
+        selectable = {i: c for i, c in groups.items() if str(i) in allowed}
+        plan = plan_round(strategy, selectable, rnd, fed.select, fed.eval_per_cluster, rng)
         # Accuracy of the current global model per group, for the fair merge: every
         # member of a selected group evaluated it after the last round (as the services'
         # members evaluate each published version), the planned evaluators otherwise.
@@ -291,13 +332,41 @@ def run_local(
                 ),
                 cluster_w if fed.personalise else None,
             )
-        global_w = outcome_round.global_weights
-        cluster_w.update(outcome_round.cluster_models)
+        # The aggregator's divergence guard (it cannot look under --secure he), then the
+        # participants' verdicts on the new version, as the services run them.
+        before_w, before_clusters, before_figs = global_w, dict(cluster_w), figs
+        refused, step = "", 0.0
+        if sealed is None:
+            guard = check_merge(
+                global_w.cpu(), outcome_round.global_weights.cpu(), steps, bounds=fed.guard
+            )
+            refused, step = guard.refused, guard.step
+            if not refused and not torch.equal(outcome_round.global_weights, global_w):
+                steps = remember(steps, guard.step)
+        if not refused:
+            global_w = outcome_round.global_weights
+            cluster_w.update(outcome_round.cluster_models)
         outcome = outcome_round.defence
         rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
         # Every participant evaluates the new global model on its own test split.
         load(global_w)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
+        pairs = [
+            (published[p.index], a)
+            for p, (_, a) in zip(people, figs, strict=True)
+            if p.index in published
+        ]
+        drops = [old - new for old, new in pairs]
+        ratios = [new / old for old, new in pairs if old > 0]
+        previous = {str(i): a for i, a in published.items()} if fed.guard else {}
+        judged = judge(verdicts(people, figs, global_w, before_w), previous)
+        rolled_back = judged.collapsed and global_w is not before_w
+        if rolled_back:  # the last good version again
+            global_w, figs = before_w, before_figs
+            cluster_w.clear()
+            cluster_w.update(before_clusters)
+            load(global_w)
+        quarantine.record([str(i) for i in rows], rolled_back or bool(refused))
         published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
         summary = accuracy_summary([a for _, a in figs])
         by_group = group_means(
@@ -346,6 +415,19 @@ def run_local(
             "attack_fired": fired,
             "upload_bytes": upload_bytes,
             "selection": {str(i): c for i, c in plan.selected.items()},
+            "merge_refused": refused,
+            "merge_step": step,  # ||w_new - w|| of the merge (accepted or not)
+            "largest_weight": largest({"w": global_w}),
+            "fell": judged.fell,  # evaluators whose accuracy fell by more than FALL
+            # the median evaluator's fall in accuracy from the version before (the guard's
+            # collapse rule compares it with FALL)
+            "median_drop": float(np.median(drops)) if drops else 0.0,
+            # the median evaluator's accuracy of the new version over its accuracy before
+            "median_ratio": float(np.median(ratios)) if ratios else 1.0,
+            "rolled_back": rolled_back,
+            "rollback_reason": judged.reason if rolled_back else "",
+            "refused_evaluations": judged.refused,
+            "diverged_evaluations": judged.diverged,
             **personal,
             **backdoor,
         }

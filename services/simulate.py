@@ -396,6 +396,7 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
     ):
         d[key] = int(d.get(key, 0))
     d["rejected_by"] = {k: int(v) for k, v in d.get("rejected_by", {}).items()}
+    d["failed_clusters"] = {int(k): int(v) for k, v in d.get("failed_clusters", {}).items()}
     for key in (
         "cluster_weights",
         "group_accuracy",

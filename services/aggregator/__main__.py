@@ -22,7 +22,10 @@ GROUPS = (
             "stream_max_s",
         ),
     ),
-    Group("federation", only=("strategy", "model", "dataset", "seed", "personalise", "secure")),
+    Group(
+        "federation",
+        only=("strategy", "model", "dataset", "seed", "personalise", "secure", "guard"),
+    ),
     Group("defence"),
     Group("training", only=("lr", "lr_decay")),
     Group("store", "AGGREGATOR_"),

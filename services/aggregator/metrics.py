@@ -60,10 +60,11 @@ class AggregatorMetrics(Catalogue):
             "Cluster models dropped by the cluster check.",
         ),
         Metric(
-            "rollbacks",
+            "merges_refused",
             Counter,
-            "rollbacks_total",
-            "Versions replaced by a copy of the last good one (their evaluators refused them).",
+            "merges_refused_total",
+            "Rounds whose merge the divergence guard refused (non-finite, grown past all "
+            "proportion, or a step far beyond the recent ones): the model was kept.",
         ),
         Metric(
             "fallbacks",

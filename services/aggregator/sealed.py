@@ -98,6 +98,7 @@ class SealedState(AggregatorState):
         lr: float,
         abandon: bool = False,
         training: tuple[int, int] | None = None,
+        guard: bool = True,
     ) -> RoundReport:
         """Close the open round: the sum of its ciphertexts and of its sample counts is
         the next version (asked again: the same report)."""

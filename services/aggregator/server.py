@@ -95,6 +95,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             twin_factor=d.twin_factor,
             personalise=config.federation.personalise,
             secure=config.federation.secure,
+            guard=config.federation.guard,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 
@@ -218,6 +219,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 lr,
                 request.abandon,
                 (self.config.training.local_epochs, self.config.training.batch_size),
+                guard=self.config.federation.guard,
             )
             if not report.replayed:
                 self._record(report, time.perf_counter() - start)
@@ -226,6 +228,14 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             # Asked again (the caller restarted or lost the answer): the same answer,
             # counted once.
             logger.info("[Aggregator.Aggregate] round %d: answered again", request.round)
+        elif report.refused:
+            logger.warning(
+                "[Aggregator.Aggregate] round %d: %d updates, merge refused (%s); version %d kept",
+                request.round,
+                report.updates,
+                report.refused,
+                report.version,
+            )
         else:
             logger.info(
                 "[Aggregator.Aggregate] round %d: %d updates, %d rejected -> version %d",
@@ -243,6 +253,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             updates=report.updates,
             round=request.round,
             abandoned=report.abandoned,
+            refused=report.refused,
         )
 
     def _record(self, report: RoundReport, seconds: float) -> None:
@@ -257,6 +268,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             m.robust_rejections.labels(cluster_label(c)).inc(n)
         m.cluster_rejections.inc(len(report.rejected_clusters))
         m.fallbacks.inc(len(report.fallbacks))
+        if report.refused:
+            m.merges_refused.inc()
 
     def _save(self, round_: int) -> None:
         """Make the aggregation of round_ durable (once; a failed save is tried again by the
@@ -296,7 +309,6 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         with self._closing:  # not while a round is being aggregated or saved
             done = self.state.rollback(int(request.round), int(request.to_version), request.reason)
             if not done.replayed:
-                self.metrics.rollbacks.inc()
                 self.metrics.model_version.set(done.version)
                 state_dir = self.config.service.state_dir
                 if state_dir:  # durable before it is answered

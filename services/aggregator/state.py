@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from services.aggregator.guard import STEPS_KEPT, check_merge, remember
 from services.aggregator.merge import local_steps
 from services.aggregator.rounds import aggregate_round
 from services.aggregator.store import (
@@ -77,6 +78,7 @@ class RoundReport:
     rejected_per_cluster: dict[int, int] = field(default_factory=dict)
     abandoned: bool = False  # the round's updates were dropped and the model kept
     replayed: bool = False  # the answer of a round aggregated before (asked again)
+    refused: str = ""  # why the divergence guard refused the merge (the model was kept)
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON (state.json keeps the last one)."""
@@ -98,6 +100,7 @@ class RoundReport:
             ints(data["fallbacks"]),
             {int(k): int(v) for k, v in data["rejected_per_cluster"].items()},
             bool(data.get("abandoned", False)),
+            refused=str(data.get("refused", ""))[:400],
         )
 
 
@@ -160,6 +163,7 @@ class AggregatorState:
         self.pending: OrderedDict[str, PendingUpdate] = OrderedDict()
         self.last_report: RoundReport | None = None  # of round open_round - 1
         self.last_rollback: Rollback | None = None  # the newest rollback, if any
+        self.steps: list[float] = []  # lengths of the last accepted merges (guard.py)
         self._receiving: set[str] = set()
         self.lock = threading.Condition()
 
@@ -275,8 +279,11 @@ class AggregatorState:
         lr: float,
         abandon: bool = False,
         training: tuple[int, int] | None = None,
+        guard: bool = True,
     ) -> RoundReport:
-        """Close the open round: defence and merge into a new version (or drop it all).
+        """Close the open round: defence and merge into a new version (or drop it all, or
+        keep the version when the divergence guard refuses the merge: guard.py; without
+        `guard` only a non-finite merge is refused).
 
         Asked again for the round just closed, it returns that round's report unchanged
         (nothing is aggregated twice). `training` (local epochs, batch size) gives q-FFL the
@@ -306,7 +313,23 @@ class AggregatorState:
                 {c: m.to(on) for c, m in self.cluster_models.items()} if self.personalise else None,
             )
             new = outcome.global_weights.cpu()
+            check = check_merge(base, new, self.steps, bounds=guard)
+            if check.refused:  # the version stays; the round ends with the reason
+                self._recycle(updates)
+                self.pending.clear()
+                self.open_round += 1
+                self.last_report = RoundReport(
+                    self.version,
+                    len(updates),
+                    {},
+                    outcome.cluster_weights,
+                    {},
+                    {},
+                    refused=check.refused,
+                )
+                return self.last_report
             if not torch.equal(new, base):
+                self.steps = remember(self.steps, check.step)
                 self._add_version(new)
                 # The surviving clusters' models move on with the version (new dict: a
                 # reader holding the old one keeps a consistent set).
@@ -448,6 +471,7 @@ class AggregatorState:
             flat = self._flat(version)
             report = None if self.last_report is None else self.last_report.to_json()
             rollback = None if self.last_rollback is None else self.last_rollback.to_json()
+            steps = list(self.steps)
             clusters = dict(self.cluster_models)
         weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -459,6 +483,7 @@ class AggregatorState:
             "model": model.name,
             "report": report,
             "rollback": rollback,
+            "steps": steps,
         }
         kept = [model]
         if clusters:  # --personalise: each cluster's model, flat float32 vectors
@@ -499,6 +524,7 @@ class AggregatorState:
                 self.last_report = None if report is None else RoundReport.from_json(report)
                 done = info.get("rollback")
                 self.last_rollback = None if done is None else Rollback.from_json(done)
+                self.steps = [float(x) for x in info.get("steps", [])][-STEPS_KEPT:]
             restored = True
         size = self.store.numel
         for path in sorted((directory / PENDING).glob("r*.safetensors")):

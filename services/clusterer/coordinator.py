@@ -72,6 +72,11 @@ class Stopped(Exception):
     """The service is stopping: the protocol ends where it is (a restart resumes it)."""
 
 
+def failed_round(record: Mapping[str, Any]) -> bool:
+    """Whether a round's model was rolled back or its merge refused."""
+    return bool(record.get("rolled_back") or record.get("merge_refused"))
+
+
 class Diverging(Exception):
     """Round after round was rolled back: the federation stops with its last good model."""
 
@@ -365,6 +370,11 @@ class Coordinator(ClustererParts):
                 f"the aggregator runs with --personalise {str(status.policy.personalise).lower()}"
                 f", this clusterer with {str(self.fed.personalise).lower()}: start both alike"
             )
+        if status.policy.guard != self.fed.guard:
+            raise ConfigError(
+                f"the aggregator runs with --guard {str(status.policy.guard).lower()}, this "
+                f"clusterer with {str(self.fed.guard).lower()}: start both alike"
+            )
         if (status.policy.secure or "none") != self.fed.secure:
             raise ConfigError(
                 f"the aggregator runs with --secure {status.policy.secure[:32] or 'none'!r}, this "
@@ -635,11 +645,10 @@ class Coordinator(ClustererParts):
         """Stop (Diverging) when the last MAX_ROLLBACKS rounds were all rolled back: the
         federation makes no progress, and the last good model is what it has."""
         last = self.state.history[-MAX_ROLLBACKS:]
-        if len(last) == MAX_ROLLBACKS and all(h.get("rolled_back") for h in last):
+        if len(last) == MAX_ROLLBACKS and all(failed_round(h) for h in last):
             raise Diverging(
-                f"rounds {last[0]['round']}-{r} were all rolled back (their models were "
-                f"refused or diverged): stopping with the last good model, version "
-                f"{self.state.model_version}"
+                f"rounds {last[0]['round']}-{r} were all rolled back or their merges refused: "
+                f"stopping with the last good model, version {self.state.model_version}"
             )
 
     def _took(self, r: int, phase: str, began: float) -> float:
@@ -663,14 +672,18 @@ class Coordinator(ClustererParts):
                 r,
             )
         evals = self._evaluate(asked, tag)
-        judged = judge(evals)
+        before_version, before_evals = self.published
+        before = {}
+        if self.fed.guard and before_version == progress.base_version:  # each against itself
+            before = {p: e.accuracy for p, e in before_evals.items()}
+        judged = judge(evals, before)
         counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
         version = int(reply.model_version)
         if judged.collapsed and 0 <= progress.base_version < version:
             version = self._rollback(r, progress, judged.reason)
             # The copy's evaluations are the last good version's, when this process has them.
-            before, known = self.published
-            self.published = (version, known if before == progress.base_version else {})
+            kept = before_evals if before_version == progress.base_version else {}
+            self.published = (version, kept)
         else:
             if judged.collapsed:
                 logger.error(
@@ -681,13 +694,23 @@ class Coordinator(ClustererParts):
         record = round_record(
             r, reply, progress, counted, self.state.true_groups(), self.state.clusters_of(counted)
         )
+        rolled_back = version != int(reply.model_version)
         record.update(
             model_version=version,
-            rolled_back=version != int(reply.model_version),
-            rollback_reason=judged.reason if version != int(reply.model_version) else "",
+            rolled_back=rolled_back,
+            rollback_reason=judged.reason if rolled_back else "",
             refused_evaluations=judged.refused,
             diverged_evaluations=judged.diverged,
+            merge_refused=reply.refused,
         )
+        if rolled_back or reply.refused:  # whose updates made the bad model, per cluster
+            failed: dict[int, int] = {}
+            for p in progress.received:
+                c = progress.selected.get(p, -1)
+                failed[c] = failed.get(c, 0) + 1
+            record["failed_clusters"] = failed
+        if reply.refused:
+            logger.warning("round %d: the aggregator refused the merge: %s", r, reply.refused)
         record["duration_s"] = time.time() - progress.started
         self._export(record)
         convicted = self.state.record_round(record)

@@ -23,41 +23,63 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# An evaluator whose accuracy of the new version is this much below its accuracy of the
+# version the round started from counts against the new version (benchmarks/guard.py
+# --no-guard: in honest runs on four partitions the median evaluator lost at most 0.23 in
+# a round, and at 0.3 honest non-IID rounds were rolled back; a model that collapses to
+# chance from a trained one loses 0.6 or more).
+FALL = 0.5
+
 
 class Verdict(Protocol):
     """What `judge` reads of an evaluation (the clusterer's Evaluation)."""
 
-    verdict: str
-    reason: str
+    @property
+    def accuracy(self) -> float: ...
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
 
 
 @dataclass(frozen=True)
 class Judgement:
     """The evaluators' verdict on a new version."""
 
-    collapsed: bool  # most evaluators that answered refused it or found it diverged
+    collapsed: bool  # most evaluators that answered refused it, or found it diverged or worse
     refused: int
     diverged: int
     reason: str = ""
+    fell: int = 0  # evaluators whose accuracy fell by more than FALL
 
 
-def judge(evaluations: Mapping[str, Verdict]) -> Judgement:
+def judge(
+    evaluations: Mapping[str, Verdict], before: Mapping[str, float] | None = None
+) -> Judgement:
     """Whether a version is to be rolled back: more of the evaluators that answered report
-    REFUSED or DIVERGED than OK. Honest participants all see the same model (under
-    --secure he they decrypt the same sum), so they agree; a minority of lying reports can
-    neither force a rollback nor block one. Evaluators that did not answer count neither
-    way."""
+    REFUSED or DIVERGED, or an accuracy more than FALL below their own accuracy of the
+    version before (`before`, by participant), than not. Honest participants all see the
+    same model (under --secure he they decrypt the same sum), so they agree; a minority of
+    lying reports can neither force a rollback nor block one. Evaluators that did not
+    answer count neither way."""
+    before = before or {}
     refused = sum(e.verdict == "refused" for e in evaluations.values())
     diverged = sum(e.verdict == "diverged" for e in evaluations.values())
-    bad = refused + diverged
-    if bad == 0 or bad * 2 <= len(evaluations):
-        return Judgement(False, refused, diverged)
-    example = next(e.reason for e in evaluations.values() if e.verdict != "ok")
-    reason = (
-        f"{refused} of {len(evaluations)} evaluators refused the model and {diverged} found "
-        f"it diverged (e.g. {example[:120]!r})"
+    fell = sum(
+        e.verdict == "ok" and p in before and before[p] - e.accuracy > FALL
+        for p, e in evaluations.items()
     )
-    return Judgement(True, refused, diverged, reason)
+    bad = refused + diverged + fell
+    if bad == 0 or bad * 2 <= len(evaluations):
+        return Judgement(False, refused, diverged, fell=fell)
+    parts = [f"{refused} refused the model"] if refused else []
+    parts += [f"{diverged} found its loss not finite"] if diverged else []
+    parts += [f"{fell} lost more than {FALL:g} accuracy"] if fell else []
+    why = next((e.reason for e in evaluations.values() if e.verdict != "ok"), "")
+    reason = f"{bad} of {len(evaluations)} evaluators: " + ", ".join(parts)
+    if why:
+        reason += f" (e.g. {why[:120]!r})"
+    return Judgement(True, refused, diverged, reason, fell)
 
 
 @dataclass

@@ -764,9 +764,9 @@ class ClustererService:
             self.servicer.config.service.metrics_port,
         )
         self.coordinator.start()
-        self._await_initial_model()
+        self.await_initial_model()
 
-    def _await_initial_model(self) -> None:
+    def await_initial_model(self) -> None:
         """Return once version 0 is cached (the coordinator fetches it from the aggregator
         first), or the protocol ended without it: the ready file and the log line that
         say "serving" come after this, so a download of version 0 at that moment never

@@ -929,9 +929,8 @@ class ClustererState:
         with self.cond:
             convicted: list[str] = []
             if self.progress is not None and self.progress.round == record["round"]:
-                convicted = self.quarantine.record(
-                    self.progress.received, bool(record.get("rolled_back"))
-                )
+                failed = bool(record.get("rolled_back") or record.get("merge_refused"))
+                convicted = self.quarantine.record(self.progress.received, failed)
                 record["convicted"] = convicted
             if self.store is not None:
                 self.store.append_round(record)
@@ -1014,6 +1013,8 @@ def _round_record(record: dict[str, Any]) -> dict[str, Any]:
     for key in maps:
         if key in record:
             out[key] = {int(c): float(v) for c, v in record[key].items()}
+    if "failed_clusters" in record:
+        out["failed_clusters"] = {int(c): int(n) for c, n in record["failed_clusters"].items()}
     out.setdefault("cluster_weights", {})
     out.setdefault("group_accuracy", {})
     return out

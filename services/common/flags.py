@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -28,7 +29,8 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from services.common.settings import Choice, Settings, env_name, flag_of, one_line
+from services.common.runfile import RunFileError, load_run_file
+from services.common.settings import Choice, Settings, env_name, flag_of
 
 SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
 # Every group any command has; a settings file may carry any of them (each command takes
@@ -170,13 +172,20 @@ class SettingsParser:
             for key, values in read_settings_file(self.parser, ns.settings).items():
                 if key not in SETTINGS_GROUPS or not isinstance(values, Mapping):
                     self.parser.error(
-                        f"--config {ns.settings}: {str(key)[:40]!r} is not a settings group "
+                        f"--config {ns.settings}: {_cut(key)!r} is not a settings group "
                         f"({', '.join(sorted(SETTINGS_GROUPS))})"
                     )
                 if key in data:  # a file shared by all services: each takes its groups
-                    data[key] = {**data[key], **values}
+                    known = self._group_model(key).model_fields
                     for field in values:
-                        source[(key, str(field))] = f"{ns.settings}: {key}.{field}"
+                        if not isinstance(field, str) or field not in known:
+                            # Here, not by pydantic: one line for the first, however many.
+                            self.parser.error(
+                                f"--config {ns.settings}: {_cut(field)!r} is not a setting "
+                                f"of the {key} group"
+                            )
+                        source[(key, field)] = f"{ns.settings}: {key}.{field}"
+                    data[key] = {**data[key], **values}
         for name, (key, field, env) in self.fields.items():
             raw = os.environ.get(env)
             if raw not in (None, ""):
@@ -191,38 +200,63 @@ class SettingsParser:
             self.parser.error(self._describe(exc, source))
 
     def _describe(self, exc: ValidationError, source: dict[tuple[str, str], str]) -> str:
-        def where(loc: tuple[str, ...]) -> str:
+        """The errors as one line naming where each bad value came from (a flag, a variable,
+        the run file's entry), as settings.one_line does, but with every value from the
+        user cut before it is shown (a run file's value may be a megabyte) and at most
+        _MAX_ERRORS errors listed."""
+        errors = exc.errors(include_url=False, include_context=False)
+        parts = []
+        for err in errors[:_MAX_ERRORS]:
+            loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+            msg = _cut(err["msg"].removeprefix("Value error, "), 200)
+            if not loc:
+                parts.append(msg)
+                continue
             if len(loc) < 2:
-                return ".".join(loc)
-            named = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
-            return source.get((loc[0], loc[1]), named)
+                named = ".".join(loc)
+            else:
+                fallback = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
+                named = source.get((loc[0], loc[1]), _cut(fallback, 80))
+            got = err.get("input")
+            shown = "" if isinstance(got, Mapping) or got is None else f" (got {_cut(got)!r})"
+            parts.append(f"{named}: {msg}{shown}")
+        if len(errors) > _MAX_ERRORS:
+            parts.append(f"and {len(errors) - _MAX_ERRORS:,} more")
+        return "; ".join(parts)
 
-        return one_line(exc, where)
+
+_MAX_ERRORS = 5  # a run file may hold thousands of bad entries; the first few are enough
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
+
+
+def _cut(value: Any, limit: int = 40) -> str:
+    """A value from the user as at most `limit` characters (as str() shows it, for the
+    short ones), without rendering a long one whole first."""
+    try:
+        if isinstance(value, str | bytes | bytearray):
+            text = str(value[:limit])
+        elif isinstance(value, int) and value.bit_length() > 128:
+            text = f"an integer of {value.bit_length():,} bits"
+        elif isinstance(value, Mapping | list | tuple | set | frozenset):
+            text = _SHORT.repr(value)
+        else:
+            text = str(value)
+    except (ValueError, RecursionError):  # a huge integer inside a collection
+        text = f"a {type(value).__name__}"
+    return text[:limit]
 
 
 def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """An object of settings groups from a JSON or YAML run file (a results.json: its
-    config block); a missing or malformed file is one parser error."""
-    yaml_file = path.lower().endswith((".yaml", ".yml"))
+    config block); a missing, malformed or oversized file, or one nested too deep or (YAML)
+    with anchors or aliases, is one parser error (services.common.runfile: the limits)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            if yaml_file:
-                import yaml  # only a YAML run file needs it
-
-                # safe_load: plain data only, never arbitrary Python objects.
-                data = yaml.safe_load(fh)
-            else:
-                data = json.load(fh)
+        data = load_run_file(path)
     except OSError as exc:
-        parser.error(f"--config {path}: {exc.strerror}")
-    except ValueError as exc:  # JSON, and YAML's errors below
-        parser.error(f"--config {path}: not JSON ({str(exc).splitlines()[0]})")
-    except Exception as exc:  # yaml.YAMLError: not importable without yaml
-        if type(exc).__module__.startswith("yaml"):
-            parser.error(f"--config {path}: not YAML ({' '.join(str(exc).split())[:200]})")
-        raise
-    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "rounds" in data:
-        data = data["config"]  # a finished run's results.json: the settings it ran with
+        parser.error(f"--config {path}: {exc.strerror or _cut(str(exc), 200)}")
+    except RunFileError as exc:
+        parser.error(f"--config {path}: {exc}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected an object of settings groups")
     return data

@@ -12,6 +12,7 @@ place; the flags are a thin table over its fields (see flags.py for why not a CL
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -118,6 +119,18 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _cut(value: Any, most: int = 40) -> str:
+    """At most `most` characters of a value, without building the whole text of a huge one
+    (a long list, a string of megabytes, an integer of a million digits)."""
+    if isinstance(value, str):
+        return value[:most]
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (int, float)):
+        return str(value)[:most]
+    return reprlib.repr(value)[:most]  # nested sizes capped before the text is built
+
+
 def one_line(exc: ValidationError, where: Callable[[tuple[str, ...]], str] | None = None) -> str:
     """A pydantic error as one readable line naming each bad setting: by `where(loc)` when
     given (a flag, a variable, a settings file), else by the field's flag."""
@@ -129,7 +142,7 @@ def one_line(exc: ValidationError, where: Callable[[tuple[str, ...]], str] | Non
             parts.append(msg)
             continue
         got = err.get("input")
-        shown = "" if isinstance(got, Mapping) or got is None else f" (got {str(got)[:40]!r})"
+        shown = "" if isinstance(got, Mapping) or got is None else f" (got {_cut(got)!r})"
         parts.append(f"{where(loc) if where else flag_of(loc[-1])}: {msg}{shown}")
     return "; ".join(parts)
 
@@ -206,7 +219,9 @@ class FederationSettings(Settings):
         description="participants that evaluate each new global model: all up to this many, "
         "else a seeded sample of this many, stratified by cluster (0: always all)",
     )
-    seed: int = Field(0, ge=0, description="seed of w0, partitions, selection and clustering")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="seed of w0, partitions, selection and clustering"
+    )
     personalise: bool = Field(
         False,
         description="per-cluster models: each cluster trains and serves its own model (its "
@@ -217,6 +232,13 @@ class FederationSettings(Settings):
         description="what participants upload: none (float32 weights), or their delta as "
         "fp16, int8 (a scale per tensor, stochastic rounding) or topk:FRACTION (the largest "
         "coordinates, the rest carried to the next round)",
+    )
+    guard: bool = Field(
+        True,
+        description="the divergence guard: the aggregator refuses a merge whose weights grow "
+        "100-fold or whose step is 50 times the recent ones, and a new model that most "
+        "evaluators find more than 0.5 less accurate is rolled back (non-finite models are "
+        "always refused; false: the rules alone, as the published comparisons run them)",
     )
     secure: Annotated[str, choice(("none", "he"))] = Field(
         "none",

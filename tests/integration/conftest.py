@@ -107,6 +107,7 @@ def federation_factory() -> Iterator[Callable[..., Federation]]:
         clu = build_clusterer(config)
         clu.server.start()
         clu.coordinator.start()
+        clu.await_initial_model()  # as ClustererService.start: version 0 served from now
         address = f"127.0.0.1:{clu.port}"
         fed = Federation(
             agg,

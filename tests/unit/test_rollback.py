@@ -41,7 +41,7 @@ def round_of(s: AggregatorState, r: int, value: float) -> int:
 def test_a_rollback_publishes_a_copy_of_the_good_version_and_is_idempotent(tmp_path: Path):
     s = fresh()
     good = round_of(s, 0, 0.1)
-    bad = round_of(s, 1, 1e6)
+    bad = round_of(s, 1, -0.3)  # within the guard's bounds; its evaluators refuse it
     done = s.rollback(1, good, "refused by 5 of 5")
     assert (done.refused, done.to, done.version) == (bad, good, bad + 1)
     assert s.version == bad + 1 and torch.equal(s.versions[s.version], s.versions[good])
@@ -108,6 +108,7 @@ def test_a_sealed_rollback_to_w0_serves_w0_in_the_clear_across_a_restart(tmp_pat
 class Ev:
     verdict: str
     reason: str = ""
+    accuracy: float = 0.0
 
 
 def test_a_majority_of_the_answers_decides_a_rollback():
@@ -117,8 +118,21 @@ def test_a_majority_of_the_answers_decides_a_rollback():
     assert not judge({"a": ok, "b": ok, "c": refused}).collapsed  # one liar cannot force it
     got = judge({"a": refused, "b": refused, "c": ok})  # one liar cannot block it
     assert got.collapsed and (got.refused, got.diverged) == (2, 0)
-    assert "2 of 3 evaluators refused" in got.reason
+    assert got.reason.startswith("2 of 3 evaluators: 2 refused the model")
     assert judge({"a": refused, "b": diverged, "c": ok}).collapsed
+
+
+def test_a_fall_in_accuracy_counts_against_the_new_version_per_evaluator():
+    before = {"a": 0.9, "b": 0.8, "c": 0.85}
+    fine = {p: Ev("ok", accuracy=a - 0.3) for p, a in before.items()}  # honest swings
+    assert not judge(fine, before).collapsed
+    fallen = {p: Ev("ok", accuracy=0.1) for p in before}
+    got = judge(fallen, before)
+    assert got.collapsed and got.fell == 3 and "lost more than 0.5 accuracy" in got.reason
+    # One evaluator (a liar, or one whose data the model no longer serves) cannot force it;
+    # one whose accuracy before is unknown counts as not fallen.
+    assert not judge({**fine, "a": Ev("ok", accuracy=0.0)}, before).collapsed
+    assert not judge(fallen, {"a": 0.9}).collapsed
 
 
 def test_group_testing_convicts_the_one_forger_in_log2_rounds():

@@ -59,7 +59,7 @@ class Rejection(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AggregateResponse(_message.Message):
-    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned")
+    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned", "refused")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class AggregateResponse(_message.Message):
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
     cluster_weights: _containers.ScalarMap[int, float]
@@ -83,7 +84,8 @@ class AggregateResponse(_message.Message):
     updates: int
     round: int
     abandoned: bool
-    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ...) -> None: ...
+    refused: str
+    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ..., refused: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_version", "cluster")
@@ -108,7 +110,7 @@ class GetAggregatorStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DefencePolicy(_message.Message):
-    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise", "secure")
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise", "secure", "guard")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class DefencePolicy(_message.Message):
     TWIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
     PERSONALISE_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     q: float
     byzantine_fraction: float
@@ -125,7 +128,8 @@ class DefencePolicy(_message.Message):
     twin_factor: float
     personalise: bool
     secure: str
-    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ...) -> None: ...
+    guard: bool
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ..., guard: _Optional[bool] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
     __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")

@@ -185,7 +185,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted", "merge_refused", "failed_clusters")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,13 @@ class RoundSummary(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FailedClustersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +272,8 @@ class RoundSummary(_message.Message):
     REFUSED_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     DIVERGED_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     CONVICTED_FIELD_NUMBER: _ClassVar[int]
+    MERGE_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -295,7 +304,9 @@ class RoundSummary(_message.Message):
     refused_evaluations: int
     diverged_evaluations: int
     convicted: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ...) -> None: ...
+    merge_refused: str
+    failed_clusters: _containers.ScalarMap[int, int]
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ..., merge_refused: _Optional[str] = ..., failed_clusters: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
