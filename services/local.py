@@ -334,7 +334,7 @@ def run_local(
             )
         # The aggregator's divergence guard (it cannot look under --secure he), then the
         # participants' verdicts on the new version, as the services run them.
-        before_w, before_clusters, before_figs = global_w, dict(cluster_w), figs
+        before_w, before_figs = global_w, figs
         refused, step = "", 0.0
         if sealed is None:
             guard = check_merge(
@@ -361,12 +361,13 @@ def run_local(
         previous = {str(i): a for i, a in published.items()} if fed.guard else {}
         judged = judge(verdicts(people, figs, global_w, before_w), previous)
         rolled_back = judged.collapsed and global_w is not before_w
-        if rolled_back:  # the last good version again
-            global_w, figs = before_w, before_figs
+        if rolled_back:  # the last good version again (cluster models start from it)
+            global_w = before_w
             cluster_w.clear()
-            cluster_w.update(before_clusters)
             load(global_w)
-        quarantine.record([str(i) for i in rows], rolled_back or bool(refused))
+            figs = before_figs or [evaluate(model, p.x_test, p.y_test) for p in people]
+        shaped = [str(i) for k, i in enumerate(rows) if k not in outcome.rejected_updates]
+        quarantine.record(shaped, rolled_back or bool(refused))
         published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
         summary = accuracy_summary([a for _, a in figs])
         by_group = group_means(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,62 +173,86 @@ class SealedState(AggregatorState):
         return path
 
     def save(self, directory: Path) -> None:
-        """The newest version (encrypted), the counters and the last report, durably;
-        then the persisted updates of closed rounds go."""
+        """The newest version and the one before it (a rollback's target), encrypted, or
+        marked as w0's copies (rebuilt from the seed), with the counters and the last
+        report, durably; then the persisted updates of closed rounds go. A version's file
+        is written once: the one before the newest was written when it was the newest."""
         with self.lock:
             version, open_round = self.version, self.open_round
-            model = self.sealed.get(version)
+            earlier = [v for v in {*self.sealed, *self.versions} if v < version]
+            previous = max(earlier) if earlier else None
+            models = {v: self.sealed.get(v) for v in (version, previous) if v is not None}
             report = None if self.last_report is None else self.last_report.to_json()
             rollback = None if self.last_rollback is None else self.last_rollback.to_json()
-        if model is None:  # w0 in the clear: nothing aggregated yet, or a rollback to it
-            super().save(directory)
-            return
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"sealed-v{version}.safetensors"
-        tensors = model_tensors(self.keys, model.ciphertexts, model.examples, self.reference)
-        durable_write(path, lambda tmp: _save(tmp, tensors, {}))
+        entries: dict[int, dict[str, Any]] = {}
+        kept: list[Path] = []
+        for v, model in models.items():
+            if model is None:  # w0, or a rollback's copy of it: in the clear, from the seed
+                entries[v] = {"version": v, "clear": True}
+                continue
+            path = directory / f"sealed-v{v}.safetensors"
+            if v == version or not path.exists():
+                tensors = model_tensors(
+                    self.keys, model.ciphertexts, model.examples, self.reference
+                )
+                durable_write(path, partial(_save, tensors=tensors, meta={}))
+            entries[v] = {"version": v, "model": path.name}
+            kept.append(path)
+        newest = entries[version]
         info: dict[str, Any] = {
             "version": version,
             "open_round": open_round,
-            "model": path.name,
-            "sealed": True,
+            "model": newest.get("model", ""),
+            "sealed": "model" in newest,
+            "clear": bool(newest.get("clear")),
+            "previous": None if previous is None else entries[previous],
             "report": report,
             "rollback": rollback,
         }
-        commit_state(directory, info, [path])
+        commit_state(directory, info, kept)
+
+    def _read_sealed(self, path: Path) -> SealedModel:
+        """A saved encrypted version, checked against this federation's key and size."""
+        tensors, _ = _load(path)
+        check_key(as_bytes(tensors[KEY]), self.keys)
+        cts = ciphertexts_of(tensors)
+        if len(cts) != chunks(self.floats):
+            raise SpecMismatchError(f"{path.name} is not a model of this size")
+        return SealedModel(tuple(cts), int(tensors[EXAMPLES].reshape(-1)[0]))
 
     def restore(self, directory: Path) -> bool:
-        """The saved version and counters, and the open round's persisted updates, each
-        checked again against the key (a file of another federation is refused)."""
+        """The saved versions (the newest and the one before it) and counters, and the
+        open round's persisted updates, each checked again against the key (a file of
+        another federation is refused)."""
         meta = directory / "state.json"
         restored = False
         if meta.exists():
             info = json.loads(meta.read_text())
-            sealed: OrderedDict[int, SealedModel] = OrderedDict()
-            if info.get("sealed"):
-                tensors, _ = _load(directory / str(info["model"]))
-                check_key(as_bytes(tensors[KEY]), self.keys)
-                cts = ciphertexts_of(tensors)
-                if len(cts) != chunks(self.floats):
-                    raise SpecMismatchError(f"{info['model']} is not a model of this size")
-                examples = int(tensors[EXAMPLES].reshape(-1)[0])
-                sealed[int(info["version"])] = SealedModel(tuple(cts), examples)
-            done = info.get("rollback")
-            rollback = None if done is None else Rollback.from_json(done)
             version = int(info["version"])
-            # In the clear: w0, or a rollback's copy of it (rebuilt from the seed).
-            copy_of_w0 = rollback is not None and rollback.version == version and rollback.to == 0
-            if not info.get("sealed") and version != 0 and not copy_of_w0:
-                raise SpecMismatchError(f"{meta} holds a model in the clear (not --secure he)")
+            entries = [{"version": version, "model": info.get("model"), "clear": info.get("clear")}]
+            if info.get("previous"):
+                entries.append(dict(info["previous"]))
+            sealed: OrderedDict[int, SealedModel] = OrderedDict()
+            clear: list[int] = []
+            for e in sorted(entries, key=lambda e: int(e["version"])):
+                v = int(e["version"])
+                if e.get("model"):
+                    sealed[v] = self._read_sealed(directory / str(e["model"]))
+                elif v == 0 or e.get("clear"):
+                    clear.append(v)
+                else:
+                    raise SpecMismatchError(f"{meta} holds a model in the clear (not --secure he)")
+            done = info.get("rollback")
             with self.lock:  # version 0 is w0, rebuilt from the seed
                 self.version = version
                 self.open_round = int(info["open_round"])
                 self.sealed = sealed
-                if copy_of_w0:
-                    self.versions[version] = self.versions[0]
+                for v in clear:
+                    self.versions[v] = self.versions[0]
                 report = info.get("report")
                 self.last_report = None if report is None else RoundReport.from_json(report)
-                self.last_rollback = rollback
+                self.last_rollback = None if done is None else Rollback.from_json(done)
             restored = True
         for path in sorted((directory / PENDING).glob("r*.safetensors")):
             if _round_of(path) != self.open_round:

@@ -308,11 +308,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             raise invalid(f"to_version must be >= 0, not {request.to_version}")
         with self._closing:  # not while a round is being aggregated or saved
             done = self.state.rollback(int(request.round), int(request.to_version), request.reason)
-            if not done.replayed:
-                self.metrics.model_version.set(done.version)
-                state_dir = self.config.service.state_dir
-                if state_dir:  # durable before it is answered
-                    self.state.save(Path(state_dir))
+            self.metrics.model_version.set(done.version)
+            state_dir = self.config.service.state_dir
+            if state_dir:  # durable before it is answered (again when asked again: a save
+                self.state.save(Path(state_dir))  # that failed the first time is retried)
         logger.warning(
             "[Aggregator.Rollback] round %d: version %d refused (%s); version %d is a copy of %d%s",
             done.round,

@@ -399,6 +399,7 @@ class AggregatorState:
                 )
             refused = self.version
             self._copy_version(to_version)
+            self.steps = self.steps[:-1]  # the refused merge's step is no yardstick
             self.cluster_models = {}  # the refused version's; clusters serve the copy
             self.last_rollback = Rollback(round_, refused, to_version, self.version, reason[:200])
             return self.last_rollback
@@ -469,6 +470,10 @@ class AggregatorState:
         with self.lock:
             version, open_round = self.version, self.open_round
             flat = self._flat(version)
+            # The version before the newest: what a rollback of the last round restores.
+            earlier = [v for v in self.versions if 0 < v < version]
+            previous = max(earlier) if earlier else None
+            before = None if previous is None else self.versions[previous]
             report = None if self.last_report is None else self.last_report.to_json()
             rollback = None if self.last_rollback is None else self.last_rollback.to_json()
             steps = list(self.steps)
@@ -484,8 +489,18 @@ class AggregatorState:
             "report": report,
             "rollback": rollback,
             "steps": steps,
+            "previous": None,
         }
         kept = [model]
+        if previous is not None and before is not None:
+            # Written when it was the newest; only a state saved before that lacks it.
+            path = directory / f"model-v{previous}.safetensors"
+            if not path.exists():
+                old = before.load() if isinstance(before, DiskRow) else before
+                w = unflatten(old, self.spec, self.reference, share=True)
+                durable_write(path, lambda tmp: write_safetensors(tmp, w))
+            info["previous"] = {"version": previous, "model": path.name}
+            kept.append(path)
         if clusters:  # --personalise: each cluster's model, flat float32 vectors
             path = directory / f"clusters-v{version}.safetensors"
             rows = {f"cluster-{c}": m for c, m in sorted(clusters.items())}
@@ -509,6 +524,12 @@ class AggregatorState:
                 if stash and isinstance(initial, torch.Tensor):
                     initial = self.store.stash(0, initial)
             flat, others = _read_model(directory / info["model"], self.spec)
+            previous: tuple[int, torch.Tensor | DiskRow] | None = None
+            if info.get("previous"):
+                p = info["previous"]
+                old, _ = _read_model(directory / str(p["model"]), self.spec)
+                kept_old = self.store.stash(int(p["version"]), old) if self.store.limited else old
+                previous = (int(p["version"]), kept_old)
             clusters = {}
             if info.get("clusters"):
                 clusters = _read_clusters(directory / str(info["clusters"]), flat.numel())
@@ -516,7 +537,10 @@ class AggregatorState:
                 self.cluster_models = clusters
                 self.version = int(info["version"])
                 self.open_round = int(info["open_round"])
-                self.versions = OrderedDict({0: initial, self.version: flat})
+                self.versions = OrderedDict({0: initial})
+                if previous is not None:
+                    self.versions[previous[0]] = previous[1]
+                self.versions[self.version] = flat
                 if self.version == 0:
                     self.versions[0] = flat
                 self.reference = others

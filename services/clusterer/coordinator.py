@@ -661,29 +661,38 @@ class Coordinator(ClustererParts):
         """Serve the new model, have everyone (past --eval-sample: a sample) evaluate it
         (after a restart: the same participants as before), and record the round."""
         reply = ParseDict(progress.reply or {}, agg_pb.AggregateResponse())
-        self._refresh_model(int(reply.model_version))
-        tag = f"post-{r}"
-        asked = self.state.asked_for(tag)
-        if asked is None:
-            asked = evaluation_sample(
-                self.state.active_groups(self.timing.liveness_s),
-                self.fed.eval_sample,
-                self.fed.seed,
-                r,
-            )
-        evals = self._evaluate(asked, tag)
-        before_version, before_evals = self.published
-        before = {}
-        if self.fed.guard and before_version == progress.base_version:  # each against itself
-            before = {p: e.accuracy for p, e in before_evals.items()}
-        judged = judge(evals, before)
-        counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
         version = int(reply.model_version)
+        judged = progress.judgement
+        evals: dict[str, Evaluation] = {}
+        if judged is None:  # not judged before a restart: serve the new version, evaluate it
+            self._refresh_model(version)
+            tag = f"post-{r}"
+            asked = self.state.asked_for(tag)
+            if asked is None:
+                asked = evaluation_sample(
+                    self.state.active_groups(self.timing.liveness_s),
+                    self.fed.eval_sample,
+                    self.fed.seed,
+                    r,
+                )
+            evals = self._evaluate(asked, tag)
+            before_version, before_evals = self.published
+            before = {}
+            if self.fed.guard and before_version == progress.base_version:  # each vs itself
+                before = {p: e.accuracy for p, e in before_evals.items()}
+            judged = judge(evals, before)
+            if judged.collapsed and 0 <= progress.base_version < version:
+                # Saved before the aggregator is asked: a restart rolls back without
+                # judging the bad version again (its evaluations are gone by then).
+                self.state.judged(r, judged)
+        counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
         if judged.collapsed and 0 <= progress.base_version < version:
+            before_version, before_evals = self.published
             version = self._rollback(r, progress, judged.reason)
             # The copy's evaluations are the last good version's, when this process has them.
             kept = before_evals if before_version == progress.base_version else {}
             self.published = (version, kept)
+            counted = dict(kept)  # the round's figures are those of the model it ends with
         else:
             if judged.collapsed:
                 logger.error(

@@ -1,18 +1,18 @@
-"""Who may train after a rolled-back round: adaptive group testing over the contributors.
+"""When a new version is rolled back, and who may train after: group testing of contributors.
 
-When the evaluators refuse a round's model (it decrypts to noise, overflows or diverged),
-the clusterer knows only that someone among the round's contributors sent a bad update:
-under `--secure he` nobody can see an update, and in the clear the damage may come from
-several updates together. It finds the culprits the way group testing does. Each
-rolled-back round counts a failure against its contributors that no good round has
-cleared; the next rounds train with the cleared participants and half of the most
-suspected ones (the probe); a good round clears its contributors, a failed round whose
-only uncleared contributor is one participant convicts it, and a convicted participant
-is never selected or asked to evaluate again. One forger among n suspects is found
-after about log2(n) + 1 failed rounds; every other round makes progress.
-
-A failed round whose contributors were all cleared (an attacker that behaved until it was
-trusted) makes them suspects again: clearance is evidence, not a promise.
+When the evaluators refuse a round's model (it decrypts to noise, overflows, diverged or
+collapsed), the clusterer knows only that someone among the round's contributors sent a bad
+update: under `--secure he` nobody can see an update, and in the clear the damage may come
+from several updates together. It finds the culprits the way adaptive group testing does.
+A failed round counts a failure against every contributor whose update shaped the model
+(cleared ones too: clearance is evidence, not a promise) and takes their clearance away; a
+good round clears its contributors. While anyone is suspected, rounds train with the
+cleared participants and a probe: half (rounded up) of the most suspected ones; a probe of
+one trains alone, so that its failure convicts it and nobody else. A convicted participant
+is never selected or asked to evaluate again. One forger among n suspects is found after
+about log2(n) + 2 failed rounds; every other round makes progress. Convictions are sound:
+a participant is convicted only by a failed round it made alone. An attacker that behaves
+whenever it is probed is never convicted, but each round it spoils is rolled back.
 
 Pure data and rules, persisted with the clusterer's state (`to_json`/`from_json`).
 """
@@ -90,47 +90,49 @@ class Quarantine:
     cleared: set[str] = field(default_factory=set)
     convicted: set[str] = field(default_factory=set)
 
-    def record(self, contributors: Iterable[str], rolled_back: bool) -> list[str]:
-        """Learn from a finished round: its contributors and whether its model was rolled
-        back; the participants convicted by it."""
+    def record(self, contributors: Iterable[str], failed: bool) -> list[str]:
+        """Learn from a finished round: the participants whose updates shaped its model
+        and whether the model failed (rolled back or its merge refused); the participants
+        convicted by it."""
         who = set(contributors)
         if not who:
             return []
-        if not rolled_back:
+        if not failed:
             self.cleared |= who
             for p in who:
                 self.suspects.pop(p, None)
             return []
-        unproven = who - self.cleared
-        if len(unproven) == 1:
-            (culprit,) = unproven
+        self.cleared -= who
+        if len(who) == 1:
+            (culprit,) = who
             self.suspects.pop(culprit, None)
             self.convicted.add(culprit)
             return [culprit]
-        if not unproven:  # someone trusted turned: trust none of them any more
-            unproven = who
-            self.cleared -= who
-        for p in unproven:
+        for p in who:
             self.suspects[p] = self.suspects.get(p, 0) + 1
         return []
 
-    def probe(self) -> list[str]:
-        """The suspects the next round tests: half (rounded up) of the most suspected
-        ones, in id order."""
-        if not self.suspects:
+    def probe(self, present: Iterable[str] | None = None) -> list[str]:
+        """The suspects the next round tests: half (rounded up) of the most suspected ones
+        among `present` (all when None), in id order."""
+        here = set(self.suspects) if present is None else set(present) & set(self.suspects)
+        if not here:
             return []
-        top = max(self.suspects.values())
-        most = sorted(p for p, n in self.suspects.items() if n == top)
+        top = max(self.suspects[p] for p in here)
+        most = sorted(p for p in here if self.suspects[p] == top)
         return most[: (len(most) + 1) // 2]
 
     def eligible(self, participants: Iterable[str]) -> list[str]:
-        """Who of participants may be selected now: nobody convicted; while suspects are
-        being tested, only the cleared ones and the probe (anyone else would blur what a
-        failure says); otherwise everyone."""
+        """Who of participants may be selected now: nobody convicted; while some of them
+        are suspected, the cleared ones and the probe (a probe of one alone: its failure
+        convicts it and nobody else); otherwise, or when that leaves nobody, everyone."""
         ids = [p for p in participants if p not in self.convicted]
-        if not self.suspects:
+        probe = self.probe(ids)
+        if not probe:
             return ids
-        allowed = self.cleared | set(self.probe())
+        if len(probe) == 1:
+            return probe
+        allowed = (self.cleared & set(ids)) | set(probe)
         return [p for p in ids if p in allowed]
 
     def to_json(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from services.clusterer.plan import static_group
-from services.clusterer.quarantine import Quarantine
+from services.clusterer.quarantine import Judgement, Quarantine
 from services.clusterer.store import ClustererStore
 from services.common.errors import CapacityError, ConfigError, NotFoundError, StateError
 from services.common.figures import purity
@@ -147,6 +147,7 @@ class RoundProgress:
     reply: dict[str, Any] | None = None  # the aggregator's AggregateResponse, as JSON
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES)
     base_version: int = -1  # the version the round trains from (its rollback target)
+    judgement: Judgement | None = None  # the evaluators' verdict, saved when it collapsed
     rollback: dict[str, Any] | None = None  # the aggregator's RollbackResponse, as JSON
 
 
@@ -903,6 +904,13 @@ class ClustererState:
             p.reply = reply
             p.step = "aggregated"
 
+    def judged(self, round_: int, judgement: Judgement) -> None:
+        """The evaluators refused round_'s version: saved at once, before Rollback is
+        asked for (a restart goes straight to the rollback)."""
+        with self.cond:
+            self._progress(round_).judgement = judgement
+            self._persist()
+
     def rolled_back(self, round_: int, reply: dict[str, Any]) -> None:
         """The aggregator answered round_'s Rollback: kept with the round, saved at once
         (a restart finds it and does not ask again; if it did, the answer is the same)."""
@@ -928,9 +936,13 @@ class ClustererState:
         that convicted."""
         with self.cond:
             convicted: list[str] = []
-            if self.progress is not None and self.progress.round == record["round"]:
+            p = self.progress
+            if p is not None and p.round == record["round"] and not p.abandon:
+                # Whose updates shaped the model: received, and not rejected by the defence.
+                rejected = {r.get("participant_id") for r in (p.reply or {}).get("rejected", [])}
+                shaped = [q for q in p.received if q not in rejected]
                 failed = bool(record.get("rolled_back") or record.get("merge_refused"))
-                convicted = self.quarantine.record(self.progress.received, failed)
+                convicted = self.quarantine.record(shaped, failed)
                 record["convicted"] = convicted
             if self.store is not None:
                 self.store.append_round(record)
@@ -997,7 +1009,9 @@ def _member(data: dict[str, Any]) -> Member:
 def _progress(data: dict[str, Any]) -> RoundProgress:
     """A round in flight read back (JSON made its cluster ids strings)."""
     acc = {int(c): float(a) for c, a in data["cluster_accuracy"].items()}
-    return RoundProgress(**{**data, "cluster_accuracy": acc})
+    judged = data.get("judgement")
+    judgement = None if judged is None else Judgement(**judged)
+    return RoundProgress(**{**data, "cluster_accuracy": acc, "judgement": judgement})
 
 
 def _round_record(record: dict[str, Any]) -> dict[str, Any]:

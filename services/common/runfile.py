@@ -34,6 +34,8 @@ MAX_DEPTH = 32  # run files are 2-3 deep, a results.json 4
 # and 190 MB to load); a run file has a few hundred. JSON's loader is fast enough that
 # MAX_BYTES bounds it (1 MiB of any JSON: ~0.2 s, ~20 MB).
 MAX_YAML_VALUES = 10_000
+MAX_SCALAR = 4096  # characters of one YAML value (a path, a token file's name)
+MAX_INT_BITS = 64  # an integer setting past this is no setting (rounds, seeds, sizes)
 
 # A JSON string (escapes included; an unterminated one runs to the end: the scan stays
 # linear and json.loads reports it), or one bracket.
@@ -147,6 +149,10 @@ def yaml_events_error(
                 values += 1
                 if values > max_values:
                     return f"more than {max_values:,} values (line {line})"
+            if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR:
+                # A scalar's constructor can cost more than its size (a base-60 or hex
+                # integer of a megabyte is built digit by digit into a huge int).
+                return f"a value longer than {MAX_SCALAR:,} characters (line {line})"
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > max_depth:
@@ -174,8 +180,8 @@ def load_yaml(text: str, max_depth: int = MAX_DEPTH) -> Any:
             return yaml.load(text, Loader=_safe_loader())
     except yaml.YAMLError as exc:
         raise RunFileError(f"not YAML ({_one_line(str(exc))})") from None
-    except (ValueError, OverflowError, RecursionError) as exc:  # a constructor's (a date)
-        raise RunFileError(f"not YAML ({_one_line(str(exc))})") from None
+    except Exception as exc:  # a constructor's on a bad tagged value (!!int "", !!bool x)
+        raise RunFileError(f"not YAML ({type(exc).__name__}: {_one_line(str(exc))})") from None
     raise RunFileError(reason)
 
 
@@ -200,5 +206,28 @@ def load_run_file(path: str, max_bytes: int = MAX_BYTES) -> Any:
     else:
         data = load_json(text)
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "rounds" in data:
-        return data["config"]  # a finished run's results.json: the settings it ran with
+        data = data["config"]  # a finished run's results.json: the settings it ran with
+    huge = _huge_int(data)
+    if huge is not None:
+        raise RunFileError(f"{huge}: an integer of more than {MAX_INT_BITS} bits")
     return data
+
+
+def _huge_int(data: Any, where: str = "", depth: int = 0) -> str | None:
+    """Where the first integer past MAX_INT_BITS sits in settings groups (their fields are
+    checked; deeper values are the groups' own business), or None."""
+    if isinstance(data, bool):
+        return None
+    if isinstance(data, int) and data.bit_length() > MAX_INT_BITS:
+        return where or "the file"
+    if isinstance(data, dict) and depth < 3:
+        for k, v in data.items():
+            found = _huge_int(v, f"{where}.{str(k)[:40]}".lstrip("."), depth + 1)
+            if found:
+                return found
+    if isinstance(data, list) and depth < 3:
+        for i, v in enumerate(data[:MAX_YAML_VALUES]):
+            found = _huge_int(v, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+    return None

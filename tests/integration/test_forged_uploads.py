@@ -76,7 +76,7 @@ def test_a_forger_is_rolled_back_traced_and_left_out(tmp_path, clean, attack):
     assert rolled and rounds[0]["rolled_back"]
     assert len(rolled) <= 4
     for r in rolled:
-        assert r["refused_evaluations"] >= 4 and r["evaluated"] == 0, r
+        assert r["refused_evaluations"] >= 4, r
         assert "refused the model" in r["rollback_reason"]
     convicted = [p for r in rounds for p in r["convicted"]]
     assert convicted == [forger_id]

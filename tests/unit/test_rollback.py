@@ -145,23 +145,41 @@ def test_group_testing_convicts_the_one_forger_in_log2_rounds():
         assert chosen and not set(chosen) & q.convicted
         bad = forger in chosen
         failures += bad
-        q.record(chosen, rolled_back=bad)
+        q.record(chosen, failed=bad)
         if q.convicted:
             break
     assert q.convicted == {forger}
-    assert failures <= 1 + 3 + 1  # the first round, log2(8) halvings, the last probe
+    assert failures <= 1 + 3 + 1  # the first round, log2(8) halvings, the probe of one
     # Afterwards: everyone else trains, nobody is suspected, the forger never again.
     for p in everyone:
         if p != forger:
-            q.record([p], rolled_back=False)
+            q.record([p], failed=False)
     assert sorted(q.eligible(everyone)) == sorted(set(everyone) - {forger})
     assert Quarantine.from_json(q.to_json()) == q
 
 
+def test_a_trusted_attacker_cannot_get_a_newcomer_convicted():
+    q = Quarantine()
+    q.record(["attacker"], failed=False)  # behaves once: cleared
+    q.record(["attacker", "newcomer"], failed=True)  # forges beside an untested one
+    assert not q.convicted and q.suspects == {"attacker": 1, "newcomer": 1}
+    assert q.eligible(["attacker", "newcomer"]) == ["attacker"]  # a probe of one, alone
+    q.record(["attacker"], failed=True)
+    assert q.convicted == {"attacker"}
+    assert q.eligible(["attacker", "newcomer"]) == ["newcomer"]
+
+
+def test_probes_are_drawn_among_present_participants_and_never_leave_nobody():
+    q = Quarantine()
+    q.record(["a", "b", "c", "d"], failed=True)
+    assert q.eligible(["c", "d", "e"]) == ["c"]  # a and b left: the probe is among c, d
+    assert q.eligible(["e", "f"]) == ["e", "f"]  # no suspect present: everyone
+
+
 def test_a_trusted_participant_that_turns_is_suspected_again():
     q = Quarantine()
-    q.record(["a", "b"], rolled_back=False)
-    q.record(["a", "b"], rolled_back=True)  # both trusted: neither is convicted on this
+    q.record(["a", "b"], failed=False)
+    q.record(["a", "b"], failed=True)  # both trusted: neither is convicted on this
     assert not q.convicted and set(q.suspects) == {"a", "b"}
     assert q.eligible(["a", "b", "c"]) == ["a"]  # half of them, nobody untested beside
 
@@ -176,7 +194,7 @@ def test_group_testing_never_convicts_an_honest_participant(n, data):
         chosen = q.eligible(ids)
         if not chosen:
             break
-        q.record(chosen, rolled_back=any(int(p[1:]) in forgers for p in chosen))
+        q.record(chosen, failed=any(int(p[1:]) in forgers for p in chosen))
     assert {int(p[1:]) for p in q.convicted} <= forgers
     assert {int(p[1:]) for p in q.convicted} == forgers  # and it finds them all
 

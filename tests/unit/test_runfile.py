@@ -140,9 +140,13 @@ def test_values_are_cut_before_they_are_quoted(tmp_path, capsys):
     assert f"{'x' * 40}' is not a settings group" in refusal(capsys, path)
     yaml_path = tmp_path / "ints.yaml"  # hex: an integer past str()'s 4,300-digit limit
     yaml_path.write_text(f"federation: {{rounds: [0x{'f' * 10_000}, 1], seed: x}}\n")
-    assert "federation.rounds" in refusal(capsys, yaml_path)
-    yaml_path.write_text(f"service: {{port: 0x{'f' * 10_000}}}\n")
-    assert "an integer of 40,000 bits" in refusal(capsys, yaml_path)
+    assert "a value longer than 4,096 characters (line 1)" in refusal(capsys, yaml_path)
+    yaml_path.write_text(f"federation: {{rounds: [0x{'f' * 3_000}, 1], seed: x}}\n")
+    assert "federation.rounds[0]: an integer of more than 64 bits" in refusal(capsys, yaml_path)
+    yaml_path.write_text(f"service: {{port: 0x{'f' * 3_000}}}\n")
+    assert "service.port: an integer of more than 64 bits" in refusal(capsys, yaml_path)
+    yaml_path.write_text("federation: {seed: !!int ''}\n")  # a constructor's own error
+    assert "not YAML (IndexError" in refusal(capsys, yaml_path)
 
 
 def test_other_refusals_stay_one_line(tmp_path, capsys):
@@ -151,7 +155,7 @@ def test_other_refusals_stay_one_line(tmp_path, capsys):
     assert "not UTF-8 text (byte 32)" in refusal(capsys, path)
     path = tmp_path / "date.yaml"
     path.write_text("federation: {rounds: 2020-13-45}\n")  # the constructor's ValueError
-    assert "not YAML (month must be in 1..12)" in refusal(capsys, path)
+    assert "not YAML (ValueError: month must be in 1..12)" in refusal(capsys, path)
     path = tmp_path / "keys.yaml"
     path.write_text("federation: {1: 2}\n")
     assert "1' is not a setting of the federation group" in refusal(capsys, path)
