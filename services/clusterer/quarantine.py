@@ -23,12 +23,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# An evaluator whose accuracy of the new version is this much below its accuracy of the
-# version the round started from counts against the new version (benchmarks/guard.py
-# --no-guard: in honest runs on four partitions the median evaluator lost at most 0.23 in
-# a round, and at 0.3 honest non-IID rounds were rolled back; a model that collapses to
-# chance from a trained one loses 0.6 or more).
+# An evaluator whose accuracy of the new version fell by more than FALL from its accuracy
+# of the version the round started from, to less than KEEP times it, counts against the new
+# version: the model collapsed for it. Both, because honest non-IID rounds swing (benchmarks/
+# guard.py --no-guard, 30 rounds, four partitions, seeds 1-4: the median evaluator lost up
+# to 0.51 in a round on practical-noniid, keeping 0.36 of its accuracy or more, and on
+# Dirichlet(0.3) kept nothing in some rounds, losing at most 0.23), while a model that
+# collapses to chance from a trained one loses 0.6 or more and keeps a few per cent.
 FALL = 0.5
+KEEP = 0.25
 
 
 class Verdict(Protocol):
@@ -53,20 +56,26 @@ class Judgement:
     fell: int = 0  # evaluators whose accuracy fell by more than FALL
 
 
+def collapsed(before: float, now: float) -> bool:
+    """Whether an evaluator's accuracy collapsed: down by more than FALL, to less than KEEP
+    times what it was."""
+    return before - now > FALL and now < KEEP * before
+
+
 def judge(
     evaluations: Mapping[str, Verdict], before: Mapping[str, float] | None = None
 ) -> Judgement:
     """Whether a version is to be rolled back: more of the evaluators that answered report
-    REFUSED or DIVERGED, or an accuracy more than FALL below their own accuracy of the
-    version before (`before`, by participant), than not. Honest participants all see the
-    same model (under --secure he they decrypt the same sum), so they agree; a minority of
-    lying reports can neither force a rollback nor block one. Evaluators that did not
-    answer count neither way."""
+    REFUSED or DIVERGED, or an accuracy that collapsed from their own accuracy of the
+    version before (`before`, by participant: `collapsed`), than not. Honest participants
+    all see the same model (under --secure he they decrypt the same sum), so they agree;
+    a minority of lying reports can neither force a rollback nor block one. Evaluators
+    that did not answer count neither way."""
     before = before or {}
     refused = sum(e.verdict == "refused" for e in evaluations.values())
     diverged = sum(e.verdict == "diverged" for e in evaluations.values())
     fell = sum(
-        e.verdict == "ok" and p in before and before[p] - e.accuracy > FALL
+        e.verdict == "ok" and p in before and collapsed(before[p], e.accuracy)
         for p, e in evaluations.items()
     )
     bad = refused + diverged + fell
@@ -74,7 +83,7 @@ def judge(
         return Judgement(False, refused, diverged, fell=fell)
     parts = [f"{refused} refused the model"] if refused else []
     parts += [f"{diverged} found its loss not finite"] if diverged else []
-    parts += [f"{fell} lost more than {FALL:g} accuracy"] if fell else []
+    parts += [f"{fell} lost more than {FALL:g} accuracy and {1 - KEEP:.0%} of it"] if fell else []
     why = next((e.reason for e in evaluations.values() if e.verdict != "ok"), "")
     reason = f"{bad} of {len(evaluations)} evaluators: " + ", ".join(parts)
     if why:

@@ -236,9 +236,10 @@ class FederationSettings(Settings):
     guard: bool = Field(
         True,
         description="the divergence guard: the aggregator refuses a merge whose weights grow "
-        "100-fold or whose step is 50 times the recent ones, and a new model that most "
-        "evaluators find more than 0.5 less accurate is rolled back (non-finite models are "
-        "always refused; false: the rules alone, as the published comparisons run them)",
+        "100-fold or whose step is 50 times the recent ones, and a new model whose accuracy "
+        "collapses for most evaluators (down 0.5, to under a quarter) is rolled back "
+        "(non-finite models are always refused; false: the rules alone, as the published "
+        "comparisons run them)",
     )
     secure: Annotated[str, choice(("none", "he"))] = Field(
         "none",

@@ -238,7 +238,7 @@ def test_a_merge_within_bounds_whose_evaluations_collapse_is_rolled_back(tmp_pat
     assert [r["rolled_back"] for r in rounds] == [False, False, True, False]
     bad = rounds[2]
     assert not bad["merge_refused"]
-    assert "lost more than 0.5 accuracy" in bad["rollback_reason"]
+    assert "lost more than 0.5 accuracy and 75% of it" in bad["rollback_reason"]
     assert bad["failed_clusters"] == {"0": 6}
     # The new version is a copy of the one round 2 trained from: version 2, copied as 4.
     assert [r["model_version"] for r in rounds] == [1, 2, 4, 5]
