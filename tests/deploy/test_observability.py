@@ -76,7 +76,7 @@ def test_promtool_checks_and_unit_tests_the_rules():
     promtool = tool("promtool")
     check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "4 rules found" in check.stdout
+    assert "5 rules found" in check.stdout
     unit = subprocess.run(
         [promtool, "test", "rules", "alerts_test.yml"],
         cwd=RULES.parent,
@@ -203,7 +203,7 @@ def test_prometheus_scrapes_the_federation_and_every_panel_has_data(tmp_path, se
         # The rule file loaded and evaluates.
         with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as resp:
             groups = json.loads(resp.read())["data"]["groups"]
-        assert sum(len(g["rules"]) for g in groups) == 4
+        assert sum(len(g["rules"]) for g in groups) == 5
         assert all(r["health"] == "ok" for g in groups for r in g["rules"])
         # Every query of every panel returns data.
         empty = []
