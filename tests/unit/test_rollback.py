@@ -77,7 +77,6 @@ def test_a_rollback_needs_the_last_closed_round_no_open_updates_and_a_kept_versi
 
 
 def test_a_sealed_rollback_to_w0_serves_w0_in_the_clear_across_a_restart(tmp_path: Path):
-    pytest.importorskip("tenseal")
     from services.aggregator.sealed import SealedState
     from services.common.homomorphic import HeKeys, upload_tensors
     from services.common.tensors import flatten, spec_of
