@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -133,16 +134,40 @@ class Processes:
         self.parent.close()
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's setting, else its
+    default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(*wanted: int) -> list[int]:
     """The ports asked for, each 0 replaced by a port free on 127.0.0.1 now (all held open
-    together while choosing, so they differ)."""
-    held = []
+    together while choosing, so they differ), taken below the ephemeral range: the
+    services bind them seconds later (after importing torch), and meanwhile the other
+    processes' outgoing connections (retried until the services listen) draw their local
+    ports from the ephemeral range; one of them could take a port chosen there (or
+    connect to itself on it) and the service would find it in use."""
+    low, _ = ephemeral_range()
+    window = range(max(1024, low - 12_000), low)
+    pick = random.SystemRandom()  # which free port: no experiment depends on it
+    held: list[socket.socket] = []
     try:
         for port in wanted:
             if port:
                 continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
+            for _ in range(200):
+                try:
+                    sock.bind(("127.0.0.1", pick.choice(window)))
+                    break
+                except OSError:
+                    continue
+            else:
+                sock.bind(("127.0.0.1", 0))  # the window is taken: any free port
             held.append(sock)
         free = iter([s.getsockname()[1] for s in held])
         return [port or next(free) for port in wanted]
