@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.sanity import GROWTH
+from services.common.sanity import largest, unfit
 
 STEP_FACTOR = 50.0  # a step past this times the median of the recent ones is refused
 STEPS_KEPT = 5  # accepted steps the median is taken over
@@ -54,15 +54,9 @@ def check_merge(
     step = float((new.double() - base.double()).norm())
     if not bounds:
         return MergeCheck("", step)
-    top = float(new.abs().max()) if new.numel() else 0.0
-    before = float(base.abs().max()) if base.numel() else 0.0
-    bound = GROWTH * max(1.0, before)
-    if top > bound:
-        return MergeCheck(
-            f"the merged model's largest weight is {top:.3g}, past {bound:.3g} ({GROWTH:g} "
-            f"times the last version's {before:.3g}, and at least {GROWTH:g})",
-            step,
-        )
+    grown = unfit({"the merged model": new}, largest({"": base}))  # the participants' rule
+    if grown is not None:
+        return MergeCheck(f"the merged model: {grown}", step)
     steps = list(recent)[-STEPS_KEPT:]
     if len(steps) >= MIN_STEPS:
         typical = statistics.median(steps)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -30,7 +29,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from services.common.runfile import RunFileError, load_run_file
-from services.common.settings import Choice, Settings, env_name, flag_of
+from services.common.settings import Choice, Settings, cut, env_name, flag_of, one_line
 
 SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
 # Every group any command has; a settings file may carry any of them (each command takes
@@ -172,7 +171,7 @@ class SettingsParser:
             for key, values in read_settings_file(self.parser, ns.settings).items():
                 if key not in SETTINGS_GROUPS or not isinstance(values, Mapping):
                     self.parser.error(
-                        f"--config {ns.settings}: {_cut(key)!r} is not a settings group "
+                        f"--config {ns.settings}: {cut(key)!r} is not a settings group "
                         f"({', '.join(sorted(SETTINGS_GROUPS))})"
                     )
                 if key in data:  # a file shared by all services: each takes its groups
@@ -181,7 +180,7 @@ class SettingsParser:
                         if not isinstance(field, str) or field not in known:
                             # Here, not by pydantic: one line for the first, however many.
                             self.parser.error(
-                                f"--config {ns.settings}: {_cut(field)!r} is not a setting "
+                                f"--config {ns.settings}: {cut(field)!r} is not a setting "
                                 f"of the {key} group"
                             )
                         source[(key, field)] = f"{ns.settings}: {key}.{field}"
@@ -200,51 +199,16 @@ class SettingsParser:
             self.parser.error(self._describe(exc, source))
 
     def _describe(self, exc: ValidationError, source: dict[tuple[str, str], str]) -> str:
-        """The errors as one line naming where each bad value came from (a flag, a variable,
-        the run file's entry), as settings.one_line does, but with every value from the
-        user cut before it is shown (a run file's value may be a megabyte) and at most
-        _MAX_ERRORS errors listed."""
-        errors = exc.errors(include_url=False, include_context=False)
-        parts = []
-        for err in errors[:_MAX_ERRORS]:
-            loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-            msg = _cut(err["msg"].removeprefix("Value error, "), 200)
-            if not loc:
-                parts.append(msg)
-                continue
+        """The errors as one line naming where each bad value came from (a flag, a
+        variable, the run file's entry)."""
+
+        def where(loc: tuple[str, ...]) -> str:
             if len(loc) < 2:
-                named = ".".join(loc)
-            else:
-                fallback = flag_of(loc[1]) if loc[1] in self.fields else ".".join(loc)
-                named = source.get((loc[0], loc[1]), _cut(fallback, 80))
-            got = err.get("input")
-            shown = "" if isinstance(got, Mapping) or got is None else f" (got {_cut(got)!r})"
-            parts.append(f"{named}: {msg}{shown}")
-        if len(errors) > _MAX_ERRORS:
-            parts.append(f"and {len(errors) - _MAX_ERRORS:,} more")
-        return "; ".join(parts)
+                return ".".join(loc)
+            named = flag_of(loc[1]) if loc[1] in self.fields else cut(".".join(loc), 80)
+            return source.get((loc[0], loc[1]), named)
 
-
-_MAX_ERRORS = 5  # a run file may hold thousands of bad entries; the first few are enough
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
-
-
-def _cut(value: Any, limit: int = 40) -> str:
-    """A value from the user as at most `limit` characters (as str() shows it, for the
-    short ones), without rendering a long one whole first."""
-    try:
-        if isinstance(value, str | bytes | bytearray):
-            text = str(value[:limit])
-        elif isinstance(value, int) and value.bit_length() > 128:
-            text = f"an integer of {value.bit_length():,} bits"
-        elif isinstance(value, Mapping | list | tuple | set | frozenset):
-            text = _SHORT.repr(value)
-        else:
-            text = str(value)
-    except (ValueError, RecursionError):  # a huge integer inside a collection
-        text = f"a {type(value).__name__}"
-    return text[:limit]
+        return one_line(exc, where)
 
 
 def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -254,7 +218,7 @@ def read_settings_file(parser: argparse.ArgumentParser, path: str) -> dict[str, 
     try:
         data = load_run_file(path)
     except OSError as exc:
-        parser.error(f"--config {path}: {exc.strerror or _cut(str(exc), 200)}")
+        parser.error(f"--config {path}: {exc.strerror or cut(str(exc), 200)}")
     except RunFileError as exc:
         parser.error(f"--config {path}: {exc}")
     if not isinstance(data, dict):

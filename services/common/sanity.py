@@ -28,13 +28,15 @@ def largest(weights: Mapping[str, torch.Tensor]) -> float:
     return top
 
 
-def unfit(weights: Mapping[str, torch.Tensor], last_top: float) -> str | None:
+def unfit(
+    weights: Mapping[str, torch.Tensor], last_top: float, top: float | None = None
+) -> str | None:
     """Why a model is not to be adopted after one whose largest weight was `last_top`,
-    or None when it is fit."""
+    or None when it is fit (`top`: its own largest weight, when the caller has it)."""
     for name, t in weights.items():
         if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             return f"{name[:64]} holds non-finite values"
-    top = largest(weights)
+    top = largest(weights) if top is None else top
     bound = GROWTH * max(1.0, last_top)
     if top > bound:
         return (

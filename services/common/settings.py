@@ -119,31 +119,47 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _cut(value: Any, most: int = 40) -> str:
-    """At most `most` characters of a value, without building the whole text of a huge one
-    (a long list, a string of megabytes, an integer of a million digits)."""
-    if isinstance(value, str):
-        return value[:most]
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"an integer of {value.bit_length()} bits"
-    if isinstance(value, (int, float)):
-        return str(value)[:most]
-    return reprlib.repr(value)[:most]  # nested sizes capped before the text is built
+_MAX_ERRORS = 5  # a run file may hold thousands of bad entries; the first few are enough
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
+
+
+def cut(value: Any, limit: int = 40) -> str:
+    """A value from the user as at most `limit` characters (as str() shows it, for the
+    short ones), without rendering a long one whole first (a string of megabytes, a list
+    of a million items, an integer of a million digits)."""
+    try:
+        if isinstance(value, str | bytes | bytearray):
+            text = str(value[:limit])
+        elif isinstance(value, int) and value.bit_length() > 128:
+            text = f"an integer of {value.bit_length():,} bits"
+        elif isinstance(value, Mapping | list | tuple | set | frozenset):
+            text = _SHORT.repr(value)
+        else:
+            text = str(value)
+    except (ValueError, RecursionError):  # a huge integer inside a collection
+        text = f"a {type(value).__name__}"
+    return text[:limit]
 
 
 def one_line(exc: ValidationError, where: Callable[[tuple[str, ...]], str] | None = None) -> str:
     """A pydantic error as one readable line naming each bad setting: by `where(loc)` when
-    given (a flag, a variable, a settings file), else by the field's flag."""
+    given (a flag, a variable, a settings file), else by the field's flag. Every value is
+    cut before it is shown (a run file's value may be a megabyte), and at most _MAX_ERRORS
+    errors are listed."""
+    errors = exc.errors(include_url=False, include_context=False)
     parts = []
-    for err in exc.errors():
+    for err in errors[:_MAX_ERRORS]:
         loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = cut(err["msg"].removeprefix("Value error, "), 200)
         if not loc:
             parts.append(msg)
             continue
         got = err.get("input")
-        shown = "" if isinstance(got, Mapping) or got is None else f" (got {_cut(got)!r})"
+        shown = "" if isinstance(got, Mapping) or got is None else f" (got {cut(got)!r})"
         parts.append(f"{where(loc) if where else flag_of(loc[-1])}: {msg}{shown}")
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS:,} more")
     return "; ".join(parts)
 
 

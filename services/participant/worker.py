@@ -196,14 +196,15 @@ class ModelStore:
                 weights = self._open(weights)
             with self._lock:
                 last_top = self._last[1] if self._last is not None else 0.0
-                why = unfit(weights, last_top)
+                top = largest(weights)
+                why = unfit(weights, last_top, top)
                 if why is not None:
                     self._refused[key] = why
                     self._locks.pop(key, None)
                     logger.warning("model version %d%s not adopted: %s", version, _of(cluster), why)
                     self._check_refused(key)
                 if cluster is None and (self._last is None or version >= self._last[0]):
-                    self._last = (version, largest(weights))
+                    self._last = (version, top)
                 self._models[key] = weights
                 while len({v for v, _ in self._models}) > self._keep:
                     self._models.popitem(last=False)

@@ -13,8 +13,6 @@ acknowledged and counted, not refused.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
+from tests.deploy.test_observability import tool
 
 from .conftest import META, rpc_code
 
@@ -107,10 +107,7 @@ def metric(text: str, name: str) -> float:
 def alert_fires(tmp_path: Path, series: str, value: float) -> None:
     """promtool: FLClusteringModelRefused fires on the counter going from 0 to `value`
     (what the running service exported)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        assert not os.environ.get("CI"), "promtool is missing (scripts/test installs it)"
-        pytest.skip("promtool is not installed")
+    promtool = tool("promtool")  # fails, never skips, where scripts/test did not install it
     rules = ROOT / "deploy" / "prometheus" / "alerts.yml"
     test = tmp_path / "guard_test.yml"
     test.write_text(
@@ -313,6 +310,26 @@ def test_an_honest_non_finite_evaluation_is_acknowledged_and_counted(federation_
             timeout=10,
         )
     status = fed.wait_for(lambda s: s.done, 60)
+    # The aggregator's Rollback: hostile fields get their codes, nothing changes.
+    rollback = agg_pb.RollbackRequest
+    assert (
+        rpc_code(lambda: fed.agg_stub.Rollback(rollback(round=0, reason="x" * 201), metadata=META))
+        == C.INVALID_ARGUMENT
+    )
+    assert (
+        rpc_code(lambda: fed.agg_stub.Rollback(rollback(round=0, to_version=-1), metadata=META))
+        == C.INVALID_ARGUMENT
+    )
+    assert (
+        rpc_code(lambda: fed.agg_stub.Rollback(rollback(round=99, to_version=0), metadata=META))
+        == C.FAILED_PRECONDITION
+    )
+    assert (
+        rpc_code(lambda: fed.agg_stub.Rollback(rollback(round=0, to_version=2**40), metadata=META))
+        == C.NOT_FOUND
+    )
+    agg = fed.agg_stub.GetAggregatorStatus(agg_pb.GetAggregatorStatusRequest(), metadata=META)
+    assert (agg.model_version, agg.open_round) == (0, 1)  # w0 sent back: no new version
     entry = status.history[0]
     assert entry.diverged_evaluations == 1 and entry.evaluated == 2 and not entry.rolled_back
     registry = fed.clusterer.registry
