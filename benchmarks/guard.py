@@ -55,7 +55,7 @@ def run(
     """One run's guard figures."""
     import torch
 
-    from services.aggregator.guard import STEPS_KEPT
+    from services.core.guard import STEPS_KEPT
     from services.experiment import ExperimentConfig
     from services.local import run_local
 

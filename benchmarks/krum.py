@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from services.aggregator.robust import krum
+from services.core.robust import krum
 
 
 def naive_krum(x: torch.Tensor, f: int) -> int:

@@ -47,8 +47,8 @@ GOAL = 0.02
 
 def weights(accuracy: dict[int, float], clusters: dict[int, int], selected: dict[int, int]):
     """The fair merge's cluster weights from per-participant reports (merge.accuracy_merge)."""
-    from services.aggregator.merge import floored, q_weights
-    from services.clusterer.plan import group_accuracy
+    from services.core.merge import floored, q_weights
+    from services.core.plan import group_accuracy
 
     acc = group_accuracy(accuracy, clusters, selected)
     cs = sorted(acc)
@@ -60,9 +60,9 @@ def setting(name: str, seed: int, rounds: int) -> dict[str, Any]:
     """Honest weights and the shifts of every lie under both estimators, for one seed."""
     import torch
 
-    from services.clusterer.plan import plan_round
-    from services.common.models import build_model
-    from services.common.strategies import get_strategy
+    from services.core.models import build_model
+    from services.core.plan import plan_round
+    from services.core.strategies import get_strategy
     from services.experiment import ExperimentConfig
     from services.local import attacker_indices, build_participants, run_local
     from services.participant.partition import federation_data

@@ -34,7 +34,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
-from services.common.tensors import flatten, spec_of
+from services.core.tensors import flatten, spec_of
 
 TOKEN = "bench"
 SERVICE = "flclustering.v1.Aggregator"

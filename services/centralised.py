@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.device import resolve_device
 from services.common.figures import accuracy_summary, group_means
-from services.common.models import build_model
-from services.common.tensors import state_of
+from services.core.device import resolve_device
+from services.core.models import build_model
+from services.core.tensors import state_of
 from services.experiment import ExperimentConfig
 from services.local import RunResult, build_participants, card_of
 from services.participant.partition import federation_data

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import ConfigError, FLClusteringError
 from services.common.flags import OneLineParser, SettingsParser, add_log_flag
+from services.core.errors import ConfigError, FLClusteringError
 from services.experiment import (
     EXPORT_GROUPS,
     LOCAL_GROUPS,
@@ -123,8 +123,8 @@ def run_simulate_command(config: SimulateConfig) -> int:
 
 def _write_run(config: ExperimentConfig, result: Any) -> Path:
     """results.json, rounds.csv, figures and the model file of an in-process run."""
-    from services.common.model_file import write_model_file
     from services.common.report import write_results
+    from services.core.model_file import write_model_file
 
     payload = {
         "config": result.config,
@@ -150,9 +150,9 @@ def run_centralised_command(config: ExperimentConfig) -> int:
 
 def run_compare_command(config: ExperimentConfig, args: argparse.Namespace) -> int:
     """`flclustering compare`: strategies side by side, one table and one figure."""
-    from services.common.errors import ConfigError
-    from services.common.strategies import STRATEGIES
     from services.compare import CENTRALISED, compare, markdown, table_rows
+    from services.core.errors import ConfigError
+    from services.core.strategies import STRATEGIES
 
     strategies = [s for s in args.strategies.split(",") if s]
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -211,7 +211,7 @@ def run_predict_command(args: argparse.Namespace) -> int:
     """`flclustering predict`: read each image's symbols with a run's saved model."""
     import json
 
-    from services.common.model_file import load_model_file
+    from services.core.model_file import load_model_file
     from services.predict import describe, read_image, read_symbols
 
     model, card = load_model_file(args.model_file)
@@ -245,7 +245,7 @@ def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
 
-    from services.common.errors import ConfigError
+    from services.core.errors import ConfigError
     from services.simulate import scrape_config
 
     try:

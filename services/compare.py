@@ -26,8 +26,8 @@ def run_one(
     config: ExperimentConfig, strategy: str, seed: int, over: str, out: Path
 ) -> dict[str, Any]:
     """One run's results (as results.json holds them), written under out."""
-    from services.common.model_file import write_model_file
     from services.common.report import write_results
+    from services.core.model_file import write_model_file
 
     where = out / "runs" / f"{strategy}-seed{seed}"
     if strategy == CENTRALISED:

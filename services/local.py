@@ -1,6 +1,6 @@
 """A whole federation in one process: the learning core end to end, without the network.
 
-This is the reference loop the gRPC services distribute (ALGORITHM.md sections 1-7), and
+This is the reference loop the gRPC services distribute (docs/algorithm.md, sections 1-7), and
 what `flclustering local` runs. It shares every decision with the services: the partition
 and the attackers (participant), the clustering and the round plan (clusterer), the
 defence and merge (aggregator); participants pre-train and train with the same seeded
@@ -19,13 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.aggregator.defence import RoundDefence
-from services.aggregator.guard import check_merge, remember
-from services.aggregator.merge import local_steps
-from services.aggregator.rounds import RoundOutcome, aggregate_round
-from services.clusterer.clustering import group_deltas
-from services.clusterer.plan import group_accuracy, plan_round, static_group
-from services.clusterer.quarantine import Quarantine, judge
 from services.common.compression import (
     Compression,
     ErrorFeedback,
@@ -33,16 +26,23 @@ from services.common.compression import (
     decode,
     payload_bytes,
 )
-from services.common.device import resolve_device
-from services.common.errors import ConfigError
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import HeKeys, upload_tensors
-from services.common.model_file import ModelCard
-from services.common.models import build_model
-from services.common.sanity import largest, unfit
-from services.common.strategies import get_strategy
-from services.common.tensors import flatten, spec_of, unflatten
 from services.common.wire import nbytes
+from services.core.clustering import group_deltas
+from services.core.defence import RoundDefence
+from services.core.device import resolve_device
+from services.core.errors import ConfigError
+from services.core.guard import check_merge, remember
+from services.core.merge import local_steps
+from services.core.model_file import ModelCard
+from services.core.models import build_model
+from services.core.plan import group_accuracy, plan_round, static_group
+from services.core.quarantine import Quarantine, judge
+from services.core.rounds import RoundOutcome, aggregate_round
+from services.core.sanity import largest, unfit
+from services.core.strategies import get_strategy
+from services.core.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
 from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
 from services.participant.backdoor import boosted, poison, success_rate

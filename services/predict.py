@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from services.common.errors import ConfigError
-from services.common.model_file import ModelCard
+from services.core.errors import ConfigError
+from services.core.model_file import ModelCard
 
 INK_THRESHOLD = 0.25  # of the image's strongest ink: fainter pixels are background
 SPECK_FRACTION = 0.05  # components under this share of the largest one are noise

@@ -27,13 +27,13 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from services.common.credentials import hand_out, load_tls, participant_id, write_kit
-from services.common.errors import FLClusteringError
 from services.common.flags import write_settings_file
 from services.common.grpc_client import channel
 from services.common.lifecycle import ParentPipe, memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
+from services.core.errors import FLClusteringError
 from services.experiment import EXPERIMENT_GROUPS, SimulateConfig
 from services.participant.partition import scheme_for
 
@@ -507,8 +507,8 @@ def open_sealed_file(config: SimulateConfig, sealed: Path, keys_dir: Path, data:
     from safetensors.torch import save_file
 
     from services.common.homomorphic import load_keys, open_model
-    from services.common.models import build_model
-    from services.common.tensors import spec_of
+    from services.core.models import build_model
+    from services.core.tensors import spec_of
 
     fed = config.federation
     spec = spec_of(build_model(fed.model, data.input_shape, data.num_classes).state_dict())
@@ -527,7 +527,7 @@ def save_final_model(
     (safetensors in, safetensors out: nothing is unpickled)."""
     from safetensors.torch import load_file
 
-    from services.common.model_file import write_model_file
+    from services.core.model_file import write_model_file
     from services.local import card_of
 
     weights = load_file(str(aggregator_model))
@@ -540,7 +540,7 @@ def backdoor_success(config: SimulateConfig, model_file: Path) -> float:
     the target."""
     from safetensors.torch import load_file
 
-    from services.common.models import build_model
+    from services.core.models import build_model
     from services.participant.backdoor import success_rate
     from services.participant.partition import federation_data
 

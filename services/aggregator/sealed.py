@@ -28,7 +28,6 @@ from services.aggregator.state import (
     _round_of,
     commit_state,
 )
-from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.files import durable_write
 from services.common.homomorphic import (
     EXAMPLES,
@@ -43,8 +42,9 @@ from services.common.homomorphic import (
     upload_tensors,
 )
 from services.common.settings import DefenceSettings
-from services.common.strategies import Strategy
-from services.common.tensors import unflatten
+from services.core.errors import NotFoundError, SpecMismatchError, StateError
+from services.core.strategies import Strategy
+from services.core.tensors import unflatten
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,6 @@ from services.common.compression import (
     payload_spec_of,
     upload_scheme,
 )
-from services.common.device import resolve_device
-from services.common.errors import ForbiddenError
 from services.common.grpc_server import (
     Policy,
     StallWatch,
@@ -51,18 +49,20 @@ from services.common.metrics import (
     counting_refusals,
     serve_metrics,
 )
-from services.common.models import build_model
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.strategies import get_strategy
 from services.common.streams import Received, build_stream, validated
-from services.common.tensors import TensorSpec, state_of, unflatten
 from services.common.wire import (
     StreamReader,
     check_update_header,
     invalid,
 )
+from services.core.device import resolve_device
+from services.core.errors import ForbiddenError
+from services.core.models import build_model
+from services.core.strategies import get_strategy
+from services.core.tensors import TensorSpec, state_of, unflatten
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,6 @@ from typing import Annotated
 
 from pydantic import Field
 
-from services.common.catalog import DATASET_SHAPES, Shape
-from services.common.errors import ConfigError
 from services.common.settings import (
     DefenceSettings,
     FederationSettings,
@@ -17,6 +15,8 @@ from services.common.settings import (
     TrainingSettings,
     TransportSettings,
 )
+from services.core.catalog import DATASET_SHAPES, Shape
+from services.core.errors import ConfigError
 
 
 class ModelStoreSettings(Settings):

@@ -23,9 +23,6 @@ from typing import Any
 
 import torch
 
-from services.aggregator.guard import STEPS_KEPT, check_merge, remember
-from services.aggregator.merge import local_steps
-from services.aggregator.rounds import aggregate_round
 from services.aggregator.store import (
     Delta,
     DeltaStore,
@@ -34,12 +31,15 @@ from services.aggregator.store import (
     safetensors_row,
     write_safetensors,
 )
-from services.common.errors import NotFoundError, SpecMismatchError, StateError
 from services.common.files import durable_write
 from services.common.settings import DefenceSettings
-from services.common.strategies import Strategy
-from services.common.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 from services.common.wire import Sink
+from services.core.errors import NotFoundError, SpecMismatchError, StateError
+from services.core.guard import STEPS_KEPT, check_merge, remember
+from services.core.merge import local_steps
+from services.core.rounds import aggregate_round
+from services.core.strategies import Strategy
+from services.core.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
 
 RELEASE_WAIT_S = 5.0
 PENDING = "pending"  # accepted updates of the open round, one safetensors file each

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.errors import ConfigError, SpecMismatchError
 from services.common.wire import Sink
+from services.core.errors import ConfigError, SpecMismatchError
 
 MB = 1 << 20
 BLOCK_BYTES = 16 * MB  # one column block of all the round's rows

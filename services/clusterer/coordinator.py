@@ -1,7 +1,7 @@
-"""The round protocol (ALGORITHM.md sections 2-7), run by one thread of the clusterer.
+"""The round protocol (docs/algorithm.md, sections 2-7), run by one thread of the clusterer.
 
 It waits for participants, has them pre-train, clusters them, and then each round: plans
-the round (services.clusterer.plan), has the planned evaluators evaluate the global model
+the round (services.core.plan), has the planned evaluators evaluate the global model
 (for the q-weights), collects updates until everyone selected answered or the deadline
 passed, has the aggregator aggregate, and has every participant evaluate the new model.
 Every change of shared state goes through ClustererState's methods; nothing busy-waits.
@@ -27,14 +27,10 @@ import numpy as np
 import torch
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from services.clusterer.clustering import group_deltas
 from services.clusterer.metrics import ClustererMetrics
-from services.clusterer.plan import evaluation_sample, group_accuracy, plan_round
-from services.clusterer.quarantine import judge
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
-from services.common.errors import ConfigError, StateError
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
@@ -42,10 +38,14 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.strategies import get_strategy
 from services.common.streams import read_encoded
-from services.common.tensors import TensorSpec
 from services.common.wire import spec_from_pb
+from services.core.clustering import group_deltas
+from services.core.errors import ConfigError, StateError
+from services.core.plan import evaluation_sample, group_accuracy, plan_round
+from services.core.quarantine import judge
+from services.core.strategies import get_strategy
+from services.core.tensors import TensorSpec
 
 logger = logging.getLogger(__name__)
 CUT_WAIT_S = 30.0  # for a cut upload's handler to release its reservation

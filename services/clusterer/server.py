@@ -45,7 +45,6 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.compression import Compression, payload_spec_of, upload_scheme
 from services.common.credentials import TlsFiles, TokenTable
-from services.common.errors import ForbiddenError, NotFoundError
 from services.common.grpc_client import (
     PEER_OPTIONS,
     Renewing,
@@ -88,10 +87,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
-from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM
-from services.common.strategies import get_strategy
 from services.common.streams import part_of, read_all
-from services.common.tensors import TensorSpec
 from services.common.wire import (
     MAX_ID_LENGTH,
     MAX_SAMPLES,
@@ -105,6 +101,10 @@ from services.common.wire import (
     invalid,
     read_frame,
 )
+from services.core.errors import ForbiddenError, NotFoundError
+from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM
+from services.core.strategies import get_strategy
+from services.core.tensors import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ VERDICTS = {
     pb.EVALUATION_VERDICT_DIVERGED: "diverged",
 }
 MAX_REASON = 200  # characters of an evaluation's reason
-# What a participant of a long model sends for clustering (services/common/sketch.py).
+# What a participant of a long model sends for clustering (services/core/sketch.py).
 SKETCH_SPEC = (TensorSpec("sketch", (SKETCH_DIM,), torch.float32),)
 MAX_PAGE = 1000  # members or rounds in one GetStatus answer
 # Tasks that name the participant's cluster under --personalise (its model is trained from

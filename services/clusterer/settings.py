@@ -7,7 +7,6 @@ from typing import Annotated
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
-from services.common.catalog import CLUSTER_METHODS
 from services.common.settings import (
     FederationSettings,
     OptionalPort,
@@ -18,6 +17,7 @@ from services.common.settings import (
     TransportSettings,
     choice,
 )
+from services.core.catalog import CLUSTER_METHODS
 
 
 class ClusteringSettings(Settings):

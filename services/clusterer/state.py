@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.clusterer.plan import static_group
-from services.clusterer.quarantine import Judgement, Quarantine
 from services.clusterer.store import ClustererStore
-from services.common.errors import CapacityError, ConfigError, NotFoundError, StateError
 from services.common.figures import purity
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
-from services.common.sketch import SKETCH_ABOVE, SKETCH_DIM, count_sketch
-from services.common.strategies import Strategy
+from services.core.errors import CapacityError, ConfigError, NotFoundError, StateError
+from services.core.plan import static_group
+from services.core.quarantine import Judgement, Quarantine
+from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM, count_sketch
+from services.core.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 

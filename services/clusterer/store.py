@@ -31,8 +31,8 @@ from typing import IO, Any
 
 import torch
 
-from services.common.errors import ConfigError
 from services.common.files import durable_write, fsync_dir, replace_file
+from services.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

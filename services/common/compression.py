@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import ConfigError
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.schemes import parse_scheme, scheme_name
-from services.common.tensors import TensorSpec, float_specs
 from services.common.wire import check_header_spec, invalid, spec_from_pb
+from services.core.errors import ConfigError
+from services.core.schemes import parse_scheme, scheme_name
+from services.core.tensors import TensorSpec, float_specs
 
 SCALES = "__scales__"
 INDICES = "__indices__"

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 ROLES = ("participant", "clusterer", "aggregator", "operator")
 TRUST_DOMAIN = "flclustering"

@@ -19,8 +19,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from services.common.credentials import TlsFiles
-from services.common.errors import ConfigError
 from services.common.limits import MESSAGE_LIMITS
+from services.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,10 @@ from services.common.credentials import (
     load_tls,
     parse_spiffe_id,
 )
-from services.common.errors import (
+from services.common.lifecycle import exit_with_parent, freeze_heap, limit_malloc_arenas
+from services.common.settings import ServiceSettings, TransportSettings
+from services.common.wire import MESSAGE_LIMITS, WireError, invalid
+from services.core.errors import (
     AuthError,
     CapacityError,
     ConfigError,
@@ -69,9 +72,6 @@ from services.common.errors import (
     SpecMismatchError,
     StateError,
 )
-from services.common.lifecycle import exit_with_parent, freeze_heap, limit_malloc_arenas
-from services.common.settings import ServiceSettings, TransportSettings
-from services.common.wire import MESSAGE_LIMITS, WireError, invalid
 
 logger = logging.getLogger(__name__)
 

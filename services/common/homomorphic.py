@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.errors import ConfigError
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.tensors import TensorSpec, float_specs, unflatten
 from services.common.wire import WireError, invalid, spec_from_pb
+from services.core.errors import ConfigError
+from services.core.tensors import TensorSpec, float_specs, unflatten
 
 KIND = "he:ckks"  # the header kind of an encrypted upload or model
 KEY = "he:key"

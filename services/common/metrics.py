@@ -76,7 +76,7 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int | None) -> i
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        from services.common.errors import ConfigError
+        from services.core.errors import ConfigError
 
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
     return int(server.server_port)

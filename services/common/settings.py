@@ -28,10 +28,10 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from services.common.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits
-from services.common.errors import ConfigError
-from services.common.schemes import normalised
-from services.common.strategies import STRATEGIES
+from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits
+from services.core.errors import ConfigError
+from services.core.schemes import normalised
+from services.core.strategies import STRATEGIES
 
 
 @dataclass(frozen=True)

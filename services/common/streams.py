@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.tensors import TensorSpec, unflatten
 from services.common.wire import (
     CHUNK_BYTES,
     StreamReader,
@@ -31,6 +30,7 @@ from services.common.wire import (
     spec_from_pb,
     spec_to_pb,
 )
+from services.core.tensors import TensorSpec, unflatten
 
 Part = tuple[str | None, Any]  # ("header" | "data" | "trailer" | None, its value)
 

@@ -21,12 +21,12 @@ import torch
 from xxhash import xxh3_128
 
 from services.common.credentials import valid_name
-from services.common.errors import FLClusteringError
 from services.common.limits import CHUNK_BYTES
 from services.common.limits import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES  # re-exported
 from services.common.limits import MESSAGE_LIMITS as MESSAGE_LIMITS  # re-exported
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.tensors import TensorSpec
+from services.core.errors import FLClusteringError
+from services.core.tensors import TensorSpec
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -20,16 +20,16 @@ from services.common.credentials import (
     participant_id,
     token_owner,
 )
-from services.common.device import resolve_device
-from services.common.errors import ConfigError, FLClusteringError
 from services.common.grpc_client import EDGE_OPTIONS, Renewing, channel
 from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
 from services.common.homomorphic import load_keys
 from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
-from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
-from services.common.tensors import spec_of
+from services.core.device import resolve_device
+from services.core.errors import ConfigError, FLClusteringError
+from services.core.models import build_model
+from services.core.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
 from services.participant.metrics import ParticipantMetrics

@@ -12,8 +12,8 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from services.common.errors import ConfigError
 from services.common.settings import Settings, choice
+from services.core.errors import ConfigError
 
 # Attacks that craft one delta from the colluders' honest ones (services/participant/
 # collusion.py): small steps, close to the honest updates, every round by default.

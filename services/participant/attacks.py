@@ -1,4 +1,4 @@
-"""Simulated attacks, for evaluating robustness only (ALGORITHM.md section 8).
+"""Simulated attacks, for evaluating robustness only (docs/algorithm.md, section 8).
 
 Each is a pure function over tensors; the participant applies one when `--attack` says so and
 logs loudly that it is doing it.
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from services.common.registry import Registry
+from services.core.registry import Registry
 from services.participant.adversary import (
     ATTACKS,
     COLLUDING,

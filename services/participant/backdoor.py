@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 
 def trigger_size(height: int, width: int) -> int:

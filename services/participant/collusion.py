@@ -25,8 +25,8 @@ from statistics import NormalDist
 
 import torch
 
-from services.common.errors import ConfigError
-from services.common.registry import Registry
+from services.core.errors import ConfigError
+from services.core.registry import Registry
 from services.participant.adversary import COLLUDING, PERTURBATIONS, AttackConfig
 
 SEARCH_STEPS = 40  # bisection steps for gamma: 2^-40 of the bracket

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.catalog import DATASETS
-from services.common.errors import ConfigError, DatasetUnavailableError
-from services.common.registry import Registry
+from services.core.catalog import DATASETS
+from services.core.errors import ConfigError, DatasetUnavailableError
+from services.core.registry import Registry
 from services.participant import synthetic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.common.errors import ConfigError
-from services.common.registry import Registry
 from services.common.settings import FederationSettings
+from services.core.errors import ConfigError
+from services.core.registry import Registry
 
 if TYPE_CHECKING:  # settings.py imports this module for the partition names
     from services.participant.datasets import Dataset
@@ -66,7 +66,7 @@ class Shard:
 def label_groups(num_classes: int, k: int) -> list[list[int]]:
     """Split labels into k disjoint groups; the last takes the remainder.
 
-    10 classes, k=3 -> {0,1,2}, {3,4,5}, {6,7,8,9}; k=5 -> pairs (ALGORITHM.md section 1).
+    10 classes, k=3 -> {0,1,2}, {3,4,5}, {6,7,8,9}; k=5 -> pairs (docs/algorithm.md, section 1).
     """
     if not 1 <= k <= num_classes:
         raise ConfigError(f"groups must be between 1 and {num_classes}, got {k}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 FEATURES = 60
 CLASSES = 10

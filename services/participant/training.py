@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from services.common.settings import TrainingSettings
-from services.common.tensors import flatten, spec_of
+from services.core.tensors import flatten, spec_of
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def pre_train_delta(
     lr: float = 0.05,
     momentum: float = 0.9,
 ) -> torch.Tensor:
-    """The pre-training delta w_i - w0 that clustering groups (ALGORITHM.md section 2).
+    """The pre-training delta w_i - w0 that clustering groups (docs/algorithm.md, section 2).
 
     With the sample adjustment strategy (`adjusted`) every participant runs the same number of
     one-mini-batch steps, so ten times more data does not mean a ten times longer delta;

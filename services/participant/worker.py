@@ -19,7 +19,6 @@ import grpc
 import torch
 
 from services.common.compression import Compression, ErrorFeedback
-from services.common.errors import ConfigError, SpecMismatchError, StateError
 from services.common.grpc_client import (
     RetryPolicy,
     call_metadata,
@@ -29,15 +28,16 @@ from services.common.grpc_client import (
 )
 from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import HeKeys, PayloadError, open_model, upload_tensors
-from services.common.models import build_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.sanity import largest, unfit
 from services.common.settings import TrainingSettings
-from services.common.sketch import count_sketch
 from services.common.streams import build_stream, read_model
-from services.common.tensors import (
+from services.core.errors import ConfigError, SpecMismatchError, StateError
+from services.core.models import build_model
+from services.core.sanity import largest, unfit
+from services.core.sketch import count_sketch
+from services.core.tensors import (
     TensorSpec,
     check_spec,
     flatten,
@@ -75,7 +75,7 @@ class TaskNotDone(StateError):
 
 class ModelRefused(TaskNotDone):
     """A downloaded model that is not adopted (non-finite or absurd values:
-    services/common/sanity.py); evaluation tasks report it as their verdict."""
+    services/core/sanity.py); evaluation tasks report it as their verdict."""
 
 
 def clusterer_stub(calls: grpc.Channel) -> pb_grpc.ClustererStub:

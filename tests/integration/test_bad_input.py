@@ -414,7 +414,7 @@ def test_bad_compressed_uploads_get_their_codes_and_change_nothing(federation_fa
     """A federation with --compression: a lying header, content out of range, the wrong
     scheme, a truncated stream; each its code, nothing kept; then a good upload counts."""
     from services.common.compression import INDICES, SCALES, VALUES, Compression, encode
-    from services.common.tensors import spec_of
+    from services.core.tensors import spec_of
 
     fed, task, w = start_round(federation_factory, compression=scheme)
     assert task.training.compression == scheme
@@ -512,7 +512,7 @@ def test_bad_encrypted_uploads_get_their_codes_and_change_nothing(federation_fac
         upload_tensors,
         write_keys,
     )
-    from services.common.tensors import flatten, spec_of
+    from services.core.tensors import flatten, spec_of
 
     write_keys(tmp_path)
     fed, task, w = start_round(

@@ -154,7 +154,7 @@ def alert_annotations(rules: Path) -> dict[str, str]:
 
 def final_model_is_sane(out: Path) -> None:
     """The model the aggregator ends with: finite weights, finite outputs on real digits."""
-    from services.common.models import build_model
+    from services.core.models import build_model
     from services.participant.datasets import load_dataset
 
     weights = load_file(str(out / "model.safetensors"))

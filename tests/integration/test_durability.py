@@ -17,14 +17,14 @@ import torch
 
 from services.clusterer.state import ClustererState
 from services.clusterer.store import ClustererStore
-from services.common.errors import ConfigError
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.strategies import get_strategy
 from services.common.streams import build_stream, read_model
+from services.core.errors import ConfigError
+from services.core.strategies import get_strategy
 
 TOKEN = "durability-token"
 META = call_metadata(TOKEN)
@@ -367,7 +367,7 @@ def test_encrypted_updates_and_models_survive_kill_9(tmp_path):
         upload_tensors,
         write_keys,
     )
-    from services.common.tensors import flatten, spec_of
+    from services.core.tensors import flatten, spec_of
 
     write_keys(tmp_path / "he")
     secret = HeKeys.load(tmp_path / "he" / SECRET_FILE, secret=True)

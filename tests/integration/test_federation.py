@@ -52,7 +52,6 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     import tenseal as ts
     import torch
 
-    from services.common.errors import ConfigError
     from services.common.homomorphic import (
         KIND,
         PUBLIC_FILE,
@@ -63,7 +62,8 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     )
     from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
     from services.common.streams import read_model
-    from services.common.tensors import spec_of
+    from services.core.errors import ConfigError
+    from services.core.tensors import spec_of
 
     write_keys(tmp_path)
     runs = {}
@@ -93,7 +93,7 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
         vector.decrypt()
     # An operator exports the model only with the participants' secret key.
     from services.cli import main
-    from services.common.model_file import load_model_file
+    from services.core.model_file import load_model_file
 
     from .conftest import TOKEN
 
@@ -235,8 +235,8 @@ def test_participants_of_a_long_model_send_a_sketch_and_a_malformed_one_is_refus
     import torch
 
     from services.common.pb.flclustering.v1 import tensors_pb2
-    from services.common.sketch import SKETCH_DIM
     from services.common.streams import build_stream
+    from services.core.sketch import SKETCH_DIM
 
     fed, pid, task = _six_participants_and_one_by_hand(federation_factory)
     assert task.training.sketch_dim == SKETCH_DIM

@@ -33,13 +33,13 @@ from services.common.credentials import (
     write_tokens,
 )
 from services.common.grpc_client import call_metadata, channel
-from services.common.model_file import load_model_file
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
+from services.core.model_file import load_model_file
 
 from .conftest import rpc_code
 
@@ -394,7 +394,7 @@ def test_health_watch_and_reflection_are_not_open_doors(secured, tmp_path):
 def test_tokens_need_tls_and_a_shared_token_excludes_tls(tmp_path):
     """Per-participant tokens are never accepted in plain text; a shared development token
     beside --tls-dir is refused at start (it would give anyone holding it every identity)."""
-    from services.common.errors import ConfigError
+    from services.core.errors import ConfigError
 
     kit = tmp_path / "kit"
     write_kit(kit, [])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.cli import main
-from services.common.model_file import load_model_file
+from services.core.model_file import load_model_file
 from services.participant.datasets import load_dataset
 from services.predict import expression_value
 

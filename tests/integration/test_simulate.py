@@ -94,8 +94,8 @@ def test_small_simulation_writes_everything(tmp_path):
     # The run's model: safetensors and a card, the aggregator's final model, usable alone.
     from safetensors.torch import load_file
 
-    from services.common.model_file import load_model_file
-    from services.common.models import build_model
+    from services.core.model_file import load_model_file
+    from services.core.models import build_model
     from services.participant.datasets import load_dataset
 
     model, card = load_model_file(out / "model.safetensors")
@@ -197,7 +197,7 @@ def test_port_in_use_is_one_line(tmp_path):
 def test_local_and_simulate_share_the_round_plan(tmp_path):
     """Same seed, same experiment: the in-process federation and the services cluster the
     participants alike and select the same participants into the same clusters in round 1
-    (both call clusterer.plan.plan_round on the same seeded stream)."""
+    (both call core.plan.plan_round on the same seeded stream)."""
     flags = ["--participants", "9", "--select", "6", "--rounds", "1", "--seed", "4"]
     _, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "3")
     local_out = tmp_path / "local"

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.errors import NotFoundError, SpecMismatchError, StateError
-from services.common.models import build_model
 from services.common.settings import DefenceSettings
-from services.common.strategies import STRATEGIES
-from services.common.tensors import state_of
+from services.core.errors import NotFoundError, SpecMismatchError, StateError
+from services.core.models import build_model
+from services.core.strategies import STRATEGIES
+from services.core.tensors import state_of
 
 FEDAVG = STRATEGIES["fedavg"]
 FLCLUSTERING = STRATEGIES["flclustering"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 from services.experiment import ExperimentConfig
 from services.local import run_local
 from services.participant.adversary import AttackConfig, AttackSettings

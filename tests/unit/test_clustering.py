@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.clusterer.clustering import cluster, count_sketch, energy_k
-from services.common.errors import ConfigError
 from services.common.figures import purity
-from services.common.models import build_model
+from services.core.clustering import cluster, count_sketch, energy_k
+from services.core.errors import ConfigError
+from services.core.models import build_model
 from services.participant.datasets import load_dataset
 from services.participant.partition import partition
 from services.participant.training import pre_train_delta
@@ -99,7 +99,7 @@ def test_bad_input():
 
 
 def test_screen_refuses_non_finite_and_absurd_deltas_only():
-    from services.clusterer.clustering import screen_deltas
+    from services.core.clustering import screen_deltas
 
     x = torch.randn(6, 50)
     x[1] = 3e38  # finite in float32, but its length overflows float32
@@ -140,7 +140,7 @@ def test_small_n_is_the_exact_fit(method):
 
 @pytest.mark.parametrize("method", ["hierarchical", "kmeans", "dbscan"])
 def test_large_n_fits_a_sample_and_recovers_the_groups(method):
-    from services.clusterer.clustering import FIT_SAMPLE
+    from services.core.clustering import FIT_SAMPLE
 
     x, truth = separated(FIT_SAMPLE + 700, 16, seed=0)
     # DBSCAN finds its own k; min_samples=2 over-splits in 16 dimensions, sampled or not.
@@ -174,7 +174,7 @@ def test_large_n_needs_a_sample_that_holds_k():
 
 
 def test_kth_neighbour_distance_equals_the_naive_tensor():
-    from services.clusterer.clustering import kth_neighbour_distance
+    from services.core.clustering import kth_neighbour_distance
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(150, 20))
@@ -199,7 +199,7 @@ def test_dbscan_eps_needs_no_n_by_n_by_d_memory():
 
 
 def test_screen_works_by_blocks_and_still_refuses_bad_rows():
-    from services.clusterer.clustering import screen_deltas
+    from services.core.clustering import screen_deltas
 
     x = torch.randn(3000, 2048)  # two blocks of rows
     bad = {2500: 3e38, 2999: float("nan"), 10: float("inf")}
@@ -219,7 +219,7 @@ def test_sketch_of_a_row_does_not_depend_on_its_batch():
 
 
 def test_group_deltas_refuses_bad_rows_on_the_sampled_path():
-    from services.clusterer.clustering import group_deltas
+    from services.core.clustering import group_deltas
 
     x, truth = separated(700, 8, seed=6)
     x[4, 0] = float("nan")
@@ -232,7 +232,7 @@ def test_group_deltas_refuses_bad_rows_on_the_sampled_path():
 def test_ward_cut_is_scipys_cut_tree():
     from scipy.cluster.hierarchy import cut_tree, linkage
 
-    from services.clusterer.clustering import ward_cut
+    from services.core.clustering import ward_cut
 
     x = np.random.default_rng(0).normal(size=(120, 5))
     x[10] = x[11] = x[12]  # merges at height 0
@@ -249,7 +249,7 @@ def test_ward_and_silhouette_are_scikit_learns_without_importing_it():
     from sklearn.cluster import AgglomerativeClustering
     from sklearn.metrics import silhouette_score
 
-    from services.clusterer.clustering import _distances, silhouette
+    from services.core.clustering import _distances, silhouette
 
     rng = np.random.default_rng(7)
     for n, d, groups in [(30, 50, 3), (200, 20, 5), (57, 300, 4), (5, 3, 2)]:
@@ -265,7 +265,7 @@ def test_ward_and_silhouette_are_scikit_learns_without_importing_it():
         ref = silhouette_score(x[:5], singletons)
         assert silhouette(_distances(x[:5]), singletons) == pytest.approx(ref, abs=1e-9)
     code = (
-        "import sys, torch; from services.clusterer.clustering import cluster; "
+        "import sys, torch; from services.core.clustering import cluster; "
         "cluster(torch.randn(40, 10), k=None); print('sklearn' in sys.modules)"
     )
     import subprocess

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 from services.participant.adversary import AttackSettings
 from services.participant.attacks import AttackConfig, apply_model_attack
 from services.participant.collusion import (

@@ -18,8 +18,8 @@ from services.common.compression import (
     encode,
     payload_bytes,
 )
-from services.common.errors import ConfigError
-from services.common.tensors import TensorSpec
+from services.core.errors import ConfigError
+from services.core.tensors import TensorSpec
 
 SPEC = (
     TensorSpec("conv.weight", (4, 3, 3), torch.float32),

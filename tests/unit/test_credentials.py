@@ -21,7 +21,7 @@ from services.common.credentials import (
     write_kit,
     write_tokens,
 )
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 
 def test_a_kit_names_every_party_and_hides_its_keys(tmp_path):

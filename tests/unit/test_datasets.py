@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.errors import ConfigError, DatasetUnavailableError
+from services.core.errors import ConfigError, DatasetUnavailableError
 from services.participant.datasets import (
     load_dataset,
     load_digits_dataset,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.aggregator.defence import DefenceConfig, defend
-from services.common.errors import ConfigError
+from services.core.defence import DefenceConfig, defend
+from services.core.errors import ConfigError
 
 
 def honest(n, d=200, seed=0, center=None):

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from services.aggregator.rounds import aggregate_round
 from services.cli import main
-from services.common.errors import ConfigError
 from services.common.settings import DefenceSettings
-from services.common.strategies import get_strategy
+from services.core.errors import ConfigError
+from services.core.rounds import aggregate_round
+from services.core.strategies import get_strategy
 from services.experiment import ExperimentConfig
 from services.local import run_local
 

@@ -1,4 +1,4 @@
-"""The aggregator's divergence guard (services/aggregator/guard.py) and the state that
+"""The aggregator's divergence guard (services/core/guard.py) and the state that
 applies it: a refused merge keeps the version, says why, and survives a restart."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from services.aggregator.guard import MIN_STEPS, STEP_FACTOR, check_merge, remember
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.common.models import build_model
-from services.common.sanity import GROWTH
 from services.common.settings import DefenceSettings
-from services.common.strategies import STRATEGIES
-from services.common.tensors import state_of
+from services.core.guard import MIN_STEPS, STEP_FACTOR, check_merge, remember
+from services.core.models import build_model
+from services.core.sanity import GROWTH
+from services.core.strategies import STRATEGIES
+from services.core.tensors import state_of
 
 FEDAVG = STRATEGIES["fedavg"]
 

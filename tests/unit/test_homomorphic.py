@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from services.aggregator.sealed import SealedState
-from services.common.errors import ConfigError, StateError
 from services.common.homomorphic import (
     KEY,
     PUBLIC_FILE,
@@ -27,9 +26,10 @@ from services.common.homomorphic import (
     write_keys,
 )
 from services.common.settings import DefenceSettings
-from services.common.strategies import get_strategy
-from services.common.tensors import TensorSpec, flatten, spec_of
 from services.common.wire import WireError, spec_to_pb
+from services.core.errors import ConfigError, StateError
+from services.core.strategies import get_strategy
+from services.core.tensors import TensorSpec, flatten, spec_of
 
 SPEC = (
     TensorSpec("w", (3000,), torch.float32),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.cli import main
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 from services.experiment import ExperimentConfig
 from services.local import run_local
 from services.participant.attacks import choose_attackers

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 
-from services.aggregator.merge import (
+from services.core.errors import ConfigError
+from services.core.merge import (
     MERGES,
     MergeInputs,
     floored,
@@ -19,7 +20,6 @@ from services.aggregator.merge import (
     qffl_merge,
     weighted_merge,
 )
-from services.common.errors import ConfigError
 
 
 def seed_formula(accs, q):

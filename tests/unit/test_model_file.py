@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from services.common.errors import ConfigError
-from services.common.model_file import ModelCard, load_model_file, write_model_file
-from services.common.models import build_model
+from services.core.errors import ConfigError
+from services.core.model_file import ModelCard, load_model_file, write_model_file
+from services.core.models import build_model
 
 CARD = ModelCard("cnn", "digits", (1, 8, 8), tuple("0123456789"), (0.3,), (0.4,), {"rounds": 1})
 

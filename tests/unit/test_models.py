@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.errors import ConfigError
-from services.common.models import MODELS, build_model
+from services.core.errors import ConfigError
+from services.core.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 from services.participant.datasets import load_dataset
 from services.participant.partition import (
     label_groups,

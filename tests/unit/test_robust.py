@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from services.aggregator.robust import (
+from services.core.errors import ConfigError, PreconditionError
+from services.core.robust import (
     attackers_for,
     coordinate_median,
     fedavg,
@@ -18,7 +19,6 @@ from services.aggregator.robust import (
     pairwise_sq_distances,
     trimmed_mean,
 )
-from services.common.errors import ConfigError, PreconditionError
 
 
 def naive_scores(x: np.ndarray, f: int) -> np.ndarray:

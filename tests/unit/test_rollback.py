@@ -15,13 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.aggregator.state import AggregatorState, PendingUpdate
-from services.clusterer.quarantine import Quarantine, judge
-from services.common.errors import NotFoundError, StateError
-from services.common.models import build_model
-from services.common.sanity import GROWTH, unfit
 from services.common.settings import DefenceSettings
-from services.common.strategies import STRATEGIES
-from services.common.tensors import state_of
+from services.core.errors import NotFoundError, StateError
+from services.core.models import build_model
+from services.core.quarantine import Quarantine, judge
+from services.core.sanity import GROWTH, unfit
+from services.core.strategies import STRATEGIES
+from services.core.tensors import state_of
 
 FEDAVG = STRATEGIES["fedavg"]
 DEFENCE = DefenceSettings(byzantine_fraction=0.0)
@@ -79,7 +79,7 @@ def test_a_rollback_needs_the_last_closed_round_no_open_updates_and_a_kept_versi
 def test_a_sealed_rollback_to_w0_serves_w0_in_the_clear_across_a_restart(tmp_path: Path):
     from services.aggregator.sealed import SealedState
     from services.common.homomorphic import HeKeys, upload_tensors
-    from services.common.tensors import flatten, spec_of
+    from services.core.tensors import flatten, spec_of
 
     initial = state_of(build_model("cnn", (1, 8, 8), 10, seed=0))
     spec = spec_of(initial)

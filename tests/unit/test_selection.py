@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.clusterer.plan import evaluation_sample
-from services.clusterer.selection import fair_select, random_select
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
+from services.core.plan import evaluation_sample
+from services.core.selection import fair_select, random_select
 
 
 def test_fair_select_takes_equal_shares():

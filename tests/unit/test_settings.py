@@ -11,8 +11,8 @@ import pytest
 from services.aggregator.__main__ import parser as aggregator_parser
 from services.cli import build_parser
 from services.clusterer.__main__ import parser as clusterer_parser
-from services.common.errors import ConfigError
 from services.common.settings import DefenceSettings, FederationSettings, TrainingSettings
+from services.core.errors import ConfigError
 from services.participant.__main__ import parser as participant_parser
 
 

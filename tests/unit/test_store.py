@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.rounds import aggregate_round
-from services.aggregator.rows import MatrixRows, scan
 from services.aggregator.state import AggregatorState, PendingUpdate
 from services.aggregator.store import (
     MB,
@@ -18,11 +16,13 @@ from services.aggregator.store import (
     safetensors_row,
     write_safetensors,
 )
-from services.common.errors import ConfigError
 from services.common.settings import DefenceSettings
-from services.common.strategies import STRATEGIES
-from services.common.tensors import TensorSpec
 from services.common.wire import StreamReader, encode
+from services.core.errors import ConfigError
+from services.core.rounds import aggregate_round
+from services.core.rows import MatrixRows, scan
+from services.core.strategies import STRATEGIES
+from services.core.tensors import TensorSpec
 
 DEFENCE = DefenceSettings(byzantine_fraction=0.2)
 

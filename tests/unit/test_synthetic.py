@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from services.cli import main
-from services.common.errors import ConfigError
-from services.common.models import DATASET_SHAPES
+from services.core.errors import ConfigError
+from services.core.models import DATASET_SHAPES
 from services.experiment import ExperimentConfig, SimulateConfig
 from services.local import attacker_indices, run_local
 from services.participant import synthetic

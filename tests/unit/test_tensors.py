@@ -7,8 +7,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from services.common.errors import SpecMismatchError
-from services.common.tensors import check_spec, flatten, spec_of, unflatten
+from services.core.errors import SpecMismatchError
+from services.core.tensors import check_spec, flatten, spec_of, unflatten
 
 
 def test_flatten_round_trip_keeps_int_buffers_from_reference():

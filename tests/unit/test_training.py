@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from services.common.models import build_model
 from services.common.settings import TrainingSettings
+from services.core.models import build_model
 from services.participant.datasets import load_dataset
 from services.participant.partition import partition
 from services.participant.training import Sgd, evaluate, local_train, pre_train_delta
@@ -87,8 +87,8 @@ def test_a_participant_refuses_a_hostile_sketch_size(dim: int) -> None:
     """A task asking for an absurd sketch is refused before anything is allocated."""
     from types import SimpleNamespace
 
-    from services.common.errors import StateError
     from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+    from services.core.errors import StateError
     from services.participant.worker import Participant
 
     task = pb.GetTaskResponse(

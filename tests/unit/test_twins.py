@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 
-from services.aggregator.defence import DefenceConfig, defend
-from services.clusterer.clustering import group_deltas, twin_deltas
-from services.clusterer.plan import group_accuracy
-from services.common.twins import twins
+from services.core.clustering import group_deltas, twin_deltas
+from services.core.defence import DefenceConfig, defend
+from services.core.plan import group_accuracy
+from services.core.twins import twins
 from services.experiment import ExperimentConfig
 from services.local import run_local
 

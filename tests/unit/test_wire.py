@@ -11,7 +11,6 @@ from hypothesis import given, settings
 
 from services.common.pb.flclustering.v1 import aggregator_pb2, clusterer_pb2, tensors_pb2
 from services.common.streams import build_stream, part_of, read_all
-from services.common.tensors import flatten, spec_of
 from services.common.wire import (
     TRAILER_TAG,
     StreamReader,
@@ -20,6 +19,7 @@ from services.common.wire import (
     encode,
     read_frame,
 )
+from services.core.tensors import flatten, spec_of
 
 
 def sample_weights() -> OrderedDict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Participant selection: fair per-cluster selection (ALGORITHM.md section 4) and random."""
+"""Participant selection: fair per-cluster selection (docs/algorithm.md, section 4) and random."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 
 def fair_select(

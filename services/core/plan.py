@@ -1,7 +1,7 @@
 """One round's plan as a pure function: who is selected in which group, who evaluates.
 
 The clusterer's coordinator and the in-process federation (`flclustering local`) both call
-`plan_round`, so with the same seed they select the same participants (ALGORITHM.md
+`plan_round`, so with the same seed they select the same participants (docs/algorithm.md,
 section 4). Identifiers are any sortable ids: participant names here, indices in-process.
 """
 
@@ -13,8 +13,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from services.clusterer.selection import fair_select, random_select
-from services.common.strategies import Strategy
+from services.core.selection import fair_select, random_select
+from services.core.strategies import Strategy
 
 P = TypeVar("P", bound=Hashable)
 

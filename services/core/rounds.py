@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from services.aggregator.defence import DefenceConfig, RoundDefence, defend_rows
-from services.aggregator.merge import MERGES, MergeFacts, MergePlan
-from services.aggregator.rows import MatrixRows, Rows, take
-from services.common.errors import ConfigError
-from services.common.settings import DefenceSettings
-from services.common.strategies import Strategy
+from services.core.defence import DefenceConfig, RoundDefence, defend_rows
+from services.core.errors import ConfigError
+from services.core.merge import MERGES, MergeFacts, MergePlan
+from services.core.rows import MatrixRows, Rows, take
+from services.core.strategies import Strategy
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,23 @@ class RoundOutcome:
     cluster_models: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def defence_for(strategy: Strategy, settings: DefenceSettings) -> DefenceConfig:
+class DefenceKnobs(Protocol):
+    """The defence's constants as the settings carry them (common.settings.DefenceSettings):
+    a protocol, so the core reads them without importing the configuration layer."""
+
+    @property
+    def byzantine_fraction(self) -> float: ...
+    @property
+    def norm_factor(self) -> float: ...
+    @property
+    def cluster_factor(self) -> float: ...
+    @property
+    def twin_factor(self) -> float: ...
+    @property
+    def q(self) -> float: ...
+
+
+def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
     """The defence a strategy runs: its rule, plus the screens when it is defended."""
     return DefenceConfig(
         strategy.rule,
@@ -88,7 +104,7 @@ def aggregate_round(
     strategy: Strategy,
     round_: int,
     cluster_accuracy: Mapping[int, float],
-    defence: DefenceSettings,
+    defence: DefenceKnobs,
     losses: Sequence[float] | None = None,
     lr: float = 0.05,
     steps: Sequence[int] | None = None,

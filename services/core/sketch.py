@@ -4,7 +4,7 @@ Each input coordinate goes to one random output coordinate with a random sign, s
 distances are kept in expectation at O(d) cost per vector. The hash depends only on the
 seed and the input length: a participant sketching its own pre-training delta and the
 clusterer sketching the same delta get the same vector, so participants of a large model
-send 8 KB for clustering instead of the whole delta (ALGORITHM.md section 3).
+send 8 KB for clustering instead of the whole delta (docs/algorithm.md, section 3).
 """
 
 from __future__ import annotations

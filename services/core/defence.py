@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.aggregator.robust import RULES, Selection, attackers_for
-from services.aggregator.rows import MatrixRows, Rows, Scan, scan, take
-from services.common.errors import ConfigError
-from services.common.twins import twins
+from services.core.errors import ConfigError
+from services.core.robust import RULES, Selection, attackers_for
+from services.core.rows import MatrixRows, Rows, Scan, scan, take
+from services.core.twins import twins
 
 
 @dataclass(frozen=True)

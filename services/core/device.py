@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from services.common.registry import Registry
+from services.core.registry import Registry
 
 Grouping = Literal["clusters", "one", "each"]
 
@@ -20,8 +20,8 @@ class Strategy:
 
     name: str
     grouping: Grouping  # clusters: pre-train and cluster; one: a single group; each: per member
-    rule: str  # robust rule inside each group (aggregator.robust.RULES)
-    merge: str  # global merge of the groups (aggregator.merge.MERGES)
+    rule: str  # robust rule inside each group (core.robust.RULES)
+    merge: str  # global merge of the groups (core.merge.MERGES)
     defended: bool  # norm screen and cluster check on
 
     @property

@@ -2,7 +2,7 @@
 
 Settings, flags and `flclustering simulate` need these names to check a command line; they
 must not pay for importing torch (seconds of CPU and about 500 MB per process) to do so.
-`services.common.models` builds the models these names stand for.
+`services.core.models` builds the models these names stand for.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
 DATASETS = (*DATASET_SHAPES, "folder")
 
 
-# How the clusterer may group pre-training deltas (services.clusterer.clustering).
+# How the clusterer may group pre-training deltas (services.core.clustering).
 CLUSTER_METHODS = ("hierarchical", "kmeans", "dbscan")
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from services.common.distances import distances_from_gram
+from services.core.distances import distances_from_gram
 
 
 def twins(gram: torch.Tensor, factor: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Global merges of cluster (or participant) models (ALGORITHM.md section 6).
+"""Global merges of cluster (or participant) models (docs/algorithm.md, section 6).
 
 The fair merge weighs a cluster by acc^-q: the worse the current global model serves a
 cluster, the more that cluster's model counts. q-FFL (Li et al., ICLR 2020) is the fairness
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.aggregator.rows import take
-from services.common.errors import ConfigError
-from services.common.registry import Registry
+from services.core.errors import ConfigError
+from services.core.registry import Registry
+from services.core.rows import take
 
 ZERO_ACCURACY = 0.1  # the research code treats an accuracy of exactly 0 as 0.1
 MIN_ACCURACY = 1e-6

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 T = TypeVar("T")
 

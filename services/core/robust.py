@@ -1,4 +1,4 @@
-"""Robust aggregation rules over an (n, d) matrix of updates (ALGORITHM.md section 5).
+"""Robust aggregation rules over an (n, d) matrix of updates (docs/algorithm.md, section 5).
 
 Each rule is split in two so that it runs the same on a matrix in memory and on one read
 back in column blocks (the aggregator's memory budget, `rows.py`): `select` decides from the
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.distances import distances_from_gram, gram_of
-from services.common.errors import ConfigError, PreconditionError
-from services.common.registry import Registry
+from services.core.distances import distances_from_gram, gram_of
+from services.core.errors import ConfigError, PreconditionError
+from services.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import SpecMismatchError
+from services.core.errors import SpecMismatchError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from services.common.errors import ConfigError
+from services.core.errors import ConfigError
 
 SCHEMES = ("none", "fp16", "int8", "topk")
 MAX_SCHEME = 32  # characters of a scheme's name, as a setting, a task or a header carries it

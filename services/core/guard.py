@@ -2,7 +2,7 @@
 
 A merge is refused when its result holds a non-finite value, when its largest weight grew
 more than GROWTH-fold over the model it started from (and past GROWTH: the rule every
-participant applies before it adopts a model, services/common/sanity.py), or when its step
+participant applies before it adopts a model, services/core/sanity.py), or when its step
 `||w_{t+1} - w_t||` is more than STEP_FACTOR times the median of the last accepted steps
 (once MIN_STEPS of them are known). The version stays what it was and the round ends with
 the reason; the evaluations of the participants are the second line (a model within these
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.sanity import largest, unfit
+from services.core.sanity import largest, unfit
 
 STEP_FACTOR = 50.0  # a step past this times the median of the recent ones is refused
 STEPS_KEPT = 5  # accepted steps the median is taken over

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.common.errors import ConfigError, SpecMismatchError
-from services.common.models import build_model
-from services.common.tensors import check_spec, spec_of
+from services.core.errors import ConfigError, SpecMismatchError
+from services.core.models import build_model
+from services.core.tensors import check_spec, spec_of
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"

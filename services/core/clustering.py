@@ -1,4 +1,4 @@
-"""Clustering participants by their pre-training deltas (ALGORITHM.md section 3).
+"""Clustering participants by their pre-training deltas (docs/algorithm.md, section 3).
 
 Hierarchical (Ward) by default, k-means and DBSCAN as alternatives, k given or chosen
 automatically. Deltas longer than a threshold are first sketched down to a few thousand
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common.catalog import CLUSTER_METHODS
-from services.common.errors import ConfigError
-from services.common.sketch import count_sketch, row_blocks
-from services.common.twins import twins
+from services.core.catalog import CLUSTER_METHODS
+from services.core.errors import ConfigError
+from services.core.sketch import count_sketch, row_blocks
+from services.core.twins import twins
 
 METHODS = CLUSTER_METHODS
 AUTO_K = ("silhouette", "energy")
@@ -78,7 +78,7 @@ def screen_deltas(deltas: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
 
 
 def twin_deltas(deltas: torch.Tensor, factor: float, limit: int = FIT_SAMPLE) -> torch.Tensor:
-    """Mask of pre-training deltas with a near-twin (`services.common.twins`): colluders
+    """Mask of pre-training deltas with a near-twin (`services.core.twins`): colluders
     who all send one delta to be clustered together. The Gram matrix is built a block of
     rows at a time in float32 (n^2 d, as the clustering's own distances); above `limit`
     rows nothing is flagged (the clustering fits on a sample of that size too).

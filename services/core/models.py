@@ -1,7 +1,7 @@
-"""Models by name, sized from the dataset's input shape and class count (ALGORITHM.md 1).
+"""Models by name, sized from the input shape and class count (docs/algorithm.md, section 1).
 
-In the common floor because the participant trains them and the aggregator builds w0 from
-them. Their names and the dataset shapes are in services.common.catalog (no torch).
+In the learning core because the participant trains them and the aggregator builds w0 from
+them. Their names and the dataset shapes are in services.core.catalog (no torch).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from services.common.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, Shape
-from services.common.registry import Registry
+from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, Shape
+from services.core.registry import Registry
 
 __all__ = ["DATASETS", "DATASET_SHAPES", "MODELS", "Shape", "build_model"]
 
