@@ -2,7 +2,7 @@
 
 Prints final mean accuracy, the mean over the last 10 rounds, the worst round in the second
 half, attackers selected and rejected, per (strategy, attack). This is the measurement the
-defence's design rests on (README, "The defence"). Each cell runs `flclustering local`'s
+defence's design rests on (docs/decisions.md, "The defence"). Each cell runs `flclustering local`'s
 loop with its defaults (30 participants in 3 groups, 15 selected, 30 rounds).
 
     python benchmarks/defence.py [--seeds 0 1] [--rounds 30] [--cases default|full]

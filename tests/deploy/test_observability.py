@@ -153,7 +153,7 @@ def test_prometheus_scrapes_the_federation_and_every_panel_has_data(tmp_path, se
         "clusterer": [endpoints["clusterer"]["metrics"]],
         "participants": [p["metrics"] for p in endpoints["participants"]],
     }
-    # The README's way: flclustering scrape-config writes the Prometheus configuration.
+    # The documented way (docs/operations.md): scrape-config writes the configuration.
     config = tmp_path / "prometheus.yml"
     made = subprocess.run(
         [

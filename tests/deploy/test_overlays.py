@@ -228,7 +228,7 @@ def issue_like_cert_manager(ca: Authority, spec: dict[str, Any]) -> tuple[bytes,
 
 def test_edge_overlay_admits_a_token_participant_over_tls(tmp_path):
     """The rendered edge overlay's aggregator and clusterer as local processes: an edge
-    device with its own token (made by the README's `flclustering tokens` command) joins over
+    device with its own token (made by `flclustering tokens` command) joins over
     the TLS port as itself, and only as itself."""
     docs = render("edge")
     pods = [p for p in pods_of(docs) if p.labels["app.kubernetes.io/name"] != "participant"]

@@ -114,10 +114,10 @@ def test_small_simulation_writes_everything(tmp_path):
 
 
 def test_default_run_is_accurate_and_the_defence_holds(tmp_path):
-    """The README's figures: defaults reach 0.90 in under 3 minutes; under the scaling attack
+    """docs/benchmarks.md: defaults reach 0.90 in under 3 minutes; under the scaling attack
     flclustering ends within 3 points of its clean run, seed by seed, while fedavg loses 20
     points or more on average. Two seeds: how many attackers one attack round selects, and
-    with how many samples, varies, and fedavg's damage with it (README, "Measured")."""
+    with how many samples, varies, and fedavg's damage with it."""
     # The rules alone: the divergence guard would roll fedavg's attack rounds back too.
     attack = ["--attack", "scaling", "--attack-rate", "0.3", "--guard", "false"]
     fed_drops = []
