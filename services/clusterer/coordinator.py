@@ -29,14 +29,13 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation, RoundProgress
+from services.clusterer.state import ClustererState, Evaluation, RoundProgress, TaskKind
 from services.clusterer.store import ClustererStore
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
-from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_encoded
 from services.common.wire import spec_from_pb
@@ -458,7 +457,7 @@ class Coordinator(ClustererParts):
             began = time.monotonic()
             members = self.state.start_pretraining()
             self._wait(lambda: self.state.has_pretrained(members), self.timing.pretrain_timeout_s)
-            missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
+            missed = self.state.cancel(members, TaskKind.PRETRAIN)
             self.metrics.timed_out.labels("pretrain").inc(len(missed))
             logger.info(
                 "pre-training: %d of %d deltas in %.2fs",
@@ -505,7 +504,7 @@ class Coordinator(ClustererParts):
         """Have participants evaluate the current model; wait for all or the deadline."""
         asked = self.state.start_evaluation(tag, participants)
         self._wait(lambda: self.state.evaluated(tag, asked), self.timing.eval_timeout_s)
-        missed = self.state.cancel(asked, pb.TASK_KIND_EVALUATE)
+        missed = self.state.cancel(asked, TaskKind.EVALUATE)
         self.metrics.timed_out.labels("evaluate").inc(len(missed))
         return self.state.finish_evaluation(tag)
 

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from services.clusterer.state import ClustererState
+from services.clusterer.state import ClustererState, TaskKind
 from services.clusterer.store import ClustererStore
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
-from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from services.core.errors import ConfigError
@@ -199,7 +198,7 @@ def test_a_clusterer_restarted_from_its_journal_and_snapshot_goes_on_alike(tmp_p
     snapshot = json.loads((tmp_path / "state.json").read_text())
     assert "centroids" not in snapshot and snapshot["centroids_file"].startswith("centroids-")
     assert [p.name for p in tmp_path.glob("centroids-*")] == [snapshot["centroids_file"]]
-    assert again.tasks["p4"].kind == pb.TASK_KIND_PRETRAIN  # not yet grouped: asked again
+    assert again.tasks["p4"].kind == TaskKind.PRETRAIN  # not yet grouped: asked again
     assert np.array_equal(rng2.random(5), expected)  # later rounds draw as they would have
     assert again.next_round() == 0
 
