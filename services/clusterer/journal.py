@@ -26,6 +26,7 @@ from services.clusterer.membership import member_of
 from services.clusterer.store import ClustererStore
 from services.core.errors import ConfigError
 from services.core.quarantine import Judgement, Quarantine
+from services.core.record import RoundRecord
 
 if TYPE_CHECKING:
     from services.clusterer.state import ClustererState
@@ -100,8 +101,8 @@ class Journal:
         """Write history.json (with `when_due`, only if it is cheap enough by now)."""
         self.store.export(lambda: export_of(state), when_due)
 
-    def append_round(self, record: dict[str, Any]) -> None:
-        self.store.append_round(record)
+    def append_round(self, record: RoundRecord) -> None:
+        self.store.append_round(record.to_dict())
 
     def save_delta(self, pid: str, delta: torch.Tensor) -> str:
         return self.store.save_delta(pid, delta)
@@ -184,10 +185,10 @@ class Journal:
                 tag, ev["asked"], {p: Evaluation(**e) for p, e in ev["results"].items()}
             )
         if "history" in data:  # a snapshot written before rounds.jsonl: move it there
-            state.history = [_round_record(h) for h in data["history"]]
+            state.history = [RoundRecord.from_dict(h) for h in data["history"]]
             store.rewrite_rounds(data["history"])
         else:
-            state.history = [_round_record(h) for h in store.load_rounds(data["rounds"])]
+            state.history = [RoundRecord.from_dict(h) for h in store.load_rounds(data["rounds"])]
 
     def replay(self, state: ClustererState, event: dict[str, Any]) -> None:
         """Apply one journal record on top of the snapshot (records are idempotent, so one
@@ -245,7 +246,7 @@ def export_of(state: ClustererState) -> dict[str, Any]:
         "round": state.round,
         "model_version": state.model_version,
         "members": {p: vars(m) for p, m in state.members.items()},
-        "history": list(state.history),
+        "history": [h.to_dict() for h in state.history],
         "purity": state.purity,
         "error": state.error,
     }
@@ -257,26 +258,6 @@ def _progress(data: dict[str, Any]) -> RoundProgress:
     judged = data.get("judgement")
     judgement = None if judged is None else Judgement(**judged)
     return RoundProgress(**{**data, "cluster_accuracy": acc, "judgement": judgement})
-
-
-def _round_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A history entry read back (JSON made its cluster ids strings)."""
-    maps = (
-        "cluster_weights",
-        "group_accuracy",
-        "cluster_accuracy",
-        "personal_group_accuracy",
-        "personal_cluster_accuracy",
-    )
-    out = dict(record)
-    for key in maps:
-        if key in record:
-            out[key] = {int(c): float(v) for c, v in record[key].items()}
-    if "failed_clusters" in record:
-        out["failed_clusters"] = {int(c): int(n) for c, n in record["failed_clusters"].items()}
-    out.setdefault("cluster_weights", {})
-    out.setdefault("group_accuracy", {})
-    return out
 
 
 def _tensor_of(data: dict[str, Any]) -> torch.Tensor:

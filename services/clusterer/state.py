@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from services.clusterer.store import ClustererStore
 from services.common.figures import purity
 from services.core.errors import StateError
 from services.core.quarantine import Judgement, Quarantine
+from services.core.record import RoundRecord
 from services.core.strategies import Strategy
 
 __all__ = [
@@ -104,7 +105,7 @@ class ClustererState:
         self.progress: RoundProgress | None = None
         self.pretraining = Pretraining(seed)
         self.evaluations = Evaluations()
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.purity: float | None = None
         self.error = ""
         self.rng: np.random.Generator | None = None  # the coordinator's plan stream
@@ -399,15 +400,19 @@ class ClustererState:
             if self.progress is not None:
                 return self.progress.round
             if self.history:
-                return int(self.history[-1]["round"]) + 1
+                return self.history[-1].round + 1
             return self.round if self.round >= 0 else None
 
-    def start_round(self, round_: int) -> None:
-        """Enter round_: selection comes next."""
+    def start_round(self, round_: int, liveness_s: float) -> tuple[int, dict[str, int]]:
+        """Enter round_: selection comes next. How many members are active (heard from
+        within liveness_s or busy with a task), and of them those the round may select
+        while rolled-back rounds are being traced to their contributors (quarantine.py)."""
         with self.cond:
             self.round = round_
             self.enter("selecting")
             self.cond.notify_all()
+            groups = self.membership.active_groups(liveness_s, self.tasks)
+            return len(groups), self.membership.selectable(groups)
 
     def plan(
         self, round_: int, selected: Mapping[str, int], evaluators: Iterable[str]
@@ -434,12 +439,6 @@ class ClustererState:
         """Grouped members heard from recently or busy with a task, by id."""
         with self.cond:
             return self.membership.active_groups(liveness_s, self.tasks)
-
-    def selectable(self, groups: Mapping[str, int]) -> dict[str, int]:
-        """Of active members, those a round may select while rolled-back rounds are being
-        traced to their contributors (quarantine.py): all of them when none is suspected."""
-        with self.cond:
-            return self.membership.selectable(groups)
 
     def true_groups(self) -> dict[str, int]:
         """The ground-truth group each member joined with (-1: none), by id."""
@@ -480,11 +479,16 @@ class ClustererState:
         """Whether every one of participants reported (call inside wait_until)."""
         return self.evaluations.done(tag, participants)
 
-    def finish_evaluation(self, tag: str) -> dict[str, Evaluation]:
-        """Close an evaluation; the results that came in (a restart before the next
-        snapshot replays them from the journal)."""
+    def close_evaluation(
+        self, tag: str, asked: Iterable[str]
+    ) -> tuple[dict[str, Evaluation], list[str]]:
+        """Close an evaluation: the results that came in (a restart before the next
+        snapshot replays them from the journal), and who of asked missed it (their
+        tasks withdrawn, a timeout on their record)."""
         with self.cond:
-            return self.evaluations.finish(tag)
+            missed = self.tasks.withdraw_all(asked, TaskKind.EVALUATE)
+            self.membership.timed_out(missed)
+            return self.evaluations.finish(tag), missed
 
     def open_round(self, round_: int, cluster_accuracy: Mapping[int, float]) -> None:
         """Start collecting round_'s updates from the planned participants."""
@@ -629,24 +633,23 @@ class ClustererState:
         with self.cond:
             self.model_version = max(self.model_version, version)
 
-    def record_round(self, record: dict[str, Any]) -> list[str]:
+    def record_round(self, record: RoundRecord) -> tuple[RoundRecord, list[str]]:
         """Append a finished round to the history; the round in flight is done. What its
-        contributors did (a good or a rolled-back model) goes to the quarantine; who
-        that convicted."""
+        contributors did (a good or a rolled-back model) goes to the quarantine; the
+        record as kept (with whom that convicted) and who that convicted."""
         with self.cond:
             convicted: list[str] = []
             p = self.progress
-            if p is not None and p.round == record["round"] and not p.abandon:
-                failed = bool(record.get("rolled_back") or record.get("merge_refused"))
-                convicted = self.quarantine.record(p.shaped(), failed)
-                record["convicted"] = convicted
+            if p is not None and p.round == record.round and not p.abandon:
+                convicted = self.quarantine.record(p.shaped(), record.failed)
+                record = replace(record, convicted=convicted)
             if self.journal is not None:
                 self.journal.append_round(record)
             self.history.append(record)
             self.progress = None
             self._persist(export=True, when_due=True)
             self.cond.notify_all()
-            return convicted
+            return record, convicted
 
     def finish(self, rounds: int) -> None:
         """The federation is done: every member's next task is DONE."""
@@ -676,7 +679,7 @@ class ClustererState:
                 self.phase,
                 self.round,
                 self.model_version,
-                self.history[rounds],
+                [h.to_dict() for h in self.history[rounds]],
                 [(p, self.members[p].cluster, self.members[p].group) for p in ids],
                 self.purity,
                 self.error,
