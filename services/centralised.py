@@ -23,6 +23,7 @@ import torch
 from services.common.figures import accuracy_summary, group_means
 from services.core.device import resolve_device
 from services.core.models import build_model
+from services.core.record import Layout, RoundRecord
 from services.core.tensors import state_of
 from services.experiment import ExperimentConfig
 from services.local import RunResult, build_participants, card_of
@@ -55,22 +56,23 @@ def run_centralised(
         fit = local_train(model, x[order], y[order], once, rnd, gen)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
         summary = accuracy_summary([a for _, a in figs])
-        record = {
-            "round": rnd,
-            "mean_accuracy": summary.mean,
-            "mean_loss": float(np.mean([lo for lo, _ in figs])),
-            "accuracy_std": summary.std,
-            "worst_accuracy": summary.worst,
-            "worst_decile_accuracy": summary.worst_decile,
-            "group_accuracy": group_means(
+        record = RoundRecord(
+            round=rnd,
+            layout=Layout.CENTRALISED,
+            mean_accuracy=summary.mean,
+            mean_loss=float(np.mean([lo for lo, _ in figs])),
+            accuracy_std=summary.std,
+            worst_accuracy=summary.worst,
+            worst_decile_accuracy=summary.worst_decile,
+            group_accuracy=group_means(
                 {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
                 {p.index: p.group for p in people},
             ),
-            "train_loss": fit.loss,
-            "examples": fit.examples,
-            "duration_s": time.perf_counter() - start,
-            "rejected": 0,
-        }
+            train_loss=fit.loss,
+            examples=fit.examples,
+            duration_s=time.perf_counter() - start,
+            rejected=0,
+        ).to_dict()
         result.rounds.append(record)
         if progress is not None:
             progress(record)

@@ -39,6 +39,7 @@ from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import group_accuracy, plan_round, static_group
 from services.core.quarantine import Quarantine, judge
+from services.core.record import Layout, RoundRecord
 from services.core.rounds import RoundOutcome, aggregate_round
 from services.core.sanity import largest, unfit
 from services.core.strategies import get_strategy
@@ -374,7 +375,7 @@ def run_local(
             {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
             {p.index: p.group for p in people},
         )
-        personal = {}
+        personal: dict[str, Any] = {}
         if fed.personalise:  # ... and the model of its cluster, the one it serves
             mine: dict[int, float] = {}
             for c in sorted({groups.get(p.index, -1) for p in people}):
@@ -390,48 +391,48 @@ def run_local(
                 "personal_group_accuracy": group_means(mine, {p.index: p.group for p in people}),
             }
             load(global_w)
-        backdoor = {}
+        backdoor = None
         if attack.backdoors:  # every test input of the other classes, triggered
-            rate = success_rate(model, data.x_test, data.y_test, attack.target)
-            backdoor["backdoor_success_rate"] = rate
+            backdoor = success_rate(model, data.x_test, data.y_test, attack.target)
         fired = attack.fires(rnd) and any(people[i].attacker for i in rows)
-        record = {
-            "round": rnd,
-            "mean_accuracy": summary.mean,
-            "mean_loss": float(np.mean([lo for lo, _ in figs])),
-            "accuracy_std": summary.std,
-            "worst_accuracy": summary.worst,
-            "worst_decile_accuracy": summary.worst_decile,
-            "group_accuracy": by_group,
-            "cluster_accuracy": group_means(
+        record = RoundRecord(
+            round=rnd,
+            layout=Layout.LOCAL,
+            mean_accuracy=summary.mean,
+            mean_loss=float(np.mean([lo for lo, _ in figs])),
+            accuracy_std=summary.std,
+            worst_accuracy=summary.worst,
+            worst_decile_accuracy=summary.worst_decile,
+            group_accuracy=by_group,
+            cluster_accuracy=group_means(
                 {p.index: a for p, (_, a) in zip(people, figs, strict=True)}, groups
             ),
-            "duration_s": time.perf_counter() - start,
-            "rejected": len(outcome.rejected_updates),
-            "rejected_attackers": rejected_attackers,
-            "attackers_selected": sum(people[i].attacker for i in rows),
-            "rejected_clusters": len(outcome.rejected_clusters),
-            "fallbacks": len(outcome.fallbacks),
-            "rejected_by": rejections_by_layer(outcome.rejected_updates.values()),
-            "attack_fired": fired,
-            "upload_bytes": upload_bytes,
-            "selection": {str(i): c for i, c in plan.selected.items()},
-            "merge_refused": refused,
-            "merge_step": step,  # ||w_new - w|| of the merge (accepted or not)
-            "largest_weight": largest({"w": global_w}),
-            "fell": judged.fell,  # evaluators whose accuracy fell by more than FALL
+            duration_s=time.perf_counter() - start,
+            rejected=len(outcome.rejected_updates),
+            rejected_attackers=rejected_attackers,
+            attackers_selected=sum(people[i].attacker for i in rows),
+            rejected_clusters=len(outcome.rejected_clusters),
+            fallbacks=len(outcome.fallbacks),
+            rejected_by=rejections_by_layer(outcome.rejected_updates.values()),
+            attack_fired=fired,
+            upload_bytes=upload_bytes,
+            selection={str(i): c for i, c in plan.selected.items()},
+            merge_refused=refused,
+            merge_step=step,  # ||w_new - w|| of the merge (accepted or not)
+            largest_weight=largest({"w": global_w}),
+            fell=judged.fell,  # evaluators whose accuracy fell by more than FALL
             # the median evaluator's fall in accuracy from the version before (the guard's
             # collapse rule compares it with FALL)
-            "median_drop": float(np.median(drops)) if drops else 0.0,
+            median_drop=float(np.median(drops)) if drops else 0.0,
             # the median evaluator's accuracy of the new version over its accuracy before
-            "median_ratio": float(np.median(ratios)) if ratios else 1.0,
-            "rolled_back": rolled_back,
-            "rollback_reason": judged.reason if rolled_back else "",
-            "refused_evaluations": judged.refused,
-            "diverged_evaluations": judged.diverged,
+            median_ratio=float(np.median(ratios)) if ratios else 1.0,
+            rolled_back=rolled_back,
+            rollback_reason=judged.reason if rolled_back else "",
+            refused_evaluations=judged.refused,
+            diverged_evaluations=judged.diverged,
+            backdoor_success_rate=backdoor,
             **personal,
-            **backdoor,
-        }
+        ).to_dict()
         result.rounds.append(record)
         if progress is not None:
             progress(record)

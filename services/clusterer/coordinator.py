@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,13 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation, RoundProgress
+from services.clusterer.state import ClustererState, Evaluation, RoundProgress, TaskKind
 from services.clusterer.store import ClustererStore
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
-from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_encoded
 from services.common.wire import spec_from_pb
@@ -44,6 +44,7 @@ from services.core.clustering import group_deltas
 from services.core.errors import ConfigError, StateError
 from services.core.plan import evaluation_sample, group_accuracy, plan_round
 from services.core.quarantine import judge
+from services.core.record import RoundRecord
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
 
@@ -70,11 +71,6 @@ def _load_clustering(method: str) -> None:
 
 class Stopped(Exception):
     """The service is stopping: the protocol ends where it is (a restart resumes it)."""
-
-
-def failed_round(record: Mapping[str, Any]) -> bool:
-    """Whether a round's model was rolled back or its merge refused."""
-    return bool(record.get("rolled_back") or record.get("merge_refused"))
 
 
 class Diverging(Exception):
@@ -136,31 +132,31 @@ def round_record(
     evals: dict[str, Evaluation],
     groups: Mapping[str, int] | None = None,
     clusters: Mapping[str, int] | None = None,
-) -> dict[str, Any]:
+) -> RoundRecord:
     """The history entry of a finished round ("updates": what the aggregator aggregated,
     equal to "received" unless the round was abandoned)."""
-    record: dict[str, Any] = {
-        "round": r,
-        "model_version": reply.model_version,
-        "selected": len(progress.selected),
-        "received": len(progress.received),
-        "updates": int(reply.updates),
-        "abandoned": progress.abandon,
-        "timed_out": len(progress.timed_out),
-        "rejected": len(reply.rejected),
-        "rejected_by": rejections_by_layer(r.reason for r in reply.rejected),
-        "rejected_clusters": len(reply.rejected_clusters),
-        "fallbacks": len(reply.fallbacks),
-        "cluster_weights": {int(c): float(w) for c, w in reply.cluster_weights.items()},
-        "evaluated": len(evals),
-        "selection": dict(progress.selected),
-        # Seconds per phase (those this process ran: a restart mid-round misses the earlier
-        # ones). "upload" is the slowest accepted upload stream, a part of "train".
-        "phases": {p: round(progress.phases.get(p, 0.0), 6) for p in PHASES},
-    }
     accs = [e.accuracy for e in evals.values()]
     s = accuracy_summary(accs) if accs else None
-    record.update(
+    personal = {p: e.personal_accuracy for p, e in evals.items() if e.personal_accuracy is not None}
+    ps = accuracy_summary(list(personal.values())) if personal else None
+    return RoundRecord(
+        round=r,
+        model_version=reply.model_version,
+        selected=len(progress.selected),
+        received=len(progress.received),
+        updates=int(reply.updates),
+        abandoned=progress.abandon,
+        timed_out=len(progress.timed_out),
+        rejected=len(reply.rejected),
+        rejected_by=rejections_by_layer(r.reason for r in reply.rejected),
+        rejected_clusters=len(reply.rejected_clusters),
+        fallbacks=len(reply.fallbacks),
+        cluster_weights={int(c): float(w) for c, w in reply.cluster_weights.items()},
+        evaluated=len(evals),
+        selection=dict(progress.selected),
+        # Seconds per phase (those this process ran: a restart mid-round misses the earlier
+        # ones). "upload" is the slowest accepted upload stream, a part of "train".
+        phases={p: round(progress.phases.get(p, 0.0), 6) for p in PHASES},
         mean_accuracy=s.mean if s else 0.0,
         accuracy_std=s.std if s else 0.0,
         worst_accuracy=s.worst if s else 0.0,
@@ -169,18 +165,13 @@ def round_record(
         # Mean accuracy per ground-truth group the participants reported (simulations).
         group_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, groups or {}),
         cluster_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, clusters or {}),
+        # --personalise: the model each participant serves, its cluster's
+        personal_mean_accuracy=ps.mean if ps else None,
+        personal_accuracy_std=ps.std if ps else None,
+        personal_worst_accuracy=ps.worst if ps else None,
+        personal_group_accuracy=group_means(personal, groups or {}) if ps else None,
+        personal_cluster_accuracy=group_means(personal, clusters or {}) if ps else None,
     )
-    personal = {p: e.personal_accuracy for p, e in evals.items() if e.personal_accuracy is not None}
-    if personal:  # --personalise: the model each participant serves, its cluster's
-        ps = accuracy_summary(list(personal.values()))
-        record.update(
-            personal_mean_accuracy=ps.mean,
-            personal_accuracy_std=ps.std,
-            personal_worst_accuracy=ps.worst,
-            personal_group_accuracy=group_means(personal, groups or {}),
-            personal_cluster_accuracy=group_means(personal, clusters or {}),
-        )
-    return record
 
 
 class ClustererParts:
@@ -221,7 +212,7 @@ class Coordinator(ClustererParts):
             self.metrics.verdicts.labels(verdict)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
-        self.on_round: Callable[[dict[str, Any]], None] | None = None
+        self.on_round: Callable[[RoundRecord], None] | None = None
         # The newest published model version and everyone's evaluation of it.
         self.published: tuple[int, dict[str, Evaluation]] = (-1, {})
         state_dir = self.config.service.state_dir
@@ -458,7 +449,7 @@ class Coordinator(ClustererParts):
             began = time.monotonic()
             members = self.state.start_pretraining()
             self._wait(lambda: self.state.has_pretrained(members), self.timing.pretrain_timeout_s)
-            missed = self.state.cancel(members, pb.TASK_KIND_PRETRAIN)
+            missed = self.state.cancel(members, TaskKind.PRETRAIN)
             self.metrics.timed_out.labels("pretrain").inc(len(missed))
             logger.info(
                 "pre-training: %d of %d deltas in %.2fs",
@@ -505,18 +496,16 @@ class Coordinator(ClustererParts):
         """Have participants evaluate the current model; wait for all or the deadline."""
         asked = self.state.start_evaluation(tag, participants)
         self._wait(lambda: self.state.evaluated(tag, asked), self.timing.eval_timeout_s)
-        missed = self.state.cancel(asked, pb.TASK_KIND_EVALUATE)
+        results, missed = self.state.close_evaluation(tag, asked)
         self.metrics.timed_out.labels("evaluate").inc(len(missed))
-        return self.state.finish_evaluation(tag)
+        return results
 
     def _plan(self, r: int) -> RoundProgress:
         """Select and choose evaluators once; the plan is durable before anyone is asked."""
-        self.state.start_round(r)
-        groups = self.state.active_groups(self.timing.liveness_s)
-        self.metrics.active.set(len(groups))
-        if not groups:
+        active, groups = self.state.start_round(r, self.timing.liveness_s)
+        self.metrics.active.set(active)
+        if not active:
             raise RuntimeError("no active, clustered participant is left")
-        groups = self.state.selectable(groups)  # rolled-back rounds being traced: quarantine
         plan = plan_round(
             self.strategy, groups, r, self.fed.select, self.fed.eval_per_cluster, self.rng
         )
@@ -645,9 +634,9 @@ class Coordinator(ClustererParts):
         """Stop (Diverging) when the last MAX_ROLLBACKS rounds were all rolled back: the
         federation makes no progress, and the last good model is what it has."""
         last = self.state.history[-MAX_ROLLBACKS:]
-        if len(last) == MAX_ROLLBACKS and all(failed_round(h) for h in last):
+        if len(last) == MAX_ROLLBACKS and all(h.failed for h in last):
             raise Diverging(
-                f"rounds {last[0]['round']}-{r} were all rolled back or their merges refused: "
+                f"rounds {last[0].round}-{r} were all rolled back or their merges refused: "
                 f"stopping with the last good model, version {self.state.model_version}"
             )
 
@@ -704,25 +693,27 @@ class Coordinator(ClustererParts):
             r, reply, progress, counted, self.state.true_groups(), self.state.clusters_of(counted)
         )
         rolled_back = version != int(reply.model_version)
-        record.update(
+        failed: dict[int, int] | None = None
+        if rolled_back or reply.refused:  # whose updates made the bad model, per cluster
+            failed = {}
+            for p in progress.received:
+                c = progress.selected.get(p, -1)
+                failed[c] = failed.get(c, 0) + 1
+        if reply.refused:
+            logger.warning("round %d: the aggregator refused the merge: %s", r, reply.refused)
+        record = replace(
+            record,
             model_version=version,
             rolled_back=rolled_back,
             rollback_reason=judged.reason if rolled_back else "",
             refused_evaluations=judged.refused,
             diverged_evaluations=judged.diverged,
             merge_refused=reply.refused,
+            failed_clusters=failed,
+            duration_s=time.time() - progress.started,
         )
-        if rolled_back or reply.refused:  # whose updates made the bad model, per cluster
-            failed: dict[int, int] = {}
-            for p in progress.received:
-                c = progress.selected.get(p, -1)
-                failed[c] = failed.get(c, 0) + 1
-            record["failed_clusters"] = failed
-        if reply.refused:
-            logger.warning("round %d: the aggregator refused the merge: %s", r, reply.refused)
-        record["duration_s"] = time.time() - progress.started
         self._export(record)
-        convicted = self.state.record_round(record)
+        record, convicted = self.state.record_round(record)
         if convicted:
             logger.warning(
                 "round %d: convicted %s (the one untrusted contributor of a rolled-back "
@@ -735,35 +726,35 @@ class Coordinator(ClustererParts):
         logger.info(
             "round %d: accuracy %.3f (std %.3f), %d/%d updates, %d rejected, %.1fs",
             r,
-            record["mean_accuracy"],
-            record["accuracy_std"],
-            record["received"],
-            record["selected"],
-            record["rejected"],
-            record["duration_s"],
+            record.mean_accuracy,
+            record.accuracy_std,
+            record.received,
+            record.selected,
+            record.rejected,
+            record.duration_s,
         )
         if self.on_round is not None:
             self.on_round(record)
 
-    def _export(self, record: dict[str, Any]) -> None:
+    def _export(self, record: RoundRecord) -> None:
         m = self.metrics
-        m.round_seconds.observe(record["duration_s"])
-        for phase, seconds in record["phases"].items():
+        m.round_seconds.observe(record.duration_s or 0.0)
+        for phase, seconds in (record.phases or {}).items():
             m.phase_seconds.labels(phase).observe(seconds)
         m.rounds_completed.inc()
-        m.model_version.set(record["model_version"])
-        m.accuracy_mean.set(record["mean_accuracy"])
-        m.accuracy_std.set(record["accuracy_std"])
-        m.accuracy_worst.set(record["worst_accuracy"])
-        m.loss_mean.set(record["mean_loss"])
-        for c, w in record["cluster_weights"].items():
+        m.model_version.set(record.model_version or 0)
+        m.accuracy_mean.set(record.mean_accuracy or 0.0)
+        m.accuracy_std.set(record.accuracy_std or 0.0)
+        m.accuracy_worst.set(record.worst_accuracy or 0.0)
+        m.loss_mean.set(record.mean_loss or 0.0)
+        for c, w in (record.cluster_weights or {}).items():
             m.cluster_weight.labels(cluster_label(c)).set(w)
         # Per cluster, from the same evaluation of the new version: the global model and
         # (--personalise) the cluster's own.
-        for c, a in record["cluster_accuracy"].items():
+        for c, a in (record.cluster_accuracy or {}).items():
             m.cluster_accuracy.labels(cluster_label(c)).set(a)
-        for c, a in record.get("personal_cluster_accuracy", {}).items():
+        for c, a in (record.personal_cluster_accuracy or {}).items():
             m.personal_cluster_accuracy.labels(cluster_label(c)).set(a)
-        if "personal_mean_accuracy" in record:
-            m.personal_accuracy.labels("mean").set(record["personal_mean_accuracy"])
-            m.personal_accuracy.labels("worst").set(record["personal_worst_accuracy"])
+        if record.personal_mean_accuracy is not None:
+            m.personal_accuracy.labels("mean").set(record.personal_mean_accuracy)
+            m.personal_accuracy.labels("worst").set(record.personal_worst_accuracy or 0.0)

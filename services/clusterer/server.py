@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCache
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation, Task
+from services.clusterer.state import ClustererState, Evaluation, Task, TaskKind
 from services.common.compression import Compression, payload_spec_of, upload_scheme
 from services.common.credentials import TlsFiles, TokenTable
 from services.common.grpc_client import (
@@ -112,7 +112,8 @@ SERVICE = "flclustering.v1.Clusterer"
 AGGREGATOR = "flclustering.v1.Aggregator"
 Context: TypeAlias = grpc.aio.ServicerContext
 T = TypeVar("T")
-IdleAnswer = tuple[int, int, int]  # (kind, round, model version) for a participant without a task
+# (kind, round, model version) for a participant without a task
+IdleAnswer = tuple[TaskKind, int, int]
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:
@@ -178,7 +179,7 @@ class _Polls:
                 try:
                     task, idle = self._state.peek(pid)
                     left = deadline - loop.time()
-                    if task is not None or idle[0] == pb.TASK_KIND_DONE or left <= 0:
+                    if task is not None or idle[0] == TaskKind.DONE or left <= 0:
                         return task, idle, False
                     if self.closed:
                         return task, idle, True
@@ -259,7 +260,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         task, (kind, round_, version), busy = await self.polls.next_task(pid, wait)
         if task is None:
             return pb.GetTaskResponse(
-                kind=kind,  # type: ignore[arg-type]
+                kind=TASK_KINDS[kind],
                 round=round_,
                 model_version=version,
                 next_poll_s=min(wait, BUSY_POLL_S) if busy else 0.0,
@@ -267,7 +268,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         training = pb.TrainingSettings()
         training.CopyFrom(self.training)
         training.lr = self.config.training.lr_at(task.round)
-        if task.kind == pb.TASK_KIND_PRETRAIN and self._sketched():
+        if task.kind == TaskKind.PRETRAIN and self._sketched():
             training.sketch_dim = SKETCH_DIM  # send the sketch clustering uses, not the delta
             training.sketch_seed = self.config.federation.seed
         cluster = None
@@ -275,7 +276,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             member = self.state.members.get(pid)  # one read (the cluster is set once)
             cluster = member.cluster if member is not None and member.cluster >= 0 else None
         return pb.GetTaskResponse(
-            kind=task.kind,  # type: ignore[arg-type]
+            kind=TASK_KINDS[task.kind],
             round=task.round,
             model_version=task.model_version,
             training=training,
@@ -552,7 +553,15 @@ SKETCH_SPEC = (TensorSpec("sketch", (SKETCH_DIM,), torch.float32),)
 MAX_PAGE = 1000  # members or rounds in one GetStatus answer
 # Tasks that name the participant's cluster under --personalise (its model is trained from
 # and evaluated).
-PERSONAL_TASKS = (pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE)
+PERSONAL_TASKS = (TaskKind.TRAIN, TaskKind.EVALUATE)
+# The state's task kinds on the wire.
+TASK_KINDS = {
+    TaskKind.WAIT: pb.TASK_KIND_WAIT,
+    TaskKind.PRETRAIN: pb.TASK_KIND_PRETRAIN,
+    TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
+    TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
+    TaskKind.DONE: pb.TASK_KIND_DONE,
+}
 MAX_GROUPS = 1 << 16
 BUSY_POLL_S = 2.0  # when `most` polls wait already, ask again after about this long
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.figures import LAYERS
+from services.core.record import RoundRecord
 
 ROUND_COLUMNS = (
     "round",
@@ -23,11 +24,13 @@ ROUND_COLUMNS = (
 
 
 def write_results(out: Path, results: Mapping[str, Any]) -> list[Path]:
-    """Write results.json, rounds.csv and the figures (accuracy, defences, loss, std)."""
+    """Write results.json, rounds.csv and the figures (accuracy, defences, loss, std).
+    The rounds are RoundRecords or their dicts."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "rounds.csv"]
+    rounds = round_rows(results["rounds"])
+    results = {**results, "rounds": rounds}
     written[0].write_text(json.dumps(results, indent=2, default=float) + "\n")
-    rounds: Sequence[Mapping[str, Any]] = results["rounds"]
     columns = list(ROUND_COLUMNS) + sorted({k for r in rounds for k in r} - set(ROUND_COLUMNS))
     with written[1].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -36,6 +39,11 @@ def write_results(out: Path, results: Mapping[str, Any]) -> list[Path]:
             writer.writerow({k: r.get(k, "") for k in columns})
     written += plot_rounds(out, rounds)
     return written
+
+
+def round_rows(rounds: Sequence[RoundRecord | Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rounds as the JSON-able dicts results.json and rounds.csv hold."""
+    return [r.to_dict() if isinstance(r, RoundRecord) else r for r in rounds]
 
 
 def plot_rounds(out: Path, rounds: Sequence[Mapping[str, Any]]) -> list[Path]:

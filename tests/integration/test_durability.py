@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from services.clusterer.state import ClustererState
+from services.clusterer.state import ClustererState, TaskKind
 from services.clusterer.store import ClustererStore
 from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
-from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from services.core.errors import ConfigError
+from services.core.record import RoundRecord
 from services.core.strategies import get_strategy
 
 TOKEN = "durability-token"
@@ -199,7 +199,7 @@ def test_a_clusterer_restarted_from_its_journal_and_snapshot_goes_on_alike(tmp_p
     snapshot = json.loads((tmp_path / "state.json").read_text())
     assert "centroids" not in snapshot and snapshot["centroids_file"].startswith("centroids-")
     assert [p.name for p in tmp_path.glob("centroids-*")] == [snapshot["centroids_file"]]
-    assert again.tasks["p4"].kind == pb.TASK_KIND_PRETRAIN  # not yet grouped: asked again
+    assert again.tasks["p4"].kind == TaskKind.PRETRAIN  # not yet grouped: asked again
     assert np.array_equal(rng2.random(5), expected)  # later rounds draw as they would have
     assert again.next_round() == 0
 
@@ -269,15 +269,15 @@ def test_finished_rounds_are_appended_once_and_a_line_no_snapshot_counts_is_drop
     its snapshot, and a snapshot from before rounds.jsonl (history inline) still loads."""
     state, _ = clusterer_state(tmp_path)
     for r in range(3):
-        state.record_round({"round": r, "cluster_weights": {0: 0.5, 1: 0.5}})
+        state.record_round(RoundRecord(r, cluster_weights={0: 0.5, 1: 0.5}))
     snapshot = json.loads((tmp_path / "state.json").read_text())
     assert snapshot["rounds"] == 3 and "history" not in snapshot
     lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2]
     state.store.append_round({"round": 3})  # type: ignore[union-attr]  # died before the snapshot
     again, _ = clusterer_state(tmp_path)
-    assert [h["round"] for h in again.history] == [0, 1, 2]
-    assert again.history[0]["cluster_weights"] == {0: 0.5, 1: 0.5}  # ids are ints again
+    assert [h.round for h in again.history] == [0, 1, 2]
+    assert again.history[0].cluster_weights == {0: 0.5, 1: 0.5}  # ids are ints again
     assert again.next_round() == 3
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 3
     # The first format kept the history in the snapshot: it moves to rounds.jsonl.
@@ -287,7 +287,7 @@ def test_finished_rounds_are_appended_once_and_a_line_no_snapshot_counts_is_drop
     (tmp_path / "state.json").write_text(json.dumps(snapshot))
     (tmp_path / "rounds.jsonl").unlink()
     old, _ = clusterer_state(tmp_path)
-    assert [h["round"] for h in old.history] == [0, 1]
+    assert [h.round for h in old.history] == [0, 1]
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
     # A damaged directory (rounds missing that the snapshot counts) is refused, not guessed.
     (tmp_path / "rounds.jsonl").write_text("")
@@ -314,19 +314,19 @@ def test_history_json_follows_the_rounds_while_cheap_and_is_whole_at_the_end(tmp
     def recorded() -> list[int]:
         return [json.loads(x)["round"] for x in (tmp_path / "rounds.jsonl").read_text().split()]
 
-    state.record_round({"round": 0})
+    state.record_round(RoundRecord(0))
     assert exported() == [0]  # the first export is always due
     now[0] += 1.0
-    state.record_round({"round": 1})
+    state.record_round(RoundRecord(1))
     assert exported() == [0, 1]  # 1 s after a 10 ms export
     for r in (2, 3):
-        state.record_round({"round": r})
+        state.record_round(RoundRecord(r))
     assert exported() == [0, 1]  # 10-20 ms after it: would cost half the time
     assert recorded() == [0, 1, 2, 3]  # the record is not throttled
     now[0] += 1.0
-    state.record_round({"round": 4})
+    state.record_round(RoundRecord(4))
     assert exported() == [0, 1, 2, 3, 4]
-    state.record_round({"round": 5})
+    state.record_round(RoundRecord(5))
     assert exported() == [0, 1, 2, 3, 4]
     state.finish(6)
     assert exported() == [0, 1, 2, 3, 4, 5]
