@@ -19,13 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.compression import (
-    Compression,
-    ErrorFeedback,
-    PayloadError,
-    decode,
-    payload_bytes,
-)
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import HeKeys, upload_tensors
 from services.common.wire import nbytes
@@ -38,6 +31,13 @@ from services.core.merge import local_steps
 from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import group_accuracy, plan_round, static_group
+from services.core.quantise import (
+    Compression,
+    ErrorFeedback,
+    PayloadError,
+    decode,
+    payload_bytes,
+)
 from services.core.quarantine import Quarantine, judge
 from services.core.rounds import RoundOutcome, aggregate_round
 from services.core.sanity import largest, unfit
