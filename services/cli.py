@@ -281,7 +281,8 @@ def run_certs_command(args: argparse.Namespace) -> int:
 
 def run_he_keys_command(args: argparse.Namespace) -> int:
     """`flclustering he-keys`: a CKKS key pair for --secure he."""
-    from services.common.homomorphic import PUBLIC_FILE, SECRET_FILE, write_keys
+    from services.common.homomorphic import write_keys
+    from services.core.ckks import PUBLIC_FILE, SECRET_FILE
 
     for name in (SECRET_FILE, PUBLIC_FILE):
         if (args.out / name).exists() and not args.force:

@@ -21,12 +21,12 @@ import grpc
 
 from services.common.grpc_client import call_metadata, channel
 from services.common.homomorphic import KIND as HE_KIND
-from services.common.homomorphic import PayloadError as HePayloadError
 from services.common.homomorphic import load_keys, open_model
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.streams import read_model
 from services.common.wire import WireError
+from services.core.ckks import PayloadError as HePayloadError
 from services.core.errors import ConfigError, FLClusteringError
 from services.core.model_file import write_model_file
 from services.experiment import ExportConfig

@@ -19,16 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.compression import (
-    Compression,
-    ErrorFeedback,
-    PayloadError,
-    decode,
-    payload_bytes,
-)
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
-from services.common.homomorphic import HeKeys, upload_tensors
+from services.common.homomorphic import upload_tensors
 from services.common.wire import nbytes
+from services.core.ckks import HeKeys
 from services.core.clustering import group_deltas
 from services.core.defence import RoundDefence
 from services.core.device import resolve_device
@@ -38,6 +32,13 @@ from services.core.merge import local_steps
 from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import group_accuracy, plan_round, static_group
+from services.core.quantise import (
+    Compression,
+    ErrorFeedback,
+    PayloadError,
+    decode,
+    payload_bytes,
+)
 from services.core.quarantine import Quarantine, judge
 from services.core.record import Layout, RoundRecord
 from services.core.rounds import RoundOutcome, aggregate_round

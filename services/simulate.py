@@ -224,7 +224,7 @@ def simulate(
         # (and the operator's, this process, which decrypts the final model), the public
         # one beside the aggregator's: it adds ciphertexts it cannot read.
         from services.common.credentials import write_file
-        from services.common.homomorphic import PUBLIC_FILE, SECRET_FILE, HeKeys
+        from services.core.ckks import PUBLIC_FILE, SECRET_FILE, HeKeys
 
         he = HeKeys.create()
         write_file(dirs["aggregator"] / PUBLIC_FILE, he.public_bytes(), secret=False)

@@ -28,12 +28,12 @@ from services.aggregator.state import (
     _round_of,
     commit_state,
 )
+from services.common.codecs import CkksCodec
 from services.common.files import durable_write
 from services.common.homomorphic import (
     EXAMPLES,
     KEY,
     KIND,
-    HeKeys,
     as_bytes,
     check_key,
     chunks,
@@ -42,6 +42,7 @@ from services.common.homomorphic import (
     upload_tensors,
 )
 from services.common.settings import DefenceSettings
+from services.core.ckks import HeKeys
 from services.core.errors import NotFoundError, SpecMismatchError, StateError
 from services.core.strategies import Strategy
 from services.core.tensors import unflatten
@@ -63,6 +64,7 @@ class SealedState(AggregatorState):
     ) -> None:
         super().__init__(initial, keep_versions)
         self.keys = keys
+        self.codec = CkksCodec(keys)  # what it takes: ciphertexts of this key
         self.floats = self.store.numel
         self.sealed: OrderedDict[int, SealedModel] = OrderedDict()
 
@@ -80,12 +82,11 @@ class SealedState(AggregatorState):
         tensors: dict[str, torch.Tensor],
         metrics: dict[str, float] | None = None,
     ) -> PendingUpdate:
-        """An encrypted upload (its header already checked by `upload_spec`), its content
-        checked: this federation's key (FAILED_PRECONDITION), every ciphertext parsed
-        against the public context, of its size, scale and level (PayloadError)."""
-        check_key(as_bytes(tensors[KEY]), self.keys)
-        ciphertexts = ciphertexts_of(tensors)
-        self.keys.check(ciphertexts, self.floats)
+        """An encrypted upload (its header already checked by the codec), its content
+        checked (`CkksCodec.ciphertexts`): this federation's key (FAILED_PRECONDITION),
+        every ciphertext parsed against the public context, of its size, scale and level
+        (PayloadError)."""
+        ciphertexts = self.codec.ciphertexts(tensors, self.spec)
         return PendingUpdate(
             participant, cluster, samples, torch.zeros(0), dict(metrics or {}), tuple(ciphertexts)
         )

@@ -20,13 +20,7 @@ from services.aggregator.sealed import SealedState
 from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
 from services.aggregator.store import Delta, DeltaStore, RowFile
-from services.common.compression import (
-    Compression,
-    PayloadError,
-    decode_parts,
-    payload_spec_of,
-    upload_scheme,
-)
+from services.common.codecs import Parts
 from services.common.grpc_server import (
     Policy,
     StallWatch,
@@ -39,9 +33,7 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
-from services.common.homomorphic import KIND as HE_KIND
-from services.common.homomorphic import PayloadError as HePayloadError
-from services.common.homomorphic import load_keys, upload_spec
+from services.common.homomorphic import load_keys
 from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
@@ -53,16 +45,20 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import Received, build_stream, validated
-from services.common.wire import (
-    StreamReader,
+from services.common.uploads import (
+    Upload,
     check_update_header,
-    invalid,
+    check_upload,
+    content_checked,
+    upload_reader,
 )
+from services.common.uploads import decoded as decoded_parts
+from services.common.wire import StreamReader, invalid
 from services.core.device import resolve_device
 from services.core.errors import ForbiddenError
 from services.core.models import build_model
 from services.core.strategies import get_strategy
-from services.core.tensors import TensorSpec, state_of, unflatten
+from services.core.tensors import state_of
 
 logger = logging.getLogger(__name__)
 
@@ -110,36 +106,24 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def _receive(self, request_iterator: Iterator[bytes]) -> pb.ForwardUpdateResponse:
         received = Received()
         reserved: list[str] = []  # the sender, once its upload may start
-
-        scheme: list[Compression] = []  # the upload's compression, from its header's kind
+        upload: list[Upload] = []  # its codec and tensors, from its header
         decoded: list[torch.Tensor | RowFile] = []  # where a compressed upload's delta went
+        # --secure he: ciphertexts only; else any scheme in the clear (the clusterer checked
+        # the federation's).
+        takes = self.sealed.codec if self.sealed is not None else None
 
         def on_header(header: pb.UpdateHeader) -> StreamReader:
             m = header.model
             check_update_header(m)
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
-            if self.sealed is not None:  # --secure he: ciphertexts only, checked when read
-                if m.kind != HE_KIND:
-                    raise invalid(
-                        f"this aggregator adds encrypted updates (--secure he): kind "
-                        f"{HE_KIND!r}, not {m.kind[:32]!r}"
-                    )
-                spec = upload_spec(m.tensors, self.state.spec)
-            else:
-                scheme.append(upload_scheme(m.kind))
-                spec = payload_spec_of(m.tensors, self.state.spec, scheme[0])
+            upload.append(check_upload(m, self.state.spec, takes, aggregator=True))
             base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
             reserved.append(m.sender)
-            if self.sealed is not None:
-                return StreamReader(spec, max_bytes=self.config.transport.max_update_bytes)
-            streamed = scheme[0].streamed
-            return StreamReader(  # weights: the delta against the model they came from
-                spec,
-                max_bytes=self.config.transport.max_update_bytes,
-                out=self.state.buffer if streamed else None,  # int8, top-k: decoded after
-                minus=base if scheme[0].scheme == "none" else None,
-            )
+            # Weights: the delta against the model they came from; int8, top-k and
+            # ciphertexts are kept as they came, to be decoded (or checked) after.
+            limit = self.config.transport.max_update_bytes
+            return upload_reader(upload[0], limit, out=self.state.buffer, base=base)
 
         accepted = False
         try:
@@ -151,18 +135,17 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             sink = reader.sink
             delta: Delta | None
             cluster = int(received.header.cluster)
+            codec = upload[0].codec
             if self.sealed is not None:
-                try:
+                with content_checked(codec):
                     update = self.sealed.sealed_update(
                         m.sender, cluster, int(m.num_samples), dict(reader.others), dict(m.metrics)
                     )
-                except HePayloadError as exc:
-                    raise invalid(f"encrypted upload: {exc}") from None
             else:
-                if not scheme[0].streamed:
+                if not codec.streamed:
                     place = self.state.buffer(self.state.store.numel)
                     decoded.append(place)
-                    delta = decode_into(reader, self.state.spec, scheme[0], place)
+                    delta = decode_into(decoded_parts(upload[0], reader, self.state.spec), place)
                 else:
                     delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
                 assert delta is not None
@@ -187,7 +170,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             r = received.reader
             if not accepted and decoded:
                 self.state.discard(decoded[0])  # a decoded upload's place goes back
-            elif not accepted and r is not None and scheme and scheme[0].streamed:
+            elif not accepted and r is not None and upload and upload[0].codec.streamed:
                 # The refused update's buffer or file goes back; nothing else changed.
                 self.state.discard(r.flat if r.sink is None else r.sink)
         logger.info("[Aggregator.ForwardUpdate] round %d: accepted %s", m.round, m.sender)
@@ -409,21 +392,10 @@ class AggregatorService:
         self.metrics_port = serve_metrics(self.registry, svc.metrics_host, svc.metrics_port)
 
 
-def decode_into(
-    reader: StreamReader,
-    spec: tuple[TensorSpec, ...],
-    scheme: Compression,
-    place: torch.Tensor | RowFile,
-) -> torch.Tensor | Delta:
-    """A compressed upload's delta, decoded from its validated payload into `place` (a
-    buffer of the store, or its file)."""
-    assert reader.flat is not None
-    payload = unflatten(reader.flat, reader.spec, reader.others, share=True)
-    try:
-        parts = decode_parts(payload, spec, scheme)  # every check before the first part
-    except PayloadError as exc:
-        raise invalid(f"{scheme} payload: {exc}") from None
-    for at, values in parts:  # a float tensor at a time, where it goes
+def decode_into(parts: Parts, place: torch.Tensor | RowFile) -> torch.Tensor | Delta:
+    """A compressed upload's delta, its decoded parts (checked: `uploads.decoded`) written
+    into `place` (a buffer of the store, or its file) a float tensor at a time."""
+    for at, values in parts:
         if isinstance(place, RowFile):
             place.write(at, values.numpy())
         else:

@@ -43,7 +43,7 @@ from services.clusterer.coordinator import ClustererParts, Coordinator, ModelCac
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task, TaskKind
-from services.common.compression import Compression, payload_spec_of, upload_scheme
+from services.common.codecs import federation_codec
 from services.common.credentials import TlsFiles, TokenTable
 from services.common.grpc_client import (
     PEER_OPTIONS,
@@ -73,8 +73,6 @@ from services.common.grpc_server import (
     rpc,
     serve_health,
 )
-from services.common.homomorphic import KIND as HE_KIND
-from services.common.homomorphic import upload_spec
 from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     RpcMetrics,
@@ -88,6 +86,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.streams import part_of, read_all
+from services.common.uploads import check_update_header, check_upload
 from services.common.wire import (
     MAX_ID_LENGTH,
     MAX_SAMPLES,
@@ -96,8 +95,6 @@ from services.common.wire import (
     WireError,
     check_header_tensors,
     check_id,
-    check_update_header,
-    checked_size,
     invalid,
     read_frame,
 )
@@ -222,9 +219,9 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             compression=self.config.federation.compression,
             secure=self.config.federation.secure,
         )
-        self.scheme = Compression.parse(self.config.federation.compression)
-        self.sealed = self.config.federation.secure == "he"
-        self.kind = HE_KIND if self.sealed else self.scheme.kind
+        # The scheme its participants upload in (the aggregator holds the keys, if any).
+        fed = self.config.federation
+        self.codec = federation_codec(fed.compression, fed.secure)
 
     @rpc("Clusterer.Join")
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
@@ -318,21 +315,10 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             loop = asyncio.get_running_loop()
             rest = blocking_iter(whole(), context, loop)
             return await on_pool(self.stream_pool, self._pretrain_delta, h, rest)
-        if h.kind != self.kind:
-            if h.kind != HE_KIND:
-                upload_scheme(h.kind)  # an unknown kind is INVALID_ARGUMENT
-            how = "--secure he" if self.sealed else f"--compression {self.scheme}"
-            raise invalid(
-                f"this federation's updates are {self.kind!r} ({how}), not {h.kind[:32]!r}"
-            )
-        # The header against the model (as this scheme sends it), before the aggregator is
-        # called; the aggregator validates the content as it keeps it (encrypted: it parses
-        # every ciphertext against its context).
-        if self.sealed:
-            spec = upload_spec(h.tensors, self.models.spec)
-        else:
-            spec = payload_spec_of(h.tensors, self.models.spec, self.scheme)
-        checked_size(spec, self.config.transport.max_update_bytes)
+        # The header against the scheme and the model (as that scheme sends it), before
+        # the aggregator is called; the aggregator validates the content as it keeps it
+        # (encrypted: it parses every ciphertext against its context).
+        check_upload(h, self.models.spec, self.codec, self.config.transport.max_update_bytes)
         # The reservation is made and released on a thread of the large pool (the state
         # journals under its lock, and a reservation may wait for the one of the
         # participant's previous upload to be released; uploads are at most half the pool,

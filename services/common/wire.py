@@ -10,7 +10,6 @@ more than it needs.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
-    "int8": torch.int8,  # compressed updates (services/common/compression.py)
+    "int8": torch.int8,  # compressed updates (services/common/codecs.py)
     "bool": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -56,25 +55,7 @@ def invalid(message: str) -> WireError:
 
 
 MAX_ID_LENGTH = 64  # participant ids, evaluation ids, metric names
-MAX_METRICS = 16  # entries of an update's metrics map
 MAX_SAMPLES = 1 << 40
-
-
-def check_update_header(header: tensors_pb2.ModelHeader) -> None:
-    """The scalar fields of an uploaded model's header: who, how many samples, its metrics.
-
-    A metric value feeds the aggregation (q-FFL reads loss_before), so a NaN or a flood of
-    entries is refused here rather than failing the round later.
-    """
-    check_id(header.sender, "sender")
-    if not 0 <= header.num_samples <= MAX_SAMPLES:
-        raise invalid(f"num_samples must be in [0, {MAX_SAMPLES}]")
-    if len(header.metrics) > MAX_METRICS:
-        raise invalid(f"at most {MAX_METRICS} metrics per update, got {len(header.metrics)}")
-    for key, value in header.metrics.items():
-        check_id(key, "a metric name")
-        if not math.isfinite(value) or value < 0:
-            raise invalid(f"metric {key[:64]!r} must be finite and non-negative, got {value}")
 
 
 def check_id(value: str, what: str) -> None:

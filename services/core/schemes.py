@@ -1,5 +1,6 @@
 """Compression schemes by name, without torch (settings validate them; simulate imports no
-torch before its processes start). The codecs are in services.common.compression."""
+torch before its processes start). The mathematics is in services.core.quantise, the codecs
+in services.common.codecs."""
 
 from __future__ import annotations
 

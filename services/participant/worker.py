@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from services.common.compression import Compression, ErrorFeedback
+from services.common.codecs import CkksCodec, Codec, DeltaCodec, RawCodec, codec_named
 from services.common.grpc_client import (
     RetryPolicy,
     call_metadata,
@@ -27,14 +27,16 @@ from services.common.grpc_client import (
     with_retries,
 )
 from services.common.homomorphic import KIND as HE_KIND
-from services.common.homomorphic import HeKeys, PayloadError, open_model, upload_tensors
+from services.common.homomorphic import open_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.settings import TrainingSettings
 from services.common.streams import build_stream, read_model
+from services.core.ckks import HeKeys, PayloadError
 from services.core.errors import ConfigError, SpecMismatchError, StateError
 from services.core.models import build_model
+from services.core.quantise import ErrorFeedback
 from services.core.sanity import largest, unfit
 from services.core.sketch import count_sketch
 from services.core.tensors import (
@@ -408,11 +410,13 @@ class Participant:
         # The scheme first: a value this participant cannot send fails the task before it
         # trains (StateError, as any task it cannot do), not after.
         try:
-            scheme = Compression.parse(task.training.compression or "none")
+            codec = codec_named(task.training.compression or "none")
         except ConfigError as exc:
             raise StateError(f"the clusterer asked for {exc}") from None
         he = self.settings.he
         check_secure(task.training.secure, he is not None)
+        if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
+            codec = CkksCodec(he)
         colluding = self.attack.colludes and self.attack.fires(task.round)
         if colluding:
             self.collusion.enlist(task.round, self.id)
@@ -489,20 +493,9 @@ class Participant:
                 self.attack.kind,
                 task.round,
             )
-        kind, upload = "weights", weights
-        if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
-            flat = flatten(weights, self.spec)
-            try:
-                upload = upload_tensors(he, self._encrypt(he, flat, task.round))
-            except ValueError as exc:  # non-finite or past CKKS's range: nothing is sent
-                raise TaskNotDone(f"round {task.round}: the trained weights: {exc}") from None
-            kind = HE_KIND
-        elif scheme.scheme != "none":  # the delta, compressed (top-k: the residual carried)
-            delta = flatten(weights, self.spec) - base_flat()
-            upload = self.feedback.send(delta, self.spec, scheme, self.cpu_gen)
-            kind = scheme.kind
+        upload = self._encoded(codec, weights, base_flat, task.round)
         self._send(
-            kind,
+            codec.kind,
             task.round,
             task.model_version,
             upload,
@@ -513,6 +506,28 @@ class Participant:
             },
         )
         self.feedback.commit()  # accepted: what top-k left out is carried to the next round
+
+    def _encoded(
+        self,
+        codec: Codec,
+        weights: Mapping[str, torch.Tensor],
+        base_flat: Callable[[], torch.Tensor],
+        round_: int,
+    ) -> Mapping[str, torch.Tensor]:
+        """The upload's tensors in the task's scheme. The weights are flattened once here
+        (in the clear, not at all: they stream as the model's tensors)."""
+        if isinstance(codec, RawCodec):
+            return codec.encode(weights)
+        flat = flatten(weights, self.spec)  # the upload's one flattening
+        if isinstance(codec, CkksCodec):
+            assert codec.keys is not None
+            try:
+                return codec.pack(self._encrypt(codec.keys, flat, round_))
+            except ValueError as exc:  # non-finite or past CKKS's range: nothing is sent
+                raise TaskNotDone(f"round {round_}: the trained weights: {exc}") from None
+        assert isinstance(codec, DeltaCodec)
+        # The delta, compressed (top-k: the residual of earlier rounds carried).
+        return codec.encode(flat - base_flat(), self.spec, self.cpu_gen, memory=self.feedback)
 
     def _encrypt(self, he: HeKeys, flat: torch.Tensor, round_: int) -> list[bytes]:
         """n_i * w_i as ciphertexts; a simulated forger's instead when it attacks (the

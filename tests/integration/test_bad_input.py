@@ -413,7 +413,7 @@ def test_every_scalar_field_has_a_limit(open_round):
 def test_bad_compressed_uploads_get_their_codes_and_change_nothing(federation_factory, scheme):
     """A federation with --compression: a lying header, content out of range, the wrong
     scheme, a truncated stream; each its code, nothing kept; then a good upload counts."""
-    from services.common.compression import INDICES, SCALES, VALUES, Compression, encode
+    from services.core.quantise import INDICES, SCALES, VALUES, Compression, encode
     from services.core.tensors import spec_of
 
     fed, task, w = start_round(federation_factory, compression=scheme)
@@ -502,16 +502,8 @@ def test_bad_encrypted_uploads_get_their_codes_and_change_nothing(federation_fac
     each its code, nothing kept; then a good encrypted upload counts."""
     import tenseal as ts
 
-    from services.common.homomorphic import (
-        KEY,
-        KIND,
-        MAX_CIPHERTEXT_BYTES,
-        PUBLIC_FILE,
-        SECRET_FILE,
-        HeKeys,
-        upload_tensors,
-        write_keys,
-    )
+    from services.common.homomorphic import KEY, KIND, upload_tensors, write_keys
+    from services.core.ckks import MAX_CIPHERTEXT_BYTES, PUBLIC_FILE, SECRET_FILE, HeKeys
     from services.core.tensors import flatten, spec_of
 
     write_keys(tmp_path)

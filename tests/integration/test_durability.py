@@ -358,15 +358,8 @@ def test_a_snapshot_with_inline_centroids_still_restores(tmp_path):
 def test_encrypted_updates_and_models_survive_kill_9(tmp_path):
     """--secure he: acknowledged ciphertexts and the encrypted version a round made come
     back after SIGKILL, byte for byte, and decrypt to FedAvg of what was sent."""
-    from services.common.homomorphic import (
-        KIND,
-        PUBLIC_FILE,
-        SECRET_FILE,
-        HeKeys,
-        open_model,
-        upload_tensors,
-        write_keys,
-    )
+    from services.common.homomorphic import KIND, open_model, upload_tensors, write_keys
+    from services.core.ckks import PUBLIC_FILE, SECRET_FILE, HeKeys
     from services.core.tensors import flatten, spec_of
 
     write_keys(tmp_path / "he")

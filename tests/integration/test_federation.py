@@ -52,16 +52,10 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
     import tenseal as ts
     import torch
 
-    from services.common.homomorphic import (
-        KIND,
-        PUBLIC_FILE,
-        SECRET_FILE,
-        HeKeys,
-        open_model,
-        write_keys,
-    )
+    from services.common.homomorphic import KIND, open_model, write_keys
     from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
     from services.common.streams import read_model
+    from services.core.ckks import PUBLIC_FILE, SECRET_FILE, HeKeys
     from services.core.errors import ConfigError
     from services.core.tensors import spec_of
 
@@ -114,7 +108,8 @@ def test_encrypted_fedavg_learns_as_plaintext_fedavg(federation_factory, tmp_pat
 def test_a_participant_set_up_to_encrypt_sends_nothing_in_the_clear(federation_factory, tmp_path):
     """No downgrade: a clusterer that asks for plaintext updates gets none from a
     participant started with --secure he; the round goes on without it."""
-    from services.common.homomorphic import SECRET_FILE, write_keys
+    from services.common.homomorphic import write_keys
+    from services.core.ckks import SECRET_FILE
 
     write_keys(tmp_path)
     fed = federation_factory(

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from services.common.compression import (
+from services.core.errors import ConfigError
+from services.core.quantise import (
     INDICES,
     SCALES,
     VALUES,
@@ -18,7 +19,6 @@ from services.common.compression import (
     encode,
     payload_bytes,
 )
-from services.core.errors import ConfigError
 from services.core.tensors import TensorSpec
 
 SPEC = (
@@ -153,7 +153,7 @@ def test_a_tiny_int8_tensor_gets_a_usable_scale():
 
 
 def test_hostile_headers_and_scheme_names_are_refused_before_any_data():
-    from services.common.compression import payload_spec_of, upload_scheme
+    from services.common.codecs import payload_spec_of, upload_scheme
     from services.common.pb.flclustering.v1 import tensors_pb2
     from services.common.wire import WireError, spec_to_pb
 

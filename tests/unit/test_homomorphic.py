@@ -12,11 +12,6 @@ import torch
 from services.aggregator.sealed import SealedState
 from services.common.homomorphic import (
     KEY,
-    PUBLIC_FILE,
-    SECRET_FILE,
-    SLOTS,
-    HeKeys,
-    PayloadError,
     as_bytes,
     load_keys,
     model_tensors,
@@ -27,6 +22,7 @@ from services.common.homomorphic import (
 )
 from services.common.settings import DefenceSettings
 from services.common.wire import WireError, spec_to_pb
+from services.core.ckks import PUBLIC_FILE, SECRET_FILE, SLOTS, HeKeys, PayloadError
 from services.core.errors import ConfigError, StateError
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of

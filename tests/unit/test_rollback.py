@@ -78,7 +78,8 @@ def test_a_rollback_needs_the_last_closed_round_no_open_updates_and_a_kept_versi
 
 def test_a_sealed_rollback_to_w0_serves_w0_in_the_clear_across_a_restart(tmp_path: Path):
     from services.aggregator.sealed import SealedState
-    from services.common.homomorphic import HeKeys, upload_tensors
+    from services.common.homomorphic import upload_tensors
+    from services.core.ckks import HeKeys
     from services.core.tensors import flatten, spec_of
 
     initial = state_of(build_model("cnn", (1, 8, 8), 10, seed=0))

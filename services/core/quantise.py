@@ -1,8 +1,8 @@
-"""Compressed updates: what a participant sends instead of its float32 weights.
+"""Compressed updates, the mathematics: quantising a delta and reading it back.
 
 A compressed upload carries the participant's delta (its trained weights minus the model it
-started from), encoded as ordinary named tensors on the same wire as weights (header of
-specs, raw chunks, checksum), so the stream format, its limits and its checks stay one:
+started from), encoded as ordinary named tensors (the codecs of services/common/codecs.py
+put them on the same wire as weights: header of specs, raw chunks, checksum):
 
 - `fp16`: each float tensor of the delta as float16 (2x fewer bytes).
 - `int8`: each float tensor as int8 with one float32 scale per tensor (`__scales__`),
@@ -13,9 +13,10 @@ specs, raw chunks, checksum), so the stream format, its limits and its checks st
   nothing is lost, only delayed.
 
 The payload spec is fixed by the model's spec and the scheme (and, for top-k, the count
-the header declares, capped by the share), so a header is checked like any other; the
-content (scales, indices, values) is checked when decoded: INVALID_ARGUMENT for anything
-out of range, and nothing is kept.
+the header declares, capped by the share: `payload_spec`), so a header is checked like any
+other; the content (scales, indices, values) is checked when decoded (`decode_parts`): a
+PayloadError for anything out of range, which a receiver answers as INVALID_ARGUMENT.
+No gRPC or protobuf here (the learning core's rule).
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.wire import check_header_spec, invalid, spec_from_pb
-from services.core.errors import ConfigError
 from services.core.schemes import parse_scheme, scheme_name
 from services.core.tensors import TensorSpec, float_specs
 
@@ -260,41 +258,3 @@ class ErrorFeedback:
         payload = encode(delta, spec, scheme, generator)
         self._next = delta - decode(payload, spec, scheme)
         return payload
-
-
-def upload_scheme(kind: str) -> Compression:
-    """The compression of an upload from its header's kind: `weights` (none) or
-    `delta:SCHEME`; INVALID_ARGUMENT otherwise."""
-    if kind == "weights":
-        return Compression()
-    if kind.startswith("delta:"):
-        try:
-            scheme = Compression.parse(kind[len("delta:") :])
-        except ConfigError:
-            scheme = Compression()
-        if scheme.scheme != "none":
-            return scheme
-    raise invalid(f"unknown update kind {kind[:32]!r} (weights, or delta:fp16|int8|topk:F)")
-
-
-def payload_spec_of(
-    items: Sequence[tensors_pb2.TensorSpec], spec: Sequence[TensorSpec], scheme: Compression
-) -> tuple[TensorSpec, ...]:
-    """The tensors an upload's header lists, checked against what `scheme` sends for a
-    model of `spec` (top-k: the count it declares, within its share); INVALID_ARGUMENT
-    otherwise. Counted first: a header of 300,000 specs costs one comparison."""
-    count = 0
-    if scheme.scheme == "topk":
-        floats = sum(float_sizes(spec))
-        if len(items) != 2 or len(items[0].shape) != 1:
-            raise invalid(f"a top-k upload lists {INDICES} and {VALUES}, each of one dimension")
-        count = int(items[0].shape[0])
-        if not 1 <= count <= scheme.max_count(floats):
-            raise invalid(
-                f"a {scheme} upload carries 1 to {scheme.max_count(floats)} values, not {count}"
-            )
-    expected = scheme.payload_spec(spec, count)
-    if len(items) != len(expected):
-        raise invalid(f"the header lists {len(items)} tensors, a {scheme} upload {len(expected)}")
-    check_header_spec(spec_from_pb(items), expected)
-    return expected
