@@ -27,22 +27,9 @@ from services.common.compression import (
     payload_spec_of,
     upload_scheme,
 )
-from services.common.grpc_server import (
-    Policy,
-    StallWatch,
-    add_health_and_reflection,
-    add_servicer,
-    bind_service,
-    caller,
-    credentials,
-    new_server,
-    rpc,
-    serve_health,
-)
 from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import PayloadError as HePayloadError
 from services.common.homomorphic import load_keys, upload_spec
-from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
     cluster_label,
@@ -53,16 +40,24 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import Received, build_stream, validated
-from services.common.wire import (
-    StreamReader,
-    check_update_header,
-    invalid,
-)
+from services.common.wire import StreamReader, check_update_header
 from services.core.device import resolve_device
-from services.core.errors import ForbiddenError
+from services.core.errors import ForbiddenError, invalid
 from services.core.models import build_model
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec, state_of, unflatten
+from services.transport.auth import caller
+from services.transport.gate import Policy
+from services.transport.limits import MAX_CLUSTERS
+from services.transport.server import (
+    add_health_and_reflection,
+    add_servicer,
+    new_server,
+    serve_health,
+)
+from services.transport.stall import StallWatch
+from services.transport.status import rpc
+from services.transport.tls import bind_service, credentials
 
 logger = logging.getLogger(__name__)
 

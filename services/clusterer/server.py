@@ -44,38 +44,8 @@ from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task
 from services.common.compression import Compression, payload_spec_of, upload_scheme
-from services.common.credentials import TlsFiles, TokenTable
-from services.common.grpc_client import (
-    PEER_OPTIONS,
-    Renewing,
-    aio_channel,
-    call_metadata,
-    channel,
-    raw_responses,
-)
-from services.common.grpc_server import (
-    AioServer,
-    Cut,
-    Policy,
-    StallWatch,
-    Wrapping,
-    act_as,
-    add_health_and_reflection,
-    add_servicer,
-    bind_service,
-    bind_tls,
-    blocking_iter,
-    caller,
-    credentials,
-    new_aio_server,
-    on_pool,
-    rewrap,
-    rpc,
-    serve_health,
-)
 from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import upload_spec
-from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     RpcMetrics,
     ServerMetricsInterceptor,
@@ -93,18 +63,40 @@ from services.common.wire import (
     MAX_SAMPLES,
     TRAILER_TAG,
     StreamReader,
-    WireError,
     check_header_tensors,
     check_id,
     check_update_header,
     checked_size,
-    invalid,
     read_frame,
 )
-from services.core.errors import ForbiddenError, NotFoundError
+from services.core.errors import ForbiddenError, NotFoundError, WireError, invalid
 from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
+from services.transport.auth import act_as, caller
+from services.transport.client import (
+    PEER_OPTIONS,
+    Renewing,
+    aio_channel,
+    call_metadata,
+    channel,
+    raw_responses,
+)
+from services.transport.credentials import TlsFiles, TokenTable
+from services.transport.gate import Policy
+from services.transport.interceptors import Wrapping, rewrap
+from services.transport.limits import MAX_CLUSTERS
+from services.transport.server import (
+    AioServer,
+    add_health_and_reflection,
+    add_servicer,
+    new_aio_server,
+    on_pool,
+    serve_health,
+)
+from services.transport.stall import Cut, StallWatch, blocking_iter
+from services.transport.status import rpc
+from services.transport.tls import bind_service, bind_tls, credentials
 
 logger = logging.getLogger(__name__)
 

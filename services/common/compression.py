@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.wire import check_header_spec, invalid, spec_from_pb
-from services.core.errors import ConfigError
+from services.common.wire import check_header_spec, spec_from_pb
+from services.core.errors import ConfigError, invalid
 from services.core.schemes import parse_scheme, scheme_name
 from services.core.tensors import TensorSpec, float_specs
 

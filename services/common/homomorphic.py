@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.wire import WireError, invalid, spec_from_pb
-from services.core.errors import ConfigError
+from services.common.wire import spec_from_pb
+from services.core.errors import ConfigError, WireError, invalid
 from services.core.tensors import TensorSpec, float_specs, unflatten
 
 KIND = "he:ckks"  # the header kind of an encrypted upload or model
@@ -262,7 +262,7 @@ class HeKeys:
 
 def write_keys(directory: Path) -> tuple[Path, Path, HeKeys]:
     """A new key pair in `directory`: the secret context (0600) and the public one."""
-    from services.common.credentials import write_file
+    from services.transport.credentials import write_file
 
     keys = HeKeys.create()
     directory.mkdir(parents=True, exist_ok=True)

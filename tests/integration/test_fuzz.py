@@ -46,13 +46,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from services.common.credentials import TlsFiles, load_tls, participant_id, write_kit
-from services.common.lifecycle import ParentPipe
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_model
-from services.common.wire import MAX_MESSAGE_BYTES, encode
+from services.common.wire import encode
+from services.transport.credentials import TlsFiles, load_tls, participant_id, write_kit
+from services.transport.lifecycle import ParentPipe
+from services.transport.limits import MAX_MESSAGE_BYTES
 
 C = grpc.StatusCode
 ME, OTHERS = participant_id(0), [participant_id(i) for i in range(1, 4)]

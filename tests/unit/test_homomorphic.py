@@ -26,8 +26,8 @@ from services.common.homomorphic import (
     write_keys,
 )
 from services.common.settings import DefenceSettings
-from services.common.wire import WireError, spec_to_pb
-from services.core.errors import ConfigError, StateError
+from services.common.wire import spec_to_pb
+from services.core.errors import ConfigError, StateError, WireError
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of
 
