@@ -49,6 +49,7 @@ from services.core.tensors import TensorSpec, state_of, unflatten
 from services.transport.auth import caller
 from services.transport.gate import Policy
 from services.transport.limits import MAX_CLUSTERS
+from services.transport.roles import rules_for
 from services.transport.server import (
     add_health_and_reflection,
     add_servicer,
@@ -431,17 +432,12 @@ OPERATOR_MODEL_READS = 1  # and operators (flclustering export), together
 
 
 def policy(max_workers: int) -> Policy:
-    """Only the clusterer writes; it and operators read models and the status. Upload
-    streams leave threads free for health, status and Aggregate."""
+    """Who may call what: the aggregator's rules in services/transport/roles.py (only the
+    clusterer writes; it and operators read models and the status). Upload streams leave
+    threads free for health, status and Aggregate."""
     streams = max(1, max_workers - 24)  # leaves threads for Aggregate, status, health
     return Policy(
-        roles={
-            "ForwardUpdate": frozenset({"clusterer"}),
-            "Aggregate": frozenset({"clusterer"}),
-            "Rollback": frozenset({"clusterer"}),
-            "GetModel": frozenset({"clusterer", "operator"}),  # operators export the model
-            "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
-        },
+        roles=rules_for(SERVICE),
         # The clusterer's four model downloads always have their slots; operators
         # exporting the model share one more between them.
         per_identity={"ForwardUpdate": streams, "GetModel": MODEL_READS},

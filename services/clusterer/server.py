@@ -86,6 +86,7 @@ from services.transport.credentials import TlsFiles, TokenTable
 from services.transport.gate import Policy
 from services.transport.interceptors import Wrapping, rewrap
 from services.transport.limits import MAX_CLUSTERS
+from services.transport.roles import rules_for
 from services.transport.server import (
     AioServer,
     add_health_and_reflection,
@@ -803,8 +804,9 @@ class _RelayInterceptor(Wrapping):
 
 
 def policy(max_workers: int) -> Policy:
-    """Participants call the participant RPCs (as themselves: the servicer checks ids);
-    status is for operators. Per identity: one poll and one upload at a time (plus one
+    """Who may call what: the clusterer's rules in services/transport/roles.py (participants
+    call the participant RPCs, as themselves: the servicer checks ids; status is for
+    operators). Per identity: one poll and one upload at a time (plus one
     being torn down). A waiting poll holds no thread (the server is asyncio): up to
     --max-participants wait at once, past that a poll answers at once (WAIT with
     next_poll_s). Uploads (passed on from the loop, each holding one of the aggregator's
@@ -812,16 +814,8 @@ def policy(max_workers: int) -> Policy:
     the threads (a round selecting a hundred uploads at once), downloads (coroutines) a
     quarter, reflection and health watches a few streams: half the pool is always free for
     joins, evaluations and status, and health checks are answered on the loop."""
-    part = frozenset({"participant"})
     return Policy(
-        roles={
-            "Join": part,
-            "GetTask": part,
-            "SubmitUpdate": part,
-            "ReportEvaluation": part,
-            "DownloadModel": part,
-            "GetStatus": frozenset({"operator"}),
-        },
+        roles=rules_for(SERVICE),
         per_identity={"GetTask": 2, "SubmitUpdate": 2, "DownloadModel": 2},
         default_per_identity=4,
         total={

@@ -1,9 +1,10 @@
 """The gate in front of every handler: authentication, authorisation and admission.
 
-A `Policy` says which roles may call which method and how many calls of a method one
-identity, one role and everyone together may have in flight; the `Gate` applies it to each
-call (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED) and sets the caller the
-handler reads (services.transport.auth.caller).
+A `Policy` says which roles may call which method (the rules of services.transport.roles;
+a method without one is refused to everyone) and how many calls of a method one identity,
+one role and everyone together may have in flight; the `Gate` applies it to each call
+(UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED) and sets the caller the handler
+reads (services.transport.auth.caller).
 """
 
 from __future__ import annotations
@@ -20,29 +21,26 @@ import grpc
 from services.transport.auth import CALLER, Authenticator
 from services.transport.credentials import Identity
 from services.transport.interceptors import Wrapping, rewrap
+from services.transport.roles import COMMON_PER_IDENTITY, COMMON_TOTAL, OPEN
 from services.transport.status import bounded
 
 logger = logging.getLogger(__name__)
 
 
-# Health checks stay open (Kubernetes probes carry no credential). Watch, a stream that
-# holds a thread while it lasts, goes through the gate like every other call; reflection,
-# which lists the services and their messages, is for operators.
-EXEMPT = ("/grpc.health.v1.Health/Check",)
-# Limits every server adds to its policy: the few threads streams of these may hold.
-COMMON_ROLES = {"ServerReflectionInfo": frozenset({"operator"})}
-COMMON_TOTAL = {"ServerReflectionInfo": 2, "Watch": 4}
-
-
 @dataclass(frozen=True)
 class Policy:
-    """Which roles may call which method (by its short name), and how many calls of a method
-    one identity and everyone together may have in flight (beyond: RESOURCE_EXHAUSTED).
+    """Which roles may call which method (by its full name, `/package.Service/Method`, as
+    services.transport.roles declares them), and how many calls of a method (by its short
+    name) one identity and everyone together may have in flight (beyond:
+    RESOURCE_EXHAUSTED).
 
-    A method not listed in `roles` may be called by any authenticated caller.
+    Deny by default: a method without a rule in `roles` is refused to every caller, the
+    development token included (PERMISSION_DENIED). Those in `open` are let through
+    without a credential (health checks: probes carry none).
     """
 
     roles: Mapping[str, frozenset[str]] = dataclass_field(default_factory=dict)
+    open: frozenset[str] = OPEN
     per_identity: Mapping[str, int] = dataclass_field(default_factory=dict)
     default_per_identity: int = 8
     total: Mapping[str, int] = dataclass_field(default_factory=dict)
@@ -108,24 +106,33 @@ class Gate(Wrapping):
         super().__init__()
         self._auth = authenticator
         self._policy = policy = Policy(
-            roles={**COMMON_ROLES, **policy.roles},
-            per_identity={"Watch": 1, **policy.per_identity},
+            roles=policy.roles,
+            open=policy.open,
+            per_identity={**COMMON_PER_IDENTITY, **policy.per_identity},
             default_per_identity=policy.default_per_identity,
             total={**COMMON_TOTAL, **policy.total},
             per_role=policy.per_role,
         )
         self._admission = _Admission(policy)
 
-    def _decide(self, context: Any, method: str) -> Identity | tuple[grpc.StatusCode, str]:
+    def _decide(self, context: Any, full_method: str) -> Identity | tuple[grpc.StatusCode, str]:
         """The caller, once it may make this call (a slot taken), or the refusal."""
+        method = short_name(full_method)
         who = self._auth.identity(context)
         if who is None:
             return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no valid credential (client certificate or bearer token)",
             )
-        roles = self._policy.roles.get(method)
-        if roles is not None and not who.is_dev and who.role not in roles:
+        roles = self._policy.roles.get(full_method)
+        if roles is None:
+            logger.warning("[%s] PERMISSION_DENIED: no rule says who may call it", method)
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is refused to every caller: no rule says who may call it "
+                "(services/transport/roles.py)",
+            )
+        if not who.is_dev and who.role not in roles:
             logger.info("[%s] PERMISSION_DENIED: %s %s", method, who.role, who.name)
             return (
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -138,31 +145,31 @@ class Gate(Wrapping):
             return grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(refused)
         return who
 
-    def _admit(self, context: grpc.ServicerContext, method: str) -> Identity:
+    def _admit(self, context: grpc.ServicerContext, full_method: str) -> Identity:
         """The caller, once it may make this call (else the call is aborted)."""
-        decided = self._decide(context, method)
+        decided = self._decide(context, full_method)
         if isinstance(decided, Identity):
             return decided
         context.abort(*decided)
         raise AssertionError("unreachable")  # abort raises
 
-    async def _admit_async(self, context: Any, method: str) -> Identity:
+    async def _admit_async(self, context: Any, full_method: str) -> Identity:
         """The same for an aio call."""
-        decided = self._decide(context, method)
+        decided = self._decide(context, full_method)
         if isinstance(decided, Identity):
             return decided
         await context.abort(*decided)
         raise AssertionError("unreachable")  # abort raises
 
     def wrap(self, handler: Any, full_method: str) -> Any:
-        if handler is None or full_method.startswith(EXEMPT):
+        if handler is None or full_method in self._policy.open:
             return handler
-        method = full_method.rsplit("/", 1)[-1][:64]
+        method = short_name(full_method)
         admit, admit_async, leave = self._admit, self._admit_async, self._admission.leave
 
         def call(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                who = admit(context, method)
+                who = admit(context, full_method)
                 token = CALLER.set(who)
                 try:
                     return fn(request, context)
@@ -174,7 +181,7 @@ class Gate(Wrapping):
 
         def acall(fn: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Any) -> Any:
-                who = await admit_async(context, method)
+                who = await admit_async(context, full_method)
                 token = CALLER.set(who)
                 try:
                     return await fn(request, context)
@@ -186,7 +193,7 @@ class Gate(Wrapping):
 
         def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                who = admit(context, method)
+                who = admit(context, full_method)
                 release = _once(lambda: leave(who, method))
                 # gRPC does not close the response iterator of a cancelled call: the slot
                 # is given back when the call ends, whatever happens to the generator.
@@ -220,7 +227,7 @@ class Gate(Wrapping):
 
         def astream(fn: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Any) -> AsyncIterator[Any]:
-                who = await admit_async(context, method)
+                who = await admit_async(context, full_method)
                 release = _once(lambda: leave(who, method))
                 # aio closes the generator of a cancelled call only when it is collected:
                 # the slot is given back when the call's task ends.
@@ -256,6 +263,12 @@ class Gate(Wrapping):
 
 
 _END = object()
+
+
+def short_name(full_method: str) -> str:
+    """A method's short name ("/pkg.Service/Method" -> "Method", at most 64 characters): what
+    the limits count by and the log lines and refusals say."""
+    return full_method.rsplit("/", 1)[-1][:64]
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
