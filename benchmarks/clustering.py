@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from services.common.figures import purity
-from services.common.lifecycle import memory_bytes
 from services.core.clustering import FIT_SAMPLE, group_deltas
+from services.transport.lifecycle import memory_bytes
 
 SHARES = (0.5, 0.3, 0.2)
 ABSURD = 0.001  # share of rows a thousand times too long (screened out)

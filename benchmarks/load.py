@@ -46,12 +46,12 @@ import numpy as np
 import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.credentials import new_token, token_digest, write_kit
-from services.common.lifecycle import freeze_heap, memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.simulate import free_ports
+from services.transport.credentials import new_token, token_digest, write_kit
+from services.transport.lifecycle import freeze_heap, memory_bytes
 
 CHUNK = 1 << 20
 DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
@@ -257,7 +257,7 @@ def client(
     """One load-generating process: its share of the participants; their stats to out."""
     # It stands for thousands of devices: its own collector's pauses (its coroutines'
     # objects) must not delay the tasks it measures, as the services' own no longer do
-    # (services.common.lifecycle.freeze_heap).
+    # (services.transport.lifecycle.freeze_heap).
     freeze_heap()
     stats = asyncio.run(drive(args, edge, ca, tokens))
     out.put(

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from processes import aggregator_args, mclr_side, start_service  # beside this script
 
-from services.common.grpc_client import call_metadata, channel, raw_requests
-from services.common.lifecycle import memory_bytes
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from services.core.tensors import flatten, spec_of
+from services.transport.client import call_metadata, channel, raw_requests
+from services.transport.lifecycle import memory_bytes
 
 TOKEN = "bench"
 SERVICE = "flclustering.v1.Aggregator"

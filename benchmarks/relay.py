@@ -18,7 +18,7 @@ from concurrent import futures
 
 import grpc
 
-from services.common.limits import MESSAGE_LIMITS
+from services.transport.limits import MESSAGE_LIMITS
 
 SERVICE = "bench.Relay"
 METHOD = f"/{SERVICE}/Push"

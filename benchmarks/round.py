@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from processes import aggregator_args, cpu_s, mclr_side, start_service  # beside this script
 
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.transport.client import call_metadata, channel
 
 TOKEN = "bench"
 

@@ -36,14 +36,14 @@ import relay  # benchmarks/relay.py, beside this script
 import torch
 from processes import aggregator_args, cpu_s, mclr_side, start_service
 
-from services.common.grpc_client import call_metadata, channel
-from services.common.lifecycle import memory_bytes
-from services.common.limits import CHUNK_BYTES
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from services.common.wire import encode
 from services.participant.worker import clusterer_stub
+from services.transport.client import call_metadata, channel
+from services.transport.lifecycle import memory_bytes
+from services.transport.limits import CHUNK_BYTES
 
 TOKEN = "bench"
 SINK = """

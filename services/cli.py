@@ -260,7 +260,7 @@ def run_scrape_config_command(args: argparse.Namespace) -> int:
 
 def run_certs_command(args: argparse.Namespace) -> int:
     """`flclustering certs`: a startup kit of certificates (CA, services, participants)."""
-    from services.common.credentials import Authority, participant_id, write_kit
+    from services.transport.credentials import Authority, participant_id, write_kit
 
     ids = [participant_id(i) for i in range(args.participants)] + list(args.participant)
     authority = Authority.load(args.ca_dir) if args.ca_dir else None
@@ -301,7 +301,7 @@ def run_he_keys_command(args: argparse.Namespace) -> int:
 
 def run_tokens_command(args: argparse.Namespace) -> int:
     """`flclustering tokens`: per-participant tokens and the digests the clusterer keeps."""
-    from services.common.credentials import participant_id, write_tokens
+    from services.transport.credentials import participant_id, write_tokens
 
     ids = [participant_id(i) for i in range(args.participants)] + list(args.participant)
     digests = write_tokens(args.out, ids)

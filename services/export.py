@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 
-from services.common.grpc_client import call_metadata, channel
 from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import load_keys, open_model
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
@@ -30,6 +29,7 @@ from services.core.ckks import PayloadError as HePayloadError
 from services.core.errors import ConfigError, FLClusteringError
 from services.core.model_file import write_model_file
 from services.experiment import ExportConfig
+from services.transport.client import call_metadata, channel
 
 EXPORT_TIMEOUT_S = 600.0  # a large model over a slow link
 
@@ -43,11 +43,11 @@ def export_model(
 ) -> tuple[int, list[Path]]:
     """Fetch the aggregator's newest global model and write it with its card into
     `config.run.out`; its version and the paths written (both files, or neither)."""
-    from services.common.credentials import load_tls
     from services.core.models import build_model
     from services.core.tensors import check_spec, spec_of
     from services.local import model_card
     from services.participant.partition import federation_data
+    from services.transport.credentials import load_tls
 
     fed = config.federation
     transport = config.transport

@@ -26,16 +26,16 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from services.common.credentials import hand_out, load_tls, participant_id, write_kit
 from services.common.flags import write_settings_file
-from services.common.grpc_client import channel
-from services.common.lifecycle import ParentPipe, memory_bytes
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
 from services.core.errors import FLClusteringError
 from services.experiment import EXPERIMENT_GROUPS, SimulateConfig
 from services.participant.partition import scheme_for
+from services.transport.client import channel
+from services.transport.credentials import hand_out, load_tls, participant_id, write_kit
+from services.transport.lifecycle import ParentPipe, memory_bytes
 
 
 class SimulationError(FLClusteringError):
@@ -223,8 +223,8 @@ def simulate(
         # One CKKS key pair: the secret context beside each participant process's keys
         # (and the operator's, this process, which decrypts the final model), the public
         # one beside the aggregator's: it adds ciphertexts it cannot read.
-        from services.common.credentials import write_file
         from services.core.ckks import PUBLIC_FILE, SECRET_FILE, HeKeys
+        from services.transport.credentials import write_file
 
         he = HeKeys.create()
         write_file(dirs["aggregator"] / PUBLIC_FILE, he.public_bytes(), secret=False)

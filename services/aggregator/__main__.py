@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config: AggregatorConfig = parser().parse(argv)
     # Imported here: parser() alone (simulate reads every service's flags) needs no torch.
     from services.aggregator.server import build_service
-    from services.common.grpc_server import serve_main
+    from services.transport.serving import serve_main
 
     return serve_main("aggregator", config.service, lambda: build_service(config))
 

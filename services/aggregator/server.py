@@ -21,20 +21,7 @@ from services.aggregator.settings import AggregatorConfig
 from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
 from services.aggregator.store import Delta, DeltaStore, RowFile
 from services.common.codecs import Parts
-from services.common.grpc_server import (
-    Policy,
-    StallWatch,
-    add_health_and_reflection,
-    add_servicer,
-    bind_service,
-    caller,
-    credentials,
-    new_server,
-    rpc,
-    serve_health,
-)
 from services.common.homomorphic import load_keys
-from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     ServerMetricsInterceptor,
     cluster_label,
@@ -53,12 +40,25 @@ from services.common.uploads import (
     upload_reader,
 )
 from services.common.uploads import decoded as decoded_parts
-from services.common.wire import StreamReader, invalid
+from services.common.wire import StreamReader
 from services.core.device import resolve_device
-from services.core.errors import ForbiddenError
+from services.core.errors import ForbiddenError, invalid
 from services.core.models import build_model
 from services.core.strategies import get_strategy
 from services.core.tensors import state_of
+from services.transport.auth import caller
+from services.transport.gate import Policy
+from services.transport.limits import MAX_CLUSTERS
+from services.transport.roles import rules_for
+from services.transport.server import (
+    add_health_and_reflection,
+    add_servicer,
+    new_server,
+    serve_health,
+)
+from services.transport.stall import StallWatch
+from services.transport.status import rpc
+from services.transport.tls import bind_service, credentials
 
 logger = logging.getLogger(__name__)
 
@@ -408,17 +408,12 @@ OPERATOR_MODEL_READS = 1  # and operators (flclustering export), together
 
 
 def policy(max_workers: int) -> Policy:
-    """Only the clusterer writes; it and operators read models and the status. Upload
-    streams leave threads free for health, status and Aggregate."""
+    """Who may call what: the aggregator's rules in services/transport/roles.py (only the
+    clusterer writes; it and operators read models and the status). Upload streams leave
+    threads free for health, status and Aggregate."""
     streams = max(1, max_workers - 24)  # leaves threads for Aggregate, status, health
     return Policy(
-        roles={
-            "ForwardUpdate": frozenset({"clusterer"}),
-            "Aggregate": frozenset({"clusterer"}),
-            "Rollback": frozenset({"clusterer"}),
-            "GetModel": frozenset({"clusterer", "operator"}),  # operators export the model
-            "GetAggregatorStatus": frozenset({"clusterer", "operator"}),
-        },
+        roles=rules_for(SERVICE),
         # The clusterer's four model downloads always have their slots; operators
         # exporting the model share one more between them.
         per_identity={"ForwardUpdate": streams, "GetModel": MODEL_READS},

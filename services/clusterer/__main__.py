@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM."""
     # Imported here: `simulate` reads this module's flags and must not import torch.
     from services.clusterer.server import build_service
-    from services.common.grpc_server import serve_main
+    from services.transport.serving import serve_main
 
     config: ClustererConfig = parser().parse(argv)
     # Hand the GIL over every millisecond, not every 5: the loop serving thousands of

@@ -33,7 +33,6 @@ from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress, TaskKind
 from services.clusterer.store import ClustererStore
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
-from services.common.grpc_client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 from services.common.metrics import cluster_label
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
@@ -47,6 +46,7 @@ from services.core.quarantine import judge
 from services.core.record import RoundRecord
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
+from services.transport.client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
 
 logger = logging.getLogger(__name__)
 CUT_WAIT_S = 30.0  # for a cut upload's handler to release its reservation

@@ -44,36 +44,6 @@ from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, Task, TaskKind
 from services.common.codecs import federation_codec
-from services.common.credentials import TlsFiles, TokenTable
-from services.common.grpc_client import (
-    PEER_OPTIONS,
-    Renewing,
-    aio_channel,
-    call_metadata,
-    channel,
-    raw_responses,
-)
-from services.common.grpc_server import (
-    AioServer,
-    Cut,
-    Policy,
-    StallWatch,
-    Wrapping,
-    act_as,
-    add_health_and_reflection,
-    add_servicer,
-    bind_service,
-    bind_tls,
-    blocking_iter,
-    caller,
-    credentials,
-    new_aio_server,
-    on_pool,
-    rewrap,
-    rpc,
-    serve_health,
-)
-from services.common.limits import MAX_CLUSTERS
 from services.common.metrics import (
     RpcMetrics,
     ServerMetricsInterceptor,
@@ -92,16 +62,39 @@ from services.common.wire import (
     MAX_SAMPLES,
     TRAILER_TAG,
     StreamReader,
-    WireError,
     check_header_tensors,
     check_id,
-    invalid,
     read_frame,
 )
-from services.core.errors import ForbiddenError, NotFoundError
+from services.core.errors import ForbiddenError, NotFoundError, WireError, invalid
 from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
+from services.transport.auth import act_as, caller
+from services.transport.client import (
+    PEER_OPTIONS,
+    Renewing,
+    aio_channel,
+    call_metadata,
+    channel,
+    raw_responses,
+)
+from services.transport.credentials import TlsFiles, TokenTable
+from services.transport.gate import Policy
+from services.transport.interceptors import Wrapping, rewrap
+from services.transport.limits import MAX_CLUSTERS
+from services.transport.roles import rules_for
+from services.transport.server import (
+    AioServer,
+    add_health_and_reflection,
+    add_servicer,
+    new_aio_server,
+    on_pool,
+    serve_health,
+)
+from services.transport.stall import Cut, StallWatch, blocking_iter
+from services.transport.status import rpc
+from services.transport.tls import bind_service, bind_tls, credentials
 
 logger = logging.getLogger(__name__)
 
@@ -806,8 +799,9 @@ class _RelayInterceptor(Wrapping):
 
 
 def policy(max_workers: int) -> Policy:
-    """Participants call the participant RPCs (as themselves: the servicer checks ids);
-    status is for operators. Per identity: one poll and one upload at a time (plus one
+    """Who may call what: the clusterer's rules in services/transport/roles.py (participants
+    call the participant RPCs, as themselves: the servicer checks ids; status is for
+    operators). Per identity: one poll and one upload at a time (plus one
     being torn down). A waiting poll holds no thread (the server is asyncio): up to
     --max-participants wait at once, past that a poll answers at once (WAIT with
     next_poll_s). Uploads (passed on from the loop, each holding one of the aggregator's
@@ -815,16 +809,8 @@ def policy(max_workers: int) -> Policy:
     the threads (a round selecting a hundred uploads at once), downloads (coroutines) a
     quarter, reflection and health watches a few streams: half the pool is always free for
     joins, evaluations and status, and health checks are answered on the loop."""
-    part = frozenset({"participant"})
     return Policy(
-        roles={
-            "Join": part,
-            "GetTask": part,
-            "SubmitUpdate": part,
-            "ReportEvaluation": part,
-            "DownloadModel": part,
-            "GetStatus": frozenset({"operator"}),
-        },
+        roles=rules_for(SERVICE),
         per_identity={"GetTask": 2, "SubmitUpdate": 2, "DownloadModel": 2},
         default_per_identity=4,
         total={

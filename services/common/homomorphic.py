@@ -45,7 +45,7 @@ EXAMPLES = "he:examples"
 
 def write_keys(directory: Path) -> tuple[Path, Path, HeKeys]:
     """A new key pair in `directory`: the secret context (0600) and the public one."""
-    from services.common.credentials import write_file
+    from services.transport.credentials import write_file
 
     keys = HeKeys.create()
     directory.mkdir(parents=True, exist_ok=True)

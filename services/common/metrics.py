@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import start_http_server
 
-from services.common.grpc_server import Wrapping, rewrap
+from services.transport.interceptors import Wrapping, rewrap
 
 PREFIX = "flclustering"
 MAX_CLUSTER_LABELS = 32
@@ -58,7 +58,7 @@ def counting_refusals(counter: Counter) -> Iterator[None]:
     except Exception as exc:
         code = getattr(exc, "code", None)  # a relayed status carries its code
         if not isinstance(code, grpc.StatusCode):
-            from services.common.grpc_server import status_for
+            from services.transport.status import status_for
 
             code = status_for(exc)
         counter.labels(code.name.lower()).inc()

@@ -3,8 +3,8 @@
 Every stream is `header, data*, trailer` in a message whose oneof is named `part`; the same
 code serves participant uploads, forwarding to the aggregator and model downloads. Streams
 that carry a model's bytes may travel as serialized messages (bytes, through stubs and
-handlers with identity serializers: `grpc_client.raw_requests` and `raw_responses`,
-`grpc_server.add_servicer`): a data message is then read in place (`wire.read_frame`) and
+handlers with identity serializers: `transport.client.raw_requests` and `raw_responses`,
+`transport.server.add_servicer`): a data message is then read in place (`wire.read_frame`) and
 only headers and trailers are parsed, and a relay passes the messages on without decoding
 them. Both sides accept either form.
 """
@@ -20,17 +20,16 @@ import torch
 
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.wire import (
-    CHUNK_BYTES,
     StreamReader,
-    WireError,
     encode,
-    invalid,
     nbytes,
     read_frame,
     spec_from_pb,
     spec_to_pb,
 )
+from services.core.errors import WireError, invalid
 from services.core.tensors import TensorSpec, unflatten
+from services.transport.limits import CHUNK_BYTES
 
 Part = tuple[str | None, Any]  # ("header" | "data" | "trailer" | None, its value)
 

@@ -19,13 +19,11 @@ import numpy as np
 import torch
 from xxhash import xxh3_128
 
-from services.common.credentials import valid_name
-from services.common.limits import CHUNK_BYTES
-from services.common.limits import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES  # re-exported
-from services.common.limits import MESSAGE_LIMITS as MESSAGE_LIMITS  # re-exported
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.core.errors import FLClusteringError
+from services.core.errors import WireError, invalid
 from services.core.tensors import TensorSpec
+from services.transport.credentials import valid_name
+from services.transport.limits import CHUNK_BYTES
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,19 +37,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class WireError(FLClusteringError):
-    """A stream of weights is malformed; `code` names the gRPC status it maps to."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def invalid(message: str) -> WireError:
-    """Malformed content (names, shapes, dtypes, values)."""
-    return WireError("INVALID_ARGUMENT", message)
 
 
 MAX_ID_LENGTH = 64  # participant ids, evaluation ids, metric names

@@ -1,6 +1,8 @@
 """The project's exception hierarchy: typed errors whose messages tell the user what to do.
 
-Services map these to gRPC status codes in one place; the CLI prints them as one line.
+Services map these to gRPC status codes in one place (services/transport/status.py); the
+CLI prints them as one line. `WireError` names its status itself: malformed streams and
+messages, raised by the wire format (services.common.wire) and the transport alike.
 """
 
 from __future__ import annotations
@@ -44,3 +46,16 @@ class ForbiddenError(FLClusteringError):
 
 class CapacityError(FLClusteringError):
     """A configured limit is reached (participants, streams): try later or elsewhere."""
+
+
+class WireError(FLClusteringError):
+    """A stream of weights is malformed; `code` names the gRPC status it maps to."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> WireError:
+    """Malformed content (names, shapes, dtypes, values)."""
+    return WireError("INVALID_ARGUMENT", message)

@@ -13,17 +13,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.credentials import (
-    TlsFiles,
-    certificate_identity,
-    load_tls,
-    participant_id,
-    token_owner,
-)
-from services.common.grpc_client import EDGE_OPTIONS, Renewing, channel
-from services.common.grpc_server import LOG_FORMAT, ready_addresses, write_ready_file
 from services.common.homomorphic import load_keys
-from services.common.lifecycle import exit_with_parent, freeze_heap
 from services.common.metrics import instrument_channel, serve_metrics
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.core.device import resolve_device
@@ -41,6 +31,16 @@ from services.participant.worker import (
     WorkerSettings,
     clusterer_stub,
 )
+from services.transport.client import EDGE_OPTIONS, Renewing, channel
+from services.transport.credentials import (
+    TlsFiles,
+    certificate_identity,
+    load_tls,
+    participant_id,
+    token_owner,
+)
+from services.transport.lifecycle import exit_with_parent, freeze_heap
+from services.transport.serving import LOG_FORMAT, ready_addresses, write_ready_file
 
 logger = logging.getLogger("services.participant")
 

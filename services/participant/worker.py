@@ -19,13 +19,6 @@ import grpc
 import torch
 
 from services.common.codecs import CkksCodec, Codec, DeltaCodec, RawCodec, codec_named
-from services.common.grpc_client import (
-    RetryPolicy,
-    call_metadata,
-    raw_requests,
-    raw_responses,
-    with_retries,
-)
 from services.common.homomorphic import KIND as HE_KIND
 from services.common.homomorphic import open_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -54,6 +47,13 @@ from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard, shard_tensors
 from services.participant.training import evaluate, local_train, pre_train_delta
+from services.transport.client import (
+    RetryPolicy,
+    call_metadata,
+    raw_requests,
+    raw_responses,
+    with_retries,
+)
 
 logger = logging.getLogger(__name__)
 

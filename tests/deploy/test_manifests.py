@@ -29,11 +29,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.credentials import Authority, Identity, load_tls, parse_spiffe_id, write_kit
-from services.common.grpc_client import channel
 from services.common.homomorphic import write_keys
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.transport.client import channel
+from services.transport.credentials import Authority, Identity, load_tls, parse_spiffe_id, write_kit
 from tests.deploy.checkov import run_checkov
 
 ROOT = Path(__file__).resolve().parents[2]

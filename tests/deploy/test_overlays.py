@@ -16,10 +16,10 @@ import grpc
 import pytest
 import yaml
 
-from services.common.credentials import Authority, write_kit
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.transport.client import call_metadata, channel
+from services.transport.credentials import Authority, write_kit
 from tests.deploy.checkov import run_checkov
 from tests.deploy.test_manifests import (
     CERT_MANAGER_KINDS,

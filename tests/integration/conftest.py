@@ -17,12 +17,12 @@ from services.aggregator.settings import AggregatorConfig
 from services.clusterer.server import ClustererService
 from services.clusterer.server import build_service as build_clusterer
 from services.clusterer.settings import ClustererConfig
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.participant.__main__ import run
 from services.participant.settings import ParticipantConfig
+from services.transport.client import call_metadata, channel
 
 TOKEN = "test-token"
 META = call_metadata(TOKEN)

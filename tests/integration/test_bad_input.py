@@ -11,11 +11,11 @@ import grpc
 import pytest
 import torch
 
-from services.common.grpc_client import channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
+from services.transport.client import channel
 
 from .conftest import META, rpc_code
 

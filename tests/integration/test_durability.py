@@ -17,7 +17,6 @@ import torch
 
 from services.clusterer.state import ClustererState, TaskKind
 from services.clusterer.store import ClustererStore
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
@@ -25,6 +24,7 @@ from services.common.streams import build_stream, read_model
 from services.core.errors import ConfigError
 from services.core.record import RoundRecord
 from services.core.strategies import get_strategy
+from services.transport.client import call_metadata, channel
 
 TOKEN = "durability-token"
 META = call_metadata(TOKEN)

@@ -46,13 +46,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from services.common.credentials import TlsFiles, load_tls, participant_id, write_kit
-from services.common.lifecycle import ParentPipe
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_model
-from services.common.wire import MAX_MESSAGE_BYTES, encode
+from services.common.wire import encode
+from services.transport.credentials import TlsFiles, load_tls, participant_id, write_kit
+from services.transport.lifecycle import ParentPipe
+from services.transport.limits import MAX_MESSAGE_BYTES
+from services.transport.roles import RULES
 
 C = grpc.StatusCode
 ME, OTHERS = participant_id(0), [participant_id(i) for i in range(1, 4)]
@@ -194,35 +196,29 @@ class Rpc:
     roles: frozenset[str]
 
 
-def _rpcs(*table: tuple[str, str, str, type, str]) -> dict[str, Rpc]:
+def _rpcs(*table: tuple[str, str, str, type]) -> dict[str, Rpc]:
     """RPCs by their short name ("Clusterer.Join") from (server, method, shape, request
-    type, roles separated by spaces)."""
+    type); who may call each is what services/transport/roles.py declares."""
     out = {}
-    for server, method, shape, request, roles in table:
+    for server, method, shape, request in table:
         service = server.capitalize()
         path = f"/flclustering.v1.{service}/{method}"
-        out[f"{service}.{method}"] = Rpc(server, path, shape, request, frozenset(roles.split()))
+        out[f"{service}.{method}"] = Rpc(server, path, shape, request, RULES[path])
     return out
 
 
 RPCS = _rpcs(
-    ("clusterer", "Join", "unary", pb.JoinRequest, "participant"),
-    ("clusterer", "GetTask", "unary", pb.GetTaskRequest, "participant"),
-    ("clusterer", "SubmitUpdate", "stream_unary", pb.SubmitUpdateRequest, "participant"),
-    ("clusterer", "ReportEvaluation", "unary", pb.ReportEvaluationRequest, "participant"),
-    ("clusterer", "DownloadModel", "unary_stream", pb.DownloadModelRequest, "participant"),
-    ("clusterer", "GetStatus", "unary", pb.GetStatusRequest, "operator"),
-    ("aggregator", "ForwardUpdate", "stream_unary", agg_pb.ForwardUpdateRequest, "clusterer"),
-    ("aggregator", "Aggregate", "unary", agg_pb.AggregateRequest, "clusterer"),
-    ("aggregator", "Rollback", "unary", agg_pb.RollbackRequest, "clusterer"),
-    ("aggregator", "GetModel", "unary_stream", agg_pb.GetModelRequest, "clusterer operator"),
-    (
-        "aggregator",
-        "GetAggregatorStatus",
-        "unary",
-        agg_pb.GetAggregatorStatusRequest,
-        "clusterer operator",
-    ),
+    ("clusterer", "Join", "unary", pb.JoinRequest),
+    ("clusterer", "GetTask", "unary", pb.GetTaskRequest),
+    ("clusterer", "SubmitUpdate", "stream_unary", pb.SubmitUpdateRequest),
+    ("clusterer", "ReportEvaluation", "unary", pb.ReportEvaluationRequest),
+    ("clusterer", "DownloadModel", "unary_stream", pb.DownloadModelRequest),
+    ("clusterer", "GetStatus", "unary", pb.GetStatusRequest),
+    ("aggregator", "ForwardUpdate", "stream_unary", agg_pb.ForwardUpdateRequest),
+    ("aggregator", "Aggregate", "unary", agg_pb.AggregateRequest),
+    ("aggregator", "Rollback", "unary", agg_pb.RollbackRequest),
+    ("aggregator", "GetModel", "unary_stream", agg_pb.GetModelRequest),
+    ("aggregator", "GetAggregatorStatus", "unary", agg_pb.GetAggregatorStatusRequest),
 )
 # Every identity of the kit but the stalled uploads' own (whose slots those uploads hold).
 CALLERS = (ME, *(p for p in OTHERS if p != STALLER), "operator", "clusterer", "aggregator")

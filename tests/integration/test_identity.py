@@ -25,14 +25,6 @@ from services.cli import main
 from services.clusterer.server import ClustererService
 from services.clusterer.server import build_service as build_clusterer
 from services.clusterer.settings import ClustererConfig
-from services.common.credentials import (
-    Authority,
-    load_tls,
-    participant_id,
-    write_kit,
-    write_tokens,
-)
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
@@ -40,6 +32,14 @@ from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from services.core.model_file import load_model_file
+from services.transport.client import call_metadata, channel
+from services.transport.credentials import (
+    Authority,
+    load_tls,
+    participant_id,
+    write_kit,
+    write_tokens,
+)
 
 from .conftest import rpc_code
 
@@ -312,9 +312,9 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, monkeypatch
 
     from cryptography import x509
 
-    import services.common.grpc_server as grpc_server
+    import services.transport.tls as transport_tls
 
-    monkeypatch.setattr(grpc_server, "RELOAD_EVERY_S", 0.0)
+    monkeypatch.setattr(transport_tls, "RELOAD_EVERY_S", 0.0)
     kit = tmp_path / "kit"
     authority = write_kit(kit, [ME])
     agg = build_aggregator(
@@ -424,11 +424,11 @@ def test_a_client_follows_its_renewed_certificate(tmp_path, monkeypatch):
     """A long-lived client (a participant, the clusterer towards the aggregator) picks up
     the certificate written over its old one: here the files now name a participant, and
     the next call is the participant's (refused where only the clusterer may call)."""
-    import services.common.grpc_client as grpc_client
-    from services.common.credentials import TlsFiles
-    from services.common.grpc_client import Renewing
+    import services.transport.client as transport_client
+    from services.transport.client import Renewing
+    from services.transport.credentials import TlsFiles
 
-    monkeypatch.setattr(grpc_client, "RENEW_CHECK_S", 0.0)
+    monkeypatch.setattr(transport_client, "RENEW_CHECK_S", 0.0)
     kit = tmp_path / "kit"
     write_kit(kit, [ME])
     agg = build_aggregator(

@@ -24,11 +24,11 @@ from typing import Any
 import grpc
 import pytest
 
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.transport.client import call_metadata, channel
 
 TOKEN = "some-token"
 META = call_metadata(TOKEN)

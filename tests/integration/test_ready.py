@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from services.common.grpc_client import channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.streams import read_model
+from services.transport.client import channel
 from tests.integration.test_kill_services import META, Process
 
 STARTS = 20

@@ -10,10 +10,10 @@ import pytest
 
 from services.clusterer.server import build_service
 from services.clusterer.settings import ClustererConfig
-from services.common.grpc_client import call_metadata, channel
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.core.errors import ConfigError
+from services.transport.client import call_metadata, channel
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from services.aggregator.server import MODEL_READS, policy
-from services.common.credentials import Identity
-from services.common.grpc_server import _Admission
+from services.transport.credentials import Identity
+from services.transport.gate import _Admission
 
 CLUSTERER = Identity("clusterer", "clusterer")
 OPERATORS = [Identity("operator", name) for name in ("alice", "bob")]

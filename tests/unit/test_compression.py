@@ -155,7 +155,8 @@ def test_a_tiny_int8_tensor_gets_a_usable_scale():
 def test_hostile_headers_and_scheme_names_are_refused_before_any_data():
     from services.common.codecs import payload_spec_of, upload_scheme
     from services.common.pb.flclustering.v1 import tensors_pb2
-    from services.common.wire import WireError, spec_to_pb
+    from services.common.wire import spec_to_pb
+    from services.core.errors import WireError
 
     def pb_spec(*specs):
         return spec_to_pb([TensorSpec(n, shape, dtype) for n, shape, dtype in specs])

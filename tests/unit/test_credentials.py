@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from services.common.credentials import (
+from services.core.errors import ConfigError
+from services.transport.credentials import (
     Identity,
     TokenTable,
     certificate_identity,
@@ -21,7 +22,6 @@ from services.common.credentials import (
     write_kit,
     write_tokens,
 )
-from services.core.errors import ConfigError
 
 
 def test_a_kit_names_every_party_and_hides_its_keys(tmp_path):

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_regenerated_stubs_match_committed(tmp_path):
-    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
-    assert spec is not None and spec.loader is not None
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    gen.generate(tmp_path)
+    # In a child process: grpc_tools carries a libprotobuf of its own, and loading it into
+    # the test process aborted it later, when tenseal (another copy) ran in the same process.
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import gen_proto; "
+    code += "gen_proto.generate(__import__('pathlib').Path(sys.argv[2]))"
+    made = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "scripts"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
     committed = ROOT / "services" / "common" / "pb"
 
     def sources(root: Path) -> dict[Path, str]:

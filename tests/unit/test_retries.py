@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from services.common.grpc_client import IDEMPOTENT, RetryPolicy, with_retries
+from services.transport.client import IDEMPOTENT, RetryPolicy, with_retries
 
 
 class Failure(grpc.RpcError):

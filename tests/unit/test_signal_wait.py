@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 
-from services.common.grpc_server import _wait_for_handler
+from services.transport.serving import _wait_for_handler
 
 
 def test_a_signal_delivered_to_another_thread_wakes_the_main_thread() -> None:

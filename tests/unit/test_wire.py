@@ -11,14 +11,8 @@ from hypothesis import given, settings
 
 from services.common.pb.flclustering.v1 import aggregator_pb2, clusterer_pb2, tensors_pb2
 from services.common.streams import build_stream, part_of, read_all
-from services.common.wire import (
-    TRAILER_TAG,
-    StreamReader,
-    WireError,
-    check_header_spec,
-    encode,
-    read_frame,
-)
+from services.common.wire import TRAILER_TAG, StreamReader, check_header_spec, encode, read_frame
+from services.core.errors import WireError
 from services.core.tensors import flatten, spec_of
 
 

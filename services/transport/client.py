@@ -18,9 +18,9 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from services.common.credentials import TlsFiles
-from services.common.limits import MESSAGE_LIMITS
 from services.core.errors import ConfigError
+from services.transport.credentials import TlsFiles
+from services.transport.limits import MESSAGE_LIMITS
 
 logger = logging.getLogger(__name__)
 

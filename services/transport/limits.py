@@ -1,7 +1,8 @@
 """gRPC message size limits, the same on every channel and server.
 
-Apart from services.common.wire (which needs torch) so that processes that only speak the
-protocol (`flclustering simulate`, benchmarks/load.py) set the same limits without it.
+In the transport, apart from services.common.wire (which needs torch), so that processes
+that only speak the protocol (`flclustering simulate`, benchmarks/load.py) set the same
+limits without it.
 """
 
 from __future__ import annotations
