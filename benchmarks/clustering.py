@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from script import parser  # beside this script
 
 from services.common.figures import purity
 from services.core.clustering import FIT_SAMPLE, group_deltas
@@ -110,9 +111,7 @@ def describe(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--d", type=int, default=2048)
     p.add_argument("--k", type=int, default=3)

@@ -10,11 +10,11 @@ loop with its defaults (30 participants in 3 groups, 15 selected, 30 rounds).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from typing import Any
+
+from script import parser, write_json  # beside this script
 
 from services.experiment import ExperimentConfig
 from services.local import run_local
@@ -58,9 +58,7 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=ExperimentConfig().federation.rounds)
     p.add_argument("--cases", choices=sorted(CASES), default="default")
@@ -88,9 +86,7 @@ def main() -> None:
             f"{mean['att_sel']:>5.0f}/{mean['att_rej']:<5.0f} {mean['fallbacks']:>5.0f}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(args.json, rows, indent=2)
 
 
 if __name__ == "__main__":

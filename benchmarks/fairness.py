@@ -19,12 +19,12 @@ global model, the fair merge of the cluster models).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from script import parser, write_json  # beside this script
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -71,9 +71,7 @@ def cell(strategy: str, scenario: str, seed: int, rounds: int) -> dict[str, Any]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
@@ -94,9 +92,7 @@ def main() -> None:
             got = [r for r in runs if r["strategy"] == s and r["scenario"] == sc]
             cells = [f"{statistics.fmean(r[k] for r in got):.3f}" for k in FIGURES]
             print(f"| {s} | " + " | ".join(cells) + " |")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(runs, fh, indent=1)
+    write_json(a.json, runs, indent=1)
 
 
 if __name__ == "__main__":

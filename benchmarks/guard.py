@@ -14,12 +14,13 @@ the rollbacks act, and the final accuracy.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from script import parser  # beside this script
 
 PARTITIONS: dict[str, dict[str, Any]] = {
     "practical-noniid": {},
@@ -105,9 +106,7 @@ def run(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--workers", type=int, default=2)

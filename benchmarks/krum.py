@@ -7,12 +7,12 @@ Goal: `krum/matmul ratio` of 1.5 or less (Krum is the Gram product plus O(n^2) w
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from script import parser  # beside this script
 
 from services.core.robust import krum
 
@@ -46,9 +46,7 @@ def timed(fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--d", type=int, default=1_000_000)
     p.add_argument("--f", type=int, default=10)

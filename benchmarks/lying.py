@@ -29,11 +29,11 @@ fair merge are no more robust than the smallest cluster's evaluators are many.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import numpy as np
+from script import parser  # beside this script
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "1 liar of 6 (3 x 2)": {"participants": 6, "select": 6, "rate": 1 / 6},
@@ -110,9 +110,7 @@ def setting(name: str, seed: int, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--rounds", type=int, default=3, help="honest rounds before the reports")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))

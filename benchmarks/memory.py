@@ -18,7 +18,6 @@ aggregate, and compares the two new models:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from processes import aggregator_args, mclr_side, start_service  # beside this script
+from script import parser  # beside this script
 
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
@@ -109,9 +109,7 @@ def run(side: int, updates: int, budget_mb: int | None, tmp: Path) -> tuple[floa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--mb", type=float, default=1000.0)
     p.add_argument("--updates", type=int, default=8)
     p.add_argument("--budget-mb", type=int, default=2048)

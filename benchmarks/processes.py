@@ -1,4 +1,5 @@
-"""What the benchmarks that start the real services share: starting one, reading its CPU.
+"""What the benchmarks that start the real services share: starting one, reading its CPU,
+uploading to it as a participant.
 
 Imported by path (the scripts' directory is on sys.path when they run), like relay.py.
 """
@@ -11,7 +12,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
+from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.streams import build_stream
 
 
 def cpu_s(pid: int) -> float:
@@ -58,3 +67,18 @@ def aggregator_args(side: int, *extra: str) -> list[str]:
         "--num-classes=10",
         *extra,
     ]
+
+
+def submission(
+    pid: str, task: Any, weights: Mapping[str, torch.Tensor], num_samples: int
+) -> Iterator[bytes]:
+    """The SubmitUpdate stream (framed) of participant pid's weights for a TRAIN task,
+    encoded as it is sent."""
+    header = tensors_pb2.ModelHeader(
+        sender=pid,
+        round=task.round,
+        model_version=task.model_version,
+        num_samples=num_samples,
+        kind="weights",
+    )
+    return build_stream(pb.SubmitUpdateRequest, header, header, weights, framed=True)

@@ -23,12 +23,13 @@ one markdown table per share and, with --json, every run's figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from script import parser, write_json  # beside this script
 
 ATTACKS: dict[str, dict[str, Any]] = {
     "none": {},
@@ -107,9 +108,7 @@ def variant_of(kwargs: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.3])
     p.add_argument("--rounds", type=int, default=30)
@@ -204,9 +203,7 @@ def main() -> None:
                 for c, note in cells
             ]
             print(f"| {name} | " + " | ".join(shown) + " |")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(runs, fh, indent=1)
+    write_json(a.json, runs, indent=1)
 
 
 if __name__ == "__main__":

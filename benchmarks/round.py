@@ -35,10 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from processes import aggregator_args, cpu_s, mclr_side, start_service  # beside this script
+from processes import (  # beside this script
+    aggregator_args,
+    cpu_s,
+    mclr_side,
+    start_service,
+    submission,
+)
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
-from services.common.pb.flclustering.v1 import tensors_pb2
 from services.transport.client import call_metadata, channel
 
 TOKEN = "bench"
@@ -49,7 +54,7 @@ def participant(index: int, address: str, out: Any) -> None:
     it got each TRAIN task (by round) and DONE, and the CPU it used."""
     import torch
 
-    from services.common.streams import build_stream, read_model
+    from services.common.streams import read_model
     from services.participant.worker import clusterer_stub
 
     torch.set_num_threads(1)  # as services.participant does on the CPU
@@ -84,15 +89,7 @@ def participant(index: int, address: str, out: Any) -> None:
                 if name not in noise:
                     noise[name] = 1e-3 * torch.randn(w.shape, generator=gen)
                 w += noise[name]
-            header = tensors_pb2.ModelHeader(
-                sender=pid,
-                round=task.round,
-                model_version=task.model_version,
-                num_samples=100,
-                kind="weights",
-            )
-            messages = build_stream(pb.SubmitUpdateRequest, header, header, weights, framed=True)
-            stub.SubmitUpdate(messages, metadata=md, timeout=120)
+            stub.SubmitUpdate(submission(pid, task, weights, 100), metadata=md, timeout=120)
         elif task.kind == pb.TASK_KIND_EVALUATE:
             stub.ReportEvaluation(
                 pb.ReportEvaluationRequest(

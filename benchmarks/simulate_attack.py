@@ -11,7 +11,6 @@ Prints final mean accuracy per run and the means over seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from script import parser  # beside this script
 
 ATTACK = ["--attack", "scaling", "--attack-rate", "0.3"]
 RULES = ["--guard", "false"]  # the rules alone: the divergence guard is benchmarks/guard.py's
@@ -37,9 +38,7 @@ def run(out: Path, flags: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=30)
     a = p.parse_args()

@@ -21,7 +21,6 @@ Memory goal: under twice the model's size per service.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -34,11 +33,11 @@ from pathlib import Path
 
 import relay  # benchmarks/relay.py, beside this script
 import torch
-from processes import aggregator_args, cpu_s, mclr_side, start_service
+from processes import aggregator_args, cpu_s, mclr_side, start_service, submission
+from script import parser  # beside this script
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
-from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.streams import build_stream, read_model
+from services.common.streams import read_model
 from services.common.wire import encode
 from services.participant.worker import clusterer_stub
 from services.transport.client import call_metadata, channel
@@ -83,9 +82,7 @@ def reset_peak(pid: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--mb", type=float, default=200.0)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
@@ -191,20 +188,10 @@ def run(
         for name, proc in services.items():
             reset_peak(proc.pid)
             before[name] = rss(proc.pid, "VmRSS")
-        header = tensors_pb2.ModelHeader(
-            sender=pid,
-            round=task.round,
-            model_version=task.model_version,
-            num_samples=1,
-            kind="weights",
-        )
+        messages = submission(pid, task, weights, 1)  # encoded as they are sent
         cpu0 = {n: cpu_s(p) for n, p in pids.items()}
         t0 = time.perf_counter()
-        stub.SubmitUpdate(
-            build_stream(pb.SubmitUpdateRequest, header, header, weights, framed=True),
-            metadata=meta,
-            timeout=600,
-        )
+        stub.SubmitUpdate(messages, metadata=meta, timeout=600)
         times["pipeline"].append(time.perf_counter() - t0)
         cpu.append({n: cpu_s(p) - cpu0[n] for n, p in pids.items()})
         for name, proc in services.items():

@@ -123,19 +123,9 @@ def run_simulate_command(config: SimulateConfig) -> int:
 
 def _write_run(config: ExperimentConfig, result: Any) -> Path:
     """results.json, rounds.csv, figures and the model file of an in-process run."""
-    from services.common.report import write_results
-    from services.core.model_file import write_model_file
+    from services.common.report import write_run
 
-    payload = {
-        "config": result.config,
-        "rounds": result.rounds,
-        "clusters": result.clusters,
-        "clustering": result.clustering,
-        "final": result.final,
-    }
-    written = write_results(Path(config.run.out), payload)
-    if result.card is not None:
-        write_model_file(Path(config.run.out), result.weights, result.card)
+    _, written = write_run(Path(config.run.out), result)
     return written[0].parent
 
 

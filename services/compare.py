@@ -26,8 +26,7 @@ def run_one(
     config: ExperimentConfig, strategy: str, seed: int, over: str, out: Path
 ) -> dict[str, Any]:
     """One run's results (as results.json holds them), written under out."""
-    from services.common.report import write_results
-    from services.core.model_file import write_model_file
+    from services.common.report import write_run
 
     where = out / "runs" / f"{strategy}-seed{seed}"
     if strategy == CENTRALISED:
@@ -48,16 +47,7 @@ def run_one(
 
         cfg = config.replace(strategy=strategy, seed=seed, run={"out": str(where)})
         result = run_local(cfg)
-    payload = {
-        "config": result.config,
-        "rounds": result.rounds,
-        "clusters": result.clusters,
-        "clustering": result.clustering,
-        "final": result.final,
-    }
-    write_results(where, payload)
-    if result.card is not None:
-        write_model_file(where, result.weights, result.card)
+    payload, _ = write_run(where, result)
     return payload
 
 

@@ -8,12 +8,11 @@ from pydantic import Field
 
 from services.common.settings import (
     DefenceSettings,
-    FederationSettings,
+    ServiceConfig,
     ServiceSettings,
     Settings,
     Shape3,
     TrainingSettings,
-    TransportSettings,
 )
 from services.core.catalog import DATASET_SHAPES, Shape
 from services.core.errors import ConfigError
@@ -52,14 +51,12 @@ class ComputeSettings(Settings):
     )
 
 
-class AggregatorConfig(Settings):
+class AggregatorConfig(ServiceConfig):
     """Everything the aggregator runs on; one frozen value built at start-up."""
 
     # 136 upload streams at once (policy keeps 24 threads free): more than the 128 the
     # clusterer relays at once, so a round selecting a hundred is never refused here.
     service: ServiceSettings = ServiceSettings(port=50052, metrics_port=9102, max_workers=160)
-    transport: TransportSettings = TransportSettings()
-    federation: FederationSettings = FederationSettings()
     # The defence policy is the aggregator's own, fixed at start (callers cannot change it);
     # the training rate is q-FFL's step size.
     defence: DefenceSettings = DefenceSettings()

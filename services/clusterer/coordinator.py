@@ -292,6 +292,18 @@ class Coordinator(ClustererParts):
     def _meta(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.token)
 
+    def _ask_aggregator(self, method: str, request: Any, timeout: float, **options: Any) -> Any:
+        """The answer of the aggregator's unary `method` to request, retried (the calls
+        are idempotent there) until it answers, a code is not retryable or the clusterer
+        stops."""
+        call = getattr(self.aggregator, method)
+        return with_retries(
+            lambda: call(request, metadata=self._meta(), timeout=timeout, **options),
+            f"Aggregator.{method}",
+            AGGREGATOR_RETRY,
+            stop=self.stop,
+        )
+
     def _refresh_model(self, version: int) -> None:
         """Have version in the cache participants download from (personalised: with each
         cluster's model of it); it is the current one."""
@@ -340,16 +352,11 @@ class Coordinator(ClustererParts):
         """The aggregator's round, pending updates and defence policy (retried). An
         aggregator still starting is waited for on the channel (wait_for_ready), so the
         call goes out as soon as it connects, not after the next step of a retry backoff."""
-        status: agg_pb.GetAggregatorStatusResponse = with_retries(
-            lambda: self.aggregator.GetAggregatorStatus(
-                agg_pb.GetAggregatorStatusRequest(),
-                metadata=self._meta(),
-                timeout=30,
-                wait_for_ready=True,
-            ),
-            "Aggregator.GetAggregatorStatus",
-            AGGREGATOR_RETRY,
-            stop=self.stop,
+        status: agg_pb.GetAggregatorStatusResponse = self._ask_aggregator(
+            "GetAggregatorStatus",
+            agg_pb.GetAggregatorStatusRequest(),
+            timeout=30,
+            wait_for_ready=True,
         )
         if status.policy.strategy != self.fed.strategy:
             raise ConfigError(
@@ -421,15 +428,8 @@ class Coordinator(ClustererParts):
                 first,
                 status.pending_updates,
             )
-            with_retries(
-                lambda: self.aggregator.Aggregate(
-                    agg_pb.AggregateRequest(round=first, abandon=True),
-                    metadata=self._meta(),
-                    timeout=60,
-                ),
-                "Aggregator.Aggregate",
-                AGGREGATOR_RETRY,
-                stop=self.stop,
+            self._ask_aggregator(
+                "Aggregate", agg_pb.AggregateRequest(round=first, abandon=True), timeout=60
             )
             first += 1
         if first > 0 or status.model_version > 0:
@@ -570,12 +570,7 @@ class Coordinator(ClustererParts):
         request = agg_pb.AggregateRequest(
             round=r, cluster_accuracy=progress.cluster_accuracy, abandon=progress.abandon
         )
-        reply: agg_pb.AggregateResponse = with_retries(
-            lambda: self.aggregator.Aggregate(request, metadata=self._meta(), timeout=600),
-            "Aggregator.Aggregate",
-            AGGREGATOR_RETRY,
-            stop=self.stop,
-        )
+        reply: agg_pb.AggregateResponse = self._ask_aggregator("Aggregate", request, timeout=600)
         self.state.aggregated(r, MessageToDict(reply, preserving_proto_field_name=True))
 
     def _round(self, r: int) -> None:
@@ -611,12 +606,7 @@ class Coordinator(ClustererParts):
             request = agg_pb.RollbackRequest(
                 round=r, to_version=progress.base_version, reason=reason[:200]
             )
-            reply: agg_pb.RollbackResponse = with_retries(
-                lambda: self.aggregator.Rollback(request, metadata=self._meta(), timeout=60),
-                "Aggregator.Rollback",
-                AGGREGATOR_RETRY,
-                stop=self.stop,
-            )
+            reply: agg_pb.RollbackResponse = self._ask_aggregator("Rollback", request, timeout=60)
             self.state.rolled_back(r, MessageToDict(reply, preserving_proto_field_name=True))
             self.metrics.rollbacks.inc()
         answer = ParseDict(progress.rollback or {}, agg_pb.RollbackResponse())

@@ -8,13 +8,12 @@ from pydantic import Field, model_validator
 from typing_extensions import Self
 
 from services.common.settings import (
-    FederationSettings,
     OptionalPort,
     OptionalStr,
+    ServiceConfig,
     ServiceSettings,
     Settings,
     TrainingSettings,
-    TransportSettings,
     choice,
 )
 from services.core.catalog import CLUSTER_METHODS
@@ -47,12 +46,10 @@ class ClusteringSettings(Settings):
     tls_key: OptionalStr = Field(None, description="PEM private key of the TLS port")
 
 
-class ClustererConfig(Settings):
+class ClustererConfig(ServiceConfig):
     """Everything the clusterer runs on; one frozen value built at start-up."""
 
     service: ServiceSettings = ServiceSettings(port=50051, metrics_port=9101, max_workers=256)
-    transport: TransportSettings = TransportSettings()
-    federation: FederationSettings = FederationSettings()
     training: TrainingSettings = TrainingSettings()
     clustering: ClusteringSettings = ClusteringSettings()
 

@@ -230,11 +230,17 @@ class ClustererState:
                 return
             open_.release(pid, accepted)
             if accepted:
-                seq = self._journal({"e": "update", "pid": pid, "round": round_})
-                open_.received.add(pid)
-                self.tasks.withdraw(pid, TaskKind.TRAIN)
+                seq = self._count_update(open_, pid)
             self.cond.notify_all()
         self._durable(seq)
+
+    def _count_update(self, c: RoundCollection, pid: str) -> int:
+        """Count pid's update of the collecting round c (journaled) and end its TRAIN task;
+        the journal entry's sequence number, to wait for outside the lock (cond held)."""
+        seq = self._journal({"e": "update", "pid": pid, "round": c.round})
+        c.received.add(pid)
+        self.tasks.withdraw(pid, TaskKind.TRAIN)
+        return seq
 
     def check_pretrain_task(self, pid: str) -> None:
         """Raise unless pid has an open pre-training task."""
@@ -531,9 +537,7 @@ class ClustererState:
             if c is None or c.round != round_ or c.closed:
                 return
             for q in c.unheard(participants):
-                seq = self._journal({"e": "update", "pid": q, "round": round_})
-                c.received.add(q)
-                self.tasks.withdraw(q, TaskKind.TRAIN)
+                seq = self._count_update(c, q)
             self.cond.notify_all()
         self._durable(seq)
 

@@ -41,6 +41,25 @@ def write_results(out: Path, results: Mapping[str, Any]) -> list[Path]:
     return written
 
 
+def write_run(out: Path, result: Any) -> tuple[dict[str, Any], list[Path]]:
+    """Write an in-process run (`flclustering local`, `centralised`, a run of `compare`):
+    its results as write_results does, and its final model file when it has a card.
+    Returns the results written and the paths of results.json, rounds.csv and figures."""
+    from services.core.model_file import write_model_file
+
+    payload = {
+        "config": result.config,
+        "rounds": result.rounds,
+        "clusters": result.clusters,
+        "clustering": result.clustering,
+        "final": result.final,
+    }
+    written = write_results(out, payload)
+    if result.card is not None:
+        write_model_file(out, result.weights, result.card)
+    return payload, written
+
+
 def round_rows(rounds: Sequence[RoundRecord | Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Rounds as the JSON-able dicts results.json and rounds.csv hold."""
     return [r.to_dict() if isinstance(r, RoundRecord) else r for r in rounds]

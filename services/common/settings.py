@@ -422,3 +422,13 @@ class ServiceSettings(Settings):
         description="log level",
         json_schema_extra={"env": "FLCLUSTERING_LOG_LEVEL"},
     )
+
+
+class ServiceConfig(Settings):
+    """The groups every service process runs on: where it listens, how it calls the
+    others, and the federation. Each service's config adds its own groups and sets its
+    own listening defaults by declaring `service` again (the field keeps its place)."""
+
+    service: ServiceSettings = ServiceSettings()
+    transport: TransportSettings = TransportSettings()
+    federation: FederationSettings = FederationSettings()

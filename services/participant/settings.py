@@ -9,12 +9,10 @@ from typing_extensions import Self
 
 from services.common.flags import Group, SettingsParser
 from services.common.settings import (
-    FederationSettings,
     IntList,
     OptionalStr,
-    ServiceSettings,
+    ServiceConfig,
     Settings,
-    TransportSettings,
     choice,
 )
 from services.participant.adversary import AttackSettings
@@ -77,12 +75,9 @@ class ParticipantSettings(Settings):
     )
 
 
-class ParticipantConfig(Settings):
+class ParticipantConfig(ServiceConfig):
     """Everything a participant process runs on."""
 
-    service: ServiceSettings = ServiceSettings()
-    transport: TransportSettings = TransportSettings()
-    federation: FederationSettings = FederationSettings()
     data: DataSettings = DataSettings()
     adversary: AttackSettings = AttackSettings()
     participant: ParticipantSettings = ParticipantSettings()

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.processes import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -137,11 +139,7 @@ def served_federation(tmp_path):
         wait_for(out / "endpoints.json", proc, 180)
         yield out, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, signal.SIGTERM, 60)
 
 
 def test_prometheus_scrapes_the_federation_and_every_panel_has_data(tmp_path, served_federation):

@@ -26,6 +26,20 @@ from services.transport.client import call_metadata, channel
 
 TOKEN = "test-token"
 META = call_metadata(TOKEN)
+# `simulate` flags of a small FedAvg federation on IID data, every participant selected
+# each round, in two processes: what the attacks and the guards are watched on.
+SMALL_FEDAVG = (
+    "--strategy",
+    "fedavg",
+    "--partition",
+    "iid",
+    "--participants",
+    "6",
+    "--select",
+    "6",
+    "--per-process",
+    "3",
+)
 
 
 @dataclass

@@ -30,22 +30,14 @@ from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import build_stream, read_model
 from tests.deploy.test_observability import tool
+from tests.processes import stop
 
-from .conftest import META, rpc_code
+from .conftest import META, SMALL_FEDAVG, rpc_code
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUND_TIMEOUT_S, EVAL_TIMEOUT_S = 60.0, 30.0
 COMMON = (
-    "--strategy",
-    "fedavg",
-    "--partition",
-    "iid",
-    "--participants",
-    "6",
-    "--select",
-    "6",
-    "--per-process",
-    "3",
+    *SMALL_FEDAVG,
     "--seed",
     "2",
     "--round-timeout-s",
@@ -88,12 +80,7 @@ def served_run(out: Path, *flags: str) -> tuple[dict, dict[str, str]]:
             scraped[service] = urllib.request.urlopen(url, timeout=10).read().decode()
         return json.loads((out / "results.json").read_text()), scraped
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, signal.SIGINT, 30)
 
 
 def metric(text: str, name: str) -> float:

@@ -20,23 +20,16 @@ import tenseal  # noqa: F401  (a dependency: a missing one fails here, it is not
 import torch
 from safetensors.torch import load_file
 
+from .conftest import SMALL_FEDAVG
+
 ROUNDS = 9
 TOLERANCE = 0.06  # final mean accuracy of the honest participants against the clean run's
 FLAGS = (
+    *SMALL_FEDAVG,
     "--secure",
     "he",
-    "--strategy",
-    "fedavg",
-    "--partition",
-    "iid",
-    "--participants",
-    "6",
-    "--select",
-    "6",
     "--rounds",
     str(ROUNDS),
-    "--per-process",
-    "3",
     "--seed",
     "1",
 )

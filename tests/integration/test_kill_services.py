@@ -29,6 +29,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.transport.client import call_metadata, channel
+from tests.processes import stop
 
 TOKEN = "some-token"
 META = call_metadata(TOKEN)
@@ -121,12 +122,7 @@ class Process:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc, signal.SIGTERM, 3)
 
     def tail(self, lines: int = 15) -> str:
         """The end of the process's log (for failure messages)."""

@@ -13,12 +13,16 @@ import time
 import pytest
 import torch
 
+from services.common.report import ROUND_COLUMNS
 
-def simulate(tmp_path, name, *flags, timeout=400):
+
+def run_command(command, tmp_path, name, *flags, timeout):
+    """`flclustering COMMAND --out tmp_path/name FLAGS`, which must succeed: its
+    results.json, its folder and the seconds it took."""
     out = tmp_path / name
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "simulate", "--out", str(out), *flags],
+        [sys.executable, "-m", "services.cli", command, "--out", str(out), *flags],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -26,6 +30,15 @@ def simulate(tmp_path, name, *flags, timeout=400):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     return results, out, time.monotonic() - started
+
+
+def simulate(tmp_path, name, *flags, timeout=400):
+    return run_command("simulate", tmp_path, name, *flags, timeout=timeout)
+
+
+def local_run(tmp_path, *flags):
+    """`flclustering local` into tmp_path/local: its results.json."""
+    return run_command("local", tmp_path, "local", *flags, timeout=300)[0]
 
 
 def test_small_simulation_writes_everything(tmp_path):
@@ -52,14 +65,7 @@ def test_small_simulation_writes_everything(tmp_path):
     # Without --personalise there are no cluster-model figures (not zeros, as proto defaults).
     assert not [k for r in rounds for k in r if k.startswith("personal_")]
     assert not [k for k in results["final"] if k.startswith("personal_")]
-    for key in (
-        "mean_accuracy",
-        "mean_loss",
-        "accuracy_std",
-        "worst_accuracy",
-        "duration_s",
-        "rejected",
-    ):
+    for key in ROUND_COLUMNS:  # the leading columns of rounds.csv
         assert all(key in r for r in rounds)
     assert rounds[-1]["mean_accuracy"] > rounds[0]["mean_accuracy"]
     assert len(results["clusters"]) == 6
@@ -200,15 +206,7 @@ def test_local_and_simulate_share_the_round_plan(tmp_path):
     (both call core.plan.plan_round on the same seeded stream)."""
     flags = ["--participants", "9", "--select", "6", "--rounds", "1", "--seed", "4"]
     _, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "3")
-    local_out = tmp_path / "local"
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "local", "--out", str(local_out), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    local = json.loads((local_out / "results.json").read_text())
+    local = local_run(tmp_path, *flags)
     history = json.loads((out / "state" / "clusterer" / "history.json").read_text())
     sim_clusters = {int(p.rsplit("-", 1)[1]): m["cluster"] for p, m in history["members"].items()}
     local_clusters = {c["participant"]: c["cluster"] for c in local["clusters"]}
@@ -301,15 +299,7 @@ def test_personalised_models_through_the_services_match_the_in_process_run(tmp_p
     flags = ["--personalise", "--partition", "rotated-groups", "--group-sizes", "6,4,2"]
     flags += ["--participants", "12", "--select", "6", "--rounds", "3", "--seed", "1"]
     results, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "6")
-    local_out = tmp_path / "local"
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "local", "--out", str(local_out), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    local = json.loads((local_out / "results.json").read_text())
+    local = local_run(tmp_path, *flags)
     for sim_round, local_round in zip(results["rounds"], local["rounds"], strict=True):
         for key in ("mean_accuracy", "personal_mean_accuracy", "personal_worst_accuracy"):
             assert sim_round[key] == pytest.approx(local_round[key], abs=1e-6), key

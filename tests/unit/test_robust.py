@@ -67,15 +67,20 @@ def test_gram_distances_match_loops(x):
     assert (d >= 0).all() and (np.diag(d) == 0).all()
 
 
+def against_naive_scores(rule, x, f):
+    """rule (Krum or Multi-Krum) on x with f lowered to what x admits (n > 2f + 2): its
+    result, that f, the naive Krum scores and the scale of their tolerance."""
+    if not len(x) > 2 * f + 2:
+        f = (len(x) - 3) // 2
+    ref = naive_scores(x.astype(np.float64), f)
+    return rule(torch.from_numpy(x), f), f, ref, max(1.0, float(ref.max()))
+
+
 @settings(max_examples=150, deadline=None)
 @given(update_sets(min_n=4), st.integers(0, 4))
 def test_krum_matches_naive(x, f):
     n = len(x)
-    if not n > 2 * f + 2:
-        f = (n - 3) // 2
-    res = krum(torch.from_numpy(x), f)
-    ref = naive_scores(x.astype(np.float64), f)
-    scale = max(1.0, float(ref.max()))
+    res, f, ref, scale = against_naive_scores(krum, x, f)
     np.testing.assert_allclose(res.scores, ref, atol=1e-4 * scale)
     chosen = res.kept[0]
     # The chosen update's score is the minimum (ties: any minimiser; rounding: within tol).
@@ -89,11 +94,7 @@ def test_krum_matches_naive(x, f):
 @given(update_sets(min_n=4), st.integers(0, 3))
 def test_multi_krum_matches_naive(x, f):
     n = len(x)
-    if not n > 2 * f + 2:
-        f = (n - 3) // 2
-    res = multi_krum(torch.from_numpy(x), f)
-    ref = naive_scores(x.astype(np.float64), f)
-    scale = max(1.0, float(ref.max()))
+    res, f, ref, scale = against_naive_scores(multi_krum, x, f)
     m = n - f
     assert len(res.kept) == m
     # Every kept score is no worse than every rejected one (up to rounding).

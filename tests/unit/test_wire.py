@@ -95,6 +95,14 @@ def stream(w, chunk=16):
     return spec, data, digest.digest()
 
 
+def fed(spec, chunks):
+    """A reader of spec that has read chunks."""
+    reader = StreamReader(spec)
+    for c in chunks:
+        reader.feed(c)
+    return reader
+
+
 def test_non_finite_is_invalid_argument():
     w = sample_weights()
     w["w"][3, 2] = float("nan")
@@ -108,15 +116,10 @@ def test_non_finite_is_invalid_argument():
 
 def test_truncated_and_corrupted_are_data_loss():
     spec, data, sha = stream(sample_weights())
-    reader = StreamReader(spec)
-    for c in data[:-1]:
-        reader.feed(c)
     with pytest.raises(WireError) as err:
-        reader.finish(sha)
+        fed(spec, data[:-1]).finish(sha)
     assert err.value.code == "DATA_LOSS"
-    reader = StreamReader(spec)
-    for c in data:
-        reader.feed(c)
+    reader = fed(spec, data)
     with pytest.raises(WireError) as err:
         reader.finish(b"\x00" * 16)
     assert err.value.code == "DATA_LOSS" and "checksum" in str(err.value)
@@ -130,11 +133,8 @@ def test_oversize_is_resource_exhausted():
     with pytest.raises(WireError) as err:
         StreamReader(spec, max_bytes=10)
     assert err.value.code == "RESOURCE_EXHAUSTED"
-    reader = StreamReader(spec)
-    for c in data:
-        reader.feed(c)
     with pytest.raises(WireError) as err:
-        reader.feed(b"\x00" * 4)
+        fed(spec, data).feed(b"\x00" * 4)
     assert err.value.code == "RESOURCE_EXHAUSTED"
 
 
