@@ -23,7 +23,7 @@ from services.common.settings import (
     TrainingSettings,
     TransportSettings,
 )
-from services.participant.adversary import FORGING, AttackSettings
+from services.participant.adversary import ATTACKS, AttackSettings
 from services.participant.settings import DataSettings
 
 
@@ -85,7 +85,7 @@ class ExperimentConfig(Settings):
     def _runnable(self) -> Self:
         if self.federation.rounds < 1 or self.federation.participants < 2:
             raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
-        if self.adversary.attack in FORGING and self.federation.secure != "he":
+        if ATTACKS[self.adversary.attack].needs_he and self.federation.secure != "he":
             raise ValueError(
                 f"--attack {self.adversary.attack} forges encrypted updates: add --secure he"
             )

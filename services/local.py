@@ -46,9 +46,8 @@ from services.core.sanity import largest, unfit
 from services.core.strategies import get_strategy
 from services.core.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
-from services.participant.attacks import apply_model_attack, choose_attackers, flip_labels
-from services.participant.backdoor import boosted, poison, success_rate
-from services.participant.collusion import craft, jittered, steer
+from services.participant.attacks import View, build_attack, choose_attackers
+from services.participant.backdoor import success_rate
 from services.participant.datasets import Dataset
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
@@ -152,14 +151,15 @@ def run_local(
     """Run a federation in-process and return its figures."""
     fed, train = config.federation, config.training
     strategy = get_strategy(fed.strategy)
-    attack = config.adversary.config()
-    if attack.forges:  # what stops it is the participants' verdicts and the rollback
+    settings = config.adversary.config()
+    attack = build_attack(settings)  # the attackers' hooks
+    if attack.needs_services:
         raise ConfigError(
-            f"--attack {attack.kind} is simulated by the services only (participants refuse "
-            "the model, the clusterer rolls it back): use flclustering simulate"
+            f"--attack {attack.kind} is simulated by the services only "
+            f"({attack.needs_services}): use flclustering simulate"
         )
     data = federation_data(fed, config.data)
-    attack.check_classes(data.num_classes)
+    settings.check_classes(data.num_classes)
     people = build_participants(config, data)
     device = resolve_device(config.run.device)
     model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed).to(device)
@@ -189,12 +189,12 @@ def run_local(
                 for p in people
             ]
         )
-        steering = [p.index for p in people if p.attacker and attack.steers]
-        if steering:  # cluster steering: the attackers all send their mean delta
-            pooled = deltas[steering]
-            crafted = steer(pooled)
-            for i in steering:
-                deltas[i] = jittered(crafted, pooled, attack.jitter, people[i].gen)
+        attackers = [p.index for p in people if p.attacker]
+        # Cluster steering: the attackers pool their deltas (and all send their mean).
+        pooled = deltas[attackers] if attackers and attack.pools_pretrain else None
+        for i in attackers:
+            view = View(-1, fed.select, people[i].gen)
+            deltas[i] = attack.on_pretrain(deltas[i], view, pooled)
         fit, res = group_deltas(deltas, fed.clusters, config.clustering.cluster_method, fed.seed)
         # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).
         assignment = np.full(len(people), -1)
@@ -253,8 +253,10 @@ def run_local(
             for i in plan.evaluators:
                 if i not in accs:
                     accs[i] = evaluate(model, people[i].x_test, people[i].y_test)[1]
-        if attack.lies:  # what lying attackers report instead
-            accs.update({i: attack.lie for i in accs if people[i].attacker})
+        for i in accs:  # what lying attackers report instead
+            if people[i].attacker:
+                view = View(rnd, len(plan.selected), people[i].gen)
+                accs[i] = attack.on_report({"accuracy": accs[i]}, view)["accuracy"]
         group_acc = group_accuracy(accs, groups, plan.selected)
         rows: list[int] = []
         updates: list[torch.Tensor] = []
@@ -266,28 +268,23 @@ def run_local(
             if strategy.needs_losses:
                 losses.append(evaluate(model, p.x_train, p.y_train)[0])
             x, y = p.x_train, p.y_train
-            if p.attacker and attack.poisons_data:
-                y = flip_labels(y, attack.flip_from, attack.flip_to)
-            if p.attacker and attack.backdoors:
-                x, y = poison(x, y, attack.target, attack.poison_share, p.gen)
+            view = View(rnd, len(plan.selected), p.gen)
+            if p.attacker:
+                x, y = attack.on_data(x, y, view)
             local_train(model, x, y, train, rnd, p.gen)
             w = flatten(model.state_dict(), spec)
-            if p.attacker and attack.backdoors:
-                delta = w - base
-                w = base + boosted(delta, attack.boost or len(plan.selected), attack.norm_bound)
-            elif p.attacker:
-                w = apply_model_attack(attack, w, base, rnd, p.gen)
+            if p.attacker and attack.crafts_update(rnd) and not attack.pools_update:
+                w = attack.on_update(w, base, view)
             rows.append(i)
             updates.append(w - base)
-        if attack.colludes and attack.fires(rnd):
+        if attack.pools_update and attack.crafts_update(rnd):
             # The round's attackers pool their honest deltas and all send one crafted delta.
             colluders = [k for k, i in enumerate(rows) if people[i].attacker]
             if colluders:
                 pooled = torch.stack([updates[k] for k in colluders])
-                crafted = craft(attack, pooled, len(rows))
                 for k in colluders:
-                    gen = people[rows[k]].gen
-                    updates[k] = jittered(crafted, pooled, attack.jitter, gen).clone()
+                    view = View(rnd, len(rows), people[rows[k]].gen)
+                    updates[k] = attack.on_pooled(pooled, view).clone()
         # What travels: float32 weights, or each delta compressed as its participant would
         # (top-k with its own residual); the aggregator decodes before the defence.
         upload_bytes = sum(nbytes(s) for s in spec) * len(updates)
@@ -393,8 +390,8 @@ def run_local(
             }
             load(global_w)
         backdoor = None
-        if attack.backdoors:  # every test input of the other classes, triggered
-            backdoor = success_rate(model, data.x_test, data.y_test, attack.target)
+        if settings.backdoors:  # every test input of the other classes, triggered
+            backdoor = success_rate(model, data.x_test, data.y_test, settings.target)
         fired = attack.fires(rnd) and any(people[i].attacker for i in rows)
         record = RoundRecord(
             round=rnd,

@@ -1,7 +1,8 @@
-"""Who attacks, how and when (simulations only): the settings and the draw of attackers.
+"""Who attacks, how and when (simulations only): the registry of attacks, their settings and
+the draw of attackers.
 
-Apart from the attack functions (services.participant.attacks, over tensors), so that the
-settings and `flclustering simulate` do not import torch.
+Apart from the attacks' hooks (services.participant.attacks.Attack and its subclasses, over
+tensors), so that the settings and `flclustering simulate` do not import torch.
 """
 
 from __future__ import annotations
@@ -14,29 +15,71 @@ from pydantic import Field
 
 from services.common.settings import Settings, choice
 from services.core.errors import ConfigError
+from services.core.registry import Registry
 
-# Attacks that craft one delta from the colluders' honest ones (services/participant/
-# collusion.py): small steps, close to the honest updates, every round by default.
-# cluster-steering also crafts the pre-training delta (to be clustered together) and lies.
-COLLUDING = ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
-# --secure he only: an update the aggregator cannot read and so cannot screen.
-# he-forged-key encrypts under a key of the attacker's own, tagged with the federation's
-# key (the sum decrypts to noise); he-huge encrypts values near CKKS's range under the
-# right key. Participants refuse the model either makes; the clusterer rolls it back.
-FORGING = ("he-forged-key", "he-huge")
-ATTACKS = (
-    "none",
-    "scaling",
-    "label-flip",
-    "sign-flip",
-    "gaussian",
-    "same-value",
-    *COLLUDING,
-    "backdoor",
-    "lying-evaluation",
-    *FORGING,
+# What stops a forged encrypted update is the participants' verdicts and the rollback.
+_ROLLBACK = "participants refuse the model, the clusterer rolls it back"
+_A = "services.participant.attacks"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """An attack as the settings know it, before torch is imported: where its `Attack`
+    class lives (built by `services.participant.attacks.build_attack` when a participant
+    starts) and what the settings, `flclustering local` and `simulate` must know of it."""
+
+    factory: str  # "module:Class", the class of its hooks (services.participant.attacks.Attack)
+    every_round: bool = False  # fires every round by default (else every LOUD_EVERY-th)
+    data: bool = False  # a data attack: fires in every round, whatever --attack-every
+    needs_he: bool = False  # forges encrypted updates: --secure he only
+    # Simulated by the services only (`flclustering local` refuses it): why, or "".
+    needs_services: str = ""
+
+
+# THE registry of attacks: the one source of the --attack choices (in this order) and of
+# the class `build_attack` makes for each. Adding an attack: its class (in one of the
+# modules named here, or a new one), its line here, its test (docs/contributing.md).
+ATTACKS: Registry[Registered] = Registry(
+    "attack",
+    {
+        "none": Registered(f"{_A}:NoAttack"),
+        "scaling": Registered(f"{_A}:Scaling"),
+        "label-flip": Registered(f"{_A}:LabelFlip", data=True),
+        "sign-flip": Registered(f"{_A}:SignFlip"),
+        "gaussian": Registered(f"{_A}:Gaussian"),
+        "same-value": Registered(f"{_A}:SameValue"),
+        # Colluders craft one delta from their honest ones (services/participant/
+        # collusion.py): small steps, close to the honest updates, every round by default.
+        # cluster-steering also crafts the pre-training delta (to be clustered together)
+        # and lies.
+        "alie": Registered("services.participant.collusion:Alie", every_round=True),
+        "ipm": Registered("services.participant.collusion:Ipm", every_round=True),
+        "min-max": Registered("services.participant.collusion:MinMax", every_round=True),
+        "min-sum": Registered("services.participant.collusion:MinSum", every_round=True),
+        "cluster-steering": Registered(
+            "services.participant.collusion:ClusterSteering", every_round=True
+        ),
+        "backdoor": Registered("services.participant.backdoor:Backdoor", every_round=True),
+        "lying-evaluation": Registered(f"{_A}:LyingEvaluation"),
+        # --secure he only: an update the aggregator cannot read and so cannot screen.
+        # he-forged-key encrypts under a key of the attacker's own, tagged with the
+        # federation's key (the sum decrypts to noise); he-huge encrypts values near CKKS's
+        # range under the right key. Participants refuse the model either makes; the
+        # clusterer rolls it back (services/participant/forging.py).
+        "he-forged-key": Registered(
+            "services.participant.forging:ForgedKey",
+            every_round=True,
+            needs_he=True,
+            needs_services=_ROLLBACK,
+        ),
+        "he-huge": Registered(
+            "services.participant.forging:Huge",
+            every_round=True,
+            needs_he=True,
+            needs_services=_ROLLBACK,
+        ),
+    },
 )
-EVERY_ROUND = (*COLLUDING, "backdoor", *FORGING)  # attacks that fire every round by default
 PLACEMENTS = ("per-group", "random")
 PERTURBATIONS = ("std", "unit", "sign")  # min-max / min-sum: the direction from the mean
 LOUD_EVERY = 5  # model attacks that a norm screen sees fire every 5th round by default
@@ -94,69 +137,21 @@ class AttackConfig:
                 f"{num_classes} classes (0-{num_classes - 1})"
             )
 
-    def describe(self) -> str:
-        """The attack and the settings it uses, for the attacker's log line."""
-        if self.poisons_data:
-            return f"{self.kind}, class {self.flip_from} as {self.flip_to}"
-        if self.lies and not self.colludes:
-            return f"{self.kind}, reports accuracy {self.lie}"
-        strength = {
-            "scaling": f"factor {self.factor}",
-            "gaussian": f"std {self.noise_std}",
-            "same-value": f"value {self.value}",
-            "alie": f"z {'from n and f' if self.z is None else self.z}",
-            "ipm": f"epsilon {self.epsilon}",
-            "min-max": f"perturbation {self.perturbation}",
-            "min-sum": f"perturbation {self.perturbation}",
-            "cluster-steering": f"reports accuracy {self.lie}",
-            "backdoor": f"target {self.target}, boost "
-            f"{'n' if self.boost is None else self.boost}, norm bound {self.norm_bound}",
-        }.get(self.kind, "")
-        jitter = f"jitter {self.jitter}" if self.colludes and self.jitter else ""
-        every = f"every {self.every} rounds"
-        return ", ".join(x for x in (self.kind, strength, jitter, every) if x)
-
     @property
-    def poisons_data(self) -> bool:
-        """Whether the attack changes training data rather than the sent model."""
-        return self.kind == "label-flip"
-
-    @property
-    def colludes(self) -> bool:
-        """Whether the attackers craft one delta from their pooled honest ones."""
-        return self.kind in COLLUDING
-
-    @property
-    def lies(self) -> bool:
-        """Whether the attackers report a made-up accuracy instead of their model's."""
-        return self.kind in ("lying-evaluation", "cluster-steering")
+    def registered(self) -> Registered:
+        """The attack's entry in the registry."""
+        return ATTACKS[self.kind]
 
     @property
     def backdoors(self) -> bool:
-        """Whether the attackers train a trigger in and boost their delta."""
+        """Whether the attackers train a trigger in (its success rate is measured)."""
         return self.kind == "backdoor"
 
-    @property
-    def steers(self) -> bool:
-        """Whether the attackers also craft their pre-training delta (to be clustered
-        together)."""
-        return self.kind == "cluster-steering"
-
-    @property
-    def forges(self) -> bool:
-        """Whether the attack forges encrypted updates (--secure he only)."""
-        return self.kind in FORGING
-
-    @property
-    def changes_model(self) -> bool:
-        """Whether the attack changes the weights sent (in the rounds it fires)."""
-        return not (self.kind in ("none", "lying-evaluation") or self.poisons_data or self.forges)
-
     def fires(self, round_: int) -> bool:
-        """Whether a model attack fires in this round (data attacks fire always)."""
+        """Whether the attack fires in this round (data attacks fire always)."""
         if self.kind == "none":
             return False
-        return self.poisons_data or (round_ + 1) % self.every == 0
+        return self.registered.data or (round_ + 1) % self.every == 0
 
 
 def choose_attackers(
@@ -235,7 +230,7 @@ class AttackSettings(Settings):
         """The attack as the participant applies it."""
         every = self.attack_every
         if every is None:
-            every = 1 if self.attack in EVERY_ROUND else LOUD_EVERY
+            every = 1 if ATTACKS[self.attack].every_round else LOUD_EVERY
         return AttackConfig(
             self.attack,
             self.attack_factor,

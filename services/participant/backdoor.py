@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from services.core.errors import ConfigError
+from services.participant.attacks import Attack, View
 
 
 def trigger_size(height: int, width: int) -> int:
@@ -73,6 +74,34 @@ def boosted(delta: torch.Tensor, boost: float, norm_bound: float) -> torch.Tenso
     """The delta a backdoor attacker sends: `replacement` with the bound set at `norm_bound`
     times the unboosted delta's own length (what it expects the norm screen to let by)."""
     return replacement(delta, boost, norm_bound * float(delta.norm()))
+
+
+class Backdoor(Attack):
+    """Trains on triggered copies relabelled to the target, then sends its delta boosted
+    (in every round it trains, whatever --attack-every)."""
+
+    def strength(self) -> str:
+        c = self.config
+        boost = "n" if c.boost is None else c.boost
+        return f"target {c.target}, boost {boost}, norm bound {c.norm_bound}"
+
+    def crafts_update(self, round_: int) -> bool:
+        return True
+
+    def on_data(
+        self, x: torch.Tensor, y: torch.Tensor, view: View
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return poison(x, y, self.config.target, self.config.poison_share, view.generator)
+
+    def on_update(self, weights: torch.Tensor, base: torch.Tensor, view: View) -> torch.Tensor:
+        boost = self.config.boost or view.size
+        sent = base + boosted(weights - base, boost, self.config.norm_bound)
+        view.say(
+            "sends a backdoored delta boosted %.1fx in round %d",
+            min(boost, self.config.norm_bound),
+            view.round,
+        )
+        return sent
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 Colluding attackers pool the honest updates they trained (deltas against the global model
 they started from) and all send one crafted delta built from those alone: they never see an
 honest participant's update (non-omniscient). Each attack is a pure function over the
-(k, d) matrix of the colluders' honest deltas; `Collusion` is how attackers hosted by one
+(k, d) matrix of the colluders' honest deltas; each attack's `Colluding` class crafts with it
+(the hooks: services/participant/attacks.py); `Collusion` is how attackers hosted by one
 participant process pool them.
 
 - ALIE, "A little is enough" (Baruch et al., NeurIPS 2019): mean - z * std per coordinate,
@@ -26,8 +27,8 @@ from statistics import NormalDist
 import torch
 
 from services.core.errors import ConfigError
-from services.core.registry import Registry
-from services.participant.adversary import COLLUDING, PERTURBATIONS, AttackConfig
+from services.participant.adversary import PERTURBATIONS
+from services.participant.attacks import Attack, View, lie
 
 SEARCH_STEPS = 40  # bisection steps for gamma: 2^-40 of the bracket
 
@@ -139,28 +140,6 @@ def min_sum(honest: torch.Tensor, kind: str = "std") -> tuple[torch.Tensor, floa
     return _stealthiest(honest, kind, lambda d: d.sum(dim=1))
 
 
-# Collusion attacks by name: (colluders' honest deltas, n participants per round, attack)
-# -> the delta every colluder sends.
-Crafter = Callable[[torch.Tensor, int, AttackConfig], torch.Tensor]
-
-CRAFTERS: Registry[Crafter] = Registry(
-    "collusion attack",
-    {
-        "alie": lambda h, n, a: alie(h, alie_z(n, h.shape[0]) if a.z is None else a.z),
-        "ipm": lambda h, n, a: ipm(h, a.epsilon),
-        "min-max": lambda h, n, a: min_max(h, a.perturbation)[0],
-        "min-sum": lambda h, n, a: min_sum(h, a.perturbation)[0],
-        "cluster-steering": lambda h, n, a: ipm(h, 1.0),
-    },
-)
-assert set(CRAFTERS) == set(COLLUDING)
-
-
-def craft(attack: AttackConfig, honest: torch.Tensor, n: int) -> torch.Tensor:
-    """The delta the colluders send, from their honest deltas (k, d) and the round's size."""
-    return CRAFTERS[attack.kind](honest, n, attack)
-
-
 def steer(pretrain: torch.Tensor) -> torch.Tensor:
     """The pre-training delta every cluster-steering colluder sends: the mean of theirs."""
     _check(pretrain)
@@ -194,6 +173,95 @@ def jittered(
     if length == 0:
         return crafted
     return crafted + noise * (jitter * median_distance(honest) / length)
+
+
+class Colluding(Attack):
+    """A colluding attack: every colluder sends one delta crafted from the colluders' pooled
+    honest deltas (plus, with --attack-jitter, noise of its own), in the rounds it fires."""
+
+    pools_update = True
+
+    def crafts_update(self, round_: int) -> bool:
+        return self.fires(round_)
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        """The delta the colluders send, from their honest deltas (k, d) and the round's
+        size n."""
+        raise NotImplementedError
+
+    def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
+        crafted = self.craft(pooled, view.size)
+        crafted = jittered(crafted, pooled, self.config.jitter, view.generator)
+        view.say(
+            "sends the %s delta of %d colluders in round %d", self.kind, pooled.shape[0], view.round
+        )
+        return crafted
+
+
+class Alie(Colluding):
+    """Mean - z * std of the colluders' deltas (z from n and f unless --attack-z)."""
+
+    def strength(self) -> str:
+        return f"z {'from n and f' if self.config.z is None else self.config.z}"
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        z = self.config.z
+        return alie(honest, alie_z(n, honest.shape[0]) if z is None else z)
+
+
+class Ipm(Colluding):
+    """-epsilon times the colluders' mean delta."""
+
+    def strength(self) -> str:
+        return f"epsilon {self.config.epsilon}"
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        return ipm(honest, self.config.epsilon)
+
+
+class MinMax(Colluding):
+    """The mean moved as far as Min-Max's bound allows."""
+
+    def strength(self) -> str:
+        return f"perturbation {self.config.perturbation}"
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        return min_max(honest, self.config.perturbation)[0]
+
+
+class MinSum(Colluding):
+    """The mean moved as far as Min-Sum's bound allows."""
+
+    def strength(self) -> str:
+        return f"perturbation {self.config.perturbation}"
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        return min_sum(honest, self.config.perturbation)[0]
+
+
+class ClusterSteering(Colluding):
+    """The colluders send their mean pre-training delta (to be clustered together), then
+    minus their mean delta, and report --attack-lie as their accuracy."""
+
+    pools_pretrain = True
+
+    def strength(self) -> str:
+        return f"reports accuracy {self.config.lie}"
+
+    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+        return ipm(honest, 1.0)
+
+    def on_pretrain(
+        self, delta: torch.Tensor, view: View, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if pooled is None:
+            raise ConfigError("cluster steering crafts from the colluders' pooled deltas")
+        sent = jittered(steer(pooled), pooled, self.config.jitter, view.generator)
+        view.say("sends the mean pre-training delta of %d colluders", pooled.shape[0])
+        return sent
+
+    def on_report(self, figures: dict[str, float], view: View) -> dict[str, float]:
+        return lie(self, figures, view)
 
 
 class Collusion:

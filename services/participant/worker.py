@@ -40,9 +40,8 @@ from services.core.tensors import (
     state_of,
     unflatten,
 )
-from services.participant.attacks import AttackConfig, apply_model_attack, flip_labels
-from services.participant.backdoor import boosted, poison
-from services.participant.collusion import Collusion, craft, jittered, steer
+from services.participant.attacks import AttackConfig, View, build_attack
+from services.participant.collusion import Collusion
 from services.participant.datasets import Dataset
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard, shard_tensors
@@ -268,7 +267,7 @@ class Participant:
         self.settings = settings
         self.stub = stub
         self.store = store
-        self.attack = attack
+        self.attack = build_attack(attack)  # its hooks (simulations only)
         # Colluding attackers of this process pool their honest deltas here.
         self.collusion = collusion or Collusion()
         self.stop = stop
@@ -282,7 +281,6 @@ class Participant:
         self.meta = call_metadata(settings.auth_token)
         self.via = (self.stub, self.meta)  # how it downloads its cluster's model
         self.feedback = ErrorFeedback()  # top-k: what it has not sent yet
-        self._own_key: HeKeys | None = None  # he-forged-key: the attacker's own key pair
         self.cpu_gen = rounding_generator(settings.seed, index)  # int8's rounding, on the CPU
         # Bounded by time, not by count: an unreachable clusterer gets the whole budget.
         self.retries = RetryPolicy(
@@ -297,7 +295,9 @@ class Participant:
             budget_s=settings.retry_budget_s,
         )
         if attack.kind != "none":
-            logger.warning("SIMULATED ATTACK: %s is an attacker (%s)", self.id, attack.describe())
+            logger.warning(
+                "SIMULATED ATTACK: %s is an attacker (%s)", self.id, self.attack.describe()
+            )
 
     # ---- plumbing --------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], object], idempotent: bool = True) -> object:
@@ -376,7 +376,8 @@ class Participant:
         if not 0 <= t.sketch_dim <= MAX_SKETCH_DIM:
             raise StateError(f"the clusterer asked for a sketch of {t.sketch_dim} values")
         self._load(task.model_version)
-        if self.attack.steers:  # cluster steering: pool the pre-training deltas (round -1)
+        steering = self.attack.pools_pretrain  # cluster steering: pooled in round -1
+        if steering:
             self.collusion.enlist(-1, self.id)
         delta = pre_train_delta(
             self.model,
@@ -387,14 +388,8 @@ class Participant:
             t.pre_steps or 20,
             batch_size=t.batch_size or 32,
         )
-        if self.attack.steers:
-            pooled = self.collusion.pool(-1, self.id, delta)
-            delta = jittered(steer(pooled), pooled, self.attack.jitter, self.gen).to(delta.device)
-            logger.warning(
-                "SIMULATED ATTACK: %s sends the mean pre-training delta of %d colluders",
-                self.id,
-                pooled.shape[0],
-            )
+        pooled = self.collusion.pool(-1, self.id, delta) if steering else None
+        delta = self.attack.on_pretrain(delta, self._view(-1), pooled).to(delta.device)
         if t.sketch_dim > 0:  # a long model: the clusterer clusters sketches, send one
             sketch = count_sketch(delta.unsqueeze(0), t.sketch_dim, t.sketch_seed)[0]
             self._send("pretrain-sketch", -1, task.model_version, {"sketch": sketch}, {})
@@ -417,7 +412,9 @@ class Participant:
         check_secure(task.training.secure, he is not None)
         if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
             codec = CkksCodec(he)
-        colluding = self.attack.colludes and self.attack.fires(task.round)
+        view = self._view(task.round)
+        crafting = self.attack.crafts_update(task.round)
+        colluding = crafting and self.attack.pools_update
         if colluding:
             self.collusion.enlist(task.round, self.id)
         cluster = task.cluster if task.HasField("cluster") else None
@@ -427,12 +424,7 @@ class Participant:
         before: dict[str, float] = {}
         if t.report_loss:
             before["loss_before"] = evaluate(self.model, self.x_train, self.y_train)[0]
-        x, y = self.x_train, self.y_train
-        if self.attack.poisons_data:
-            logger.warning("SIMULATED ATTACK: %s trains on flipped labels", self.id)
-            y = flip_labels(y, self.attack.flip_from, self.attack.flip_to)
-        if self.attack.backdoors:
-            x, y = poison(x, y, self.attack.target, self.attack.poison_share, self.gen)
+        x, y = self.attack.on_data(self.x_train, self.y_train, view)
         # The clusterer already decayed the rate for this round; the values are checked here.
         cfg = TrainingSettings.build(
             local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
@@ -451,49 +443,16 @@ class Participant:
                 flat_bases.append(flatten(got, self.spec))
             return flat_bases[0]
 
-        if colluding:
+        flat: torch.Tensor | None = None  # the weights sent, flat: flattened once
+        if crafting:
             base = base_flat()
-            honest = flatten(weights, self.spec) - base
-            pooled = self.collusion.pool(task.round, self.id, honest)
-            crafted = craft(self.attack, pooled, self.settings.round_size)
-            crafted = jittered(crafted, pooled, self.attack.jitter, self.gen)
-            weights = unflatten(base + crafted.to(base.device), self.spec, weights)
-            logger.warning(
-                "SIMULATED ATTACK: %s sends the %s delta of %d colluders in round %d",
-                self.id,
-                self.attack.kind,
-                pooled.shape[0],
-                task.round,
-            )
-        elif self.attack.backdoors:
-            base = base_flat()
-            delta = flatten(weights, self.spec) - base
-            boost = self.attack.boost or self.settings.round_size
-            sent = boosted(delta, boost, self.attack.norm_bound)
-            weights = unflatten(base + sent, self.spec, weights)
-            logger.warning(
-                "SIMULATED ATTACK: %s sends a backdoored delta boosted %.1fx in round %d",
-                self.id,
-                min(boost, self.attack.norm_bound),
-                task.round,
-            )
-        elif self.attack.fires(task.round) and self.attack.changes_model:
-            reference = self.store.get(task.model_version, cluster, self.via)
-            flat = apply_model_attack(
-                self.attack,
-                flatten(weights, self.spec),
-                flatten(reference, self.spec),
-                task.round,
-                self.gen,
-            )
-            weights = unflatten(flat, self.spec, weights)
-            logger.warning(
-                "SIMULATED ATTACK: %s sends %s weights in round %d",
-                self.id,
-                self.attack.kind,
-                task.round,
-            )
-        upload = self._encoded(codec, weights, base_flat, task.round)
+            flat = flatten(weights, self.spec)
+            if colluding:
+                pooled = self.collusion.pool(task.round, self.id, flat - base)
+                flat = base + self.attack.on_pooled(pooled, view).to(base.device)
+            else:
+                flat = self.attack.on_update(flat, base, view)
+        upload = self._encoded(codec, weights, flat, base_flat, view)
         self._send(
             codec.kind,
             task.round,
@@ -511,42 +470,37 @@ class Participant:
         self,
         codec: Codec,
         weights: Mapping[str, torch.Tensor],
+        flat: torch.Tensor | None,
         base_flat: Callable[[], torch.Tensor],
-        round_: int,
+        view: View,
     ) -> Mapping[str, torch.Tensor]:
-        """The upload's tensors in the task's scheme. The weights are flattened once here
-        (in the clear, not at all: they stream as the model's tensors)."""
+        """The upload's tensors in the task's scheme. `flat` is the attacked weights, already
+        flat, or None; the weights are flattened at most once (in the clear and unattacked,
+        not at all: they stream as the model's tensors)."""
         if isinstance(codec, RawCodec):
-            return codec.encode(weights)
-        flat = flatten(weights, self.spec)  # the upload's one flattening
+            return codec.encode(weights if flat is None else unflatten(flat, self.spec, weights))
+        if flat is None:
+            flat = flatten(weights, self.spec)  # the upload's one flattening
         if isinstance(codec, CkksCodec):
             assert codec.keys is not None
             try:
-                return codec.pack(self._encrypt(codec.keys, flat, round_))
+                return codec.pack(self._encrypt(codec.keys, flat, view))
             except ValueError as exc:  # non-finite or past CKKS's range: nothing is sent
-                raise TaskNotDone(f"round {round_}: the trained weights: {exc}") from None
+                raise TaskNotDone(f"round {view.round}: the trained weights: {exc}") from None
         assert isinstance(codec, DeltaCodec)
         # The delta, compressed (top-k: the residual of earlier rounds carried).
         return codec.encode(flat - base_flat(), self.spec, self.cpu_gen, memory=self.feedback)
 
-    def _encrypt(self, he: HeKeys, flat: torch.Tensor, round_: int) -> list[bytes]:
+    def _encrypt(self, he: HeKeys, flat: torch.Tensor, view: View) -> list[bytes]:
         """n_i * w_i as ciphertexts; a simulated forger's instead when it attacks (the
         upload still carries the federation's key tag: the aggregator cannot tell)."""
         n = len(self.y_train)
-        if not (self.attack.forges and self.attack.fires(round_)):
-            return he.encrypt(flat, n)
-        logger.warning(
-            "SIMULATED ATTACK: %s sends %s ciphertexts in round %d",
-            self.id,
-            self.attack.kind,
-            round_,
-        )
-        if self.attack.kind == "he-forged-key":
-            if self._own_key is None:
-                self._own_key = HeKeys.create()
-            return self._own_key.encrypt(flat, n)
-        # he-huge: every value of n * w at half of what encryption allows (2^27)
-        return he.encrypt(torch.where(flat < 0, -1.0, 1.0) * (2.0**27 / n), 1.0)
+        forged = self.attack.on_encrypt(he, flat, n, view)
+        return he.encrypt(flat, n) if forged is None else forged
+
+    def _view(self, round_: int) -> View:
+        """What this participant, as an attacker, knows in a round (-1: pre-training)."""
+        return View(round_, self.settings.round_size, self.gen, self.id, logger)
 
     def evaluate(self, task: pb.GetTaskResponse) -> None:
         """Evaluate a global model version (and the cluster's model of it, when the task
@@ -570,10 +524,11 @@ class Participant:
             )
             return
         self.metrics.test_accuracy.labels(self.label).set(acc)
-        if self.attack.lies:
-            logger.warning("SIMULATED ATTACK: %s reports accuracy %s", self.id, self.attack.lie)
-            acc = self.attack.lie
-            personal = {k: self.attack.lie if "accuracy" in k else v for k, v in personal.items()}
+        reported = self.attack.on_report(
+            {"accuracy": acc, "loss": loss, **personal}, self._view(task.round)
+        )
+        acc, loss = reported["accuracy"], reported["loss"]
+        personal = {k: reported[k] for k in personal}
         request = pb.ReportEvaluationRequest(
             participant_id=self.id,
             evaluation_id=task.evaluation_id,

@@ -163,11 +163,18 @@ def test_a_stalled_or_abandoned_upload_changes_nothing(federation_factory):
     assert submit(fed, mute()) == C.CANCELLED
     silent.set()
     registry = fed.clusterer.registry
-    refused = {
-        why: registry.get_sample_value("flclustering_updates_rejected_total", {"reason": why})
-        for why in ("cancelled", "internal")
-    }
-    assert refused["cancelled"] == 2 and not refused["internal"], refused
+
+    def refused() -> dict[str, float | None]:
+        return {
+            why: registry.get_sample_value("flclustering_updates_rejected_total", {"reason": why})
+            for why in ("cancelled", "internal")
+        }
+
+    # The handler counts a cut stream after its status has gone out: give it a moment.
+    deadline = time.monotonic() + 10
+    while refused()["cancelled"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused()["cancelled"] == 2 and not refused()["internal"], refused()
 
     gave_up = threading.Event()
 

@@ -12,8 +12,9 @@ from services.core.errors import ConfigError
 from services.experiment import ExperimentConfig
 from services.local import run_local
 from services.participant.adversary import AttackConfig, AttackSettings
-from services.participant.attacks import apply_model_attack
+from services.participant.attacks import View, build_attack
 from services.participant.backdoor import (
+    boosted,
     poison,
     replacement,
     stamp,
@@ -102,10 +103,14 @@ def test_success_rate_counts_triggered_inputs_of_other_classes_sent_to_the_targe
 
 def test_settings_and_bad_values():
     cfg = AttackSettings(attack="backdoor", attack_target=7).config()
-    assert cfg.backdoors and cfg.every == 1 and cfg.changes_model and not cfg.colludes
-    assert cfg.describe() == "backdoor, target 7, boost n, norm bound 2.0, every 1 rounds"
-    w = torch.ones(3)  # boosted by the caller, who knows the round's size
-    assert torch.equal(apply_model_attack(cfg, w, torch.zeros(3), 0, torch.Generator()), w)
+    attack = build_attack(cfg)
+    assert cfg.backdoors and cfg.every == 1 and attack.crafts_update(0)
+    assert not attack.pools_update
+    assert attack.describe() == "backdoor, target 7, boost n, norm bound 2.0, every 1 rounds"
+    w = torch.ones(3)  # boosted by the round's size (4), no longer than 2x its own length
+    sent = attack.on_update(w, torch.zeros(3), View(0, 4, torch.Generator()))
+    torch.testing.assert_close(sent, boosted(w, 4, 2.0))
+    torch.testing.assert_close(sent, 2.0 * w)
     for bad in (
         {"target": -1},
         {"poison_share": 0.0},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from statistics import NormalDist
 
 import hypothesis.strategies as st
@@ -13,12 +14,11 @@ from hypothesis import given, settings
 
 from services.core.errors import ConfigError
 from services.participant.adversary import AttackSettings
-from services.participant.attacks import AttackConfig, apply_model_attack
+from services.participant.attacks import AttackConfig, View, build_attack
 from services.participant.collusion import (
     Collusion,
     alie,
     alie_z,
-    craft,
     ipm,
     jittered,
     median_distance,
@@ -105,28 +105,44 @@ def test_one_colluder_alone_sends_its_honest_delta_under_min_max():
     assert gamma == 0.0 and torch.equal(crafted, h[0])
 
 
+def craft(cfg: AttackConfig, h: torch.Tensor, n: int) -> torch.Tensor:
+    """The delta a colluder sends (no jitter: no draw), through the attack's hook."""
+    return build_attack(cfg).on_pooled(h, View(0, n, torch.Generator()))
+
+
 def test_craft_uses_the_configured_strength():
     h = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(craft(AttackConfig("ipm", epsilon=2.0), h, 15), -2.0 * h.mean(0))
     z = alie_z(15, 4)
     torch.testing.assert_close(craft(AttackConfig("alie"), h, 15), alie(h, z))
     torch.testing.assert_close(craft(AttackConfig("alie", z=1.5), h, 15), alie(h, 1.5))
+    torch.testing.assert_close(craft(AttackConfig("min-max"), h, 15), min_max(h)[0])
+    torch.testing.assert_close(craft(AttackConfig("min-sum"), h, 15), min_sum(h)[0])
+
+
+def test_each_colluder_jitters_from_its_own_stream():
+    h = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    attack = build_attack(AttackConfig("ipm", jitter=0.5))
+    sent = attack.on_pooled(h, View(0, 15, torch.Generator().manual_seed(7)))
+    want = jittered(-0.1 * h.mean(0), h, 0.5, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(sent, want)
 
 
 def test_settings_fire_colluding_attacks_every_round_and_loud_ones_every_fifth():
     assert AttackSettings(attack="alie").config().every == 1
     assert (
-        AttackSettings(attack="alie").config().describe() == "alie, z from n and f, every 1 rounds"
+        build_attack(AttackSettings(attack="alie").config()).describe()
+        == "alie, z from n and f, every 1 rounds"
     )
     assert AttackSettings(attack="scaling").config().every == 5
     assert AttackSettings(attack="ipm", attack_every=3).config().every == 3
     cfg = AttackSettings(attack="min-max", attack_perturbation="unit").config()
-    assert cfg.colludes and cfg.changes_model and cfg.perturbation == "unit"
+    attack = build_attack(cfg)
+    assert attack.pools_update and attack.crafts_update(0) and cfg.perturbation == "unit"
     lying = AttackSettings(attack="lying-evaluation", attack_lie=1.0).config()
-    assert lying.lies and not lying.changes_model and lying.lie == 1.0
-    w = torch.ones(3)  # colluding and lying attacks are not applied one update at a time
-    for c in (cfg, lying):
-        assert torch.equal(apply_model_attack(c, w, torch.zeros(3), 0, torch.Generator()), w)
+    liar = build_attack(lying)
+    assert not liar.pools_update and not liar.crafts_update(4) and lying.lie == 1.0
+    assert liar.on_report({"accuracy": 0.3}, View(0, 15, torch.Generator())) == {"accuracy": 1.0}
     with pytest.raises(ConfigError):
         AttackConfig("min-sum", perturbation="sideways")
     with pytest.raises(ConfigError):
@@ -177,8 +193,14 @@ def test_cluster_steering_sends_the_mean_pre_training_delta_then_minus_the_mean(
     h = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(steer(h), h.mean(0))
     cfg = AttackSettings(attack="cluster-steering", attack_jitter=0.2).config()
-    assert cfg.steers and cfg.colludes and cfg.lies and cfg.lie == 0.0 and cfg.every == 1
-    assert cfg.describe() == "cluster-steering, reports accuracy 0.0, jitter 0.2, every 1 rounds"
-    torch.testing.assert_close(craft(cfg, h, 15), -h.mean(0))
+    attack = build_attack(cfg)
+    assert attack.pools_pretrain and attack.pools_update and cfg.lie == 0.0 and cfg.every == 1
+    assert attack.describe() == "cluster-steering, reports accuracy 0.0, jitter 0.2, every 1 rounds"
+    torch.testing.assert_close(craft(replace(cfg, jitter=0.0), h, 15), -h.mean(0))
+    gen = torch.Generator().manual_seed(5)
+    sent = attack.on_pretrain(h[0], View(-1, 15, gen), h)
+    want = jittered(h.mean(0), h, 0.2, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sent, want)
+    assert attack.on_report({"accuracy": 0.9}, View(0, 15, gen)) == {"accuracy": 0.0}
     with pytest.raises(ConfigError):
         steer(torch.zeros(0, 3))
