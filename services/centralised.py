@@ -17,16 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from services.common.figures import accuracy_summary, group_means
 from services.core.device import resolve_device
 from services.core.models import build_model
 from services.core.record import Layout, RoundRecord
 from services.core.tensors import state_of
 from services.experiment import ExperimentConfig
-from services.local import RunResult, build_participants, card_of
+from services.local import RunResult, build_participants, card_of, measured
 from services.participant.partition import federation_data
 from services.participant.training import evaluate, local_train
 
@@ -55,35 +53,16 @@ def run_centralised(
         ].to(device)
         fit = local_train(model, x[order], y[order], once, rnd, gen)
         figs = [evaluate(model, p.x_test, p.y_test) for p in people]
-        summary = accuracy_summary([a for _, a in figs])
         record = RoundRecord(
             round=rnd,
             layout=Layout.CENTRALISED,
-            mean_accuracy=summary.mean,
-            mean_loss=float(np.mean([lo for lo, _ in figs])),
-            accuracy_std=summary.std,
-            worst_accuracy=summary.worst,
-            worst_decile_accuracy=summary.worst_decile,
-            group_accuracy=group_means(
-                {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
-                {p.index: p.group for p in people},
-            ),
+            **measured(people, figs),
             train_loss=fit.loss,
             examples=fit.examples,
             duration_s=time.perf_counter() - start,
             rejected=0,
         ).to_dict()
-        result.rounds.append(record)
-        if progress is not None:
-            progress(record)
-    last = result.rounds[-1]
-    result.final = {
-        k: last[k]
-        for k in ("mean_accuracy", "accuracy_std", "worst_accuracy", "worst_decile_accuracy")
-    }
-    if last["group_accuracy"]:
-        result.final["group_accuracy"] = last["group_accuracy"]
-        result.final["worst_group_accuracy"] = min(last["group_accuracy"].values())
+        result.add(record, progress)
     result.weights = dict(state_of(model))
     result.card = card_of(config, data, result.final)
     return result

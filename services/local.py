@@ -73,6 +73,10 @@ class Participant:
         return len(self.y_train)
 
 
+# The final summary's figures, from the last round's record.
+FINAL = ("mean_accuracy", "accuracy_std", "worst_accuracy", "worst_decile_accuracy")
+
+
 @dataclass
 class RunResult:
     """Per-round figures, the clustering and the final summary."""
@@ -86,6 +90,16 @@ class RunResult:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     card: ModelCard | None = None
 
+    def add(self, record: dict[str, Any], progress: Callable[[dict], None] | None) -> None:
+        """Keep a round's record and show it; the last one's summary is the final one."""
+        self.rounds.append(record)
+        if progress is not None:
+            progress(record)
+        self.final = {k: record[k] for k in FINAL}
+        if record["group_accuracy"]:
+            self.final["group_accuracy"] = record["group_accuracy"]
+            self.final["worst_group_accuracy"] = min(record["group_accuracy"].values())
+
 
 def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
     """Which participants attack (the same draw for local runs and simulations)."""
@@ -94,6 +108,23 @@ def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
         return set()
     rng = np.random.default_rng(config.federation.seed + 1)
     return choose_attackers(groups, a.attack_rate, a.attack_placement, rng)
+
+
+def measured(people: list[Participant], figs: list[tuple[float, float]]) -> dict[str, Any]:
+    """A round's record fields from every participant's (loss, accuracy) on its own test
+    split: the same for the in-process federation and the centralised baseline."""
+    summary = accuracy_summary([a for _, a in figs])
+    return {
+        "mean_accuracy": summary.mean,
+        "mean_loss": float(np.mean([lo for lo, _ in figs])),
+        "accuracy_std": summary.std,
+        "worst_accuracy": summary.worst,
+        "worst_decile_accuracy": summary.worst_decile,
+        "group_accuracy": group_means(
+            {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
+            {p.index: p.group for p in people},
+        ),
+    }
 
 
 def build_participants(config: ExperimentConfig, data: Dataset) -> list[Participant]:
@@ -368,11 +399,6 @@ def run_local(
         shaped = [str(i) for k, i in enumerate(rows) if k not in outcome.rejected_updates]
         quarantine.record(shaped, rolled_back or bool(refused))
         published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
-        summary = accuracy_summary([a for _, a in figs])
-        by_group = group_means(
-            {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
-            {p.index: p.group for p in people},
-        )
         personal: dict[str, Any] = {}
         if fed.personalise:  # ... and the model of its cluster, the one it serves
             mine: dict[int, float] = {}
@@ -396,15 +422,8 @@ def run_local(
         record = RoundRecord(
             round=rnd,
             layout=Layout.LOCAL,
-            mean_accuracy=summary.mean,
-            mean_loss=float(np.mean([lo for lo, _ in figs])),
-            accuracy_std=summary.std,
-            worst_accuracy=summary.worst,
-            worst_decile_accuracy=summary.worst_decile,
-            group_accuracy=by_group,
-            cluster_accuracy=group_means(
-                {p.index: a for p, (_, a) in zip(people, figs, strict=True)}, groups
-            ),
+            **measured(people, figs),
+            cluster_accuracy=group_means(published, groups),
             duration_s=time.perf_counter() - start,
             rejected=len(outcome.rejected_updates),
             rejected_attackers=rejected_attackers,
@@ -431,19 +450,8 @@ def run_local(
             backdoor_success_rate=backdoor,
             **personal,
         ).to_dict()
-        result.rounds.append(record)
-        if progress is not None:
-            progress(record)
+        result.add(record, progress)
     last = result.rounds[-1]
-    result.final = {
-        "mean_accuracy": last["mean_accuracy"],
-        "accuracy_std": last["accuracy_std"],
-        "worst_accuracy": last["worst_accuracy"],
-        "worst_decile_accuracy": last["worst_decile_accuracy"],
-    }
-    if last["group_accuracy"]:
-        result.final["group_accuracy"] = last["group_accuracy"]
-        result.final["worst_group_accuracy"] = min(last["group_accuracy"].values())
     for key in ("mean_accuracy", "accuracy_std", "worst_accuracy", "group_accuracy"):
         if f"personal_{key}" in last:
             result.final[f"personal_{key}"] = last[f"personal_{key}"]

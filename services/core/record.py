@@ -23,6 +23,18 @@ class Layout(enum.Enum):
     CENTRALISED = "centralised"  # flclustering centralised
 
 
+# What every in-process command measures each round from the participants' own test splits
+# (local.measured builds these fields), first in its records.
+MEASURED = (
+    "round",
+    "mean_accuracy",
+    "mean_loss",
+    "accuracy_std",
+    "worst_accuracy",
+    "worst_decile_accuracy",
+    "group_accuracy",
+)
+
 ORDER = {
     Layout.SERVICE: (
         "round",
@@ -62,13 +74,7 @@ ORDER = {
         "convicted",
     ),
     Layout.LOCAL: (
-        "round",
-        "mean_accuracy",
-        "mean_loss",
-        "accuracy_std",
-        "worst_accuracy",
-        "worst_decile_accuracy",
-        "group_accuracy",
+        *MEASURED,
         "cluster_accuracy",
         "duration_s",
         "rejected",
@@ -97,13 +103,7 @@ ORDER = {
         "backdoor_success_rate",
     ),
     Layout.CENTRALISED: (
-        "round",
-        "mean_accuracy",
-        "mean_loss",
-        "accuracy_std",
-        "worst_accuracy",
-        "worst_decile_accuracy",
-        "group_accuracy",
+        *MEASURED,
         "train_loss",
         "examples",
         "duration_s",

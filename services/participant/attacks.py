@@ -131,9 +131,11 @@ class Attack:
         """Whether `on_update` (or, colluding, `on_pooled`) makes this round's upload."""
         return False
 
+    STRENGTH = ""  # its settings for the attacker's log line, `c` being its config
+
     def strength(self) -> str:
         """Its settings, for the attacker's log line ("" when none)."""
-        return ""
+        return self.STRENGTH.format(c=self.config)
 
     def periodic(self) -> bool:
         """Whether the log line names its period (--attack-every)."""
@@ -210,8 +212,7 @@ class _ModelAttack(Attack):
 class Scaling(_ModelAttack):
     """The weights times --attack-factor (the research code sends -w)."""
 
-    def strength(self) -> str:
-        return f"factor {self.config.factor}"
+    STRENGTH = "factor {c.factor}"
 
     def craft(self, weights: torch.Tensor, base: torch.Tensor, view: View) -> torch.Tensor:
         return scale(weights, self.config.factor)
@@ -227,8 +228,7 @@ class SignFlip(_ModelAttack):
 class Gaussian(_ModelAttack):
     """The weights plus Gaussian noise of --attack-noise-std (drawn from its stream)."""
 
-    def strength(self) -> str:
-        return f"std {self.config.noise_std}"
+    STRENGTH = "std {c.noise_std}"
 
     def craft(self, weights: torch.Tensor, base: torch.Tensor, view: View) -> torch.Tensor:
         return gaussian(weights, self.config.noise_std, view.generator)
@@ -237,8 +237,7 @@ class Gaussian(_ModelAttack):
 class SameValue(_ModelAttack):
     """Every weight set to one constant."""
 
-    def strength(self) -> str:
-        return f"value {self.config.value}"
+    STRENGTH = "value {c.value}"
 
     def craft(self, weights: torch.Tensor, base: torch.Tensor, view: View) -> torch.Tensor:
         return same_value(weights, self.config.value)
@@ -247,8 +246,7 @@ class SameValue(_ModelAttack):
 class LabelFlip(Attack):
     """A data attack: class flip_from relabelled as flip_to, every round."""
 
-    def strength(self) -> str:
-        return f"class {self.config.flip_from} as {self.config.flip_to}"
+    STRENGTH = "class {c.flip_from} as {c.flip_to}"
 
     def periodic(self) -> bool:
         return False
@@ -269,8 +267,7 @@ def lie(attack: Attack, figures: dict[str, float], view: View) -> dict[str, floa
 class LyingEvaluation(Attack):
     """Reports a made-up accuracy instead of its model's."""
 
-    def strength(self) -> str:
-        return f"reports accuracy {self.config.lie}"
+    STRENGTH = "reports accuracy {c.lie}"
 
     def periodic(self) -> bool:
         return False

@@ -212,8 +212,7 @@ class Alie(Colluding):
 class Ipm(Colluding):
     """-epsilon times the colluders' mean delta."""
 
-    def strength(self) -> str:
-        return f"epsilon {self.config.epsilon}"
+    STRENGTH = "epsilon {c.epsilon}"
 
     def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
         return ipm(honest, self.config.epsilon)
@@ -222,8 +221,7 @@ class Ipm(Colluding):
 class MinMax(Colluding):
     """The mean moved as far as Min-Max's bound allows."""
 
-    def strength(self) -> str:
-        return f"perturbation {self.config.perturbation}"
+    STRENGTH = "perturbation {c.perturbation}"
 
     def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
         return min_max(honest, self.config.perturbation)[0]
@@ -232,8 +230,7 @@ class MinMax(Colluding):
 class MinSum(Colluding):
     """The mean moved as far as Min-Sum's bound allows."""
 
-    def strength(self) -> str:
-        return f"perturbation {self.config.perturbation}"
+    STRENGTH = "perturbation {c.perturbation}"
 
     def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
         return min_sum(honest, self.config.perturbation)[0]
@@ -245,8 +242,7 @@ class ClusterSteering(Colluding):
 
     pools_pretrain = True
 
-    def strength(self) -> str:
-        return f"reports accuracy {self.config.lie}"
+    STRENGTH = "reports accuracy {c.lie}"
 
     def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
         return ipm(honest, 1.0)
