@@ -30,7 +30,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
-from services.clusterer.state import ClustererState, Evaluation, RoundProgress, TaskKind
+from services.clusterer.state import ClustererState, Evaluation, RoundProgress
 from services.clusterer.store import ClustererStore
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.metrics import cluster_label
@@ -42,7 +42,7 @@ from services.common.wire import spec_from_pb
 from services.core.clustering import group_deltas
 from services.core.errors import ConfigError, StateError
 from services.core.plan import evaluation_sample, group_accuracy, plan_round
-from services.core.quarantine import judge
+from services.core.quarantine import Judgement, judge
 from services.core.record import RoundRecord
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
@@ -401,10 +401,9 @@ class Coordinator(ClustererParts):
         the aggregator's; without a record, the aggregator's round."""
         status = self._aggregator_status()
         at = int(status.open_round)
-        mine = self.state.next_round()
-        if mine is not None:
-            p = self.state.progress
-            step = p.step if p is not None else "planned"
+        record = self.state.next_step()
+        if record is not None:
+            mine, step = record
             # Aggregate may have been answered (and the answer lost) once a round closed.
             ok = {"aggregating": (mine, mine + 1), "aggregated": (mine + 1,)}.get(step, (mine,))
             if at not in ok:
@@ -439,17 +438,14 @@ class Coordinator(ClustererParts):
 
     # ---- phases ----------------------------------------------------------------------
     def _wait_for_members(self) -> None:
-        self.state.set_phase("waiting")
-        self._wait(lambda: self.state.joined() >= self.fed.participants, None)
-        logger.info("%d participants joined", self.state.joined())
+        joined = self.state.gather(self.fed.participants, self._wait)
+        logger.info("%d participants joined", joined)
 
     def _pretrain_and_cluster(self) -> None:
         """Pre-train (after a restart: only members without a delta) and cluster."""
         if self.state.stage != "clustering":
             began = time.monotonic()
-            members = self.state.start_pretraining()
-            self._wait(lambda: self.state.has_pretrained(members), self.timing.pretrain_timeout_s)
-            missed = self.state.cancel(members, TaskKind.PRETRAIN)
+            members, missed = self.state.pretrain(self._wait, self.timing.pretrain_timeout_s)
             self.metrics.timed_out.labels("pretrain").inc(len(missed))
             logger.info(
                 "pre-training: %d of %d deltas in %.2fs",
@@ -457,8 +453,7 @@ class Coordinator(ClustererParts):
                 len(members),
                 time.monotonic() - began,
             )
-        self.state.start_clustering()
-        have, deltas = self.state.pretrained()
+        have, deltas = self.state.begin_clustering()
         if not have:
             raise RuntimeError("no participant sent a pre-training delta")
         stacked = torch.stack(deltas)
@@ -494,22 +489,24 @@ class Coordinator(ClustererParts):
 
     def _evaluate(self, participants: list[str], tag: str) -> dict[str, Evaluation]:
         """Have participants evaluate the current model; wait for all or the deadline."""
-        asked = self.state.start_evaluation(tag, participants)
-        self._wait(lambda: self.state.evaluated(tag, asked), self.timing.eval_timeout_s)
-        results, missed = self.state.close_evaluation(tag, asked)
+        results, missed = self.state.evaluate(
+            tag, participants, self._wait, self.timing.eval_timeout_s
+        )
         self.metrics.timed_out.labels("evaluate").inc(len(missed))
         return results
 
-    def _plan(self, r: int) -> RoundProgress:
-        """Select and choose evaluators once; the plan is durable before anyone is asked."""
-        active, groups = self.state.start_round(r, self.timing.liveness_s)
+    def _plan(
+        self, r: int, active: int, groups: dict[str, int]
+    ) -> tuple[dict[str, int], tuple[str, ...]]:
+        """Select and choose evaluators once among the selectable active members (the state
+        makes the plan durable before anyone is asked): (selected, evaluators)."""
         self.metrics.active.set(active)
         if not active:
             raise RuntimeError("no active, clustered participant is left")
         plan = plan_round(
             self.strategy, groups, r, self.fed.select, self.fed.eval_per_cluster, self.rng
         )
-        return self.state.plan(r, plan.selected, plan.evaluators)
+        return plan.selected, plan.evaluators
 
     def _pre_evaluate(self, r: int, progress: RoundProgress) -> dict[int, float]:
         """The accuracy of the current model per selected cluster: the median over every
@@ -536,22 +533,25 @@ class Coordinator(ClustererParts):
     def _collect(self, r: int, progress: RoundProgress) -> None:
         """Collect updates until all selected answered or the deadline, let the uploads
         under way finish, and close the round with what the aggregator holds."""
-        deadline = time.monotonic() + self.timing.round_timeout_s
-        while not self._wait(self.state.all_received, min(PEEK_S, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                break
-            # An update the aggregator kept but whose answer was lost (it died answering)
-            # is refused as a duplicate when resent: count it from the aggregator's list.
-            self.state.acknowledge(r, self._acknowledged(r, patient=False))
-        self.state.stop_collecting()
+        # While collecting: an update the aggregator kept but whose answer was lost (it died
+        # answering) is refused as a duplicate when resent: count it from the aggregator's
+        # list, read every PEEK_S.
+        self.state.collect(
+            r,
+            self._wait,
+            self.timing.round_timeout_s,
+            PEEK_S,
+            lambda: self._acknowledged(r, patient=False),
+        )
         # An upload under way may still be acknowledged by the aggregator: wait for it
         # (streams are cut when idle or too long), so that what the aggregator holds when
         # asked below is all the round gets.
-        if not self._wait(self.state.uploads_settled, self.timing.stream_idle_s):
-            logger.warning(
-                "round %d: cut %d upload(s) still streaming", r, self.state.cut_uploads()
-            )
-            self._wait(self.state.uploads_settled, CUT_WAIT_S)
+        self.state.settle_uploads(
+            self._wait,
+            self.timing.stream_idle_s,
+            CUT_WAIT_S,
+            lambda cut: logger.warning("round %d: cut %d upload(s) still streaming", r, cut),
+        )
         needed = math.ceil(self.fed.min_share * len(progress.selected))
         self.state.close_round(self._acknowledged(r), needed)
         self.metrics.timed_out.labels("train").inc(len(progress.timed_out))
@@ -575,12 +575,11 @@ class Coordinator(ClustererParts):
 
     def _round(self, r: int) -> None:
         """Round r from its start, or from the step a restored state reached."""
-        p = self.state.progress
-        if p is not None and p.round == r:
-            progress = self.state.resume_round(r)
+        progress, resumed = self.state.begin_round(
+            r, self.timing.liveness_s, lambda active, groups: self._plan(r, active, groups)
+        )
+        if resumed:
             logger.info("round %d: resuming at step %s", r, progress.step)
-        else:
-            progress = self._plan(r)
         self.metrics.round.set(r)
         self.metrics.selected.set(len(progress.selected))
         began = time.monotonic()
@@ -599,17 +598,24 @@ class Coordinator(ClustererParts):
             began = self._took(r, "aggregate", began)
         self._finish_round(r, progress, began)
 
-    def _rollback(self, r: int, progress: RoundProgress, reason: str) -> int:
+    def _rollback(
+        self, r: int, progress: RoundProgress, reason: str, judgement: Judgement | None
+    ) -> int:
         """Have the aggregator publish a copy of the round's base version (idempotent
-        there; the answer is saved before anything else happens); the new version."""
-        if progress.rollback is None:
-            request = agg_pb.RollbackRequest(
-                round=r, to_version=progress.base_version, reason=reason[:200]
-            )
+        there; the answer is saved before anything else happens; judgement, when new, is
+        saved before it is asked); the new version."""
+        request = agg_pb.RollbackRequest(
+            round=r, to_version=progress.base_version, reason=reason[:200]
+        )
+
+        def ask() -> dict[str, Any]:
             reply: agg_pb.RollbackResponse = self._ask_aggregator("Rollback", request, timeout=60)
-            self.state.rolled_back(r, MessageToDict(reply, preserving_proto_field_name=True))
+            return MessageToDict(reply, preserving_proto_field_name=True)
+
+        saved, asked = self.state.roll_back(r, judgement, ask)
+        if asked:
             self.metrics.rollbacks.inc()
-        answer = ParseDict(progress.rollback or {}, agg_pb.RollbackResponse())
+        answer = ParseDict(saved or {}, agg_pb.RollbackResponse())
         logger.warning(
             "round %d: %s: rolled back; version %d is a copy of version %d",
             r,
@@ -619,16 +625,6 @@ class Coordinator(ClustererParts):
         )
         self._refresh_model(int(answer.model_version))
         return int(answer.model_version)
-
-    def _check_progress(self, r: int) -> None:
-        """Stop (Diverging) when the last MAX_ROLLBACKS rounds were all rolled back: the
-        federation makes no progress, and the last good model is what it has."""
-        last = self.state.history[-MAX_ROLLBACKS:]
-        if len(last) == MAX_ROLLBACKS and all(h.failed for h in last):
-            raise Diverging(
-                f"rounds {last[0].round}-{r} were all rolled back or their merges refused: "
-                f"stopping with the last good model, version {self.state.model_version}"
-            )
 
     def _took(self, r: int, phase: str, began: float) -> float:
         """Note the phase that began at `began` as done now; the time it ended."""
@@ -643,17 +639,15 @@ class Coordinator(ClustererParts):
         version = int(reply.model_version)
         judged = progress.judgement
         evals: dict[str, Evaluation] = {}
+        new_judgement: Judgement | None = None
         if judged is None:  # not judged before a restart: serve the new version, evaluate it
             self._refresh_model(version)
             tag = f"post-{r}"
-            asked = self.state.asked_for(tag)
-            if asked is None:
-                asked = evaluation_sample(
-                    self.state.active_groups(self.timing.liveness_s),
-                    self.fed.eval_sample,
-                    self.fed.seed,
-                    r,
-                )
+            asked = self.state.evaluators(
+                tag,
+                self.timing.liveness_s,
+                lambda groups: evaluation_sample(groups, self.fed.eval_sample, self.fed.seed, r),
+            )
             evals = self._evaluate(asked, tag)
             before_version, before_evals = self.published
             before = {}
@@ -663,11 +657,11 @@ class Coordinator(ClustererParts):
             if judged.collapsed and 0 <= progress.base_version < version:
                 # Saved before the aggregator is asked: a restart rolls back without
                 # judging the bad version again (its evaluations are gone by then).
-                self.state.judged(r, judged)
+                new_judgement = judged
         counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
         if judged.collapsed and 0 <= progress.base_version < version:
             before_version, before_evals = self.published
-            version = self._rollback(r, progress, judged.reason)
+            version = self._rollback(r, progress, judged.reason, new_judgement)
             # The copy's evaluations are the last good version's, when this process has them.
             kept = before_evals if before_version == progress.base_version else {}
             self.published = (version, kept)
@@ -703,7 +697,9 @@ class Coordinator(ClustererParts):
             duration_s=time.time() - progress.started,
         )
         self._export(record)
-        record, convicted = self.state.record_round(record)
+        record, convicted, convicted_total, failing = self.state.conclude_round(
+            record, MAX_ROLLBACKS
+        )
         if convicted:
             logger.warning(
                 "round %d: convicted %s (the one untrusted contributor of a rolled-back "
@@ -711,8 +707,14 @@ class Coordinator(ClustererParts):
                 r,
                 ", ".join(p[:64] for p in convicted),
             )
-        self.metrics.convicted.set(len(self.state.quarantine.convicted))
-        self._check_progress(r)
+        self.metrics.convicted.set(convicted_total)
+        if failing is not None:
+            # Round after round rolled back: the federation makes no progress, and the
+            # last good model is what it has.
+            raise Diverging(
+                f"rounds {failing[0].round}-{r} were all rolled back or their merges refused: "
+                f"stopping with the last good model, version {self.state.model_version}"
+            )
         logger.info(
             "round %d: accuracy %.3f (std %.3f), %d/%d updates, %d rejected, %.1fs",
             r,

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from services.core.strategies import Strategy
 __all__ = [
     "STEPS",
     "ClustererState",
+    "Concluded",
     "Evaluation",
     "Member",
     "RoundCollection",
@@ -60,6 +61,21 @@ STAGES = ("waiting", "pretraining", "clustering", "clustered", "done")
 # How long an upload waits for the reservation of the same participant's previous upload,
 # which broke on its side and is being released, before it is refused as a duplicate.
 RELEASE_WAIT_S = 2.0
+
+
+# The coordinator's wait on the state: wait(done, timeout) -> done() at the end.
+Wait = Callable[[Callable[[], bool], float | None], bool]
+# A round's planner: (active count, selectable groups) -> (selected, evaluators).
+Planner = Callable[[int, dict[str, int]], tuple[Mapping[str, int], Iterable[str]]]
+
+
+class Concluded(NamedTuple):
+    """A recorded round (`ClustererState.conclude_round`)."""
+
+    record: RoundRecord
+    convicted: list[str]  # by this round
+    convicted_total: int  # by the quarantine so far
+    failing: list[RoundRecord] | None  # the last rounds, when they all failed
 
 
 @dataclass(frozen=True)
@@ -673,6 +689,124 @@ class ClustererState:
             self.enter("failed")
             self.error = error
             self.cond.notify_all()
+
+    # ---- the coordinator's transitions ---------------------------------------------------
+    # Each runs, in the protocol's order, the fine-grained steps above that the coordinator
+    # performs in sequence; every step takes the cond as it does alone. `wait` is the
+    # coordinator's wait on this state (it ends the protocol when the service stops); the
+    # callables the coordinator passes do its part (asking the aggregator, metrics, logs)
+    # where the protocol needs it between two steps.
+    def gather(self, participants: int, wait: Wait) -> int:
+        """Wait for `participants` members to join (no deadline); how many joined."""
+        self.set_phase("waiting")
+        wait(lambda: self.joined() >= participants, None)
+        return self.joined()
+
+    def pretrain(self, wait: Wait, timeout: float | None) -> tuple[list[str], list[str]]:
+        """Hand out the pre-training tasks and wait for the deltas until timeout; every
+        member asked, and those who missed it (their tasks withdrawn)."""
+        members = self.start_pretraining()
+        wait(lambda: self.has_pretrained(members), timeout)
+        return members, self.cancel(members, TaskKind.PRETRAIN)
+
+    def begin_clustering(self) -> tuple[list[str], list[torch.Tensor]]:
+        """Pre-training is over; who sent a delta, and the deltas, in id order."""
+        self.start_clustering()
+        return self.pretrained()
+
+    def next_step(self) -> tuple[int, str] | None:
+        """The round to run next by this state's record and the step it is at (None: no
+        record, e.g. a fresh or in-memory clusterer)."""
+        mine = self.next_round()
+        if mine is None:
+            return None
+        p = self.progress
+        return mine, p.step if p is not None else "planned"
+
+    def begin_round(
+        self, round_: int, liveness_s: float, planner: Planner
+    ) -> tuple[RoundProgress, bool]:
+        """Round round_'s progress and whether it was resumed: the restored one when it is
+        in flight, or else a new round entered (`start_round`) and planned by
+        planner(active count, selectable groups) -> (selected, evaluators) (`plan`)."""
+        p = self.progress
+        if p is not None and p.round == round_:
+            return self.resume_round(round_), True
+        active, groups = self.start_round(round_, liveness_s)
+        selected, evaluators = planner(active, groups)
+        return self.plan(round_, selected, evaluators), False
+
+    def evaluators(
+        self, tag: str, liveness_s: float, sample: Callable[[dict[str, int]], list[str]]
+    ) -> list[str]:
+        """Who evaluation tag asks: those it asked already (after a restart), or else
+        sample(the active members' groups)."""
+        asked = self.asked_for(tag)
+        if asked is None:
+            asked = sample(self.active_groups(liveness_s))
+        return asked
+
+    def evaluate(
+        self, tag: str, participants: Iterable[str], wait: Wait, timeout: float | None
+    ) -> tuple[dict[str, Evaluation], list[str]]:
+        """Have participants evaluate the current model and wait for all or the timeout;
+        the results, and who missed it (`close_evaluation`)."""
+        asked = self.start_evaluation(tag, participants)
+        wait(lambda: self.evaluated(tag, asked), timeout)
+        return self.close_evaluation(tag, asked)
+
+    def collect(
+        self,
+        round_: int,
+        wait: Wait,
+        timeout_s: float,
+        peek_s: float,
+        peek: Callable[[], Iterable[str]],
+    ) -> None:
+        """Collect round_'s updates until all selected answered or timeout_s passed; every
+        peek_s, count what peek() says the aggregator holds (`acknowledge`). Then no new
+        upload may begin (`stop_collecting`)."""
+        deadline = time.monotonic() + timeout_s
+        while not wait(self.all_received, min(peek_s, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                break
+            self.acknowledge(round_, peek())
+        self.stop_collecting()
+
+    def settle_uploads(
+        self, wait: Wait, idle_s: float, cut_wait_s: float, on_cut: Callable[[int], None]
+    ) -> None:
+        """Wait up to idle_s for the uploads under way to finish; past that, cut them
+        (on_cut hears how many) and wait up to cut_wait_s for their reservations."""
+        if not wait(self.uploads_settled, idle_s):
+            on_cut(self.cut_uploads())
+            wait(self.uploads_settled, cut_wait_s)
+
+    def roll_back(
+        self, round_: int, judgement: Judgement | None, ask: Callable[[], dict[str, Any]]
+    ) -> tuple[dict[str, Any], bool]:
+        """Roll round_ back: save judgement first when given (`judged`), then, unless the
+        round has the aggregator's answer already, ask() for it and save it
+        (`rolled_back`); the answer, and whether it was asked for now."""
+        if judgement is not None:
+            self.judged(round_, judgement)
+        p = self.progress  # read as the coordinator read its own copy, without the cond
+        answer = p.rollback if p is not None and p.round == round_ else None
+        if answer is not None:
+            return answer, False
+        answer = ask()
+        self.rolled_back(round_, answer)
+        return answer, True
+
+    def conclude_round(self, record: RoundRecord, max_failed: int) -> Concluded:
+        """Record a finished round (`record_round`); with who it convicted, how many the
+        quarantine holds convicted, and the last max_failed rounds when they all failed."""
+        record, convicted = self.record_round(record)
+        # Read without the cond, as before: only the coordinator changes these.
+        total = len(self.quarantine.convicted)
+        last = self.history[-max_failed:]
+        failing = last if len(last) == max_failed and all(h.failed for h in last) else None
+        return Concluded(record, convicted, total, failing)
 
     def view(self, members: slice = slice(None), rounds: slice = slice(None)) -> StatusView:
         """What GetStatus reports (a page of the members, in id order, and of the rounds),
