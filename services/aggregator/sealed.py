@@ -24,6 +24,7 @@ from services.aggregator.state import (
     AggregatorState,
     PendingUpdate,
     Rollback,
+    RoundClose,
     RoundReport,
     _round_of,
     commit_state,
@@ -41,10 +42,8 @@ from services.common.homomorphic import (
     model_tensors,
     upload_tensors,
 )
-from services.common.settings import DefenceSettings
 from services.core.ckks import HeKeys
 from services.core.errors import NotFoundError, SpecMismatchError, StateError
-from services.core.strategies import Strategy
 from services.core.tensors import unflatten
 
 
@@ -91,21 +90,12 @@ class SealedState(AggregatorState):
             participant, cluster, samples, torch.zeros(0), dict(metrics or {}), tuple(ciphertexts)
         )
 
-    def aggregate(
-        self,
-        round_: int,
-        strategy: Strategy,
-        cluster_accuracy: dict[int, float],
-        defence: DefenceSettings,
-        lr: float,
-        abandon: bool = False,
-        training: tuple[int, int] | None = None,
-        guard: bool = True,
-    ) -> RoundReport:
+    def aggregate(self, close: RoundClose) -> RoundReport:
         """Close the open round: the sum of its ciphertexts and of its sample counts is
-        the next version (asked again: the same report)."""
+        the next version (asked again: the same report). Only the round and `abandon`
+        count: a sum has no strategy, defence or guard to apply."""
         with self.lock:
-            closing = self._closing(round_, abandon)
+            closing = self._closing(close.round_, close.abandon)
             if isinstance(closing, RoundReport):
                 return closing
             updates = closing

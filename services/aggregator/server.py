@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from services.aggregator.metrics import AggregatorMetrics, reason_label
 from services.aggregator.sealed import SealedState
 from services.aggregator.settings import AggregatorConfig
-from services.aggregator.state import AggregatorState, PendingUpdate, RoundReport
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose, RoundReport
 from services.aggregator.store import Delta, DeltaStore, RowFile
 from services.common.codecs import Parts
 from services.common.homomorphic import load_keys
@@ -188,22 +188,21 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if not 0.0 <= acc <= 1.0:  # NaN fails this too
                 raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
         # Strategy, q, the Byzantine share and q-FFL's rate are this service's own settings.
-        strategy = get_strategy(self.config.federation.strategy)
-        lr = self.config.training.lr_at(int(request.round))
+        close = RoundClose(
+            request.round,
+            get_strategy(self.config.federation.strategy),
+            dict(request.cluster_accuracy),
+            self.config.defence,
+            self.config.training.lr_at(int(request.round)),
+            request.abandon,
+            (self.config.training.local_epochs, self.config.training.batch_size),
+            guard=self.config.federation.guard,
+        )
         start = time.perf_counter()
         # One aggregation at a time, saved before anyone is answered: a repeated call that
         # arrives while the first is still saving waits for it.
         with self._closing:
-            report = self.state.aggregate(
-                request.round,
-                strategy,
-                dict(request.cluster_accuracy),
-                self.config.defence,
-                lr,
-                request.abandon,
-                (self.config.training.local_epochs, self.config.training.batch_size),
-                guard=self.config.federation.guard,
-            )
+            report = self.state.aggregate(close)
             if not report.replayed:
                 self._record(report, time.perf_counter() - start)
             self._save(int(request.round))

@@ -66,6 +66,23 @@ class PendingUpdate:
 
 
 @dataclass(frozen=True)
+class RoundClose:
+    """What Aggregate asks of a round: close `round_` with `strategy` (the clusters'
+    accuracies and the defence settings feed it; `lr` is q-FFL's rate), or drop its
+    updates when `abandon`. `training` (local epochs, batch size) gives q-FFL the local
+    steps behind each update; without `guard` only a non-finite merge is refused."""
+
+    round_: int
+    strategy: Strategy
+    cluster_accuracy: dict[int, float]
+    defence: DefenceSettings
+    lr: float
+    abandon: bool = False
+    training: tuple[int, int] | None = None
+    guard: bool = True
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """What Aggregate did."""
 
@@ -270,27 +287,15 @@ class AggregatorState:
             self._receiving.discard(participant)
             self.lock.notify_all()
 
-    def aggregate(
-        self,
-        round_: int,
-        strategy: Strategy,
-        cluster_accuracy: dict[int, float],
-        defence: DefenceSettings,
-        lr: float,
-        abandon: bool = False,
-        training: tuple[int, int] | None = None,
-        guard: bool = True,
-    ) -> RoundReport:
+    def aggregate(self, close: RoundClose) -> RoundReport:
         """Close the open round: defence and merge into a new version (or drop it all, or
-        keep the version when the divergence guard refuses the merge: guard.py; without
-        `guard` only a non-finite merge is refused).
+        keep the version when the divergence guard refuses the merge: guard.py).
 
         Asked again for the round just closed, it returns that round's report unchanged
-        (nothing is aggregated twice). `training` (local epochs, batch size) gives q-FFL the
-        local steps behind each update.
+        (nothing is aggregated twice).
         """
         with self.lock:
-            closing = self._closing(round_, abandon)
+            closing = self._closing(close.round_, close.abandon)
             if isinstance(closing, RoundReport):
                 return closing
             updates = closing
@@ -303,17 +308,19 @@ class AggregatorState:
                 self.store.rows([u.delta for u in updates], on),
                 [u.cluster for u in updates],
                 [u.samples for u in updates],
-                strategy,
-                round_,
-                cluster_accuracy,
-                defence,
+                close.strategy,
+                close.round_,
+                close.cluster_accuracy,
+                close.defence,
                 [u.metrics.get("loss_before", 1.0) for u in updates],
-                lr,
-                None if training is None else local_steps([u.samples for u in updates], *training),
+                close.lr,
+                None
+                if close.training is None
+                else local_steps([u.samples for u in updates], *close.training),
                 {c: m.to(on) for c, m in self.cluster_models.items()} if self.personalise else None,
             )
             new = outcome.global_weights.cpu()
-            check = check_merge(base, new, self.steps, bounds=guard)
+            check = check_merge(base, new, self.steps, bounds=close.guard)
             if check.refused:  # the version stays; the round ends with the reason
                 self._recycle(updates)
                 self.pending.clear()

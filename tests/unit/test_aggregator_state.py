@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.aggregator.state import AggregatorState, PendingUpdate
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose
 from services.common.settings import DefenceSettings
 from services.core.errors import NotFoundError, SpecMismatchError, StateError
 from services.core.models import build_model
@@ -37,11 +37,11 @@ def test_round_moves_the_model_and_refuses_duplicates_and_wrong_rounds():
     with pytest.raises(StateError, match="not open"):
         s.begin_update("b", 1, 0)
     add(s, "b", torch.full((d,), 0.3))
-    report = s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
+    report = s.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05))
     assert report.version == 1 and report.updates == 2
     assert torch.allclose(s.versions[1] - s.versions[0], torch.full((d,), 0.2))
     with pytest.raises(StateError, match="not open"):
-        s.aggregate(2, FEDAVG, {}, DEFENCE, 0.05)
+        s.aggregate(RoundClose(2, FEDAVG, {}, DEFENCE, 0.05))
 
 
 def test_aggregate_again_returns_the_same_report_and_changes_nothing(tmp_path):
@@ -51,16 +51,18 @@ def test_aggregate_again_returns_the_same_report_and_changes_nothing(tmp_path):
     d = s.versions[0].numel()
     add(s, "a", torch.full((d,), 0.1))
     add(s, "b", torch.full((d,), 0.3))
-    report = s.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05)
+    report = s.aggregate(RoundClose(0, FLCLUSTERING, {}, DEFENCE, 0.05))
     weights = s.versions[s.version].clone()
-    assert s.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05, abandon=True) == replace(
+    assert s.aggregate(RoundClose(0, FLCLUSTERING, {}, DEFENCE, 0.05, abandon=True)) == replace(
         report, replayed=True
     )
     assert (s.version, s.open_round) == (1, 1) and torch.equal(s.versions[1], weights)
     s.save(tmp_path)
     again = fresh()
     assert again.restore(tmp_path)
-    assert again.aggregate(0, FLCLUSTERING, {}, DEFENCE, 0.05) == replace(report, replayed=True)
+    assert again.aggregate(RoundClose(0, FLCLUSTERING, {}, DEFENCE, 0.05)) == replace(
+        report, replayed=True
+    )
     assert (again.version, again.open_round) == (1, 1)
 
 
@@ -79,12 +81,12 @@ def test_a_crash_before_save_recomputes_the_same_bits(tmp_path):
         first.begin_update(u.participant, 0, 0)
         first.persist(u, 0, tmp_path)
         first.end_update(u, 0)
-    lost = first.aggregate(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05)
+    lost = first.aggregate(RoundClose(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05))
     lost_weights = first.versions[first.version]
     restarted = fresh()  # save() never ran
     assert restarted.restore(tmp_path) is True
     assert (restarted.version, restarted.open_round, len(restarted.pending)) == (0, 0, 5)
-    report = restarted.aggregate(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05)
+    report = restarted.aggregate(RoundClose(0, FLCLUSTERING, {0: 0.4, 1: 0.8}, DEFENCE, 0.05))
     assert report == lost
     assert torch.equal(restarted.versions[restarted.version], lost_weights)
 
@@ -92,14 +94,14 @@ def test_a_crash_before_save_recomputes_the_same_bits(tmp_path):
 def test_abandoned_round_keeps_the_model():
     s = fresh()
     add(s, "a", torch.ones(s.versions[0].numel()))
-    report = s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05, abandon=True)
+    report = s.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05, abandon=True))
     assert report.version == 0 and s.open_round == 1 and not s.pending
 
 
 def test_state_survives_a_restart(tmp_path):
     s = fresh()
     add(s, "a", torch.full((s.versions[0].numel(),), 0.5))
-    s.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
+    s.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05))
     s.save(tmp_path)
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "model-v1.safetensors").exists()
     again = fresh()
@@ -114,7 +116,7 @@ def test_initial_model_is_always_kept():
     d = s.versions[0].numel()
     for r in range(5):
         add(s, "a", torch.full((d,), 0.1), round_=r)
-        s.aggregate(r, FEDAVG, {}, DEFENCE, 0.05)
+        s.aggregate(RoundClose(r, FEDAVG, {}, DEFENCE, 0.05))
     assert list(s.versions) == [0, 4, 5]
     assert s.weights(0)[0] == 0
 
@@ -134,7 +136,7 @@ def test_accepted_updates_survive_a_crash_of_the_open_round(tmp_path):
     assert sorted(crashed.pending) == ["a", "b"]
     assert crashed.pending["a"].cluster == 1 and crashed.pending["a"].metrics["loss_before"] == 0.5
     assert torch.equal(crashed.pending["b"].delta, torch.full((d,), 0.3))
-    report = crashed.aggregate(0, FEDAVG, {}, DEFENCE, 0.05)
+    report = crashed.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05))
     assert report.updates == 2
     crashed.save(tmp_path)
     assert not list((tmp_path / "pending").glob("*.safetensors"))
@@ -169,7 +171,9 @@ def test_a_round_aggregated_on_a_device_gives_the_cpu_result_and_reuses_buffers(
             add(s, who, delta.clone())
             if s is on_cpu:
                 received.append(s.pending[who].delta.data_ptr())
-        report = s.aggregate(0, FLCLUSTERING, {}, DefenceSettings(byzantine_fraction=0.2), 0.05)
+        report = s.aggregate(
+            RoundClose(0, FLCLUSTERING, {}, DefenceSettings(byzantine_fraction=0.2), 0.05)
+        )
         assert report.rejected == {"g": "norm"}
     assert on_device.versions[1].device.type == "cpu"
     torch.testing.assert_close(on_device.versions[1], on_cpu.versions[1], rtol=1e-5, atol=1e-6)
@@ -191,7 +195,7 @@ def test_personalised_state_keeps_each_clusters_model_across_a_restart(tmp_path)
 
     send("a", 0, 0.1, 0)
     send("b", 1, 0.3, 0)
-    s.aggregate(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05)
+    s.aggregate(RoundClose(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05))
     assert torch.allclose(s.cluster_models[0], w0 + 0.1)
     assert torch.allclose(s.cluster_models[1], w0 + 0.3)
     assert torch.allclose(s.versions[1], w0 + 0.2)  # round 0: the mean of the two
@@ -224,7 +228,7 @@ def test_a_foreign_cluster_file_is_refused(tmp_path):
     s = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True)
     s.begin_update("a", 0, 0, 0)
     s.end_update(PendingUpdate("a", 0, 10, torch.full((s.versions[0].numel(),), 0.1)), 0)
-    s.aggregate(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05)
+    s.aggregate(RoundClose(0, STRATEGIES["flclustering-fedavg"], {}, DEFENCE, 0.05))
     s.save(tmp_path)
     save_file({"cluster-0": torch.zeros(3)}, str(tmp_path / "clusters-v1.safetensors"))
     with pytest.raises(SpecMismatchError, match="not a model of this shape"):

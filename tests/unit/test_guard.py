@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from services.aggregator.state import AggregatorState, PendingUpdate
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose
 from services.common.settings import DefenceSettings
 from services.core.guard import MIN_STEPS, STEP_FACTOR, check_merge, remember
 from services.core.models import build_model
@@ -44,12 +44,12 @@ def test_a_refused_merge_keeps_the_version_and_is_replayed_after_a_restart(tmp_p
     w0 = s.versions[0].clone()
     s.begin_update("a", 0, 0)
     s.end_update(PendingUpdate("a", 0, 10, torch.full((d,), 1e30)), 0)
-    report = s.aggregate(0, FEDAVG, {}, DefenceSettings(byzantine_fraction=0.0), 0.05)
+    report = s.aggregate(RoundClose(0, FEDAVG, {}, DefenceSettings(byzantine_fraction=0.0), 0.05))
     assert report.refused and "largest weight" in report.refused
     assert (report.version, s.version, s.open_round) == (0, 0, 1)
     assert torch.equal(s.versions[0], w0) and not s.pending
     s.save(tmp_path)
     again = AggregatorState(state_of(build_model("cnn", (1, 8, 8), 10, seed=0)))
     assert again.restore(tmp_path)
-    replay = again.aggregate(0, FEDAVG, {}, DefenceSettings(), 0.05)
+    replay = again.aggregate(RoundClose(0, FEDAVG, {}, DefenceSettings(), 0.05))
     assert replay.replayed and replay.refused == report.refused

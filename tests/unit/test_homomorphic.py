@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from services.aggregator.sealed import SealedState
+from services.aggregator.state import RoundClose
 from services.common.homomorphic import (
     KEY,
     as_bytes,
@@ -182,12 +183,12 @@ def test_sealed_state_round_survives_a_restart(
     restarted = SealedState(OrderedDict(_initial()), public)
     assert restarted.restore(tmp_path) and sorted(restarted.pending) == ["p0", "p1"]
     fedavg = get_strategy("fedavg")
-    report = restarted.aggregate(0, fedavg, {}, DefenceSettings(), 0.05)
+    report = restarted.aggregate(RoundClose(0, fedavg, {}, DefenceSettings(), 0.05))
     assert report.version == 1 and report.updates == 2
     restarted.save(tmp_path)
     again = SealedState(OrderedDict(_initial()), public)
     assert again.restore(tmp_path)
-    assert again.aggregate(0, fedavg, {}, DefenceSettings(), 0.05).replayed
+    assert again.aggregate(RoundClose(0, fedavg, {}, DefenceSettings(), 0.05)).replayed
     version, kind, served = again.served()
     assert (version, kind) == (1, "he:ckks")
     got = flatten(open_model(served, secret, SPEC), SPEC)

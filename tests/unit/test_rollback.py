@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.state import AggregatorState, PendingUpdate
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose
 from services.common.settings import DefenceSettings
 from services.core.errors import NotFoundError, StateError
 from services.core.models import build_model
@@ -35,7 +35,7 @@ def round_of(s: AggregatorState, r: int, value: float) -> int:
     d = s.versions[0].numel()
     s.begin_update("a", r, s.version)
     s.end_update(PendingUpdate("a", 0, 10, torch.full((d,), value)), r)
-    return s.aggregate(r, FEDAVG, {}, DEFENCE, 0.05).version
+    return s.aggregate(RoundClose(r, FEDAVG, {}, DEFENCE, 0.05)).version
 
 
 def test_a_rollback_publishes_a_copy_of_the_good_version_and_is_idempotent(tmp_path: Path):
@@ -91,7 +91,7 @@ def test_a_sealed_rollback_to_w0_serves_w0_in_the_clear_across_a_restart(tmp_pat
     forged = HeKeys.create()  # another key, the federation's tag: the aggregator adds it
     upload = upload_tensors(public, forged.encrypt(flatten(initial, spec), 10))
     state.end_update(state.sealed_update("p", 0, 10, dict(upload)), 0)
-    assert state.aggregate(0, FEDAVG, {}, DEFENCE, 0.05).version == 1
+    assert state.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05)).version == 1
     assert state.served()[1] == "he:ckks"
     assert state.rollback(0, 0, "noise").version == 2
     version, kind, served = state.served()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.state import AggregatorState, PendingUpdate
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose
 from services.aggregator.store import (
     MB,
     DeltaStore,
@@ -215,7 +215,7 @@ def test_a_budgeted_aggregator_keeps_old_versions_in_files_and_survives_a_restar
     assert restored.restore(tmp_path / "state") and sorted(restored.pending) == list("abcde")
     strategy = STRATEGIES["flclustering"]
     for s in (free, tight, restored):
-        report = s.aggregate(0, strategy, {}, DEFENCE, 0.05)
+        report = s.aggregate(RoundClose(0, strategy, {}, DEFENCE, 0.05))
         assert report.updates == 5 and report.version == 1
     torch.testing.assert_close(tight.versions[1], free.versions[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(restored.versions[1], free.versions[1], rtol=1e-5, atol=1e-7)
