@@ -28,6 +28,7 @@ from services.aggregator.state import (
     RoundReport,
     _round_of,
     commit_state,
+    saved_facts,
 )
 from services.common.codecs import CkksCodec
 from services.common.files import durable_write
@@ -250,13 +251,8 @@ class SealedState(AggregatorState):
                 path.unlink(missing_ok=True)
                 continue
             tensors, info = _load(path)
-            update = self.sealed_update(
-                info["participant"],
-                int(info["cluster"]),
-                int(info["samples"]),
-                tensors,
-                {k: float(v) for k, v in json.loads(info["metrics"]).items()},
-            )
+            sender, cluster, samples, metrics = saved_facts(info)
+            update = self.sealed_update(sender, cluster, samples, tensors, metrics)
             with self.lock:
                 self.pending[update.participant] = update
             restored = True

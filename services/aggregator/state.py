@@ -17,6 +17,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -570,17 +571,19 @@ class AggregatorState:
             # Not checked for finiteness: values that were each finite can overflow when
             # the base is subtracted, and the defence rejects such a row ("non-finite").
             delta = self.store.adopt(row)
-            update = PendingUpdate(
-                info["participant"],
-                int(info["cluster"]),
-                int(info["samples"]),
-                delta,
-                {k: float(v) for k, v in json.loads(info["metrics"]).items()},
-            )
+            sender, cluster, samples, metrics = saved_facts(info)
+            update = PendingUpdate(sender, cluster, samples, delta, metrics)
             with self.lock:
                 self.pending[update.participant] = update
             restored = True
         return restored
+
+
+def saved_facts(info: Mapping[str, str]) -> tuple[str, int, int, dict[str, float]]:
+    """Who sent a persisted update, for which cluster, from how many samples and with which
+    metrics: its file's metadata, as both states write it."""
+    metrics = {k: float(v) for k, v in json.loads(info["metrics"]).items()}
+    return info["participant"], int(info["cluster"]), int(info["samples"]), metrics
 
 
 def commit_state(directory: Path, info: dict[str, Any], kept: list[Path]) -> None:
