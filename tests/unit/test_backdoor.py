@@ -124,6 +124,7 @@ def test_settings_and_bad_values():
         AttackConfig("backdoor", target=10).check_classes(10)
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_flclustering_keeps_the_backdoor_out_where_fedavg_learns_it():
     """20% backdoor attackers (boosted 2x, every round): FedAvg's model obeys the trigger,
     flclustering's does not and keeps its accuracy."""

@@ -67,6 +67,7 @@ def test_personalise_needs_a_clustered_strategy():
         ExperimentConfig().replace(strategy="fedavg", personalise=True)
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_per_cluster_models_serve_the_minority_where_one_model_does_not():
     # Rotated digits, groups of 20, 8 and 2 participants turned 0, 90 and 180 degrees: one
     # global model serves the rotated minority badly; each cluster's own model serves it.

@@ -14,6 +14,7 @@ from services.local import run_local
 from services.participant.attacks import choose_attackers
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_flclustering_learns_and_clusters_correctly():
     result = run_local(ExperimentConfig().replace(rounds=10, seed=3))
     accs = [r["mean_accuracy"] for r in result.rounds]
@@ -22,6 +23,7 @@ def test_flclustering_learns_and_clusters_correctly():
     assert result.final["accuracy_std"] < 0.2
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_resnet18_learns_in_federation():
     # With BatchNorm this run ended at 0.17 with purity 0.50 (averaged running statistics);
     # GroupNorm and zero-initialised residual branches learn at the default learning rate.
@@ -32,6 +34,7 @@ def test_resnet18_learns_in_federation():
     assert accs[-1] >= 0.4 and accs[-1] > accs[0] + 0.15
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_defence_holds_where_fedavg_collapses():
     # Attackers (30%, spread over the groups) send their negated model every 2nd round;
     # the last round is an attack round.
@@ -98,6 +101,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "not found" in err
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_compressed_updates_cost_their_bytes_and_keep_the_accuracy():
     """int8 deltas: about a quarter of float32's bytes each round (one scale per tensor
     beside one byte a value), and the same accuracy within 2 points."""

@@ -7,6 +7,7 @@ import math
 
 import hypothesis.strategies as st
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 
@@ -99,6 +100,7 @@ def test_the_median_of_reported_accuracies_ignores_a_minority_of_liars():
     assert got == {0: 0.94, 1: 0.5}
 
 
+@pytest.mark.slow  # runs federations: see tests/conftest.py
 def test_in_process_colluders_are_screened_out():
     """30% IPM attackers (identical deltas) and cluster steering: every crafted update is
     rejected, and the steered pre-training deltas leave their senders out of every cluster."""
