@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,19 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "flclustering.v1.Aggregator"
 MAX_REASON = 200  # characters of a rollback's reason
+
+
+def cluster_accuracies(given: Mapping[int, float]) -> dict[int, float]:
+    """The clusters' accuracies an Aggregate call weighs the merge with, checked before
+    anything is touched: at most MAX_CLUSTERS ids, each in range, each accuracy in [0, 1]."""
+    if len(given) > MAX_CLUSTERS:
+        raise invalid(f"at most {MAX_CLUSTERS} cluster accuracies")
+    for c, acc in given.items():
+        if not 0 <= c < MAX_CLUSTERS:
+            raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
+        if not 0.0 <= acc <= 1.0:  # NaN fails this too
+            raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
+    return dict(given)
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -180,18 +193,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def Aggregate(
         self, request: pb.AggregateRequest, context: grpc.ServicerContext
     ) -> pb.AggregateResponse:
-        if len(request.cluster_accuracy) > MAX_CLUSTERS:
-            raise invalid(f"at most {MAX_CLUSTERS} cluster accuracies")
-        for c, acc in request.cluster_accuracy.items():
-            if not 0 <= c < MAX_CLUSTERS:
-                raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
-            if not 0.0 <= acc <= 1.0:  # NaN fails this too
-                raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
+        accuracies = cluster_accuracies(request.cluster_accuracy)
         # Strategy, q, the Byzantine share and q-FFL's rate are this service's own settings.
         close = RoundClose(
             request.round,
             get_strategy(self.config.federation.strategy),
-            dict(request.cluster_accuracy),
+            accuracies,
             self.config.defence,
             self.config.training.lr_at(int(request.round)),
             request.abandon,
