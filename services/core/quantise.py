@@ -250,9 +250,9 @@ class ErrorFeedback:
         generator: torch.Generator | None = None,
     ) -> OrderedDict[str, torch.Tensor]:
         """The payload to send for `delta`; with top-k, the residual carried over."""
-        delta = delta.detach().to("cpu", torch.float32).reshape(-1)
-        if scheme.scheme != "topk":
+        if scheme.scheme != "topk":  # nothing carried: encode makes the delta flat float32
             return encode(delta, spec, scheme, generator)
+        delta = delta.detach().to("cpu", torch.float32).reshape(-1)
         if self.residual is not None and self.residual.shape == delta.shape:
             delta = delta + self.residual
         payload = encode(delta, spec, scheme, generator)
