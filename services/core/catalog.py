@@ -22,7 +22,7 @@ DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
     "cifar10": ((3, 32, 32), 10),
     "synthetic": ((1, 1, 60), 10),
 }
-DATASETS = (*DATASET_SHAPES, "folder")
+DATASETS = (*DATASET_SHAPES, "folder", "own")
 
 
 # How the clusterer may group pre-training deltas (services.core.clustering).
