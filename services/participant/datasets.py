@@ -352,6 +352,13 @@ def _generated_per_participant(root: Path, download: bool) -> Dataset:
     )
 
 
+def _owned(root: Path, download: bool) -> Dataset:
+    raise ConfigError(
+        "--dataset own is each participant's own data, opened against the federation's schema "
+        "by services.participant.sources.open_own_data, not loaded whole"
+    )
+
+
 # Every loader takes (data_dir, download); `folder` reads data_dir itself.
 LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
     "dataset",
@@ -362,6 +369,7 @@ LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
         "cifar10": _load_cifar10,
         "synthetic": _generated_per_participant,
         "folder": lambda root, download: load_image_folder(root),
+        "own": _owned,
     },
 )
 assert tuple(LOADERS) == DATASETS, "every dataset the settings accept has a loader"
