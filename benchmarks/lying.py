@@ -65,6 +65,7 @@ def setting(name: str, seed: int, rounds: int) -> dict[str, Any]:
     from services.core.strategies import get_strategy
     from services.experiment import ExperimentConfig
     from services.local import attacker_indices, build_participants, run_local
+    from services.participant.examples import TensorExamples
     from services.participant.partition import federation_data
     from services.participant.training import evaluate
 
@@ -88,7 +89,7 @@ def setting(name: str, seed: int, rounds: int) -> dict[str, Any]:
     liars = attacker_indices(cfg, np.array([p.group for p in people]))
     model = build_model(cfg.federation.model, data.input_shape, data.num_classes)
     model.load_state_dict(result.weights)
-    honest = {p.index: evaluate(model, p.x_test, p.y_test)[1] for p in people}
+    honest = {p.index: evaluate(model, TensorExamples(p.x_test, p.y_test))[1] for p in people}
     rng = np.random.default_rng(seed)
     fed = cfg.federation
     plan = plan_round(

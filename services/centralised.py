@@ -25,6 +25,7 @@ from services.core.record import Layout, RoundRecord
 from services.core.tensors import state_of
 from services.experiment import ExperimentConfig
 from services.local import RunResult, build_participants, card_of, measured
+from services.participant.examples import TensorExamples
 from services.participant.partition import federation_data
 from services.participant.training import evaluate, local_train
 
@@ -51,8 +52,8 @@ def run_centralised(
         order = torch.cat([torch.randperm(len(y), generator=gen) for _ in range(math.ceil(share))])[
             :per_round
         ].to(device)
-        fit = local_train(model, x[order], y[order], once, rnd, gen)
-        figs = [evaluate(model, p.x_test, p.y_test) for p in people]
+        fit = local_train(model, TensorExamples(x[order], y[order]), once, rnd, gen)
+        figs = [evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people]
         record = RoundRecord(
             round=rnd,
             layout=Layout.CENTRALISED,

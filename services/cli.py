@@ -20,12 +20,14 @@ from services.common.flags import OneLineParser, SettingsParser, add_log_flag
 from services.core.errors import ConfigError, FLClusteringError
 from services.experiment import (
     EXPORT_GROUPS,
+    INIT_MODEL_GROUPS,
     LOCAL_GROUPS,
     SIMULATE_GROUPS,
     CentralisedConfig,
     CompareConfig,
     ExperimentConfig,
     ExportConfig,
+    InitModelConfig,
     SimulateConfig,
 )
 
@@ -231,6 +233,15 @@ def run_export_command(config: ExportConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_init_model_command(config: InitModelConfig) -> int:
+    """Write w0 of the configured model as model.safetensors + model.json."""
+    from services.initmodel import init_model  # torch, and the user's factory
+
+    for path in init_model(config):
+        print(path)
+    return 0
+
+
 def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
@@ -369,7 +380,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "and model.json into --out, the normalisation and classes taken from --dataset "
         "here; for federations started as services (by hand, on Kubernetes).",
     )
+    initialising = sub.add_parser(
+        "init-model",
+        help="write the starting weights (w0) of a model, a user's factory included",
+        description="Build --model (a built-in or a user's package.module:factory, imported "
+        "here) with --seed for the declared sample (--dataset own and its sample settings, "
+        "or a named dataset) and write model.safetensors and model.json into --out; start "
+        "the aggregator with --initial-model OUT/model.safetensors (it never imports the "
+        "factory) and the participants with the same --model and --seed.",
+    )
     settings = {
+        "init-model": SettingsParser(initialising, InitModelConfig, INIT_MODEL_GROUPS),
         "export": SettingsParser(exporting, ExportConfig, EXPORT_GROUPS),
         "simulate": SettingsParser(sim, SimulateConfig, SIMULATE_GROUPS),
         "local": SettingsParser(local, ExperimentConfig, LOCAL_GROUPS),
@@ -552,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = settings[args.command].from_namespace(args)
         if args.command == "export":
             return run_export_command(config, args)
+        if args.command == "init-model":
+            return run_init_model_command(config)
         if args.command == "simulate":
             return run_simulate_command(config)
         if args.command == "centralised":

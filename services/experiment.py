@@ -15,6 +15,7 @@ from typing_extensions import Self
 
 from services.clusterer.settings import ClusteringSettings
 from services.common.flags import Group
+from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
     DefenceSettings,
     FederationSettings,
@@ -80,9 +81,11 @@ class ExperimentConfig(Settings):
     adversary: AttackSettings = AttackSettings()
     clustering: ClusteringSettings = ClusteringSettings()
     run: RunSettings = RunSettings()
+    sample: SchemaSettings = SchemaSettings()
 
     @model_validator(mode="after")
     def _runnable(self) -> Self:
+        check_federation(self.federation.dataset, self.sample)
         if self.federation.rounds < 1 or self.federation.participants < 2:
             raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
         if ATTACKS[self.adversary.attack].needs_he and self.federation.secure != "he":
@@ -90,6 +93,20 @@ class ExperimentConfig(Settings):
                 f"--attack {self.adversary.attack} forges encrypted updates: add --secure he"
             )
         return self
+
+
+class InitModelConfig(ExperimentConfig):
+    """What `flclustering init-model` needs: the model, what a sample is, where to write."""
+
+    run: RunSettings = RunSettings(out="initial-model")
+
+
+INIT_MODEL_GROUPS = (
+    Group("federation", only=("model", "dataset", "seed")),
+    Group("data", only=("data_dir",)),
+    Group("sample"),
+    Group("run", only=("out",)),
+)
 
 
 class SimulateConfig(ExperimentConfig):

@@ -49,6 +49,7 @@ from services.experiment import ExperimentConfig
 from services.participant.attacks import View, build_attack, choose_attackers
 from services.participant.backdoor import success_rate
 from services.participant.datasets import Dataset
+from services.participant.examples import TensorExamples
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator, rounding_generator
@@ -210,8 +211,7 @@ def run_local(
             [
                 pre_train_delta(
                     model,
-                    p.x_train,
-                    p.y_train,
+                    TensorExamples(p.x_train, p.y_train),
                     p.gen,
                     train.adjusted,
                     train.pre_steps,
@@ -283,7 +283,7 @@ def run_local(
             accs = {i: a for i, a in published.items() if groups.get(i, -1) in wanted}
             for i in plan.evaluators:
                 if i not in accs:
-                    accs[i] = evaluate(model, people[i].x_test, people[i].y_test)[1]
+                    accs[i] = evaluate(model, TensorExamples(people[i].x_test, people[i].y_test))[1]
         for i in accs:  # what lying attackers report instead
             if people[i].attacker:
                 view = View(rnd, len(plan.selected), people[i].gen)
@@ -297,12 +297,12 @@ def run_local(
             base = base_of(i)
             load(base)
             if strategy.needs_losses:
-                losses.append(evaluate(model, p.x_train, p.y_train)[0])
+                losses.append(evaluate(model, TensorExamples(p.x_train, p.y_train))[0])
             x, y = p.x_train, p.y_train
             view = View(rnd, len(plan.selected), p.gen)
             if p.attacker:
                 x, y = attack.on_data(x, y, view)
-            local_train(model, x, y, train, rnd, p.gen)
+            local_train(model, TensorExamples(x, y), train, rnd, p.gen)
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.crafts_update(rnd) and not attack.pools_update:
                 w = attack.on_update(w, base, view)
@@ -380,7 +380,7 @@ def run_local(
         rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
         # Every participant evaluates the new global model on its own test split.
         load(global_w)
-        figs = [evaluate(model, p.x_test, p.y_test) for p in people]
+        figs = [evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people]
         pairs = [
             (published[p.index], a)
             for p, (_, a) in zip(people, figs, strict=True)
@@ -395,7 +395,9 @@ def run_local(
             global_w = before_w
             cluster_w.clear()
             load(global_w)
-            figs = before_figs or [evaluate(model, p.x_test, p.y_test) for p in people]
+            figs = before_figs or [
+                evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people
+            ]
         shaped = [str(i) for k, i in enumerate(rows) if k not in outcome.rejected_updates]
         quarantine.record(shaped, rolled_back or bool(refused))
         published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
@@ -406,7 +408,7 @@ def run_local(
                 load(cluster_w.get(c, global_w))
                 for p in people:
                     if groups.get(p.index, -1) == c:
-                        mine[p.index] = evaluate(model, p.x_test, p.y_test)[1]
+                        mine[p.index] = evaluate(model, TensorExamples(p.x_test, p.y_test))[1]
             ps = accuracy_summary(list(mine.values()))
             personal = {
                 "personal_mean_accuracy": ps.mean,

@@ -30,6 +30,7 @@ GROUPS = (
     Group("training", only=("lr", "lr_decay")),
     Group("store", "AGGREGATOR_"),
     Group("compute", "AGGREGATOR_"),
+    Group("sample"),
 )
 
 

@@ -43,6 +43,7 @@ from services.common.uploads import decoded as decoded_parts
 from services.common.wire import StreamReader
 from services.core.device import resolve_device
 from services.core.errors import ForbiddenError, invalid
+from services.core.model_file import read_weights
 from services.core.models import build_model
 from services.core.strategies import get_strategy
 from services.core.tensors import state_of
@@ -330,14 +331,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
 def initial_state(config: AggregatorConfig) -> AggregatorState:
     """Version 0: the initial model w0, the same for every participant."""
-    shape, classes = config.shape()  # a dataset without a known shape: one clear error
     fed = config.federation
-    model = build_model(fed.model, shape, classes, fed.seed)
     device = resolve_device(config.compute.device)
     state_dir = config.service.state_dir
-    weights = state_of(model)
-    del model
     store = config.store
+    if store.initial_model:  # a user's model or pretrained weights: read, never built
+        weights = read_weights(Path(store.initial_model))
+        logger.info("w0 from %s (%d tensors)", store.initial_model, len(weights))
+    else:
+        shape, classes = config.shape()  # a dataset without a known shape: one clear error
+        model = build_model(fed.model, shape, classes, fed.seed)
+        weights = state_of(model)
+        del model
     spill = Path(store.spill_dir) if store.spill_dir else None
     if spill is None and store.memory_budget_mb is not None and state_dir:
         spill = Path(state_dir) / "spill"

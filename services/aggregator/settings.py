@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from typing_extensions import Self
 
+from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
     DefenceSettings,
+    OptionalStr,
     ServiceConfig,
     ServiceSettings,
     Settings,
     Shape3,
     TrainingSettings,
 )
-from services.core.catalog import DATASET_SHAPES, Shape
+from services.core.catalog import DATASET_SHAPES, Shape, is_reference
 from services.core.errors import ConfigError
 
 
@@ -26,6 +29,12 @@ class ModelStoreSettings(Settings):
     )
     num_classes: Annotated[int, Field(ge=2)] | None = Field(
         None, description="classes of the model when the dataset's are not built in"
+    )
+    initial_model: OptionalStr = Field(
+        None,
+        description="start from these weights (safetensors, as flclustering init-model or "
+        "export write them; a user's model, or pretrained weights) instead of building w0; "
+        "every upload is checked against its tensors",
     )
     keep_versions: int = Field(3, ge=2, description="global model versions kept for downloads")
     memory_budget_mb: Annotated[int, Field(ge=1)] | None = Field(
@@ -63,6 +72,17 @@ class AggregatorConfig(ServiceConfig):
     training: TrainingSettings = TrainingSettings()
     store: ModelStoreSettings = ModelStoreSettings()
     compute: ComputeSettings = ComputeSettings()
+    sample: SchemaSettings = SchemaSettings()
+
+    @model_validator(mode="after")
+    def _own_model_from_file(self) -> Self:
+        check_federation(self.federation.dataset, self.sample)
+        if is_reference(self.federation.model) and not self.store.initial_model:
+            raise ValueError(
+                f"--model {self.federation.model} is a user's model, which the aggregator "
+                "never imports: give --initial-model FILE (flclustering init-model writes it)"
+            )
+        return self
 
     def shape(self) -> tuple[Shape, int]:
         """Input shape and class count of the model."""
@@ -70,6 +90,8 @@ class AggregatorConfig(ServiceConfig):
         shape = (given[0], given[1], given[2]) if given else None
         if shape is not None and self.store.num_classes is not None:
             return shape, self.store.num_classes
+        if self.sample.declared:  # own data: what the federation declared a sample is
+            return self.sample.input_shape, self.sample.outputs
         known = DATASET_SHAPES.get(self.federation.dataset)
         if known is None:
             raise ConfigError(

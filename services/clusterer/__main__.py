@@ -20,6 +20,7 @@ GROUPS = (
     ),
     Group("training"),
     Group("clustering", "CLUSTERER_"),
+    Group("sample"),
 )
 
 

@@ -55,6 +55,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.schema import MAX_SCHEMA_BYTES, schema_from_wire
 from services.common.streams import part_of, read_all
 from services.common.uploads import check_update_header, check_upload
 from services.common.wire import (
@@ -66,7 +67,7 @@ from services.common.wire import (
     check_id,
     read_frame,
 )
-from services.core.errors import ForbiddenError, NotFoundError, WireError, invalid
+from services.core.errors import ForbiddenError, NotFoundError, StateError, WireError, invalid
 from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
@@ -194,6 +195,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
     def __init__(self, *parts: Any) -> None:  # ClustererParts' arguments
         ClustererParts.__init__(self, *parts)
         self.polls = _Polls(self.state, self.config.clustering.max_participants)
+        # What a participant of this federation sends at Join ("" for shards).
+        self.schema_text = self.config.sample.text() if self.config.sample.declared else ""
         tr = self.config.transport
         self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
         # Pre-training deltas are read whole on the server's large pool, updates are passed
@@ -228,7 +231,33 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         device = request.device[:MAX_ID_LENGTH]
         if not device.isprintable():
             raise invalid("device must be printable text")
+        self._check_schema(request.data_schema)
         return await asyncio.to_thread(self._join, request, device)
+
+    def _check_schema(self, sent: str) -> None:
+        """One schema per federation: a participant's data must be what the federation
+        declared (FAILED_PRECONDITION naming the first difference; a text that is no schema
+        at all is INVALID_ARGUMENT). Equal canonical texts need no parsing."""
+        expected = self.config.sample
+        if sent == self.schema_text:
+            return
+        if len(sent) > MAX_SCHEMA_BYTES:
+            raise invalid(f"data_schema is at most {MAX_SCHEMA_BYTES:,} bytes")
+        if not sent:
+            raise StateError(
+                "this federation trains on its participants' own data (--dataset own): "
+                "this participant sent no data schema (a build from before own data, or "
+                "not --dataset own); give it the federation's sample settings"
+            )
+        if not expected.declared:
+            raise StateError(
+                f"this federation trains on shards of --dataset "
+                f"{self.config.federation.dataset} and declares no data schema; this "
+                "participant sent one (--dataset own)"
+            )
+        difference = expected.difference(schema_from_wire(sent))
+        if difference is not None:
+            raise StateError(f"this participant's data schema differs: {difference}")
 
     def _join(self, request: pb.JoinRequest, device: str) -> pb.JoinResponse:
         """Admit a checked request (journaled before the answer)."""

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
+from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
     OptionalPort,
     OptionalStr,
@@ -52,6 +53,12 @@ class ClustererConfig(ServiceConfig):
     service: ServiceSettings = ServiceSettings(port=50051, metrics_port=9101, max_workers=256)
     training: TrainingSettings = TrainingSettings()
     clustering: ClusteringSettings = ClusteringSettings()
+    sample: SchemaSettings = SchemaSettings()  # own data: what every participant must send
+
+    @model_validator(mode="after")
+    def _own_has_schema(self) -> Self:
+        check_federation(self.federation.dataset, self.sample)
+        return self
 
     @model_validator(mode="after")
     def _tls_complete(self) -> Self:

@@ -47,6 +47,7 @@ SETTINGS_GROUPS = frozenset(
         "clustering",
         "store",
         "compute",
+        "sample",
         "run",
         "hosting",
     }

@@ -202,6 +202,17 @@ class SchemaSettings(Settings):
         return None
 
 
+def check_federation(dataset: str, schema: SchemaSettings) -> None:
+    """Own data comes with its schema, and only own data has one (ValueError otherwise)."""
+    if dataset == "own" and not schema.declared:
+        raise ValueError(
+            "--dataset own needs the federation's data schema: --data-kind image or table, "
+            "with --sample-shape or --features, and --class-names (a run file's sample group)"
+        )
+    if dataset != "own" and schema.declared:
+        raise ValueError(f"--data-kind describes own data: use --dataset own, not {dataset}")
+
+
 def schema_from_wire(text: str) -> SchemaSettings:
     """A declaration a participant sent at Join; a ConfigError (one line) if it is none."""
     if len(text.encode()) > MAX_SCHEMA_BYTES:

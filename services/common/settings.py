@@ -28,7 +28,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits
+from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits, is_reference
 from services.core.errors import ConfigError
 from services.core.schemes import normalised
 from services.core.strategies import STRATEGIES
@@ -62,6 +62,14 @@ def _scheme(value: str) -> str:
         return normalised(value)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _model_name(value: str) -> str:
+    if value in MODEL_NAMES or is_reference(value):
+        return value
+    raise ValueError(
+        f"{cut(value)!r} is not one of {', '.join(MODEL_NAMES)}, nor package.module:factory"
+    )
 
 
 def _empty_none(value: Any) -> Any:
@@ -213,7 +221,11 @@ class FederationSettings(Settings):
     strategy: Annotated[str, choice(STRATEGIES)] = Field(
         "flclustering", description="how updates become the next global model"
     )
-    model: Annotated[str, choice(MODEL_NAMES)] = Field("cnn", description="model architecture")
+    model: Annotated[str, AfterValidator(_model_name)] = Field(
+        "cnn",
+        description=f"model architecture: {', '.join(MODEL_NAMES)}, or a user's "
+        "package.module:factory (imported by participants, never by the aggregator)",
+    )
     dataset: Annotated[str, choice(DATASETS)] = Field(
         "digits", description="dataset (sets the model's input shape and classes)"
     )

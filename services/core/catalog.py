@@ -7,9 +7,22 @@ must not pay for importing torch (seconds of CPU and about 500 MB per process) t
 
 from __future__ import annotations
 
+import re
+
 Shape = tuple[int, int, int]
 
 MODEL_NAMES = ("cnn", "mclr", "2nn", "lstm", "resnet18", "keras-cnn")
+# A user's model: `package.module:factory`, imported on the machine that names it (a
+# participant, init-model, predict), never taken from the network (services.core.factory).
+MODEL_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+MAX_REFERENCE = 200
+
+
+def is_reference(model: str) -> bool:
+    """Whether a model name is a user's factory (`package.module:factory`), not a built-in."""
+    return len(model) <= MAX_REFERENCE and MODEL_REFERENCE.fullmatch(model) is not None
+
+
 # Models that pool over image rows: a vector dataset (one row of features) does not fit them.
 IMAGE_MODELS = frozenset({"cnn", "keras-cnn"})
 

@@ -10,6 +10,7 @@ the card and checks the weights against its spec.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +38,24 @@ class ModelCard:
     mean: tuple[float, ...]  # per channel, of pixels in [0, 1]
     std: tuple[float, ...]
     extra: dict[str, Any] = field(default_factory=dict)  # run facts: strategy, rounds, accuracy
+    # Own data (--dataset own): the federation's schema (services.common.schema), which says
+    # what a sample is. Its normalisation may be each owner's own: then mean and std are
+    # empty and a user standardises inputs with their own statistics, as owners did.
+    sample: dict[str, Any] = field(default_factory=dict)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] (N, C, H, W) as the model was trained on them."""
+        """Pixels in [0, 1] (N, C, H, W) as the model was trained on them (as they are,
+        when the card declares no normalisation)."""
+        if not self.mean:
+            return x
         mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
+
+    @property
+    def outputs(self) -> int:
+        """The model's outputs: one per class, or one value (regression)."""
+        return len(self.classes) or 1
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ModelCard:
@@ -57,12 +70,16 @@ class ModelCard:
                 tuple(float(v) for v in data["mean"]),
                 tuple(float(v) for v in data["std"]),
                 dict(data.get("extra", {})),
+                dict(data.get("sample", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"not a model card: {type(exc).__name__} {exc}") from None
-        if len(shape) != 3 or len(card.mean) != shape[0] or len(card.std) != shape[0]:
-            raise ConfigError("a model card needs C,H,W and one mean and std per channel")
-        if len(card.classes) < 2 or any(s <= 0 for s in card.std):
+        if len(shape) != 3 or len(card.mean) != len(card.std):
+            raise ConfigError("a model card needs C,H,W and as many means as stds")
+        if not card.sample and len(card.mean) != shape[0]:
+            raise ConfigError("a model card needs one mean and std per channel")
+        regression = card.sample.get("target") == "regression"
+        if (len(card.classes) < 2 and not regression) or any(s <= 0 for s in card.std):
             raise ConfigError("a model card needs two or more classes and positive stds")
         return card
 
@@ -80,6 +97,31 @@ def write_model_file(
     return [directory / WEIGHTS, directory / CARD]
 
 
+def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
+    """The tensors of a safetensors file (model.safetensors, or its directory), checked
+    as a starting model must be: readable, not empty, floating point in float32 (what
+    travels and is aggregated), every value finite. Nothing is imported or unpickled: this
+    is how the aggregator starts from a user's model without running its code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = path / WEIGHTS if path.is_dir() else path
+    try:
+        weights = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise ConfigError(f"{weights_path}: no such file") from None
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
+    if not any(t.is_floating_point() for t in weights.values()):
+        raise ConfigError(f"{weights_path}: holds no floating-point tensors to train")
+    for name, t in weights.items():
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ConfigError(f"{weights_path}: tensor {name[:80]!r} is {t.dtype}, not float32")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{weights_path}: tensor {name[:80]!r} holds NaN or infinities")
+    return OrderedDict(weights.items())
+
+
 def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:
     """The model saved at path (model.safetensors, or its directory) in eval mode, and its
     card (model.json beside it); wrong or missing files are one clear error."""
@@ -94,7 +136,7 @@ def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:
         raise ConfigError(f"{card_path}: {exc.strerror} (the card beside the weights)") from None
     except ValueError as exc:
         raise ConfigError(f"{card_path}: not JSON ({exc})") from None
-    model = build_model(card.model, card.input_shape, len(card.classes))
+    model = build_model(card.model, card.input_shape, card.outputs)
     try:
         weights = load_file(str(weights_path))
     except FileNotFoundError:

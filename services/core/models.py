@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, Shape
+from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, Shape, is_reference
+from services.core.factory import call_factory
 from services.core.registry import Registry
 
 __all__ = ["DATASETS", "DATASET_SHAPES", "MODELS", "Shape", "build_model"]
@@ -147,8 +148,13 @@ if tuple(MODELS) != MODEL_NAMES:  # the catalog names exactly the models built h
 
 
 def build_model(name: str, input_shape: Shape, num_classes: int, seed: int = 0) -> nn.Module:
-    """A freshly initialised model; the same (name, shape, classes, seed) gives the same w0."""
-    make = MODELS[name]
+    """A freshly initialised model; the same (name, shape, classes, seed) gives the same w0.
+
+    `name` is a built-in or a user's `package.module:factory` (services.core.factory),
+    which is imported here: only for a name from this party's own settings.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return make(input_shape, num_classes)
+        if is_reference(name):
+            return call_factory(name, input_shape, num_classes)
+        return MODELS[name](input_shape, num_classes)

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 import grpc
@@ -19,17 +20,22 @@ from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.core.device import resolve_device
 from services.core.errors import ConfigError, FLClusteringError
 from services.core.models import build_model
+from services.core.objectives import OBJECTIVES
 from services.core.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
+from services.participant.examples import TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
+from services.participant.sources import open_own_data
 from services.participant.worker import (
+    LocalData,
     ModelStore,
     Participant,
     WorkerSettings,
     clusterer_stub,
+    shard_data,
 )
 from services.transport.client import EDGE_OPTIONS, Renewing, channel
 from services.transport.credentials import (
@@ -83,14 +89,47 @@ def connect(
     return ids, stubs
 
 
+def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
+    """This owner's data in --data-dir, checked against the federation's schema (a file
+    that does not fit is one ConfigError naming it, before anything is sent)."""
+    sample = config.sample
+    own = open_own_data(Path(config.data.data_dir), sample, config.data.loader_workers)
+    logger.info(
+        "own data in %s: %s, %d training and %d test examples (split %s)",
+        config.data.data_dir,
+        own.facts.get("format"),
+        len(own.train),
+        len(own.test),
+        own.facts.get("split"),
+    )
+    train, test = own.train, own.test
+    if isinstance(train, TensorExamples):  # tables and small image sets: on the device once
+        train = TensorExamples(train.x.to(device), train.y.to(device))
+    if isinstance(test, TensorExamples):
+        test = TensorExamples(test.x.to(device), test.y.to(device))
+    return LocalData(
+        train,
+        test,
+        sample.input_shape,
+        sample.outputs,
+        objective=OBJECTIVES[sample.target],
+        schema=sample.text(),
+    )
+
+
 def run(config: ParticipantConfig, stop: threading.Event) -> int:
     """Host the configured participants until the federation is done or stop is set."""
     me, fed, svc = config.participant, config.federation, config.service
     device = resolve_device(me.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # many participants per process: one core each is fastest
-    data = federation_data(fed, config.data, range(me.index, me.index + me.count))
-    shards = shards_of(fed, config.data, data)
+    hosted = range(me.index, me.index + me.count)
+    if fed.dataset == "own":  # this owner's data, checked against the federation's schema
+        local = [own_data(config, device)]
+    else:  # a simulation: shards of a named dataset every participant computes alike
+        data = federation_data(fed, config.data, hosted)
+        shards = shards_of(fed, config.data, data)
+        local = [shard_data(data, shards[i], device) for i in hosted]
     token = config.transport.token()
     registry = CollectorRegistry()
     metrics = ParticipantMetrics(registry)
@@ -102,14 +141,13 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         del ready["grpc"]  # participants serve no gRPC
         ready["participants"] = f"{me.index}..{last}"
         write_ready_file(svc.ready_file, ready)
-    hosted = range(me.index, me.index + me.count)
     he = None
     if fed.secure == "he":  # the secret context: encrypts uploads, decrypts the model
         tr = config.transport
         keys = load_keys(tr.he_key, tr.tls_dir, secret=True)
         he = (
             keys,
-            spec_of(build_model(fed.model, data.input_shape, data.num_classes).state_dict()),
+            spec_of(build_model(fed.model, local[0].input_shape, local[0].outputs).state_dict()),
         )
         logger.info("--secure he: updates are encrypted under key %s", keys.short())
     ids, stubs = connect(config, hosted, metrics)
@@ -131,8 +169,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         Participant(
             i,
             pid,
-            data,
-            shards[i],
+            mine,
             settings,
             stub,
             store,
@@ -141,7 +178,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
             metrics,
             collusion,
         )
-        for i, pid, stub in zip(hosted, ids, stubs, strict=True)
+        for i, pid, stub, mine in zip(hosted, ids, stubs, local, strict=True)
     ]
     logger.info(
         "hosting %d participant(s) %d..%d on %s against %s",
@@ -156,6 +193,9 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     def work(p: Participant) -> None:
         try:
             p.run()
+        except FLClusteringError as exc:  # a refusal or a bad file: one line, no trace
+            logger.error("%s stopped: %s", p.id, exc)
+            errors.append(exc)
         except Exception as exc:  # one participant's failure is logged; the others go on
             logger.exception("%s failed", p.id)
             errors.append(exc)
@@ -172,6 +212,8 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     if me.linger:
         logger.info("federation done; serving metrics until stopped")
         stop.wait()
+    if len(errors) == len(participants) == 1 and isinstance(errors[0], FLClusteringError):
+        raise errors[0]  # one owner's process: its one line is the process's answer
     return 1 if errors and not stop.is_set() else 0
 
 

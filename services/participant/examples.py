@@ -104,7 +104,9 @@ class LoaderExamples:
             prefetch_factor=self.prefetch if self.workers else None,
             pin_memory=device.type == "cuda",
             # Each worker is seeded from the epoch's order: augmentation is reproducible.
-            generator=torch.Generator().manual_seed(int(order[0]) if n and order is not None else 0),
+            generator=torch.Generator().manual_seed(
+                int(order[0]) if n and order is not None else 0
+            ),
         )
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

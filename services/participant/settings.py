@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from typing_extensions import Self
 
 from services.common.flags import Group, SettingsParser
+from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
     IntList,
     OptionalStr,
@@ -22,7 +23,14 @@ from services.participant.partition import PARTITION_CHOICES
 class DataSettings(Settings):
     """Where the data lives and how it is split among participants."""
 
-    data_dir: str = Field("data", description="directory of the dataset files")
+    data_dir: str = Field(
+        "data",
+        description="directory of the dataset files; --dataset own: this participant's own "
+        "data (an image folder, IDX or CIFAR files, a CSV or Parquet table, a datasets folder)",
+    )
+    loader_workers: int = Field(
+        2, ge=0, le=32, description="own images: processes that read and transform them"
+    )
     download: bool = Field(True, description="download a missing dataset into --data-dir")
     partition: Annotated[str, choice(PARTITION_CHOICES)] = Field(
         "auto",
@@ -81,6 +89,20 @@ class ParticipantConfig(ServiceConfig):
     data: DataSettings = DataSettings()
     adversary: AttackSettings = AttackSettings()
     participant: ParticipantSettings = ParticipantSettings()
+    sample: SchemaSettings = SchemaSettings()
+
+    @model_validator(mode="after")
+    def _own_data(self) -> Self:
+        check_federation(self.federation.dataset, self.sample)
+        if self.federation.dataset == "own":
+            if self.participant.count != 1:
+                raise ValueError("--dataset own: one participant per process (--count 1)")
+            if self.adversary.attack != "none":
+                raise ValueError(
+                    "--attack is a simulation, over shards of a named dataset; not with "
+                    "--dataset own"
+                )
+        return self
 
     @model_validator(mode="after")
     def _hosted_within_federation(self) -> Self:
@@ -127,6 +149,7 @@ GROUPS = (
         ),
     ),
     Group("participant", "PARTICIPANT_"),
+    Group("sample"),
 )
 
 

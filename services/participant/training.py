@@ -1,22 +1,27 @@
 """Local training, pre-training deltas and evaluation on a participant's own data.
 
-Pure in the sense that matters here: every function takes the model, the data, the settings
-and a seeded generator, and returns results; nothing global is read or written.
+Pure in the sense that matters here: every function takes the model, the examples (tensors
+in memory or files read by a DataLoader: services.participant.examples), the settings, the
+task's objective (classification or regression: services.core.objectives) and a seeded
+generator, and returns results; nothing global is read or written.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from services.common.settings import TrainingSettings
+from services.core.objectives import CLASSIFICATION, Objective, Tally
 from services.core.tensors import flatten, spec_of
+from services.participant.examples import Examples, index_batches
+
+batches = index_batches  # the shuffled index batches of one epoch (tests and benchmarks)
 
 
 @dataclass(frozen=True)
@@ -27,16 +32,6 @@ class TrainResult:
     examples: int  # examples processed (all epochs)
     steps: int
     seconds: float
-
-
-def batches(
-    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False
-) -> Iterator[torch.Tensor]:
-    """Shuffled index batches over n examples (one epoch)."""
-    perm = torch.randperm(n, generator=generator)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield perm[start : start + batch_size]
 
 
 class Sgd:
@@ -86,17 +81,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def local_train(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Examples,
     config: TrainingSettings,
     round_: int,
     generator: torch.Generator,
+    objective: Objective = CLASSIFICATION,
 ) -> TrainResult:
-    """Train `model` in place for `config.local_epochs` epochs on (x, y), on its device."""
-    if len(y) == 0:
+    """Train `model` in place for `config.local_epochs` epochs on data, on its device."""
+    if len(data) == 0:
         raise ValueError("no training examples")
     device = _device_of(model)
-    x, y = x.to(device), y.to(device)
     opt = _sgd(model, config.lr_at(round_), config.momentum)
     model.train()
     start = time.perf_counter()
@@ -104,23 +98,21 @@ def local_train(
     epoch_loss = 0.0
     for _ in range(config.local_epochs):
         total = 0.0
-        for idx in batches(len(y), config.batch_size, generator):
-            idx = idx.to(device)
+        for x, y in data.batches(config.batch_size, device, generator):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = objective.loss(model(x), y)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach()) * len(y)
             steps += 1
-            examples += len(idx)
-        epoch_loss = total / len(y)
+            examples += len(y)
+        epoch_loss = total / len(data)
     return TrainResult(epoch_loss, examples, steps, time.perf_counter() - start)
 
 
 def pre_train_delta(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Examples,
     generator: torch.Generator,
     adjusted: bool = True,
     steps: int = 20,
@@ -128,6 +120,7 @@ def pre_train_delta(
     batch_size: int = 32,
     lr: float = 0.05,
     momentum: float = 0.9,
+    objective: Objective = CLASSIFICATION,
 ) -> torch.Tensor:
     """The pre-training delta w_i - w0 that clustering groups (docs/algorithm.md, section 2).
 
@@ -140,46 +133,43 @@ def pre_train_delta(
     spec = spec_of(work.state_dict())
     before = flatten(work.state_dict(), spec).clone()
     device = _device_of(work)
-    x, y = x.to(device), y.to(device)
     opt = _sgd(work, lr, momentum)
     work.train()
 
-    def step(idx: torch.Tensor) -> None:
-        idx = idx.to(device)
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(work(x[idx]), y[idx]).backward()
+        objective.loss(work(x), y).backward()
         opt.step()
 
     if adjusted:
         done = 0
         while done < steps:
-            for idx in batches(len(y), batch_size, generator):
-                step(idx)
+            for x, y in data.batches(batch_size, device, generator):
+                step(x, y)
                 done += 1
                 if done == steps:
                     break
     else:
         for _ in range(epochs):
-            for idx in batches(len(y), batch_size, generator):
-                step(idx)
+            for x, y in data.batches(batch_size, device, generator):
+                step(x, y)
     return flatten(work.state_dict(), spec).cpu() - before.cpu()
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048
+    model: nn.Module,
+    data: Examples,
+    batch_size: int = 2048,
+    objective: Objective = CLASSIFICATION,
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of `model` on (x, y)."""
-    if len(y) == 0:
+    """Mean loss and score of `model` on data: the accuracy (classification) or R^2 clipped
+    to [0, 1] (regression; services.core.objectives says why)."""
+    if len(data) == 0:
         raise ValueError("no evaluation examples")
     device = _device_of(model)
     model.eval()
-    loss_sum = 0.0
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return loss_sum / len(y), correct / len(y)
+    tally = Tally()
+    for x, y in data.batches(batch_size, device):
+        objective.add(tally, model(x), y)
+    return tally.loss_sum / tally.n, objective.score(tally)

@@ -29,6 +29,7 @@ from services.common.streams import build_stream, read_model
 from services.core.ckks import HeKeys, PayloadError
 from services.core.errors import ConfigError, SpecMismatchError, StateError
 from services.core.models import build_model
+from services.core.objectives import CLASSIFICATION, Objective
 from services.core.quantise import ErrorFeedback
 from services.core.sanity import largest, unfit
 from services.core.sketch import count_sketch
@@ -43,6 +44,7 @@ from services.core.tensors import (
 from services.participant.attacks import AttackConfig, View, build_attack
 from services.participant.collusion import Collusion
 from services.participant.datasets import Dataset
+from services.participant.examples import Examples, TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard, shard_tensors
 from services.participant.training import evaluate, local_train, pre_train_delta
@@ -125,6 +127,32 @@ class WorkerSettings:
     retry_budget_s: float = 900.0
     round_size: int = 15  # participants selected per round (what colluding attackers assume)
     he: HeKeys | None = None  # --secure he: the secret context (encrypts, decrypts)
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """What one participant trains and evaluates on: a shard of a named dataset (tensors),
+    or its owner's own data (services.participant.sources), with what the model needs."""
+
+    train: Examples
+    test: Examples
+    input_shape: tuple[int, int, int]
+    outputs: int  # classes, or 1 (regression)
+    group: int = -1  # ground-truth group (simulations), else -1
+    objective: Objective = CLASSIFICATION
+    schema: str = ""  # own data: the schema it was checked against, sent at Join
+
+
+def shard_data(data: Dataset, shard: Shard, device: torch.device) -> LocalData:
+    """A simulated participant's shard of a named dataset, its tensors on device."""
+    x_train, y_train, x_test, y_test = shard_tensors(data, shard)
+    return LocalData(
+        TensorExamples(x_train.to(device), y_train.to(device)),
+        TensorExamples(x_test.to(device), y_test.to(device)),
+        data.input_shape,
+        data.num_classes,
+        shard.group,
+    )
 
 
 class ModelStore:
@@ -238,14 +266,13 @@ def _of(cluster: int | None) -> str:
 
 
 class Participant:
-    """One data owner: its shard, its model, its attack (simulations only)."""
+    """One data owner: its data, its model, its attack (simulations only)."""
 
     def __init__(
         self,
         index: int,
         pid: str,
-        data: Dataset,
-        shard: Shard,
+        local: LocalData,
         settings: WorkerSettings,
         stub: pb_grpc.ClustererStub,
         store: ModelStore,
@@ -258,12 +285,8 @@ class Participant:
         self.label = str(index)
         self.id = pid  # the name its credential gives it
         self.index = index
-        x_train, y_train, x_test, y_test = shard_tensors(data, shard)
-        self.x_train = x_train.to(settings.device)
-        self.y_train = y_train.to(settings.device)
-        self.x_test = x_test.to(settings.device)
-        self.y_test = y_test.to(settings.device)
-        self.group = shard.group
+        self.local = local
+        self.objective = local.objective
         self.settings = settings
         self.stub = stub
         self.store = store
@@ -271,8 +294,8 @@ class Participant:
         # Colluding attackers of this process pool their honest deltas here.
         self.collusion = collusion or Collusion()
         self.stop = stop
-        attack.check_classes(data.num_classes)
-        self.model = build_model(settings.model, data.input_shape, data.num_classes).to(
+        attack.check_classes(local.outputs)
+        self.model = build_model(settings.model, local.input_shape, local.outputs).to(
             settings.device
         )
         self.spec = spec_of(self.model.state_dict())
@@ -325,17 +348,31 @@ class Participant:
         """Register with the clusterer (idempotent)."""
         request = pb.JoinRequest(
             participant_id=self.id,
-            num_train=len(self.y_train),
-            num_test=len(self.y_test),
-            group=self.group,
+            num_train=len(self.local.train),
+            num_test=len(self.local.test),
+            group=self.local.group,
+            data_schema=self.local.schema,
             device=str(self.settings.device),
         )
         # A clusterer still starting is waited for on the channel (wait_for_ready): the
         # join goes out as soon as it connects, not after the next step of a retry backoff.
-        self._call(
-            "Join",
-            lambda: self.stub.Join(request, metadata=self.meta, timeout=30, wait_for_ready=True),
-        )
+        try:
+            self._call(
+                "Join",
+                lambda: self.stub.Join(
+                    request, metadata=self.meta, timeout=30, wait_for_ready=True
+                ),
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                raise ConfigError(
+                    f"{self.id}: the clusterer refused to admit it ({exc.code().name}): "
+                    f"{exc.details()}"
+                ) from None
+            raise
 
     def _load(self, version: int, cluster: int | None = None) -> None:
         weights = self.store.get(version, cluster, self.via)
@@ -354,7 +391,7 @@ class Participant:
             sender=self.id,
             round=round_,
             model_version=version,
-            num_samples=len(self.y_train),
+            num_samples=len(self.local.train),
             kind=kind,
             metrics=metrics,
         )
@@ -381,12 +418,12 @@ class Participant:
             self.collusion.enlist(-1, self.id)
         delta = pre_train_delta(
             self.model,
-            self.x_train,
-            self.y_train,
+            self.local.train,
             self.gen,
             t.adjusted,
             t.pre_steps or 20,
             batch_size=t.batch_size or 32,
+            objective=self.objective,
         )
         pooled = self.collusion.pool(-1, self.id, delta) if steering else None
         delta = self.attack.on_pretrain(delta, self._view(-1), pooled).to(delta.device)
@@ -423,13 +460,17 @@ class Participant:
         # Only a merge that weighs by it (q-FFL) asks for the received model's loss.
         before: dict[str, float] = {}
         if t.report_loss:
-            before["loss_before"] = evaluate(self.model, self.x_train, self.y_train)[0]
-        x, y = self.attack.on_data(self.x_train, self.y_train, view)
+            before["loss_before"] = evaluate(
+                self.model, self.local.train, objective=self.objective
+            )[0]
+        train = self.local.train
+        if isinstance(train, TensorExamples):  # attacks are simulations: shards only
+            train = TensorExamples(*self.attack.on_data(train.x, train.y, view))
         # The clusterer already decayed the rate for this round; the values are checked here.
         cfg = TrainingSettings.build(
             local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
         )
-        result = local_train(self.model, x, y, cfg, 0, self.gen)
+        result = local_train(self.model, train, cfg, 0, self.gen, self.objective)
         self.metrics.training_seconds.labels(self.label).observe(result.seconds)
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
@@ -494,7 +535,7 @@ class Participant:
     def _encrypt(self, he: HeKeys, flat: torch.Tensor, view: View) -> list[bytes]:
         """n_i * w_i as ciphertexts; a simulated forger's instead when it attacks (the
         upload still carries the federation's key tag: the aggregator cannot tell)."""
-        n = len(self.y_train)
+        n = len(self.local.train)
         forged = self.attack.on_encrypt(he, flat, n, view)
         return he.encrypt(flat, n) if forged is None else forged
 
@@ -510,15 +551,15 @@ class Participant:
         try:
             if task.HasField("cluster"):
                 self._load(task.model_version, task.cluster)
-                p_loss, p_acc = evaluate(self.model, self.x_test, self.y_test)
+                p_loss, p_acc = evaluate(self.model, self.local.test, objective=self.objective)
                 personal = {"personal_accuracy": p_acc, "personal_loss": p_loss}
             self._load(task.model_version)
-            loss, acc = evaluate(self.model, self.x_test, self.y_test)
+            loss, acc = evaluate(self.model, self.local.test, objective=self.objective)
         except ModelRefused as exc:
             self._report_verdict(task, pb.EVALUATION_VERDICT_REFUSED, str(exc))
             return
         if not all(math.isfinite(v) for v in (loss, *personal.values())):
-            why = f"model version {task.model_version}: its loss on {len(self.y_test)} test "
+            why = f"model version {task.model_version}: its loss on {len(self.local.test)} test "
             self._report_verdict(
                 task, pb.EVALUATION_VERDICT_DIVERGED, why + "examples is not finite"
             )
@@ -535,7 +576,7 @@ class Participant:
             model_version=task.model_version,
             accuracy=acc,
             loss=loss,
-            num_examples=len(self.y_test),
+            num_examples=len(self.local.test),
             personal_accuracy=personal.get("personal_accuracy"),
             personal_loss=personal.get("personal_loss"),
         )
@@ -553,7 +594,7 @@ class Participant:
             participant_id=self.id,
             evaluation_id=task.evaluation_id,
             model_version=task.model_version,
-            num_examples=len(self.y_test),
+            num_examples=len(self.local.test),
             verdict=verdict,  # type: ignore[arg-type]
             reason=reason[:200],
         )

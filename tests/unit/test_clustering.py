@@ -11,6 +11,7 @@ from services.core.clustering import cluster, count_sketch, energy_k
 from services.core.errors import ConfigError
 from services.core.models import build_model
 from services.participant.datasets import load_dataset
+from services.participant.examples import TensorExamples
 from services.participant.partition import partition
 from services.participant.training import pre_train_delta
 
@@ -25,7 +26,9 @@ def digits_deltas(n: int, adjusted: bool, seed: int = 0) -> tuple[torch.Tensor, 
     gen = torch.Generator().manual_seed(seed)
     deltas = torch.stack(
         [
-            pre_train_delta(model, DATA.x_train[s.train], DATA.y_train[s.train], gen, adjusted)
+            pre_train_delta(
+                model, TensorExamples(DATA.x_train[s.train], DATA.y_train[s.train]), gen, adjusted
+            )
             for s in shards
         ]
     )

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from services.common.settings import TrainingSettings
 from services.core.models import build_model
 from services.participant.datasets import load_dataset
+from services.participant.examples import TensorExamples
 from services.participant.partition import partition
 from services.participant.training import Sgd, evaluate, local_train, pre_train_delta
 
@@ -26,16 +27,15 @@ def shard(index=0, n=3):
 def test_local_training_raises_test_accuracy():
     x, y, xt, yt = shard()
     model = build_model("cnn", DATA.input_shape, 10, seed=0)
-    loss0, acc0 = evaluate(model, xt, yt)
+    loss0, acc0 = evaluate(model, TensorExamples(xt, yt))
     result = local_train(
         model,
-        x,
-        y,
+        TensorExamples(x, y),
         TrainingSettings(local_epochs=5, lr=0.1, momentum=0.9),
         0,
         torch.Generator().manual_seed(0),
     )
-    loss1, acc1 = evaluate(model, xt, yt)
+    loss1, acc1 = evaluate(model, TensorExamples(xt, yt))
     assert acc0 < 0.3
     assert acc1 >= 0.7 and acc1 > acc0 + 0.4
     assert loss1 < loss0
@@ -46,9 +46,13 @@ def test_pre_train_delta_steps_are_fixed_when_adjusted():
     model = build_model("2nn", DATA.input_shape, 10, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = DATA.x_train, DATA.y_train
-    small = pre_train_delta(model, x[:64], y[:64], torch.Generator().manual_seed(1), steps=10)
-    large = pre_train_delta(model, x, y, torch.Generator().manual_seed(1), steps=10)
-    full = pre_train_delta(model, x, y, torch.Generator().manual_seed(1), adjusted=False)
+    small = pre_train_delta(
+        model, TensorExamples(x[:64], y[:64]), torch.Generator().manual_seed(1), steps=10
+    )
+    large = pre_train_delta(model, TensorExamples(x, y), torch.Generator().manual_seed(1), steps=10)
+    full = pre_train_delta(
+        model, TensorExamples(x, y), torch.Generator().manual_seed(1), adjusted=False
+    )
     # The model itself is untouched.
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     # Same number of steps: comparable lengths; a full epoch on all data: a much longer one.

@@ -33,18 +33,20 @@ EVALUATION_VERDICT_REFUSED: EvaluationVerdict
 EVALUATION_VERDICT_DIVERGED: EvaluationVerdict
 
 class JoinRequest(_message.Message):
-    __slots__ = ("participant_id", "num_train", "num_test", "group", "device")
+    __slots__ = ("participant_id", "num_train", "num_test", "group", "device", "data_schema")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
     NUM_TEST_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     num_train: int
     num_test: int
     group: int
     device: str
-    def __init__(self, participant_id: _Optional[str] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., group: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    data_schema: str
+    def __init__(self, participant_id: _Optional[str] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., group: _Optional[int] = ..., device: _Optional[str] = ..., data_schema: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("participant_id", "participants")
