@@ -142,6 +142,7 @@ EXPORT_GROUPS = (
     Group("data", only=("data_dir", "download")),
     Group("transport", only=("tls_dir", "auth_token", "auth_token_file", "he_key")),
     Group("run", only=("out",)),
+    Group("sample"),
 )
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.core.model_file import ModelCard, write_model_file
+from services.core.model_file import write_model_file
 from services.core.models import build_model
 from services.core.tensors import state_of
 from services.experiment import InitModelConfig
-from services.local import model_card
+from services.local import model_card, sample_card
 from services.participant.partition import federation_data
 
 
@@ -25,22 +25,12 @@ def init_model(config: InitModelConfig) -> list[Path]:
     """Build the model of `config` with its seed and write model.safetensors and model.json
     into --out; the paths written."""
     fed, sample = config.federation, config.sample
+    facts = {"seed": fed.seed, "initial": True}
     if sample.declared:
-        shape, outputs, classes = sample.input_shape, sample.outputs, sample.class_names
-        mean, std = (sample.mean, sample.std) if sample.normalise == "declared" else ((), ())
-        model = build_model(fed.model, shape, outputs, fed.seed)
-        card = ModelCard(
-            fed.model,
-            fed.dataset,
-            shape,
-            classes,
-            tuple(mean),
-            tuple(std),
-            {"seed": fed.seed, "initial": True},
-            sample.model_dump(mode="json"),
-        )
+        model = build_model(fed.model, sample.input_shape, sample.outputs, fed.seed)
+        card = sample_card(fed.model, sample, facts)
     else:  # a named dataset (simulations): its shape, classes and standardisation
         data = federation_data(fed, config.data, hosted=())
         model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed)
-        card = model_card(fed.model, fed.dataset, data, {"seed": fed.seed, "initial": True})
+        card = model_card(fed.model, fed.dataset, data, facts)
     return write_model_file(Path(config.run.out), state_of(model), card)

@@ -21,6 +21,7 @@ import torch
 
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import upload_tensors
+from services.common.schema import SchemaSettings
 from services.common.wire import nbytes
 from services.core.ckks import HeKeys
 from services.core.clustering import group_deltas
@@ -478,6 +479,23 @@ def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> M
         "mean_accuracy": final.get("mean_accuracy"),
     }
     return model_card(fed.model, fed.dataset, data, facts)
+
+
+def sample_card(model: str, sample: SchemaSettings, facts: dict[str, Any]) -> ModelCard:
+    """The card of a `model` trained on owners' data (--dataset own): what a sample is comes
+    from the federation's declaration, never from one owner's data; the normalisation is
+    the declared one, or none recorded (each owner standardised with its own statistics)."""
+    declared = sample.normalise == "declared"
+    return ModelCard(
+        model,
+        "own",
+        sample.input_shape,
+        sample.class_names,
+        sample.mean if declared else (),
+        sample.std if declared else (),
+        facts,
+        sample.model_dump(mode="json"),
+    )
 
 
 def model_card(model: str, dataset: str, data: Dataset, facts: dict[str, Any]) -> ModelCard:
