@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -72,21 +72,55 @@ class TensorExamples:
             yield x[idx], y[idx]
 
 
+class _Order(Sampler[int]):
+    """The order of the next epoch, set by the caller before each pass: the DataLoader (and
+    its worker processes) outlive epochs, the order is drawn anew for each."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 class LoaderExamples:
     """Examples read from a torch Dataset (files on disk) by a DataLoader with workers.
 
     The order of an epoch is drawn from the caller's generator, as for tensors, so a
     participant's run is reproducible; the workers only read and transform. Memory holds a
-    few batches per worker (prefetch), never the dataset.
+    few batches per worker (prefetch), never the dataset. The workers are started once per
+    batch size and kept (persistent): starting them every epoch would cost a process start
+    per worker per epoch.
     """
 
     def __init__(self, dataset: TorchDataset, workers: int = 2, prefetch: int = 2) -> None:
         self.dataset = dataset
         self.workers = workers
         self.prefetch = prefetch
+        self._loaders: dict[tuple[int, str], tuple[DataLoader, _Order]] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def _loader(self, batch_size: int, device: torch.device) -> tuple[DataLoader, _Order]:
+        key = (batch_size, device.type)
+        if key not in self._loaders:
+            order = _Order()
+            loader = DataLoader(
+                self.dataset,
+                batch_size=batch_size,
+                sampler=order,
+                num_workers=self.workers,
+                prefetch_factor=self.prefetch if self.workers else None,
+                persistent_workers=self.workers > 0,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(len(self)),
+            )
+            self._loaders[key] = (loader, order)
+        return self._loaders[key]
 
     def batches(
         self,
@@ -94,19 +128,12 @@ class LoaderExamples:
         device: torch.device,
         generator: torch.Generator | None = None,
     ) -> Iterator[Batch]:
+        loader, order = self._loader(batch_size, device)
         n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else None
-        loader = DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            sampler=order.tolist() if order is not None else None,
-            num_workers=self.workers,
-            prefetch_factor=self.prefetch if self.workers else None,
-            pin_memory=device.type == "cuda",
-            # Each worker is seeded from the epoch's order: augmentation is reproducible.
-            generator=torch.Generator().manual_seed(
-                int(order[0]) if n and order is not None else 0
-            ),
+        order.order = (
+            torch.randperm(n, generator=generator).tolist()
+            if generator is not None
+            else list(range(n))
         )
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
