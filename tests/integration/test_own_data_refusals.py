@@ -27,7 +27,7 @@ SAMPLE = {
 
 def own_federation(federation_factory):
     return federation_factory(
-        aggregator_only={"sample": SAMPLE},
+        aggregator_only={"sample": SAMPLE, "dataset": "own"},
         dataset="own",
         model="2nn",
         participants=6,
@@ -112,8 +112,9 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_a_participant_with_another_schema_stops_with_the_refusal(federation_factory, tmp_path):
     fed = own_federation(federation_factory)
     folder = image_folder(tmp_path / "data")
+    # Its data fits its own declaration (a superset of its classes), not the federation's.
     line = one_line(
-        participant(["--clusterer", fed.address, *image_flags(folder, classes="a,b,d")])
+        participant(["--clusterer", fed.address, *image_flags(folder, classes="a,b,c,d")])
     )
     assert "FAILED_PRECONDITION" in line and "class-names" in line, line
     assert fed.status().participants == 0
