@@ -92,9 +92,28 @@ def write_model_file(
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    save_file(tensors, str(directory / WEIGHTS), {"model": card.model})
+    # safetensors lists tensors by name; the model's own order (the order updates travel
+    # in) is kept in the metadata, and read_weights restores it.
+    order = json.dumps(list(tensors))
+    save_file(tensors, str(directory / WEIGHTS), {"model": card.model, "order": order})
     (directory / CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
     return [directory / WEIGHTS, directory / CARD]
+
+
+def _in_saved_order(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors in the order the writer's model had them (metadata "order", as
+    write_model_file records it); a file without it keeps the file's order."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    try:
+        order = json.loads(meta.get("order", "null"))
+    except ValueError:
+        order = None
+    if isinstance(order, list) and sorted(map(str, order)) == sorted(weights):
+        return {str(k): weights[str(k)] for k in order}
+    return weights
 
 
 def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
@@ -112,6 +131,7 @@ def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
         raise ConfigError(f"{weights_path}: no such file") from None
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
+    weights = _in_saved_order(weights_path, weights)
     if not any(t.is_floating_point() for t in weights.values()):
         raise ConfigError(f"{weights_path}: holds no floating-point tensors to train")
     for name, t in weights.items():

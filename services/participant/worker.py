@@ -298,7 +298,10 @@ class Participant:
         self.model = build_model(settings.model, local.input_shape, local.outputs).to(
             settings.device
         )
-        self.spec = spec_of(self.model.state_dict())
+        # The model's own order of its tensors, and the order they travel in: the same,
+        # unless the federation's w0 lists them otherwise (see _load).
+        self.model_spec = spec_of(self.model.state_dict())
+        self.spec = self.model_spec
         self.gen = participant_generator(settings.seed, index)
         self.rng = random.Random(settings.seed * 7919 + index)
         self.meta = call_metadata(settings.auth_token)
@@ -374,9 +377,18 @@ class Participant:
                 ) from None
             raise
 
+    def _ordered(self, weights: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The model's tensors in the order they travel in (self.spec)."""
+        return OrderedDict((s.name, weights[s.name]) for s in self.spec)
+
     def _load(self, version: int, cluster: int | None = None) -> None:
         weights = self.store.get(version, cluster, self.via)
         check_spec(weights, self.spec)
+        if list(weights) != [s.name for s in self.spec]:
+            # The federation's order (its w0 may come from a file that lists tensors by
+            # name): the same tensors, sent in the order the services expect them.
+            by_name = {s.name: s for s in self.spec}
+            self.spec = tuple(by_name[name] for name in weights)
         self.model.load_state_dict(weights)
 
     def _send(
@@ -433,7 +445,11 @@ class Participant:
             return
         reference = self.store.get(task.model_version)
         self._send(
-            "pretrain-delta", -1, task.model_version, unflatten(delta, self.spec, reference), {}
+            "pretrain-delta",
+            -1,
+            task.model_version,
+            self._ordered(unflatten(delta, self.model_spec, reference)),
+            {},
         )
 
     def train(self, task: pb.GetTaskResponse) -> None:
@@ -474,7 +490,7 @@ class Participant:
         self.metrics.training_seconds.labels(self.label).observe(result.seconds)
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
-        weights = state_of(self.model)
+        weights = self._ordered(state_of(self.model))
         flat_bases: list[torch.Tensor] = []
 
         def base_flat() -> torch.Tensor:
