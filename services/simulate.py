@@ -30,6 +30,7 @@ from services.common.flags import write_settings_file
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.settings import Settings
+from services.core.catalog import is_reference
 from services.core.errors import FLClusteringError
 from services.experiment import EXPERIMENT_GROUPS, SimulateConfig
 from services.participant.partition import scheme_for
@@ -231,6 +232,21 @@ def simulate(
         for holder in [*hosted_by, "operator"]:
             write_file(dirs[holder] / SECRET_FILE, he.secret_bytes(), secret=True)
         del he
+    # A user's model: w0 is written here (this process imports the factory the user named)
+    # and the aggregator starts from the file; it never imports user code.
+    initial: list[str] = []
+    if is_reference(config.federation.model):
+        from services.experiment import InitModelConfig
+        from services.initmodel import init_model
+
+        w0 = init_model(
+            InitModelConfig.build(
+                federation=config.federation.model_dump(),
+                data=config.data.model_dump(),
+                run={"out": str(out / "initial-model")},
+            )
+        )
+        initial = ["--initial-model", str(w0[0])]
     # Every process reads the experiment from one settings file.
     settings = out / "settings.json"
     groups: dict[str, Settings] = {k: getattr(config, k) for k in EXPERIMENT_GROUPS}
@@ -273,6 +289,7 @@ def simulate(
                 *service_args("aggregator", aggregator_port),
                 "--state-dir",
                 str(out / "state" / "aggregator"),
+                *initial,
             ],
             env,
         )
