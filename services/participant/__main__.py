@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -114,6 +115,7 @@ def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
         sample.outputs,
         objective=OBJECTIVES[sample.target],
         schema=sample.text(),
+        facts=own.facts,
     )
 
 
@@ -133,7 +135,20 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     token = config.transport.token()
     registry = CollectorRegistry()
     metrics = ParticipantMetrics(registry)
-    metrics.device.info({"device": str(device), "model": fed.model, "dataset": fed.dataset})
+    facts = local[0].facts or {}
+    metrics.device.info(
+        {
+            "device": str(device),
+            "model": fed.model,
+            "dataset": fed.dataset,
+            # Own data: its format and the held-out split, given or made (seeded): recorded.
+            **{
+                k: json.dumps(facts[k])
+                for k in ("format", "split", "n_train", "n_test")
+                if k in facts
+            },
+        }
+    )
     metrics_port = serve_metrics(registry, svc.metrics_host, svc.metrics_port)
     last = me.index + me.count - 1
     if svc.ready_file:

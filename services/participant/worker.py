@@ -141,6 +141,9 @@ class LocalData:
     group: int = -1  # ground-truth group (simulations), else -1
     objective: Objective = CLASSIFICATION
     schema: str = ""  # own data: the schema it was checked against, sent at Join
+    # Own data: what was found (format, counts, the split given or made with its seed);
+    # shown on /metrics, never sent to the federation.
+    facts: Mapping[str, Any] | None = None
 
 
 def shard_data(data: Dataset, shard: Shard, device: torch.device) -> LocalData:
