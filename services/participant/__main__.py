@@ -123,8 +123,10 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     """Host the configured participants until the federation is done or stop is set."""
     me, fed, svc = config.participant, config.federation, config.service
     device = resolve_device(me.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # many participants per process: one core each is fastest
+    if device.type == "cpu" and fed.dataset != "own":
+        # Simulated participants, many per process: one core each is fastest. An owner's
+        # process is its one participant: torch's threads use the device's cores.
+        torch.set_num_threads(1)
     hosted = range(me.index, me.index + me.count)
     if fed.dataset == "own":  # this owner's data, checked against the federation's schema
         local = [own_data(config, device)]
