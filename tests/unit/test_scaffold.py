@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from services.aggregator.__main__ import parser as aggregator_parser
-from services.cli import build_parser
+from services.cli import build_parser, main
 from services.clusterer.__main__ import parser as clusterer_parser
 from services.core.factory import call_factory
 from services.participant.settings import parser as participant_parser
@@ -32,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-m", "services.cli")  # `flclustering`
 
 
-def flclustering(*argv: str, cwd: Path, extra_path: Path | None = None) -> Any:
-    """`flclustering ARGV` in a child process (this repository importable, and extra_path)."""
-    path = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+def flclustering(*argv: str, cwd: Path) -> Any:
+    """`flclustering ARGV` in a child process (this checkout's code)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith(("FLCLUSTERING_", "PARTICIPANT_"))}
     return subprocess.run(
         [*CLI, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -52,15 +53,16 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def importable(task: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def importable(task: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The task package importable in this process, as PYTHONPATH=DIR makes it; no
     FLCLUSTERING_* variables from the test's environment."""
     monkeypatch.syspath_prepend(str(task))
-    monkeypatch.delitem(sys.modules, "task", raising=False)
+    sys.modules.pop("task", None)
     for name in list(os.environ):
         if name.startswith(("FLCLUSTERING_", "PARTICIPANT_", "CLUSTERER_", "AGGREGATOR_")):
             monkeypatch.delenv(name)
-    return task
+    yield task
+    sys.modules.pop("task", None)  # imported from a temporary folder: gone after the test
 
 
 def test_new_writes_the_task_package(task: Path):
@@ -135,21 +137,14 @@ def test_every_readme_command_parses(importable: Path, monkeypatch: pytest.Monke
 
 
 def test_init_model_from_the_run_file_writes_w0_the_aggregator_starts_from(
-    importable: Path, tmp_path: Path
+    importable: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     from services.aggregator.server import initial_state
     from services.core.model_file import load_model_file, read_weights
 
-    made = flclustering(
-        "init-model",
-        "--config",
-        "run.yaml",
-        "--out",
-        str(tmp_path / "w0"),
-        cwd=importable,
-        extra_path=importable,
-    )
-    assert made.returncode == 0, made.stderr
+    # As the README runs it (in the task folder, which is on the path), in this process.
+    monkeypatch.chdir(importable)
+    assert main(["init-model", "--config", "run.yaml", "--out", str(tmp_path / "w0")]) == 0
     weights = read_weights(tmp_path / "w0" / "model.safetensors")
     model = call_factory("task:make", (1, 28, 28), 10)
     assert list(weights) == list(model.state_dict())  # the order uploads follow
@@ -163,17 +158,15 @@ def test_init_model_from_the_run_file_writes_w0_the_aggregator_starts_from(
     assert [s.name for s in state.spec] == list(model.state_dict())
 
 
-def test_the_example_data_is_what_a_participant_reads(importable: Path, tmp_path: Path):
+@pytest.mark.slow  # writes and reads 1,797 images: seconds
+def test_the_example_data_is_what_a_participant_reads(
+    importable: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from services.participant.sources import open_own_data
 
-    made = subprocess.run(
-        [sys.executable, "example_data.py", str(tmp_path / "data"), "--owners", "3"],
-        cwd=importable,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert made.returncode == 0, made.stderr
+    argv = ["example_data.py", str(tmp_path / "data"), "--owners", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(importable / "example_data.py"), run_name="__main__")
     owners = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert owners == ["owner-0", "owner-1", "owner-2"]
     config = participant_parser().parse(["--config", str(importable / "run.yaml")])
@@ -195,12 +188,22 @@ def test_an_existing_non_empty_directory_is_refused_in_one_line(tmp_path: Path):
     assert "Traceback" not in refused.stderr
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
     (tmp_path / "a-file").write_text("")
-    assert flclustering("new", "a-file", cwd=tmp_path).returncode == 2
+    assert main(["new", str(tmp_path / "a-file")]) == 2
     # --force writes the scaffold beside what is there and leaves it alone.
-    forced = flclustering("new", "mine", "--force", cwd=tmp_path)
-    assert forced.returncode == 0, forced.stderr
+    assert main(["new", str(tmp_path / "mine"), "--force"]) == 0
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert (tmp_path / "mine" / "run.yaml").is_file()
     # An empty directory is fine as it is.
     (tmp_path / "empty").mkdir()
-    assert flclustering("new", "empty", cwd=tmp_path).returncode == 0
+    assert main(["new", str(tmp_path / "empty")]) == 0
+
+
+def test_the_documentation_walks_through_the_same_commands(task: Path):
+    """docs/own-data.md shows the README's commands (and may add to them)."""
+    page = (ROOT / "docs" / "own-data.md").read_text()
+    walkthrough = re.findall(r"```bash\n(.*?)```", page, re.S)[0]
+    shown = {ln.strip() for ln in walkthrough.splitlines()}
+    (block,) = re.findall(r"```bash\n(.*?)```", (task / "README.md").read_text(), re.S)
+    for line in block.splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert line.strip() in shown, line
