@@ -242,6 +242,16 @@ def run_init_model_command(config: InitModelConfig) -> int:
     return 0
 
 
+def run_new_command(args: argparse.Namespace) -> int:
+    """`flclustering new DIR`: a task package to edit (model factory, run file, README)."""
+    from services.scaffold import write_scaffold
+
+    for path in write_scaffold(args.directory, args.force):
+        print(path)
+    print(f"next: cd {args.directory} and follow README.md")
+    return 0
+
+
 def run_scrape_config_command(args: argparse.Namespace) -> int:
     """`flclustering scrape-config`: Prometheus configuration for a running simulation."""
     import json
@@ -388,6 +398,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
         "or a named dataset) and write model.safetensors and model.json into --out; start "
         "the aggregator with --initial-model OUT/model.safetensors (it never imports the "
         "factory) and the participants with the same --model and --seed.",
+    )
+    new = sub.add_parser(
+        "new",
+        help="write a task package to edit: a model factory, a run file for own data, a README",
+        description="Write DIR/task/__init__.py (a model factory, make(input_shape, outputs)), "
+        "DIR/run.yaml (a run file: --dataset own, --model task:make, three participants, "
+        "what a sample is), DIR/example_data.py (folders of digits to try it on) and "
+        "DIR/README.md (the commands from the TLS kit and init-model to the participants).",
+    )
+    new.add_argument("directory", type=Path, metavar="DIR", help="where to write (made if missing)")
+    new.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing non-empty DIR, replacing files of the same names "
+        "(default: refuse)",
     )
     settings = {
         "init-model": SettingsParser(initialising, InitModelConfig, INIT_MODEL_GROUPS),
@@ -570,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tokens_command(args)
         if args.command == "he-keys":
             return run_he_keys_command(args)
+        if args.command == "new":
+            return run_new_command(args)
         config = settings[args.command].from_namespace(args)
         if args.command == "export":
             return run_export_command(config, args)

@@ -8,7 +8,7 @@ with named feature columns and a label column, for classification or regression.
 participant checks its data against that declaration before it joins (a wrong file is named
 in one line, and it does not join with part of its data), and sends the declaration it
 checked at `Join`; the clusterer refuses a participant whose declaration differs from its
-own, naming the first difference (docs/usage.md, "Your own data").
+own, naming the first difference (docs/own-data.md, "What one sample is").
 
 Normalisation: `own` (the default) standardises each participant's inputs with statistics of
 its own training data, which are never sent anywhere (per-site standardisation: it also

@@ -25,6 +25,7 @@ from services.core.tensors import check_spec, spec_of
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
+ORDER = "order"  # metadata of model.safetensors: the tensors' names in the model's order
 
 
 @dataclass(frozen=True)
@@ -87,51 +88,42 @@ class ModelCard:
 def write_model_file(
     directory: Path, weights: Mapping[str, torch.Tensor], card: ModelCard
 ) -> list[Path]:
-    """Write model.safetensors and model.json into directory; the paths written."""
+    """Write model.safetensors and model.json into directory; the paths written.
+
+    safetensors stores tensors sorted by dtype and name, not in the model's order; the order
+    of `weights` (a state_dict's: what participants send) is kept in the file's metadata
+    (ORDER), and read_weights gives the tensors back in it."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    # safetensors lists tensors by name; the model's own order (the order updates travel
-    # in) is kept in the metadata, and read_weights restores it.
-    order = json.dumps(list(tensors))
-    save_file(tensors, str(directory / WEIGHTS), {"model": card.model, "order": order})
+    metadata = {"model": card.model, ORDER: json.dumps(list(tensors))}
+    save_file(tensors, str(directory / WEIGHTS), metadata)
     (directory / CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
     return [directory / WEIGHTS, directory / CARD]
-
-
-def _in_saved_order(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors in the order the writer's model had them (metadata "order", as
-    write_model_file records it); a file without it keeps the file's order."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    try:
-        order = json.loads(meta.get("order", "null"))
-    except ValueError:
-        order = None
-    if isinstance(order, list) and sorted(map(str, order)) == sorted(weights):
-        return {str(k): weights[str(k)] for k in order}
-    return weights
 
 
 def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
     """The tensors of a safetensors file (model.safetensors, or its directory), checked
     as a starting model must be: readable, not empty, floating point in float32 (what
     travels and is aggregated), every value finite. Nothing is imported or unpickled: this
-    is how the aggregator starts from a user's model without running its code."""
-    from safetensors import SafetensorError
+    is how the aggregator starts from a user's model without running its code.
+
+    The tensors come in the model's order when the file records it (write_model_file, so
+    `flclustering init-model` and `export`): the order every upload's tensors must follow.
+    A file without it (written by another tool) gives them in the file's order."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     weights_path = path / WEIGHTS if path.is_dir() else path
     try:
         weights = load_file(str(weights_path))
+        with safe_open(str(weights_path), "pt") as fh:  # the metadata only
+            recorded = (fh.metadata() or {}).get(ORDER)
     except FileNotFoundError:
         raise ConfigError(f"{weights_path}: no such file") from None
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
-    weights = _in_saved_order(weights_path, weights)
     if not any(t.is_floating_point() for t in weights.values()):
         raise ConfigError(f"{weights_path}: holds no floating-point tensors to train")
     for name, t in weights.items():
@@ -139,7 +131,15 @@ def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
             raise ConfigError(f"{weights_path}: tensor {name[:80]!r} is {t.dtype}, not float32")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ConfigError(f"{weights_path}: tensor {name[:80]!r} holds NaN or infinities")
-    return OrderedDict(weights.items())
+    if recorded is None:
+        return OrderedDict(weights.items())
+    try:
+        order = json.loads(recorded)
+    except ValueError:
+        order = None
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(weights):
+        raise ConfigError(f"{weights_path}: its recorded tensor order does not list its tensors")
+    return OrderedDict((name, weights[name]) for name in order)
 
 
 def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:

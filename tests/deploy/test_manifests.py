@@ -290,9 +290,21 @@ def pods_of(docs: list[dict[str, Any]]) -> list[Pod]:
         for ordinal in range(replicas):
             name = f"{w['metadata']['name']}-{ordinal}"
             labels = dict(template["metadata"]["labels"])
+            spec = template["spec"]
             if w["kind"] == "StatefulSet":
                 labels["apps.kubernetes.io/pod-index"] = str(ordinal)
-            pod = Pod(name, w["metadata"]["namespace"], labels, template["spec"])
+                # The controller gives each pod its own claim of each template, named
+                # <template>-<pod>, as a volume of the template's name.
+                claims = [
+                    {
+                        "name": t["metadata"]["name"],
+                        "persistentVolumeClaim": {"claimName": f"{t['metadata']['name']}-{name}"},
+                    }
+                    for t in w["spec"].get("volumeClaimTemplates", [])
+                ]
+                if claims:
+                    spec = {**spec, "volumes": [*spec.get("volumes", []), *claims]}
+            pod = Pod(name, w["metadata"]["namespace"], labels, spec)
             for port in pod.container.get("ports", []):
                 local = free_port()
                 pod.ports[str(port["containerPort"])] = local
@@ -367,19 +379,36 @@ def fill_identity_volume(pod: Pod, ca: Authority, directory: Path) -> Identity:
 
 
 def volume_folders(
-    pod: Pod, ca: Authority, root: Path, secrets: dict[str, dict[str, bytes]] | None = None
+    pod: Pod,
+    ca: Authority,
+    root: Path,
+    secrets: dict[str, dict[str, bytes]] | None = None,
+    configmaps: dict[str, dict[str, str]] | None = None,
+    container: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Each of the pod's mounts -> a folder of its own standing in for the volume (a Secret's
-    keys as files, from `secrets`)."""
+    """Each of the pod's mounts (of its container, or of `container`: an init container)
+    -> a folder standing in for the volume: the pod's own (emptyDir, CSI), or the claim's,
+    shared by every pod mounting it (a PersistentVolumeClaim); a Secret's keys as files, from
+    `secrets`, a ConfigMap's from `configmaps`."""
     volumes = {v["name"]: v for v in pod.spec["volumes"]}
     mounts = {}
-    for m in pod.container.get("volumeMounts", []):
+    for m in (container or pod.container).get("volumeMounts", []):
         volume = volumes[m["name"]]
         folder = root / m["name"] / pod.name
         if "csi" in volume:
             fill_identity_volume(pod, ca, folder)
-        elif "persistentVolumeClaim" in volume or "emptyDir" in volume:
+        elif "persistentVolumeClaim" in volume:
+            folder = root / "claims" / volume["persistentVolumeClaim"]["claimName"]
+            folder.mkdir(parents=True, exist_ok=True)
+        elif "emptyDir" in volume:
             folder.mkdir(parents=True)
+        elif "configMap" in volume:
+            data = (configmaps or {}).get(volume["configMap"]["name"])
+            if data is None:
+                raise AssertionError(f"{pod.name}: no ConfigMap {volume['configMap']['name']}")
+            folder.mkdir(parents=True)
+            for key, text in data.items():
+                (folder / key).write_text(text)
         elif "secret" in volume:
             given = (secrets or {}).get(volume["secret"]["secretName"])
             if given is None and not volume["secret"].get("optional"):

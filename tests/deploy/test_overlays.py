@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,17 +19,21 @@ import yaml
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.core.catalog import is_reference
+from services.scaffold import RUN_FILE
 from services.transport.client import call_metadata, channel
-from services.transport.credentials import Authority, write_kit
+from services.transport.credentials import Authority, load_tls, write_kit
 from tests.deploy.checkov import run_checkov
 from tests.deploy.test_manifests import (
     CERT_MANAGER_KINDS,
     SHARED_TOKEN,
+    Pod,
     check_cert_manager_resource,
     identity_volume,
     pods_of,
     probe,
     refused,
+    remap,
     resolve_env,
     service_addresses,
     start,
@@ -38,7 +43,7 @@ from tests.deploy.test_manifests import (
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ROOT / "deploy" / "kustomize" / "overlays"
-NAMES = ("cpu", "registry", "prometheus-operator", "edge")
+NAMES = ("cpu", "registry", "prometheus-operator", "edge", "own-data")
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 CLI = (sys.executable, "-m", "services.cli")  # `flclustering`
 
@@ -280,6 +285,241 @@ def test_edge_overlay_admits_a_token_participant_over_tls(tmp_path):
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.UNAUTHENTICATED,
         )
+    finally:
+        stop(pods)
+
+
+def mounted_volume(spec: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume a container reads `path` from (the mount it lies under)."""
+    (mount,) = [
+        m
+        for m in container["volumeMounts"]
+        if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")
+    ]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def flag(container: dict[str, Any], name: str) -> str:
+    args = [str(a) for a in container["args"]]
+    return args[args.index(name) + 1]
+
+
+def test_own_data_overlay_gives_each_owner_a_claim_and_the_aggregator_w0():
+    import kubernetes_validate
+
+    docs = render("own-data")
+    config = find(docs, "ConfigMap", "flclustering-config")["data"]
+    # Dataset and model from the run file alone (a variable would override it; the
+    # clusterer has no --dataset flag, so it reads the dataset from a run file only).
+    assert not {"FLCLUSTERING_DATASET", "FLCLUSTERING_MODEL"} & set(config)
+    # Every participant pod reads its own claim, read-only, where --data-dir points.
+    participant = find(docs, "StatefulSet", "participant")
+    assert int(participant["spec"]["replicas"]) == int(config["FLCLUSTERING_PARTICIPANTS"])
+    spec = participant["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == flag(c, "--data-dir")]
+    assert mount["readOnly"] is True
+    assert mount["name"] not in {v["name"] for v in spec["volumes"]}  # no shared volume
+    (template,) = [
+        t
+        for t in participant["spec"]["volumeClaimTemplates"]
+        if t["metadata"]["name"] == mount["name"]
+    ]
+    # No storage class: only an owner's volume binds a claim, as owner-volume.yaml shows one
+    # (for pod 0's claim; not a resource of the overlay).
+    assert template["spec"]["storageClassName"] == ""
+    example = yaml.safe_load((OVERLAYS / "own-data" / "owner-volume.yaml").read_text())
+    kubernetes_validate.validate(example, "1.30.0", strict=True)
+    name, ns = participant["metadata"]["name"], participant["metadata"]["namespace"]
+    assert example["spec"]["claimRef"] == {
+        "namespace": ns,
+        "name": f"{template['metadata']['name']}-{name}-0",
+    }
+    assert example["spec"]["storageClassName"] == template["spec"]["storageClassName"]
+    assert set(template["spec"]["accessModes"]) <= set(example["spec"]["accessModes"])
+    assert example["spec"]["capacity"] == template["spec"]["resources"]["requests"]
+    assert not any(d["kind"] == "PersistentVolume" for d in docs)
+    # The run file carrying the sample group, where FLCLUSTERING_SETTINGS points, in every
+    # pod that reads settings: the services and the Job writing w0.
+    settings = config["FLCLUSTERING_SETTINGS"]
+    job = find(docs, "Job", "init-model")
+    run = find(docs, "ConfigMap", "flclustering-run")["data"]
+    for w in [*(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")), job]:
+        pod = w["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert {"configMapRef": {"name": "flclustering-config"}} in container["envFrom"]
+        volume = mounted_volume(pod, container, settings)
+        assert volume["configMap"]["name"] == "flclustering-run", w["metadata"]["name"]
+    assert list(run) == [Path(settings).name]
+    # Own data, a user's model and the sample group `flclustering new` writes: its run.yaml
+    # and this one agree.
+    ours, scaffold = yaml.safe_load(run["run.yaml"]), yaml.safe_load(RUN_FILE)
+    assert ours["federation"] == {k: scaffold["federation"][k] for k in ("dataset", "model")}
+    assert ours["federation"]["dataset"] == "own" and is_reference(ours["federation"]["model"])
+    assert ours["sample"] == scaffold["sample"]
+    assert set(ours) == {"federation", "sample"}
+    # The owners' code runs where it is trusted: participants and the Job (the task image);
+    # the aggregator and the clusterer (and the aggregator's init container) run the plain one.
+    images = {
+        d["metadata"]["name"]: {
+            c["image"]
+            for c in d["spec"]["template"]["spec"]["containers"]
+            + d["spec"]["template"]["spec"].get("initContainers", [])
+        }
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    assert images == {
+        "aggregator": {"flclustering:0.1.0"},
+        "clusterer": {"flclustering:0.1.0"},
+        "participant": {"flclustering-task:0.1.0"},
+        "init-model": {"flclustering-task:0.1.0"},
+    }
+    # The aggregator starts from the file the Job writes, in the claim they share, read-only
+    # for the aggregator; its init container waits for the card, written last.
+    aggregator = find(docs, "Deployment", "aggregator")["spec"]["template"]["spec"]
+    (agg,) = aggregator["containers"]
+    (wait,) = aggregator["initContainers"]
+    (writer,) = job["spec"]["template"]["spec"]["containers"]
+    initial = flag(agg, "--initial-model")
+    out = flag(writer, "--out")
+    assert initial == out + "/model.safetensors"
+    assert wait["args"][-1] == out + "/model.json"
+    claims = {
+        mounted_volume(aggregator, agg, initial)["persistentVolumeClaim"]["claimName"],
+        mounted_volume(aggregator, wait, wait["args"][-1])["persistentVolumeClaim"]["claimName"],
+        mounted_volume(job["spec"]["template"]["spec"], writer, out)["persistentVolumeClaim"][
+            "claimName"
+        ],
+    }
+    assert claims == {"initial-model"}
+    assert find(docs, "PersistentVolumeClaim", "initial-model")
+    assert all(
+        m.get("readOnly")
+        for c in (agg, wait)
+        for m in c["volumeMounts"]
+        if m["name"] == "initial-model"
+    )
+    assert "PYTHONPATH" not in json.dumps(aggregator)  # nothing puts the owners' code on its path
+
+
+def test_own_data_overlays_commands_parse_with_the_services_parsers(tmp_path, monkeypatch):
+    """Each container's arguments and environment (the ConfigMaps resolved, the run file
+    where the ConfigMap volume puts it) parse with its program's parser."""
+    from services.aggregator.__main__ import parser as aggregator_parser
+    from services.cli import build_parser
+    from services.clusterer.__main__ import parser as clusterer_parser
+    from services.participant.settings import parser as participant_parser
+
+    docs = render("own-data")
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    parsers = {
+        "services.aggregator": aggregator_parser,
+        "services.clusterer": clusterer_parser,
+        "services.participant": participant_parser,
+    }
+    job = find(docs, "Job", "init-model")
+    pods = [
+        *pods_of(docs),
+        Pod("init-model-x", "flclustering", {}, job["spec"]["template"]["spec"]),
+    ]
+    ca = write_kit(tmp_path / "kit", [])
+    for pod in pods:
+        mounts = volume_folders(pod, ca, tmp_path / "volumes", None, configmaps)
+        env = {k: remap(v, mounts) for k, v in resolve_env(pod, docs, {}).items()}
+        for name in list(os.environ):
+            if name.startswith(("FLCLUSTERING_", "PARTICIPANT_", "CLUSTERER_", "AGGREGATOR_")):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        command, args = pod.container["command"], [str(a) for a in pod.container["args"]]
+        assert command[:2] == ["python", "-m"], command
+        if command[2] == "services.cli":  # the Job: flclustering init-model
+            cli, settings = build_parser()  # reads FLCLUSTERING_SETTINGS when built
+            parsed = cli.parse_args([*command[3:], *args])
+            config = settings[parsed.command].from_namespace(parsed)
+        else:
+            config = parsers[command[2]]().parse(args)
+        assert config.federation.dataset == "own" and config.sample.declared, pod.name
+        assert config.sample.class_names == tuple(str(c) for c in range(10))
+
+
+def test_own_data_overlay_runs_a_federation_of_owners(tmp_path):
+    """The rendered overlay as local processes: the Job writes w0 from the task package
+    `flclustering new` writes (the task image's), the aggregator's init container finds it
+    and the aggregator starts from it, and three participants, each on the example data in
+    its own claim, run the federation to the end."""
+    docs = render("own-data")
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    made = subprocess.run(
+        [*CLI, "new", str(tmp_path / "myfed")], capture_output=True, text=True, timeout=120
+    )
+    assert made.returncode == 0, made.stderr
+    task = tmp_path / "myfed"
+    owners = subprocess.run(
+        [sys.executable, "example_data.py", str(tmp_path / "owners"), "--owners", "3"],
+        cwd=task,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert owners.returncode == 0, owners.stderr
+    code = {"PYTHONPATH": str(ROOT)}  # this checkout's services, as the image holds them
+    with_task = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(task)])}  # the task image
+    kit = tmp_path / "kit"
+    ca = write_kit(kit, [])
+    volumes = tmp_path / "volumes"
+    job = find(docs, "Job", "init-model")
+    writer = Pod("init-model-x", "flclustering", {}, job["spec"]["template"]["spec"])
+    mounts = volume_folders(writer, ca, volumes, None, configmaps)
+    start(writer, {**resolve_env(writer, docs, {}), **with_task}, mounts, tmp_path)
+    assert writer.process is not None and writer.process.wait(300) == 0, writer.log.read_text()
+    pods = pods_of(docs)
+    services = service_addresses(docs, pods)
+    (aggregator,) = [p for p in pods if p.labels["app.kubernetes.io/name"] == "aggregator"]
+    (wait,) = aggregator.spec["initContainers"]
+    mounts = volume_folders(aggregator, ca, volumes, None, configmaps, wait)
+    waited = subprocess.run(
+        [sys.executable, "-c", wait["args"][0], remap(wait["args"][1], mounts)], timeout=60
+    )
+    assert waited.returncode == 0
+    participants = [p for p in pods if p.labels["app.kubernetes.io/name"] == "participant"]
+    for p in participants:  # each owner's data in its own claim, before the pod starts
+        ordinal = p.labels["apps.kubernetes.io/pod-index"]
+        shutil.copytree(
+            tmp_path / "owners" / f"owner-{ordinal}", volumes / "claims" / f"data-{p.name}"
+        )
+    order = sorted(
+        pods,
+        key=lambda p: ["aggregator", "clusterer", "participant"].index(
+            p.labels["app.kubernetes.io/name"]
+        ),
+    )
+    try:
+        for pod in order:
+            mounts = volume_folders(pod, ca, volumes, None, configmaps)
+            extra = with_task if pod in participants else code
+            start(pod, {**resolve_env(pod, docs, services), **extra}, mounts, tmp_path)
+        deadline = time.monotonic() + 180
+        for pod in order:
+            probe(pod, "readinessProbe", deadline)
+        operator = load_tls(kit, "operator")
+        stub = pb_grpc.ClustererStub(channel(services["clusterer"], client=operator))
+        deadline = time.monotonic() + 300
+        while True:
+            status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+            if status.done:
+                break
+            assert status.phase != "failed", status.error
+            assert time.monotonic() < deadline, f"stuck in {status.phase} round {status.round}"
+            time.sleep(0.5)
+        assert status.participants == len(participants) == 3
+        assert len(status.history) == status.model_version >= 1  # every round aggregated
+        assert all(h.evaluated == status.participants for h in status.history)
+        assert status.history[-1].mean_accuracy > 0.5  # digits: far above chance's 0.1
+        for p in participants:
+            assert "own data in" in p.log.read_text()  # read from its claim
     finally:
         stop(pods)
 

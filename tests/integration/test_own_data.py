@@ -24,7 +24,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from services.participant.sources import open_own_data
 
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
@@ -32,6 +31,7 @@ from services.common.schema import SchemaSettings
 from services.common.settings import TrainingSettings
 from services.core.models import build_model
 from services.core.objectives import OBJECTIVES
+from services.participant.sources import open_own_data
 from services.participant.training import evaluate, local_train
 from services.simulate import Processes, child_environment, follow, free_ports, members
 from services.transport.client import channel
