@@ -229,8 +229,8 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     if me.linger:
         logger.info("federation done; serving metrics until stopped")
         stop.wait()
-    if len(errors) == len(participants) == 1 and isinstance(errors[0], FLClusteringError):
-        raise errors[0]  # one owner's process: its one line is the process's answer
+    if len(errors) == len(participants) == 1 and isinstance(errors[0], ConfigError):
+        raise errors[0]  # refused at Join: one owner's process answers with its one line
     return 1 if errors and not stop.is_set() else 0
 
 
