@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 from typing_extensions import Self
@@ -74,6 +75,8 @@ class HostingSettings(Settings):
 class ExperimentConfig(Settings):
     """Everything a run depends on; recorded with its results."""
 
+    own_data: ClassVar[bool] = False  # whether the command can use --dataset own
+
     federation: FederationSettings = FederationSettings()
     training: TrainingSettings = TrainingSettings()
     defence: DefenceSettings = DefenceSettings()
@@ -85,6 +88,12 @@ class ExperimentConfig(Settings):
 
     @model_validator(mode="after")
     def _runnable(self) -> Self:
+        if self.federation.dataset == "own" and not self.own_data:
+            raise ValueError(
+                "--dataset own is each owner's own data: start the services with it "
+                "(docs/own-data.md); local, simulate, compare and centralised run on shards "
+                "of a named dataset"
+            )
         check_federation(self.federation.dataset, self.sample)
         if self.federation.rounds < 1 or self.federation.participants < 2:
             raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
@@ -97,6 +106,8 @@ class ExperimentConfig(Settings):
 
 class InitModelConfig(ExperimentConfig):
     """What `flclustering init-model` needs: the model, what a sample is, where to write."""
+
+    own_data: ClassVar[bool] = True
 
     run: RunSettings = RunSettings(out="initial-model")
 
@@ -135,6 +146,7 @@ class ExportConfig(ExperimentConfig):
 
     run: RunSettings = RunSettings(out="model")
     transport: TransportSettings = TransportSettings()
+    own_data: ClassVar[bool] = True
 
 
 EXPORT_GROUPS = (

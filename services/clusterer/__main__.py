@@ -13,10 +13,11 @@ GROUPS = (
     Group("service", "CLUSTERER_"),
     # It holds no HE key: it relays ciphertexts it checks by their header.
     Group("transport", only=tuple(f for f in TransportSettings.model_fields if f != "he_key")),
-    # The clusterer never builds the model: it relays it.
+    # The clusterer never builds the model: it relays it. It knows the dataset: own data
+    # comes with the sample it checks every participant's declaration against.
     Group(
         "federation",
-        only=tuple(f for f in FederationSettings.model_fields if f not in ("model", "dataset")),
+        only=tuple(f for f in FederationSettings.model_fields if f != "model"),
     ),
     Group("training"),
     Group("clustering", "CLUSTERER_"),
