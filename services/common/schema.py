@@ -23,7 +23,7 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from typing_extensions import Self
 
 from services.common.settings import Settings, Shape3, choice, cut, one_line
@@ -61,7 +61,7 @@ def _names(value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 StrList = Annotated[tuple[str, ...], BeforeValidator(_csv_strs)]
-Names = Annotated[StrList, Field(max_length=MAX_NAMES)]
+Names = Annotated[StrList, AfterValidator(_names)]
 FloatList = Annotated[tuple[float, ...], BeforeValidator(_csv_floats), Field(max_length=MAX_NAMES)]
 
 
