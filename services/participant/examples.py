@@ -3,7 +3,8 @@
 Shards of a named dataset are tensors in memory (a simulation holds the whole dataset
 anyway), and reading them by index keeps every run bit-identical to the project's earlier
 ones. A data owner's images need not fit in memory: they are read from disk in batches by a
-torch DataLoader with worker processes, in an order drawn from the same seeded generator.
+torch DataLoader with worker processes (one set of them for all a participant's images),
+in an order drawn from the same seeded generator.
 Either way the loop sees mini-batches (x, y) and the number of examples.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -72,55 +73,130 @@ class TensorExamples:
             yield x[idx], y[idx]
 
 
-class _Order(Sampler[int]):
-    """The order of the next epoch, set by the caller before each pass: the DataLoader (and
-    its worker processes) outlive epochs, the order is drawn anew for each."""
+class _Passes(Sampler[list[int]]):
+    """The batches of the next pass, set by the caller before each: the DataLoader (and its
+    worker processes) outlive passes, the order and the batch size are the pass's own. The
+    order is kept as a tensor (8 bytes an example, where a list of Python ints costs 36)
+    and cut into batches as the DataLoader asks for them."""
 
     def __init__(self) -> None:
-        self.order: list[int] = []
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.size = 1
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.order), self.size):
+            yield self.order[start : start + self.size].tolist()
 
     def __len__(self) -> int:
-        return len(self.order)
+        return -(-len(self.order) // self.size)
 
 
-class LoaderExamples:
-    """Examples read from a torch Dataset (files on disk) by a DataLoader with workers.
+class Readers:
+    """The worker processes that read examples from disk, shared by every LoaderExamples
+    built on them (a participant's training and test images, every batch size).
 
-    The order of an epoch is drawn from the caller's generator, as for tensors, so a
-    participant's run is reproducible; the workers only read and transform. Memory holds a
-    few batches per worker (prefetch), never the dataset. The workers are started once per
-    batch size and kept (persistent): starting them every epoch would cost a process start
-    per worker per epoch.
+    One DataLoader per device type over their datasets side by side (ConcatDataset): a
+    pass sends the workers batches of indices, offset to the dataset it reads, in batches of
+    the pass's size. Workers are forked from the participant, and each one's resident set
+    counts the participant's anonymous pages it shares (about 0.3 GB once torch is
+    imported), so a DataLoader per dataset and batch size (the training images, the test
+    images at the evaluation's batch size, the training images again for a loss before
+    training: 4 to 6 workers for --loader-workers 2) made a participant's process tree
+    2.1 GB in resident memory over a folder it never holds; shared, `workers` is all the
+    readers it has: 1.4 GB (benchmarks/data_memory.py).
+
+    Datasets are added before the first pass: the workers start with the datasets they
+    were given. One pass at a time: a pass started while another is being read ends that
+    one (its next batch raises RuntimeError rather than handing over the new pass's).
     """
 
-    def __init__(self, dataset: TorchDataset, workers: int = 2, prefetch: int = 2) -> None:
-        self.dataset = dataset
+    def __init__(self, workers: int = 2, prefetch: int = 2) -> None:
         self.workers = workers
         self.prefetch = prefetch
-        self._loaders: dict[tuple[int, str], tuple[DataLoader, _Order]] = {}
+        self.datasets: list[TorchDataset] = []
+        self._loaders: dict[str, tuple[DataLoader, _Passes]] = {}
+        self._pass = 0
+        self._size = 0
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+    def add(self, dataset: TorchDataset) -> int:
+        """Read dataset too; its first index among all the datasets."""
+        if self._loaders:
+            raise RuntimeError("a dataset added after the workers started: they would lack it")
+        offset = self._size
+        self._size += len(dataset)  # type: ignore[arg-type]
+        self.datasets.append(dataset)
+        return offset
 
-    def _loader(self, batch_size: int, device: torch.device) -> tuple[DataLoader, _Order]:
-        key = (batch_size, device.type)
-        if key not in self._loaders:
-            order = _Order()
+    def _loader(self, device: torch.device) -> tuple[DataLoader, _Passes]:
+        if device.type not in self._loaders:
+            passes = _Passes()
+            everything: ConcatDataset[Batch] = ConcatDataset(self.datasets)
             loader = DataLoader(
-                self.dataset,
-                batch_size=batch_size,
-                sampler=order,
+                everything,
+                batch_sampler=passes,
                 num_workers=self.workers,
                 prefetch_factor=self.prefetch if self.workers else None,
                 persistent_workers=self.workers > 0,
                 pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(len(self)),
+                generator=torch.Generator().manual_seed(len(everything)),
             )
-            self._loaders[key] = (loader, order)
-        return self._loaders[key]
+            self._loaders[device.type] = (loader, passes)
+        return self._loaders[device.type]
+
+    def read(self, order: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        """Batches of batch_size examples at the indices order (in all the datasets), in
+        that order, on device."""
+        loader, passes = self._loader(device)
+        self._pass += 1
+        mine = self._pass
+        passes.order, passes.size = order, batch_size
+        for x, y in loader:
+            self._check(mine)
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        self._check(mine)  # an iterator another pass ran to its end stops early: not silently
+
+    def _check(self, mine: int) -> None:
+        if self._pass != mine:
+            raise RuntimeError("another pass over these readers started before this one ended")
+
+    def close(self) -> None:
+        """Stop the workers now (they would stop when this is collected)."""
+        for loader, _ in self._loaders.values():
+            running = getattr(loader, "_iterator", None)
+            if running is not None and hasattr(running, "_shutdown_workers"):
+                running._shutdown_workers()
+            loader._iterator = None
+        self._loaders.clear()
+
+
+class LoaderExamples:
+    """Examples read from a torch Dataset (files on disk) by worker processes (Readers).
+
+    The order of an epoch is drawn from the caller's generator, as for tensors, so a
+    participant's run is reproducible; the workers only read and transform. Memory holds a
+    few batches per worker (prefetch), never the dataset. The workers are started once and
+    kept (persistent): starting them every epoch would cost a process start per worker per
+    epoch. Examples built on the same readers share their workers.
+    """
+
+    def __init__(
+        self,
+        dataset: TorchDataset,
+        workers: int = 2,
+        prefetch: int = 2,
+        readers: Readers | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.readers = readers if readers is not None else Readers(workers, prefetch)
+        self.offset = self.readers.add(dataset)
+
+    @property
+    def workers(self) -> int:
+        """The processes that read these examples (shared with the readers' others)."""
+        return self.readers.workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def batches(
         self,
@@ -128,12 +204,6 @@ class LoaderExamples:
         device: torch.device,
         generator: torch.Generator | None = None,
     ) -> Iterator[Batch]:
-        loader, order = self._loader(batch_size, device)
         n = len(self)
-        order.order = (
-            torch.randperm(n, generator=generator).tolist()
-            if generator is not None
-            else list(range(n))
-        )
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        yield from self.readers.read(order + self.offset, batch_size, device)

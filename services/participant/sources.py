@@ -46,7 +46,13 @@ from services.common.schema import SchemaSettings, feature_name
 from services.common.settings import cut
 from services.core.errors import ConfigError, DatasetUnavailableError
 from services.participant.datasets import IMAGE_SUFFIXES, read_cifar10_batch, stratified_split
-from services.participant.examples import Batch, Examples, LoaderExamples, TensorExamples
+from services.participant.examples import (
+    Batch,
+    Examples,
+    LoaderExamples,
+    Readers,
+    TensorExamples,
+)
 
 SUFFIXES = (*IMAGE_SUFFIXES, ".webp")
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -786,17 +792,21 @@ def image_stats(part: Images, shape: tuple[int, int, int], seed: int, workers: i
     pin these to a few parts in a thousand, and reading every image would cost an epoch."""
     n = len(part.y)
     pick = np.sort(np.random.RandomState(seed).choice(n, min(n, STATS_SAMPLE), replace=False))
+    readers = Readers(workers)
     sample = LoaderExamples(
-        ImageItems(Images(part.source, part.rows[pick], part.y[pick]), shape), workers
+        ImageItems(Images(part.source, part.rows[pick], part.y[pick]), shape), readers=readers
     )
     total = torch.zeros(shape[0], dtype=torch.float64)
     squares = torch.zeros(shape[0], dtype=torch.float64)
     count = 0
-    for x, _ in sample.batches(STATS_BATCH, torch.device("cpu")):
-        x = x.to(torch.float64)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
+    try:
+        for x, _ in sample.batches(STATS_BATCH, torch.device("cpu")):
+            x = x.to(torch.float64)
+            total += x.sum(dim=(0, 2, 3))
+            squares += x.square().sum(dim=(0, 2, 3))
+            count += x.shape[0] * x.shape[2] * x.shape[3]
+    finally:
+        readers.close()  # its workers end here, before the training ones start
     mean = total / count
     return mean.float(), (squares / count - mean.square()).clamp(min=0).sqrt().float()
 
@@ -822,14 +832,16 @@ def statistics(train: Part, schema: SchemaSettings, workers: int) -> Stats | Non
 
 
 def examples(
-    part: Part, schema: SchemaSettings, stats: Stats | None, training: bool, workers: int
+    part: Part, schema: SchemaSettings, stats: Stats | None, training: bool, readers: Readers
 ) -> Examples:
-    """What the training loop reads: images on disk through a DataLoader, tensors in memory;
-    training images augmented as the schema says."""
+    """What the training loop reads: images on disk through the readers' worker processes
+    (shared by the training and the test images), tensors in memory; training images
+    augmented as the schema says."""
     crop = schema.augment_crop if training else 0
     flip = schema.augment_flip and training
     if isinstance(part, Images):
-        return LoaderExamples(ImageItems(part, schema.input_shape, crop, flip, stats), workers)
+        items = ImageItems(part, schema.input_shape, crop, flip, stats)
+        return LoaderExamples(items, readers=readers)
     y = torch.from_numpy(part.y)
     if crop or flip:
         return AugmentedTensors(part.x, y, crop, flip, stats)
@@ -873,9 +885,10 @@ def open_own_data(root: Path | str, schema: SchemaSettings, workers: int = 2) ->
         "normalise": schema.normalise,
         "ignored": list(found.ignored),
     }
+    readers = Readers(workers)  # one set of worker processes for both splits
     return OwnData(
-        examples(train, schema, stats, True, workers),
-        examples(test, schema, stats, False, workers),
+        examples(train, schema, stats, True, readers),
+        examples(test, schema, stats, False, readers),
         facts,
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,35 @@ def test_workers_read_every_example_once_per_epoch(tmp_path, digits):
     ]
     assert len(seen) == len(data.train) == n - data.facts["n_test"]
     assert sorted(seen) == expected
+
+
+def test_both_splits_share_one_set_of_workers(tmp_path, digits):
+    """Training and test images, at every batch size, are read by the same `workers`
+    processes (each forked worker counts the participant's shared pages in its resident
+    set: benchmarks/data_memory.py); the `own` statistics' workers have ended by then."""
+    write_folder(tmp_path, digits, (2, 6), 8)
+    schema = image_schema(normalise="own", test_fraction=0.25)
+    before = set(multiprocessing.active_children())
+    data = open_own_data(tmp_path, schema, workers=2)
+    assert set(multiprocessing.active_children()) - before == set()
+    assert isinstance(data.train, LoaderExamples) and isinstance(data.test, LoaderExamples)
+    assert data.train.readers is data.test.readers
+    alone = open_own_data(tmp_path, schema, workers=0)
+    for _ in range(2):
+        for size in (3, 64):
+            assert torch.equal(read_all(data.test)[0], read_all(alone.test)[0])
+            gen, same = torch.Generator().manual_seed(size), torch.Generator().manual_seed(size)
+            shared = list(data.train.batches(size, CPU, gen))
+            assert len(shared[0][1]) == min(size, len(data.train))
+            expected = torch.cat([x for x, _ in alone.train.batches(size, CPU, same)])
+            assert torch.equal(torch.cat([x for x, _ in shared]), expected)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    unfinished = data.train.batches(2, CPU)
+    next(unfinished)
+    read_all(data.test)  # another pass ends the unfinished one
+    with pytest.raises(RuntimeError, match="another pass"):
+        list(unfinished)
+    data.train.readers.close()
 
 
 def test_a_file_that_is_no_image_is_named_before_joining(tmp_path, digits):
