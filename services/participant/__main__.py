@@ -25,7 +25,7 @@ from services.core.objectives import OBJECTIVES
 from services.core.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
-from services.participant.examples import TensorExamples
+from services.participant.examples import LoaderExamples, TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
@@ -50,6 +50,7 @@ from services.transport.lifecycle import exit_with_parent, freeze_heap
 from services.transport.serving import LOG_FORMAT, ready_addresses, write_ready_file
 
 logger = logging.getLogger("services.participant")
+OWN_EVAL_BATCH = 256  # images read from disk per evaluation batch (LocalData.eval_batch)
 
 
 def connect(
@@ -116,6 +117,7 @@ def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
         objective=OBJECTIVES[sample.target],
         schema=sample.text(),
         facts=own.facts,
+        eval_batch=OWN_EVAL_BATCH if isinstance(own.test, LoaderExamples) else 2048,
     )
 
 
