@@ -35,7 +35,7 @@ COMMANDS = {
     "participant": ["-m", "services.participant"],
     **{
         f"flclustering {name}": ["-m", "services.cli", name]
-        for name in ("simulate", "local", "centralised", "compare", "export")
+        for name in ("simulate", "local", "centralised", "compare", "export", "init-model")
     },
 }
 
