@@ -814,7 +814,10 @@ def image_stats(part: Images, shape: tuple[int, int, int], seed: int, workers: i
 def statistics(train: Part, schema: SchemaSettings, workers: int) -> Stats | None:
     """What inputs are standardised with: this participant's training data (own; population
     std), the declared mean and std, or nothing. Shaped (C, 1, 1) for images and (F,) for
-    tables, to broadcast over one input or a batch; std floored at STD_FLOOR."""
+    tables, to broadcast over one input or a batch. A channel or feature that is constant in
+    this participant's data (std under STD_FLOOR: a one-hot column it never sets, a blank
+    channel) is centred but not scaled: dividing by its near-zero std would turn a test
+    value that differs into millions."""
     if schema.normalise == "none":
         return None
     if schema.normalise == "declared":
@@ -825,7 +828,7 @@ def statistics(train: Part, schema: SchemaSettings, workers: int) -> Stats | Non
     else:
         dims = (0, 2, 3) if schema.data_kind == "image" else (0, 1, 2)
         std, mean = torch.std_mean(train.x, dim=dims, correction=0)
-    std = std.clamp(min=STD_FLOOR)
+    std = torch.where(std < STD_FLOOR, torch.ones_like(std), std)
     if schema.data_kind == "image":
         return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
     return mean, std

@@ -456,3 +456,27 @@ def test_hf_table_with_classlabel(tmp_path):
     assert data.facts["format"] == "hf-datasets" and x.shape[1:] == (1, 1, 6)
     target = dict(zip(rows(table, schema), table["diagnosis"].to_pylist(), strict=True))
     assert [1 - target[row] for row in rows_of(x)] == y.tolist()  # benign is 1 in the folder
+
+
+def test_a_feature_constant_in_own_data_is_centred_not_blown_up(tmp_path):
+    """A one-hot column this owner never sets: its test rows that do set it stay near 1,
+    not 1e6 (std under the floor divides by 1)."""
+    n = 40
+    train = pa.table(
+        {
+            "x": pa.array(np.linspace(-1, 1, n)),
+            "rare": pa.array(np.zeros(n)),
+            "label": pa.array([str(k % 2) for k in range(n)]),
+        }
+    )
+    test = pa.table(
+        {"x": pa.array([0.0, 0.5]), "rare": pa.array([0.0, 1.0]), "label": pa.array(["0", "1"])}
+    )
+    pacsv.write_csv(train, str(tmp_path / "train.csv"))
+    pacsv.write_csv(test, str(tmp_path / "test.csv"))
+    schema = SchemaSettings.build(data_kind="table", features="x,rare", class_names="0,1")
+    data = open_own_data(tmp_path, schema, workers=0)
+    x, _ = read_all(data.test)
+    assert x[:, 0, 0, 1].tolist() == [0.0, 1.0]
+    x_train, _ = read_all(data.train)
+    assert abs(float(x_train[:, 0, 0, 0].std(correction=0)) - 1) < 1e-5  # x still scaled
