@@ -53,7 +53,7 @@ def run_centralised(
             :per_round
         ].to(device)
         fit = local_train(model, TensorExamples(x[order], y[order]), once, rnd, gen)
-        figs = [evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people]
+        figs = [evaluate(model, p.test) for p in people]
         record = RoundRecord(
             round=rnd,
             layout=Layout.CENTRALISED,

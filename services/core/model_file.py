@@ -112,18 +112,9 @@ def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
     The tensors come in the model's order when the file records it (write_model_file, so
     `flclustering init-model` and `export`): the order every upload's tensors must follow.
     A file without it (written by another tool) gives them in the file's order."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     weights_path = path / WEIGHTS if path.is_dir() else path
-    try:
-        weights = load_file(str(weights_path))
-        with safe_open(str(weights_path), "pt") as fh:  # the metadata only
-            recorded = (fh.metadata() or {}).get(ORDER)
-    except FileNotFoundError:
-        raise ConfigError(f"{weights_path}: no such file") from None
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
+    weights, metadata = _read(weights_path)
+    recorded = metadata.get(ORDER)
     if not any(t.is_floating_point() for t in weights.values()):
         raise ConfigError(f"{weights_path}: holds no floating-point tensors to train")
     for name, t in weights.items():
@@ -142,12 +133,24 @@ def read_weights(path: Path) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((name, weights[name]) for name in order)
 
 
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, in one opening; a missing or unreadable
+    file is one ConfigError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            names = list(fh.keys())  # a safetensors handle, not a dict: it has no __iter__
+            return {k: fh.get_tensor(k) for k in names}, dict(fh.metadata() or {})
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path}: not a safetensors file ({exc})") from None
+
+
 def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:
     """The model saved at path (model.safetensors, or its directory) in eval mode, and its
     card (model.json beside it); wrong or missing files are one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights_path = path / WEIGHTS if path.is_dir() else path
     card_path = weights_path.with_name(CARD)
     try:
@@ -157,12 +160,7 @@ def load_model_file(path: Path) -> tuple[nn.Module, ModelCard]:
     except ValueError as exc:
         raise ConfigError(f"{card_path}: not JSON ({exc})") from None
     model = build_model(card.model, card.input_shape, card.outputs)
-    try:
-        weights = load_file(str(weights_path))
-    except FileNotFoundError:
-        raise ConfigError(f"{weights_path}: no such file") from None
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{weights_path}: not a safetensors file ({exc})") from None
+    weights, _ = _read(weights_path)
     expected = spec_of(model.state_dict())
     try:
         check_spec(weights, expected)

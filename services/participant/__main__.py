@@ -25,7 +25,7 @@ from services.core.objectives import OBJECTIVES
 from services.core.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
-from services.participant.examples import LoaderExamples, TensorExamples
+from services.participant.examples import TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
@@ -50,7 +50,6 @@ from services.transport.lifecycle import exit_with_parent, freeze_heap
 from services.transport.serving import LOG_FORMAT, ready_addresses, write_ready_file
 
 logger = logging.getLogger("services.participant")
-OWN_EVAL_BATCH = 256  # images read from disk per evaluation batch (LocalData.eval_batch)
 
 
 def connect(
@@ -104,11 +103,10 @@ def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
         len(own.test),
         own.facts.get("split"),
     )
-    train, test = own.train, own.test
-    if isinstance(train, TensorExamples):  # tables and small image sets: on the device once
-        train = TensorExamples(train.x.to(device), train.y.to(device))
-    if isinstance(test, TensorExamples):
-        test = TensorExamples(test.x.to(device), test.y.to(device))
+    # Tables and in-memory images go to the device once; images on disk per batch.
+    train, test = (
+        e.to(device) if isinstance(e, TensorExamples) else e for e in (own.train, own.test)
+    )
     return LocalData(
         train,
         test,
@@ -117,7 +115,6 @@ def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
         objective=OBJECTIVES[sample.target],
         schema=sample.text(),
         facts=own.facts,
-        eval_batch=OWN_EVAL_BATCH if isinstance(own.test, LoaderExamples) else 2048,
     )
 
 

@@ -57,6 +57,10 @@ class TensorExamples:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: torch.device) -> TensorExamples:
+        """The same examples on device (moved once, not at every pass)."""
+        return TensorExamples(self.x.to(device), self.y.to(device))
+
     def batches(
         self,
         batch_size: int,

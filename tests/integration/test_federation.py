@@ -254,3 +254,30 @@ def test_participants_of_a_long_model_send_a_sketch_and_a_malformed_one_is_refus
     status = fed.wait_for(lambda s: all(c.cluster >= 0 for c in s.clusters), timeout=120)
     assert len(status.clusters) == 7
     assert len({c.cluster for c in status.clusters}) == 3
+
+
+def test_a_w0_file_in_another_order_still_trains(federation_factory, tmp_path):
+    """Pretrained weights from another tool list tensors by name (safetensors' own order,
+    no recorded model order): the aggregator serves them in that order, and participants
+    send their updates in it, so the rounds are aggregated, not refused."""
+    from safetensors.torch import save_file
+
+    from services.core.model_file import read_weights
+    from services.core.models import build_model
+    from services.core.tensors import state_of
+
+    model = build_model("cnn", (1, 8, 8), 10, seed=0)
+    path = tmp_path / "pretrained.safetensors"
+    save_file(dict(state_of(model)), str(path))  # no metadata: the file's order
+    assert list(read_weights(path)) != list(model.state_dict())  # bias before weight
+    fed = federation_factory(
+        aggregator_only={"initial_model": str(path)},
+        participants=6,
+        select=6,
+        rounds=2,
+        clusters=3,
+    )
+    fed.add_participants(0, 6)
+    status = fed.wait_for(lambda s: s.done, timeout=240)
+    assert all(h.received == h.selected == 6 for h in status.history)
+    assert status.model_version == 2
