@@ -21,9 +21,11 @@ from services.common.settings import (
     DefenceSettings,
     FederationSettings,
     OptionalCount,
+    PrivacySettings,
     Settings,
     TrainingSettings,
     TransportSettings,
+    check_privacy,
 )
 from services.participant.adversary import ATTACKS, AttackSettings
 from services.participant.settings import DataSettings
@@ -85,6 +87,7 @@ class ExperimentConfig(Settings):
     clustering: ClusteringSettings = ClusteringSettings()
     run: RunSettings = RunSettings()
     sample: SchemaSettings = SchemaSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @model_validator(mode="after")
     def _runnable(self) -> Self:
@@ -95,6 +98,7 @@ class ExperimentConfig(Settings):
                 "of a named dataset"
             )
         check_federation(self.federation.dataset, self.sample)
+        check_privacy(self.federation, self.privacy)
         if self.federation.rounds < 1 or self.federation.participants < 2:
             raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
         if ATTACKS[self.adversary.attack].needs_he and self.federation.secure != "he":
@@ -159,7 +163,15 @@ EXPORT_GROUPS = (
 
 
 # The settings file simulate writes for its processes carries these groups.
-EXPERIMENT_GROUPS = ("federation", "training", "defence", "data", "adversary", "clustering")
+EXPERIMENT_GROUPS = (
+    "federation",
+    "training",
+    "defence",
+    "data",
+    "adversary",
+    "clustering",
+    "privacy",
+)
 
 LOCAL_GROUPS = (
     Group("federation"),
@@ -168,6 +180,7 @@ LOCAL_GROUPS = (
     Group("data"),
     Group("adversary"),
     Group("clustering", only=("cluster_method",)),
+    Group("privacy"),
     Group("run"),
 )
 SIMULATE_GROUPS = (

@@ -31,6 +31,7 @@ GROUPS = (
     Group("store", "AGGREGATOR_"),
     Group("compute", "AGGREGATOR_"),
     Group("sample"),
+    Group("privacy"),
 )
 
 

@@ -22,6 +22,7 @@ GROUPS = (
     Group("training"),
     Group("clustering", "CLUSTERER_"),
     Group("sample"),
+    Group("privacy"),
 )
 
 

@@ -50,6 +50,7 @@ SETTINGS_GROUPS = frozenset(
         "sample",
         "run",
         "hosting",
+        "privacy",
     }
 )
 

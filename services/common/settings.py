@@ -30,6 +30,7 @@ from typing_extensions import Self
 
 from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits, is_reference
 from services.core.errors import ConfigError
+from services.core.privacy import PRIVATE_RULES
 from services.core.schemes import normalised
 from services.core.strategies import STRATEGIES
 
@@ -353,6 +354,73 @@ class DefenceSettings(Settings):
     )
 
 
+OptionalFraction = Annotated[
+    Annotated[float, Field(gt=0, lt=1)] | None, BeforeValidator(_none_words)
+]
+OptionalPositive = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_none_words)]
+
+
+class PrivacySettings(Settings):
+    """Differential privacy: central (the aggregator clips and noises the merge) or local
+    (each participant trains with DP-SGD), with an accountant and a budget."""
+
+    dp: Annotated[str, choice(("off", "central", "local"))] = Field(
+        "off",
+        description="off; central: participant-level DP, every update clipped to --dp-clip, "
+        "Poisson selection and Gaussian noise on the merge; local: each participant trains "
+        "with DP-SGD (per-sample clipping and noise, Opacus) and keeps its own epsilon",
+    )
+    dp_noise: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="noise multiplier z: the noise's standard deviation over the sensitivity "
+        "(central: of the merge; local: of a batch's summed, clipped gradients)",
+    )
+    dp_clip: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="L2 bound C (central: of each update, the first round's when adaptive; "
+        "local: of each example's gradient)",
+    )
+    dp_clip_quantile: OptionalFraction = Field(
+        None,
+        description="central: adapt the bound each round towards this quantile of the update "
+        "norms, privately (Andrew et al. 2021; 0.5 is theirs); none: a fixed bound",
+    )
+    dp_clip_lr: float = Field(
+        0.2, gt=0, le=10, description="central, adaptive: the bound's geometric step size"
+    )
+    dp_count_noise: OptionalPositive = Field(
+        None,
+        description="central, adaptive: noise of the count of updates within the bound "
+        "(none: a twentieth of the expected updates per round, as Andrew et al.)",
+    )
+    dp_delta: float = Field(
+        1e-5, gt=0, le=0.01, description="the delta epsilon is reported at"
+    )
+    dp_epsilon: OptionalPositive = Field(
+        None,
+        description="budget: training stops before a round that would spend more than this "
+        "epsilon (central: the federation; local: each participant); none: no budget",
+    )
+
+    @property
+    def central(self) -> bool:
+        return self.dp == "central"
+
+    @property
+    def local(self) -> bool:
+        return self.dp == "local"
+
+    @model_validator(mode="after")
+    def _adaptive_is_central(self) -> Self:
+        if self.dp != "central" and self.dp_clip_quantile is not None:
+            raise ValueError("--dp-clip-quantile adapts the central bound: use --dp central")
+        return self
+
+
 class TransportSettings(Settings):
     """Credentials, size limits and deadlines of the calls between services."""
 
@@ -444,3 +512,35 @@ class ServiceConfig(Settings):
     service: ServiceSettings = ServiceSettings()
     transport: TransportSettings = TransportSettings()
     federation: FederationSettings = FederationSettings()
+    privacy: PrivacySettings = PrivacySettings()
+
+    @model_validator(mode="after")
+    def _private(self) -> Self:
+        check_privacy(self.federation, self.privacy)
+        return self
+
+
+def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
+    """The combinations differential privacy is defined for (one ValueError line each)."""
+    if privacy.dp == "off":
+        return
+    if fed.secure == "he":
+        raise ValueError(
+            f"--dp {privacy.dp} with --secure he needs noise added before encryption "
+            "(distributed DP, docs/privacy.md): not built; choose one"
+        )
+    if privacy.dp != "central":
+        return
+    strategy = STRATEGIES[fed.strategy]
+    if strategy.rule not in PRIVATE_RULES or strategy.grouping == "each":
+        ok = [
+            n for n, s in STRATEGIES.items() if s.rule in PRIVATE_RULES and s.grouping != "each"
+        ]
+        raise ValueError(
+            f"--dp central has a derived sensitivity for {', '.join(ok)}, not "
+            f"{fed.strategy} (docs/privacy.md)"
+        )
+    if strategy.merge == "qffl":
+        raise ValueError("--dp central: the q-FFL merge's weights depend on the updates")
+    if fed.personalise:
+        raise ValueError("--dp central releases one merged model: --personalise is not covered")

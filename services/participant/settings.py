@@ -150,6 +150,7 @@ GROUPS = (
     ),
     Group("participant", "PARTICIPANT_"),
     Group("sample"),
+    Group("privacy", only=("dp", "dp_noise", "dp_clip", "dp_delta", "dp_epsilon")),
 )
 
 
