@@ -397,9 +397,7 @@ class PrivacySettings(Settings):
         description="central, adaptive: noise of the count of updates within the bound "
         "(none: a twentieth of the expected updates per round, as Andrew et al.)",
     )
-    dp_delta: float = Field(
-        1e-5, gt=0, le=0.01, description="the delta epsilon is reported at"
-    )
+    dp_delta: float = Field(1e-5, gt=0, le=0.01, description="the delta epsilon is reported at")
     dp_epsilon: OptionalPositive = Field(
         None,
         description="budget: training stops before a round that would spend more than this "
@@ -533,9 +531,7 @@ def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
         return
     strategy = STRATEGIES[fed.strategy]
     if strategy.rule not in PRIVATE_RULES or strategy.grouping == "each":
-        ok = [
-            n for n, s in STRATEGIES.items() if s.rule in PRIVATE_RULES and s.grouping != "each"
-        ]
+        ok = [n for n, s in STRATEGIES.items() if s.rule in PRIVATE_RULES and s.grouping != "each"]
         raise ValueError(
             f"--dp central has a derived sensitivity for {', '.join(ok)}, not "
             f"{fed.strategy} (docs/privacy.md)"

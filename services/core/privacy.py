@@ -46,7 +46,7 @@ def spread(rule: str, expected: float) -> float:
     """How far one participant can move its cluster's aggregate, in units of C."""
     if rule in MEAN_RULES:
         if expected <= 0:
-            raise ConfigError(f"a cluster's expected sampled count must be positive, got {expected}")
+            raise ConfigError(f"a cluster's expected sampled count must be positive: {expected}")
         return 1.0 / expected
     if rule in SELECTING_RULES:
         return SPREAD_ANY
