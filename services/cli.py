@@ -56,14 +56,22 @@ def run_local_command(config: ExperimentConfig) -> int:
 
     result = run_local(config, _progress(config.federation.rounds, time.perf_counter()))
     purity = result.clustering.get("purity") if result.clustering else None
-    _summary(result.rounds, result.final, purity, _write_run(config, result))
+    _summary(result.rounds, result.final, purity, _write_run(config, result), result.privacy)
     return 0
 
 
 def _summary(
-    rounds: list[dict[str, Any]], final: dict[str, Any], purity: float | None, where: Path
+    rounds: list[dict[str, Any]],
+    final: dict[str, Any],
+    purity: float | None,
+    where: Path,
+    privacy: dict[str, Any] | None = None,
 ) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'std':>6} {'worst':>6} {'rejected':>8}")
+    private = any("epsilon" in r for r in rounds)
+    eps = f" {'epsilon':>8}" if private else ""
+    print(
+        f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'std':>6} {'worst':>6} {'rejected':>8}{eps}"
+    )
     step = max(1, len(rounds) // 10)
     shown = rounds[::step]
     if shown[-1] is not rounds[-1]:
@@ -72,6 +80,7 @@ def _summary(
         print(
             f"{r['round']:>5} {r['mean_accuracy']:>9.3f} {r['mean_loss']:>7.3f} "
             f"{r['accuracy_std']:>6.3f} {r['worst_accuracy']:>6.3f} {r['rejected']:>8}"
+            + (f" {r['epsilon']:>8.3f}" if private and "epsilon" in r else "")
         )
     if purity is not None:
         print(f"clustering purity against the true groups: {purity:.2f}")
@@ -84,6 +93,12 @@ def _summary(
         f"final: mean accuracy {final['mean_accuracy']:.3f}, std {final['accuracy_std']:.3f}, "
         f"worst {final['worst_accuracy']:.3f}{extra}; results in {where}"
     )
+    if privacy:
+        print(
+            f"differential privacy ({privacy['mode']}): epsilon {privacy['epsilon']:.3f} at "
+            f"delta {privacy['delta']:g} after {privacy['rounds']} rounds"
+            + (f"; {privacy['stopped']}" if privacy.get("stopped") else "")
+        )
     if "personal_mean_accuracy" in final:
         group = final.get("personal_worst_group_accuracy")
         print(
@@ -115,7 +130,8 @@ def run_simulate_command(config: SimulateConfig) -> int:
     serve = _serve_until_interrupted if config.hosting.serve else None
     results = simulate(config, lambda record, _total: show(record), serve=serve)
     where = Path(config.run.out)
-    _summary(results["rounds"], results["final"], results["clustering"]["purity"], where)
+    purity = results["clustering"]["purity"]
+    _summary(results["rounds"], results["final"], purity, where, results.get("privacy"))
     if results.get("processes"):
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in results["processes"].items())
         print(f"peak memory (MB): {peaks}")

@@ -24,6 +24,7 @@ from services.common.homomorphic import upload_tensors
 from services.common.schema import SchemaSettings
 from services.common.settings import FederationSettings
 from services.common.wire import nbytes
+from services.core.accountant import Ledger, Step
 from services.core.ckks import HeKeys
 from services.core.clustering import group_deltas
 from services.core.defence import RoundDefence
@@ -34,6 +35,7 @@ from services.core.merge import local_steps
 from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import group_accuracy, plan_round, static_group
+from services.core.privacy import CentralNoise, expected_counts
 from services.core.quantise import (
     Compression,
     ErrorFeedback,
@@ -45,6 +47,7 @@ from services.core.quarantine import Quarantine, judge
 from services.core.record import Layout, RoundRecord
 from services.core.rounds import RoundOutcome, aggregate_round
 from services.core.sanity import largest, unfit
+from services.core.selection import poisson_rates
 from services.core.strategies import get_strategy
 from services.core.tensors import flatten, spec_of, unflatten
 from services.experiment import ExperimentConfig
@@ -100,6 +103,8 @@ class RunResult:
     clusters: list[dict[str, int]] = field(default_factory=list)
     clustering: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
+    # Differential privacy: the ledger and why training stopped before --rounds (or "").
+    privacy: dict[str, Any] = field(default_factory=dict)
     # The final global model's weights and card (`model_file.write_model_file`).
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     card: ModelCard | None = None
@@ -277,15 +282,31 @@ def run_local(
     feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
     cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
 
+    central = CentralPlan.of(config, groups) if config.privacy.central else None
     published: dict[int, float] = {}  # everyone's accuracy of the current global model
     figs: list[tuple[float, float]] = []  # everyone's (loss, accuracy) of it
     quarantine = Quarantine()  # who may train after failed rounds (as the clusterer's)
     steps: list[float] = []  # the last accepted merges' lengths (the aggregator's guard)
     for rnd in range(fed.rounds):
         start = time.perf_counter()
+        if central is not None:  # the budget: stop before a round that would exceed it
+            stop = central.ledger.refuses(central.step)
+            if stop:
+                if not result.rounds:
+                    raise ConfigError(f"no round can run: {stop}")
+                result.privacy["stopped"] = f"stopped before round {rnd}: {stop}"
+                break
         allowed = set(quarantine.eligible(str(i) for i in groups))
         selectable = {i: c for i, c in groups.items() if str(i) in allowed}
-        plan = plan_round(strategy, selectable, rnd, fed.select, fed.eval_per_cluster, rng)
+        plan = plan_round(
+            strategy,
+            selectable,
+            rnd,
+            fed.select,
+            fed.eval_per_cluster,
+            rng,
+            None if central is None else central.rates,
+        )
         # Accuracy of the current global model per group, for the fair merge: every
         # member of a selected group evaluated it after the last round (as the services'
         # members evaluate each published version), the planned evaluators otherwise.
@@ -374,7 +395,11 @@ def run_local(
                     [people[i].samples for i in rows], train.local_epochs, train.batch_size
                 ),
                 cluster_w if fed.personalise else None,
+                None if central is None else central.mechanism(),
             )
+        private: dict[str, Any] = {}
+        if central is not None:  # spent whatever the guard decides: the merge was computed
+            private = central.spend(outcome_round)
         # The aggregator's divergence guard (it cannot look under --secure he), then the
         # participants' verdicts on the new version, as the services run them.
         before_w, before_figs = global_w, figs
@@ -462,6 +487,7 @@ def run_local(
             diverged_evaluations=judged.diverged,
             backdoor_success_rate=backdoor,
             **personal,
+            **private,
         ).to_dict()
         result.add(record, progress)
     last = result.rounds[-1]
@@ -474,9 +500,95 @@ def run_local(
         )
     if "backdoor_success_rate" in last:
         result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
+    if central is not None:
+        result.privacy.update(central.summary())
+        result.final["epsilon"] = result.privacy["epsilon"]
     result.weights = dict(unflatten(global_w, spec, reference))
     result.card = card_of(config, data, result.final)
     return result
+
+
+@dataclass
+class CentralPlan:
+    """Central differential privacy in process, as the clusterer and aggregator run it:
+    Poisson rates per cluster, the bound (adaptive or fixed), the noise's generator and
+    the ledger."""
+
+    rates: dict[int, float]
+    expected: dict[int, float]
+    clip: float
+    ledger: Ledger
+    generator: torch.Generator
+    config: ExperimentConfig
+
+    @staticmethod
+    def of(config: ExperimentConfig, groups: dict[int, int]) -> CentralPlan:
+        """The plan for the federation's groups (sizes are public: zero-out adjacency)."""
+        p = config.privacy
+        sizes: dict[int, int] = {}
+        for c in groups.values():
+            sizes[c] = sizes.get(c, 0) + 1
+        rates = poisson_rates(sizes, config.federation.select)
+        # A simulation's noise is seeded so that runs repeat; the aggregator draws its
+        # seed from the operating system (docs/privacy.md).
+        gen = torch.Generator().manual_seed(config.federation.seed * 7919 + 0xD9)
+        return CentralPlan(
+            rates,
+            expected_counts(sizes, rates),
+            p.dp_clip,
+            Ledger(p.dp_delta, p.dp_epsilon),
+            gen,
+            config,
+        )
+
+    @property
+    def step(self) -> list[Step]:
+        """One round of the mechanism, for every participant at most the largest rate."""
+        return [Step(self.config.privacy.dp_noise, max(self.rates.values()))]
+
+    def mechanism(self) -> CentralNoise:
+        """This round's mechanism."""
+        p = self.config.privacy
+        count_noise = None
+        if p.dp_clip_quantile is not None:
+            count_noise = p.dp_count_noise or sum(self.expected.values()) / 20
+        return CentralNoise(
+            self.clip,
+            p.dp_noise,
+            self.expected,
+            self.generator,
+            p.dp_clip_quantile,
+            p.dp_clip_lr,
+            count_noise,
+        )
+
+    def spend(self, outcome: RoundOutcome) -> dict[str, Any]:
+        """Record the round in the ledger; the round record's privacy fields."""
+        assert outcome.noise is not None
+        self.ledger.spend(self.step)
+        self.clip = outcome.noise.next_clip
+        return {
+            "epsilon": self.ledger.epsilon,
+            "dp_clip": outcome.noise.clip,
+            "dp_sigma": outcome.noise.sigma,
+            "dp_clipped": outcome.noise.clipped,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """results.json's privacy block."""
+        p = self.config.privacy
+        return {
+            "mode": "central",
+            "epsilon": self.ledger.epsilon,
+            "delta": p.dp_delta,
+            "budget": p.dp_epsilon,
+            "noise_multiplier": p.dp_noise,
+            "rates": {str(c): r for c, r in sorted(self.rates.items())},
+            "expected": {str(c): n for c, n in sorted(self.expected.items())},
+            "rounds": len(self.ledger.steps),
+            "accountant": "Renyi DP of the Poisson-sampled Gaussian (Opacus)",
+            "adjacency": "zero-out: one participant's updates",
+        }
 
 
 def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> ModelCard:

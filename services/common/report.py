@@ -54,6 +54,8 @@ def write_run(out: Path, result: Any) -> tuple[dict[str, Any], list[Path]]:
         "clustering": result.clustering,
         "final": result.final,
     }
+    if getattr(result, "privacy", None):  # differential privacy's ledger and stop
+        payload["privacy"] = result.privacy
     written = write_results(out, payload)
     if result.card is not None:
         write_model_file(out, result.weights, result.card)

@@ -225,9 +225,11 @@ def defend_rows(
     clusters: Sequence[int],
     config: DefenceConfig,
     samples: Sequence[int] | None = None,
+    found: Scan | None = None,
 ) -> tuple[RoundDefence, Scan]:
-    """All three layers over rows read in blocks; also returns the scan (Gram matrix)."""
-    found = scan(rows)
+    """All three layers over rows read in blocks; also returns the scan (Gram matrix).
+    `found`: the rows' scan when the caller has it (one pass fewer)."""
+    found = scan(rows) if found is None else found
     out = select(found, clusters, config, samples)
     if config.cluster_factor is not None and len(out.survivors) >= 2:
         check(out, cluster_norms(out, found.gram, rows), config.cluster_factor)

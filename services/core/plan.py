@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from services.core.selection import fair_select, random_select
+from services.core.selection import fair_select, poisson_select, random_select
 from services.core.strategies import Strategy
 
 P = TypeVar("P", bound=Hashable)
@@ -44,18 +44,25 @@ def plan_round(
     select: int,
     eval_per_group: int,
     rng: np.random.Generator,
+    rates: Mapping[int, float] | None = None,
 ) -> RoundPlan[P]:
     """Select fairly (the same number per group, the remainder rotating; per-participant
     groups draw `select` at random), then, when the merge needs it and a model has been
     trained, draw up to `eval_per_group` evaluators per selected group among its members.
 
     A `select` below the number of groups takes one per group (every group is served).
+    With `rates` (differential privacy: `selection.poisson_rates` of the federation's
+    groups) every participant is drawn on its own with its group's rate instead.
     """
     ids = sorted(groups)  # type: ignore[type-var]
     if not ids:
         return RoundPlan(round_, {}, ())
     labels = np.array([groups[p] for p in ids])
-    if strategy.grouping == "each":
+    if rates is not None:
+        picks = poisson_select(labels, rates, rng)
+        selected = {ids[i]: c for c, members in picks.items() for i in members}
+        selected = {p: selected[p] for p in ids if p in selected}
+    elif strategy.grouping == "each":
         chosen = random_select(len(ids), min(select, len(ids)), rng)
         selected = {ids[i]: int(labels[i]) for i in chosen}
     else:

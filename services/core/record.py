@@ -72,6 +72,10 @@ ORDER = {
         "failed_clusters",
         "duration_s",
         "convicted",
+        "epsilon",
+        "dp_clip",
+        "dp_sigma",
+        "dp_clipped",
     ),
     Layout.LOCAL: (
         *MEASURED,
@@ -101,6 +105,10 @@ ORDER = {
         "personal_worst_accuracy",
         "personal_group_accuracy",
         "backdoor_success_rate",
+        "epsilon",
+        "dp_clip",
+        "dp_sigma",
+        "dp_clipped",
     ),
     Layout.CENTRALISED: (
         *MEASURED,
@@ -174,6 +182,13 @@ class RoundRecord:
     attack_fired: bool | None = None
     backdoor_success_rate: float | None = None
     upload_bytes: int | None = None
+    # Differential privacy: epsilon spent after the round (at the run's delta), the bound
+    # the updates were clipped to, the noise's standard deviation per coordinate of the
+    # merge, and how many updates were longer than the bound.
+    epsilon: float | None = None
+    dp_clip: float | None = None
+    dp_sigma: float | None = None
+    dp_clipped: int | None = None
     # Centralised training.
     train_loss: float | None = None
     examples: int | None = None

@@ -10,7 +10,7 @@ cluster's rule is coordinate-wise). A matrix in memory is a single block.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -18,7 +18,20 @@ import torch
 from services.core.defence import DefenceConfig, RoundDefence, defend_rows
 from services.core.errors import ConfigError
 from services.core.merge import MERGES, MergeFacts, MergePlan
-from services.core.rows import MatrixRows, Rows, take
+from services.core.privacy import (
+    MEAN_RULES,
+    CentralNoise,
+    NoiseReport,
+    ScaledRows,
+    add_noise,
+    clip_factors,
+    next_clip,
+    scaled_scan,
+    sensitivity,
+    update_multiplier,
+)
+from services.core.robust import Selection
+from services.core.rows import MatrixRows, Rows, scan, take
 from services.core.strategies import Strategy
 
 
@@ -31,6 +44,7 @@ class RoundOutcome:
     defence: RoundDefence
     cluster_weights: dict[int, float]
     cluster_models: dict[int, torch.Tensor] = field(default_factory=dict)
+    noise: NoiseReport | None = None  # central differential privacy: what it did
 
 
 class DefenceKnobs(Protocol):
@@ -109,6 +123,7 @@ def aggregate_round(
     lr: float = 0.05,
     steps: Sequence[int] | None = None,
     cluster_bases: Mapping[int, torch.Tensor] | None = None,
+    privacy: CentralNoise | None = None,
 ) -> RoundOutcome:
     """Aggregate one round's deltas (rows of `deltas`, against `global_w`) into the next model.
 
@@ -123,6 +138,12 @@ def aggregate_round(
     the merge's weighted sum of those models (the fair merge of the cluster models).
     """
     rows = MatrixRows(deltas) if isinstance(deltas, torch.Tensor) else deltas
+    if privacy is not None:
+        if cluster_bases is not None:
+            raise ConfigError("central differential privacy releases one merged model only")
+        return private_round(
+            global_w, rows, clusters, strategy, round_, cluster_accuracy, defence, privacy
+        )
     outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples)
     n = rows.shape[0]
     kept = [i for i in range(n) if i not in outcome.rejected_updates]
@@ -152,3 +173,55 @@ def aggregate_round(
         models[c] = combine(base, rows, outcome, MergePlan({c: 1.0}))
         merged.add_(models[c], alpha=p)
     return RoundOutcome(merged, outcome, plan.group_weights, models)
+
+
+def fixed_means(outcome: RoundDefence, expected: Mapping[int, float]) -> None:
+    """Make every cluster's aggregate the sum of its rows over its expected sampled count
+    (the clipped mean whose sensitivity is C / n_c: the realised count, or the sample
+    counts participants declare, would let one participant move it further)."""
+    for c, choice in outcome.cluster_results.items():
+        n = len(choice.rows)
+        mean = torch.full((n,), 1.0 / expected[c], dtype=torch.float32)
+        rule = choice.selection.rule
+        selection = Selection(rule, tuple(range(n)), (), coefficients=mean)
+        outcome.cluster_results[c] = replace(choice, selection=selection)
+
+
+def private_round(
+    global_w: torch.Tensor,
+    rows: Rows,
+    clusters: Sequence[int],
+    strategy: Strategy,
+    round_: int,
+    cluster_accuracy: Mapping[int, float],
+    defence: DefenceKnobs,
+    privacy: CentralNoise,
+) -> RoundOutcome:
+    """One round under central differential privacy (core/privacy.py): clip every update
+    to C, run the defence and the rule on the clipped updates (the mean rule with fixed
+    denominators), merge with weights over every cluster that has updates (a cluster the
+    checks drop counts as zero, the others keep their weight), and add Gaussian noise of
+    z times the merge's sensitivity."""
+    found = scan(rows)
+    sq = found.gram.diagonal()
+    factors = clip_factors(sq, privacy.clip)
+    following, over = next_clip(privacy, sq, found.finite)
+    clipped = ScaledRows(rows, factors)
+    outcome, _ = defend_rows(
+        clipped, clusters, defence_for(strategy, defence), None, scaled_scan(found, factors)
+    )
+    if strategy.rule in MEAN_RULES:
+        fixed_means(outcome, privacy.expected)
+    present = sorted(set(int(c) for c in clusters))
+    n = rows.shape[0]
+    kept = [i for i in range(n) if i not in outcome.rejected_updates]
+    facts = MergeFacts(present, kept, round_, cluster_accuracy, None, None, defence.q)
+    weights = MERGES[strategy.merge](facts).group_weights
+    survivors = set(outcome.survivors)
+    merged = {c: p for c, p in weights.items() if c in survivors}
+    sens = sensitivity(privacy, weights, {c: strategy.rule for c in weights})
+    sigma = update_multiplier(privacy.noise, privacy.count_noise) * sens
+    new = combine(global_w.to(rows.device), clipped, outcome, MergePlan(merged))
+    new = add_noise(new, sigma, privacy.generator)
+    report = NoiseReport(privacy.clip, following, sigma, sens, over)
+    return RoundOutcome(new, outcome, merged, noise=report)

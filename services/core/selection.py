@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,3 +50,29 @@ def random_select(n: int, k: int, rng: np.random.Generator) -> list[int]:
     if not 0 < k <= n:
         raise ConfigError(f"cannot select {k} of {n} participants")
     return sorted(int(i) for i in rng.choice(n, k, replace=False))
+
+
+def poisson_rates(sizes: Mapping[int, int], total: int) -> dict[int, float]:
+    """Each group's sampling rate when every participant is drawn on its own (differential
+    privacy's Poisson sampling): min(1, (total / k) / size), so every group expects the
+    same share of `total`, as `fair_select` gives it, and a small group's members are drawn
+    more often (the accountant takes the largest rate)."""
+    if not sizes:
+        raise ConfigError("no participants to select from")
+    k = len(sizes)
+    return {c: min(1.0, total / k / n) for c, n in sizes.items() if n > 0}
+
+
+def poisson_select(
+    assignment: Sequence[int] | np.ndarray, rates: Mapping[int, float], rng: np.random.Generator
+) -> dict[int, list[int]]:
+    """Each participant independently with its group's rate: the sampling the accountant's
+    amplification holds for (a fixed-size draw per cluster is not Poisson sampling).
+    Returns group -> sorted participant indices (groups drawn empty are left out)."""
+    labels = np.asarray(assignment)
+    draws = rng.random(len(labels))
+    out: dict[int, list[int]] = {}
+    for i, (c, u) in enumerate(zip(labels.tolist(), draws.tolist(), strict=True)):
+        if u < rates.get(int(c), 0.0):
+            out.setdefault(int(c), []).append(i)
+    return out
