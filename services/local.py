@@ -567,8 +567,11 @@ class CentralPlan:
         assert outcome.noise is not None
         self.ledger.spend(self.step)
         self.clip = outcome.noise.next_clip
+        step = self.step[0]
         return {
             "epsilon": self.ledger.epsilon,
+            "dp_noise": step.noise,
+            "dp_rate": step.rate,
             "dp_clip": outcome.noise.clip,
             "dp_sigma": outcome.noise.sigma,
             "dp_clipped": outcome.noise.clipped,

@@ -496,6 +496,26 @@ def collect(
             **(personal_final(last) if "personal_mean_accuracy" in last else {}),
         },
         "endpoints": endpoints,
+        **(
+            {"privacy": privacy_block(config, rounds, status)} if config.privacy.dp != "off" else {}
+        ),
+    }
+
+
+def privacy_block(
+    config: SimulateConfig, rounds: list[dict[str, Any]], status: pb.GetStatusResponse
+) -> dict[str, Any]:
+    """results.json's privacy block: the ledger as the clusterer kept it, and its stop."""
+    p = config.privacy
+    spent = [r for r in rounds if r.get("epsilon")]
+    return {
+        "mode": p.dp,
+        "epsilon": spent[-1]["epsilon"] if spent else 0.0,
+        "delta": p.dp_delta,
+        "budget": p.dp_epsilon,
+        "noise_multiplier": p.dp_noise,
+        "rounds": len(spent),
+        **({"stopped": status.stopped} if status.stopped else {}),
     }
 
 

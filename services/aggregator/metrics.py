@@ -73,6 +73,24 @@ class AggregatorMetrics(Catalogue):
             "Clusters whose rule fell back to the median.",
         ),
         Metric(
+            "dp_sigma",
+            Gauge,
+            "dp_noise_sigma",
+            "--dp central: standard deviation of the last merge's noise per coordinate.",
+        ),
+        Metric(
+            "dp_clip",
+            Gauge,
+            "dp_clip_bound",
+            "--dp central: the norm bound the last round's updates were clipped to.",
+        ),
+        Metric(
+            "dp_clipped",
+            Counter,
+            "dp_clipped_updates_total",
+            "--dp central: updates longer than the bound (scaled down to it).",
+        ),
+        Metric(
             "update_bytes",
             Histogram,
             "update_size_bytes",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,7 @@ from services.common.metrics import (
 from services.common.pb.flclustering.v1 import aggregator_pb2 as pb
 from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
+from services.common.settings import PrivacySettings
 from services.common.streams import Received, build_stream, validated
 from services.common.uploads import (
     Upload,
@@ -42,9 +44,10 @@ from services.common.uploads import (
 from services.common.uploads import decoded as decoded_parts
 from services.common.wire import StreamReader
 from services.core.device import resolve_device
-from services.core.errors import ForbiddenError, invalid
+from services.core.errors import ForbiddenError, StateError, invalid
 from services.core.model_file import read_weights
 from services.core.models import build_model
+from services.core.privacy import CentralNoise
 from services.core.strategies import get_strategy
 from services.core.tensors import state_of
 from services.transport.auth import caller
@@ -77,6 +80,43 @@ def cluster_accuracies(given: Mapping[int, float]) -> dict[int, float]:
             raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
         if not 0.0 <= acc <= 1.0:  # NaN fails this too
             raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
+    return dict(given)
+
+
+MAX_EXPECTED = 1e7  # an expected sampled count per cluster beyond any federation
+
+
+def privacy_request(request: pb.AggregateRequest, privacy: PrivacySettings) -> dict[int, float]:
+    """The expected sampled counts of a round under --dp central, checked before anything
+    is touched: the request's mechanism must be this aggregator's (both sides run the
+    same --dp; the clusterer accounts for the noise multiplier this aggregator adds)."""
+    asked = request.HasField("privacy")
+    if not privacy.central:
+        if asked:
+            raise StateError(
+                "the clusterer runs --dp central but this aggregator does not: start both "
+                "with the same --dp settings"
+            )
+        return {}
+    if not asked:
+        raise StateError(
+            "this aggregator runs --dp central (it clips and noises every merge): the "
+            "clusterer must run with --dp central too, it samples and accounts for the rounds"
+        )
+    z = request.privacy.noise_multiplier
+    if not z == privacy.dp_noise:  # NaN fails this too
+        raise StateError(
+            f"the clusterer accounts for noise multiplier {z:g}, this aggregator adds "
+            f"{privacy.dp_noise:g}: start both with the same --dp-noise"
+        )
+    given = request.privacy.expected
+    if not 0 < len(given) <= MAX_CLUSTERS:
+        raise invalid(f"--dp central needs 1 to {MAX_CLUSTERS} expected counts, got {len(given)}")
+    for c, n in given.items():
+        if not 0 <= c < MAX_CLUSTERS:
+            raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
+        if not 0 < n <= MAX_EXPECTED:  # NaN fails this too
+            raise invalid(f"cluster {c}'s expected sampled count {n} is outside (0, 1e7]")
     return dict(given)
 
 
@@ -195,6 +235,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self, request: pb.AggregateRequest, context: grpc.ServicerContext
     ) -> pb.AggregateResponse:
         accuracies = cluster_accuracies(request.cluster_accuracy)
+        expected = {} if request.abandon else privacy_request(request, self.config.privacy)
         # Strategy, q, the Byzantine share and q-FFL's rate are this service's own settings.
         close = RoundClose(
             request.round,
@@ -210,6 +251,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         # One aggregation at a time, saved before anyone is answered: a repeated call that
         # arrives while the first is still saving waits for it.
         with self._closing:
+            if expected:
+                close = replace(close, privacy=self._mechanism(expected))
             report = self.state.aggregate(close)
             if not report.replayed:
                 self._record(report, time.perf_counter() - start)
@@ -244,6 +287,34 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             round=request.round,
             abandoned=report.abandoned,
             refused=report.refused,
+            privacy=None
+            if report.privacy is None
+            else pb.PrivacyReport(
+                clip=report.noise["clip"],
+                next_clip=report.noise["next_clip"],
+                sigma=report.noise["sigma"],
+                sensitivity=report.noise["sensitivity"],
+                clipped=int(report.noise["clipped"]),
+            ),
+        )
+
+    def _mechanism(self, expected: dict[int, float]) -> CentralNoise:
+        """This round's mechanism: the bound where adaptive clipping left it, the noise
+        drawn from a generator seeded by the operating system's CSPRNG each round (nobody
+        who knows the code and the seed can subtract it)."""
+        p = self.config.privacy
+        count_noise = None
+        if p.dp_clip_quantile is not None:
+            count_noise = p.dp_count_noise or sum(expected.values()) / 20
+        seed = secrets.randbits(63)
+        return CentralNoise(
+            self.state.dp_clip or p.dp_clip,
+            p.dp_noise,
+            expected,
+            torch.Generator().manual_seed(seed),
+            p.dp_clip_quantile,
+            p.dp_clip_lr,
+            count_noise,
         )
 
     def _record(self, report: RoundReport, seconds: float) -> None:
@@ -260,6 +331,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         m.fallbacks.inc(len(report.fallbacks))
         if report.refused:
             m.merges_refused.inc()
+        if report.privacy is not None:
+            m.dp_sigma.set(report.noise["sigma"])
+            m.dp_clip.set(report.noise["clip"])
+            m.dp_clipped.inc(report.noise["clipped"])
 
     def _save(self, round_: int) -> None:
         """Make the aggregation of round_ durable (once; a failed save is tried again by the

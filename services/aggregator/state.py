@@ -38,6 +38,7 @@ from services.common.wire import Sink
 from services.core.errors import NotFoundError, SpecMismatchError, StateError
 from services.core.guard import STEPS_KEPT, check_merge, remember
 from services.core.merge import local_steps
+from services.core.privacy import CentralNoise
 from services.core.rounds import aggregate_round
 from services.core.strategies import Strategy
 from services.core.tensors import TensorSpec, check_spec, flatten, spec_of, unflatten
@@ -81,6 +82,7 @@ class RoundClose:
     abandon: bool = False
     training: tuple[int, int] | None = None
     guard: bool = True
+    privacy: CentralNoise | None = None  # --dp central: the round's mechanism
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ class RoundReport:
     abandoned: bool = False  # the round's updates were dropped and the model kept
     replayed: bool = False  # the answer of a round aggregated before (asked again)
     refused: str = ""  # why the divergence guard refused the merge (the model was kept)
+    privacy: dict[str, float] | None = None  # --dp central: what the mechanism did
+
+    @property
+    def noise(self) -> dict[str, float]:
+        """The privacy report's figures (none without --dp central)."""
+        return self.privacy or {}
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON (state.json keeps the last one)."""
@@ -119,6 +127,9 @@ class RoundReport:
             {int(k): int(v) for k, v in data["rejected_per_cluster"].items()},
             bool(data.get("abandoned", False)),
             refused=str(data.get("refused", ""))[:400],
+            privacy=None
+            if data.get("privacy") is None
+            else {k: float(v) for k, v in data["privacy"].items()},
         )
 
 
@@ -182,6 +193,7 @@ class AggregatorState:
         self.last_report: RoundReport | None = None  # of round open_round - 1
         self.last_rollback: Rollback | None = None  # the newest rollback, if any
         self.steps: list[float] = []  # lengths of the last accepted merges (guard.py)
+        self.dp_clip: float | None = None  # --dp central, adaptive: the next round's bound
         self._receiving: set[str] = set()
         self.lock = threading.Condition()
 
@@ -319,8 +331,19 @@ class AggregatorState:
                 if close.training is None
                 else local_steps([u.samples for u in updates], *close.training),
                 {c: m.to(on) for c, m in self.cluster_models.items()} if self.personalise else None,
+                close.privacy,
             )
             new = outcome.global_weights.cpu()
+            private = None
+            if outcome.noise is not None:  # spent whatever the guard decides
+                self.dp_clip = outcome.noise.next_clip
+                private = {
+                    "clip": outcome.noise.clip,
+                    "next_clip": outcome.noise.next_clip,
+                    "sigma": outcome.noise.sigma,
+                    "sensitivity": outcome.noise.sensitivity,
+                    "clipped": float(outcome.noise.clipped),
+                }
             check = check_merge(base, new, self.steps, bounds=close.guard)
             if check.refused:  # the version stays; the round ends with the reason
                 self._recycle(updates)
@@ -334,6 +357,7 @@ class AggregatorState:
                     {},
                     {},
                     refused=check.refused,
+                    privacy=private,
                 )
                 return self.last_report
             if not torch.equal(new, base):
@@ -358,6 +382,7 @@ class AggregatorState:
                 d.rejected_clusters,
                 d.fallbacks,
                 per_cluster,
+                privacy=private,
             )
             return self.last_report
 
@@ -485,6 +510,7 @@ class AggregatorState:
             report = None if self.last_report is None else self.last_report.to_json()
             rollback = None if self.last_rollback is None else self.last_rollback.to_json()
             steps = list(self.steps)
+            dp_clip = self.dp_clip
             clusters = dict(self.cluster_models)
         weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -497,6 +523,7 @@ class AggregatorState:
             "report": report,
             "rollback": rollback,
             "steps": steps,
+            "dp_clip": dp_clip,
             "previous": None,
         }
         kept = [model]
@@ -557,6 +584,8 @@ class AggregatorState:
                 done = info.get("rollback")
                 self.last_rollback = None if done is None else Rollback.from_json(done)
                 self.steps = [float(x) for x in info.get("steps", [])][-STEPS_KEPT:]
+                clip = info.get("dp_clip")
+                self.dp_clip = None if clip is None else float(clip)
             restored = True
         size = self.store.numel
         for path in sorted((directory / PENDING).glob("r*.safetensors")):

@@ -39,11 +39,14 @@ from services.common.pb.flclustering.v1 import aggregator_pb2_grpc as agg_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_encoded
 from services.common.wire import spec_from_pb
+from services.core.accountant import Ledger, Step
 from services.core.clustering import group_deltas
 from services.core.errors import ConfigError, StateError
 from services.core.plan import evaluation_sample, group_accuracy, plan_round
+from services.core.privacy import expected_counts
 from services.core.quarantine import Judgement, judge
 from services.core.record import RoundRecord
+from services.core.selection import poisson_rates
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
 from services.transport.client import IDEMPOTENT, RetryPolicy, call_metadata, with_retries
@@ -225,6 +228,10 @@ class Coordinator(ClustererParts):
             "select": fed.select,
             "eval_per_cluster": fed.eval_per_cluster,
             "cluster_method": self.config.clustering.cluster_method,
+            # A ledger continued under another mechanism would be wrong.
+            "dp": self.config.privacy.dp,
+            "dp_noise": self.config.privacy.dp_noise,
+            "dp_delta": self.config.privacy.dp_delta,
         }
         self.restored = bool(state_dir) and self.state.attach(
             ClustererStore(Path(state_dir or ".")), self.rng, experiment
@@ -264,6 +271,11 @@ class Coordinator(ClustererParts):
             first = self._resume_point()
             for r in range(first, self.fed.rounds):
                 if self.stop.is_set():
+                    return
+                spent = self._budget_spent(r)
+                if spent:
+                    logger.warning("stopping before round %d: %s", r, spent)
+                    self.state.finish(r, f"stopped before round {r}: {spent}")
                     return
                 self._round(r)
             self.state.finish(self.fed.rounds)
@@ -495,6 +507,58 @@ class Coordinator(ClustererParts):
         self.metrics.timed_out.labels("evaluate").inc(len(missed))
         return results
 
+    # ---- differential privacy (--dp central) -------------------------------------------
+    def _dp_rates(self) -> dict[int, float] | None:
+        """Each cluster's Poisson rate, from the sizes of the clusters of every member (the
+        membership is public under zero-out adjacency; an inactive member drawn is simply
+        not asked, as a dropout would be). None without --dp central."""
+        if not self.config.privacy.central:
+            return None
+        return poisson_rates(self._sizes(), self.fed.select)
+
+    def _sizes(self) -> dict[int, int]:
+        """How many members each cluster has (the unclustered left out)."""
+        sizes: dict[int, int] = {}
+        for c in self.state.clusters_of(self.state.member_ids()).values():
+            if c >= 0:
+                sizes[c] = sizes.get(c, 0) + 1
+        return sizes
+
+    def _ledger(self) -> Ledger:
+        p = self.config.privacy
+        return Ledger(p.dp_delta, p.dp_epsilon, self.state.privacy_steps())
+
+    def _step(self) -> list[Step]:
+        rates = self._dp_rates()
+        assert rates is not None
+        return [Step(self.config.privacy.dp_noise, max(rates.values()))]
+
+    def _budget_spent(self, r: int) -> str:
+        """Why round r may not start (the privacy budget), "" when it may. A round already
+        in flight (restored) finishes: its noise may have been drawn."""
+        if not self.config.privacy.central or self.config.privacy.dp_epsilon is None:
+            return ""
+        flight = self.state.progress  # only the coordinator changes it
+        if flight is not None and flight.round == r and flight.step != "planned":
+            return ""
+        return self._ledger().refuses(self._step())
+
+    def _privacy_record(self, reply: agg_pb.AggregateResponse) -> dict[str, Any]:
+        """The round record's privacy fields, and epsilon exported."""
+        if not reply.HasField("privacy"):
+            return {}
+        step = self._step()[0]
+        epsilon = self._ledger().after([step])
+        self.metrics.dp_epsilon.set(epsilon)
+        return {
+            "epsilon": epsilon,
+            "dp_noise": step.noise,
+            "dp_rate": step.rate,
+            "dp_clip": reply.privacy.clip,
+            "dp_sigma": reply.privacy.sigma,
+            "dp_clipped": int(reply.privacy.clipped),
+        }
+
     def _plan(
         self, r: int, active: int, groups: dict[str, int]
     ) -> tuple[dict[str, int], tuple[str, ...]]:
@@ -504,7 +568,13 @@ class Coordinator(ClustererParts):
         if not active:
             raise RuntimeError("no active, clustered participant is left")
         plan = plan_round(
-            self.strategy, groups, r, self.fed.select, self.fed.eval_per_cluster, self.rng
+            self.strategy,
+            groups,
+            r,
+            self.fed.select,
+            self.fed.eval_per_cluster,
+            self.rng,
+            self._dp_rates(),
         )
         return plan.selected, plan.evaluators
 
@@ -570,6 +640,11 @@ class Coordinator(ClustererParts):
         request = agg_pb.AggregateRequest(
             round=r, cluster_accuracy=progress.cluster_accuracy, abandon=progress.abandon
         )
+        rates = self._dp_rates()
+        if rates is not None and not progress.abandon:
+            sizes = {c: n for c, n in self._sizes().items() if c in rates}
+            request.privacy.noise_multiplier = self.config.privacy.dp_noise
+            request.privacy.expected.update(expected_counts(sizes, rates))
         reply: agg_pb.AggregateResponse = self._ask_aggregator("Aggregate", request, timeout=600)
         self.state.aggregated(r, MessageToDict(reply, preserving_proto_field_name=True))
 
@@ -695,6 +770,7 @@ class Coordinator(ClustererParts):
             merge_refused=reply.refused,
             failed_clusters=failed,
             duration_s=time.time() - progress.started,
+            **self._privacy_record(reply),
         )
         self._export(record)
         record, convicted, convicted_total, failing = self.state.conclude_round(

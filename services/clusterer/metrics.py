@@ -130,4 +130,10 @@ class ClustererMetrics(Catalogue):
         ),
         Metric("purity", Gauge, "clustering_purity", "Purity against known groups (-1: unknown)."),
         Metric("model_version", Gauge, "model_version", "Global model version."),
+        Metric(
+            "dp_epsilon",
+            Gauge,
+            "dp_epsilon",
+            "--dp central: epsilon spent so far, at the run's --dp-delta (the accountant's).",
+        ),
     )

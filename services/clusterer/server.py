@@ -543,6 +543,7 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             done=v.phase == "done",
             strategy=self.config.federation.strategy,
             error=v.error,
+            stopped=v.stopped,
         )
 
 

@@ -35,6 +35,7 @@ from services.clusterer.journal import Journal, changes
 from services.clusterer.membership import Member, Membership
 from services.clusterer.store import ClustererStore
 from services.common.figures import purity
+from services.core.accountant import Step
 from services.core.errors import StateError
 from services.core.quarantine import Judgement, Quarantine
 from services.core.record import RoundRecord
@@ -91,6 +92,7 @@ class StatusView:
     error: str
     members_total: int = 0
     history_total: int = 0
+    stopped: str = ""
 
 
 class ClustererState:
@@ -124,6 +126,7 @@ class ClustererState:
         self.history: list[RoundRecord] = []
         self.purity: float | None = None
         self.error = ""
+        self.stopped = ""  # why training ended before --rounds (the privacy budget)
         self.rng: np.random.Generator | None = None  # the coordinator's plan stream
         self.journal: Journal | None = None  # durability (`attach`)
         self.cond = threading.Condition()
@@ -671,9 +674,11 @@ class ClustererState:
             self.cond.notify_all()
             return record, convicted
 
-    def finish(self, rounds: int) -> None:
-        """The federation is done: every member's next task is DONE."""
+    def finish(self, rounds: int, stopped: str = "") -> None:
+        """The federation is done: every member's next task is DONE (`stopped`: why before
+        --rounds)."""
         with self.cond:
+            self.stopped = stopped
             self.enter("done")
             self.stage = "done"
             # One update, one listener call: enter("done") has woken every poll already.
@@ -808,6 +813,16 @@ class ClustererState:
         failing = last if len(last) == max_failed and all(h.failed for h in last) else None
         return Concluded(record, convicted, total, failing)
 
+    def privacy_steps(self) -> list[Step]:
+        """The privacy ledger's steps: one per finished round the mechanism ran in (the
+        history is durable, so the ledger survives a restart with it)."""
+        with self.cond:
+            return [
+                Step(h.dp_noise, h.dp_rate)
+                for h in self.history
+                if h.dp_noise is not None and h.dp_rate is not None
+            ]
+
     def view(self, members: slice = slice(None), rounds: slice = slice(None)) -> StatusView:
         """What GetStatus reports (a page of the members, in id order, and of the rounds),
         copied under the lock."""
@@ -823,4 +838,5 @@ class ClustererState:
                 self.error,
                 len(self.members),
                 len(self.history),
+                self.stopped,
             )

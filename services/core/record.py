@@ -73,6 +73,8 @@ ORDER = {
         "duration_s",
         "convicted",
         "epsilon",
+        "dp_noise",
+        "dp_rate",
         "dp_clip",
         "dp_sigma",
         "dp_clipped",
@@ -106,6 +108,8 @@ ORDER = {
         "personal_group_accuracy",
         "backdoor_success_rate",
         "epsilon",
+        "dp_noise",
+        "dp_rate",
         "dp_clip",
         "dp_sigma",
         "dp_clipped",
@@ -186,6 +190,8 @@ class RoundRecord:
     # the updates were clipped to, the noise's standard deviation per coordinate of the
     # merge, and how many updates were longer than the bound.
     epsilon: float | None = None
+    dp_noise: float | None = None  # the mechanism's noise multiplier (the ledger's step)
+    dp_rate: float | None = None  # the largest sampling rate of the round (the same)
     dp_clip: float | None = None
     dp_sigma: float | None = None
     dp_clipped: int | None = None

@@ -34,7 +34,7 @@ class ForwardUpdateResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "cluster_accuracy", "abandon")
+    __slots__ = ("round", "cluster_accuracy", "abandon", "privacy")
     class ClusterAccuracyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,10 +45,41 @@ class AggregateRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ABANDON_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     round: int
     cluster_accuracy: _containers.ScalarMap[int, float]
     abandon: bool
-    def __init__(self, round: _Optional[int] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., abandon: _Optional[bool] = ...) -> None: ...
+    privacy: CentralPrivacy
+    def __init__(self, round: _Optional[int] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., abandon: _Optional[bool] = ..., privacy: _Optional[_Union[CentralPrivacy, _Mapping]] = ...) -> None: ...
+
+class CentralPrivacy(_message.Message):
+    __slots__ = ("noise_multiplier", "expected")
+    class ExpectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    expected: _containers.ScalarMap[int, float]
+    def __init__(self, noise_multiplier: _Optional[float] = ..., expected: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class PrivacyReport(_message.Message):
+    __slots__ = ("clip", "next_clip", "sigma", "sensitivity", "clipped")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CLIP_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    clip: float
+    next_clip: float
+    sigma: float
+    sensitivity: float
+    clipped: int
+    def __init__(self, clip: _Optional[float] = ..., next_clip: _Optional[float] = ..., sigma: _Optional[float] = ..., sensitivity: _Optional[float] = ..., clipped: _Optional[int] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("participant_id", "reason")
@@ -59,7 +90,7 @@ class Rejection(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AggregateResponse(_message.Message):
-    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned", "refused")
+    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned", "refused", "privacy")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +107,7 @@ class AggregateResponse(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
     cluster_weights: _containers.ScalarMap[int, float]
@@ -85,7 +117,8 @@ class AggregateResponse(_message.Message):
     round: int
     abandoned: bool
     refused: str
-    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ..., refused: _Optional[str] = ...) -> None: ...
+    privacy: PrivacyReport
+    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ..., refused: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_version", "cluster")

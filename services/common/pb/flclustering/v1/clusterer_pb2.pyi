@@ -187,7 +187,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted", "merge_refused", "failed_clusters")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted", "merge_refused", "failed_clusters", "epsilon", "dp_noise", "dp_rate", "dp_clip", "dp_sigma", "dp_clipped")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,12 @@ class RoundSummary(_message.Message):
     CONVICTED_FIELD_NUMBER: _ClassVar[int]
     MERGE_REFUSED_FIELD_NUMBER: _ClassVar[int]
     FAILED_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_FIELD_NUMBER: _ClassVar[int]
+    DP_RATE_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DP_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIPPED_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -308,7 +314,13 @@ class RoundSummary(_message.Message):
     convicted: _containers.RepeatedScalarFieldContainer[str]
     merge_refused: str
     failed_clusters: _containers.ScalarMap[int, int]
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ..., merge_refused: _Optional[str] = ..., failed_clusters: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    epsilon: float
+    dp_noise: float
+    dp_rate: float
+    dp_clip: float
+    dp_sigma: float
+    dp_clipped: int
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ..., merge_refused: _Optional[str] = ..., failed_clusters: _Optional[_Mapping[int, int]] = ..., epsilon: _Optional[float] = ..., dp_noise: _Optional[float] = ..., dp_rate: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dp_sigma: _Optional[float] = ..., dp_clipped: _Optional[int] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
@@ -321,7 +333,7 @@ class ParticipantCluster(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., cluster: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error", "members_total", "history_total")
+    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error", "members_total", "history_total", "stopped")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +347,7 @@ class GetStatusResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
     phase: str
     round: int
     rounds: int
@@ -348,4 +361,5 @@ class GetStatusResponse(_message.Message):
     error: str
     members_total: int
     history_total: int
-    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ..., members_total: _Optional[int] = ..., history_total: _Optional[int] = ...) -> None: ...
+    stopped: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ..., members_total: _Optional[int] = ..., history_total: _Optional[int] = ..., stopped: _Optional[str] = ...) -> None: ...
