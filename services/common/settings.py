@@ -529,14 +529,15 @@ def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
         )
     if privacy.dp != "central":
         return
-    strategy = STRATEGIES[fed.strategy]
-    if strategy.rule not in PRIVATE_RULES or strategy.grouping == "each":
-        ok = [n for n, s in STRATEGIES.items() if s.rule in PRIVATE_RULES and s.grouping != "each"]
+    def covered(name: str) -> bool:
+        s = STRATEGIES[name]
+        return s.rule in PRIVATE_RULES and s.grouping != "each" and s.merge != "qffl"
+
+    if not covered(fed.strategy):
         raise ValueError(
-            f"--dp central has a derived sensitivity for {', '.join(ok)}, not "
-            f"{fed.strategy} (docs/privacy.md)"
+            f"--dp central has a derived sensitivity for "
+            f"{', '.join(n for n in STRATEGIES if covered(n))}, not {fed.strategy} "
+            "(docs/privacy.md)"
         )
-    if strategy.merge == "qffl":
-        raise ValueError("--dp central: the q-FFL merge's weights depend on the updates")
     if fed.personalise:
         raise ValueError("--dp central releases one merged model: --personalise is not covered")
