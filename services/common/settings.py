@@ -529,6 +529,7 @@ def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
         )
     if privacy.dp != "central":
         return
+
     def covered(name: str) -> bool:
         s = STRATEGIES[name]
         return s.rule in PRIVATE_RULES and s.grouping != "each" and s.merge != "qffl"
