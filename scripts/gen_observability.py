@@ -72,6 +72,23 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "percentunit",
                 [("flclustering_clustering_purity", "purity")],
             ),
+            (
+                "Differential privacy: epsilon spent (central: the federation; local: each "
+                "participant's)",
+                "none",
+                [
+                    ("max(flclustering_dp_epsilon)", "central"),
+                    ("max(flclustering_participant_dp_epsilon)", "local, the most spent"),
+                ],
+            ),
+            (
+                "Differential privacy: clip bound and noise per coordinate (--dp central)",
+                "none",
+                [
+                    ("max(flclustering_dp_clip_bound)", "clip bound C"),
+                    ("max(flclustering_dp_noise_sigma)", "noise sigma"),
+                ],
+            ),
         ],
     ),
     "flclustering-robustness": (
