@@ -125,6 +125,13 @@ def local_train(
     return TrainResult(epoch_loss, examples, steps, time.perf_counter() - start)
 
 
+def pre_train_batches(
+    examples: int, adjusted: bool, steps: int, epochs: int, batch_size: int
+) -> int:
+    """Mini-batches pre-training runs: `steps` when adjusted, else `epochs` full passes."""
+    return steps if adjusted else epochs * -(-examples // batch_size)
+
+
 def pre_train_delta(
     model: nn.Module,
     data: Examples,
@@ -154,7 +161,7 @@ def pre_train_delta(
     opt = _sgd(work, lr, momentum)
     work.train()
     if privacy is not None:
-        count = steps if adjusted else epochs * -(-len(data) // batch_size)
+        count = pre_train_batches(len(data), adjusted, steps, epochs, batch_size)
         privacy.run(work, data, opt, batch_size, [count], generator, objective)
         return flatten(work.state_dict(), spec).cpu() - before.cpu()
 

@@ -3,18 +3,26 @@ budget, the model left as it was, learning on digits, and the participant that s
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.settings import PrivacySettings, TrainingSettings
-from services.core.accountant import Step, epsilon_of
+from services.core.accountant import Ledger, Step, epsilon_of
 from services.core.models import build_model
 from services.core.objectives import CLASSIFICATION
+from services.participant.attacks import AttackConfig
 from services.participant.datasets import load_dataset
 from services.participant.dpsgd import (
     BudgetSpent,
@@ -28,6 +36,7 @@ from services.participant.dpsgd import (
     unsupported,
 )
 from services.participant.examples import LoaderExamples, Readers, TensorExamples
+from services.participant.metrics import ParticipantMetrics
 from services.participant.training import Sgd, evaluate, local_train, pre_train_delta
 
 DATA = load_dataset("digits")
@@ -296,3 +305,139 @@ def test_a_different_example_count_is_refused():
     with pytest.raises(ValueError, match="set up for 10 examples"):
         dp.run(model, data, Sgd(model.parameters(), 0.1, 0.0), 4, [1], gen(), CLASSIFICATION)
     assert dp.ledger.steps == []
+
+
+# ---- the participant service -------------------------------------------------------------
+class FakeStub:
+    """The clusterer, as far as a participant's run loop needs it: tasks in order, then DONE."""
+
+    def __init__(self, tasks: list[pb.GetTaskResponse]) -> None:
+        self.tasks = list(tasks)
+
+    def Join(self, request: Any, **_: Any) -> pb.JoinResponse:
+        return pb.JoinResponse()
+
+    def GetTask(self, request: Any, **_: Any) -> pb.GetTaskResponse:
+        return self.tasks.pop(0) if self.tasks else pb.GetTaskResponse(kind=pb.TASK_KIND_DONE)
+
+
+def participant(tmp_path: Path, budget: float, tasks: list[pb.GetTaskResponse]) -> Any:
+    from services.participant.worker import LocalData, Participant, WorkerSettings
+
+    n = 200
+    local = LocalData(
+        TensorExamples(DATA.x_train[:n], DATA.y_train[:n]),
+        TensorExamples(DATA.x_test[:50], DATA.y_test[:50]),
+        DATA.input_shape,
+        10,
+    )
+    settings = WorkerSettings(
+        "2nn",
+        torch.device("cpu"),
+        None,
+        privacy=private(noise=1.0, budget=budget),
+        state_dir=str(tmp_path),
+    )
+    w0 = OrderedDict(build_model("2nn", DATA.input_shape, 10).state_dict())
+    store = SimpleNamespace(get=lambda *a, **k: w0)
+    registry = CollectorRegistry()
+    p = Participant(
+        0,
+        "participant-0",
+        local,
+        settings,
+        FakeStub(tasks),  # type: ignore[arg-type]
+        store,  # type: ignore[arg-type]
+        AttackConfig(),
+        threading.Event(),
+        ParticipantMetrics(registry),
+    )
+    sent: list[tuple[int, dict[str, float]]] = []
+    p._send = lambda kind, rnd, version, weights, metrics: sent.append((rnd, metrics))  # type: ignore[method-assign,assignment]
+    return p, sent, registry
+
+
+def train_task(round_: int) -> pb.GetTaskResponse:
+    return pb.GetTaskResponse(
+        kind=pb.TASK_KIND_TRAIN,
+        round=round_,
+        training=pb.TrainingSettings(epochs=1, batch_size=50, lr=0.05, momentum=0.9),
+    )
+
+
+def test_a_participant_stops_when_its_budget_is_spent(tmp_path, caplog):
+    """Rounds 0 and 1 train (epsilon logged, exported, kept in --state-dir, sent instead of
+    the training loss); then the next round would break the budget: it says so and leaves.
+    Restarted from its ledger, it refuses its first task and leaves at once."""
+    step = Step(1.0, 50 / 200, 4)
+    e2, e3 = epsilon_of([step] * 2, 1e-5), epsilon_of([step] * 3, 1e-5)
+    budget = (e2 + e3) / 2
+    p, sent, registry = participant(tmp_path, budget, [train_task(r) for r in range(5)])
+    with caplog.at_level(logging.INFO, logger="services.participant.worker"):
+        p.run()
+    assert [r for r, _ in sent] == [0, 1]
+    assert all("train_loss" not in m for _, m in sent)
+    assert sent[1][1]["dp_epsilon"] == pytest.approx(e2)
+    gauge = registry.get_sample_value("flclustering_participant_dp_epsilon", {"participant": "0"})
+    assert gauge == pytest.approx(e2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("round 1 trained with DP-SGD: epsilon" in line for line in lines)
+    leaving = [line for line in lines if "stops training and leaves" in line]
+    assert len(leaving) == 1 and "privacy budget is spent" in leaving[0]
+    kept = load_ledger(ledger_path(tmp_path, "participant-0"))
+    assert kept == Ledger(1e-5, budget, [Step(1.0, 0.25, 8)])
+
+    caplog.clear()
+    again, sent_again, _ = participant(tmp_path, budget, [train_task(2), train_task(3)])
+    assert again.dp.epsilon == pytest.approx(e2)
+    with caplog.at_level(logging.INFO, logger="services.participant.worker"):
+        again.run()
+    assert sent_again == []
+    assert any("stops training and leaves" in r.getMessage() for r in caplog.records)
+
+
+def test_a_participants_pre_training_delta_is_private_too(tmp_path):
+    """The pre-training delta leaves the participant as its weights do: DP-SGD's steps,
+    spent and kept; a budget too small for them: it leaves before pre-training."""
+    task = pb.GetTaskResponse(
+        kind=pb.TASK_KIND_PRETRAIN, training=pb.TrainingSettings(adjusted=True, pre_steps=5)
+    )
+    p, sent, _ = participant(tmp_path, 50.0, [task])
+    p.run()
+    assert [r for r, _ in sent] == [-1]
+    assert p.dp.ledger.steps == [Step(1.0, 32 / 200, 5)]
+    kept = load_ledger(ledger_path(tmp_path, "participant-0"))
+    assert kept is not None and kept.steps == p.dp.ledger.steps
+    small = epsilon_of([Step(1.0, 32 / 200, 5)], 1e-5) / 2
+    (tmp_path / "other").mkdir()
+    q, sent, _ = participant(tmp_path / "other", small, [task])
+    q.run()
+    assert sent == [] and q.dp.ledger.steps == [] and q.spent
+
+
+def test_participant_settings_refuse_q_ffl_with_local_dp(capsys):
+    from services.participant.settings import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse(["--dp", "local", "--strategy", "qffl"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dp local" in err and "qffl" in err
+    assert parser().parse(["--dp", "local", "--state-dir", "x"]).service.state_dir == "x"
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch over nn.LSTM
+def test_a_model_opacus_cannot_do_stops_the_participant_at_start(tmp_path):
+    from services.core.errors import ConfigError
+    from services.participant.__main__ import check_private
+    from services.participant.settings import parser
+    from services.participant.worker import LocalData
+
+    data = TensorExamples(DATA.x_train[:10], DATA.y_train[:10])
+    local = LocalData(data, data, DATA.input_shape, 10)
+    config = parser().parse(["--dp", "local", "--model", "2nn", "--state-dir", str(tmp_path / "s")])
+    check_private(config, local, torch.device("cpu"))
+    assert (tmp_path / "s").is_dir()
+    config = parser().parse(["--dp", "local", "--model", "lstm"])
+    with pytest.raises(ConfigError, match="Opacus cannot compute per-example gradients") as exc:
+        check_private(config, local, torch.device("cpu"))
+    assert "\n" not in str(exc.value)
