@@ -167,7 +167,12 @@ def unsupported(model: nn.Module, input_shape: Sequence[int]) -> str:
 
 class DpSgd:
     """One participant's DP-SGD: noise multiplier z, clipping bound C, its number of
-    training examples n, and the ledger of the steps it has run (the budget its check)."""
+    training examples n, and the ledger of the steps it has run (the budget its check).
+
+    n plans the rounds the budget is checked for; a run samples the examples it is given
+    at their own rate, and spends that. They differ only for a simulated backdoor attacker,
+    whose poisoned set holds copies of its examples besides them (its privacy is not what
+    the budget protects)."""
 
     def __init__(
         self, privacy: PrivacySettings, examples: int, ledger: Ledger | None = None
@@ -205,15 +210,17 @@ class DpSgd:
             self._known[key] = epsilon_of(steps, self.ledger.delta)
         return self._known[key]
 
-    def rate(self, batch_size: int) -> float:
-        """The Poisson rate of batches of expected size batch_size (1 at most)."""
-        return min(1.0, batch_size / self.examples)
+    def rate(self, batch_size: int, examples: int | None = None) -> float:
+        """The Poisson rate of batches of expected size batch_size (1 at most) among n (or
+        `examples`) examples."""
+        return min(1.0, batch_size / (examples or self.examples))
 
-    def plan(self, batch_size: int, count: int) -> Step:
-        """`count` Poisson batches of expected size batch_size, as the accountant sees them."""
+    def plan(self, batch_size: int, count: int, examples: int | None = None) -> Step:
+        """`count` Poisson batches of expected size batch_size among n (or `examples`)
+        examples, as the accountant sees them."""
         from services.core.accountant import Step
 
-        return Step(self.noise, self.rate(batch_size), count)
+        return Step(self.noise, self.rate(batch_size, examples), count)
 
     def round_plan(self, settings: TrainingSettings) -> Step:
         """One round of local training: local_epochs x ceil(n / B) batches at rate B / n."""
@@ -249,18 +256,16 @@ class DpSgd:
         its loss is reported apart), all checked against the budget before the first
         (BudgetSpent). The ledger spends the steps that ran, even when one fails part way:
         what ran was computed on the data."""
-        if len(data) != self.examples:
-            raise ValueError(
-                f"DP-SGD was set up for {self.examples} examples, given {len(data)}: the "
-                "sampling rate would be wrong"
-            )
-        step = self.plan(batch_size, sum(passes))
+        n = len(data)
+        if n == 0:
+            raise ValueError("no training examples")
+        step = self.plan(batch_size, sum(passes), n)
         why = self.refuses_plan(step)
         if why:
             raise BudgetSpent(why)
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
-        expected = step.rate * self.examples
+        expected = step.rate * n
         std = self.noise * self.clip
         done: list[Pass] = []
         ran = 0
@@ -270,7 +275,7 @@ class DpSgd:
                     loss_sum, drawn = 0.0, 0
                     for _ in range(count):
                         opt.zero_grad(set_to_none=True)
-                        indices = poisson_sample(self.examples, step.rate, generator)
+                        indices = poisson_sample(n, step.rate, generator)
                         if len(indices):
                             x, y = take(data, indices, device)
                             loss = objective.loss(model(x), y)
@@ -289,7 +294,7 @@ class DpSgd:
                         ran += 1
                     done.append(Pass(loss_sum, drawn, count))
         finally:
-            self._spend(self.plan(batch_size, ran))
+            self._spend(self.plan(batch_size, ran, n))
         return done
 
     def _spend(self, step: Step) -> None:

@@ -101,7 +101,7 @@ def local_train(
     model.train()
     start = time.perf_counter()
     if privacy is not None:
-        passes = [privacy.per_epoch(config)] * config.local_epochs
+        passes = [-(-len(data) // config.batch_size)] * config.local_epochs
         done = privacy.run(model, data, opt, config.batch_size, passes, generator, objective)
         return TrainResult(
             done[-1].loss_sum / len(data),

@@ -298,13 +298,15 @@ def test_the_ledger_survives_a_restart(tmp_path: Path):
         load_ledger(path)
 
 
-def test_a_different_example_count_is_refused():
+def test_a_poisoned_set_is_sampled_at_its_own_rate():
+    """A backdoor attacker trains on its examples plus triggered copies: the batches are
+    drawn, and the steps spent, at the rate of the set it trains on."""
     dp = DpSgd(private(), 10)
     model = linear(4)
-    data = TensorExamples(torch.zeros(12, 4), torch.zeros(12, dtype=torch.long))
-    with pytest.raises(ValueError, match="set up for 10 examples"):
-        dp.run(model, data, Sgd(model.parameters(), 0.1, 0.0), 4, [1], gen(), CLASSIFICATION)
-    assert dp.ledger.steps == []
+    data = TensorExamples(torch.zeros(16, 4), torch.zeros(16, dtype=torch.long))
+    dp.run(model, data, Sgd(model.parameters(), 0.1, 0.0), 4, [2], gen(), CLASSIFICATION)
+    assert dp.ledger.steps == [Step(1.0, 4 / 16, 2)]
+    assert dp.round_plan(TrainingSettings(local_epochs=1, batch_size=4)) == Step(1.0, 0.4, 3)
 
 
 # ---- the participant service -------------------------------------------------------------
