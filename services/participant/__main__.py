@@ -25,6 +25,7 @@ from services.core.objectives import OBJECTIVES
 from services.core.tensors import spec_of
 from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
+from services.participant.dpsgd import unsupported
 from services.participant.examples import TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
@@ -118,6 +119,35 @@ def own_data(config: ParticipantConfig, device: torch.device) -> LocalData:
     )
 
 
+def check_private(config: ParticipantConfig, local: LocalData, device: torch.device) -> None:
+    """--dp local: the model must give per-example gradients (ConfigError in one line
+    otherwise, before joining), and the ledgers' directory must exist; said once what
+    each participant will do."""
+    fed, privacy, state_dir = config.federation, config.privacy, config.service.state_dir
+    model = build_model(fed.model, local.input_shape, local.outputs).to(device)
+    why = unsupported(model, local.input_shape)
+    if why:
+        raise ConfigError(
+            f"--dp local: Opacus cannot compute per-example gradients of --model {fed.model} "
+            f"({why}); choose another model or --dp off"
+        )
+    if state_dir:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+    budget = "none" if privacy.dp_epsilon is None else f"{privacy.dp_epsilon:g}"
+    kept = f"in {state_dir}"
+    if not state_dir:
+        kept = "in memory only (no --state-dir: a restart starts every participant's epsilon at 0)"
+    logger.info(
+        "--dp local: DP-SGD with noise %g, per-example clip %g, delta %g, epsilon budget %s; "
+        "ledgers %s",
+        privacy.dp_noise,
+        privacy.dp_clip,
+        privacy.dp_delta,
+        budget,
+        kept,
+    )
+
+
 def run(config: ParticipantConfig, stop: threading.Event) -> int:
     """Host the configured participants until the federation is done or stop is set."""
     me, fed, svc = config.participant, config.federation, config.service
@@ -166,6 +196,9 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
             spec_of(build_model(fed.model, local[0].input_shape, local[0].outputs).state_dict()),
         )
         logger.info("--secure he: updates are encrypted under key %s", keys.short())
+    private = config.privacy.local
+    if private:
+        check_private(config, local[0], device)
     ids, stubs = connect(config, hosted, metrics)
     settings = WorkerSettings(
         fed.model,
@@ -176,6 +209,8 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
         me.retry_budget_s,
         fed.select,
         he[0] if he else None,
+        config.privacy if private else None,
+        svc.state_dir,
     )
     collusion = Collusion()  # the attackers this process hosts pool their updates here
     store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop, he=he)

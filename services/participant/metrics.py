@@ -37,5 +37,12 @@ class ParticipantMetrics(Catalogue):
             "Test accuracy of the last evaluated global model.",
             P,
         ),
+        Metric(
+            "dp_epsilon",
+            Gauge,
+            "participant_dp_epsilon",
+            "--dp local: epsilon this participant's DP-SGD has spent (at --dp-delta).",
+            P,
+        ),
         Metric("device", Info, "device", "Device the participants of this process train on."),
     )

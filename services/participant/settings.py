@@ -16,6 +16,7 @@ from services.common.settings import (
     Settings,
     choice,
 )
+from services.core.strategies import STRATEGIES
 from services.participant.adversary import AttackSettings
 from services.participant.partition import PARTITION_CHOICES
 
@@ -105,6 +106,15 @@ class ParticipantConfig(ServiceConfig):
         return self
 
     @model_validator(mode="after")
+    def _private_locally(self) -> Self:
+        if self.privacy.local and STRATEGIES[self.federation.strategy].needs_losses:
+            raise ValueError(
+                f"--dp local: --strategy {self.federation.strategy} asks each participant for "
+                "its loss on its training data, which DP-SGD does not cover; choose another"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _hosted_within_federation(self) -> Self:
         p = self.participant
         if p.index + p.count > self.federation.participants:
@@ -122,7 +132,8 @@ GROUPS = (
     Group(
         "service",
         "PARTICIPANT_",
-        only=("metrics_host", "metrics_port", "ready_file", "log_level"),
+        # state_dir: --dp local keeps each participant's privacy ledger there.
+        only=("metrics_host", "metrics_port", "ready_file", "state_dir", "log_level"),
     ),
     Group("transport", only=("tls_dir", "auth_token", "auth_token_file", "he_key")),
     # strategy: only to check --secure he against it (encrypted updates are FedAvg's).

@@ -19,6 +19,7 @@ from torch import nn
 from services.common.settings import TrainingSettings
 from services.core.objectives import CLASSIFICATION, Objective, Tally
 from services.core.tensors import flatten, spec_of
+from services.participant.dpsgd import DpSgd
 from services.participant.examples import Examples, index_batches
 
 batches = index_batches  # the shuffled index batches of one epoch (tests and benchmarks)
@@ -86,14 +87,28 @@ def local_train(
     round_: int,
     generator: torch.Generator,
     objective: Objective = CLASSIFICATION,
+    privacy: DpSgd | None = None,
 ) -> TrainResult:
-    """Train `model` in place for `config.local_epochs` epochs on data, on its device."""
+    """Train `model` in place for `config.local_epochs` epochs on data, on its device.
+
+    With `privacy`, DP-SGD (services.participant.dpsgd): each epoch ceil(n / B) Poisson
+    batches of expected size B, per-example clipping and noise, the steps spent in its
+    ledger (dpsgd.BudgetSpent, before any step, when they would break its budget)."""
     if len(data) == 0:
         raise ValueError("no training examples")
     device = _device_of(model)
     opt = _sgd(model, config.lr_at(round_), config.momentum)
     model.train()
     start = time.perf_counter()
+    if privacy is not None:
+        passes = [-(-len(data) // config.batch_size)] * config.local_epochs
+        done = privacy.run(model, data, opt, config.batch_size, passes, generator, objective)
+        return TrainResult(
+            done[-1].loss_sum / len(data),
+            sum(p.examples for p in done),
+            sum(p.steps for p in done),
+            time.perf_counter() - start,
+        )
     steps = examples = 0
     epoch_loss = 0.0
     for _ in range(config.local_epochs):
@@ -110,6 +125,13 @@ def local_train(
     return TrainResult(epoch_loss, examples, steps, time.perf_counter() - start)
 
 
+def pre_train_batches(
+    examples: int, adjusted: bool, steps: int, epochs: int, batch_size: int
+) -> int:
+    """Mini-batches pre-training runs: `steps` when adjusted, else `epochs` full passes."""
+    return steps if adjusted else epochs * -(-examples // batch_size)
+
+
 def pre_train_delta(
     model: nn.Module,
     data: Examples,
@@ -121,13 +143,16 @@ def pre_train_delta(
     lr: float = 0.05,
     momentum: float = 0.9,
     objective: Objective = CLASSIFICATION,
+    privacy: DpSgd | None = None,
 ) -> torch.Tensor:
     """The pre-training delta w_i - w0 that clustering groups (docs/algorithm.md, section 2).
 
     With the sample adjustment strategy (`adjusted`) every participant runs the same number of
     one-mini-batch steps, so ten times more data does not mean a ten times longer delta;
     without it, `epochs` full passes (the unadjusted variant, kept for comparison).
-    `model` is left untouched; its copy is trained.
+    `model` is left untouched; its copy is trained. With `privacy`, the same number of
+    DP-SGD steps (Poisson batches of expected size batch_size), spent in its ledger: the
+    delta leaves the participant as the trained weights do.
     """
     work = copy.deepcopy(model)
     spec = spec_of(work.state_dict())
@@ -135,6 +160,10 @@ def pre_train_delta(
     device = _device_of(work)
     opt = _sgd(work, lr, momentum)
     work.train()
+    if privacy is not None:
+        count = pre_train_batches(len(data), adjusted, steps, epochs, batch_size)
+        privacy.run(work, data, opt, batch_size, [count], generator, objective)
+        return flatten(work.state_dict(), spec).cpu() - before.cpu()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -24,7 +25,7 @@ from services.common.homomorphic import open_model
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
-from services.common.settings import TrainingSettings
+from services.common.settings import PrivacySettings, TrainingSettings
 from services.common.streams import build_stream, read_model
 from services.core.ckks import HeKeys, PayloadError
 from services.core.errors import ConfigError, SpecMismatchError, StateError
@@ -44,10 +45,16 @@ from services.core.tensors import (
 from services.participant.attacks import AttackConfig, View, build_attack
 from services.participant.collusion import Collusion
 from services.participant.datasets import Dataset
+from services.participant.dpsgd import BudgetSpent, DpSgd, ledger_path, load_ledger, save_ledger
 from services.participant.examples import Examples, LoaderExamples, TensorExamples
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard, shard_tensors
-from services.participant.training import evaluate, local_train, pre_train_delta
+from services.participant.training import (
+    evaluate,
+    local_train,
+    pre_train_batches,
+    pre_train_delta,
+)
 from services.transport.client import (
     RetryPolicy,
     call_metadata,
@@ -55,6 +62,9 @@ from services.transport.client import (
     raw_responses,
     with_retries,
 )
+
+if TYPE_CHECKING:  # the accountant imports opacus (2 s): only where DP-SGD runs
+    from services.core.accountant import Step
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +137,8 @@ class WorkerSettings:
     retry_budget_s: float = 900.0
     round_size: int = 15  # participants selected per round (what colluding attackers assume)
     he: HeKeys | None = None  # --secure he: the secret context (encrypts, decrypts)
+    privacy: PrivacySettings | None = None  # --dp local: every participant trains with DP-SGD
+    state_dir: str | None = None  # where each participant keeps its privacy ledger
 
 
 @dataclass(frozen=True)
@@ -335,6 +347,23 @@ class Participant:
             logger.warning(
                 "SIMULATED ATTACK: %s is an attacker (%s)", self.id, self.attack.describe()
             )
+        # --dp local: its DP-SGD and ledger, resumed from --state-dir after a restart.
+        self.dp: DpSgd | None = None
+        self.ledger_file: Path | None = None
+        self.spent = ""  # why it stopped training (its budget), once it has
+        if settings.privacy is not None:
+            if settings.state_dir:
+                self.ledger_file = ledger_path(settings.state_dir, pid)
+            resumed = load_ledger(self.ledger_file) if self.ledger_file else None
+            self.dp = DpSgd(settings.privacy, len(local.train), resumed)
+            self.metrics.dp_epsilon.labels(self.label).set(self.dp.epsilon)
+            if resumed is not None:
+                logger.info(
+                    "%s: DP-SGD ledger resumed from %s: epsilon %.3g so far",
+                    self.id,
+                    self.ledger_file,
+                    self.dp.epsilon,
+                )
 
     # ---- plumbing --------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], object], idempotent: bool = True) -> object:
@@ -435,6 +464,10 @@ class Participant:
         t = task.training
         if not 0 <= t.sketch_dim <= MAX_SKETCH_DIM:
             raise StateError(f"the clusterer asked for a sketch of {t.sketch_dim} values")
+        steps, batch = t.pre_steps or 20, t.batch_size or 32
+        if self.dp is not None:  # before it promises colluders a delta
+            count = pre_train_batches(len(self.local.train), t.adjusted, steps, 1, batch)
+            self._check_budget(self.dp.plan(batch, count))
         self._load(task.model_version)
         steering = self.attack.pools_pretrain  # cluster steering: pooled in round -1
         if steering:
@@ -444,10 +477,12 @@ class Participant:
             self.local.train,
             self.gen,
             t.adjusted,
-            t.pre_steps or 20,
-            batch_size=t.batch_size or 32,
+            steps,
+            batch_size=batch,
             objective=self.objective,
+            privacy=self.dp,
         )
+        self._spent_privately(-1)
         pooled = self.collusion.pool(-1, self.id, delta) if steering else None
         delta = self.attack.on_pretrain(delta, self._view(-1), pooled).to(delta.device)
         if t.sketch_dim > 0:  # a long model: the clusterer clusters sketches, send one
@@ -476,6 +511,18 @@ class Participant:
         check_secure(task.training.secure, he is not None)
         if he is not None:  # n_i * w_i, encrypted: the aggregator adds what it cannot read
             codec = CkksCodec(he)
+        t = task.training
+        # The clusterer already decayed the rate for this round; the values are checked here.
+        cfg = TrainingSettings.build(
+            local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
+        )
+        if self.dp is not None:  # before anything is computed on the data, or promised
+            if t.report_loss:
+                raise TaskNotDone(
+                    "the clusterer asked for the loss on the training data (q-FFL); with "
+                    "--dp local it would leave without privacy"
+                )
+            self._check_budget(self.dp.round_plan(cfg))
         view = self._view(task.round)
         crafting = self.attack.crafts_update(task.round)
         colluding = crafting and self.attack.pools_update
@@ -483,7 +530,6 @@ class Participant:
             self.collusion.enlist(task.round, self.id)
         cluster = task.cluster if task.HasField("cluster") else None
         self._load(task.model_version, cluster)
-        t = task.training
         # Only a merge that weighs by it (q-FFL) asks for the received model's loss.
         before: dict[str, float] = {}
         if t.report_loss:
@@ -493,11 +539,8 @@ class Participant:
         train = self.local.train
         if isinstance(train, TensorExamples):  # attacks are simulations: shards only
             train = TensorExamples(*self.attack.on_data(train.x, train.y, view))
-        # The clusterer already decayed the rate for this round; the values are checked here.
-        cfg = TrainingSettings.build(
-            local_epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, lr_decay=1
-        )
-        result = local_train(self.model, train, cfg, 0, self.gen, self.objective)
+        result = local_train(self.model, train, cfg, 0, self.gen, self.objective, self.dp)
+        self._spent_privately(task.round)
         self.metrics.training_seconds.labels(self.label).observe(result.seconds)
         self.metrics.training_loss.labels(self.label).set(result.loss)
         self.metrics.examples.labels(self.label).inc(result.examples)
@@ -521,18 +564,46 @@ class Participant:
             else:
                 flat = self.attack.on_update(flat, base, view)
         upload = self._encoded(codec, weights, flat, base_flat, view)
+        # Under DP-SGD the training loss is a statistic of the data DP-SGD does not cover:
+        # it stays here (on this participant's /metrics); its epsilon, a public figure, goes.
+        figures = (
+            {"train_loss": result.loss} if self.dp is None else {"dp_epsilon": self.dp.epsilon}
+        )
         self._send(
             codec.kind,
             task.round,
             task.model_version,
             upload,
-            {
-                **before,
-                "train_loss": result.loss,
-                "train_seconds": result.seconds,
-            },
+            {**before, **figures, "train_seconds": result.seconds},
         )
         self.feedback.commit()  # accepted: what top-k left out is carried to the next round
+        if self.dp is not None:  # a round like this one would break the budget: stop now
+            self.spent = self.dp.refuses(cfg)
+
+    def _check_budget(self, plan: Step) -> None:
+        """BudgetSpent with the ledger's reason when `plan` would break the budget."""
+        why = self.dp.refuses_plan(plan) if self.dp is not None else ""
+        if why:
+            raise BudgetSpent(why)
+
+    def _spent_privately(self, round_: int) -> None:
+        """After DP-SGD: the ledger kept (durably, before the update leaves), the gauge
+        and the log line."""
+        if self.dp is None:
+            return
+        if self.ledger_file is not None:
+            save_ledger(self.ledger_file, self.dp.ledger)
+        eps = self.dp.epsilon
+        self.metrics.dp_epsilon.labels(self.label).set(eps)
+        budget = self.dp.ledger.budget
+        logger.info(
+            "%s: %s with DP-SGD: epsilon %.3g at delta %g (budget %s)",
+            self.id,
+            "pre-trained" if round_ < 0 else f"round {round_} trained",
+            eps,
+            self.dp.ledger.delta,
+            "none" if budget is None else f"{budget:g}",
+        )
 
     def _encoded(
         self,
@@ -633,7 +704,8 @@ class Participant:
         )
 
     def run(self) -> None:
-        """Work until the clusterer says DONE or the process is stopped."""
+        """Work until the clusterer says DONE, the process is stopped or (--dp local) a
+        round would break this participant's privacy budget."""
         self.join()
         handlers = {
             pb.TASK_KIND_PRETRAIN: self.pretrain,
@@ -671,6 +743,8 @@ class Participant:
             try:
                 handler(task)
                 self.metrics.tasks.labels(self.label, pb.TaskKind.Name(task.kind)).inc()
+            except BudgetSpent as exc:  # --dp local: the next round would break the budget
+                self.spent = str(exc)
             except TaskNotDone as exc:  # a model it refused, weights it cannot send
                 logger.warning(
                     "%s: %s not done: %s", self.id, pb.TaskKind.Name(task.kind), str(exc)[:300]
@@ -684,3 +758,10 @@ class Participant:
                     exc.code().name,
                     exc.details(),
                 )
+            if self.spent:
+                # No RPC says "leaving": it stops asking for tasks, and the clusterer stops
+                # selecting it once it has not been heard from for its liveness window.
+                logger.warning(
+                    "%s: stops training and leaves the federation: %s", self.id, self.spent
+                )
+                return
