@@ -22,7 +22,7 @@ import torch
 from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
 from services.common.homomorphic import upload_tensors
 from services.common.schema import SchemaSettings
-from services.common.settings import FederationSettings
+from services.common.settings import FederationSettings, TrainingSettings
 from services.common.wire import nbytes
 from services.core.accountant import Ledger, Step
 from services.core.ckks import HeKeys
@@ -54,6 +54,7 @@ from services.experiment import ExperimentConfig
 from services.participant.attacks import View, build_attack, choose_attackers
 from services.participant.backdoor import success_rate
 from services.participant.datasets import Dataset
+from services.participant.dpsgd import DpSgd
 from services.participant.examples import TensorExamples
 from services.participant.partition import federation_data, shard_tensors, shards_of
 from services.participant.settings import DataSettings
@@ -222,6 +223,10 @@ def run_local(
     def load(w: torch.Tensor) -> None:
         model.load_state_dict(unflatten(w, spec, reference))
 
+    # --dp local: every participant's own DP-SGD and ledger (pre-training spends too).
+    sgd = (
+        {p.index: DpSgd(config.privacy, p.samples) for p in people} if config.privacy.local else {}
+    )
     # Pre-training and clustering.
     if strategy.clustered:
         start = time.perf_counter()
@@ -234,6 +239,7 @@ def run_local(
                     train.adjusted,
                     train.pre_steps,
                     batch_size=train.batch_size,
+                    privacy=sgd.get(p.index),
                 )
                 for p in people
             ]
@@ -297,7 +303,16 @@ def run_local(
                 result.privacy["stopped"] = f"stopped before round {rnd}: {stop}"
                 break
         allowed = set(quarantine.eligible(str(i) for i in groups))
-        selectable = {i: c for i, c in groups.items() if str(i) in allowed}
+        # --dp local: a participant whose next round would exceed its budget has stopped.
+        spent = {i for i, dp in sgd.items() if dp.refuses(train)}
+        if sgd and spent >= set(groups):
+            if not result.rounds:
+                raise ConfigError(f"no round can run: {sgd[min(spent)].refuses(train)}")
+            result.privacy["stopped"] = (
+                f"stopped before round {rnd}: every participant's privacy budget is spent"
+            )
+            break
+        selectable = {i: c for i, c in groups.items() if str(i) in allowed and i not in spent}
         plan = plan_round(
             strategy,
             selectable,
@@ -336,7 +351,7 @@ def run_local(
             view = View(rnd, len(plan.selected), p.gen)
             if p.attacker:
                 x, y = attack.on_data(x, y, view)
-            local_train(model, TensorExamples(x, y), train, rnd, p.gen)
+            local_train(model, TensorExamples(x, y), train, rnd, p.gen, privacy=sgd.get(i))
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.crafts_update(rnd) and not attack.pools_update:
                 w = attack.on_update(w, base, view)
@@ -400,6 +415,8 @@ def run_local(
         private: dict[str, Any] = {}
         if central is not None:  # spent whatever the guard decides: the merge was computed
             private = central.spend(outcome_round)
+        elif sgd:  # the most any participant has spent
+            private = {"epsilon": max(dp.epsilon for dp in sgd.values())}
         # The aggregator's divergence guard (it cannot look under --secure he), then the
         # participants' verdicts on the new version, as the services run them.
         before_w, before_figs = global_w, figs
@@ -503,9 +520,33 @@ def run_local(
     if central is not None:
         result.privacy.update(central.summary())
         result.final["epsilon"] = result.privacy["epsilon"]
+    elif sgd:
+        result.privacy.update(local_summary(config, sgd, train, len(result.rounds)))
+        result.final["epsilon"] = result.privacy["epsilon"]
     result.weights = dict(unflatten(global_w, spec, reference))
     result.card = card_of(config, data, result.final)
     return result
+
+
+def local_summary(
+    config: ExperimentConfig, sgd: dict[int, DpSgd], train: TrainingSettings, rounds: int
+) -> dict[str, Any]:
+    """results.json's privacy block under --dp local: every participant's own epsilon."""
+    p = config.privacy
+    eps = {str(i): dp.epsilon for i, dp in sorted(sgd.items())}
+    return {
+        "mode": "local",
+        "epsilon": max(eps.values()),
+        "mean_epsilon": float(np.mean(list(eps.values()))),
+        "delta": p.dp_delta,
+        "budget": p.dp_epsilon,
+        "noise_multiplier": p.dp_noise,
+        "participants": eps,
+        "stopped_participants": sum(1 for dp in sgd.values() if dp.refuses(train)),
+        "rounds": rounds,
+        "accountant": "Renyi DP of the Poisson-sampled Gaussian (Opacus), per participant",
+        "adjacency": "add or remove one example of a participant",
+    }
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing_extensions import Self
 
 from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits, is_reference
 from services.core.errors import ConfigError
-from services.core.privacy import PRIVATE_RULES
 from services.core.schemes import normalised
+from services.core.sensitivity import PRIVATE_RULES
 from services.core.strategies import STRATEGIES
 
 
@@ -526,6 +526,11 @@ def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
         raise ValueError(
             f"--dp {privacy.dp} with --secure he needs noise added before encryption "
             "(distributed DP, docs/privacy.md): not built; choose one"
+        )
+    if privacy.dp == "local" and STRATEGIES[fed.strategy].merge == "qffl":
+        raise ValueError(
+            "--dp local: q-FFL weighs by each participant's loss on its training data, "
+            "which DP-SGD does not protect"
         )
     if privacy.dp != "central":
         return

@@ -17,8 +17,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
 from services.core.errors import ConfigError
 
 # Opacus's orders: fractional ones near 1 for few steps, integers up to 63 for many.
@@ -27,6 +25,7 @@ ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(r
 # Opacus logs a warning for every order its series does not converge for (those orders
 # are then left out of the minimum, which only makes epsilon larger): not for an operator.
 logging.getLogger("opacus.accountants.analysis.rdp").setLevel(logging.ERROR)
+logging.getLogger("opacus").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,10 @@ def epsilon_of(steps: Iterable[Step], delta: float) -> float:
         merged[(s.noise, s.rate)] = merged.get((s.noise, s.rate), 0) + s.count
     if not any(merged.values()):
         return 0.0
+    # Imported when first needed: Opacus takes seconds to import, and a run without DP (or a
+    # process that only reads its flags) never needs it.
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
     for (noise, rate), count in merged.items():
         if count:
             rdp = compute_rdp(q=rate, noise_multiplier=noise, steps=count, orders=list(ORDERS))
@@ -109,7 +112,7 @@ class Ledger:
         self.steps.extend(more)
 
     def to_json(self) -> dict[str, object]:
-        """The ledger as JSON (steps of one kind merged)."""
+        """The ledger as JSON (each step as recorded)."""
         return {
             "delta": self.delta,
             "budget": self.budget,

@@ -19,7 +19,6 @@ from services.core.defence import DefenceConfig, RoundDefence, defend_rows
 from services.core.errors import ConfigError
 from services.core.merge import MERGES, MergeFacts, MergePlan
 from services.core.privacy import (
-    MEAN_RULES,
     CentralNoise,
     NoiseReport,
     ScaledRows,
@@ -32,6 +31,7 @@ from services.core.privacy import (
 )
 from services.core.robust import Selection
 from services.core.rows import MatrixRows, Rows, scan, take
+from services.core.sensitivity import MEAN_RULES
 from services.core.strategies import Strategy
 
 

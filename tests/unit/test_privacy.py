@@ -13,9 +13,10 @@ import torch
 
 from services.core.accountant import Step, epsilon_of
 from services.core.errors import ConfigError
-from services.core.privacy import SPREAD_ANY, CentralNoise, clip_factors, update_multiplier
+from services.core.privacy import CentralNoise, clip_factors, update_multiplier
 from services.core.rounds import aggregate_round
 from services.core.selection import poisson_rates, poisson_select
+from services.core.sensitivity import SPREAD_ANY
 from services.core.strategies import get_strategy
 from services.experiment import ExperimentConfig
 from services.local import run_local
