@@ -379,7 +379,9 @@ def run_local(
                 except PayloadError:  # a non-finite delta: refused, as NaN weights would be
                     decoded = torch.full_like(updates[k].cpu(), float("nan"))
                 updates[k] = decoded.to(updates[k].device)
-        if sealed is not None:
+        if not rows:  # Poisson sampling (or the quarantine) left the round empty
+            outcome_round = RoundOutcome(global_w, RoundDefence({}), {})
+        elif sealed is not None:
             # --secure he: each participant encrypts n_i * w_i with its key, the aggregator's
             # public context adds them, participants decrypt the sum and divide by N.
             secret, public = sealed
@@ -604,18 +606,20 @@ class CentralPlan:
         )
 
     def spend(self, outcome: RoundOutcome) -> dict[str, Any]:
-        """Record the round in the ledger; the round record's privacy fields."""
-        assert outcome.noise is not None
-        self.ledger.spend(self.step)
-        self.clip = outcome.noise.next_clip
+        """Record the round in the ledger (a round that drew nobody too: counting it only
+        overstates epsilon); the round record's privacy fields."""
         step = self.step[0]
+        self.ledger.spend([step])
+        noise = outcome.noise
+        if noise is not None:
+            self.clip = noise.next_clip
         return {
             "epsilon": self.ledger.epsilon,
             "dp_noise": step.noise,
             "dp_rate": step.rate,
-            "dp_clip": outcome.noise.clip,
-            "dp_sigma": outcome.noise.sigma,
-            "dp_clipped": outcome.noise.clipped,
+            "dp_clip": self.clip if noise is None else noise.clip,
+            "dp_sigma": 0.0 if noise is None else noise.sigma,
+            "dp_clipped": 0 if noise is None else noise.clipped,
         }
 
     def summary(self) -> dict[str, Any]:
