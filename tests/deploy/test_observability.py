@@ -131,6 +131,8 @@ def served_federation(tmp_path):
             "--per-process",
             "3",
             "--personalise",  # the per-cluster model panels have data too
+            "--dp",  # and the participants' epsilon (DP-SGD); the central DP gauges are
+            "local",  # exported from the start
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
