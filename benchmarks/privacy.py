@@ -25,7 +25,7 @@ from typing import Any
 from script import parser, write_json  # beside this script
 
 BUDGET = 8.0  # the goal's epsilon
-CLIP = 2.0  # central: about the median update norm of this setting's first rounds
+CLIP = 1.0  # central: about half the smallest update norm of this setting
 SGD_CLIP = 1.0  # local DP-SGD: each example's gradient
 CENTRAL_NOISE = (0.6, 0.8, 1.2)
 VARIANT = "flclustering-fedavg"  # clusters, the clipped mean inside each, the fair merge

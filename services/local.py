@@ -591,19 +591,7 @@ class CentralPlan:
 
     def mechanism(self) -> CentralNoise:
         """This round's mechanism."""
-        p = self.config.privacy
-        count_noise = None
-        if p.dp_clip_quantile is not None:
-            count_noise = p.dp_count_noise or sum(self.expected.values()) / 20
-        return CentralNoise(
-            self.clip,
-            p.dp_noise,
-            self.expected,
-            self.generator,
-            p.dp_clip_quantile,
-            p.dp_clip_lr,
-            count_noise,
-        )
+        return self.config.privacy.mechanism(self.clip, self.expected, self.generator)
 
     def spend(self, outcome: RoundOutcome) -> dict[str, Any]:
         """Record the round in the ledger (a round that drew nobody too: counting it only

@@ -299,23 +299,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         )
 
     def _mechanism(self, expected: dict[int, float]) -> CentralNoise:
-        """This round's mechanism: the bound where adaptive clipping left it, the noise
-        drawn from a generator seeded by the operating system's CSPRNG each round (nobody
-        who knows the code and the seed can subtract it)."""
+        """This round's mechanism: the bound where adaptive clipping left it, and the noise
+        drawn from a generator seeded by the operating system's CSPRNG each round (no one
+        can predict the seed, so no one can subtract the noise)."""
         p = self.config.privacy
-        count_noise = None
-        if p.dp_clip_quantile is not None:
-            count_noise = p.dp_count_noise or sum(expected.values()) / 20
-        seed = secrets.randbits(63)
-        return CentralNoise(
-            self.state.dp_clip or p.dp_clip,
-            p.dp_noise,
-            expected,
-            torch.Generator().manual_seed(seed),
-            p.dp_clip_quantile,
-            p.dp_clip_lr,
-            count_noise,
-        )
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        return p.mechanism(self.state.dp_clip or p.dp_clip, expected, generator)
 
     def _record(self, report: RoundReport, seconds: float) -> None:
         """Metrics of a round just aggregated."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,9 @@ from services.core.catalog import DATASET_SHAPES, DATASETS, MODEL_NAMES, fits, i
 from services.core.errors import ConfigError
 from services.core.schemes import normalised
 from services.core.sensitivity import PRIVATE_RULES
+
+if TYPE_CHECKING:
+    from services.core.privacy import CentralNoise
 from services.core.strategies import STRATEGIES
 
 
@@ -411,6 +414,25 @@ class PrivacySettings(Settings):
     @property
     def local(self) -> bool:
         return self.dp == "local"
+
+    def mechanism(self, clip: float, expected: Mapping[int, float], generator: Any) -> CentralNoise:
+        """A round's central mechanism with these settings: the bound where adaptive
+        clipping left it (`clip`), the clusters' expected counts and the noise's torch
+        generator (the count noise defaults to a twentieth of the expected updates)."""
+        from services.core.privacy import CentralNoise  # torch: only where DP runs
+
+        count_noise = None
+        if self.dp_clip_quantile is not None:
+            count_noise = self.dp_count_noise or sum(expected.values()) / 20
+        return CentralNoise(
+            clip,
+            self.dp_noise,
+            dict(expected),
+            generator,
+            self.dp_clip_quantile,
+            self.dp_clip_lr,
+            count_noise,
+        )
 
     @model_validator(mode="after")
     def _adaptive_is_central(self) -> Self:
