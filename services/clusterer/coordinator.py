@@ -228,11 +228,12 @@ class Coordinator(ClustererParts):
             "select": fed.select,
             "eval_per_cluster": fed.eval_per_cluster,
             "cluster_method": self.config.clustering.cluster_method,
-            # A ledger continued under another mechanism would be wrong.
-            "dp": self.config.privacy.dp,
-            "dp_noise": self.config.privacy.dp_noise,
-            "dp_delta": self.config.privacy.dp_delta,
         }
+        privacy = self.config.privacy
+        if privacy.dp != "off":  # a ledger continued under another mechanism would be wrong
+            # (without DP the keys are absent: a state written before they existed matches)
+            experiment |= {"dp": privacy.dp, "dp_noise": privacy.dp_noise}
+            experiment["dp_delta"] = privacy.dp_delta
         self.restored = bool(state_dir) and self.state.attach(
             ClustererStore(Path(state_dir or ".")), self.rng, experiment
         )
