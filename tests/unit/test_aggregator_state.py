@@ -235,3 +235,30 @@ def test_a_foreign_cluster_file_is_refused(tmp_path):
         AggregatorState(
             state_of(build_model("cnn", (1, 8, 8), 10, seed=0)), personalise=True
         ).restore(tmp_path)
+
+
+def test_a_private_round_keeps_its_bound_and_report_across_a_restart(tmp_path):
+    """--dp central: the adaptive bound the round moved to and the round's privacy report
+    are saved with the version; asked again after a restart, the same report."""
+    from services.core.privacy import CentralNoise
+
+    s = fresh()
+    d = s.versions[0].numel()
+    for who, size in (("a", 0.1), ("b", 0.3), ("c", 0.2)):
+        add(s, who, torch.full((d,), size))
+    mechanism = CentralNoise(
+        1.0, 1.0, {0: 3.0}, torch.Generator().manual_seed(0), 0.5, 0.2, count_noise=1.0
+    )
+    report = s.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05, privacy=mechanism))
+    assert report.privacy is not None and report.noise["clipped"] == 3.0  # all longer than 1
+    assert s.dp_clip == report.noise["next_clip"] != 1.0
+    # The noise is there: the merge is not the clipped mean (1/3 of each clipped update).
+    step = s.versions[1] - s.versions[0]
+    assert float((step - step.mean()).std()) == pytest.approx(report.noise["sigma"], rel=0.05)
+    s.save(tmp_path)
+    again = fresh()
+    assert again.restore(tmp_path)
+    assert again.dp_clip == s.dp_clip
+    assert again.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05)) == replace(
+        report, replayed=True
+    )
