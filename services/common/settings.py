@@ -549,10 +549,10 @@ def check_privacy(fed: FederationSettings, privacy: PrivacySettings) -> None:
             f"--dp {privacy.dp} with --secure he needs noise added before encryption "
             "(distributed DP, docs/privacy.md): not built; choose one"
         )
-    if privacy.dp == "local" and STRATEGIES[fed.strategy].merge == "qffl":
+    if privacy.dp == "local" and STRATEGIES[fed.strategy].needs_losses:
         raise ValueError(
-            "--dp local: q-FFL weighs by each participant's loss on its training data, "
-            "which DP-SGD does not protect"
+            f"--dp local: --strategy {fed.strategy} asks each participant for its loss on "
+            "its training data, which DP-SGD does not cover; choose another"
         )
     if privacy.dp != "central":
         return

@@ -16,7 +16,6 @@ from services.common.settings import (
     Settings,
     choice,
 )
-from services.core.strategies import STRATEGIES
 from services.participant.adversary import AttackSettings
 from services.participant.partition import PARTITION_CHOICES
 
@@ -103,15 +102,6 @@ class ParticipantConfig(ServiceConfig):
                     "--attack is a simulation, over shards of a named dataset; not with "
                     "--dataset own"
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _private_locally(self) -> Self:
-        if self.privacy.local and STRATEGIES[self.federation.strategy].needs_losses:
-            raise ValueError(
-                f"--dp local: --strategy {self.federation.strategy} asks each participant for "
-                "its loss on its training data, which DP-SGD does not cover; choose another"
-            )
         return self
 
     @model_validator(mode="after")
