@@ -594,20 +594,22 @@ class CentralPlan:
         return self.config.privacy.mechanism(self.clip, self.expected, self.generator)
 
     def spend(self, outcome: RoundOutcome) -> dict[str, Any]:
-        """Record the round in the ledger (a round that drew nobody too: counting it only
-        overstates epsilon); the round record's privacy fields."""
+        """Record the round in the ledger; the round record's privacy fields. A round that
+        drew nobody released nothing (whether anyone was drawn is the sampling's, not the
+        data's) and spends nothing, as the aggregator abandons it in the services."""
+        noise = outcome.noise
+        if noise is None:
+            return {"epsilon": self.ledger.epsilon}
         step = self.step[0]
         self.ledger.spend([step])
-        noise = outcome.noise
-        if noise is not None:
-            self.clip = noise.next_clip
+        self.clip = noise.next_clip
         return {
             "epsilon": self.ledger.epsilon,
             "dp_noise": step.noise,
             "dp_rate": step.rate,
-            "dp_clip": self.clip if noise is None else noise.clip,
-            "dp_sigma": 0.0 if noise is None else noise.sigma,
-            "dp_clipped": 0 if noise is None else noise.clipped,
+            "dp_clip": noise.clip,
+            "dp_sigma": noise.sigma,
+            "dp_clipped": noise.clipped,
         }
 
     def summary(self) -> dict[str, Any]:

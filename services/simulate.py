@@ -450,6 +450,15 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
     if not d["personal_cluster_accuracy"]:  # no --personalise: its figures are no zeros
         for key in [k for k in d if k.startswith("personal_")]:
             del d[key]
+    # Differential privacy's figures: the step's only where the mechanism ran, epsilon only
+    # once something is spent (without --dp they are all absent, not zeros).
+    if not d.get("dp_rate"):
+        for key in ("dp_noise", "dp_rate", "dp_clip", "dp_sigma", "dp_clipped"):
+            d.pop(key, None)
+    if not d.get("epsilon"):
+        d.pop("epsilon", None)
+    if "dp_clipped" in d:
+        d["dp_clipped"] = int(d["dp_clipped"])
     return d
 
 
@@ -507,10 +516,10 @@ def privacy_block(
 ) -> dict[str, Any]:
     """results.json's privacy block: the ledger as the clusterer kept it, and its stop."""
     p = config.privacy
-    spent = [r for r in rounds if r.get("epsilon")]
+    spent = [r for r in rounds if r.get("dp_rate")]  # rounds the mechanism ran in
     return {
         "mode": p.dp,
-        "epsilon": spent[-1]["epsilon"] if spent else 0.0,
+        "epsilon": rounds[-1].get("epsilon", 0.0) if rounds else 0.0,
         "delta": p.dp_delta,
         "budget": p.dp_epsilon,
         "noise_multiplier": p.dp_noise,

@@ -545,9 +545,13 @@ class Coordinator(ClustererParts):
         return self._ledger().refuses(self._step())
 
     def _privacy_record(self, reply: agg_pb.AggregateResponse) -> dict[str, Any]:
-        """The round record's privacy fields, and epsilon exported."""
-        if not reply.HasField("privacy"):
+        """The round record's privacy fields, and epsilon exported. A round the aggregator
+        abandoned (too few updates, or none drawn) released nothing and spends nothing: its
+        record carries the epsilon spent so far."""
+        if not self.config.privacy.central:
             return {}
+        if not reply.HasField("privacy"):
+            return {"epsilon": self._ledger().epsilon}
         step = self._step()[0]
         epsilon = self._ledger().after([step])
         self.metrics.dp_epsilon.set(epsilon)

@@ -65,6 +65,9 @@ def test_small_simulation_writes_everything(tmp_path):
     # Without --personalise there are no cluster-model figures (not zeros, as proto defaults).
     assert not [k for r in rounds for k in r if k.startswith("personal_")]
     assert not [k for k in results["final"] if k.startswith("personal_")]
+    # Nor, without --dp, any privacy figures.
+    assert not [k for r in rounds for k in r if k == "epsilon" or k.startswith("dp_")]
+    assert "privacy" not in results
     for key in ROUND_COLUMNS:  # the leading columns of rounds.csv
         assert all(key in r for r in rounds)
     assert rounds[-1]["mean_accuracy"] > rounds[0]["mean_accuracy"]

@@ -199,3 +199,32 @@ def test_adaptive_clipping_is_central_and_he_needs_distributed_noise():
         ExperimentConfig().replace(dp="local", dp_clip_quantile=0.5)
     with pytest.raises(ConfigError, match="distributed DP"):
         ExperimentConfig().replace(dp="central", strategy="fedavg", secure="he")
+
+
+@pytest.mark.slow  # runs a federation: see tests/conftest.py
+def test_a_round_that_draws_nobody_releases_and_spends_nothing():
+    # 6 participants in 3 clusters, 1 a round: each member drawn with rate 1/6, so a
+    # round draws nobody a third of the time.
+    config = ExperimentConfig().replace(
+        strategy="flclustering-fedavg",
+        participants=6,
+        select=1,
+        rounds=8,
+        dp="central",
+        dp_clip=0.01,
+        seed=1,
+    )
+    result = run_local(config)
+    empty = [r for r in result.rounds if not r["selection"]]
+    ran = [r for r in result.rounds if r["selection"]]
+    assert empty and ran
+    assert all("dp_rate" not in r for r in empty) and all(r["dp_rate"] == 1 / 6 for r in ran)
+    assert result.privacy["rounds"] == len(ran)
+    assert result.privacy["epsilon"] == pytest.approx(
+        epsilon_of([Step(1.0, 1 / 6, len(ran))], 1e-5)
+    )
+    previous = 0.0
+    for r in result.rounds:  # epsilon spent so far, carried through the empty rounds
+        assert r["epsilon"] >= previous
+        assert (r["epsilon"] == previous) == (not r["selection"])
+        previous = r["epsilon"]
