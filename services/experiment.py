@@ -19,12 +19,15 @@ from services.common.flags import Group
 from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
     DefenceSettings,
+    DevicesSettings,
     FederationSettings,
     OptionalCount,
+    PaceSettings,
     PrivacySettings,
     Settings,
     TrainingSettings,
     TransportSettings,
+    check_pace,
     check_privacy,
 )
 from services.participant.adversary import ATTACKS, AttackSettings
@@ -88,6 +91,8 @@ class ExperimentConfig(Settings):
     run: RunSettings = RunSettings()
     sample: SchemaSettings = SchemaSettings()
     privacy: PrivacySettings = PrivacySettings()
+    pace: PaceSettings = PaceSettings()
+    devices: DevicesSettings = DevicesSettings()
 
     @model_validator(mode="after")
     def _runnable(self) -> Self:
@@ -99,6 +104,7 @@ class ExperimentConfig(Settings):
             )
         check_federation(self.federation.dataset, self.sample)
         check_privacy(self.federation, self.privacy)
+        check_pace(self.federation, self.privacy, self.pace)
         if self.federation.rounds < 1 or self.federation.participants < 2:
             raise ValueError("a run needs --rounds of at least 1 and --participants of at least 2")
         if ATTACKS[self.adversary.attack].needs_he and self.federation.secure != "he":
@@ -171,6 +177,8 @@ EXPERIMENT_GROUPS = (
     "adversary",
     "clustering",
     "privacy",
+    "pace",
+    "devices",
 )
 
 LOCAL_GROUPS = (
@@ -181,6 +189,8 @@ LOCAL_GROUPS = (
     Group("adversary"),
     Group("clustering", only=("cluster_method",)),
     Group("privacy"),
+    Group("pace"),
+    Group("devices"),
     Group("run"),
 )
 SIMULATE_GROUPS = (

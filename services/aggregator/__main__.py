@@ -32,6 +32,7 @@ GROUPS = (
     Group("compute", "AGGREGATOR_"),
     Group("sample"),
     Group("privacy"),
+    Group("pace"),
 )
 
 

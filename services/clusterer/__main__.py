@@ -23,6 +23,7 @@ GROUPS = (
     Group("clustering", "CLUSTERER_"),
     Group("sample"),
     Group("privacy"),
+    Group("pace"),
 )
 
 

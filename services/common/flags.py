@@ -51,6 +51,8 @@ SETTINGS_GROUPS = frozenset(
         "run",
         "hosting",
         "privacy",
+        "pace",
+        "devices",
     }
 )
 

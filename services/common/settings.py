@@ -441,6 +441,91 @@ class PrivacySettings(Settings):
         return self
 
 
+class PaceSettings(Settings):
+    """How rounds are paced: synchronous, or asynchronous buffered aggregation.
+
+    Synchronous rounds can over-select; asynchronous ones (FedBuff-style) wait for no
+    round's slowest device."""
+
+    mode: Annotated[str, choice(("sync", "async"))] = Field(
+        "sync",
+        description="sync: rounds that wait for the selected (or --round-timeout-s); async: "
+        "participants train continuously on the newest model, each cluster's updates are "
+        "buffered and every full buffer makes a new version",
+    )
+    over_select: float = Field(
+        0.0,
+        ge=0,
+        le=4,
+        description="sync: select this share more than --select and close the round at the "
+        "first --select updates (stragglers' updates are not waited for)",
+    )
+    buffer_size: OptionalCount = Field(
+        None,
+        description="async: updates a cluster's buffer holds before it is aggregated, or "
+        "'auto': the fewest its robust rule runs on (Krum: more than 2f+2), at least 5",
+    )
+    max_staleness: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="async: an update trained from a version more than this many versions "
+        "old is refused (the aggregator keeps this many versions to compute deltas)",
+    )
+    eval_every: int = Field(
+        5,
+        ge=1,
+        description="async: every this many versions the evaluation sample (--eval-sample) "
+        "evaluates the newest model; its mean is the history's accuracy",
+    )
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.mode == "async"
+
+
+class DevicesSettings(Settings):
+    """Simulated device heterogeneity, in simulate and local.
+
+    How much slower some participants are, and how often one drops out of a task."""
+
+    speed_spread: float = Field(
+        1.0,
+        ge=1,
+        le=1000,
+        description="participants' slowness factors are drawn log-uniformly from [1, this] "
+        "(seeded by --seed): a participant waits (factor - 1) times its measured compute "
+        "time after training; 1: all alike",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="probability that a participant drops a task: it trains but never "
+        "uploads (a device that went away)",
+    )
+
+
+def check_pace(fed: FederationSettings, privacy: PrivacySettings, pace: PaceSettings) -> None:
+    """The combinations asynchronous rounds are defined for (one ValueError line each)."""
+    if not pace.asynchronous:
+        return
+    if privacy.central:
+        raise ValueError(
+            "--mode async with --dp central: the accountant counts Poisson-sampled rounds, "
+            "which buffered aggregation does not have; use --dp local or --mode sync"
+        )
+    if fed.secure == "he":
+        raise ValueError("--mode async with --secure he is not built: choose one")
+    if fed.personalise:
+        raise ValueError("--mode async keeps one global model: --personalise is not covered")
+    strategy = STRATEGIES[fed.strategy]
+    if strategy.grouping == "each" or strategy.needs_losses:
+        raise ValueError(
+            f"--mode async merges clusters' buffers: --strategy {fed.strategy} is not covered"
+        )
+
+
 class TransportSettings(Settings):
     """Credentials, size limits and deadlines of the calls between services."""
 
@@ -533,10 +618,12 @@ class ServiceConfig(Settings):
     transport: TransportSettings = TransportSettings()
     federation: FederationSettings = FederationSettings()
     privacy: PrivacySettings = PrivacySettings()
+    pace: PaceSettings = PaceSettings()
 
     @model_validator(mode="after")
     def _private(self) -> Self:
         check_privacy(self.federation, self.privacy)
+        check_pace(self.federation, self.privacy, self.pace)
         return self
 
 

@@ -10,6 +10,7 @@ from typing_extensions import Self
 from services.common.flags import Group, SettingsParser
 from services.common.schema import SchemaSettings, check_federation
 from services.common.settings import (
+    DevicesSettings,
     IntList,
     OptionalStr,
     ServiceConfig,
@@ -90,6 +91,7 @@ class ParticipantConfig(ServiceConfig):
     adversary: AttackSettings = AttackSettings()
     participant: ParticipantSettings = ParticipantSettings()
     sample: SchemaSettings = SchemaSettings()
+    devices: DevicesSettings = DevicesSettings()  # simulated heterogeneity (simulate)
 
     @model_validator(mode="after")
     def _own_data(self) -> Self:
@@ -152,6 +154,7 @@ GROUPS = (
     Group("participant", "PARTICIPANT_"),
     Group("sample"),
     Group("privacy", only=("dp", "dp_noise", "dp_clip", "dp_delta", "dp_epsilon")),
+    Group("devices"),
 )
 
 

@@ -1,0 +1,120 @@
+"""Asynchronous buffered aggregation (FedBuff, Nguyen et al., AISTATS 2022) inside clusters.
+
+In `--mode async` nobody waits for a round: participants train continuously on the newest
+model they have, and each cluster's updates are buffered. When a cluster's buffer is full
+the cluster's robust rule runs on it and the fair merge turns it into a new version:
+
+    w_{v+1} = w_v + sum_{c flushed} p_c * rule_c( s(tau_i) * delta_i  for i in buffer_c )
+
+- `delta_i` is update i against the version it was trained from (its base), and
+  tau_i = v - base_i its staleness; s(tau) = 1 / sqrt(1 + tau) (FedBuff's choice) shortens
+  an update that was trained from an older model, and an update staler than
+  `--max-staleness` is refused before it gets here.
+- `p_c` is cluster c's fair weight among *every* cluster (the q-weights of the merge,
+  summing to one over all of them), not renormalised over the clusters that flushed: one
+  full buffer moves the model by its cluster's share only. A cycle in which every cluster
+  flushes once moves it as one synchronous round does, so the fast clusters do not own the
+  model and a cluster the model serves worse still pulls harder.
+- The buffer is at least what the rule needs (`buffer_size_for`): Krum's n > 2f + 2 with
+  f the configured share of the buffer, rounded up, so the robust rule never falls back.
+
+Pure functions over tensors: the aggregator service and the in-process run call them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from services.core.defence import defend_rows
+from services.core.errors import ConfigError
+from services.core.merge import MERGES, MergeFacts, MergePlan
+from services.core.privacy import ScaledRows, scaled_scan
+from services.core.robust import attackers_for, krum_precondition
+from services.core.rounds import DefenceKnobs, RoundOutcome, combine, defence_for
+from services.core.rows import MatrixRows, Rows, scan
+from services.core.strategies import Strategy
+
+MIN_BUFFER = 5  # FedBuff's experiments use 10; below 5 a buffer is hardly a mean
+KRUM_RULES = ("krum", "multi-krum")
+
+
+def staleness_weight(staleness: int | float) -> float:
+    """s(tau) = 1 / sqrt(1 + tau): how much an update trained from a model tau versions
+    old counts (1 for a fresh one)."""
+    if staleness < 0 or not math.isfinite(staleness):
+        raise ConfigError(f"staleness must be a non-negative number, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + float(staleness))
+
+
+def rule_minimum(rule: str, byzantine_fraction: float) -> int:
+    """The fewest updates `rule` runs on without its fallback: Krum's n > 2f + 2 and the
+    trimmed mean's n > 2f, with f = ceil(n x share); other rules any n."""
+    if rule not in KRUM_RULES and rule != "trimmed-mean":
+        return 1
+    for n in range(1, 10_000):
+        f = attackers_for(n, byzantine_fraction)
+        ok = krum_precondition(n, f) if rule in KRUM_RULES else n > 2 * f
+        if ok:
+            return n
+    raise ConfigError(f"no buffer runs {rule} at a byzantine fraction of {byzantine_fraction}")
+
+
+def buffer_size_for(strategy: Strategy, byzantine_fraction: float, asked: int | None) -> int:
+    """A cluster's buffer size: `asked`, or (None) the fewest the strategy's rule runs on
+    and at least MIN_BUFFER. ConfigError when `asked` is too small for the rule."""
+    need = rule_minimum(strategy.rule, byzantine_fraction)
+    if asked is None:
+        return max(MIN_BUFFER, need)
+    if asked < need:
+        raise ConfigError(
+            f"--buffer-size {asked} is too small for {strategy.rule} at --byzantine-fraction "
+            f"{byzantine_fraction:g}: it needs at least {need} updates"
+        )
+    return asked
+
+
+def buffered_round(
+    global_w: torch.Tensor,
+    deltas: torch.Tensor | Rows,
+    clusters: Sequence[int],
+    samples: Sequence[int],
+    staleness: Sequence[int],
+    strategy: Strategy,
+    version: int,
+    cluster_accuracy: Mapping[int, float],
+    defence: DefenceKnobs,
+    known_clusters: Sequence[int] = (),
+) -> RoundOutcome:
+    """The next version from the flushed buffers (rows of `deltas`, each against its own
+    base; `clusters` says whose buffer a row is in): scale each row by s(staleness), run
+    the defence inside each cluster, and add each surviving cluster's robust delta times
+    its fair weight among `known_clusters` (every cluster of the federation, whether its
+    buffer is full or not; the flushed ones are always counted).
+
+    `cluster_accuracy` is the newest known accuracy of the global model per cluster (the
+    median of its members' evaluations); a cluster missing from it, or version 0, makes
+    the weights even, as in round 0 of the synchronous merge.
+    """
+    rows = MatrixRows(deltas) if isinstance(deltas, torch.Tensor) else deltas
+    n = rows.shape[0]
+    if not (len(clusters) == len(samples) == len(staleness) == n):
+        raise ConfigError(f"{n} updates with {len(clusters)} clusters and {len(staleness)} ages")
+    factors = torch.tensor([staleness_weight(s) for s in staleness], dtype=torch.float32)
+    found = scan(rows)
+    scaled = ScaledRows(rows, factors)
+    outcome, _ = defend_rows(
+        scaled, clusters, defence_for(strategy, defence), samples, scaled_scan(found, factors)
+    )
+    groups = sorted({int(c) for c in known_clusters} | {int(c) for c in clusters})
+    kept = [i for i in range(n) if i not in outcome.rejected_updates]
+    facts = MergeFacts(groups, kept, version, cluster_accuracy, None, None, defence.q)
+    weights = MERGES[strategy.merge](facts).group_weights
+    survivors = set(outcome.survivors)
+    merged = {c: p for c, p in weights.items() if c in survivors}
+    if not merged:
+        return RoundOutcome(global_w, outcome, {})
+    new = combine(global_w.to(rows.device), scaled, outcome, MergePlan(merged))
+    return RoundOutcome(new, outcome, merged)
