@@ -91,6 +91,33 @@ class AggregatorMetrics(Catalogue):
             "--dp central: updates longer than the bound (scaled down to it).",
         ),
         Metric(
+            "buffer_fill",
+            Gauge,
+            "async_buffer_updates",
+            "--mode async: updates waiting in each cluster's buffer.",
+            ("cluster",),
+        ),
+        Metric(
+            "staleness",
+            Histogram,
+            "async_update_staleness_versions",
+            "--mode async: versions between the model an update was trained from and the one "
+            "it was merged into.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+        ),
+        Metric(
+            "versions",
+            Counter,
+            "versions_made_total",
+            "New global versions made (rounds, or full buffers in --mode async).",
+        ),
+        Metric(
+            "stale",
+            Counter,
+            "async_updates_stale_total",
+            "--mode async: updates refused for being more than --max-staleness versions old.",
+        ),
+        Metric(
             "update_bytes",
             Histogram,
             "update_size_bytes",

@@ -47,6 +47,20 @@ class ClustererMetrics(Catalogue):
         Metric("active", Gauge, "participants_active", "Participants heard from recently."),
         Metric("selected", Gauge, "participants_selected", "Participants selected this round."),
         Metric(
+            "stragglers",
+            Counter,
+            "stragglers_total",
+            "Selected participants a round closed without (over-selection had enough, or the "
+            "deadline passed).",
+        ),
+        Metric(
+            "dropouts",
+            Counter,
+            "tasks_abandoned_total",
+            "--mode async: training tasks that never came back (the participant asked again "
+            "without uploading, or the task expired).",
+        ),
+        Metric(
             "timed_out",
             Counter,
             "participants_timed_out_total",
