@@ -44,7 +44,7 @@ from services.common.uploads import (
 from services.common.uploads import decoded as decoded_parts
 from services.common.wire import StreamReader
 from services.core.device import resolve_device
-from services.core.errors import ForbiddenError, StateError, invalid
+from services.core.errors import ForbiddenError, StaleError, StateError, invalid
 from services.core.model_file import read_weights
 from services.core.models import build_model
 from services.core.privacy import CentralNoise
@@ -81,6 +81,34 @@ def cluster_accuracies(given: Mapping[int, float]) -> dict[int, float]:
         if not 0.0 <= acc <= 1.0:  # NaN fails this too
             raise invalid(f"cluster {c} accuracy {acc} is outside [0, 1]")
     return dict(given)
+
+
+def buffers_request(
+    request: pb.AggregateRequest, asynchronous: bool
+) -> tuple[frozenset[int] | None, tuple[int, ...]]:
+    """--mode async: the clusters to flush and every cluster, checked before anything is
+    touched (in rounds both must be empty)."""
+    flush, clusters = list(request.flush), list(request.clusters)
+    if not asynchronous:
+        if flush or clusters:
+            raise StateError(
+                "this aggregator runs synchronous rounds (--mode sync): a round closes whole, "
+                "not by cluster buffers; start both services with the same --mode"
+            )
+        return None, ()
+    if request.abandon or request.HasField("privacy"):
+        raise invalid("--mode async flushes buffers: abandon and privacy are for rounds")
+    if not flush:
+        raise StateError(
+            "this aggregator runs --mode async: say which clusters' buffers to flush (a "
+            "clusterer in --mode sync? start both with the same --mode)"
+        )
+    for c in (*flush, *clusters):
+        if not 0 <= c < MAX_CLUSTERS:
+            raise invalid(f"cluster ids must be in [0, {MAX_CLUSTERS})")
+    if len(clusters) > MAX_CLUSTERS or len(set(flush)) != len(flush):
+        raise invalid(f"at most {MAX_CLUSTERS} clusters, each flushed once")
+    return frozenset(flush), tuple(sorted(set(clusters) | set(flush)))
 
 
 MAX_EXPECTED = 1e7  # an expected sampled count per cluster beyond any federation
@@ -133,6 +161,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.watch = StallWatch(t.stream_idle_s, t.stream_max_s)
         self._closing = threading.Lock()
         self._saved_round = state.open_round - 1  # restored state is on disk already
+        self._clusters_seen: set[int] = set()  # --mode async: buffers shown on /metrics
         self.sealed = state if isinstance(state, SealedState) else None  # --secure he
         metrics.model_version.set(state.version)
         d = config.defence
@@ -146,6 +175,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             personalise=config.federation.personalise,
             secure=config.federation.secure,
             guard=config.federation.guard,
+            mode=config.pace.mode,
+            max_staleness=config.pace.max_staleness if config.pace.asynchronous else 0,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
 
@@ -172,7 +203,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if not 0 <= header.cluster < MAX_CLUSTERS:
                 raise invalid(f"cluster must be in [0, {MAX_CLUSTERS})")
             upload.append(check_upload(m, self.state.spec, takes, aggregator=True))
-            base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
+            try:
+                base = self.state.begin_update(m.sender, m.round, m.model_version, header.cluster)
+            except StaleError:
+                self.metrics.stale.inc()
+                raise
             reserved.append(m.sender)
             # Weights: the delta against the model they came from; int8, top-k and
             # ciphertexts are kept as they came, to be decoded (or checked) after.
@@ -204,7 +239,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     delta = reader.flat if not isinstance(sink, RowFile) else sink.close()
                 assert delta is not None
                 update = PendingUpdate(
-                    m.sender, cluster, int(m.num_samples), delta, dict(m.metrics)
+                    m.sender,
+                    cluster,
+                    int(m.num_samples),
+                    delta,
+                    dict(m.metrics),
+                    base_version=int(m.model_version),
                 )
             state_dir = self.config.service.state_dir
             # Durable before acknowledged: a kill -9 after the answer loses nothing.
@@ -216,6 +256,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     saved.unlink(missing_ok=True)
                 raise
             accepted = True
+            if self.config.pace.asynchronous:
+                self._buffers()
             self.metrics.rpc.received_bytes.inc(reader.received)
             self.metrics.update_bytes.observe(reader.received)
         finally:
@@ -236,6 +278,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     ) -> pb.AggregateResponse:
         accuracies = cluster_accuracies(request.cluster_accuracy)
         expected = {} if request.abandon else privacy_request(request, self.config.privacy)
+        flush, clusters = buffers_request(request, self.config.pace.asynchronous)
         # Strategy, q, the Byzantine share and q-FFL's rate are this service's own settings.
         close = RoundClose(
             request.round,
@@ -246,6 +289,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             request.abandon,
             (self.config.training.local_epochs, self.config.training.batch_size),
             guard=self.config.federation.guard,
+            flush=flush,
+            clusters=clusters,
         )
         start = time.perf_counter()
         # One aggregation at a time, saved before anyone is answered: a repeated call that
@@ -287,6 +332,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             round=request.round,
             abandoned=report.abandoned,
             refused=report.refused,
+            merged=list(report.merged),
+            staleness_mean=float(sum(report.staleness) / len(report.staleness))
+            if report.staleness
+            else 0.0,
+            staleness_max=max(report.staleness, default=0),
+            stale=report.stale,
             privacy=None
             if report.privacy is None
             else pb.PrivacyReport(
@@ -320,10 +371,24 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         m.fallbacks.inc(len(report.fallbacks))
         if report.refused:
             m.merges_refused.inc()
+        if not report.abandoned and not report.refused:
+            m.versions.inc()
+        for age in report.staleness:
+            m.staleness.observe(age)
+        m.stale.inc(report.stale)
+        if self.config.pace.asynchronous:
+            self._buffers()
         if report.privacy is not None:
             m.dp_sigma.set(report.noise["sigma"])
             m.dp_clip.set(report.noise["clip"])
             m.dp_clipped.inc(report.noise["clipped"])
+
+    def _buffers(self) -> None:
+        """--mode async: the buffers' fill on /metrics (every cluster that had one)."""
+        counts = self.state.buffered()
+        for c in set(counts) | self._clusters_seen:
+            self.metrics.buffer_fill.labels(cluster_label(c)).set(counts.get(c, 0))
+        self._clusters_seen |= set(counts)
 
     def _save(self, round_: int) -> None:
         """Make the aggregation of round_ durable (once; a failed save is tried again by the
@@ -423,7 +488,12 @@ def initial_state(config: AggregatorConfig) -> AggregatorState:
         state = SealedState(weights, keys, store.keep_versions)
     else:
         state = AggregatorState(
-            weights, store.keep_versions, device, deltas, config.federation.personalise
+            weights,
+            store.keep_versions,
+            device,
+            deltas,
+            config.federation.personalise,
+            config.pace.max_staleness if config.pace.asynchronous else None,
         )
     del weights
     if state_dir and state.restore(Path(state_dir)):

@@ -35,7 +35,8 @@ from services.aggregator.store import (
 from services.common.files import durable_write
 from services.common.settings import DefenceSettings
 from services.common.wire import Sink
-from services.core.errors import NotFoundError, SpecMismatchError, StateError
+from services.core.buffered import buffered_round
+from services.core.errors import NotFoundError, SpecMismatchError, StaleError, StateError
 from services.core.guard import STEPS_KEPT, check_merge, remember
 from services.core.merge import local_steps
 from services.core.privacy import CentralNoise
@@ -65,6 +66,8 @@ class PendingUpdate:
     delta: Delta  # in memory or in a file (the store decides); empty when encrypted
     metrics: dict[str, float] = field(default_factory=dict)
     ciphertexts: tuple[bytes, ...] = ()  # --secure he: n_i * w_i, encrypted (sealed.py)
+    base_version: int = -1  # --mode async: the version it was trained from (delta's base)
+    key: str = ""  # --mode async: the name of its persisted file (u{n}-{digest})
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class RoundClose:
     training: tuple[int, int] | None = None
     guard: bool = True
     privacy: CentralNoise | None = None  # --dp central: the round's mechanism
+    # --mode async: the clusters whose buffers are aggregated (None: a synchronous round,
+    # all updates) and every cluster of the federation (the fair weights' denominator).
+    flush: frozenset[int] | None = None
+    clusters: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,9 @@ class RoundReport:
     replayed: bool = False  # the answer of a round aggregated before (asked again)
     refused: str = ""  # why the divergence guard refused the merge (the model was kept)
     privacy: dict[str, float] | None = None  # --dp central: what the mechanism did
+    merged: tuple[str, ...] = ()  # --mode async: whose buffered updates the flush took
+    staleness: tuple[int, ...] = ()  # --mode async: of each update the flush merged
+    stale: int = 0  # --mode async: buffered updates refused at the flush (too old)
 
     @property
     def noise(self) -> dict[str, float]:
@@ -130,6 +140,9 @@ class RoundReport:
             privacy=None
             if data.get("privacy") is None
             else {k: float(v) for k, v in data["privacy"].items()},
+            merged=tuple(str(p) for p in data.get("merged", ())),
+            staleness=tuple(int(t) for t in data.get("staleness", ())),
+            stale=int(data.get("stale", 0)),
         )
 
 
@@ -171,6 +184,7 @@ class AggregatorState:
         device: torch.device | None = None,
         store: DeltaStore | None = None,
         personalise: bool = False,
+        max_staleness: int | None = None,
     ) -> None:
         self.device = device or torch.device("cpu")  # where aggregate() computes
         # --personalise: each cluster's model of the current version (in memory, beside the
@@ -182,7 +196,12 @@ class AggregatorState:
         self.reference = OrderedDict(
             (k, v.clone()) for k, v in initial.items() if not v.dtype.is_floating_point
         )
-        self.keep_versions = max(2, keep_versions)
+        # --mode async (max_staleness set): updates are buffered across versions, each
+        # against the version it was trained from, so that many versions stay kept.
+        self.max_staleness = max_staleness
+        self.keep_versions = max(2, keep_versions, (max_staleness or 0) + 1)
+        self.accepted = 0  # --mode async: updates accepted so far (names their files)
+        self.consumed: tuple[str, ...] = ()  # --mode async: files the last flush took
         w0 = flatten(initial, self.spec)
         self.store = store or DeltaStore(w0.numel())
         # The current version is always in memory; with a budget the others are files.
@@ -258,11 +277,13 @@ class AggregatorState:
         """Check that an update may start; reserve the participant; return the base model
         (personalised: its cluster's)."""
         with self.lock:
-            if round_ != self.open_round:
+            if self.max_staleness is not None:  # --mode async: any recent version
+                base = self._async_base(base_version)
+            elif round_ != self.open_round:
                 raise StateError(
                     f"round {round_} is not open (the open round is {self.open_round})"
                 )
-            if base_version != self.version:
+            elif base_version != self.version:
                 raise StateError(
                     f"update was trained from model version {base_version}; "
                     f"round {round_} expects version {self.version}"
@@ -271,9 +292,39 @@ class AggregatorState:
             # was cut off) releases its reservation in a moment: wait for that, briefly.
             self.lock.wait_for(lambda: participant not in self._receiving, timeout=RELEASE_WAIT_S)
             if participant in self.pending or participant in self._receiving:
+                if self.max_staleness is not None:
+                    raise StateError(
+                        f"{participant} has an update in its cluster's buffer already (one "
+                        "per participant and buffer)"
+                    )
                 raise StateError(f"{participant} already submitted an update for round {round_}")
             self._receiving.add(participant)
+            if self.max_staleness is not None:
+                return base
             return self._base(cluster)
+
+    def _async_base(self, base_version: int) -> torch.Tensor:
+        """--mode async: the kept version an update was trained from, if it is at most
+        max_staleness versions old (lock held)."""
+        assert self.max_staleness is not None
+        age = self.version - base_version
+        if base_version < 0 or age < 0:
+            raise StateError(
+                f"update was trained from model version {base_version}; the newest is "
+                f"{self.version}"
+            )
+        if age > self.max_staleness:
+            raise StaleError(
+                f"update was trained from model version {base_version}, {age} versions "
+                f"behind the newest ({self.version}; --max-staleness {self.max_staleness}): "
+                "train again from the newest"
+            )
+        if base_version not in self.versions:
+            raise StaleError(
+                f"model version {base_version} is not kept any more (after a restart only "
+                "the newest two are): train again from the newest"
+            )
+        return self._flat(base_version)
 
     def _base(self, cluster: int) -> torch.Tensor:
         """The model an update of `cluster` was trained from (lock held)."""
@@ -290,9 +341,10 @@ class AggregatorState:
             self.lock.notify_all()
             if update is None:
                 return
-            if round_ != self.open_round:
+            if self.max_staleness is None and round_ != self.open_round:
                 raise StateError(f"round {round_} closed while the update was streaming")
             self.pending[update.participant] = update
+            self.lock.notify_all()
 
     def release(self, participant: str) -> None:
         """Forget a reservation whose stream failed."""
@@ -308,6 +360,8 @@ class AggregatorState:
         (nothing is aggregated twice).
         """
         with self.lock:
+            if close.flush is not None:
+                return self._flush(close)
             closing = self._closing(close.round_, close.abandon)
             if isinstance(closing, RoundReport):
                 return closing
@@ -385,6 +439,100 @@ class AggregatorState:
                 privacy=private,
             )
             return self.last_report
+
+    def _flush(self, close: RoundClose) -> RoundReport:
+        """--mode async: aggregate the buffers of close.flush into the next version
+        (core/buffered.py); the other clusters' updates stay buffered. An update that grew
+        staler than max_staleness while it waited is refused here (lock held)."""
+        assert close.flush is not None and self.max_staleness is not None
+        if close.round_ == self.open_round - 1 and self.last_report is not None:
+            return replace(self.last_report, replayed=True)
+        if close.round_ != self.open_round:
+            raise StateError(
+                f"version step {close.round_} is not the next (the next is {self.open_round})"
+            )
+        taken = [
+            self.pending[p] for p in sorted(self.pending) if self.pending[p].cluster in close.flush
+        ]
+        ages = {u.participant: self.version - u.base_version for u in taken}
+        fresh = [u for u in taken if ages[u.participant] <= self.max_staleness]
+        stale = len(taken) - len(fresh)
+        merged = tuple(u.participant for u in taken)
+        if not fresh:
+            report = RoundReport(
+                self.version, 0, {}, {}, {}, {}, abandoned=True, merged=merged, stale=stale
+            )
+            return self._flushed(taken, report)
+        base = self.versions[self.version]
+        assert isinstance(base, torch.Tensor)
+        on = self.device
+        outcome = buffered_round(
+            base.to(on),
+            self.store.rows([u.delta for u in fresh], on),
+            [u.cluster for u in fresh],
+            [u.samples for u in fresh],
+            [ages[u.participant] for u in fresh],
+            close.strategy,
+            self.version,
+            close.cluster_accuracy,
+            close.defence,
+            close.clusters,
+        )
+        new = outcome.global_weights.cpu()
+        check = check_merge(base, new, self.steps, bounds=close.guard)
+        d = outcome.defence
+        staleness = tuple(ages[u.participant] for u in fresh)
+        if check.refused:
+            report = RoundReport(
+                self.version,
+                len(fresh),
+                {},
+                outcome.cluster_weights,
+                {},
+                {},
+                refused=check.refused,
+                merged=merged,
+                staleness=staleness,
+                stale=stale,
+            )
+            return self._flushed(taken, report)
+        if not torch.equal(new, base):
+            self.steps = remember(self.steps, check.step)
+            self._add_version(new)
+        per_cluster = {u.cluster: 0 for u in fresh}
+        for i in d.rejected_updates:
+            per_cluster[fresh[i].cluster] += 1
+        report = RoundReport(
+            self.version,
+            len(fresh),
+            {fresh[i].participant: why for i, why in d.rejected_updates.items()},
+            outcome.cluster_weights,
+            d.rejected_clusters,
+            d.fallbacks,
+            per_cluster,
+            merged=merged,
+            staleness=staleness,
+            stale=stale,
+        )
+        return self._flushed(taken, report)
+
+    def _flushed(self, taken: list[PendingUpdate], report: RoundReport) -> RoundReport:
+        """Take a flush's updates out of the buffers and close its step (lock held)."""
+        for u in taken:
+            del self.pending[u.participant]
+        self.consumed = tuple(u.key for u in taken if u.key)
+        self._recycle(taken)
+        self.open_round += 1
+        self.last_report = report
+        return report
+
+    def buffered(self) -> dict[int, int]:
+        """--mode async: updates waiting per cluster."""
+        with self.lock:
+            counts: dict[int, int] = {}
+            for u in self.pending.values():
+                counts[u.cluster] = counts.get(u.cluster, 0) + 1
+            return counts
 
     def _add_version(self, flat: torch.Tensor) -> None:
         """Make `flat` the newest version (lock held); the oldest but w0 go past
@@ -478,12 +626,22 @@ class AggregatorState:
             "samples": str(update.samples),
             "round": str(round_),
             "metrics": json.dumps(update.metrics),
+            "base_version": str(update.base_version),
         }
 
     def _pending_path(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
+        """r{round}-{digest} in rounds; --mode async: u{n}-{digest}, n counting accepted
+        updates (an update is not tied to a round: it waits in its buffer across versions,
+        and state.json names the files each flush consumed)."""
         pending = directory / PENDING
         pending.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(update.participant.encode()).hexdigest()[:24]
+        if self.max_staleness is not None:
+            if not update.key:
+                with self.lock:
+                    self.accepted += 1
+                    update.key = f"u{self.accepted}-{digest}"
+            return pending / f"{update.key}.safetensors"
         return pending / f"r{round_}-{digest}.safetensors"
 
     def persist(self, update: PendingUpdate, round_: int, directory: Path) -> Path:
@@ -512,6 +670,7 @@ class AggregatorState:
             steps = list(self.steps)
             dp_clip = self.dp_clip
             clusters = dict(self.cluster_models)
+            consumed, accepted = list(self.consumed), self.accepted
         weights = unflatten(flat, self.spec, self.reference, share=True)
         directory.mkdir(parents=True, exist_ok=True)
         model = directory / f"model-v{version}.safetensors"
@@ -526,6 +685,8 @@ class AggregatorState:
             "dp_clip": dp_clip,
             "previous": None,
         }
+        if self.max_staleness is not None:  # --mode async: the buffers' bookkeeping
+            info |= {"consumed": consumed, "accepted": accepted}
         kept = [model]
         if previous is not None and before is not None:
             # Written when it was the newest; only a state saved before that lacks it.
@@ -586,10 +747,17 @@ class AggregatorState:
                 self.steps = [float(x) for x in info.get("steps", [])][-STEPS_KEPT:]
                 clip = info.get("dp_clip")
                 self.dp_clip = None if clip is None else float(clip)
+                self.consumed = tuple(str(n) for n in info.get("consumed", ()))
+                self.accepted = int(info.get("accepted", 0))
             restored = True
         size = self.store.numel
-        for path in sorted((directory / PENDING).glob("r*.safetensors")):
-            if _round_of(path) != self.open_round:
+        for path in sorted((directory / PENDING).glob("*.safetensors"), key=_pending_order):
+            if self.max_staleness is not None and path.name.startswith("u"):
+                if path.stem in self.consumed:  # taken by the last flush, not yet deleted
+                    path.unlink(missing_ok=True)
+                    continue
+                self.accepted = max(self.accepted, _number_of(path))
+            elif _round_of(path) != self.open_round:
                 path.unlink(missing_ok=True)  # a closed round's (or a stale) update
                 continue
             with safe_open(str(path), "pt") as fh:  # the metadata only
@@ -602,10 +770,26 @@ class AggregatorState:
             delta = self.store.adopt(row)
             sender, cluster, samples, metrics = saved_facts(info)
             update = PendingUpdate(sender, cluster, samples, delta, metrics)
+            if self.max_staleness is not None:
+                update.base_version = int(info.get("base_version", self.version))
+                update.key = path.stem
             with self.lock:
                 self.pending[update.participant] = update
             restored = True
         return restored
+
+
+def _number_of(path: Path) -> int:
+    """The count in an asynchronous update's file name (u{n}-{digest}.safetensors)."""
+    try:
+        return int(path.name[1:].split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+def _pending_order(path: Path) -> tuple[str, int]:
+    """Persisted updates in the order they were accepted."""
+    return (path.name[0], _number_of(path) if path.name.startswith("u") else _round_of(path))
 
 
 def saved_facts(info: Mapping[str, str]) -> tuple[str, int, int, dict[str, float]]:
@@ -628,6 +812,8 @@ def commit_state(directory: Path, info: dict[str, Any], kept: list[Path]) -> Non
     for done in (directory / PENDING).glob("r*.safetensors"):
         if _round_of(done) < int(info["open_round"]):
             done.unlink(missing_ok=True)
+    for name in info.get("consumed", ()):  # --mode async: what the last flush took
+        (directory / PENDING / f"{name}.safetensors").unlink(missing_ok=True)
 
 
 def _read_clusters(path: Path, numel: int) -> dict[int, torch.Tensor]:

@@ -52,6 +52,7 @@ class RoundCollection:
     cutters: dict[str, Callable[[], None]] = field(default_factory=dict)  # cancel an upload
     began: dict[str, float] = field(default_factory=dict)  # when each upload began
     longest_upload_s: float = 0.0  # the slowest accepted upload stream
+    enough: int | None = None  # over-selection: the round closes at this many updates
 
     def reserve(
         self, pid: str, round_: int, model_version: int, cut: Callable[[], None] | None
@@ -92,6 +93,10 @@ class RoundCollection:
         return sorted(set(participants) & set(self.selected) - self.received - self.in_flight)
 
     def all_received(self) -> bool:
+        """Whether the round has what it waits for: every selected update, or (over-
+        selection) the first `enough` of them."""
+        if self.enough is not None and len(self.received) >= self.enough:
+            return True
         return self.received >= set(self.selected)
 
 

@@ -576,12 +576,21 @@ class Coordinator(ClustererParts):
             self.strategy,
             groups,
             r,
-            self.fed.select,
+            self._selecting(),
             self.fed.eval_per_cluster,
             self.rng,
             self._dp_rates(),
         )
         return plan.selected, plan.evaluators
+
+    def _selecting(self) -> int:
+        """How many a round selects: --select, and over-selected the share more (the round
+        closes at the first --select updates: the slowest devices are not waited for)."""
+        return math.ceil(self.fed.select * (1.0 + self.config.pace.over_select) - 1e-9)
+
+    def _enough(self) -> int | None:
+        """Over-selected: the updates a round closes at (None: it waits for all)."""
+        return self.fed.select if self.config.pace.over_select > 0 else None
 
     def _pre_evaluate(self, r: int, progress: RoundProgress) -> dict[int, float]:
         """The accuracy of the current model per selected cluster: the median over every
@@ -627,9 +636,11 @@ class Coordinator(ClustererParts):
             CUT_WAIT_S,
             lambda cut: logger.warning("round %d: cut %d upload(s) still streaming", r, cut),
         )
-        needed = math.ceil(self.fed.min_share * len(progress.selected))
+        wanted = min(len(progress.selected), self._enough() or len(progress.selected))
+        needed = math.ceil(self.fed.min_share * wanted)
         self.state.close_round(self._acknowledged(r), needed)
         self.metrics.timed_out.labels("train").inc(len(progress.timed_out))
+        self.metrics.stragglers.inc(len(progress.timed_out))
         if progress.abandon:
             logger.warning(
                 "round %d: %d of %d updates (need %d): model kept",
@@ -666,9 +677,9 @@ class Coordinator(ClustererParts):
         if progress.step == "planned":
             accuracy = self._pre_evaluate(r, progress)
             began = self._took(r, "evaluate", began)
-            self.state.open_round(r, accuracy)
+            self.state.open_round(r, accuracy, self._enough())
         elif progress.step == "training":
-            rest = self.state.reopen_round(r, self._acknowledged(r))
+            rest = self.state.reopen_round(r, self._acknowledged(r), self._enough())
             logger.info("round %d: training again for %d participant(s)", r, len(rest))
         if progress.step == "training":
             self._collect(r, progress)

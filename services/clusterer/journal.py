@@ -135,6 +135,7 @@ class Journal:
                 "model_version": c.model_version,
                 "selected": c.selected,
                 "received": sorted(c.received),
+                "enough": c.enough,
             },
             "evaluations": {
                 tag: {
@@ -176,7 +177,11 @@ class Journal:
             None
             if c is None
             else RoundCollection(
-                int(c["round"]), int(c["model_version"]), dict(c["selected"]), set(c["received"])
+                int(c["round"]),
+                int(c["model_version"]),
+                dict(c["selected"]),
+                set(c["received"]),
+                enough=c.get("enough"),
             )
         )
         state.evaluations.results, state.evaluations.asked = {}, {}

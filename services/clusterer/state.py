@@ -515,29 +515,36 @@ class ClustererState:
             self.membership.timed_out(missed)
             return self.evaluations.finish(tag), missed
 
-    def open_round(self, round_: int, cluster_accuracy: Mapping[int, float]) -> None:
-        """Start collecting round_'s updates from the planned participants."""
+    def open_round(
+        self, round_: int, cluster_accuracy: Mapping[int, float], enough: int | None = None
+    ) -> None:
+        """Start collecting round_'s updates from the planned participants (over-selected:
+        the round closes at the first `enough`)."""
         with self.cond:
             p = self._progress(round_)
             p.step = "training"
             p.cluster_accuracy = dict(cluster_accuracy)
             p.base_version = self.model_version
             self.enter("training")
-            self.collecting = RoundCollection(round_, self.model_version, dict(p.selected))
+            self.collecting = RoundCollection(
+                round_, self.model_version, dict(p.selected), enough=enough
+            )
             self._persist()  # before the tasks exist: polls read them without the lock
             self.tasks.update(
                 {q: Task(TaskKind.TRAIN, round_, self.model_version) for q in p.selected}
             )
             self.cond.notify_all()
 
-    def reopen_round(self, round_: int, acknowledged: Iterable[str]) -> list[str]:
+    def reopen_round(
+        self, round_: int, acknowledged: Iterable[str], enough: int | None = None
+    ) -> list[str]:
         """After a restart: count what the aggregator acknowledged, hand TRAIN tasks again
         to the selected participants not yet in; who they are."""
         with self.cond:
             p = self._progress(round_)
             c = self.collecting
             if c is None or c.round != round_:
-                c = RoundCollection(round_, self.model_version, dict(p.selected))
+                c = RoundCollection(round_, self.model_version, dict(p.selected), enough=enough)
                 self.collecting = c
             c.received |= set(acknowledged) & set(c.selected)
             self.enter("training")

@@ -507,9 +507,16 @@ class DevicesSettings(Settings):
 
 
 def check_pace(fed: FederationSettings, privacy: PrivacySettings, pace: PaceSettings) -> None:
-    """The combinations asynchronous rounds are defined for (one ValueError line each)."""
+    """The combinations paced rounds are defined for (one ValueError line each)."""
+    if pace.over_select > 0 and privacy.central:
+        raise ValueError(
+            "--over-select with --dp central: Poisson sampling decides who trains (and the "
+            "accountant counts on it); use one"
+        )
     if not pace.asynchronous:
         return
+    if pace.over_select > 0:
+        raise ValueError("--over-select closes synchronous rounds early: use it with --mode sync")
     if privacy.central:
         raise ValueError(
             "--mode async with --dp central: the accountant counts Poisson-sampled rounds, "

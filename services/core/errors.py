@@ -36,6 +36,10 @@ class StateError(FLClusteringError):
     """The request does not fit the current state: wrong round, duplicate, too late."""
 
 
+class StaleError(StateError):
+    """--mode async: an update trained from a version too old (or no longer kept)."""
+
+
 class AuthError(FLClusteringError):
     """The caller could not be authenticated."""
 

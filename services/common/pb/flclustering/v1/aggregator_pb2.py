@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb.flclustering.v1 import tensors_pb2 as flclustering_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flclustering/v1/aggregator.proto\x12\x0f\x66lclustering.v1\x1a\x1d\x66lclustering/v1/tensors.proto\"L\n\x0cUpdateHeader\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeader\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x05\"\x91\x01\n\x14\x46orwardUpdateRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.flclustering.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"8\n\x15\x46orwardUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"\xab\x02\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12P\n\x10\x63luster_accuracy\x18\x03 \x03(\x0b\x32\x36.flclustering.v1.AggregateRequest.ClusterAccuracyEntry\x12\x0f\n\x07\x61\x62\x61ndon\x18\x07 \x01(\x08\x12\x30\n\x07privacy\x18\x08 \x01(\x0b\x32\x1f.flclustering.v1.CentralPrivacy\x1a\x36\n\x14\x43lusterAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x08strategyR\x01qR\x12\x62yzantine_fractionR\x02lr\"\x9c\x01\n\x0e\x43\x65ntralPrivacy\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12?\n\x08\x65xpected\x18\x02 \x03(\x0b\x32-.flclustering.v1.CentralPrivacy.ExpectedEntry\x1a/\n\rExpectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\rPrivacyReport\x12\x0c\n\x04\x63lip\x18\x01 \x01(\x01\x12\x11\n\tnext_clip\x18\x02 \x01(\x01\x12\r\n\x05sigma\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\x12\x0f\n\x07\x63lipped\x18\x05 \x01(\x03\"3\n\tRejection\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x83\x03\n\x11\x41ggregateResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12,\n\x08rejected\x18\x02 \x03(\x0b\x32\x1a.flclustering.v1.Rejection\x12O\n\x0f\x63luster_weights\x18\x03 \x03(\x0b\x32\x36.flclustering.v1.AggregateResponse.ClusterWeightsEntry\x12\x19\n\x11rejected_clusters\x18\x04 \x03(\t\x12\x11\n\tfallbacks\x18\x05 \x03(\t\x12\x0f\n\x07updates\x18\x06 \x01(\x03\x12\r\n\x05round\x18\x07 \x01(\x03\x12\x11\n\tabandoned\x18\x08 \x01(\x08\x12\x0f\n\x07refused\x18\t \x01(\t\x12/\n\x07privacy\x18\n \x01(\x0b\x32\x1e.flclustering.v1.PrivacyReport\x1a\x35\n\x13\x43lusterWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x0fGetModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x14\n\x07\x63luster\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_cluster\"\x8c\x01\n\x10GetModelResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"\x1c\n\x1aGetAggregatorStatusRequest\"\xbe\x01\n\rDefencePolicy\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\t\n\x01q\x18\x02 \x01(\x01\x12\x1a\n\x12\x62yzantine_fraction\x18\x03 \x01(\x01\x12\x13\n\x0bnorm_factor\x18\x04 \x01(\x01\x12\x16\n\x0e\x63luster_factor\x18\x05 \x01(\x01\x12\x13\n\x0btwin_factor\x18\x06 \x01(\x01\x12\x13\n\x0bpersonalise\x18\x07 \x01(\x08\x12\x0e\n\x06secure\x18\x08 \x01(\t\x12\r\n\x05guard\x18\t \x01(\x08\"\xaf\x01\n\x1bGetAggregatorStatusResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x12\n\nopen_round\x18\x02 \x01(\x03\x12\x17\n\x0fpending_updates\x18\x03 \x01(\x03\x12\x1c\n\x14pending_participants\x18\x04 \x03(\t\x12.\n\x06policy\x18\x05 \x01(\x0b\x32\x1e.flclustering.v1.DefencePolicy\"D\n\x0fRollbackRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\x10RollbackResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x17\n\x0frefused_version\x18\x03 \x01(\x03\x32\xd8\x03\n\nAggregator\x12`\n\rForwardUpdate\x12%.flclustering.v1.ForwardUpdateRequest\x1a&.flclustering.v1.ForwardUpdateResponse(\x01\x12R\n\tAggregate\x12!.flclustering.v1.AggregateRequest\x1a\".flclustering.v1.AggregateResponse\x12Q\n\x08GetModel\x12 .flclustering.v1.GetModelRequest\x1a!.flclustering.v1.GetModelResponse0\x01\x12p\n\x13GetAggregatorStatus\x12+.flclustering.v1.GetAggregatorStatusRequest\x1a,.flclustering.v1.GetAggregatorStatusResponse\x12O\n\x08Rollback\x12 .flclustering.v1.RollbackRequest\x1a!.flclustering.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flclustering/v1/aggregator.proto\x12\x0f\x66lclustering.v1\x1a\x1d\x66lclustering/v1/tensors.proto\"L\n\x0cUpdateHeader\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeader\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x05\"\x91\x01\n\x14\x46orwardUpdateRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.flclustering.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"8\n\x15\x46orwardUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"\xcc\x02\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12P\n\x10\x63luster_accuracy\x18\x03 \x03(\x0b\x32\x36.flclustering.v1.AggregateRequest.ClusterAccuracyEntry\x12\x0f\n\x07\x61\x62\x61ndon\x18\x07 \x01(\x08\x12\x30\n\x07privacy\x18\x08 \x01(\x0b\x32\x1f.flclustering.v1.CentralPrivacy\x12\r\n\x05\x66lush\x18\t \x03(\x05\x12\x10\n\x08\x63lusters\x18\n \x03(\x05\x1a\x36\n\x14\x43lusterAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x08strategyR\x01qR\x12\x62yzantine_fractionR\x02lr\"\x9c\x01\n\x0e\x43\x65ntralPrivacy\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12?\n\x08\x65xpected\x18\x02 \x03(\x0b\x32-.flclustering.v1.CentralPrivacy.ExpectedEntry\x1a/\n\rExpectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\rPrivacyReport\x12\x0c\n\x04\x63lip\x18\x01 \x01(\x01\x12\x11\n\tnext_clip\x18\x02 \x01(\x01\x12\r\n\x05sigma\x18\x03 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x04 \x01(\x01\x12\x0f\n\x07\x63lipped\x18\x05 \x01(\x03\"3\n\tRejection\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd1\x03\n\x11\x41ggregateResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12,\n\x08rejected\x18\x02 \x03(\x0b\x32\x1a.flclustering.v1.Rejection\x12O\n\x0f\x63luster_weights\x18\x03 \x03(\x0b\x32\x36.flclustering.v1.AggregateResponse.ClusterWeightsEntry\x12\x19\n\x11rejected_clusters\x18\x04 \x03(\t\x12\x11\n\tfallbacks\x18\x05 \x03(\t\x12\x0f\n\x07updates\x18\x06 \x01(\x03\x12\r\n\x05round\x18\x07 \x01(\x03\x12\x11\n\tabandoned\x18\x08 \x01(\x08\x12\x0f\n\x07refused\x18\t \x01(\t\x12/\n\x07privacy\x18\n \x01(\x0b\x32\x1e.flclustering.v1.PrivacyReport\x12\x0e\n\x06merged\x18\x0b \x03(\t\x12\x16\n\x0estaleness_mean\x18\x0c \x01(\x01\x12\x15\n\rstaleness_max\x18\r \x01(\x03\x12\r\n\x05stale\x18\x0e \x01(\x03\x1a\x35\n\x13\x43lusterWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x0fGetModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x14\n\x07\x63luster\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_cluster\"\x8c\x01\n\x10GetModelResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.flclustering.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x30\n\x07trailer\x18\x03 \x01(\x0b\x32\x1d.flclustering.v1.ModelTrailerH\x00\x42\x06\n\x04part\"\x1c\n\x1aGetAggregatorStatusRequest\"\xe3\x01\n\rDefencePolicy\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\t\n\x01q\x18\x02 \x01(\x01\x12\x1a\n\x12\x62yzantine_fraction\x18\x03 \x01(\x01\x12\x13\n\x0bnorm_factor\x18\x04 \x01(\x01\x12\x16\n\x0e\x63luster_factor\x18\x05 \x01(\x01\x12\x13\n\x0btwin_factor\x18\x06 \x01(\x01\x12\x13\n\x0bpersonalise\x18\x07 \x01(\x08\x12\x0e\n\x06secure\x18\x08 \x01(\t\x12\r\n\x05guard\x18\t \x01(\x08\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x15\n\rmax_staleness\x18\x0b \x01(\x03\"\xaf\x01\n\x1bGetAggregatorStatusResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x12\n\nopen_round\x18\x02 \x01(\x03\x12\x17\n\x0fpending_updates\x18\x03 \x01(\x03\x12\x1c\n\x14pending_participants\x18\x04 \x03(\t\x12.\n\x06policy\x18\x05 \x01(\x0b\x32\x1e.flclustering.v1.DefencePolicy\"D\n\x0fRollbackRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\x10RollbackResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x17\n\x0frefused_version\x18\x03 \x01(\x03\x32\xd8\x03\n\nAggregator\x12`\n\rForwardUpdate\x12%.flclustering.v1.ForwardUpdateRequest\x1a&.flclustering.v1.ForwardUpdateResponse(\x01\x12R\n\tAggregate\x12!.flclustering.v1.AggregateRequest\x1a\".flclustering.v1.AggregateResponse\x12Q\n\x08GetModel\x12 .flclustering.v1.GetModelRequest\x1a!.flclustering.v1.GetModelResponse0\x01\x12p\n\x13GetAggregatorStatus\x12+.flclustering.v1.GetAggregatorStatusRequest\x1a,.flclustering.v1.GetAggregatorStatusResponse\x12O\n\x08Rollback\x12 .flclustering.v1.RollbackRequest\x1a!.flclustering.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDUPDATERESPONSE']._serialized_start=310
   _globals['_FORWARDUPDATERESPONSE']._serialized_end=366
   _globals['_AGGREGATEREQUEST']._serialized_start=369
-  _globals['_AGGREGATEREQUEST']._serialized_end=668
-  _globals['_AGGREGATEREQUEST_CLUSTERACCURACYENTRY']._serialized_start=553
-  _globals['_AGGREGATEREQUEST_CLUSTERACCURACYENTRY']._serialized_end=607
-  _globals['_CENTRALPRIVACY']._serialized_start=671
-  _globals['_CENTRALPRIVACY']._serialized_end=827
-  _globals['_CENTRALPRIVACY_EXPECTEDENTRY']._serialized_start=780
-  _globals['_CENTRALPRIVACY_EXPECTEDENTRY']._serialized_end=827
-  _globals['_PRIVACYREPORT']._serialized_start=829
-  _globals['_PRIVACYREPORT']._serialized_end=930
-  _globals['_REJECTION']._serialized_start=932
-  _globals['_REJECTION']._serialized_end=983
-  _globals['_AGGREGATERESPONSE']._serialized_start=986
-  _globals['_AGGREGATERESPONSE']._serialized_end=1373
-  _globals['_AGGREGATERESPONSE_CLUSTERWEIGHTSENTRY']._serialized_start=1320
-  _globals['_AGGREGATERESPONSE_CLUSTERWEIGHTSENTRY']._serialized_end=1373
-  _globals['_GETMODELREQUEST']._serialized_start=1375
-  _globals['_GETMODELREQUEST']._serialized_end=1449
-  _globals['_GETMODELRESPONSE']._serialized_start=1452
-  _globals['_GETMODELRESPONSE']._serialized_end=1592
-  _globals['_GETAGGREGATORSTATUSREQUEST']._serialized_start=1594
-  _globals['_GETAGGREGATORSTATUSREQUEST']._serialized_end=1622
-  _globals['_DEFENCEPOLICY']._serialized_start=1625
-  _globals['_DEFENCEPOLICY']._serialized_end=1815
-  _globals['_GETAGGREGATORSTATUSRESPONSE']._serialized_start=1818
-  _globals['_GETAGGREGATORSTATUSRESPONSE']._serialized_end=1993
-  _globals['_ROLLBACKREQUEST']._serialized_start=1995
-  _globals['_ROLLBACKREQUEST']._serialized_end=2063
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2065
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2146
-  _globals['_AGGREGATOR']._serialized_start=2149
-  _globals['_AGGREGATOR']._serialized_end=2621
+  _globals['_AGGREGATEREQUEST']._serialized_end=701
+  _globals['_AGGREGATEREQUEST_CLUSTERACCURACYENTRY']._serialized_start=586
+  _globals['_AGGREGATEREQUEST_CLUSTERACCURACYENTRY']._serialized_end=640
+  _globals['_CENTRALPRIVACY']._serialized_start=704
+  _globals['_CENTRALPRIVACY']._serialized_end=860
+  _globals['_CENTRALPRIVACY_EXPECTEDENTRY']._serialized_start=813
+  _globals['_CENTRALPRIVACY_EXPECTEDENTRY']._serialized_end=860
+  _globals['_PRIVACYREPORT']._serialized_start=862
+  _globals['_PRIVACYREPORT']._serialized_end=963
+  _globals['_REJECTION']._serialized_start=965
+  _globals['_REJECTION']._serialized_end=1016
+  _globals['_AGGREGATERESPONSE']._serialized_start=1019
+  _globals['_AGGREGATERESPONSE']._serialized_end=1484
+  _globals['_AGGREGATERESPONSE_CLUSTERWEIGHTSENTRY']._serialized_start=1431
+  _globals['_AGGREGATERESPONSE_CLUSTERWEIGHTSENTRY']._serialized_end=1484
+  _globals['_GETMODELREQUEST']._serialized_start=1486
+  _globals['_GETMODELREQUEST']._serialized_end=1560
+  _globals['_GETMODELRESPONSE']._serialized_start=1563
+  _globals['_GETMODELRESPONSE']._serialized_end=1703
+  _globals['_GETAGGREGATORSTATUSREQUEST']._serialized_start=1705
+  _globals['_GETAGGREGATORSTATUSREQUEST']._serialized_end=1733
+  _globals['_DEFENCEPOLICY']._serialized_start=1736
+  _globals['_DEFENCEPOLICY']._serialized_end=1963
+  _globals['_GETAGGREGATORSTATUSRESPONSE']._serialized_start=1966
+  _globals['_GETAGGREGATORSTATUSRESPONSE']._serialized_end=2141
+  _globals['_ROLLBACKREQUEST']._serialized_start=2143
+  _globals['_ROLLBACKREQUEST']._serialized_end=2211
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2213
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2294
+  _globals['_AGGREGATOR']._serialized_start=2297
+  _globals['_AGGREGATOR']._serialized_end=2769
 # @@protoc_insertion_point(module_scope)

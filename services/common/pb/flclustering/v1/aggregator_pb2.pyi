@@ -34,7 +34,7 @@ class ForwardUpdateResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "cluster_accuracy", "abandon", "privacy")
+    __slots__ = ("round", "cluster_accuracy", "abandon", "privacy", "flush", "clusters")
     class ClusterAccuracyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,11 +46,15 @@ class AggregateRequest(_message.Message):
     CLUSTER_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ABANDON_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     cluster_accuracy: _containers.ScalarMap[int, float]
     abandon: bool
     privacy: CentralPrivacy
-    def __init__(self, round: _Optional[int] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., abandon: _Optional[bool] = ..., privacy: _Optional[_Union[CentralPrivacy, _Mapping]] = ...) -> None: ...
+    flush: _containers.RepeatedScalarFieldContainer[int]
+    clusters: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., abandon: _Optional[bool] = ..., privacy: _Optional[_Union[CentralPrivacy, _Mapping]] = ..., flush: _Optional[_Iterable[int]] = ..., clusters: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CentralPrivacy(_message.Message):
     __slots__ = ("noise_multiplier", "expected")
@@ -90,7 +94,7 @@ class Rejection(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AggregateResponse(_message.Message):
-    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned", "refused", "privacy")
+    __slots__ = ("model_version", "rejected", "cluster_weights", "rejected_clusters", "fallbacks", "updates", "round", "abandoned", "refused", "privacy", "merged", "staleness_mean", "staleness_max", "stale")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +112,10 @@ class AggregateResponse(_message.Message):
     ABANDONED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
     cluster_weights: _containers.ScalarMap[int, float]
@@ -118,7 +126,11 @@ class AggregateResponse(_message.Message):
     abandoned: bool
     refused: str
     privacy: PrivacyReport
-    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ..., refused: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
+    merged: _containers.RepeatedScalarFieldContainer[str]
+    staleness_mean: float
+    staleness_max: int
+    stale: int
+    def __init__(self, model_version: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[_Iterable[str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., round: _Optional[int] = ..., abandoned: _Optional[bool] = ..., refused: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyReport, _Mapping]] = ..., merged: _Optional[_Iterable[str]] = ..., staleness_mean: _Optional[float] = ..., staleness_max: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model_version", "cluster")
@@ -143,7 +155,7 @@ class GetAggregatorStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DefencePolicy(_message.Message):
-    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise", "secure", "guard")
+    __slots__ = ("strategy", "q", "byzantine_fraction", "norm_factor", "cluster_factor", "twin_factor", "personalise", "secure", "guard", "mode", "max_staleness")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     BYZANTINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +165,8 @@ class DefencePolicy(_message.Message):
     PERSONALISE_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     q: float
     byzantine_fraction: float
@@ -162,7 +176,9 @@ class DefencePolicy(_message.Message):
     personalise: bool
     secure: str
     guard: bool
-    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ..., guard: _Optional[bool] = ...) -> None: ...
+    mode: str
+    max_staleness: int
+    def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ..., guard: _Optional[bool] = ..., mode: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
     __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")
