@@ -459,6 +459,14 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         d.pop("epsilon", None)
     if "dp_clipped" in d:
         d["dp_clipped"] = int(d["dp_clipped"])
+    # --mode async's figures: only in its records (finished_at is set only there).
+    asynchronous = ("finished_at", "evaluated_version", "staleness_mean", "staleness_max", "stale")
+    if not d.get("finished_at"):
+        for key in asynchronous:
+            d.pop(key, None)
+    else:
+        for key in ("evaluated_version", "staleness_max", "stale"):
+            d[key] = int(d.get(key, 0))
     return d
 
 

@@ -88,6 +88,10 @@ class RoundCollection:
         if accepted and began is not None:
             self.longest_upload_s = max(self.longest_upload_s, time.monotonic() - began)
 
+    def takes(self, round_: int) -> bool:
+        """Whether an upload of round_ counts in this collection."""
+        return self.round == round_
+
     def unheard(self, participants: Iterable[str]) -> list[str]:
         """Of participants, the selected ones neither received nor streaming, sorted."""
         return sorted(set(participants) & set(self.selected) - self.received - self.in_flight)
@@ -98,6 +102,50 @@ class RoundCollection:
         if self.enough is not None and len(self.received) >= self.enough:
             return True
         return self.received >= set(self.selected)
+
+
+@dataclass
+class AsyncCollection(RoundCollection):
+    """--mode async: the collection that never closes. Any member holding a TRAIN task may
+    upload for it whenever it is done (the task's version, whatever the round); `selected`
+    is every member's cluster, `received` the updates waiting in the aggregator's buffers
+    (a member with one there gets no new task until its buffer is flushed: one update per
+    participant and buffer, so a fast participant cannot fill a buffer alone)."""
+
+    board: Mapping[str, Any] = field(default_factory=dict)  # the TaskBoard, read under the cond
+
+    def takes(self, round_: int) -> bool:
+        return True
+
+    def reserve(
+        self, pid: str, round_: int, model_version: int, cut: Callable[[], None] | None
+    ) -> int:
+        """Check that pid holds a TRAIN task of model_version and may upload now."""
+        if pid in self.received or pid in self.in_flight:
+            raise StateError(
+                f"duplicate submission: {pid[:64]} has an update in its cluster's buffer already"
+            )
+        task = self.board.get(pid)
+        if task is None or task.kind.value != "train" or pid not in self.selected:
+            raise StateError(f"{pid[:64]} has no training task now (ask for a new one)")
+        if model_version != task.model_version:
+            raise StateError(
+                f"trained from model version {model_version}, the task was version "
+                f"{task.model_version} (ask for a new one)"
+            )
+        self.in_flight.add(pid)
+        self.began[pid] = time.monotonic()
+        if cut is not None:
+            self.cutters[pid] = cut
+        return self.selected[pid]
+
+    def buffered(self) -> dict[int, int]:
+        """Updates waiting per cluster."""
+        counts: dict[int, int] = {}
+        for p in self.received:
+            c = self.selected.get(p, -1)
+            counts[c] = counts.get(c, 0) + 1
+        return counts
 
 
 def no_upload_open(round_: int) -> StateError:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from services.clusterer.buffering import BufferedRounds
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
@@ -269,6 +270,9 @@ class Coordinator(ClustererParts):
                     self.state.assign_static_groups()
             if self.fed.personalise:  # the clusters are known now: serve their models
                 self._refresh_model(self.state.model_version)
+            if self.config.pace.asynchronous:
+                BufferedRounds(self).run()
+                return
             first = self._resume_point()
             for r in range(first, self.fed.rounds):
                 if self.stop.is_set():
@@ -385,6 +389,11 @@ class Coordinator(ClustererParts):
             raise ConfigError(
                 f"the aggregator runs with --guard {str(status.policy.guard).lower()}, this "
                 f"clusterer with {str(self.fed.guard).lower()}: start both alike"
+            )
+        if (status.policy.mode or "sync") != self.config.pace.mode:
+            raise ConfigError(
+                f"the aggregator runs --mode {status.policy.mode or 'sync'}, this clusterer "
+                f"--mode {self.config.pace.mode}: start both alike"
             )
         if (status.policy.secure or "none") != self.fed.secure:
             raise ConfigError(

@@ -854,7 +854,9 @@ def build_service(config: ClustererConfig) -> ClustererService:
     authenticator, tls = credentials(
         config.transport, "clusterer", TokenTable.load(tokens) if tokens else None
     )
-    models = ModelCache()
+    pace = config.pace
+    # --mode async: every version a task or an evaluation may still name is served.
+    models = ModelCache(pace.max_staleness + 2 if pace.asynchronous else 3)
     registry = CollectorRegistry()
     metrics = ClustererMetrics(registry)
     state = ClustererState(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
@@ -24,6 +24,7 @@ import torch
 from services.clusterer.board import Task, TaskBoard, TaskKind, TaskListener
 from services.clusterer.collection import (
     STEPS,
+    AsyncCollection,
     Evaluation,
     Evaluations,
     Pretraining,
@@ -245,11 +246,15 @@ class ClustererState:
         seq = 0
         with self.cond:
             open_ = self.collecting
-            if open_ is None or open_.round != round_:
+            if open_ is None or not open_.takes(round_):
                 return
             open_.release(pid, accepted)
             if accepted:
                 seq = self._count_update(open_, pid)
+            elif isinstance(open_, AsyncCollection):
+                # Refused (too stale, a base the aggregator no longer keeps, a broken
+                # stream): the next hand-out gives a task of the newest version.
+                self.tasks.withdraw(pid, TaskKind.TRAIN)
             self.cond.notify_all()
         self._durable(seq)
 
@@ -534,6 +539,86 @@ class ClustererState:
                 {q: Task(TaskKind.TRAIN, round_, self.model_version) for q in p.selected}
             )
             self.cond.notify_all()
+
+    # ---- --mode async (services/clusterer/buffering.py drives these) -------------------
+    def open_buffers(self, round_: int, buffered: Mapping[str, int]) -> None:
+        """Start taking uploads at any time: `buffered` (participant -> cluster) are the
+        updates the aggregator holds in its buffers now."""
+        with self.cond:
+            self.round = round_
+            self.enter("training")
+            self.collecting = AsyncCollection(
+                round_,
+                self.model_version,
+                dict(buffered),
+                set(buffered),
+                board=self.tasks,
+            )
+            self.cond.notify_all()
+
+    def hand_out(
+        self, step: int, liveness_s: float, oldest: int, owing: Container[str]
+    ) -> tuple[int, int]:
+        """Give every active member that has no task, no update in a buffer and owes no
+        evaluation a TRAIN task of the newest version; replace TRAIN tasks older than
+        `oldest` (their updates would be refused as too stale). (handed out, replaced)."""
+        with self.cond:
+            c = self.collecting
+            if not isinstance(c, AsyncCollection):
+                raise StateError("no asynchronous collection is open")
+            c.round = step
+            c.model_version = self.model_version
+            self.round = step
+            groups = self.membership.active_groups(liveness_s, self.tasks)
+            given: dict[str, Task] = {}
+            replaced = 0
+            for p, cluster in groups.items():
+                c.selected[p] = cluster
+                if p in c.received or p in c.in_flight or p in owing:
+                    continue
+                task = self.tasks.get(p)
+                if task is not None and task.kind == TaskKind.TRAIN and task.model_version < oldest:
+                    replaced += 1
+                    task = None
+                if task is None:
+                    given[p] = Task(TaskKind.TRAIN, step, self.model_version)
+            if given:
+                self.tasks.update(given)
+                self.cond.notify_all()
+            return len(given) - replaced, replaced
+
+    def buffered(self) -> dict[int, int]:
+        """--mode async: updates waiting in the aggregator's buffers, per cluster."""
+        with self.cond:
+            c = self.collecting
+            return c.buffered() if isinstance(c, AsyncCollection) else {}
+
+    def flushed(self, merged: Iterable[str]) -> None:
+        """--mode async: the aggregator took these updates out of its buffers; their
+        senders may train again."""
+        with self.cond:
+            c = self.collecting
+            if isinstance(c, AsyncCollection):
+                c.received -= set(merged)
+            self.cond.notify_all()
+
+    def ask_when_free(self, tag: str, version: int, participants: Iterable[str]) -> list[str]:
+        """--mode async: have participants evaluate `version` as soon as each is between
+        tasks (an evaluation never cuts a training task short); who still owes it."""
+        with self.cond:
+            if tag not in self.evaluations.asked:
+                self.evaluations.start(tag, participants)
+            results = self.evaluations.results.get(tag, {})
+            owing = [p for p in self.evaluations.asked[tag] if p not in results]
+            free = {
+                p: Task(TaskKind.EVALUATE, self.round, version, tag)
+                for p in owing
+                if self.tasks.get(p) is None
+            }
+            if free:
+                self.tasks.update(free)
+                self.cond.notify_all()
+            return owing
 
     def reopen_round(
         self, round_: int, acknowledged: Iterable[str], enough: int | None = None

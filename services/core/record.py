@@ -78,6 +78,11 @@ ORDER = {
         "dp_clip",
         "dp_sigma",
         "dp_clipped",
+        "finished_at",
+        "evaluated_version",
+        "staleness_mean",
+        "staleness_max",
+        "stale",
     ),
     Layout.LOCAL: (
         *MEASURED,
@@ -195,6 +200,14 @@ class RoundRecord:
     dp_clip: float | None = None
     dp_sigma: float | None = None
     dp_clipped: int | None = None
+    # --mode async: when the version was made (Unix time), which version the accuracy
+    # figures are of (the newest evaluated by then), and the staleness in versions of the
+    # updates it merged (mean, largest; `stale`: buffered updates refused as too old).
+    finished_at: float | None = None
+    evaluated_version: int | None = None
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
+    stale: int | None = None
     # Centralised training.
     train_loss: float | None = None
     examples: int | None = None

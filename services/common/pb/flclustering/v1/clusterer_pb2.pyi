@@ -187,7 +187,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, members_offset: _Optional[int] = ..., members_limit: _Optional[int] = ..., history_offset: _Optional[int] = ..., history_limit: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted", "merge_refused", "failed_clusters", "epsilon", "dp_noise", "dp_rate", "dp_clip", "dp_sigma", "dp_clipped")
+    __slots__ = ("round", "mean_accuracy", "mean_loss", "accuracy_std", "worst_accuracy", "duration_s", "rejected", "selected", "received", "timed_out", "model_version", "worst_decile_accuracy", "cluster_weights", "rejected_clusters", "fallbacks", "evaluated", "phases", "group_accuracy", "personal_mean_accuracy", "personal_accuracy_std", "personal_worst_accuracy", "personal_group_accuracy", "cluster_accuracy", "personal_cluster_accuracy", "rejected_by", "rolled_back", "rollback_reason", "refused_evaluations", "diverged_evaluations", "convicted", "merge_refused", "failed_clusters", "epsilon", "dp_noise", "dp_rate", "dp_clip", "dp_sigma", "dp_clipped", "finished_at", "evaluated_version", "staleness_mean", "staleness_max", "stale")
     class ClusterWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,11 @@ class RoundSummary(_message.Message):
     DP_CLIP_FIELD_NUMBER: _ClassVar[int]
     DP_SIGMA_FIELD_NUMBER: _ClassVar[int]
     DP_CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     round: int
     mean_accuracy: float
     mean_loss: float
@@ -320,7 +325,12 @@ class RoundSummary(_message.Message):
     dp_clip: float
     dp_sigma: float
     dp_clipped: int
-    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ..., merge_refused: _Optional[str] = ..., failed_clusters: _Optional[_Mapping[int, int]] = ..., epsilon: _Optional[float] = ..., dp_noise: _Optional[float] = ..., dp_rate: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dp_sigma: _Optional[float] = ..., dp_clipped: _Optional[int] = ...) -> None: ...
+    finished_at: float
+    evaluated_version: int
+    staleness_mean: float
+    staleness_max: int
+    stale: int
+    def __init__(self, round: _Optional[int] = ..., mean_accuracy: _Optional[float] = ..., mean_loss: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., worst_accuracy: _Optional[float] = ..., duration_s: _Optional[float] = ..., rejected: _Optional[int] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., timed_out: _Optional[int] = ..., model_version: _Optional[int] = ..., worst_decile_accuracy: _Optional[float] = ..., cluster_weights: _Optional[_Mapping[int, float]] = ..., rejected_clusters: _Optional[int] = ..., fallbacks: _Optional[int] = ..., evaluated: _Optional[int] = ..., phases: _Optional[_Mapping[str, float]] = ..., group_accuracy: _Optional[_Mapping[int, float]] = ..., personal_mean_accuracy: _Optional[float] = ..., personal_accuracy_std: _Optional[float] = ..., personal_worst_accuracy: _Optional[float] = ..., personal_group_accuracy: _Optional[_Mapping[int, float]] = ..., cluster_accuracy: _Optional[_Mapping[int, float]] = ..., personal_cluster_accuracy: _Optional[_Mapping[int, float]] = ..., rejected_by: _Optional[_Mapping[str, int]] = ..., rolled_back: _Optional[bool] = ..., rollback_reason: _Optional[str] = ..., refused_evaluations: _Optional[int] = ..., diverged_evaluations: _Optional[int] = ..., convicted: _Optional[_Iterable[str]] = ..., merge_refused: _Optional[str] = ..., failed_clusters: _Optional[_Mapping[int, int]] = ..., epsilon: _Optional[float] = ..., dp_noise: _Optional[float] = ..., dp_rate: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dp_sigma: _Optional[float] = ..., dp_clipped: _Optional[int] = ..., finished_at: _Optional[float] = ..., evaluated_version: _Optional[int] = ..., staleness_mean: _Optional[float] = ..., staleness_max: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
 
 class ParticipantCluster(_message.Message):
     __slots__ = ("participant_id", "cluster", "group")
