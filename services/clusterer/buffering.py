@@ -254,6 +254,8 @@ class BufferedRounds:
             fallbacks=len(reply.fallbacks),
             cluster_weights={int(c): float(w) for c, w in reply.cluster_weights.items()},
             evaluated=len(counted),
+            # Whose buffered updates the version took, with their clusters.
+            selection=co.state.clusters_of(reply.merged),
             mean_accuracy=s.mean if s else 0.0,
             accuracy_std=s.std if s else 0.0,
             worst_accuracy=s.worst if s else 0.0,

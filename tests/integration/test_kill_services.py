@@ -283,11 +283,11 @@ class Federation:
         return "\n".join(f"== {p.name}\n{p.tail()}" for p in self.processes())
 
 
-def start_federation(workdir: Path) -> Federation:
+def start_federation(workdir: Path, given: dict[str, Any] | None = None) -> Federation:
     """Aggregator, clusterer (both with a state directory) and six participants."""
     workdir.mkdir(parents=True, exist_ok=True)
     settings = workdir / "settings.json"
-    settings.write_text(json.dumps(SETTINGS))
+    settings.write_text(json.dumps(given or SETTINGS))
     common = ["--settings", str(settings)]
     aggregator = Process(
         "aggregator",
