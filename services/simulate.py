@@ -418,8 +418,9 @@ def members(stub: pb_grpc.ClustererStub) -> list[pb.ParticipantCluster]:
             return out
 
 
-def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
-    """A round summary as a plain dict with every field present."""
+def round_dict(h: pb.RoundSummary, asynchronous: bool = False) -> dict[str, Any]:
+    """A round summary as a plain dict with every field present (and --mode async's
+    figures in asynchronous runs only)."""
     d = MessageToDict(
         h, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -459,14 +460,16 @@ def round_dict(h: pb.RoundSummary) -> dict[str, Any]:
         d.pop("epsilon", None)
     if "dp_clipped" in d:
         d["dp_clipped"] = int(d["dp_clipped"])
-    # --mode async's figures: only in its records (finished_at is set only there).
-    asynchronous = ("finished_at", "evaluated_version", "staleness_mean", "staleness_max", "stale")
-    if not d.get("finished_at"):
-        for key in asynchronous:
+    # --mode async's figures: only in its records (the version a record's accuracy is of
+    # is always set there, 0 at the start).
+    if not asynchronous:
+        for key in ("evaluated_version", "staleness_mean", "staleness_max", "stale"):
             d.pop(key, None)
     else:
         for key in ("evaluated_version", "staleness_max", "stale"):
             d[key] = int(d.get(key, 0))
+    if not d.get("finished_at"):
+        d.pop("finished_at", None)
     return d
 
 
@@ -478,7 +481,7 @@ def collect(
     endpoints: dict[str, Any],
 ) -> dict[str, Any]:
     """results.json's content from the clusterer's final status."""
-    rounds = [round_dict(h) for h in status.history]
+    rounds = [round_dict(h, config.pace.asynchronous) for h in status.history]
     attack = config.adversary.config()
     for r in rounds:  # the schedule of the attackers' processes (they log each firing)
         r["attack_fired"] = bool(attackers) and attack.fires(r["round"])

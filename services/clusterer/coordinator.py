@@ -795,6 +795,7 @@ class Coordinator(ClustererParts):
             merge_refused=reply.refused,
             failed_clusters=failed,
             duration_s=time.time() - progress.started,
+            finished_at=time.time(),
             **self._privacy_record(reply),
         )
         self._export(record)
