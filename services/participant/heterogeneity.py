@@ -1,6 +1,7 @@
 """A simulated participant's device: slower than the fastest by its factor, and now and
 then losing the work of a training task (`--speed-spread`, `--dropout`; the draws are
-services/core/devices.py's, so simulate and local give every participant the same).
+services/core/devices.py's, so simulate and local give every participant the same factor,
+and the same draw for its n-th TRAIN task).
 
 Only TRAIN tasks are slowed and dropped: pre-training (once, before clustering) and
 evaluation tasks run at the process's own speed and always answer, so that clustering and
@@ -41,9 +42,11 @@ class SimulatedDevice:
 
     def wait(self, compute_s: float, stop: threading.Event) -> bool:
         """After compute_s of training, wait as the slower device would: (factor - 1) x
-        compute_s more, cut short by `stop`; whether it waited it all (False: stopping)."""
+        compute_s more, cut short by `stop`; whether it waited it all (False: stopping). A
+        device as fast as the process waits nothing and goes on even when stopping, as a
+        participant without simulated devices tries to deliver what it trained."""
         delay = self.delay_s(compute_s)
-        return not stop.wait(delay) if delay > 0 else not stop.is_set()
+        return delay <= 0 or not stop.wait(delay)
 
 
 def simulated_devices(

@@ -71,10 +71,13 @@ def test_a_participant_waits_its_factor_less_one_times_its_compute(caplog):
 
 
 def test_a_fast_device_does_not_wait(caplog):
-    """Factor 1 (no --speed-spread): no wait, nothing logged, the gauge at 1."""
+    """Factor 1 (no --speed-spread): no wait, nothing logged, the gauge at 1; a stopping
+    process still delivers what it trained, as the participant without simulated devices."""
     registry = CollectorRegistry()
+    stop = threading.Event()
+    stop.set()
     with caplog.at_level(logging.INFO, logger="services.participant.worker"):
-        p = participant(SimulatedDevice(0), registry=registry)
+        p = participant(SimulatedDevice(0), stop, registry)
     assert not [r for r in caplog.records if "simulated device" in r.getMessage()]
     started = time.perf_counter()
     assert p._as_simulated(0, 30.0) is True
