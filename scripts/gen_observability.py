@@ -68,6 +68,27 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
+                "New global versions per minute (rounds; full buffers with --mode async)",
+                "opm",
+                [(f"sum(rate(flclustering_versions_made_total[{RATE}])) * 60", "versions")],
+            ),
+            (
+                "Asynchronous rounds: updates waiting in each cluster's buffer",
+                "none",
+                [("flclustering_async_buffer_updates", "cluster {{cluster}}")],
+            ),
+            (
+                "Asynchronous rounds: staleness of merged updates (versions behind)",
+                "none",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le) (rate(flclustering_async_update_staleness_versions_bucket[{RATE}])))",
+                        f"p{round(q * 100)}",
+                    )
+                    for q in (0.5, 0.95)
+                ],
+            ),
+            (
                 "Clustering purity (known groups)",
                 "percentunit",
                 [("flclustering_clustering_purity", "purity")],
@@ -274,6 +295,24 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
+                "Work lost per minute: stragglers, abandoned tasks, stale updates refused",
+                "opm",
+                [
+                    (
+                        f"sum(rate(flclustering_stragglers_total[{RATE}])) * 60",
+                        "stragglers (a round closed without them)",
+                    ),
+                    (
+                        f"sum(rate(flclustering_tasks_abandoned_total[{RATE}])) * 60",
+                        "abandoned tasks (--mode async)",
+                    ),
+                    (
+                        f"sum(rate(flclustering_async_updates_stale_total[{RATE}])) * 60",
+                        "stale updates refused (--mode async)",
+                    ),
+                ],
+            ),
+            (
                 "Update size p50",
                 "bytes",
                 [
@@ -338,6 +377,11 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "Devices in use",
                 "none",
                 [("count by (device) (flclustering_device_info)", "{{device}}")],
+            ),
+            (
+                "Simulated devices: slowness factor per participant (--speed-spread)",
+                "none",
+                [("flclustering_participant_slowness_factor", "{{participant}}")],
             ),
         ],
     ),

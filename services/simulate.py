@@ -29,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from services.common.flags import write_settings_file
 from services.common.pb.flclustering.v1 import clusterer_pb2 as pb
 from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
+from services.common.report import devices_block, write_results
 from services.common.settings import Settings
 from services.core.catalog import is_reference
 from services.core.errors import FLClusteringError
@@ -192,8 +193,6 @@ def simulate(
     serve: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the federation; return the results written to config.run.out."""
-    from services.common.report import write_results
-
     out = Path(config.run.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -516,6 +515,7 @@ def collect(
             **(personal_final(last) if "personal_mean_accuracy" in last else {}),
         },
         "endpoints": endpoints,
+        "devices": devices_block(config),
         **(
             {"privacy": privacy_block(config, rounds, status)} if config.privacy.dp != "off" else {}
         ),

@@ -7,9 +7,11 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from services.common.figures import LAYERS
+from services.common.settings import DevicesSettings, FederationSettings
+from services.core.devices import speed_factors
 from services.core.record import RoundRecord
 
 ROUND_COLUMNS = (
@@ -21,6 +23,28 @@ ROUND_COLUMNS = (
     "duration_s",
     "rejected",
 )
+
+
+class Experiment(Protocol):
+    """What devices_block reads of a run's settings (local's and simulate's alike)."""
+
+    @property
+    def federation(self) -> FederationSettings: ...
+
+    @property
+    def devices(self) -> DevicesSettings: ...
+
+
+def devices_block(config: Experiment) -> dict[str, Any]:
+    """results.json's devices block, the same from simulate and local: the simulated
+    devices' spread and dropout, and each participant's slowness factor (3 places)."""
+    fed, devices = config.federation, config.devices
+    factors = speed_factors(fed.participants, devices.speed_spread, fed.seed)
+    return {
+        "speed_spread": devices.speed_spread,
+        "dropout": devices.dropout,
+        "factors": [round(float(f), 3) for f in factors],
+    }
 
 
 def write_results(out: Path, results: Mapping[str, Any]) -> list[Path]:

@@ -27,6 +27,7 @@ from services.participant.attacks import AttackConfig
 from services.participant.collusion import Collusion
 from services.participant.dpsgd import unsupported
 from services.participant.examples import TensorExamples
+from services.participant.heterogeneity import simulated_devices
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import federation_data, shards_of
 from services.participant.settings import ParticipantConfig, parser
@@ -216,6 +217,7 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
     store = ModelStore(stubs[0], token, on_bytes=metrics.rpc.received_bytes.inc, stop=stop, he=he)
     attackers = set(hosted) if me.attack_indices is None else set(me.attack_indices)
     honest = AttackConfig()
+    devices = simulated_devices(hosted, fed.participants, config.devices, fed.seed)
     participants = [
         Participant(
             i,
@@ -228,8 +230,9 @@ def run(config: ParticipantConfig, stop: threading.Event) -> int:
             stop,
             metrics,
             collusion,
+            simulated,
         )
-        for i, pid, stub, mine in zip(hosted, ids, stubs, local, strict=True)
+        for i, pid, stub, mine, simulated in zip(hosted, ids, stubs, local, devices, strict=True)
     ]
     logger.info(
         "hosting %d participant(s) %d..%d on %s against %s",

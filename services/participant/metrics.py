@@ -44,5 +44,13 @@ class ParticipantMetrics(Catalogue):
             "--dp local: epsilon this participant's DP-SGD has spent (at --dp-delta).",
             P,
         ),
+        Metric(
+            "slowness",
+            Gauge,
+            "participant_slowness_factor",
+            "--speed-spread: how many times its measured training time a participant's "
+            "simulated device takes to deliver an update (1: the process's own speed).",
+            P,
+        ),
         Metric("device", Info, "device", "Device the participants of this process train on."),
     )

@@ -47,6 +47,7 @@ from services.participant.collusion import Collusion
 from services.participant.datasets import Dataset
 from services.participant.dpsgd import BudgetSpent, DpSgd, ledger_path, load_ledger, save_ledger
 from services.participant.examples import Examples, LoaderExamples, TensorExamples
+from services.participant.heterogeneity import SimulatedDevice
 from services.participant.metrics import ParticipantMetrics
 from services.participant.partition import Shard, shard_tensors
 from services.participant.training import (
@@ -84,6 +85,10 @@ MAX_SKETCH_DIM = 1 << 16  # what a task may ask this process to allocate for a s
 
 class TaskNotDone(StateError):
     """A task this participant skips and says why (the participant goes on)."""
+
+
+class TaskDropped(TaskNotDone):
+    """A TRAIN task whose work a simulated device lost (--dropout): trained, not sent."""
 
 
 class ModelRefused(TaskNotDone):
@@ -303,11 +308,24 @@ class Participant:
         stop: threading.Event,
         metrics: ParticipantMetrics,
         collusion: Collusion | None = None,
+        simulated: SimulatedDevice | None = None,
     ) -> None:
         self.metrics = metrics
         self.label = str(index)
         self.id = pid  # the name its credential gives it
         self.index = index
+        # --speed-spread, --dropout: how much slower its device is, and which TRAIN tasks'
+        # work it loses; trained counts its TRAIN tasks (the dropout draws' task number).
+        self.simulated = simulated or SimulatedDevice(index, seed=settings.seed)
+        self.trained = 0
+        self.metrics.slowness.labels(self.label).set(self.simulated.factor)
+        if self.simulated.heterogeneous:
+            logger.info(
+                "%s: simulated device %.3gx slower than the process, dropout %g",
+                pid,
+                self.simulated.factor,
+                self.simulated.dropout,
+            )
         self.local = local
         self.objective = local.objective
         self.settings = settings
@@ -500,7 +518,9 @@ class Participant:
 
     def train(self, task: pb.GetTaskResponse) -> None:
         """Train from the global model (personalised: the cluster's the task names) and
-        stream the weights (attacked when simulated)."""
+        stream the weights (attacked when simulated). A simulated device (--speed-spread,
+        --dropout) sends them late, or loses them; pre-training and evaluation tasks are
+        neither slowed nor dropped (services/participant/heterogeneity.py)."""
         # The scheme first: a value this participant cannot send fails the task before it
         # trains (StateError, as any task it cannot do), not after.
         try:
@@ -569,6 +589,11 @@ class Participant:
         figures = (
             {"train_loss": result.loss} if self.dp is None else {"dp_epsilon": self.dp.epsilon}
         )
+        # A simulated device waits as a slower one would; one that loses the work sends
+        # nothing (TaskDropped: what top-k left out stays, and the budget is checked by the
+        # next task, as after a refused upload) and asks for its next task.
+        if not self._as_simulated(task.round, result.seconds):
+            return  # the process is stopping
         self._send(
             codec.kind,
             task.round,
@@ -579,6 +604,21 @@ class Participant:
         self.feedback.commit()  # accepted: what top-k left out is carried to the next round
         if self.dp is not None:  # a round like this one would break the budget: stop now
             self.spent = self.dp.refuses(cfg)
+
+    def _as_simulated(self, round_: int, compute_s: float) -> bool:
+        """Wait as this participant's simulated device would after compute_s of training;
+        whether it uploads (TaskDropped when the device lost the work; False when the
+        process is stopping)."""
+        task = self.trained
+        self.trained += 1
+        if not self.simulated.wait(compute_s, self.stop):
+            return False
+        if self.simulated.loses(task):
+            raise TaskDropped(
+                f"round {round_}: the simulated device lost its work (TRAIN task {task}, "
+                f"dropout {self.simulated.dropout:g})"
+            )
+        return True
 
     def _check_budget(self, plan: Step) -> None:
         """BudgetSpent with the ledger's reason when `plan` would break the budget."""
@@ -745,6 +785,8 @@ class Participant:
                 self.metrics.tasks.labels(self.label, pb.TaskKind.Name(task.kind)).inc()
             except BudgetSpent as exc:  # --dp local: the next round would break the budget
                 self.spent = str(exc)
+            except TaskDropped as exc:  # simulated (--dropout): expected, not a warning
+                logger.info("%s: TRAIN not done: %s", self.id, exc)
             except TaskNotDone as exc:  # a model it refused, weights it cannot send
                 logger.warning(
                     "%s: %s not done: %s", self.id, pb.TaskKind.Name(task.kind), str(exc)[:300]

@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s"}
+# Series only an asynchronous federation (--mode async) has: a labelled gauge has none
+# before its first value, and the federation watched here runs synchronous rounds. Their
+# names are checked against the services' declared metrics instead of their exposition.
+ASYNC_ONLY = frozenset({"flclustering_async_buffer_updates"})
 
 
 def tool(name: str) -> str:
@@ -48,6 +52,40 @@ def panel_exprs() -> list[tuple[str, str, str]]:
 
 def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bflclustering_[a-z_]+\b", expr))
+
+
+def declared_names() -> set[str]:
+    """Every sample name the services' metric tables declare (histograms' series, the
+    _total of counters, the _info of infos)."""
+    from prometheus_client import Counter, Histogram, Info
+
+    from services.aggregator.metrics import AggregatorMetrics
+    from services.clusterer.metrics import ClustererMetrics
+    from services.common.metrics import PREFIX, RpcMetrics
+    from services.participant.metrics import ParticipantMetrics
+
+    names = set()
+    for table in (AggregatorMetrics, ClustererMetrics, ParticipantMetrics, RpcMetrics):
+        for row in table.TABLE:
+            name = f"{PREFIX}_{row.name}"
+            if row.kind is Histogram:
+                names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            elif row.kind is Counter:
+                names.add(name if name.endswith("_total") else f"{name}_total")
+            elif row.kind is Info:
+                names.add(f"{name}_info")
+            else:
+                names.add(name)
+    return names
+
+
+def test_every_metric_a_dashboard_or_rule_names_is_declared():
+    """Without a federation: a name no service declares (a typo, a renamed metric) fails
+    here; the test against Prometheus below checks what is really exported."""
+    named = set().union(*(metric_names(e) for _, _, e in panel_exprs()))
+    named |= metric_names(RULES.read_text())
+    assert named - declared_names() == set()
+    assert named >= ASYNC_ONLY
 
 
 def test_generated_files_are_current(tmp_path):
@@ -212,7 +250,7 @@ def test_prometheus_scrapes_the_federation_and_every_panel_has_data(tmp_path, se
                 expr = expr.replace(var, value)
             reply = query(base, expr)
             assert reply["status"] == "success", (board, title, reply)
-            if not reply["data"]["result"]:
+            if not reply["data"]["result"] and not metric_names(expr) <= ASYNC_ONLY:
                 empty.append(f"{board} / {title}: {expr}")
         assert not empty, "panels without data:\n" + "\n".join(empty)
         # Final figures made it into Prometheus as the clusterer saw them.
@@ -233,5 +271,5 @@ def test_prometheus_scrapes_the_federation_and_every_panel_has_data(tmp_path, se
                     exported.add(sample.name)
     named = set().union(*(metric_names(e) for _, _, e in panel_exprs()))
     named |= metric_names(RULES.read_text())
-    missing = sorted(n for n in named if n not in exported)
+    missing = sorted(n for n in named - ASYNC_ONLY if n not in exported)
     assert not missing, f"named in dashboards/rules but exported by no service: {missing}"

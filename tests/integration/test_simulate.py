@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_small_simulation_writes_everything(tmp_path):
     # Nor, without --dp, any privacy figures.
     assert not [k for r in rounds for k in r if k == "epsilon" or k.startswith("dp_")]
     assert "privacy" not in results
+    # Devices alike (no --speed-spread, no --dropout): recorded as such.
+    assert results["devices"] == {"speed_spread": 1.0, "dropout": 0.0, "factors": [1.0] * 6}
     for key in ROUND_COLUMNS:  # the leading columns of rounds.csv
         assert all(key in r for r in rounds)
     assert rounds[-1]["mean_accuracy"] > rounds[0]["mean_accuracy"]
@@ -311,3 +314,50 @@ def test_personalised_models_through_the_services_match_the_in_process_run(tmp_p
     assert final["personal_worst_group_accuracy"] == min(final["personal_group_accuracy"].values())
     assert final["personal_mean_accuracy"] > final["mean_accuracy"]
     assert list((out / "state" / "aggregator").glob("clusters-v3.safetensors"))
+
+
+def test_simulated_devices_are_recorded_and_lose_the_tasks_drops_draws(tmp_path):
+    """--speed-spread and --dropout through the services: results.json's devices block
+    carries the spread, the dropout and each participant's factor (core/devices.py's draw
+    for the seed), each participant logs its factor, and the TRAIN tasks whose work it
+    loses (trained, not uploaded) are the ones drops() draws; the rounds still finish."""
+    from services.core.devices import drops, speed_factors
+
+    seed, spread, dropout = 3, 4.0, 0.3
+    small = ["--participants", "4", "--select", "4", "--rounds", "2", "--per-process", "2"]
+    results, out, _ = simulate(
+        tmp_path,
+        "devices",
+        *small,
+        "--seed",
+        str(seed),
+        "--speed-spread",
+        str(spread),
+        "--dropout",
+        str(dropout),
+        "--round-timeout-s",
+        "30",  # a lost update is not waited for long
+    )
+    factors = speed_factors(4, spread, seed)
+    assert results["devices"] == {
+        "speed_spread": spread,
+        "dropout": dropout,
+        "factors": [round(float(f), 3) for f in factors],
+    }
+    assert len(results["rounds"]) == 2
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob("participants-*.log")))
+    for i, f in enumerate(factors):
+        assert f"participant-{i:05d}: simulated device {f:.3g}x slower" in logs
+    lost: dict[int, set[int]] = {i: set() for i in range(4)}
+    pattern = (
+        r"participant-(\d+): TRAIN not done: round \d+: "
+        r"the simulated device lost its work \(TRAIN task (\d+),"
+    )
+    for who, task in re.findall(pattern, logs):
+        lost[int(who)].add(int(task))
+    assert all(drops(i, n, dropout, seed) for i, tasks in lost.items() for n in tasks), lost
+    # Everyone is selected in both rounds, so trains at least two TRAIN tasks: the draws
+    # among the first two are all lost (seed 3: participant 2's first, participant 3's both).
+    first_two = {i: {n for n in range(2) if drops(i, n, dropout, seed)} for i in range(4)}
+    assert first_two == {0: set(), 1: set(), 2: {0}, 3: {0, 1}}
+    assert all(first_two[i] <= lost[i] for i in range(4)), lost
