@@ -190,12 +190,21 @@ class BufferedRounds:
             if not sample or not (due or self.evaluated[0] < 0):
                 return []
             self.asking = (f"async-v{version}", version, time.monotonic())
+            co.models.pin(version)
         tag, asked_version, began = self.asking
         owing = co.state.ask_when_free(tag, asked_version, sample)
         late = time.monotonic() - began > co.timing.eval_timeout_s
         if owing and not late:
             return owing
         results, missed = co.state.close_evaluation(tag, sample)
+        co.models.pin(asked_version, False)
+        logger.info(
+            "evaluation of version %d: %d of %d in after %.1fs",
+            asked_version,
+            len(results),
+            len(sample),
+            time.monotonic() - began,
+        )
         co.metrics.timed_out.labels("evaluate").inc(len(missed))
         self.latest.update(results)
         self.evaluated = (asked_version, results)
@@ -216,6 +225,7 @@ class BufferedRounds:
             return
         if self.asking is not None:
             co.state.close_evaluation(self.asking[0], sample)
+            co.models.pin(self.asking[1], False)
             self.asking = None
         tag = f"async-final-v{version}"
         deadline = time.monotonic() + co.timing.eval_timeout_s

@@ -94,6 +94,7 @@ class ModelCache:
         self._models: dict[int, EncodedModel] = {}
         self._clusters: dict[int, dict[int, EncodedModel]] = {}
         self._keep = keep
+        self._pinned: set[int] = set()  # versions an evaluation in progress still names
         self._lock = threading.Lock()
         self.spec: tuple[TensorSpec, ...] = ()
         # Set once version 0 is here: the clusterer says it serves only then, so a
@@ -111,12 +112,21 @@ class ModelCache:
             self._models[header.model_version] = model
             if header.kind in ("", "weights"):  # an encrypted version lists ciphertexts
                 self.spec = spec_from_pb(header.tensors)
-            while len(self._models) > self._keep:
-                oldest = min(v for v in self._models if v != 0)
+            while len(self._models) > self._keep + len(self._pinned & set(self._models)):
+                oldest = min(v for v in self._models if v != 0 and v not in self._pinned)
                 del self._models[oldest]
                 self._clusters.pop(oldest, None)
         if header.model_version == 0:
             self.initial.set()
+
+    def pin(self, version: int, pinned: bool = True) -> None:
+        """Keep `version` (while an evaluation of it is under way: --mode async), or let it
+        go again (`pinned` False)."""
+        with self._lock:
+            if pinned:
+                self._pinned.add(version)
+            else:
+                self._pinned.discard(version)
 
     def get(self, version: int, cluster: int | None = None) -> EncodedModel | None:
         """A stored version (-1: the newest), or a cluster's model of it, or None."""

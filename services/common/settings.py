@@ -466,11 +466,13 @@ class PaceSettings(Settings):
         "'auto': the fewest its robust rule runs on (Krum: more than 2f+2), at least 5",
     )
     max_staleness: int = Field(
-        8,
+        32,
         ge=0,
         le=1000,
         description="async: an update trained from a version more than this many versions "
-        "old is refused (the aggregator keeps this many versions to compute deltas)",
+        "old is refused (the aggregator keeps this many versions to compute deltas: spilled "
+        "to files under --memory-budget-mb); with speeds spanning 10x the slowest devices' "
+        "updates arrive about 25 versions late on 30 participants in 3 clusters",
     )
     eval_every: int = Field(
         5,
