@@ -83,6 +83,14 @@ ORDER = {
         *MEASURED,
         "cluster_accuracy",
         "duration_s",
+        "clock_s",
+        "model_version",
+        "updates",
+        "stragglers",
+        "dropouts",
+        "staleness_mean",
+        "staleness_max",
+        "refused_stale",
         "rejected",
         "rejected_attackers",
         "attackers_selected",
@@ -195,6 +203,16 @@ class RoundRecord:
     dp_clip: float | None = None
     dp_sigma: float | None = None
     dp_clipped: int | None = None
+    # Pacing on simulated devices (local runs): the virtual clock when the record was
+    # made (seconds since round 0), selected participants a round closed without (over-
+    # selection), tasks dropped; asynchronous runs: the staleness (versions) of the updates
+    # merged since the last record, and the updates refused as staler than --max-staleness.
+    clock_s: float | None = None
+    stragglers: int | None = None
+    dropouts: int | None = None
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
+    refused_stale: int | None = None
     # Centralised training.
     train_loss: float | None = None
     examples: int | None = None
