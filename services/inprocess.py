@@ -25,12 +25,14 @@ from services.common.wire import nbytes
 from services.core.clustering import group_deltas
 from services.core.device import resolve_device
 from services.core.errors import ConfigError
+from services.core.merge import local_steps
 from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import static_group
 from services.core.quantise import Compression, ErrorFeedback, PayloadError, decode, payload_bytes
 from services.core.strategies import Strategy, get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of, unflatten
+from services.core.virtual_clock import VirtualClock
 from services.experiment import ExperimentConfig
 from services.participant.adversary import AttackConfig
 from services.participant.attacks import Attack, View, build_attack, choose_attackers
@@ -86,6 +88,8 @@ class RunResult:
     final: dict[str, Any] = field(default_factory=dict)
     # Differential privacy: the ledger and why training stopped before --rounds (or "").
     privacy: dict[str, Any] = field(default_factory=dict)
+    # Simulated devices: their slowness factors, dropouts and the virtual clock's scale.
+    devices: dict[str, Any] = field(default_factory=dict)
     # The final global model's weights and card (`model_file.write_model_file`).
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     card: ModelCard | None = None
@@ -147,7 +151,7 @@ def build_participants(config: ExperimentConfig, data: Dataset) -> list[Particip
 @dataclass
 class Federation:
     """A federation ready for round 0: its participants, model and groups (after
-    pre-training and clustering), and the result its rounds fill."""
+    pre-training and clustering), their devices' clock, and the result its rounds fill."""
 
     config: ExperimentConfig
     strategy: Strategy
@@ -161,11 +165,17 @@ class Federation:
     w0: torch.Tensor  # the initial global model, flat
     sgd: dict[int, DpSgd]  # --dp local: every participant's own DP-SGD and ledger
     groups: dict[int, int]  # participant -> cluster (those left ungrouped are absent)
+    clock: VirtualClock
     result: RunResult
 
     def load(self, w: torch.Tensor) -> None:
         """Load flat weights into the shared model."""
         self.model.load_state_dict(unflatten(w, self.spec, self.reference))
+
+    def steps(self, examples: int) -> int:
+        """SGD steps of one training task on `examples` (what the virtual clock counts)."""
+        train = self.config.training
+        return local_steps([examples], train.local_epochs, train.batch_size)[0]
 
 
 def prepare(config: ExperimentConfig) -> Federation:
@@ -240,6 +250,8 @@ def prepare(config: ExperimentConfig) -> Federation:
         }
         for p in people
     ]
+    devices = config.devices
+    clock = VirtualClock(len(people), devices.speed_spread, devices.dropout, fed.seed)
     return Federation(
         config,
         strategy,
@@ -253,6 +265,7 @@ def prepare(config: ExperimentConfig) -> Federation:
         w0,
         sgd,
         groups,
+        clock,
         result,
     )
 
@@ -289,7 +302,7 @@ class Uplink:
 
 def finish(fl: Federation, global_w: torch.Tensor, rounds: int) -> RunResult:
     """The result after the last round (`rounds` made): the final summary's extras from
-    the last record, --dp local's ledgers, the final model and its card."""
+    the last record, --dp local's ledgers, the devices, the final model and its card."""
     result, config = fl.result, fl.config
     last = result.rounds[-1]
     for key in ("mean_accuracy", "accuracy_std", "worst_accuracy", "group_accuracy"):
@@ -304,6 +317,8 @@ def finish(fl: Federation, global_w: torch.Tensor, rounds: int) -> RunResult:
     if fl.sgd:
         result.privacy.update(local_summary(config, fl.sgd, config.training, rounds))
         result.final["epsilon"] = result.privacy["epsilon"]
+    steps = {p.index: fl.steps(p.samples) for p in fl.people}
+    result.devices = fl.clock.summary(config.pace.mode, steps)
     result.weights = dict(unflatten(global_w, fl.spec, fl.reference))
     result.card = card_of(config, fl.data, result.final)
     return result

@@ -6,6 +6,9 @@ and the attackers (participant), the clustering and the round plan (clusterer), 
 defence and merge (aggregator); participants pre-train and train with the same seeded
 generators as the participant service, so with the same seed both runs select the same
 participants into the same clusters (services/inprocess.py sets the federation up).
+
+Rounds are synchronous here: each waits for the updates it uses, on the virtual clock of
+simulated devices (core/virtual_clock.py: --speed-spread, --dropout, --over-select).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from services.core.rounds import RoundOutcome, aggregate_round
 from services.core.sanity import largest, unfit
 from services.core.selection import poisson_rates
 from services.core.tensors import flatten
+from services.core.virtual_clock import first_arrivals, over_selected
 from services.experiment import ExperimentConfig
 from services.inprocess import (
     Participant,
@@ -99,7 +103,7 @@ def run_local(
     fed, train = config.federation, config.training
     strategy, settings, attack = fl.strategy, fl.settings, fl.attack
     data, people, model, spec = fl.data, fl.people, fl.model, fl.spec
-    sgd, groups, result, load = fl.sgd, fl.groups, fl.result, fl.load
+    sgd, groups, clock, result, load = fl.sgd, fl.groups, fl.clock, fl.result, fl.load
     global_w = fl.w0
     rng = np.random.default_rng(fed.seed)  # the round plan's stream, as in the clusterer
     # Personalised: each cluster's own model (a cluster no update reached serves the global).
@@ -118,6 +122,10 @@ def run_local(
     figs: list[tuple[float, float]] = []  # everyone's (loss, accuracy) of it
     quarantine = Quarantine()  # who may train after failed rounds (as the clusterer's)
     steps: list[float] = []  # the last accepted merges' lengths (the aggregator's guard)
+    # --over-select: select more, close the round at the first --select updates (under
+    # central DP the Poisson draw is the round: the noise is calibrated to its counts).
+    asked = over_selected(fed.select, config.pace.over_select)
+    elapsed = 0.0  # the virtual clock since round 0, in units (core/virtual_clock.py)
     for rnd in range(fed.rounds):
         start = time.perf_counter()
         if central is not None:  # the budget: stop before a round that would exceed it
@@ -142,7 +150,7 @@ def run_local(
             strategy,
             selectable,
             rnd,
-            fed.select,
+            asked,
             fed.eval_per_cluster,
             rng,
             None if central is None else central.rates,
@@ -166,7 +174,11 @@ def run_local(
         rows: list[int] = []
         updates: list[torch.Tensor] = []
         losses: list[float] = []
+        arrives: dict[int, float] = {}  # when each update arrives, in units
+        dropped = [i for i in plan.selected if clock.drops(i)]  # devices that went away
         for i in plan.selected:
+            if i in dropped:  # it would train and send nothing: not trained here
+                continue
             p = people[i]
             base = base_of(i)
             load(base)
@@ -176,7 +188,9 @@ def run_local(
             view = View(rnd, len(plan.selected), p.gen)
             if p.attacker:
                 x, y = attack.on_data(x, y, view)
-            local_train(model, TensorExamples(x, y), train, rnd, p.gen, privacy=sgd.get(i))
+            done = local_train(model, TensorExamples(x, y), train, rnd, p.gen, privacy=sgd.get(i))
+            clock.measure(done.seconds, fl.steps(len(y)))  # the task's compute time
+            arrives[i] = clock.units(i, fl.steps(len(y)))
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.crafts_update(rnd) and not attack.pools_update:
                 w = attack.on_update(w, base, view)
@@ -190,6 +204,14 @@ def run_local(
                 for k in colluders:
                     view = View(rnd, len(rows), people[rows[k]].gen)
                     updates[k] = attack.on_pooled(pooled, view).clone()
+        # The round closes at its first --select updates in virtual time; the later ones
+        # straggle (sent, refused, never merged). Its duration: the last update it uses.
+        used = set(first_arrivals(arrives, fed.select if central is None else len(arrives)))
+        kept = [k for k, i in enumerate(rows) if i in used]
+        rows, updates = [rows[k] for k in kept], [updates[k] for k in kept]
+        losses = [losses[k] for k in kept] if losses else losses
+        clock.calibrate()
+        elapsed += max((arrives[i] for i in rows), default=0.0)
         # What travels: float32 weights, or each delta compressed as its participant would.
         upload_bytes = 0
         for k, i in enumerate(rows):
@@ -298,6 +320,10 @@ def run_local(
             **measured(people, figs),
             cluster_accuracy=group_means(published, groups),
             duration_s=time.perf_counter() - start,
+            clock_s=clock.seconds(elapsed),
+            updates=len(rows),
+            stragglers=len(arrives) - len(rows),
+            dropouts=len(dropped),
             rejected=len(outcome.rejected_updates),
             rejected_attackers=rejected_attackers,
             attackers_selected=sum(people[i].attacker for i in rows),
