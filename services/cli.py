@@ -36,7 +36,7 @@ logger = logging.getLogger("flclustering")
 
 def _progress(total: int, started: float) -> Any:
     def show(record: dict[str, Any]) -> None:
-        done = record["round"] + 1
+        done = record.get("model_version", record["round"] + 1)  # async: versions made
         width = 30
         bar = "#" * (width * done // total) + "-" * (width - width * done // total)
         sys.stderr.write(

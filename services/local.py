@@ -9,6 +9,7 @@ participants into the same clusters (services/inprocess.py sets the federation u
 
 Rounds are synchronous here: each waits for the updates it uses, on the virtual clock of
 simulated devices (core/virtual_clock.py: --speed-spread, --dropout, --over-select).
+`--mode async` runs buffered asynchronous versions instead (services/local_async.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from services.inprocess import (
     model_card,
     prepare,
 )
+from services.local_async import run_async
 from services.participant.attacks import View
 from services.participant.backdoor import success_rate
 from services.participant.examples import TensorExamples
@@ -98,7 +100,10 @@ def verdicts(
 def run_local(
     config: ExperimentConfig, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> RunResult:
-    """Run a federation in-process and return its figures."""
+    """Run a federation in-process and return its figures: rounds that wait for their
+    selected participants, or (--mode async) buffered asynchronous versions."""
+    if config.pace.asynchronous:
+        return run_async(config, progress)
     fl = prepare(config)
     fed, train = config.federation, config.training
     strategy, settings, attack = fl.strategy, fl.settings, fl.attack
