@@ -45,7 +45,7 @@ COMMON = [
     "--round-timeout-s", "20",
 ]  # fmt: skip
 SYNC = ["--rounds", "20"]
-ASYNC = ["--mode", "async", "--rounds", "90", "--eval-every", "3"]
+ASYNC = ["--mode", "async", "--rounds", "150", "--eval-every", "3"]
 CASES: dict[str, list[str]] = {
     "sync": SYNC,
     "sync, over-select 50%": [*SYNC, "--over-select", "0.5"],

@@ -64,7 +64,8 @@ def setting(name: str, seed: int, rounds: int) -> dict[str, Any]:
     from services.core.plan import plan_round
     from services.core.strategies import get_strategy
     from services.experiment import ExperimentConfig
-    from services.local import attacker_indices, build_participants, run_local
+    from services.inprocess import attacker_indices, build_participants
+    from services.local import run_local
     from services.participant.examples import TensorExamples
     from services.participant.partition import federation_data
     from services.participant.training import evaluate

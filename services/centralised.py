@@ -24,7 +24,7 @@ from services.core.models import build_model
 from services.core.record import Layout, RoundRecord
 from services.core.tensors import state_of
 from services.experiment import ExperimentConfig
-from services.local import RunResult, build_participants, card_of, measured
+from services.inprocess import RunResult, build_participants, card_of, measured
 from services.participant.examples import TensorExamples
 from services.participant.partition import federation_data
 from services.participant.training import evaluate, local_train

@@ -36,7 +36,7 @@ logger = logging.getLogger("flclustering")
 
 def _progress(total: int, started: float) -> Any:
     def show(record: dict[str, Any]) -> None:
-        done = record["round"] + 1
+        done = record.get("model_version", record["round"] + 1)  # async: versions made
         width = 30
         bar = "#" * (width * done // total) + "-" * (width - width * done // total)
         sys.stderr.write(
@@ -84,6 +84,14 @@ def _summary(
         )
     if purity is not None:
         print(f"clustering purity against the true groups: {purity:.2f}")
+    if "clock_s" in rounds[-1]:  # local runs: simulated devices on the virtual clock
+        counts = {
+            key: sum(r.get(key) or 0 for r in rounds) for key in ("dropouts", "stragglers", "stale")
+        }
+        print(
+            f"virtual clock {rounds[-1]['clock_s']:.2f}s; tasks dropped {counts['dropouts']}, "
+            f"stragglers {counts['stragglers']}, stale updates refused {counts['stale']}"
+        )
     extra = ""
     if "worst_group_accuracy" in final:
         extra += f", worst group {final['worst_group_accuracy']:.3f}"

@@ -5,7 +5,11 @@ what `flclustering local` runs. It shares every decision with the services: the 
 and the attackers (participant), the clustering and the round plan (clusterer), the
 defence and merge (aggregator); participants pre-train and train with the same seeded
 generators as the participant service, so with the same seed both runs select the same
-participants into the same clusters.
+participants into the same clusters (services/inprocess.py sets the federation up).
+
+Rounds are synchronous here: each waits for the updates it uses, on the virtual clock of
+simulated devices (core/virtual_clock.py: --speed-spread, --dropout, --over-select).
+`--mode async` runs buffered asynchronous versions instead (services/local_async.py).
 """
 
 from __future__ import annotations
@@ -13,34 +17,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.common.figures import accuracy_summary, group_means, purity, rejections_by_layer
+from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.homomorphic import upload_tensors
 from services.common.schema import SchemaSettings
-from services.common.settings import FederationSettings, TrainingSettings
-from services.common.wire import nbytes
+from services.common.settings import FederationSettings
 from services.core.accountant import Ledger, Step
 from services.core.ckks import HeKeys
-from services.core.clustering import group_deltas
 from services.core.defence import RoundDefence
-from services.core.device import resolve_device
 from services.core.errors import ConfigError
 from services.core.guard import check_merge, remember
 from services.core.merge import local_steps
 from services.core.model_file import ModelCard
-from services.core.models import build_model
-from services.core.plan import group_accuracy, plan_round, static_group
+from services.core.plan import group_accuracy, plan_round
 from services.core.privacy import CentralNoise, expected_counts
 from services.core.quantise import (
-    Compression,
-    ErrorFeedback,
-    PayloadError,
-    decode,
     payload_bytes,
 )
 from services.core.quarantine import Quarantine, judge
@@ -48,120 +44,25 @@ from services.core.record import Layout, RoundRecord
 from services.core.rounds import RoundOutcome, aggregate_round
 from services.core.sanity import largest, unfit
 from services.core.selection import poisson_rates
-from services.core.strategies import get_strategy
-from services.core.tensors import flatten, spec_of, unflatten
+from services.core.tensors import flatten
+from services.core.virtual_clock import first_arrivals, over_selected
 from services.experiment import ExperimentConfig
-from services.participant.attacks import View, build_attack, choose_attackers
+from services.inprocess import (
+    Participant,
+    RunResult,
+    Uplink,
+    finish,
+    measured,
+    model_card,
+    prepare,
+)
+from services.local_async import run_async
+from services.participant.attacks import View
 from services.participant.backdoor import success_rate
-from services.participant.datasets import Dataset
-from services.participant.dpsgd import DpSgd
 from services.participant.examples import TensorExamples
-from services.participant.partition import federation_data, shard_tensors, shards_of
+from services.participant.partition import federation_data
 from services.participant.settings import DataSettings
-from services.participant.training import evaluate, local_train, pre_train_delta
-from services.participant.worker import participant_generator, rounding_generator
-
-
-@dataclass
-class Participant:
-    """One simulated data owner."""
-
-    index: int
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    group: int
-    attacker: bool
-    gen: torch.Generator
-
-    @property
-    def samples(self) -> int:
-        """Training samples, all of them (the research code forgot the other groups')."""
-        return len(self.y_train)
-
-    @property
-    def train(self) -> TensorExamples:
-        """Its training examples, as the training loop reads them."""
-        return TensorExamples(self.x_train, self.y_train)
-
-    @property
-    def test(self) -> TensorExamples:
-        """Its test examples, as evaluation reads them."""
-        return TensorExamples(self.x_test, self.y_test)
-
-
-# The final summary's figures, from the last round's record.
-FINAL = ("mean_accuracy", "accuracy_std", "worst_accuracy", "worst_decile_accuracy")
-
-
-@dataclass
-class RunResult:
-    """Per-round figures, the clustering and the final summary."""
-
-    config: dict[str, Any]
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    clusters: list[dict[str, int]] = field(default_factory=list)
-    clustering: dict[str, Any] = field(default_factory=dict)
-    final: dict[str, Any] = field(default_factory=dict)
-    # Differential privacy: the ledger and why training stopped before --rounds (or "").
-    privacy: dict[str, Any] = field(default_factory=dict)
-    # The final global model's weights and card (`model_file.write_model_file`).
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    card: ModelCard | None = None
-
-    def add(self, record: dict[str, Any], progress: Callable[[dict], None] | None) -> None:
-        """Keep a round's record and show it; the last one's summary is the final one."""
-        self.rounds.append(record)
-        if progress is not None:
-            progress(record)
-        self.final = {k: record[k] for k in FINAL}
-        if record["group_accuracy"]:
-            self.final["group_accuracy"] = record["group_accuracy"]
-            self.final["worst_group_accuracy"] = min(record["group_accuracy"].values())
-
-
-def attacker_indices(config: ExperimentConfig, groups: np.ndarray) -> set[int]:
-    """Which participants attack (the same draw for local runs and simulations)."""
-    a = config.adversary
-    if a.attack == "none" or a.attack_rate == 0:
-        return set()
-    rng = np.random.default_rng(config.federation.seed + 1)
-    return choose_attackers(groups, a.attack_rate, a.attack_placement, rng)
-
-
-def measured(people: list[Participant], figs: list[tuple[float, float]]) -> dict[str, Any]:
-    """A round's record fields from every participant's (loss, accuracy) on its own test
-    split: the same for the in-process federation and the centralised baseline."""
-    summary = accuracy_summary([a for _, a in figs])
-    return {
-        "mean_accuracy": summary.mean,
-        "mean_loss": float(np.mean([lo for lo, _ in figs])),
-        "accuracy_std": summary.std,
-        "worst_accuracy": summary.worst,
-        "worst_decile_accuracy": summary.worst_decile,
-        "group_accuracy": group_means(
-            {p.index: a for p, (_, a) in zip(people, figs, strict=True)},
-            {p.index: p.group for p in people},
-        ),
-    }
-
-
-def build_participants(config: ExperimentConfig, data: Dataset) -> list[Participant]:
-    """Shards per participant and the attackers among them."""
-    shards = shards_of(config.federation, config.data, data)
-    attackers = attacker_indices(config, np.array([s.group for s in shards]))
-    seed = config.federation.seed
-    return [
-        Participant(
-            s.index,
-            *shard_tensors(data, s),
-            s.group,
-            s.index in attackers,
-            participant_generator(seed, s.index),
-        )
-        for s in shards
-    ]
+from services.participant.training import evaluate, local_train
 
 
 @dataclass(frozen=True)
@@ -199,100 +100,37 @@ def verdicts(
 def run_local(
     config: ExperimentConfig, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> RunResult:
-    """Run a federation in-process and return its figures."""
+    """Run a federation in-process and return its figures: rounds that wait for their
+    selected participants, or (--mode async) buffered asynchronous versions."""
+    if config.pace.asynchronous:
+        return run_async(config, progress)
+    fl = prepare(config)
     fed, train = config.federation, config.training
-    strategy = get_strategy(fed.strategy)
-    settings = config.adversary.config()
-    attack = build_attack(settings)  # the attackers' hooks
-    if attack.needs_services:
-        raise ConfigError(
-            f"--attack {attack.kind} is simulated by the services only "
-            f"({attack.needs_services}): use flclustering simulate"
-        )
-    data = federation_data(fed, config.data)
-    settings.check_classes(data.num_classes)
-    people = build_participants(config, data)
-    device = resolve_device(config.run.device)
-    model = build_model(fed.model, data.input_shape, data.num_classes, fed.seed).to(device)
-    spec = spec_of(model.state_dict())
-    reference = model.state_dict()
-    global_w = flatten(reference, spec)
+    strategy, settings, attack = fl.strategy, fl.settings, fl.attack
+    data, people, model, spec = fl.data, fl.people, fl.model, fl.spec
+    sgd, groups, clock, result, load = fl.sgd, fl.groups, fl.clock, fl.result, fl.load
+    global_w = fl.w0
     rng = np.random.default_rng(fed.seed)  # the round plan's stream, as in the clusterer
-    result = RunResult(config=config.model_dump(mode="json"))
-
-    def load(w: torch.Tensor) -> None:
-        model.load_state_dict(unflatten(w, spec, reference))
-
-    # --dp local: every participant's own DP-SGD and ledger (pre-training spends too).
-    sgd = (
-        {p.index: DpSgd(config.privacy, p.samples) for p in people} if config.privacy.local else {}
-    )
-    # Pre-training and clustering.
-    if strategy.clustered:
-        start = time.perf_counter()
-        deltas = torch.stack(
-            [
-                pre_train_delta(
-                    model,
-                    p.train,
-                    p.gen,
-                    train.adjusted,
-                    train.pre_steps,
-                    batch_size=train.batch_size,
-                    privacy=sgd.get(p.index),
-                )
-                for p in people
-            ]
-        )
-        attackers = [p.index for p in people if p.attacker]
-        # Cluster steering: the attackers pool their deltas (and all send their mean).
-        pooled = deltas[attackers] if attackers and attack.pools_pretrain else None
-        for i in attackers:
-            view = View(-1, fed.select, people[i].gen)
-            deltas[i] = attack.on_pretrain(deltas[i], view, pooled)
-        fit, res = group_deltas(deltas, fed.clusters, config.clustering.cluster_method, fed.seed)
-        # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).
-        assignment = np.full(len(people), -1)
-        assignment[fit.numpy()] = res.assignment
-        truth = np.array([p.group for p in people])
-        result.clustering = {
-            "k": res.k,
-            "k_from": res.k_from,
-            "silhouette": res.score,
-            "purity": purity(res.assignment, truth[fit.numpy()]) if (truth >= 0).all() else None,
-            "seconds": time.perf_counter() - start,
-        }
-    else:
-        assignment = np.array([static_group(strategy, i) for i in range(len(people))])
-    groups = {p.index: int(assignment[p.index]) for p in people if assignment[p.index] >= 0}
-    result.clusters = [
-        {
-            "participant": p.index,
-            "cluster": int(assignment[p.index]),
-            "group": p.group,
-            "attacker": int(p.attacker),
-        }
-        for p in people
-    ]
     # Personalised: each cluster's own model (a cluster no update reached serves the global).
     cluster_w: dict[int, torch.Tensor] = {}
 
     def base_of(i: int) -> torch.Tensor:
         return cluster_w.get(groups.get(i, -1), global_w) if fed.personalise else global_w
 
-    scheme = Compression.parse(fed.compression)
+    uplink = Uplink(config, people, spec)
     sealed = None
     if fed.secure == "he":  # one key pair; the "aggregator" holds the public context only
         secret = HeKeys.create()
         sealed = (secret, HeKeys.from_bytes(secret.public_bytes(), "public context"))
-    feedback = {p.index: ErrorFeedback() for p in people}  # keyed as `rows` are
-    cpu_gens = {p.index: rounding_generator(fed.seed, p.index) for p in people}
-
     central = CentralPlan.of(config, groups) if config.privacy.central else None
     published: dict[int, float] = {}  # everyone's accuracy of the current global model
     figs: list[tuple[float, float]] = []  # everyone's (loss, accuracy) of it
     quarantine = Quarantine()  # who may train after failed rounds (as the clusterer's)
     steps: list[float] = []  # the last accepted merges' lengths (the aggregator's guard)
+    # --over-select: select more, close the round at the first --select updates (under
+    # central DP the Poisson draw is the round: the noise is calibrated to its counts).
+    asked = over_selected(fed.select, config.pace.over_select)
+    elapsed = 0.0  # the virtual clock since round 0, in units (core/virtual_clock.py)
     for rnd in range(fed.rounds):
         start = time.perf_counter()
         if central is not None:  # the budget: stop before a round that would exceed it
@@ -317,7 +155,7 @@ def run_local(
             strategy,
             selectable,
             rnd,
-            fed.select,
+            asked,
             fed.eval_per_cluster,
             rng,
             None if central is None else central.rates,
@@ -341,7 +179,11 @@ def run_local(
         rows: list[int] = []
         updates: list[torch.Tensor] = []
         losses: list[float] = []
+        arrives: dict[int, float] = {}  # when each update arrives, in units
+        dropped = [i for i in plan.selected if clock.drops(i)]  # devices that went away
         for i in plan.selected:
+            if i in dropped:  # it would train and send nothing: not trained here
+                continue
             p = people[i]
             base = base_of(i)
             load(base)
@@ -351,7 +193,9 @@ def run_local(
             view = View(rnd, len(plan.selected), p.gen)
             if p.attacker:
                 x, y = attack.on_data(x, y, view)
-            local_train(model, TensorExamples(x, y), train, rnd, p.gen, privacy=sgd.get(i))
+            done = local_train(model, TensorExamples(x, y), train, rnd, p.gen, privacy=sgd.get(i))
+            clock.measure(done.seconds, fl.steps(len(y)))  # the task's compute time
+            arrives[i] = clock.units(i, fl.steps(len(y)))
             w = flatten(model.state_dict(), spec)
             if p.attacker and attack.crafts_update(rnd) and not attack.pools_update:
                 w = attack.on_update(w, base, view)
@@ -365,20 +209,19 @@ def run_local(
                 for k in colluders:
                     view = View(rnd, len(rows), people[rows[k]].gen)
                     updates[k] = attack.on_pooled(pooled, view).clone()
-        # What travels: float32 weights, or each delta compressed as its participant would
-        # (top-k with its own residual); the aggregator decodes before the defence.
-        upload_bytes = sum(nbytes(s) for s in spec) * len(updates)
-        if scheme.scheme != "none":
-            upload_bytes = 0
-            for k, i in enumerate(rows):
-                payload = feedback[i].send(updates[k], spec, scheme, cpu_gens[i])
-                feedback[i].commit()  # in process, every update reaches the aggregator
-                upload_bytes += payload_bytes(payload)
-                try:
-                    decoded = decode(payload, spec, scheme)
-                except PayloadError:  # a non-finite delta: refused, as NaN weights would be
-                    decoded = torch.full_like(updates[k].cpu(), float("nan"))
-                updates[k] = decoded.to(updates[k].device)
+        # The round closes at its first --select updates in virtual time; the later ones
+        # straggle (sent, refused, never merged). Its duration: the last update it uses.
+        used = set(first_arrivals(arrives, fed.select if central is None else len(arrives)))
+        kept = [k for k, i in enumerate(rows) if i in used]
+        rows, updates = [rows[k] for k in kept], [updates[k] for k in kept]
+        losses = [losses[k] for k in kept] if losses else losses
+        clock.calibrate()
+        elapsed += max((arrives[i] for i in rows), default=0.0)
+        # What travels: float32 weights, or each delta compressed as its participant would.
+        upload_bytes = 0
+        for k, i in enumerate(rows):
+            updates[k], sent = uplink.send(i, updates[k])
+            upload_bytes += sent
         if not rows:  # Poisson sampling (or the quarantine) left the round empty
             outcome_round = RoundOutcome(global_w, RoundDefence({}), {})
         elif sealed is not None:
@@ -482,6 +325,10 @@ def run_local(
             **measured(people, figs),
             cluster_accuracy=group_means(published, groups),
             duration_s=time.perf_counter() - start,
+            clock_s=clock.seconds(elapsed),
+            updates=len(rows),
+            stragglers=len(arrives) - len(rows),
+            dropouts=len(dropped),
             rejected=len(outcome.rejected_updates),
             rejected_attackers=rejected_attackers,
             attackers_selected=sum(people[i].attacker for i in rows),
@@ -509,46 +356,10 @@ def run_local(
             **private,
         ).to_dict()
         result.add(record, progress)
-    last = result.rounds[-1]
-    for key in ("mean_accuracy", "accuracy_std", "worst_accuracy", "group_accuracy"):
-        if f"personal_{key}" in last:
-            result.final[f"personal_{key}"] = last[f"personal_{key}"]
-    if last.get("personal_group_accuracy"):
-        result.final["personal_worst_group_accuracy"] = min(
-            last["personal_group_accuracy"].values()
-        )
-    if "backdoor_success_rate" in last:
-        result.final["backdoor_success_rate"] = last["backdoor_success_rate"]
     if central is not None:
         result.privacy.update(central.summary())
         result.final["epsilon"] = result.privacy["epsilon"]
-    elif sgd:
-        result.privacy.update(local_summary(config, sgd, train, len(result.rounds)))
-        result.final["epsilon"] = result.privacy["epsilon"]
-    result.weights = dict(unflatten(global_w, spec, reference))
-    result.card = card_of(config, data, result.final)
-    return result
-
-
-def local_summary(
-    config: ExperimentConfig, sgd: dict[int, DpSgd], train: TrainingSettings, rounds: int
-) -> dict[str, Any]:
-    """results.json's privacy block under --dp local: every participant's own epsilon."""
-    p = config.privacy
-    eps = {str(i): dp.epsilon for i, dp in sorted(sgd.items())}
-    return {
-        "mode": "local",
-        "epsilon": max(eps.values()),
-        "mean_epsilon": float(np.mean(list(eps.values()))),
-        "delta": p.dp_delta,
-        "budget": p.dp_epsilon,
-        "noise_multiplier": p.dp_noise,
-        "participants": eps,
-        "stopped_participants": sum(1 for dp in sgd.values() if dp.refuses(train)),
-        "rounds": rounds,
-        "accountant": "Renyi DP of the Poisson-sampled Gaussian (Opacus), per participant",
-        "adjacency": "add or remove one example of a participant",
-    }
+    return finish(fl, global_w, len(result.rounds))
 
 
 @dataclass
@@ -629,18 +440,6 @@ class CentralPlan:
         }
 
 
-def card_of(config: ExperimentConfig, data: Dataset, final: dict[str, Any]) -> ModelCard:
-    """The card of a run's final global model: how to use it, and what it reached."""
-    fed = config.federation
-    facts = {
-        "strategy": fed.strategy,
-        "rounds": fed.rounds,
-        "seed": fed.seed,
-        "mean_accuracy": final.get("mean_accuracy"),
-    }
-    return model_card(fed.model, fed.dataset, data, facts)
-
-
 @dataclass(frozen=True)
 class Described:
     """What a federation's model is built for, and how its card is written: from the
@@ -682,18 +481,4 @@ def sample_card(model: str, sample: SchemaSettings, facts: dict[str, Any]) -> Mo
         sample.std if declared else (),
         facts,
         sample.model_dump(mode="json"),
-    )
-
-
-def model_card(model: str, dataset: str, data: Dataset, facts: dict[str, Any]) -> ModelCard:
-    """The card of a `model` trained on `data`, with `facts` about where it came from."""
-    channels = data.input_shape[0]
-    return ModelCard(
-        model,
-        dataset,
-        data.input_shape,
-        data.classes,
-        data.mean or (0.0,) * channels,  # generated features are not standardised
-        data.std or (1.0,) * channels,
-        facts,
     )

@@ -51,7 +51,7 @@ def attackers_of(config: SimulateConfig) -> list[int]:
         return []
     # Only here: placing attackers needs the data's groups (and so torch); a run without
     # attackers starts its processes without paying for that import.
-    from services.local import attacker_indices
+    from services.inprocess import attacker_indices
     from services.participant.partition import federation_data, shards_of
 
     data = federation_data(config.federation, config.data, hosted=())  # synthetic: groups only
@@ -585,7 +585,7 @@ def save_final_model(
     from safetensors.torch import load_file
 
     from services.core.model_file import write_model_file
-    from services.local import card_of
+    from services.inprocess import card_of
 
     weights = load_file(str(aggregator_model))
     write_model_file(Path(config.run.out), weights, card_of(config, data, final))

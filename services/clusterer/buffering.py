@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from services.clusterer.collection import AsyncCollection, Evaluation
 from services.common.figures import accuracy_summary, group_means, rejections_by_layer
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
-from services.core.buffered import buffer_size_for
+from services.core.buffered import buffer_size_for, round_of
 from services.core.errors import ConfigError, StateError
 from services.core.plan import evaluation_sample, group_accuracy
 from services.core.record import RoundRecord
@@ -129,7 +129,9 @@ class BufferedRounds:
         co = self.co
         owing = self._evaluations(sample)
         oldest = co.state.model_version - self.pace.max_staleness
-        _, replaced = co.state.hand_out(step, co.timing.liveness_s, oldest, set(owing))
+        # A task's round sets its learning rate: the round its version counts as.
+        rnd = round_of(co.state.model_version, len(co.state.cluster_ids()))
+        _, replaced = co.state.hand_out(step, co.timing.liveness_s, oldest, set(owing), rnd)
         co.metrics.dropouts.inc(replaced)
         self.targets = self._targets(target)
         counts = co.state.buffered()

@@ -557,11 +557,17 @@ class ClustererState:
             self.cond.notify_all()
 
     def hand_out(
-        self, step: int, liveness_s: float, oldest: int, owing: Container[str]
+        self,
+        step: int,
+        liveness_s: float,
+        oldest: int,
+        owing: Container[str],
+        task_round: int | None = None,
     ) -> tuple[int, int]:
         """Give every active member that has no task, no update in a buffer and owes no
         evaluation a TRAIN task of the newest version; replace TRAIN tasks older than
-        `oldest` (their updates would be refused as too stale). (handed out, replaced)."""
+        `oldest` (their updates would be refused as too stale); a task's round is
+        `task_round` (its learning rate's), else `step`. (handed out, replaced)."""
         with self.cond:
             c = self.collecting
             if not isinstance(c, AsyncCollection):
@@ -581,7 +587,11 @@ class ClustererState:
                     replaced += 1
                     task = None
                 if task is None:
-                    given[p] = Task(TaskKind.TRAIN, step, self.model_version)
+                    given[p] = Task(
+                        TaskKind.TRAIN,
+                        step if task_round is None else task_round,
+                        self.model_version,
+                    )
             if given:
                 self.tasks.update(given)
                 self.cond.notify_all()

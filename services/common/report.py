@@ -80,6 +80,8 @@ def write_run(out: Path, result: Any) -> tuple[dict[str, Any], list[Path]]:
     }
     if getattr(result, "privacy", None):  # differential privacy's ledger and stop
         payload["privacy"] = result.privacy
+    if getattr(result, "devices", None):  # simulated devices: factors and the clock's scale
+        payload["devices"] = result.devices
     written = write_results(out, payload)
     if result.card is not None:
         write_model_file(out, result.weights, result.card)

@@ -88,6 +88,14 @@ ORDER = {
         *MEASURED,
         "cluster_accuracy",
         "duration_s",
+        "clock_s",
+        "model_version",
+        "updates",
+        "stragglers",
+        "dropouts",
+        "staleness_mean",
+        "staleness_max",
+        "stale",
         "rejected",
         "rejected_attackers",
         "attackers_selected",
@@ -200,11 +208,18 @@ class RoundRecord:
     dp_clip: float | None = None
     dp_sigma: float | None = None
     dp_clipped: int | None = None
-    # --mode async: when the version was made (Unix time), which version the accuracy
-    # figures are of (the newest evaluated by then), and the staleness in versions of the
-    # updates it merged (mean, largest; `stale`: buffered updates refused as too old).
+    # --mode async (the services): when the version was made (Unix time) and which version
+    # the accuracy figures are of (the newest evaluated by then).
     finished_at: float | None = None
     evaluated_version: int | None = None
+    # Pacing on simulated devices (local runs): the virtual clock when the record was
+    # made (seconds since round 0), selected participants a round closed without (over-
+    # selection), tasks dropped. Asynchronous runs: the staleness (versions) of the updates
+    # merged (since the last record, in local runs), and `stale`: updates refused as staler
+    # than --max-staleness.
+    clock_s: float | None = None
+    stragglers: int | None = None
+    dropouts: int | None = None
     staleness_mean: float | None = None
     staleness_max: int | None = None
     stale: int | None = None

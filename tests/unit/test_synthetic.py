@@ -11,7 +11,8 @@ from services.cli import main
 from services.core.errors import ConfigError
 from services.core.models import DATASET_SHAPES
 from services.experiment import ExperimentConfig, SimulateConfig
-from services.local import attacker_indices, run_local
+from services.inprocess import attacker_indices
+from services.local import run_local
 from services.participant import synthetic
 from services.participant.datasets import load_dataset, synthetic_dataset
 from services.participant.partition import federation_data, scheme_for, shards_of
