@@ -74,6 +74,10 @@ class RoundCollection:
                 f"trained from model version {model_version}, "
                 f"round {self.round} uses {self.model_version}"
             )
+        return self._hold(pid, cut)
+
+    def _hold(self, pid: str, cut: Callable[[], None] | None) -> int:
+        """Reserve pid's upload (cancellable with `cut`); its cluster."""
         self.in_flight.add(pid)
         self.began[pid] = time.monotonic()
         if cut is not None:
@@ -133,11 +137,7 @@ class AsyncCollection(RoundCollection):
                 f"trained from model version {model_version}, the task was version "
                 f"{task.model_version} (ask for a new one)"
             )
-        self.in_flight.add(pid)
-        self.began[pid] = time.monotonic()
-        if cut is not None:
-            self.cutters[pid] = cut
-        return self.selected[pid]
+        return self._hold(pid, cut)
 
     def buffered(self) -> dict[int, int]:
         """Updates waiting per cluster."""
