@@ -295,12 +295,15 @@ class Collusion:
             self._cond.notify_all()
 
             def complete() -> bool:
-                return self._enlisted[round_] <= set(pooled)
+                # A round forgotten meanwhile (attackers enlisted rounds later: in --mode
+                # async a slow colluder's task overlaps fast ones' later tasks) waits for
+                # no one.
+                return self._enlisted.get(round_, set()) <= set(pooled)
 
             while not complete() and time.monotonic() < deadline:
                 self._cond.wait(timeout=0.05)
         time.sleep(self._grace_s)  # one whose task is still on its way
         with self._cond:
-            while not self._enlisted[round_] <= set(pooled) and time.monotonic() < deadline:
+            while not complete() and time.monotonic() < deadline:
                 self._cond.wait(timeout=0.05)
             return torch.stack([pooled[k] for k in sorted(pooled)])

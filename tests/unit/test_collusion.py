@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from statistics import NormalDist
 
@@ -169,6 +170,22 @@ def test_attackers_of_one_process_pool_their_deltas():
         t.join(timeout=20)
     want = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     assert all(torch.equal(g, want) for g in got.values()) and len(got) == 3
+
+
+def test_a_round_forgotten_while_its_colluder_waits_ends_its_wait():
+    """--mode async: a slow colluder still pools round 4 when fast ones enlist in round 7,
+    which forgets round 4; the slow one gets what its round pooled (it used to crash with
+    a KeyError and take its process down)."""
+    pool = Collusion(grace_s=0.05, timeout_s=10)
+    pool.enlist(4, "slow")
+    pool.enlist(4, "gone")  # its task never comes back
+    got: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.pool(4, "slow", torch.ones(2))))
+    waiter.start()
+    time.sleep(0.2)
+    pool.enlist(7, "fast")
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and torch.equal(got[0], torch.ones(1, 2))
 
 
 @settings(max_examples=100, deadline=None)
