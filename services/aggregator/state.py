@@ -276,9 +276,10 @@ class AggregatorState:
     ) -> torch.Tensor:
         """Check that an update may start; reserve the participant; return the base model
         (personalised: its cluster's)."""
+        kept: torch.Tensor | DiskRow | None = None
         with self.lock:
             if self.max_staleness is not None:  # --mode async: any recent version
-                base = self._async_base(base_version)
+                kept = self._async_base(base_version)
             elif round_ != self.open_round:
                 raise StateError(
                     f"round {round_} is not open (the open round is {self.open_round})"
@@ -292,20 +293,29 @@ class AggregatorState:
             # was cut off) releases its reservation in a moment: wait for that, briefly.
             self.lock.wait_for(lambda: participant not in self._receiving, timeout=RELEASE_WAIT_S)
             if participant in self.pending or participant in self._receiving:
-                if self.max_staleness is not None:
+                if kept is not None:
                     raise StateError(
                         f"{participant} has an update in its cluster's buffer already (one "
                         "per participant and buffer)"
                     )
                 raise StateError(f"{participant} already submitted an update for round {round_}")
             self._receiving.add(participant)
-            if self.max_staleness is not None:
-                return base
-            return self._base(cluster)
+            if kept is None:
+                return self._base(cluster)
+        if isinstance(kept, torch.Tensor):
+            return kept
+        try:  # an older version spilled to a file: read outside the lock
+            return kept.load()
+        except FileNotFoundError:
+            self.release(participant)
+            raise StaleError(
+                f"model version {base_version} is not kept any more: train again from the newest"
+            ) from None
 
-    def _async_base(self, base_version: int) -> torch.Tensor:
+    def _async_base(self, base_version: int) -> torch.Tensor | DiskRow:
         """--mode async: the kept version an update was trained from, if it is at most
-        max_staleness versions old (lock held)."""
+        max_staleness versions old (lock held; a version spilled to a file is read by the
+        caller, after the lock)."""
         assert self.max_staleness is not None
         age = self.version - base_version
         if base_version < 0 or age < 0:
@@ -324,7 +334,7 @@ class AggregatorState:
                 f"model version {base_version} is not kept any more (after a restart only "
                 "the newest two are): train again from the newest"
             )
-        return self._flat(base_version)
+        return self.versions[base_version]
 
     def _base(self, cluster: int) -> torch.Tensor:
         """The model an update of `cluster` was trained from (lock held)."""

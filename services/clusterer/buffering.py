@@ -32,8 +32,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from services.clusterer.collection import AsyncCollection, Evaluation
-from services.common.figures import accuracy_summary, group_means, rejections_by_layer
+from services.clusterer.collection import AsyncCollection, Evaluation, accuracy_fields
+from services.common.figures import accuracy_summary, rejections_by_layer
 from services.common.pb.flclustering.v1 import aggregator_pb2 as agg_pb
 from services.core.buffered import buffer_size_for, round_of
 from services.core.errors import ConfigError, StateError
@@ -134,8 +134,7 @@ class BufferedRounds:
         _, replaced = co.state.hand_out(step, co.timing.liveness_s, oldest, set(owing), rnd)
         co.metrics.dropouts.inc(replaced)
         self.targets = self._targets(target)
-        counts = co.state.buffered()
-        return sorted(c for c, n in counts.items() if c in self.targets and n >= self.targets[c])
+        return self._full(co.state.buffered())
 
     def _targets(self, target: int) -> dict[int, int]:
         """Each cluster's buffer target: --buffer-size, or its active members when fewer
@@ -145,12 +144,14 @@ class BufferedRounds:
             sizes[c] = sizes.get(c, 0) + 1
         return {c: min(target, n) for c, n in sizes.items()}
 
+    def _full(self, counts: dict[int, int]) -> list[int]:
+        """The clusters whose buffers reached their targets."""
+        return sorted(c for c, n in counts.items() if c in self.targets and n >= self.targets[c])
+
     def _ready(self) -> bool:
         """Whether a buffer reached its target (checked under the state's lock)."""
         c = self.co.state.collecting
-        if not isinstance(c, AsyncCollection):
-            return False
-        return any(n >= self.targets.get(k, 1 << 30) for k, n in c.buffered().items())
+        return isinstance(c, AsyncCollection) and bool(self._full(c.buffered()))
 
     # ---- the aggregator ------------------------------------------------------------------
     def _accuracy(self) -> dict[int, float]:
@@ -250,9 +251,6 @@ class BufferedRounds:
         now = time.time()
         evaluated_version, evals = self.evaluated
         counted = {p: e for p, e in evals.items() if e.verdict == "ok"}
-        accs = [e.accuracy for e in counted.values()]
-        s = accuracy_summary(accs) if accs else None
-        clusters = co.state.clusters_of(counted)
         record = RoundRecord(
             round=step,
             model_version=int(reply.model_version),
@@ -265,18 +263,9 @@ class BufferedRounds:
             rejected_clusters=len(reply.rejected_clusters),
             fallbacks=len(reply.fallbacks),
             cluster_weights={int(c): float(w) for c, w in reply.cluster_weights.items()},
-            evaluated=len(counted),
             # Whose buffered updates the version took, with their clusters.
             selection=co.state.clusters_of(reply.merged),
-            mean_accuracy=s.mean if s else 0.0,
-            accuracy_std=s.std if s else 0.0,
-            worst_accuracy=s.worst if s else 0.0,
-            worst_decile_accuracy=s.worst_decile if s else 0.0,
-            mean_loss=sum(e.loss for e in counted.values()) / len(counted) if counted else 0.0,
-            group_accuracy=group_means(
-                {p: e.accuracy for p, e in counted.items()}, co.state.true_groups()
-            ),
-            cluster_accuracy=group_means({p: e.accuracy for p, e in counted.items()}, clusters),
+            **accuracy_fields(counted, co.state.true_groups(), co.state.clusters_of(counted)),
             merge_refused=reply.refused,
             duration_s=now - self.made_at,
             finished_at=now,

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.clusterer.board import Task, TaskKind
+from services.common.figures import accuracy_summary, group_means
 from services.core.errors import StateError
 from services.core.quarantine import Judgement
 from services.core.sketch import SKETCH_ABOVE, SKETCH_DIM, count_sketch
@@ -37,6 +39,25 @@ class Evaluation:
     # (not adopted: non-finite or absurd values) or "diverged" (its loss is not finite).
     verdict: str = "ok"
     reason: str = ""
+
+
+def accuracy_fields(
+    evals: Mapping[str, Evaluation], groups: Mapping[str, int], clusters: Mapping[str, int]
+) -> dict[str, Any]:
+    """A history record's figures of one evaluation of the global model: the summary of
+    the accuracies, the mean loss, and the mean accuracy per true group and per cluster."""
+    accs = {p: e.accuracy for p, e in evals.items()}
+    s = accuracy_summary(list(accs.values())) if accs else None
+    return {
+        "evaluated": len(evals),
+        "mean_accuracy": s.mean if s else 0.0,
+        "accuracy_std": s.std if s else 0.0,
+        "worst_accuracy": s.worst if s else 0.0,
+        "worst_decile_accuracy": s.worst_decile if s else 0.0,
+        "mean_loss": float(np.mean([e.loss for e in evals.values()])) if evals else 0.0,
+        "group_accuracy": group_means(accs, groups),
+        "cluster_accuracy": group_means(accs, clusters),
+    }
 
 
 @dataclass
@@ -116,7 +137,7 @@ class AsyncCollection(RoundCollection):
     (a member with one there gets no new task until its buffer is flushed: one update per
     participant and buffer, so a fast participant cannot fill a buffer alone)."""
 
-    board: Mapping[str, Any] = field(default_factory=dict)  # the TaskBoard, read under the cond
+    board: Mapping[str, Task] = field(default_factory=dict)  # the TaskBoard, read under the cond
 
     def takes(self, round_: int) -> bool:
         return True
@@ -130,7 +151,7 @@ class AsyncCollection(RoundCollection):
                 f"duplicate submission: {pid[:64]} has an update in its cluster's buffer already"
             )
         task = self.board.get(pid)
-        if task is None or task.kind.value != "train" or pid not in self.selected:
+        if task is None or task.kind != TaskKind.TRAIN or pid not in self.selected:
             raise StateError(f"{pid[:64]} has no training task now (ask for a new one)")
         if model_version != task.model_version:
             raise StateError(

@@ -29,6 +29,7 @@ import torch
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from services.clusterer.buffering import BufferedRounds
+from services.clusterer.collection import accuracy_fields
 from services.clusterer.metrics import ClustererMetrics
 from services.clusterer.settings import ClustererConfig
 from services.clusterer.state import ClustererState, Evaluation, RoundProgress
@@ -149,8 +150,6 @@ def round_record(
 ) -> RoundRecord:
     """The history entry of a finished round ("updates": what the aggregator aggregated,
     equal to "received" unless the round was abandoned)."""
-    accs = [e.accuracy for e in evals.values()]
-    s = accuracy_summary(accs) if accs else None
     personal = {p: e.personal_accuracy for p, e in evals.items() if e.personal_accuracy is not None}
     ps = accuracy_summary(list(personal.values())) if personal else None
     return RoundRecord(
@@ -166,19 +165,13 @@ def round_record(
         rejected_clusters=len(reply.rejected_clusters),
         fallbacks=len(reply.fallbacks),
         cluster_weights={int(c): float(w) for c, w in reply.cluster_weights.items()},
-        evaluated=len(evals),
         selection=dict(progress.selected),
         # Seconds per phase (those this process ran: a restart mid-round misses the earlier
         # ones). "upload" is the slowest accepted upload stream, a part of "train".
         phases={p: round(progress.phases.get(p, 0.0), 6) for p in PHASES},
-        mean_accuracy=s.mean if s else 0.0,
-        accuracy_std=s.std if s else 0.0,
-        worst_accuracy=s.worst if s else 0.0,
-        worst_decile_accuracy=s.worst_decile if s else 0.0,
-        mean_loss=float(np.mean([e.loss for e in evals.values()])) if evals else 0.0,
-        # Mean accuracy per ground-truth group the participants reported (simulations).
-        group_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, groups or {}),
-        cluster_accuracy=group_means({p: e.accuracy for p, e in evals.items()}, clusters or {}),
+        # The figures of the new model's evaluation; group_accuracy is per ground-truth
+        # group the participants reported (simulations).
+        **accuracy_fields(evals, groups or {}, clusters or {}),
         # --personalise: the model each participant serves, its cluster's
         personal_mean_accuracy=ps.mean if ps else None,
         personal_accuracy_std=ps.std if ps else None,

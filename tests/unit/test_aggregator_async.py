@@ -122,3 +122,12 @@ def test_buffers_survive_a_restart_and_a_flush_is_not_taken_twice(tmp_path):
     assert nxt.base_version == 1
     back.persist(nxt, 0, tmp_path)
     assert nxt.key.startswith("u5-")  # numbering goes on after the restored files
+
+
+@pytest.mark.parametrize("base", [-1, -(2**62), 5, 2**62])
+def test_a_base_version_before_zero_or_after_the_newest_is_refused(base):
+    s = fresh()
+    with pytest.raises(StateError, match="the newest is 0"):
+        s.begin_update("a", 0, base, 0)
+    assert not s.pending  # nothing reserved: the same participant may try again
+    s.begin_update("a", 0, 0, 0)
