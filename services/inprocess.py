@@ -30,6 +30,7 @@ from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import static_group
 from services.core.quantise import Compression, ErrorFeedback, PayloadError, decode, payload_bytes
+from services.core.robust import rule_minimum
 from services.core.strategies import Strategy, get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of, unflatten
 from services.core.virtual_clock import VirtualClock
@@ -226,7 +227,13 @@ def prepare(config: ExperimentConfig) -> Federation:
         for i in attackers:
             view = View(-1, fed.select, people[i].gen)
             deltas[i] = attack.on_pretrain(deltas[i], view, pooled)
-        fit, res = group_deltas(deltas, fed.clusters, config.clustering.cluster_method, fed.seed)
+        fit, res = group_deltas(
+            deltas,
+            fed.clusters,
+            config.clustering.cluster_method,
+            fed.seed,
+            min_size=rule_minimum(strategy.rule, config.defence.byzantine_fraction),
+        )
         # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).
         assignment = np.full(len(people), -1)
         assignment[fit.numpy()] = res.assignment

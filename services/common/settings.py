@@ -355,6 +355,11 @@ class DefenceSettings(Settings):
         description="reject deltas closer to another than this times the round's median "
         "distance between deltas (colluders sending one crafted delta)",
     )
+    mixing: bool = Field(
+        False,
+        description="nearest-neighbour mixing: each update replaced by the mean of its n - f "
+        "nearest before the robust rule (keeps honest but different updates)",
+    )
 
 
 OptionalFraction = Annotated[

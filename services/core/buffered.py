@@ -37,13 +37,12 @@ from services.core.defence import defend_rows
 from services.core.errors import ConfigError
 from services.core.merge import MERGES, MergeFacts, MergePlan
 from services.core.privacy import ScaledRows, scaled_scan
-from services.core.robust import attackers_for, krum_precondition
+from services.core.robust import rule_minimum
 from services.core.rounds import DefenceKnobs, RoundOutcome, combine, defence_for
 from services.core.rows import MatrixRows, Rows, scan
 from services.core.strategies import Strategy
 
 MIN_BUFFER = 5  # FedBuff's experiments use 10; below 5 a buffer is hardly a mean
-KRUM_RULES = ("krum", "multi-krum")
 
 
 def staleness_weight(staleness: int | float) -> float:
@@ -52,19 +51,6 @@ def staleness_weight(staleness: int | float) -> float:
     if staleness < 0 or not math.isfinite(staleness):
         raise ConfigError(f"staleness must be a non-negative number, got {staleness}")
     return 1.0 / math.sqrt(1.0 + float(staleness))
-
-
-def rule_minimum(rule: str, byzantine_fraction: float) -> int:
-    """The fewest updates `rule` runs on without its fallback: Krum's n > 2f + 2 and the
-    trimmed mean's n > 2f, with f = ceil(n x share); other rules any n."""
-    if rule not in KRUM_RULES and rule != "trimmed-mean":
-        return 1
-    for n in range(1, 10_000):
-        f = attackers_for(n, byzantine_fraction)
-        ok = krum_precondition(n, f) if rule in KRUM_RULES else n > 2 * f
-        if ok:
-            return n
-    raise ConfigError(f"no buffer runs {rule} at a byzantine fraction of {byzantine_fraction}")
 
 
 def buffer_size_for(strategy: Strategy, byzantine_fraction: float, asked: int | None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -409,6 +409,7 @@ def group_deltas(
     seed: int = 0,
     fit_sample: int = FIT_SAMPLE,
     twin_factor: float | None = TWIN_FACTOR,
+    min_size: int = 1,
 ) -> tuple[torch.Tensor, ClusterResult]:
     """Screen the pre-training deltas and cluster those fit to it into k (at most one per
     delta; None: chosen automatically). The clusterer and the in-process federation both
@@ -426,4 +427,33 @@ def group_deltas(
     if kept.shape[0] == 0:
         raise ConfigError("no pre-training delta is fit to cluster (all non-finite or absurd)")
     k = None if clusters is None else min(clusters, kept.shape[0])
-    return fit, cluster(kept, k=k, method=method, seed=seed, fit_sample=fit_sample)
+    found = cluster(kept, k=k, method=method, seed=seed, fit_sample=fit_sample)
+    return fit, defensible(found, kept, min_size, method, seed, fit_sample)
+
+
+def defensible(
+    found: ClusterResult,
+    deltas: torch.Tensor,
+    min_size: int,
+    method: str = "hierarchical",
+    seed: int = 0,
+    fit_sample: int = FIT_SAMPLE,
+) -> ClusterResult:
+    """The clustering with fewer clusters until every cluster has at least `min_size`
+    members (k = 1 at worst).
+
+    Why: a cluster smaller than the fewest updates its robust rule runs on is not defended
+    (Krum-type rules fall back to the median of a handful), and fair selection takes
+    min(select / k, smallest cluster) from every cluster, so one cluster of 1 cut every round
+    of a 30-participant federation to 3 updates (digits, Dirichlet(0.3), seed 0: 0.77
+    against FedAvg's 0.91). A colluding group that steers itself into a small cluster of
+    its own gains the same leverage. DBSCAN's clusters are kept (it finds its own k).
+    """
+    if min_size <= 1 or method == "dbscan":
+        return found
+    k = found.k
+    while k > 1 and int(np.bincount(found.assignment, minlength=k).min()) < min_size:
+        k -= 1
+        found = cluster(deltas, k=k, method=method, seed=seed, fit_sample=fit_sample)
+        found = replace(found, k_from=f"{found.k_from}: smaller clusters merged (min {min_size})")
+    return found

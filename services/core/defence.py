@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from services.core.errors import ConfigError
-from services.core.robust import RULES, Selection, attackers_for
+from services.core.robust import RULES, Selection, attackers_for, mixed_select
 from services.core.rows import MatrixRows, Rows, Scan, scan, take
 from services.core.twins import twins
 
@@ -42,6 +42,7 @@ class DefenceConfig:
     norm_factor: float | None = 3.0  # None switches the round-wide norm screen off
     cluster_factor: float | None = 3.0  # None switches the cluster check off
     twin_factor: float | None = 0.03  # None switches the near-twin screen off
+    mixing: bool = False  # nearest-neighbour mixing before the rule (robust.nnm_mixing)
 
     def __post_init__(self) -> None:
         RULES[self.rule]
@@ -166,14 +167,15 @@ def select(
             out.rejected_clusters[c] = "no update survived screening"
             continue
         idx = torch.tensor(rows, device=device)
-        choice = ClusterChoice(
-            rows,
-            RULES[config.rule](
-                _sub_gram(gram, idx),
-                attackers_for(len(rows), config.byzantine_fraction),
-                None if w_all is None else w_all[idx],
-            ),
-        )
+        f = attackers_for(len(rows), config.byzantine_fraction)
+        weights = None if w_all is None else w_all[idx]
+        sub = _sub_gram(gram, idx)
+        rule = RULES[config.rule]
+        if config.mixing and f > 0:
+            chosen = mixed_select(rule, sub, f, weights)
+        else:
+            chosen = rule(sub, f, weights)
+        choice = ClusterChoice(rows, chosen)
         for i in choice.rejected:
             out.rejected_updates[i] = config.rule
         out.cluster_results[c] = choice

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -185,6 +185,56 @@ def fedavg_select(gram: torch.Tensor, f: int = 0, weights: torch.Tensor | None =
     return Selection("fedavg", tuple(range(n)), (), coefficients=w)
 
 
+CC_ITERATIONS = 3  # Karimireddy et al. find 1-3 iterations enough from a good start
+COUNT_CAP = 2.0  # a row's sample count weighs at most this times the median count
+
+
+def centred_clipping_select(
+    gram: torch.Tensor, f: int, weights: torch.Tensor | None = None
+) -> Selection:
+    """Centred clipping (Karimireddy, He and Jaggi, ICML 2021) from a Multi-Krum start:
+    v <- v + sum_i w_i clip(x_i - v, tau), CC_ITERATIONS times, tau the median of |x_i - v|,
+    w_i the rows' sample counts (capped at COUNT_CAP times their median: they are what each
+    participant declares) over their sum, or 1 / n.
+
+    Why: Multi-Krum drops the f rows farthest from the rest whole, and under heterogeneous
+    data those are honest participants whose data differ (it cost 6 points against FedAvg on
+    digits, Dirichlet(0.3)). Clipping shrinks a far row towards the centre instead of
+    dropping it: a row within tau counts fully, as in the mean, and no row, honest or not,
+    moves the aggregate by more than tau / n. tau is the median distance, so it needs no
+    scale from the user and follows the round. Counts as FedAvg weighs them: participants
+    with more data pull more (unweighted, the rule trailed FedAvg by 4-5 points on
+    Dirichlet(0.3) shards, whose sizes differ tenfold; weighted, within a point), but one
+    that claims a billion samples weighs twice the median. v stays a fixed combination of
+    rows, so the rule is linear (coefficients from the Gram matrix alone, as Krum's).
+    """
+    n = _check_gram(gram, f)
+    start = multi_krum_select(gram, f)
+    if start.coefficients is None:  # too few rows for Krum: the median, reported
+        return replace(start, rule="centred-clipping")
+    g = gram.double()
+    a = start.coefficients.to(g.dtype)
+    if weights is None:
+        share = torch.full((n,), 1.0 / n, dtype=g.dtype, device=g.device)
+    else:
+        w = weights.to(g.device, g.dtype).clamp(min=0)
+        w = w.clamp(max=COUNT_CAP * float(w.median()))  # counts are what participants say
+        share = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / n)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    for _ in range(CC_ITERATIONS):
+        diff = eye - a[None, :]  # row i: e_i - a, so x_i - v = diff_i @ X
+        dist = ((diff @ g) * diff).sum(dim=1).clamp(min=0).sqrt()
+        tau = float(dist.median())
+        if tau <= 0:
+            break
+        scale = (tau / dist.clamp(min=1e-30)).clamp(max=1.0)
+        a = a + ((share * scale)[:, None] * diff).sum(dim=0)
+    coefficients = a.to(torch.float32)
+    return Selection(
+        "centred-clipping", tuple(range(n)), (), start.scores, coefficients=coefficients
+    )
+
+
 # The same rules over a matrix in memory (the selection applied to all of it).
 
 
@@ -234,9 +284,69 @@ RULES: Registry[Rule] = Registry(
         "multi-krum": lambda g, f, w: multi_krum_select(g, f),
         "median": lambda g, f, w: median_select(g),
         "trimmed-mean": lambda g, f, w: trimmed_mean_select(g, f),
+        "centred-clipping": lambda g, f, w: centred_clipping_select(g, f, w),
         "fedavg": lambda g, f, w: fedavg_select(g, weights=w),
     },
 )
+
+
+def nnm_mixing(gram: torch.Tensor, f: int) -> torch.Tensor:
+    """Nearest-neighbour mixing's matrix (Allouah et al., AISTATS 2023): row i averages the
+    n - f rows nearest to row i, itself included (ties to the lower index), from the Gram
+    matrix alone.
+
+    Why: Krum-type rules drop the updates farthest from the rest, and under heterogeneous
+    data those are honest participants whose data differ (measured: Multi-Krum inside
+    clusters cost 6 points against FedAvg on digits, Dirichlet(0.3)). Mixing first pulls
+    every row towards its neighbours, so the rule drops little honest signal, while an
+    attacker's row still counts at most 1 / (n - f) in each mix it enters.
+    """
+    n = _check_gram(gram, f)
+    m = max(1, n - f)
+    dist = distances_from_gram(gram)
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :m]
+    mix = torch.zeros(n, n, dtype=torch.float32, device=gram.device)
+    mix.scatter_(1, order, 1.0 / m)
+    return mix
+
+
+def mixed(selection: Selection, mix: torch.Tensor) -> Selection:
+    """A rule's decision over mixed rows (mix @ rows) as a decision over the rows: linear
+    rules' coefficients become mix^T coefficients; coordinate-wise ones read mix @ block."""
+    if selection.coefficients is not None:
+        w = selection.coefficients.to(mix.device, mix.dtype) @ mix
+        return replace(selection, coefficients=w)
+    coordinate = selection.coordinate
+    assert coordinate is not None
+    m = mix
+
+    def over_mixed(x: torch.Tensor) -> torch.Tensor:
+        return coordinate(m.to(x.device, x.dtype) @ x)
+
+    return replace(selection, coordinate=over_mixed)
+
+
+def mixed_select(rule: Rule, gram: torch.Tensor, f: int, weights: torch.Tensor | None) -> Selection:
+    """`rule` over the nearest-neighbour mixes of the rows (`nnm_mixing`): the mixed rows'
+    Gram matrix is mix G mix^T, so nothing but the n x n matrices is computed."""
+    mix = nnm_mixing(gram, f).to(gram.dtype)
+    return mixed(rule(mix @ gram @ mix.T, f, weights), mix.float())
+
+
+KRUM_RULES = ("krum", "multi-krum", "centred-clipping")
+
+
+def rule_minimum(rule: str, byzantine_fraction: float) -> int:
+    """The fewest updates `rule` runs on without its fallback: Krum's n > 2f + 2 and the
+    trimmed mean's n > 2f, with f = ceil(n x share); other rules any n."""
+    if rule not in KRUM_RULES and rule != "trimmed-mean":
+        return 1
+    for n in range(1, 10_000):
+        f = attackers_for(n, byzantine_fraction)
+        ok = krum_precondition(n, f) if rule in KRUM_RULES else n > 2 * f
+        if ok:
+            return n
+    raise ConfigError(f"no buffer runs {rule} at a byzantine fraction of {byzantine_fraction}")
 
 
 def attackers_for(n: int, byzantine_fraction: float) -> int:

@@ -61,6 +61,8 @@ class DefenceKnobs(Protocol):
     def twin_factor(self) -> float: ...
     @property
     def q(self) -> float: ...
+    @property
+    def mixing(self) -> bool: ...
 
 
 def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
@@ -71,6 +73,7 @@ def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
         settings.norm_factor if strategy.defended else None,
         settings.cluster_factor if strategy.defended else None,
         settings.twin_factor if strategy.defended else None,
+        settings.mixing and strategy.defended,
     )
 
 

@@ -45,7 +45,9 @@ STRATEGIES: Registry[Strategy] = Registry(
     {
         s.name: s
         for s in (
-            Strategy("flclustering", "clusters", "multi-krum", "accuracy", True),
+            Strategy("flclustering", "clusters", "centred-clipping", "accuracy", True),
+            Strategy("flclustering-multi-krum", "clusters", "multi-krum", "accuracy", True),
+            Strategy("centred-clipping", "one", "centred-clipping", "mean", False),
             Strategy("flclustering-krum", "clusters", "krum", "accuracy", False),
             Strategy("flclustering-fedavg", "clusters", "fedavg", "accuracy", False),
             Strategy("fedavg", "one", "fedavg", "mean", False),
