@@ -243,9 +243,7 @@ def omniscient(size: int = 10, seed: int = 0, defence: DefenceConfig | None = No
 
 def test_omniscient_colluders_craft_from_every_honest_delta_of_the_round():
     # ALIE over all ten rows, z from n = 10 and the three colluders (not the ten rows).
-    sent = build_attack(AttackConfig("alie", knowledge="omniscient")).on_pooled(
-        ROUND, omniscient()
-    )
+    sent = build_attack(AttackConfig("alie", knowledge="omniscient")).on_pooled(ROUND, omniscient())
     torch.testing.assert_close(sent, alie(ROUND, alie_z(10, 3)))
     assert not torch.allclose(sent, alie(ROUND[list(MINE)], alie_z(10, 3)))
     ipm_sent = build_attack(AttackConfig("ipm")).on_pooled(ROUND, omniscient())
