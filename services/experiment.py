@@ -137,6 +137,15 @@ class SimulateConfig(ExperimentConfig):
     transport: TransportSettings = TransportSettings()
     hosting: HostingSettings = HostingSettings()
 
+    @model_validator(mode="after")
+    def _services_can_simulate(self) -> Self:
+        # Participant processes never see one another's updates: omniscient colluders are
+        # simulated in one process only (`flclustering local`).
+        why = self.adversary.services_refuse()
+        if why:
+            raise ValueError(why)
+        return self
+
 
 class CentralisedConfig(ExperimentConfig):
     """The centralised baseline: an experiment trained on pooled data."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from services.common.figures import accuracy_summary, group_means, purity
 from services.common.settings import TrainingSettings
 from services.common.wire import nbytes
 from services.core.clustering import group_deltas
+from services.core.defence import DefenceConfig
 from services.core.device import resolve_device
 from services.core.errors import ConfigError
 from services.core.merge import local_steps
@@ -31,6 +32,7 @@ from services.core.models import build_model
 from services.core.plan import static_group
 from services.core.quantise import Compression, ErrorFeedback, PayloadError, decode, payload_bytes
 from services.core.robust import rule_minimum
+from services.core.rounds import defence_for
 from services.core.strategies import Strategy, get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of, unflatten
 from services.core.virtual_clock import VirtualClock
@@ -222,10 +224,16 @@ def prepare(config: ExperimentConfig) -> Federation:
             ]
         )
         attackers = [p.index for p in people if p.attacker]
-        # Cluster steering: the attackers pool their deltas (and all send their mean).
-        pooled = deltas[attackers] if attackers and attack.pools_pretrain else None
+        # Cluster steering: the attackers pool their deltas (and all send their mean);
+        # omniscient, they know every participant's (and the defence's settings).
+        omniscient = settings.knowledge == "omniscient"
+        pooled = None
+        if attackers and attack.pools_pretrain:
+            pooled = deltas.clone() if omniscient else deltas[attackers]
+        mine = tuple(p.attacker for p in people) if omniscient else None
+        defence = defence_for(strategy, config.defence) if omniscient else None
         for i in attackers:
-            view = View(-1, fed.select, people[i].gen)
+            view = View(-1, fed.select, people[i].gen, mine=mine, defence=defence)
             deltas[i] = attack.on_pretrain(deltas[i], view, pooled)
         fit, res = group_deltas(
             deltas,
@@ -275,6 +283,34 @@ def prepare(config: ExperimentConfig) -> Federation:
         clock,
         result,
     )
+
+
+def collude(
+    attack: Attack,
+    deltas: list[torch.Tensor],
+    mine: list[bool],
+    clusters: list[int],
+    views: list[View],
+    defence: DefenceConfig,
+) -> list[torch.Tensor]:
+    """The round's deltas with each colluder's (`mine`) replaced by the delta it crafts:
+    from the colluders' own honest deltas (--attack-knowledge own, as the services pool
+    them), or from every participant's, knowing each row's cluster and the round's defence
+    (omniscient). `views[k]`: row k's participant's view of the round."""
+    colluders = [k for k, m in enumerate(mine) if m]
+    if not colluders:
+        return deltas
+    out = list(deltas)
+    if attack.config.knowledge != "omniscient":
+        pooled = torch.stack([deltas[k] for k in colluders])
+        for k in colluders:
+            out[k] = attack.on_pooled(pooled, views[k]).clone()
+        return out
+    pooled = torch.stack(deltas)
+    for k in colluders:
+        view = replace(views[k], mine=tuple(mine), clusters=tuple(clusters), defence=defence)
+        out[k] = attack.on_pooled(pooled, view).clone()
+    return out
 
 
 class Uplink:

@@ -41,7 +41,7 @@ from services.core.quantise import (
 )
 from services.core.quarantine import Quarantine, judge
 from services.core.record import Layout, RoundRecord
-from services.core.rounds import RoundOutcome, aggregate_round
+from services.core.rounds import RoundOutcome, aggregate_round, defence_for
 from services.core.sanity import largest, unfit
 from services.core.selection import poisson_rates
 from services.core.tensors import flatten
@@ -51,6 +51,7 @@ from services.inprocess import (
     Participant,
     RunResult,
     Uplink,
+    collude,
     finish,
     measured,
     model_card,
@@ -202,13 +203,16 @@ def run_local(
             rows.append(i)
             updates.append(w - base)
         if attack.pools_update and attack.crafts_update(rnd):
-            # The round's attackers pool their honest deltas and all send one crafted delta.
-            colluders = [k for k, i in enumerate(rows) if people[i].attacker]
-            if colluders:
-                pooled = torch.stack([updates[k] for k in colluders])
-                for k in colluders:
-                    view = View(rnd, len(rows), people[rows[k]].gen)
-                    updates[k] = attack.on_pooled(pooled, view).clone()
+            # The round's attackers pool their honest deltas (omniscient: everyone's) and
+            # each sends the crafted delta.
+            updates = collude(
+                attack,
+                updates,
+                [people[i].attacker for i in rows],
+                [plan.selected[i] for i in rows],
+                [View(rnd, len(rows), people[i].gen) for i in rows],
+                defence_for(strategy, config.defence),
+            )
         # The round closes at its first --select updates in virtual time; the later ones
         # straggle (sent, refused, never merged). Its duration: the last update it uses.
         used = set(first_arrivals(arrives, fed.select if central is None else len(arrives)))

@@ -41,11 +41,20 @@ from services.core.errors import ConfigError
 from services.core.guard import check_merge, remember
 from services.core.plan import group_accuracy
 from services.core.record import Layout, RoundRecord
+from services.core.rounds import defence_for
 from services.core.sanity import largest
 from services.core.strategies import get_strategy
 from services.core.tensors import flatten
 from services.experiment import ExperimentConfig
-from services.inprocess import Federation, RunResult, Uplink, finish, measured, prepare
+from services.inprocess import (
+    Federation,
+    RunResult,
+    Uplink,
+    collude,
+    finish,
+    measured,
+    prepare,
+)
 from services.participant.attacks import View
 from services.participant.backdoor import success_rate
 from services.participant.examples import TensorExamples
@@ -196,12 +205,20 @@ class AsyncRun:
         fl, config = self.fl, self.fl.config
         batch = sorted(self.buffers[c], key=lambda t: t.participant)
         self.buffers[c] = []
-        colluders = [t for t in batch if t.colludes]
-        if colluders:  # they pool their honest deltas and each sends the crafted one
-            pooled = torch.stack([t.delta for t in colluders if t.delta is not None])
-            for t in colluders:
-                view = View(self.version, len(batch), fl.people[t.participant].gen)
-                t.delta = fl.attack.on_pooled(pooled, view).clone()
+        if any(t.colludes for t in batch):  # they pool their honest deltas (omniscient:
+            # the whole buffer's) and each sends the crafted one
+            known = [t.delta for t in batch if t.delta is not None]
+            assert len(known) == len(batch)  # dropped tasks never reach a buffer
+            crafted = collude(
+                fl.attack,
+                known,
+                [t.colludes for t in batch],
+                [c] * len(batch),
+                [View(self.version, len(batch), fl.people[t.participant].gen) for t in batch],
+                defence_for(fl.strategy, config.defence),
+            )
+            for t, delta in zip(batch, crafted, strict=True):
+                t.delta = delta
         deltas = []
         for t in batch:
             assert t.delta is not None  # dropped tasks never reach a buffer

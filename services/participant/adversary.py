@@ -59,6 +59,13 @@ ATTACKS: Registry[Registered] = Registry(
         "cluster-steering": Registered(
             "services.participant.collusion:ClusterSteering", every_round=True
         ),
+        # Defence-aware (adaptive): the colluders run the defence in their heads and send
+        # the strongest delta it keeps; adaptive-steering also lands its pre-training delta
+        # where the clustering groups it with honest participants, and lies.
+        "adaptive": Registered("services.participant.collusion:Adaptive", every_round=True),
+        "adaptive-steering": Registered(
+            "services.participant.collusion:AdaptiveSteering", every_round=True
+        ),
         "backdoor": Registered("services.participant.backdoor:Backdoor", every_round=True),
         "lying-evaluation": Registered(f"{_A}:LyingEvaluation"),
         # --secure he only: an update the aggregator cannot read and so cannot screen.
@@ -82,6 +89,14 @@ ATTACKS: Registry[Registered] = Registry(
 )
 PLACEMENTS = ("per-group", "random")
 PERTURBATIONS = ("std", "unit", "sign")  # min-max / min-sum: the direction from the mean
+# What colluders know: their own honest deltas (own), or every honest update of the round and
+# the defence's settings (omniscient: the literature's standard, `flclustering local` only).
+KNOWLEDGE = ("own", "omniscient")
+OMNISCIENT_LOCAL_ONLY = (
+    "--attack-knowledge omniscient: the attackers see every participant's update of the "
+    "round, which only flclustering local can simulate (a participant process never sees "
+    "another's update); use --attack-knowledge own"
+)
 LOUD_EVERY = 5  # model attacks that a norm screen sees fire every 5th round by default
 
 
@@ -105,6 +120,7 @@ class AttackConfig:
     boost: float | None = None  # backdoor: delta times this (None: the round's n, eta = 1)
     norm_bound: float = 2.0  # backdoor: at most this times the unboosted delta's length
     jitter: float = 0.0  # colluders: own noise, times the median distance of their deltas
+    knowledge: str = "own"  # colluders: their own honest deltas, or all (omniscient)
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
@@ -128,6 +144,10 @@ class AttackConfig:
             raise ConfigError(f"the backdoor's norm bound lies in [0, 1e6), got {self.norm_bound}")
         if not 0.0 <= self.jitter < 1e3:
             raise ConfigError(f"the colluders' jitter lies in [0, 1e3), got {self.jitter}")
+        if self.knowledge not in KNOWLEDGE:
+            raise ConfigError(
+                f"unknown attack knowledge {self.knowledge!r}; choose one of {', '.join(KNOWLEDGE)}"
+            )
 
     def check_classes(self, num_classes: int) -> None:
         """ConfigError when the backdoor's target is not a class of the dataset."""
@@ -222,6 +242,11 @@ class AttackSettings(Settings):
         description="colluding attacks: each colluder adds its own noise of this times the "
         "median distance between the colluders' honest deltas (0: all send one delta)",
     )
+    attack_knowledge: Annotated[str, choice(KNOWLEDGE)] = Field(
+        "own",
+        description="colluding attacks: craft from the colluders' own honest deltas (own), "
+        "or from every participant's and knowing the defence (omniscient: local only)",
+    )
     attack_placement: Annotated[str, choice(PLACEMENTS)] = Field(
         "per-group", description="spread attackers over the true groups, or at random"
     )
@@ -244,4 +269,9 @@ class AttackSettings(Settings):
             boost=self.attack_boost,
             norm_bound=self.attack_norm_bound,
             jitter=self.attack_jitter,
+            knowledge=self.attack_knowledge,
         )
+
+    def services_refuse(self) -> str:
+        """Why the services cannot simulate these settings (omniscient attackers), or ""."""
+        return OMNISCIENT_LOCAL_ONLY if self.attack_knowledge == "omniscient" else ""

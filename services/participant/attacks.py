@@ -42,6 +42,7 @@ from services.participant.adversary import (
 
 if TYPE_CHECKING:
     from services.common.homomorphic import HeKeys
+    from services.core.defence import DefenceConfig
 
 __all__ = [
     "ATTACKS",
@@ -93,6 +94,18 @@ class View:
     generator: torch.Generator  # the attacker's own stream: every draw comes from it
     who: str | None = None  # the participant, named in its log lines (None: silent)
     logger: logging.Logger | None = None  # where they go
+    # What omniscient colluders know besides (--attack-knowledge omniscient, `flclustering
+    # local` only; the services pass none of it): which rows of the pooled deltas are the
+    # colluders' own (None: all of them), each pooled row's cluster, and the round's defence.
+    mine: tuple[bool, ...] | None = None
+    clusters: tuple[int, ...] | None = None
+    defence: DefenceConfig | None = None
+
+    def colluders(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The colluders' own rows of the pooled deltas (all of them unless `mine`)."""
+        if self.mine is None:
+            return pooled
+        return pooled[torch.tensor(self.mine, dtype=torch.bool, device=pooled.device)]
 
     def say(self, message: str, *args: object) -> None:
         """Log loudly that a simulated attack acts ("SIMULATED ATTACK: <who> <message>")."""
@@ -152,7 +165,8 @@ class Attack:
         self, delta: torch.Tensor, view: View, pooled: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The pre-training delta sent; `pooled`: the colluders' (k, d) ones when
-        `pools_pretrain`, this one's among them."""
+        `pools_pretrain`, this one's among them (omniscient: every participant's, the
+        colluders' rows marked by `view.mine`)."""
         return delta
 
     def on_data(
@@ -167,7 +181,8 @@ class Attack:
         return weights
 
     def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
-        """The delta a colluder sends, from the colluders' (k, d) honest deltas (called in
+        """The delta a colluder sends, from the colluders' (k, d) honest deltas (omniscient:
+        every participant's of the round, the colluders' marked by `view.mine`; called in
         the rounds `crafts_update` says, when `pools_update`)."""
         raise NotImplementedError(f"{self.kind} does not collude")
 

@@ -1,11 +1,15 @@
 """Attacks that stay close to the honest updates, by attackers who collude (simulations only).
 
 Colluding attackers pool the honest updates they trained (deltas against the global model
-they started from) and all send one crafted delta built from those alone: they never see an
-honest participant's update (non-omniscient). Each attack is a pure function over the
-(k, d) matrix of the colluders' honest deltas; each attack's `Colluding` class crafts with it
-(the hooks: services/participant/attacks.py); `Collusion` is how attackers hosted by one
-participant process pool them.
+they started from) and all send one crafted delta built from those alone: by default they
+never see an honest participant's update (--attack-knowledge own). Omniscient colluders
+(--attack-knowledge omniscient, the literature's standard threat model for these attacks,
+`flclustering local` only) craft from every participant's honest delta of the round and
+know the defence's settings and each row's cluster (`View.mine`, `View.clusters`,
+`View.defence`). Each attack is a pure function over the (k, d) matrix of the deltas they
+know; each attack's `Colluding` class crafts with it (the hooks:
+services/participant/attacks.py); `Collusion` is how attackers hosted by one participant
+process pool them.
 
 - ALIE, "A little is enough" (Baruch et al., NeurIPS 2019): mean - z * std per coordinate,
   with z from the number of participants n and of attackers f.
@@ -14,6 +18,10 @@ participant process pool them.
   largest for which the crafted delta is no farther from any honest one than the honest
   ones are from each other (Min-Max), or its sum of squared distances to them no larger
   than any honest one's (Min-Sum).
+- Adaptive (defence-aware Min-Max): mean + gamma * p, gamma the largest for which the
+  defence, rehearsed by the colluders on the deltas they know plus their jittered copies,
+  keeps at least half of the copies; adaptive-steering adds a pre-training delta that lands
+  among the honest participants' (to be clustered with them) and lies.
 """
 
 from __future__ import annotations
@@ -22,15 +30,26 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
+from services.common.settings import DefenceSettings, FederationSettings
+from services.core.defence import DefenceConfig, defend
 from services.core.errors import ConfigError
+from services.core.rounds import defence_for
+from services.core.strategies import get_strategy
 from services.participant.adversary import PERTURBATIONS
 from services.participant.attacks import Attack, View, lie
 
 SEARCH_STEPS = 40  # bisection steps for gamma: 2^-40 of the bracket
+# adaptive: bisection steps after doubling (one rehearsed defence each: 2^-22 of the bracket
+# is finer than any screen tells apart), the copies' jitter in units of the near-twin
+# screen's factor, and the ceiling on gamma in honest median lengths over |p|.
+ADAPTIVE_STEPS = 22
+EVASION = 1.5
+GAMMA_CAP = 10.0
 
 
 def alie_z(n: int, f: int) -> float:
@@ -85,17 +104,22 @@ def perturbation(honest: torch.Tensor, kind: str) -> torch.Tensor:
     raise ConfigError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)}")
 
 
-def _largest_gamma(ok: Callable[[float], bool], start: float = 1.0) -> float:
-    """The largest gamma >= 0 with ok(gamma), found by doubling then bisection (ok is
-    assumed monotone: true up to some gamma, false beyond)."""
+def _largest_gamma(
+    ok: Callable[[float], bool],
+    start: float = 1.0,
+    steps: int = SEARCH_STEPS,
+    cap: float = 1e12,
+) -> float:
+    """The largest gamma in [0, cap] with ok(gamma), found by doubling then `steps`
+    bisections (ok is assumed monotone: true up to some gamma, false beyond)."""
     if not ok(0.0):
         return 0.0
-    lo, hi = 0.0, start
+    lo, hi = 0.0, min(start, cap)
     while ok(hi):
-        lo, hi = hi, 2 * hi
-        if hi > 1e12:
-            return lo
-    for _ in range(SEARCH_STEPS):
+        if hi >= cap:
+            return hi
+        lo, hi = hi, min(2 * hi, cap)
+    for _ in range(steps):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
@@ -175,38 +199,137 @@ def jittered(
     return crafted + noise * (jitter * median_distance(honest) / length)
 
 
+def assumed_defence() -> DefenceConfig:
+    """The defence colluders assume when they know only their own settings: the default
+    strategy's, with the default defence settings (the participant is told neither)."""
+    strategy = get_strategy(FederationSettings.model_fields["strategy"].default)
+    return defence_for(strategy, DefenceSettings())
+
+
+def evasion(defence: DefenceConfig, jitter: float) -> float:
+    """The copies' jitter, in median distances between the honest deltas: EVASION times
+    the near-twin screen's factor (so that no copy is a near-twin of another), or the
+    configured --attack-jitter when larger."""
+    twin = defence.twin_factor
+    return max(jitter, EVASION * twin if twin is not None else 0.0)
+
+
+def offsets(copies: int, d: int, length: float) -> torch.Tensor:
+    """Fixed random vectors of the given length, one per copy, for rehearsing the defence:
+    drawn from a fixed seed (not an attacker's stream), so that every colluder rehearses
+    the same round and finds the same gamma."""
+    noise = torch.randn(copies, d, generator=torch.Generator().manual_seed(0))
+    return noise * (length / noise.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """The round as the colluders picture it: the honest deltas they know (own knowledge:
+    their own, standing in for the honest participants), each row's cluster, where their
+    copies go, the defence they expect and the copies' fixed jitter."""
+
+    honest: torch.Tensor  # (h, d)
+    clusters: tuple[int, ...]  # the honest rows' clusters
+    copies: tuple[int, ...]  # each copy's cluster
+    defence: DefenceConfig
+    offsets: torch.Tensor  # (len(copies), d)
+
+    def kept(self, crafted: torch.Tensor) -> int:
+        """How many jittered copies of `crafted` the defence merges (neither rejected nor
+        in a rejected cluster)."""
+        rows = torch.cat([self.honest, crafted[None, :] + self.offsets])
+        out = defend(rows.float(), self.clusters + self.copies, self.defence)
+        survivors, h = set(out.survivors), self.honest.shape[0]
+        return sum(
+            1
+            for j, c in enumerate(self.copies)
+            if h + j not in out.rejected_updates and c in survivors
+        )
+
+    def keeps(self, crafted: torch.Tensor) -> bool:
+        """Whether the defence merges at least half of the copies."""
+        return 2 * self.kept(crafted) >= len(self.copies)
+
+
+def rehearsal(pooled: torch.Tensor, view: View, jitter: float) -> Rehearsal:
+    """The round the colluders rehearse, from what they know: with omniscient knowledge the
+    honest participants' deltas, their clusters and the round's defence; with their own
+    only, their own deltas as the honest ones, all in one cluster, one copy per colluder
+    and the defence of the default settings."""
+    defence = view.defence or assumed_defence()
+    if view.mine is None:
+        honest, clusters = pooled, (0,) * pooled.shape[0]
+        copies = clusters
+    else:
+        labels = view.clusters or (0,) * len(view.mine)
+        keep = [k for k, m in enumerate(view.mine) if not m]
+        honest = pooled[keep] if keep else pooled[:0]
+        clusters = tuple(labels[k] for k in keep)
+        copies = tuple(c for c, m in zip(labels, view.mine, strict=True) if m)
+    known = honest if honest.shape[0] >= 1 else pooled
+    length = evasion(defence, jitter) * median_distance(known)
+    return Rehearsal(
+        honest, clusters, copies, defence, offsets(len(copies), pooled.shape[1], length)
+    )
+
+
+def defence_aware(
+    pooled: torch.Tensor, plan: Rehearsal, kind: str = "std"
+) -> tuple[torch.Tensor, float]:
+    """Defence-aware Min-Max: mean + gamma * p over the deltas the colluders know, with the
+    largest gamma for which the rehearsed defence keeps at least half of the copies; and
+    gamma. A defence that keeps everything (fedavg: no screens, no robust rule) would let
+    gamma grow without end: it is capped at GAMMA_CAP times the median honest length over
+    |p|, already far beyond what any screen lets through."""
+    _check(pooled)
+    mean, p = pooled.mean(dim=0), perturbation(pooled, kind)
+    size = float(p.double().norm())
+    if size == 0.0:
+        return mean, 0.0
+    scale = float(pooled.double().norm(dim=1).median()) / size
+    if scale == 0.0:
+        return mean, 0.0
+    gamma = _largest_gamma(
+        lambda g: plan.keeps(mean + g * p),
+        start=0.1 * scale,
+        steps=ADAPTIVE_STEPS,
+        cap=GAMMA_CAP * scale,
+    )
+    return mean + gamma * p, gamma
+
+
 class Colluding(Attack):
     """A colluding attack: every colluder sends one delta crafted from the colluders' pooled
-    honest deltas (plus, with --attack-jitter, noise of its own), in the rounds it fires."""
+    honest deltas (omniscient: every participant's; plus, with --attack-jitter, noise of
+    its own), in the rounds it fires."""
 
     pools_update = True
 
     def crafts_update(self, round_: int) -> bool:
         return self.fires(round_)
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
-        """The delta the colluders send, from their honest deltas (k, d) and the round's
-        size n."""
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
+        """The delta the colluders send, from the honest deltas they know (k, d), the
+        round's size n and the number of colluders f."""
         raise NotImplementedError
 
     def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
-        crafted = self.craft(pooled, view.size)
+        f = view.colluders(pooled).shape[0]
+        crafted = self.craft(pooled, view.size, f)
         crafted = jittered(crafted, pooled, self.config.jitter, view.generator)
-        view.say(
-            "sends the %s delta of %d colluders in round %d", self.kind, pooled.shape[0], view.round
-        )
+        view.say("sends the %s delta of %d colluders in round %d", self.kind, f, view.round)
         return crafted
 
 
 class Alie(Colluding):
-    """Mean - z * std of the colluders' deltas (z from n and f unless --attack-z)."""
+    """Mean - z * std of the deltas the colluders know (z from n and f unless --attack-z)."""
 
     def strength(self) -> str:
         return f"z {'from n and f' if self.config.z is None else self.config.z}"
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
         z = self.config.z
-        return alie(honest, alie_z(n, honest.shape[0]) if z is None else z)
+        return alie(honest, alie_z(n, f) if z is None else z)
 
 
 class Ipm(Colluding):
@@ -214,7 +337,7 @@ class Ipm(Colluding):
 
     STRENGTH = "epsilon {c.epsilon}"
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
         return ipm(honest, self.config.epsilon)
 
 
@@ -223,7 +346,7 @@ class MinMax(Colluding):
 
     STRENGTH = "perturbation {c.perturbation}"
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
         return min_max(honest, self.config.perturbation)[0]
 
 
@@ -232,7 +355,7 @@ class MinSum(Colluding):
 
     STRENGTH = "perturbation {c.perturbation}"
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
         return min_sum(honest, self.config.perturbation)[0]
 
 
@@ -244,7 +367,7 @@ class ClusterSteering(Colluding):
 
     STRENGTH = "reports accuracy {c.lie}"
 
-    def craft(self, honest: torch.Tensor, n: int) -> torch.Tensor:
+    def craft(self, honest: torch.Tensor, n: int, f: int) -> torch.Tensor:
         return ipm(honest, 1.0)
 
     def on_pretrain(
@@ -252,8 +375,59 @@ class ClusterSteering(Colluding):
     ) -> torch.Tensor:
         if pooled is None:
             raise ConfigError("cluster steering crafts from the colluders' pooled deltas")
-        sent = jittered(steer(pooled), pooled, self.config.jitter, view.generator)
-        view.say("sends the mean pre-training delta of %d colluders", pooled.shape[0])
+        # The colluders' own mean, whatever else they know: to be clustered together.
+        own = view.colluders(pooled)
+        sent = jittered(steer(own), own, self.config.jitter, view.generator)
+        view.say("sends the mean pre-training delta of %d colluders", own.shape[0])
+        return sent
+
+    def on_report(self, figures: dict[str, float], view: View) -> dict[str, float]:
+        return lie(self, figures, view)
+
+
+class Adaptive(Colluding):
+    """Defence-aware Min-Max: the colluders rehearse the defence on the deltas they know
+    plus their jittered copies and send mean + gamma * p with the largest gamma it keeps,
+    each its copy jittered past the near-twin screen."""
+
+    STRENGTH = "perturbation {c.perturbation}, knowledge {c.knowledge}"
+
+    def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
+        plan = rehearsal(pooled, view, self.config.jitter)
+        crafted, gamma = defence_aware(pooled, plan, self.config.perturbation)
+        known = plan.honest if plan.honest.shape[0] >= 1 else pooled
+        sent = jittered(crafted, known, evasion(plan.defence, self.config.jitter), view.generator)
+        view.say(
+            "sends the %s delta (gamma %.3g) of %d colluders in round %d",
+            self.kind,
+            gamma,
+            len(plan.copies),
+            view.round,
+        )
+        return sent
+
+
+class AdaptiveSteering(Adaptive):
+    """Cluster steering that knows the clustering: omniscient colluders send the mean of
+    every participant's pre-training delta, jittered, so that the clustering puts each
+    inside an honest cluster instead of in one of their own (which the cluster check and
+    fair merge can outvote); with their own deltas only, their mean (plain steering).
+    Then each round the defence-aware delta of `adaptive`, and --attack-lie as accuracy."""
+
+    pools_pretrain = True
+
+    STRENGTH = "perturbation {c.perturbation}, knowledge {c.knowledge}, reports accuracy {c.lie}"
+
+    def on_pretrain(
+        self, delta: torch.Tensor, view: View, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if pooled is None:
+            raise ConfigError("cluster steering crafts from the colluders' pooled deltas")
+        target = steer(pooled)  # own knowledge: their own mean; omniscient: everyone's
+        jitter = evasion(view.defence or assumed_defence(), self.config.jitter)
+        sent = jittered(target, pooled, jitter, view.generator)
+        where = "every participant's" if view.mine is not None else "the colluders'"
+        view.say("sends the mean pre-training delta of %s", where)
         return sent
 
     def on_report(self, figures: dict[str, float], view: View) -> dict[str, float]:

@@ -107,6 +107,14 @@ class ParticipantConfig(ServiceConfig):
         return self
 
     @model_validator(mode="after")
+    def _attack_simulable(self) -> Self:
+        # A participant process sees its own colluders' updates only, never the others'.
+        why = self.adversary.services_refuse()
+        if why:
+            raise ValueError(why)
+        return self
+
+    @model_validator(mode="after")
     def _hosted_within_federation(self) -> Self:
         p = self.participant
         if p.index + p.count > self.federation.participants:

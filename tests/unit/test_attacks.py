@@ -146,6 +146,14 @@ def check_hooks(name: str) -> None:
         assert delta is not None
         torch.testing.assert_close(delta, -MEAN)
         assert figures["accuracy"] == 1.0 and figures["loss"] == 0.5
+    elif name in ("adaptive", "adaptive-steering"):
+        # mean + gamma * -std, jittered past the near-twin screen
+        assert delta is not None and delta.shape == MEAN.shape and not changed_data
+        if name == "adaptive":
+            assert pre is own and not lies
+        else:  # plain steering's pre-training (their mean, jittered) and the lie
+            assert not torch.equal(pre, MEAN) and (pre - MEAN).norm() < (own - MEAN).norm()
+            assert figures["accuracy"] == 1.0 and figures["loss"] == 0.5
     else:
         raise AssertionError(f"no hook check for attack {name!r}: add one here")
 

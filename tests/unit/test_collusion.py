@@ -13,19 +13,25 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from services.core.defence import DefenceConfig
 from services.core.errors import ConfigError
 from services.participant.adversary import AttackSettings
 from services.participant.attacks import AttackConfig, View, build_attack
 from services.participant.collusion import (
+    GAMMA_CAP,
     Collusion,
     alie,
     alie_z,
+    assumed_defence,
+    defence_aware,
+    evasion,
     ipm,
     jittered,
     median_distance,
     min_max,
     min_sum,
     perturbation,
+    rehearsal,
     steer,
 )
 
@@ -221,3 +227,93 @@ def test_cluster_steering_sends_the_mean_pre_training_delta_then_minus_the_mean(
     assert attack.on_report({"accuracy": 0.9}, View(0, 15, gen)) == {"accuracy": 0.0}
     with pytest.raises(ConfigError):
         steer(torch.zeros(0, 3))
+
+
+# ---- what the colluders know, and the defence-aware attacks -------------------------------
+
+ROUND = torch.randn(10, 40, generator=torch.Generator().manual_seed(11))
+MINE = (True, False, False, True, False, False, True, False, False, False)
+
+
+def omniscient(size: int = 10, seed: int = 0, defence: DefenceConfig | None = None) -> View:
+    """The view of an omniscient colluder of ROUND: every row known, MINE its colluders'."""
+    gen = torch.Generator().manual_seed(seed)
+    return View(0, size, gen, mine=MINE, clusters=(0,) * len(MINE), defence=defence)
+
+
+def test_omniscient_colluders_craft_from_every_honest_delta_of_the_round():
+    # ALIE over all ten rows, z from n = 10 and the three colluders (not the ten rows).
+    sent = build_attack(AttackConfig("alie", knowledge="omniscient")).on_pooled(ROUND, omniscient())
+    torch.testing.assert_close(sent, alie(ROUND, alie_z(10, 3)))
+    assert not torch.allclose(sent, alie(ROUND[list(MINE)], alie_z(10, 3)))
+    ipm_sent = build_attack(AttackConfig("ipm")).on_pooled(ROUND, omniscient())
+    torch.testing.assert_close(ipm_sent, -0.1 * ROUND.mean(0))
+    # cluster steering still lands the colluders together: their own mean pre-training delta
+    steering = build_attack(AttackConfig("cluster-steering"))
+    torch.testing.assert_close(
+        steering.on_pretrain(ROUND[0], omniscient(), ROUND), ROUND[list(MINE)].mean(0)
+    )
+
+
+def test_omniscient_knowledge_is_refused_outside_local():
+    from services.experiment import ExperimentConfig, SimulateConfig
+    from services.participant.adversary import OMNISCIENT_LOCAL_ONLY
+    from services.participant.settings import ParticipantConfig
+
+    ExperimentConfig().replace(attack="alie", attack_knowledge="omniscient")  # local: fine
+    with pytest.raises(ValueError, match="only flclustering local can simulate"):
+        SimulateConfig().replace(attack="alie", attack_knowledge="omniscient")
+    with pytest.raises(ValueError, match="only flclustering local can simulate"):
+        ParticipantConfig(adversary=AttackSettings(attack="alie", attack_knowledge="omniscient"))
+    assert "--attack-knowledge omniscient" in OMNISCIENT_LOCAL_ONLY
+    with pytest.raises(ConfigError, match="unknown attack knowledge"):
+        AttackConfig("alie", knowledge="everything")
+
+
+@pytest.mark.parametrize("view", [omniscient(), View(0, 10, torch.Generator())])
+def test_adaptive_sends_the_largest_gamma_the_rehearsed_defence_keeps(view):
+    pooled = ROUND if view.mine is not None else ROUND[list(MINE)]
+    plan = rehearsal(pooled, view, 0.0)
+    crafted, gamma = defence_aware(pooled, plan)
+    p = perturbation(pooled, "std")
+    assert gamma > 0 and plan.keeps(crafted)
+    torch.testing.assert_close(crafted, pooled.mean(0) + gamma * p)
+    assert not plan.keeps(pooled.mean(0) + gamma * 1.01 * p)  # a little more is rejected
+    # the copies the rehearsal sends stay clear of the near-twin screen
+    twin = plan.defence.twin_factor
+    assert twin is not None
+    gaps = torch.cdist(plan.offsets, plan.offsets)[~torch.eye(len(plan.copies), dtype=torch.bool)]
+    assert float(gaps.min()) > twin * median_distance(plan.honest)
+    # the hook sends that delta, jittered from the colluder's own stream
+    sent = build_attack(AttackConfig("adaptive")).on_pooled(pooled, replace(view))
+    assert sent.shape == crafted.shape and not torch.equal(sent, crafted)
+    length = evasion(plan.defence, 0.0) * median_distance(plan.honest)
+    assert float((sent - crafted).norm()) == pytest.approx(length, rel=1e-3)
+
+
+def test_adaptive_under_omniscience_rehearses_the_round_it_knows():
+    plan = rehearsal(ROUND, omniscient(defence=DefenceConfig("median")), 0.0)
+    assert plan.defence.rule == "median" and len(plan.copies) == 3
+    torch.testing.assert_close(plan.honest, ROUND[[not m for m in MINE]])
+    own = rehearsal(ROUND[:3], View(0, 10, torch.Generator()), 0.0)
+    assert own.defence == assumed_defence() and own.copies == (0, 0, 0)
+
+
+def test_adaptive_is_capped_when_the_defence_keeps_everything():
+    fedavg = DefenceConfig("fedavg", 0.2, None, None, None)
+    plan = rehearsal(ROUND, omniscient(defence=fedavg), 0.0)
+    _, gamma = defence_aware(ROUND, plan)
+    p = perturbation(ROUND, "std")
+    cap = GAMMA_CAP * float(ROUND.double().norm(dim=1).median()) / float(p.double().norm())
+    assert gamma == pytest.approx(cap)
+
+
+def test_adaptive_steering_lands_among_everyone_when_omniscient_and_lies():
+    attack = build_attack(AttackConfig("adaptive-steering", knowledge="omniscient", lie=0.1))
+    assert attack.pools_pretrain and attack.pools_update
+    sent = attack.on_pretrain(ROUND[0], omniscient(), ROUND)
+    jitter = evasion(assumed_defence(), 0.0) * median_distance(ROUND)
+    assert float((sent - ROUND.mean(0)).norm()) == pytest.approx(jitter, rel=1e-3)
+    own = attack.on_pretrain(ROUND[0], View(-1, 10, torch.Generator()), ROUND[:3])
+    assert float((own - ROUND[:3].mean(0)).norm()) < float((own - ROUND.mean(0)).norm())
+    assert attack.on_report({"accuracy": 0.9}, omniscient()) == {"accuracy": 0.1}

@@ -71,9 +71,16 @@ def test_async_is_deterministic_for_a_seed():
     assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
 
 
-def test_colluders_in_a_flush_pool_and_are_counted():
+@pytest.mark.parametrize("knowledge", ["own", "omniscient"])
+def test_colluders_in_a_flush_pool_and_are_counted(knowledge):
     config = ExperimentConfig().replace(
-        rounds=10, eval_every=10, attack="alie", attack_rate=0.2, attack_every=1, **FAST
+        rounds=10,
+        eval_every=10,
+        attack="alie",
+        attack_rate=0.2,
+        attack_every=1,
+        attack_knowledge=knowledge,
+        **FAST,
     )
     (record,) = run_local(config).rounds
     assert record["attack_fired"] and record["attackers_selected"] > 0
