@@ -30,6 +30,7 @@ IMAGE_MODELS = frozenset({"cnn", "keras-cnn"})
 # `synthetic` is a vector of 60 features (one row).
 DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
     "digits": ((1, 8, 8), 10),
+    "digits28": ((1, 28, 28), 10),
     "mnist": ((1, 28, 28), 10),
     "fmnist": ((1, 28, 28), 10),
     "cifar10": ((3, 32, 32), 10),

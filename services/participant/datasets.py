@@ -1,6 +1,8 @@
 """Datasets by name, as in-memory tensors with a fixed train/test split.
 
-`digits` (scikit-learn's embedded 8x8 digits) is the offline default. `mnist`, `fmnist` and
+`digits` (scikit-learn's embedded 8x8 digits) is the offline default; `digits28` is the same
+digits made MNIST-sized offline (jittered 28x28 copies, so a 3x3 backdoor trigger has room).
+`mnist`, `fmnist` and
 `cifar10` come from a data directory (downloaded there when the machine is online); `folder`
 reads a participant's own images, one sub-folder per class. CIFAR-10 is read from its binary
 release, never from the pickled Python release: a participant must not unpickle files.
@@ -143,6 +145,71 @@ def load_digits_dataset(test_fraction: float = 0.25) -> Dataset:
         torch.from_numpy(y[test]),
         10,
         tuple(str(i) for i in range(10)),
+    )
+
+
+# digits28: jittered copies per train and per test digit (about 4,000 train, 900 test images),
+# the seeds of their draws, and the ranges of the draws (MNIST's digits sit in a 20x20 box
+# centred in 28x28).
+DIGITS28_COPIES = (3, 2)
+DIGITS28_SEEDS = (0, 1)
+DIGITS28_SHIFT = 3.0  # pixels, either way on each axis
+DIGITS28_ROTATION = 12.0  # degrees, either way
+DIGITS28_SCALE = (0.9, 1.1)
+
+
+def jittered_copies(
+    x: torch.Tensor, copies: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`copies` jittered 28x28 versions of each 8x8 image (N, 1, 8, 8), and the index of the
+    image each copy comes from: upsampled to 20x20, centred in 28x28, then shifted, turned
+    and scaled by a random draw per copy (one batched affine resampling)."""
+    source = torch.arange(len(x)).repeat_interleave(copies)
+    n = len(source)
+    big = torch.nn.functional.interpolate(
+        x[source], size=(20, 20), mode="bilinear", align_corners=False
+    )
+    canvas = torch.nn.functional.pad(big, (4, 4, 4, 4))
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    angle = torch.deg2rad(uniform(-DIGITS28_ROTATION, DIGITS28_ROTATION))
+    scale = uniform(*DIGITS28_SCALE)
+    shift = uniform(-DIGITS28_SHIFT, DIGITS28_SHIFT), uniform(-DIGITS28_SHIFT, DIGITS28_SHIFT)
+    # theta maps an output position to where it reads the input (coordinates in [-1, 1]):
+    # the inverse of "scale, turn, then shift".
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    tx, ty = (-2 * s / 28 for s in shift)
+    theta = torch.stack(
+        [
+            torch.stack([cos, sin, cos * tx + sin * ty], dim=1),
+            torch.stack([-sin, cos, -sin * tx + cos * ty], dim=1),
+        ],
+        dim=1,
+    ).to(torch.float32)
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return out.clamp_(0.0, 1.0), source
+
+
+def load_digits28_dataset() -> Dataset:
+    """The digits as MNIST-sized 28x28 images: the `digits` split first, then jittered copies
+    of each side's own images (no test digit has a copy in train). Fixed seeds: the copies
+    are part of the dataset's definition, like the split."""
+    digits = load_digits_dataset()
+    (n_train, n_test), (s_train, s_test) = DIGITS28_COPIES, DIGITS28_SEEDS
+    x_tr, src_tr = jittered_copies(digits.x_train, n_train, torch.Generator().manual_seed(s_train))
+    x_te, src_te = jittered_copies(digits.x_test, n_test, torch.Generator().manual_seed(s_test))
+    return replace(
+        digits,
+        name="digits28",
+        x_train=x_tr,
+        y_train=digits.y_train[src_tr],
+        x_test=x_te,
+        y_test=digits.y_test[src_te],
     )
 
 
@@ -364,6 +431,7 @@ LOADERS: Registry[Callable[[Path, bool], Dataset]] = Registry(
     "dataset",
     {
         "digits": lambda root, download: load_digits_dataset(),
+        "digits28": lambda root, download: load_digits28_dataset(),
         "mnist": lambda root, download: _load_torchvision_idx("mnist", root, download),
         "fmnist": lambda root, download: _load_torchvision_idx("fmnist", root, download),
         "cifar10": _load_cifar10,

@@ -10,7 +10,10 @@ import torch
 
 from services.core.errors import ConfigError, DatasetUnavailableError
 from services.participant.datasets import (
+    DIGITS28_COPIES,
+    jittered_copies,
     load_dataset,
+    load_digits28_dataset,
     load_digits_dataset,
     read_cifar10_batch,
     stratified_split,
@@ -25,6 +28,54 @@ def test_digits_is_the_offline_default():
     assert set(d.y_test.tolist()) == set(range(10))
     again = load_dataset("digits")
     assert torch.equal(d.y_test, again.y_test)  # the split is fixed
+
+
+def test_digits28_is_the_digits_made_mnist_sized():
+    d = load_dataset("digits28")
+    digits = load_digits_dataset()
+    n_train, n_test = DIGITS28_COPIES
+    assert d.input_shape == (1, 28, 28) and d.num_classes == 10
+    assert d.x_train.shape == (n_train * len(digits.y_train), 1, 28, 28)
+    assert d.x_test.shape == (n_test * len(digits.y_test), 1, 28, 28)
+    assert abs(float(d.x_train.mean())) < 1e-5 and abs(float(d.x_train.std()) - 1) < 1e-3
+    again = load_dataset("digits28")
+    assert torch.equal(d.x_train, again.x_train) and torch.equal(d.x_test, again.x_test)
+    # Each class keeps its share of the digits split, in both splits.
+    for y, base, copies in (
+        (d.y_train, digits.y_train, n_train),
+        (d.y_test, digits.y_test, n_test),
+    ):
+        assert torch.equal(torch.bincount(y, minlength=10), copies * torch.bincount(base))
+
+
+def test_digits28_copies_each_side_only_from_its_own_digits():
+    digits = load_digits_dataset()
+    d = load_digits28_dataset()
+    test_digits = {x.numpy().tobytes() for x in digits.x_test}
+    for name, (x, y, originals, labels, copies, seed) in {
+        "train": (d.x_train, d.y_train, digits.x_train, digits.y_train, DIGITS28_COPIES[0], 0),
+        "test": (d.x_test, d.y_test, digits.x_test, digits.y_test, DIGITS28_COPIES[1], 1),
+    }.items():
+        made, source = jittered_copies(originals, copies, torch.Generator().manual_seed(seed))
+        assert torch.equal(made, x) and torch.equal(labels[source], y), name
+        sources = {originals[i].numpy().tobytes() for i in source.tolist()}
+        assert len(sources) == len(originals)  # every digit of the side, copied
+        if name == "train":
+            assert not sources & test_digits  # no test digit behind a train image
+        else:
+            assert sources == test_digits
+
+
+def test_a_jittered_copy_depends_on_its_own_digit_only():
+    digits = load_digits_dataset().x_test[:20]
+    copies, source = jittered_copies(digits, 2, torch.Generator().manual_seed(5))
+    changed = digits.clone()
+    changed[3] = 1.0 - changed[3]
+    again, _ = jittered_copies(changed, 2, torch.Generator().manual_seed(5))
+    differs = (copies != again).flatten(1).any(dim=1)
+    assert torch.equal(differs, source == 3)
+    # Each copy keeps its digit's ink inside the 28x28 canvas (shift and scale leave room).
+    assert float(copies.sum()) > 0.75 * 2 * (20 / 8) ** 2 * float(digits.sum())
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -158,3 +209,19 @@ def test_digits_are_scikit_learns_digits_and_split_without_importing_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "scheme", ["iid", "practical-noniid", "dirichlet", "rotated-groups", "noniid"]
+)
+def test_digits28_splits_by_every_partition_into_cnn_inputs(scheme):
+    from services.core.models import build_model
+    from services.participant.partition import partition, shard_tensors
+
+    d = load_dataset("digits28")
+    shards = partition(d.y_train.numpy(), d.y_test.numpy(), scheme, 30, 0, 10, alpha=0.3)
+    assert len(shards) == 30 and all(len(s.train) and len(s.test) for s in shards)
+    x, y, xt, _ = shard_tensors(d, shards[-1])
+    assert x.shape[1:] == xt.shape[1:] == (1, 28, 28) and len(x) == len(y)
+    model = build_model("cnn", d.input_shape, d.num_classes)
+    assert model(x[:4]).shape == (min(4, len(x)), 10)
