@@ -48,7 +48,6 @@ from services.core.plan import evaluation_sample, group_accuracy, plan_round
 from services.core.privacy import expected_counts
 from services.core.quarantine import Judgement, judge
 from services.core.record import RoundRecord
-from services.core.robust import rule_minimum
 from services.core.selection import poisson_rates
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
@@ -257,9 +256,7 @@ class Coordinator(ClustererParts):
     def _run(self) -> None:
         """The protocol from wherever the (restored) state stands."""
         try:
-            # The same strategy on both sides, before anyone waits; its share of attackers
-            # sizes the smallest cluster the rule defends.
-            self._byzantine_fraction = self._aggregator_status().policy.byzantine_fraction
+            self._aggregator_status()  # the same strategy on both sides, before anyone waits
             self._refresh_model(0)
             if self.restored:
                 self._restore_model()
@@ -491,7 +488,7 @@ class Coordinator(ClustererParts):
             self.fed.clusters,
             self.config.clustering.cluster_method,
             self.fed.seed,
-            min_size=rule_minimum(self.strategy.rule, self._byzantine_fraction),
+            min_size=self.config.clustering.min_cluster,
         )
         took = time.monotonic() - began
         self.metrics.clustering_seconds.observe(took)

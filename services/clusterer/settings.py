@@ -34,6 +34,14 @@ class ClusteringSettings(Settings):
     cluster_method: Annotated[str, choice(CLUSTER_METHODS)] = Field(
         "hierarchical", description="how pre-training deltas are clustered"
     )
+    min_cluster: int = Field(
+        1,
+        ge=1,
+        le=1_000_000,
+        description="clusters of fewer members are absorbed by the nearest (1: none); the "
+        "fewest updates the rule runs on (5 for flclustering) keeps a cluster of one from "
+        "throttling every round, but also absorbs a true minority group that small",
+    )
     participant_tokens: OptionalStr = Field(
         None,
         description="JSON {participant id: sha256 of its token's secret} (`flclustering "
