@@ -196,7 +196,7 @@ LOCAL_GROUPS = (
     Group("defence"),
     Group("data"),
     Group("adversary"),
-    Group("clustering", only=("cluster_method",)),
+    Group("clustering", only=("cluster_method", "min_cluster")),
     Group("privacy"),
     Group("pace"),
     Group("devices"),

@@ -355,6 +355,16 @@ class DefenceSettings(Settings):
         description="reject deltas closer to another than this times the round's median "
         "distance between deltas (colluders sending one crafted delta)",
     )
+    direction_check: bool = Field(
+        True,
+        description="drop a cluster delta that points against the round's robust centre "
+        "(negative cosine): a cluster tipped by colluders",
+    )
+    recentre: bool = Field(
+        False,
+        description="clip every cluster delta towards the round's robust centre, to the "
+        "median cluster's distance from it",
+    )
     mixing: bool = Field(
         False,
         description="nearest-neighbour mixing: each update replaced by the mean of its n - f "

@@ -16,21 +16,30 @@ model is a delta of about twice (or many times) the whole model. Three layers, e
 2. The robust rule inside each cluster (Multi-Krum by default: it averages the n - f best
    instead of keeping one, so a clean round loses little; f from the configured share).
 3. Cluster check. A cluster delta longer than `cluster_factor` times the lower median of the
-   cluster delta lengths is dropped and the merge weights are renormalised over the rest.
+   cluster delta lengths is dropped, and so is one that points against the round's robust
+   centre (`direction_check`); the merge weights are renormalised over the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from services.core.errors import ConfigError
-from services.core.robust import RULES, Selection, attackers_for, mixed_select
+from services.core.robust import (
+    RULES,
+    Selection,
+    attackers_for,
+    centred_clipping_select,
+    mixed_select,
+)
 from services.core.rows import MatrixRows, Rows, Scan, scan, take
 from services.core.twins import twins
+
+SCREENS = ("non-finite", "norm", "near-twin")  # the round-wide layers' reasons
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class DefenceConfig:
     cluster_factor: float | None = 3.0  # None switches the cluster check off
     twin_factor: float | None = 0.03  # None switches the near-twin screen off
     mixing: bool = False  # nearest-neighbour mixing before the rule (robust.nnm_mixing)
+    direction: bool = True  # with the cluster check: drop clusters against the round
+    recentre: bool = False  # with it: clip cluster deltas towards the round's centre
 
     def __post_init__(self) -> None:
         RULES[self.rule]
@@ -182,31 +193,160 @@ def select(
     return out
 
 
-def cluster_norms(defence: RoundDefence, gram: torch.Tensor, rows: Rows) -> dict[int, float]:
-    """Each chosen cluster delta's length: sqrt(c^T G c) for a weighted sum of rows, one
-    pass over the blocks for the coordinate-wise rules (skipped when there are none)."""
-    out: dict[int, float] = {}
+def round_reference(
+    defence: RoundDefence, gram: torch.Tensor, config: DefenceConfig
+) -> torch.Tensor:
+    """Coefficients (n,) over the round's rows of its robust centre, clusters ignored: the
+    centred clipping of every screened row (f from the share over the whole round), zero on
+    rows the screens rejected. What the direction check measures cluster deltas against."""
+    n = gram.shape[0]
+    out = torch.zeros(n, dtype=torch.float64, device=gram.device)
+    kept = [i for i in range(n) if defence.rejected_updates.get(i) not in SCREENS]
+    if not kept:
+        return out
+    idx = torch.tensor(kept, device=gram.device)
+    chosen = centred_clipping_select(
+        _sub_gram(gram, idx), attackers_for(len(kept), config.byzantine_fraction)
+    )
+    if chosen.coefficients is None:  # too few rows for Krum: their mean
+        out[idx] = 1.0 / len(kept)
+    else:
+        out[idx] = chosen.coefficients.to(out.dtype)
+    return out
+
+
+def _full(choice: ClusterChoice, n: int, device: torch.device) -> torch.Tensor:
+    """A linear cluster choice's coefficients over all n rows of the round."""
+    assert choice.selection.coefficients is not None
+    out = torch.zeros(n, dtype=torch.float64, device=device)
+    out[list(choice.rows)] = choice.selection.coefficients.to(device, torch.float64)
+    return out
+
+
+@dataclass(frozen=True)
+class ClusterFigures:
+    """Each chosen cluster delta's length and, with a reference, its inner product with it."""
+
+    norms: dict[int, float]
+    dots: dict[int, float] = field(default_factory=dict)
+    reference_norm: float = 0.0
+
+
+def cluster_figures(
+    defence: RoundDefence,
+    gram: torch.Tensor,
+    rows: Rows,
+    reference: torch.Tensor | None = None,
+) -> ClusterFigures:
+    """Each chosen cluster delta's length (sqrt(c^T G c) for a weighted sum of rows) and its
+    inner product with the reference (c^T G r), from the Gram matrix; one pass over the
+    blocks for the coordinate-wise rules (skipped when there are none)."""
+    n = gram.shape[0]
+    g = gram.double()
+    norms: dict[int, float] = {}
+    dots: dict[int, float] = {}
     squares: dict[int, torch.Tensor] = {}
+    products: dict[int, torch.Tensor] = {}
     for c, choice in defence.cluster_results.items():
         if c in defence.rejected_clusters:
             continue
         if choice.linear:
-            assert choice.selection.coefficients is not None
-            sub = _sub_gram(gram, torch.tensor(choice.rows, device=gram.device))
-            w = choice.selection.coefficients.to(gram.device, gram.dtype)
-            out[c] = float((w @ sub @ w).clamp(min=0).sqrt())
+            w = _full(choice, n, g.device)
+            norms[c] = float((w @ g @ w).clamp(min=0).sqrt())
+            if reference is not None:
+                dots[c] = float(w @ g @ reference.to(g.device, g.dtype))
         else:
             squares[c] = torch.zeros((), dtype=torch.float64, device=rows.device)
+            products[c] = torch.zeros((), dtype=torch.float64, device=rows.device)
     if squares:
         d = rows.shape[1]
+        r = None if reference is None else reference.to(rows.device, torch.float32)
         for start, block in rows.blocks():
+            ref_block = None if r is None else r @ block
             for c, total in squares.items():
                 delta = defence.cluster_results[c].apply(block)
                 total += delta.double().square().sum()
+                if ref_block is not None:
+                    products[c] += (delta.double() * ref_block.double()).sum()
                 if start == 0 and block.shape[1] == d:  # the whole delta: keep it for the merge
                     defence.cluster_deltas[c] = delta
-        out.update({c: float(total.sqrt()) for c, total in squares.items()})
-    return out
+        norms.update({c: float(total.sqrt()) for c, total in squares.items()})
+        if reference is not None:
+            dots.update({c: float(v) for c, v in products.items()})
+    ref_norm = 0.0
+    if reference is not None:
+        rr = reference.to(g.device, g.dtype)
+        ref_norm = float((rr @ g @ rr).clamp(min=0).sqrt())
+    return ClusterFigures(norms, dots, ref_norm)
+
+
+def cluster_norms(defence: RoundDefence, gram: torch.Tensor, rows: Rows) -> dict[int, float]:
+    """Each chosen cluster delta's length (see `cluster_figures`)."""
+    return cluster_figures(defence, gram, rows).norms
+
+
+def recentre(defence: RoundDefence, gram: torch.Tensor, reference: torch.Tensor) -> None:
+    """Clip every surviving cluster delta towards the round's robust centre r:
+    c <- r + min(1, tau / |c - r|) (c - r), tau the lower median of the |c - r| (linear
+    cluster rules; a coordinate-wise one is left as it is).
+
+    Why: clusters differ honestly (that is why there are clusters), but a cluster that
+    colluders tip (most of its selected rows) differs from the round by as much as they
+    like in the direction they like; clipped, it moves the merge at most as far from the
+    round's centre as the median cluster does, whatever weight the fair merge gives it.
+    """
+    n = gram.shape[0]
+    g = gram.double()
+    r = reference.to(g.device, g.dtype)
+    full = {
+        c: _full(ch, n, g.device)
+        for c, ch in defence.cluster_results.items()
+        if c not in defence.rejected_clusters and ch.linear
+    }
+    if len(full) < 2:
+        return
+    dist = {c: float(((w - r) @ g @ (w - r)).clamp(min=0).sqrt()) for c, w in full.items()}
+    ordered = sorted(dist.values())
+    tau = ordered[(len(ordered) - 1) // 2]
+    for c, w in full.items():
+        if dist[c] <= tau or dist[c] <= 0:
+            continue
+        scale = tau / dist[c]
+        coefficients = (r + scale * (w - r)).to(torch.float32)
+        choice = defence.cluster_results[c]
+        selection = replace(
+            choice.selection,
+            kept=choice.kept,
+            rejected=choice.rejected,
+            coefficients=coefficients,
+        )
+        defence.cluster_results[c] = ClusterChoice(tuple(range(n)), selection)
+        defence.cluster_deltas.pop(c, None)
+
+
+def direction_check(defence: RoundDefence, figures: ClusterFigures) -> None:
+    """Drop a cluster whose delta points against the round's robust centre (a negative
+    cosine with `round_reference`); the merge renormalises over the rest.
+
+    Why: colluders who tip a cluster (cluster steering: they are most of its selected rows,
+    so its rule keeps them) send minus their honest delta, which the norm screen, the
+    near-twin screen (jittered copies) and the length check all pass; the fair merge then
+    weighs that cluster up because the model serves it worst. Honest clusters' deltas
+    share the round's direction: over clean runs on practical-noniid, rotated groups, iid
+    and Dirichlet(0.3) shards the smallest cosine of an honest cluster delta with the
+    round's coordinate-wise median was 0.04; a tipped cluster's was -0.76.
+    """
+    if figures.reference_norm <= 0:
+        return
+    for c, dot in figures.dots.items():
+        nrm = figures.norms.get(c, 0.0)
+        if c in defence.rejected_clusters or nrm <= 0:
+            continue
+        cosine = dot / (nrm * figures.reference_norm)
+        if cosine < 0:
+            defence.rejected_clusters[c] = (
+                f"cluster delta points against the round (cosine {cosine:.2f})"
+            )
 
 
 def check(defence: RoundDefence, norms: dict[int, float], factor: float | None) -> None:
@@ -234,7 +374,14 @@ def defend_rows(
     found = scan(rows) if found is None else found
     out = select(found, clusters, config, samples)
     if config.cluster_factor is not None and len(out.survivors) >= 2:
-        check(out, cluster_norms(out, found.gram, rows), config.cluster_factor)
+        wanted = config.direction or config.recentre
+        reference = round_reference(out, found.gram, config) if wanted else None
+        figures = cluster_figures(out, found.gram, rows, reference)
+        check(out, figures.norms, config.cluster_factor)
+        if config.direction and len(out.survivors) >= 2:
+            direction_check(out, figures)
+        if reference is not None and config.recentre:
+            recentre(out, found.gram, reference)
     return out, found
 
 

@@ -63,6 +63,10 @@ class DefenceKnobs(Protocol):
     def q(self) -> float: ...
     @property
     def mixing(self) -> bool: ...
+    @property
+    def direction_check(self) -> bool: ...
+    @property
+    def recentre(self) -> bool: ...
 
 
 def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
@@ -74,6 +78,8 @@ def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
         settings.cluster_factor if strategy.defended else None,
         settings.twin_factor if strategy.defended else None,
         settings.mixing and strategy.defended,
+        settings.direction_check,
+        settings.recentre,
     )
 
 

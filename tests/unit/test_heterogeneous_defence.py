@@ -106,10 +106,53 @@ def test_defence_with_mixing_and_centred_clipping_runs_over_clusters() -> None:
     x = torch.cat([_honest(6, seed=1), _honest(6, seed=2) + 1])
     labels = [0] * 6 + [1] * 6
     for config in (
-        DefenceConfig("centred-clipping"),
+        DefenceConfig("centred-clipping", 0.2),
         DefenceConfig("multi-krum", mixing=True),
     ):
         out = defend(x, labels, config)
         assert out.survivors == [0, 1]
         assert torch.allclose(out.cluster_deltas[0], x[:6].mean(0), atol=0.1)
         assert torch.allclose(out.cluster_deltas[1], x[6:].mean(0), atol=0.1)
+
+
+def _tipped_round() -> tuple[torch.Tensor, list[int]]:
+    """Four honest clusters pulling the round's way, and a fifth (cluster 2, a fifth of the
+    round) whose rows all point back."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.ones(40)
+    parts = [base + 0.1 * c + 0.3 * torch.randn(5, 40, generator=g) for c in range(4)]
+    tipped = -base + 0.05 * torch.randn(5, 40, generator=g)  # as long as an honest one
+    x = torch.cat([parts[0], parts[1], tipped, parts[2], parts[3]])
+    return x, [c for c in range(5) for _ in range(5)]
+
+
+def test_a_cluster_pointing_against_the_round_is_dropped() -> None:
+    x, labels = _tipped_round()
+    out = defend(x, labels, DefenceConfig("centred-clipping", 0.2))
+    assert out.survivors == [0, 1, 3, 4]
+    assert "points against the round" in out.rejected_clusters[2]
+    # Off, the cluster check by length alone lets it through.
+    off = defend(x, labels, DefenceConfig("centred-clipping", 0.2, direction=False))
+    assert off.survivors == [0, 1, 2, 3, 4]
+
+
+def test_honest_clusters_that_differ_are_kept() -> None:
+    g = torch.Generator().manual_seed(4)
+    shared = torch.ones(40)
+    own = torch.zeros(3, 40)
+    for c in range(3):  # each cluster also pulls its own coordinates
+        own[c, c * 10 : c * 10 + 10] = 3.0
+    x = torch.cat([shared + own[c] + 0.3 * torch.randn(5, 40, generator=g) for c in range(3)])
+    out = defend(x, [c for c in range(3) for _ in range(5)], DefenceConfig("centred-clipping", 0.2))
+    assert out.survivors == [0, 1, 2] and not out.rejected_clusters
+
+
+def test_recentring_clips_the_farthest_cluster_to_the_median_distance() -> None:
+    x, labels = _tipped_round()
+    out = defend(x, labels, DefenceConfig("centred-clipping", 0.2, direction=False, recentre=True))
+    assert out.survivors == [0, 1, 2, 3, 4]
+    plain = defend(x, labels, DefenceConfig("centred-clipping", 0.2, direction=False))
+    # The tipped cluster moved towards the round's centre: its delta is no longer minus
+    # the honest direction at full length, and the honest clusters within tau are untouched.
+    assert float(out.cluster_deltas[2].mean()) > float(plain.cluster_deltas[2].mean()) + 0.5
+    assert torch.allclose(out.cluster_deltas[0], plain.cluster_deltas[0], atol=1e-5)
