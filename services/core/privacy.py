@@ -9,8 +9,10 @@ delta), membership and the cluster assignment are public. One participant then c
 only its own cluster's A_c, and by at most
     - C / n_c for the clipped mean with a fixed denominator n_c (the cluster's expected
       sampled count: the realised count would leak whether it was sampled);
-    - 2 sqrt(2) C for Krum, Multi-Krum and the median: their output can be another
-      participant's update or a mean of a different subset (all in the ball of radius C),
+    - 2 sqrt(2) C for Krum, Multi-Krum, centred clipping and the median: their output can
+      be another participant's update or a convex combination of a different subset (all
+      in the ball of radius C; centred clipping's steps keep its coefficients non-negative
+      and summing to 1),
       or the coordinate-wise median of a fallback (in the ball of radius sqrt(2) C: at
       least half the values of a coordinate are at least as large as the median's), so
       two outputs differ by at most twice that radius.

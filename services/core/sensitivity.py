@@ -10,7 +10,10 @@ from services.core.errors import ConfigError
 
 SPREAD_ANY = 2.0 * math.sqrt(2.0)  # output moved by one participant, in units of C
 MEAN_RULES = frozenset({"fedavg"})  # rules that become the fixed-denominator clipped mean
-SELECTING_RULES = frozenset({"krum", "multi-krum", "median"})  # bounded by SPREAD_ANY
+# Bounded by SPREAD_ANY: their output lies in the ball of radius sqrt(2) C around 0 (a
+# convex combination of clipped rows, centred clipping's included: each of its steps keeps
+# the coefficients non-negative and summing to 1; or a median).
+SELECTING_RULES = frozenset({"krum", "multi-krum", "median", "centred-clipping"})
 PRIVATE_RULES = MEAN_RULES | SELECTING_RULES
 
 

@@ -156,3 +156,16 @@ def test_recentring_clips_the_farthest_cluster_to_the_median_distance() -> None:
     # the honest direction at full length, and the honest clusters within tau are untouched.
     assert float(out.cluster_deltas[2].mean()) > float(plain.cluster_deltas[2].mean()) + 0.5
     assert torch.allclose(out.cluster_deltas[0], plain.cluster_deltas[0], atol=1e-5)
+
+
+def test_centred_clipping_is_a_convex_combination() -> None:
+    # What its central-DP sensitivity rests on (core/sensitivity.py): coefficients >= 0
+    # summing to 1, whatever the rows and the declared counts.
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        x = torch.randn(9, 30, generator=g) * (1 + 10 * torch.rand(9, 1, generator=g))
+        counts = 1 + 1000 * torch.rand(9, generator=g)
+        sel = centred_clipping_select(gram_of(x), 1, counts if trial % 2 else None)
+        assert sel.coefficients is not None
+        assert float(sel.coefficients.min()) >= -1e-6
+        assert abs(float(sel.coefficients.sum()) - 1.0) < 1e-5
