@@ -9,19 +9,48 @@ import numpy as np
 from services.core.errors import ConfigError
 
 
+def shares(sizes: Sequence[int], total: int, round_: int = 0) -> list[int]:
+    """How many to select from each cluster: as equal as the clusters' sizes allow.
+
+    Water-filling: every cluster gets the same share, a cluster smaller than it gives all
+    its members, and what it could not give is shared by the others the same way. The
+    last remainder (fewer than the clusters still open) goes one each to clusters that
+    rotate with the round, so equal clusters get shares that differ by at most one in a
+    round and are equal over every k rounds.
+
+    Departure from the published min(total / k, smallest cluster) from every cluster: one
+    cluster of 1 then held every round of a 30-participant federation to k updates (digits,
+    Dirichlet(0.3) shards, seed 0: three per round, 0.68 against FedAvg's 0.90). A large
+    cluster still cannot crowd out a small one: the small one gives every member it has,
+    and the merge weighs clusters, not updates.
+    """
+    k = len(sizes)
+    counts = [0] * k
+    remaining = min(total, sum(sizes))
+    open_ = [c for c in range(k) if sizes[c] > 0]
+    while remaining > 0 and open_:
+        share = remaining // len(open_)
+        if share == 0:  # the remainder: one each, rotating with the round
+            first = (max(round_, 0) * remaining) % len(open_)
+            for j in range(remaining):
+                counts[open_[(first + j) % len(open_)]] += 1
+            break
+        for c in open_:
+            give = min(share, sizes[c] - counts[c])
+            counts[c] += give
+            remaining -= give
+        open_ = [c for c in open_ if counts[c] < sizes[c]]
+    return counts
+
+
 def fair_select(
     assignment: Sequence[int] | np.ndarray,
     total: int,
     rng: np.random.Generator,
     round_: int = 0,
 ) -> dict[int, list[int]]:
-    """The same number from every cluster, uniformly at random inside each.
+    """`shares` of `total` from every cluster, uniformly at random inside each.
 
-    per_cluster = min(total // k, smallest cluster size): a large cluster cannot crowd out a
-    small one. The remainder r = total mod k (when no cluster caps the share) goes one each to
-    r clusters that rotate with the round: shares differ by at most one in a round and are
-    equal over every k rounds, and `--select 100` over 3 clusters selects 100, not 99 (the
-    research code gives the remainder to the last cluster, which favours it every round).
     Returns cluster -> sorted participant indices.
     """
     labels = np.asarray(assignment)
@@ -32,16 +61,10 @@ def fair_select(
     if total < k:
         raise ConfigError(f"selecting {total} participants cannot cover {k} clusters")
     members = {c: np.flatnonzero(labels == c) for c in clusters}
-    per = min(total // k, min(len(m) for m in members.values()))
-    extra = total - per * k if per == total // k else 0
-    first = (max(round_, 0) * extra) % k
-    plus = {clusters[(first + j) % k] for j in range(extra)}
+    counts = shares([len(members[c]) for c in clusters], total, round_)
     return {
-        c: sorted(
-            int(i)
-            for i in rng.choice(members[c], min(per + (c in plus), len(members[c])), replace=False)
-        )
-        for c in clusters
+        c: sorted(int(i) for i in rng.choice(members[c], n, replace=False))
+        for c, n in zip(clusters, counts, strict=True)
     }
 
 

@@ -7,13 +7,15 @@ import pytest
 
 from services.core.errors import ConfigError
 from services.core.plan import evaluation_sample
-from services.core.selection import fair_select, random_select
+from services.core.selection import fair_select, random_select, shares
 
 
 def test_fair_select_takes_equal_shares():
     labels = np.array([0] * 20 + [1] * 3 + [2] * 7)
     picked = fair_select(labels, 12, np.random.default_rng(0))
-    assert {c: len(v) for c, v in picked.items()} == {0: 3, 1: 3, 2: 3}  # min(12 // 3, 3)
+    # 4 each, but cluster 1 has 3: its fourth is shared by the others (the remainder in
+    # rotation), not dropped from the round.
+    assert {c: len(v) for c, v in picked.items()} == {0: 5, 1: 3, 2: 4}
     for c, members in picked.items():
         assert all(labels[i] == c for i in members)
         assert len(set(members)) == len(members)
@@ -55,9 +57,22 @@ def test_fair_select_hands_out_the_remainder_in_rotation():
         assert sum(sizes) == 100 and max(sizes) - min(sizes) == 1
         totals += sizes
     assert totals.tolist() == [100, 100, 100]  # equal over k rounds
-    # A small cluster caps the share: nobody gets more than it can give.
+    # A small cluster gives all it has, and the others take what it could not give.
     capped = fair_select(np.array([0] * 20 + [1] * 3), 10, rng, 1)
-    assert {c: len(v) for c, v in capped.items()} == {0: 3, 1: 3}
+    assert {c: len(v) for c, v in capped.items()} == {0: 7, 1: 3}
+
+
+def test_a_cluster_of_one_does_not_throttle_the_round():
+    # Ward on Dirichlet shards made clusters of 18, 11 and 1: the round still selects 15.
+    labels = np.array([0] * 18 + [1] * 11 + [2])
+    for r in range(4):
+        counts = {
+            c: len(v) for c, v in fair_select(labels, 15, np.random.default_rng(r), r).items()
+        }
+        assert counts[2] == 1 and sum(counts.values()) == 15
+        assert abs(counts[0] - counts[1]) <= 1
+    assert shares([2, 2], 10) == [2, 2]  # never more than there are
+    assert shares([5, 0, 5], 4, 1) == [2, 0, 2]
 
 
 def test_evaluation_sample_is_everyone_up_to_the_limit_then_a_stratified_sample():
