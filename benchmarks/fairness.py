@@ -29,7 +29,9 @@ from script import parser, write_json  # beside this script
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
     "rotated": {"partition": "rotated-groups"},
-    "minority": {"partition": "rotated-groups", "group_sizes": (20, 8, 2)},
+    # min_cluster 1: the pair is a cluster of its own (undefended: smaller than the rule's
+    # minimum, which would have it absorbed by the nearest cluster).
+    "minority": {"partition": "rotated-groups", "group_sizes": (20, 8, 2), "min_cluster": 1},
 }
 STRATEGIES = ("fedavg", "qffl", "flclustering", "flclustering-fedavg", "flclustering+personalise")
 PERSONAL = "+personalise"  # the strategy with --personalise: its rows read the cluster models

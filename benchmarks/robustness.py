@@ -68,7 +68,6 @@ SECONDS = {
     "synthetic": 20.0,
 }
 SECONDS_DEFAULT = 9.0
-MIN_CLUSTER = 5
 QUICK_SETTINGS = ("practical-noniid", "dirichlet-0.3", "rotated")
 STRATEGIES = ("fedavg", "median", "trimmed-mean", "multi-krum", "flclustering")
 BASELINES = ("fedavg", "median", "trimmed-mean")  # flclustering's clean goal: the best of them
@@ -148,15 +147,8 @@ def run_one(job: dict[str, Any], keys: dict[str, Any], rounds: int) -> dict[str,
     from services.local import run_local
 
     torch.set_num_threads(1)
-    # min_cluster 5: clusters under Multi-Krum's minimum are absorbed (no setting here has
-    # a true minority group that small; docs/decisions.md).
     cfg = ExperimentConfig().replace(
-        strategy=job["strategy"],
-        rounds=rounds,
-        seed=job["seed"],
-        guard=False,
-        min_cluster=MIN_CLUSTER,
-        **keys,
+        strategy=job["strategy"], rounds=rounds, seed=job["seed"], guard=False, **keys
     )
     start = time.perf_counter()
     result = run_local(cfg)

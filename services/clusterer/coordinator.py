@@ -48,6 +48,7 @@ from services.core.plan import evaluation_sample, group_accuracy, plan_round
 from services.core.privacy import expected_counts
 from services.core.quarantine import Judgement, judge
 from services.core.record import RoundRecord
+from services.core.robust import smallest_cluster
 from services.core.selection import poisson_rates
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
@@ -210,6 +211,7 @@ class Coordinator(ClustererParts):
         self.fed = self.config.federation
         self.timing = self.config.transport
         self.strategy = get_strategy(self.fed.strategy)
+        self._byzantine_fraction = 0.2  # the aggregator's, once its status is read
         self.rng = np.random.default_rng(self.fed.seed)
         self.metrics.rounds_total.set(self.fed.rounds)
         self.metrics.round.set(-1)
@@ -256,7 +258,9 @@ class Coordinator(ClustererParts):
     def _run(self) -> None:
         """The protocol from wherever the (restored) state stands."""
         try:
-            self._aggregator_status()  # the same strategy on both sides, before anyone waits
+            # The same strategy on both sides, before anyone waits; the aggregator's share
+            # of attackers sizes the smallest cluster its rule defends.
+            self._byzantine_fraction = self._aggregator_status().policy.byzantine_fraction
             self._refresh_model(0)
             if self.restored:
                 self._restore_model()
@@ -488,7 +492,9 @@ class Coordinator(ClustererParts):
             self.fed.clusters,
             self.config.clustering.cluster_method,
             self.fed.seed,
-            min_size=self.config.clustering.min_cluster,
+            min_size=smallest_cluster(
+                self.strategy.rule, self._byzantine_fraction, self.config.clustering.min_cluster
+            ),
         )
         took = time.monotonic() - began
         self.metrics.clustering_seconds.observe(took)

@@ -34,13 +34,13 @@ class ClusteringSettings(Settings):
     cluster_method: Annotated[str, choice(CLUSTER_METHODS)] = Field(
         "hierarchical", description="how pre-training deltas are clustered"
     )
-    min_cluster: int = Field(
-        1,
+    min_cluster: int | None = Field(
+        None,
         ge=1,
         le=1_000_000,
-        description="clusters of fewer members are absorbed by the nearest (1: none); the "
-        "fewest updates the rule runs on (5 for flclustering) keeps a cluster of one from "
-        "throttling every round, but also absorbs a true minority group that small",
+        description="clusters of fewer members are absorbed by the nearest (default: the "
+        "fewest updates the strategy's rule runs on, 5 for flclustering; 1: none, to serve "
+        "a smaller group on its own, undefended)",
     )
     participant_tokens: OptionalStr = Field(
         None,

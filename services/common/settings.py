@@ -360,6 +360,11 @@ class DefenceSettings(Settings):
         description="drop a cluster delta that points against the round's robust centre "
         "(negative cosine): a cluster tipped by colluders",
     )
+    clip_median: bool = Field(
+        False,
+        description="clip every update to the round's median update length before the "
+        "defence (FLAME's clipping; central DP clips to --dp-clip instead)",
+    )
     recentre: bool = Field(
         False,
         description="clip every cluster delta towards the round's robust centre, to the "

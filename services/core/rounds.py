@@ -30,7 +30,7 @@ from services.core.privacy import (
     update_multiplier,
 )
 from services.core.robust import Selection
-from services.core.rows import MatrixRows, Rows, scan, take
+from services.core.rows import MatrixRows, Rows, Scan, scan, take
 from services.core.sensitivity import MEAN_RULES
 from services.core.strategies import Strategy
 
@@ -67,6 +67,8 @@ class DefenceKnobs(Protocol):
     def direction_check(self) -> bool: ...
     @property
     def recentre(self) -> bool: ...
+    @property
+    def clip_median(self) -> bool: ...
 
 
 def defence_for(strategy: Strategy, settings: DefenceKnobs) -> DefenceConfig:
@@ -153,7 +155,13 @@ def aggregate_round(
         return private_round(
             global_w, rows, clusters, strategy, round_, cluster_accuracy, defence, privacy
         )
-    outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples)
+    found = None
+    if defence.clip_median and strategy.defended:
+        # One clipping stage, as central DP's: every update clipped to the round's median
+        # length (FLAME), so that a boosted update counts as an ordinary one.
+        found = scan(rows)
+        rows, found = median_clipped(rows, found)
+    outcome, found = defend_rows(rows, clusters, defence_for(strategy, defence), samples, found)
     n = rows.shape[0]
     kept = [i for i in range(n) if i not in outcome.rejected_updates]
     facts = MergeFacts(
@@ -182,6 +190,20 @@ def aggregate_round(
         models[c] = combine(base, rows, outcome, MergePlan({c: 1.0}))
         merged.add_(models[c], alpha=p)
     return RoundOutcome(merged, outcome, plan.group_weights, models)
+
+
+def median_clipped(rows: Rows, found: Scan) -> tuple[Rows, Scan]:
+    """The rows clipped to the median length of the finite ones, and their Gram matrix
+    (from the unclipped one: no second pass)."""
+    sq = found.gram.diagonal()
+    finite = sq[found.finite]
+    if finite.numel() == 0:
+        return rows, found
+    bound = float(finite.double().clamp(min=0).sqrt().median())
+    if bound <= 0:
+        return rows, found
+    factors = clip_factors(sq, bound)
+    return ScaledRows(rows, factors), scaled_scan(found, factors)
 
 
 def fixed_means(outcome: RoundDefence, expected: Mapping[int, float]) -> None:

@@ -303,6 +303,7 @@ def test_personalised_models_through_the_services_match_the_in_process_run(tmp_p
     model, the aggregator keeps (and saves) one per cluster, and the figures are the
     in-process federation's (the same plan, the same bases, the same rules)."""
     flags = ["--personalise", "--partition", "rotated-groups", "--group-sizes", "6,4,2"]
+    flags += ["--min-cluster", "1"]  # clusters of 2: served on their own, undefended
     flags += ["--participants", "12", "--select", "6", "--rounds", "3", "--seed", "1"]
     results, out, _ = simulate(tmp_path, "sim", *flags, "--per-process", "6")
     local = local_run(tmp_path, *flags)

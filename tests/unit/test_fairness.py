@@ -15,7 +15,9 @@ from services.core.strategies import get_strategy
 from services.experiment import ExperimentConfig
 from services.local import run_local
 
-MINORITY = dict(partition="rotated-groups", group_sizes=(20, 8, 2))
+# min_cluster 1: the pair is served as a cluster of its own, undefended (the default would
+# have it absorbed by the nearest cluster: it is smaller than Multi-Krum's minimum).
+MINORITY = dict(partition="rotated-groups", group_sizes=(20, 8, 2), min_cluster=1)
 
 
 def test_personalised_round_moves_each_cluster_model_by_its_own_delta():
@@ -90,7 +92,15 @@ def test_per_cluster_models_serve_the_minority_where_one_model_does_not():
 @pytest.mark.parametrize("strategy", ["fedavg", "qffl", "flclustering"])
 def test_local_writes_worst_group_accuracy_on_the_minority_scenario(strategy, tmp_path, capsys):
     out = tmp_path / strategy
-    argv = ["local", "--partition", "rotated-groups", "--group-sizes", "20,8,2"]
+    argv = [
+        "local",
+        "--partition",
+        "rotated-groups",
+        "--group-sizes",
+        "20,8,2",
+        "--min-cluster",
+        "1",
+    ]
     argv += ["--strategy", strategy, "--rounds", "2", "--out", str(out)]
     assert main(argv) == 0
     final = json.loads((out / "results.json").read_text())["final"]
