@@ -22,7 +22,7 @@ from torch import nn
 from services.common.figures import accuracy_summary, group_means, purity
 from services.common.settings import TrainingSettings
 from services.common.wire import nbytes
-from services.core.clustering import group_deltas
+from services.core.clustering import MinCluster, group_deltas
 from services.core.defence import DefenceConfig
 from services.core.device import resolve_device
 from services.core.errors import ConfigError
@@ -31,7 +31,7 @@ from services.core.model_file import ModelCard
 from services.core.models import build_model
 from services.core.plan import static_group
 from services.core.quantise import Compression, ErrorFeedback, PayloadError, decode, payload_bytes
-from services.core.robust import smallest_cluster
+from services.core.robust import rule_minimum
 from services.core.rounds import defence_for
 from services.core.strategies import Strategy, get_strategy
 from services.core.tensors import TensorSpec, flatten, spec_of, unflatten
@@ -240,8 +240,9 @@ def prepare(config: ExperimentConfig) -> Federation:
             fed.clusters,
             config.clustering.cluster_method,
             fed.seed,
-            min_size=smallest_cluster(
-                strategy.rule, config.defence.byzantine_fraction, config.clustering.min_cluster
+            min_size=MinCluster(
+                rule_minimum(strategy.rule, config.defence.byzantine_fraction),
+                config.clustering.min_cluster,
             ),
         )
         # A refused delta (never from an honest participant) leaves its owner ungrouped (-1).

@@ -42,13 +42,13 @@ from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.streams import read_encoded
 from services.common.wire import spec_from_pb
 from services.core.accountant import Ledger, Step
-from services.core.clustering import group_deltas
+from services.core.clustering import MinCluster, group_deltas
 from services.core.errors import ConfigError, StateError
 from services.core.plan import evaluation_sample, group_accuracy, plan_round
 from services.core.privacy import expected_counts
 from services.core.quarantine import Judgement, judge
 from services.core.record import RoundRecord
-from services.core.robust import smallest_cluster
+from services.core.robust import rule_minimum
 from services.core.selection import poisson_rates
 from services.core.strategies import get_strategy
 from services.core.tensors import TensorSpec
@@ -492,8 +492,9 @@ class Coordinator(ClustererParts):
             self.fed.clusters,
             self.config.clustering.cluster_method,
             self.fed.seed,
-            min_size=smallest_cluster(
-                self.strategy.rule, self._byzantine_fraction, self.config.clustering.min_cluster
+            min_size=MinCluster(
+                rule_minimum(self.strategy.rule, self._byzantine_fraction),
+                self.config.clustering.min_cluster,
             ),
         )
         took = time.monotonic() - began

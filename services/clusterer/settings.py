@@ -39,8 +39,9 @@ class ClusteringSettings(Settings):
         ge=1,
         le=1_000_000,
         description="clusters of fewer members are absorbed by the nearest (default: the "
-        "fewest updates the strategy's rule runs on, 5 for flclustering; 1: none, to serve "
-        "a smaller group on its own, undefended)",
+        "fewest updates the strategy's rule runs on, 5 for flclustering, at most half of "
+        "an even share of the participants; 1: none, to serve a smaller group on its own, "
+        "undefended)",
     )
     participant_tokens: OptionalStr = Field(
         None,

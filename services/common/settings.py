@@ -356,7 +356,7 @@ class DefenceSettings(Settings):
         "distance between deltas (colluders sending one crafted delta)",
     )
     direction_check: bool = Field(
-        True,
+        False,
         description="drop a cluster delta that points against the round's robust centre "
         "(negative cosine): a cluster tipped by colluders",
     )

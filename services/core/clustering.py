@@ -409,7 +409,7 @@ def group_deltas(
     seed: int = 0,
     fit_sample: int = FIT_SAMPLE,
     twin_factor: float | None = TWIN_FACTOR,
-    min_size: int = 1,
+    min_size: MinCluster | None = None,
 ) -> tuple[torch.Tensor, ClusterResult]:
     """Screen the pre-training deltas and cluster those fit to it into k (at most one per
     delta; None: chosen automatically). The clusterer and the in-process federation both
@@ -428,7 +428,31 @@ def group_deltas(
         raise ConfigError("no pre-training delta is fit to cluster (all non-finite or absurd)")
     k = None if clusters is None else min(clusters, kept.shape[0])
     found = cluster(kept, k=k, method=method, seed=seed, fit_sample=fit_sample)
-    return fit, defensible(found, min_size, method)
+    size = 1 if min_size is None else min_size.of(kept.shape[0], found.k)
+    return fit, defensible(found, size, method)
+
+
+@dataclass(frozen=True)
+class MinCluster:
+    """The fewest members a cluster keeps: what the settings ask (`asked`), or by default
+    the fewest updates the rule runs on (`rule_min`: a smaller cluster is not defended),
+    but no more than half of an even share of the participants.
+
+    Why the cap: in a federation too small to give every cluster the rule's minimum (6
+    participants in 3 clusters), no cluster is defended on its own whatever is absorbed,
+    and the clustering is what serves its groups; only a cluster far below its even share
+    there (an outlier of 1 among clusters of 5) is absorbed. With 30 participants in 3
+    clusters the cap is 5, Multi-Krum's minimum at 20%.
+    """
+
+    rule_min: int = 1
+    asked: int | None = None
+
+    def of(self, n: int, k: int) -> int:
+        """The minimum for n participants in k clusters."""
+        if self.asked is not None:
+            return self.asked
+        return max(1, min(self.rule_min, n // (2 * max(k, 1))))
 
 
 def defensible(found: ClusterResult, min_size: int, method: str = "hierarchical") -> ClusterResult:

@@ -52,7 +52,7 @@ class DefenceConfig:
     cluster_factor: float | None = 3.0  # None switches the cluster check off
     twin_factor: float | None = 0.03  # None switches the near-twin screen off
     mixing: bool = False  # nearest-neighbour mixing before the rule (robust.nnm_mixing)
-    direction: bool = True  # with the cluster check: drop clusters against the round
+    direction: bool = False  # with the cluster check: drop clusters against the round
     recentre: bool = False  # with it: clip cluster deltas towards the round's centre
 
     def __post_init__(self) -> None:

@@ -349,12 +349,6 @@ def rule_minimum(rule: str, byzantine_fraction: float) -> int:
     raise ConfigError(f"no buffer runs {rule} at a byzantine fraction of {byzantine_fraction}")
 
 
-def smallest_cluster(rule: str, byzantine_fraction: float, asked: int | None) -> int:
-    """The fewest members a cluster may have: `asked`, or (None) the fewest updates `rule`
-    runs on without its fallback (a smaller cluster is not defended)."""
-    return rule_minimum(rule, byzantine_fraction) if asked is None else asked
-
-
 def attackers_for(n: int, byzantine_fraction: float) -> int:
     """f for a group of n updates, from the configured share of attackers (rounded up).
 

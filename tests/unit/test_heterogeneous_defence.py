@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.core.clustering import cluster, defensible, group_deltas
+from services.core.clustering import MinCluster, cluster, defensible, group_deltas
 from services.core.defence import DefenceConfig, defend
 from services.core.distances import gram_of
 from services.core.robust import (
@@ -85,7 +85,7 @@ def test_a_cluster_smaller_than_the_rules_minimum_is_merged() -> None:
     assert "absorbed" in fixed.k_from and fixed.centres is not None
     assert fixed.centres.shape == (2, 20)
     assert defensible(raw, 1) is raw  # the mean's minimum: nothing to absorb
-    _, grouped = group_deltas(x, 3, min_size=5)
+    _, grouped = group_deltas(x, 3, min_size=MinCluster(5))
     assert grouped.k == 2
     # No split keeps clusters of 20: one cluster.
     assert defensible(raw, 20).k == 1
@@ -128,7 +128,7 @@ def _tipped_round() -> tuple[torch.Tensor, list[int]]:
 
 def test_a_cluster_pointing_against_the_round_is_dropped() -> None:
     x, labels = _tipped_round()
-    out = defend(x, labels, DefenceConfig("centred-clipping", 0.2))
+    out = defend(x, labels, DefenceConfig("centred-clipping", 0.2, direction=True))
     assert out.survivors == [0, 1, 3, 4]
     assert "points against the round" in out.rejected_clusters[2]
     # Off, the cluster check by length alone lets it through.
@@ -143,7 +143,8 @@ def test_honest_clusters_that_differ_are_kept() -> None:
     for c in range(3):  # each cluster also pulls its own coordinates
         own[c, c * 10 : c * 10 + 10] = 3.0
     x = torch.cat([shared + own[c] + 0.3 * torch.randn(5, 40, generator=g) for c in range(3)])
-    out = defend(x, [c for c in range(3) for _ in range(5)], DefenceConfig("centred-clipping", 0.2))
+    config = DefenceConfig("centred-clipping", 0.2, direction=True)
+    out = defend(x, [c for c in range(3) for _ in range(5)], config)
     assert out.survivors == [0, 1, 2] and not out.rejected_clusters
 
 
@@ -169,3 +170,12 @@ def test_centred_clipping_is_a_convex_combination() -> None:
         assert sel.coefficients is not None
         assert float(sel.coefficients.min()) >= -1e-6
         assert abs(float(sel.coefficients.sum()) - 1.0) < 1e-5
+
+
+def test_the_minimum_cluster_is_the_rules_but_at_most_half_an_even_share() -> None:
+    assert MinCluster(5).of(30, 3) == 5  # Multi-Krum's minimum at 20%
+    assert MinCluster(5).of(12, 3) == 2  # a small federation keeps clusters of 2
+    assert MinCluster(5).of(6, 3) == 1  # ... and of 1: nothing is defended there anyway
+    assert MinCluster(5, asked=1).of(30, 3) == 1  # --min-cluster 1: never absorbed
+    assert MinCluster(5, asked=8).of(12, 3) == 8  # what is asked, whatever the share
+    assert MinCluster(1).of(1000, 2) == 1  # the mean's minimum
