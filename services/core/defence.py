@@ -13,11 +13,13 @@ model is a delta of about twice (or many times) the whole model. Three layers, e
    participants train on their own data with their own seeds and never send the same
    delta, while colluders who all send one crafted delta (ALIE, IPM, Min-Max, Min-Sum) are
    at distance 0 from each other, which is exactly what Krum-type scores reward.
-2. The robust rule inside each cluster (Multi-Krum by default: it averages the n - f best
-   instead of keeping one, so a clean round loses little; f from the configured share).
+2. The robust rule inside each cluster (flclustering's: centred clipping from a Multi-Krum
+   start, which shrinks far updates instead of dropping them; f from the configured share),
+   optionally over nearest-neighbour mixes of the rows (`mixing`).
 3. Cluster check. A cluster delta longer than `cluster_factor` times the lower median of the
-   cluster delta lengths is dropped, and so is one that points against the round's robust
-   centre (`direction_check`); the merge weights are renormalised over the rest.
+   cluster delta lengths is dropped (and, as options, one that points against the round's
+   robust centre: `direction_check`; `recentre` clips cluster deltas towards that centre);
+   the merge weights are renormalised over the rest.
 """
 
 from __future__ import annotations
