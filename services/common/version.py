@@ -24,6 +24,9 @@ REVISION_ENV = "FLCLUSTERING_REVISION"
 # lower than every release, so it is never mistaken for a newer one.
 UNKNOWN = "0+unknown"
 MAX_VERSION_CHARS = 64  # longer than any PEP 440 version we would publish
+# The last release whose participants send no version at Join (JoinRequest predates the
+# field): an empty participant_version is this one.
+UNVERSIONED = "0.1.0"
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
 
