@@ -66,3 +66,25 @@ def test_versions_that_are_not_are_refused_with_the_reason(text, why):
     with pytest.raises(ValueError, match=why):
         version.parse(text)
     assert version.parse("0.2.0rc1") < version.parse("0.2.0")
+
+
+def test_a_participant_sends_its_release_or_none_when_it_has_none(monkeypatch):
+    from services.participant import worker
+
+    assert worker.sent_version() == version.version() != ""
+    monkeypatch.setattr(worker, "version", lambda: version.UNKNOWN)
+    assert worker.sent_version() == ""  # taken as 0.1.0, not refused as older than any
+
+
+def test_the_clusterers_minimum_is_a_version(capsys):
+    from services.clusterer.__main__ import parser
+
+    config = parser().parse(["--min-participant-version", "0.2.0"])
+    assert config.clustering.min_participant_version == "0.2.0"
+    assert parser().parse([]).clustering.min_participant_version == version.UNVERSIONED
+    with pytest.raises(SystemExit) as exc:
+        parser().parse(["--min-participant-version", "latest"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--min-participant-version" in err
+    assert "is not a version" in err
