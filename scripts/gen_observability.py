@@ -322,6 +322,16 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                     )
                 ],
             ),
+            (
+                "Releases running, per job (a rolling upgrade: what is left to upgrade)",
+                "none",
+                [
+                    (
+                        "count by (job, version, revision) (flclustering_build_info)",
+                        "{{job}} {{version}} {{revision}}",
+                    )
+                ],
+            ),
         ],
     ),
     "flclustering-participants": (

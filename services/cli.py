@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.flags import OneLineParser, SettingsParser, add_log_flag
+from services.common.flags import OneLineParser, SettingsParser, add_log_flag, add_version_flag
 from services.core.errors import ConfigError, FLClusteringError
 from services.experiment import (
     EXPORT_GROUPS,
@@ -380,6 +380,7 @@ def _count(text: str) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, SettingsParser]]:
     """The `flclustering` parser, and the settings parser of each experiment sub-command."""
     parser = OneLineParser(prog="flclustering", description=__doc__)
+    add_version_flag(parser)
     add_log_flag(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sim = sub.add_parser(

@@ -42,6 +42,7 @@ from services.common.uploads import (
     upload_reader,
 )
 from services.common.uploads import decoded as decoded_parts
+from services.common.version import revision, version
 from services.common.wire import StreamReader
 from services.core.device import resolve_device
 from services.core.errors import ForbiddenError, StaleError, StateError, invalid
@@ -179,6 +180,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             max_staleness=config.pace.max_staleness if config.pace.asynchronous else 0,
         )
         metrics.policy.info({k: str(v) for k, v in MessageToDict(self.policy).items()})
+        self.release = (version(), revision())  # what GetAggregatorStatus reports
 
     @rpc("Aggregator.ForwardUpdate")
     def ForwardUpdate(
@@ -455,6 +457,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 pending_updates=len(self.state.pending),
                 pending_participants=list(self.state.pending),
                 policy=self.policy,
+                version=self.release[0],
+                revision=self.release[1],
             )
 
 

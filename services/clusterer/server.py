@@ -58,6 +58,7 @@ from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.schema import schema_from_wire
 from services.common.streams import part_of, read_all
 from services.common.uploads import check_update_header, check_upload
+from services.common.version import UNVERSIONED, parse, revision, version
 from services.common.wire import (
     MAX_ID_LENGTH,
     MAX_SAMPLES,
@@ -197,6 +198,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         self.polls = _Polls(self.state, self.config.clustering.max_participants)
         # What a participant of this federation sends at Join ("" for shards).
         self.schema_text = self.config.sample.text() if self.config.sample.declared else ""
+        self.oldest = parse(self.config.clustering.min_participant_version)
+        self.release = (version(), revision())  # what GetStatus reports
         tr = self.config.transport
         self.watch = StallWatch(tr.stream_idle_s, tr.stream_max_s)
         # Pre-training deltas are read whole on the server's large pool, updates are passed
@@ -231,8 +234,23 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
         device = request.device[:MAX_ID_LENGTH]
         if not device.isprintable():
             raise invalid("device must be printable text")
+        self._check_release(request.participant_version)
         self._check_schema(request.data_schema)
         return await asyncio.to_thread(self._join, request, device)
+
+    def _check_release(self, sent: str) -> None:
+        """Refuse a participant older than --min-participant-version, saying to upgrade it
+        (FAILED_PRECONDITION); one that sends a text that is no version, INVALID_ARGUMENT.
+        A participant that sends none predates the field: it is UNVERSIONED (0.1.0)."""
+        try:
+            release = parse(sent or UNVERSIONED)
+        except ValueError as exc:
+            raise invalid(f"participant_version: {exc}") from None
+        if release < self.oldest:
+            raise StateError(
+                f"participant {release} is older than the oldest this federation accepts "
+                f"({self.oldest}): upgrade the participant"
+            )
 
     def _check_schema(self, sent: str) -> None:
         """One schema per federation: a participant's data must be what the federation
@@ -544,6 +562,8 @@ class ClustererServicer(pb_grpc.ClustererServicer, ClustererParts):
             strategy=self.config.federation.strategy,
             error=v.error,
             stopped=v.stopped,
+            version=self.release[0],
+            revision=self.release[1],
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from typing_extensions import Self
 
 from services.common.schema import SchemaSettings, check_federation
@@ -17,6 +17,7 @@ from services.common.settings import (
     TrainingSettings,
     choice,
 )
+from services.common.version import UNVERSIONED, parse
 from services.core.catalog import CLUSTER_METHODS
 
 
@@ -54,6 +55,17 @@ class ClusteringSettings(Settings):
     )
     tls_cert: OptionalStr = Field(None, description="PEM certificate chain of the TLS port")
     tls_key: OptionalStr = Field(None, description="PEM private key of the TLS port")
+    min_participant_version: str = Field(
+        UNVERSIONED,
+        description="the oldest participant release admitted; an older one is refused at "
+        f"Join (FAILED_PRECONDITION, saying to upgrade); one that sends none is {UNVERSIONED}",
+    )
+
+    @field_validator("min_participant_version")
+    @classmethod
+    def _a_version(cls, value: str) -> str:
+        parse(value)  # ValueError: pydantic names the flag
+        return value
 
 
 class ClustererConfig(ServiceConfig):

@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 
 from services.common.runfile import RunFileError, load_run_file
 from services.common.settings import Choice, Settings, cut, env_name, flag_of, one_line
+from services.common.version import describe
 
 SETTINGS_ENV = "FLCLUSTERING_SETTINGS"
 # Every group any command has; a settings file may carry any of them (each command takes
@@ -62,6 +63,26 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _VersionAction(argparse.Action):
+    """--version, worked out only when asked (it may run git): print it and exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(describe())  # on stdout, as argparse's own version action prints
+        parser.exit(0)
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """--version: `flclustering 0.1.0`, with the source revision when known."""
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the release (and source revision, when known) and exit",
+    )
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,9 @@ class SettingsParser:
         cls, prog: str, description: str | None, config: type[Settings], groups: Sequence[Group]
     ) -> SettingsParser:
         """The settings parser of a whole command (its own one-line-error parser)."""
-        return cls(OneLineParser(prog=prog, description=description), config, groups)
+        parser = OneLineParser(prog=prog, description=description)
+        add_version_flag(parser)
+        return cls(parser, config, groups)
 
     def _group_model(self, key: str) -> type[Settings]:
         annotation = self.config.model_fields[key].annotation

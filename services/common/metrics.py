@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
+from services.common.version import revision, version
 from services.transport.interceptors import Wrapping, rewrap
 
 PREFIX = "flclustering"
@@ -322,9 +323,29 @@ def refusals(*extra: str) -> Metric:
     )
 
 
+class BuildMetrics(Table):
+    """Which release a process runs: during a rolling upgrade (docs/compatibility.md),
+    `count by (version) (flclustering_build_info)` shows what is left to upgrade."""
+
+    TABLE = (
+        Metric(
+            "info",
+            Info,
+            "build",
+            "The release and source revision (empty when unknown) this process runs; always 1.",
+        ),
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.info.info({"version": version(), "revision": revision()})
+
+
 class Catalogue(Table):
-    """A service's metrics: its TABLE plus the RPC metrics (`.rpc`)."""
+    """A service's metrics: its TABLE plus the RPC metrics (`.rpc`) and the build's
+    (`.build`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry)
         self.rpc = RpcMetrics(registry)
+        self.build = BuildMetrics(registry)

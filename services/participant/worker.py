@@ -27,6 +27,7 @@ from services.common.pb.flclustering.v1 import clusterer_pb2_grpc as pb_grpc
 from services.common.pb.flclustering.v1 import tensors_pb2
 from services.common.settings import PrivacySettings, TrainingSettings
 from services.common.streams import build_stream, read_model
+from services.common.version import UNKNOWN, version
 from services.core.ckks import HeKeys, PayloadError
 from services.core.errors import ConfigError, SpecMismatchError, StateError
 from services.core.models import build_model
@@ -293,6 +294,13 @@ def _of(cluster: int | None) -> str:
     return "" if cluster is None or cluster < 0 else f" of cluster {cluster}"
 
 
+def sent_version() -> str:
+    """The release this participant tells the clusterer at Join; none (taken as 0.1.0, the
+    release before versions were sent) when this copy was never installed."""
+    mine = version()
+    return "" if mine == UNKNOWN else mine
+
+
 class Participant:
     """One data owner: its data, its model, its attack (simulations only)."""
 
@@ -414,6 +422,7 @@ class Participant:
             group=self.local.group,
             data_schema=self.local.schema,
             device=str(self.settings.device),
+            participant_version=sent_version(),
         )
         # A clusterer still starting is waited for on the channel (wait_for_ready): the
         # join goes out as soon as it connects, not after the next step of a retry backoff.

@@ -61,11 +61,12 @@ def declared_names() -> set[str]:
 
     from services.aggregator.metrics import AggregatorMetrics
     from services.clusterer.metrics import ClustererMetrics
-    from services.common.metrics import PREFIX, RpcMetrics
+    from services.common.metrics import PREFIX, BuildMetrics, RpcMetrics
     from services.participant.metrics import ParticipantMetrics
 
     names = set()
-    for table in (AggregatorMetrics, ClustererMetrics, ParticipantMetrics, RpcMetrics):
+    tables = (AggregatorMetrics, ClustererMetrics, ParticipantMetrics, RpcMetrics, BuildMetrics)
+    for table in tables:
         for row in table.TABLE:
             name = f"{PREFIX}_{row.name}"
             if row.kind is Histogram:

@@ -352,6 +352,35 @@ def test_a_nan_poll_does_not_spin(open_round):
     assert time.monotonic() - started < 2.0
 
 
+def test_join_checks_the_participant_version(federation_factory):
+    """A version that is none is refused as malformed, one older than the federation
+    accepts as needing an upgrade; each in a message that says which."""
+    fed = federation_factory(strategy="fedavg", participants=3, min_participant_version="0.2.0")
+
+    def join(sent: str) -> grpc.RpcError | None:
+        request = pb.JoinRequest(participant_id=PID, num_train=50, participant_version=sent)
+        try:
+            fed.stub.Join(request, metadata=META, timeout=10)
+        except grpc.RpcError as exc:
+            return exc
+        return None
+
+    for garbage in ("latest", "0.2.0; rm -rf /", "\x00"):
+        refused = join(garbage)
+        assert refused is not None and refused.code() == C.INVALID_ARGUMENT, garbage
+        assert "is not a version" in refused.details()
+    for old in ("", "0.1.0", "0.2.0rc1"):  # none sent: a participant of 0.1.0
+        refused = join(old)
+        assert refused is not None and refused.code() == C.FAILED_PRECONDITION, old
+        assert refused.details() == (
+            f"participant {old or '0.1.0'} is older than the oldest this federation accepts "
+            "(0.2.0): upgrade the participant"
+        )
+    assert fed.status().participants == 0
+    assert join("0.2.0") is None and join("1.0") is None
+    assert fed.status().participants == 1
+
+
 def test_every_scalar_field_has_a_limit(open_round):
     """Hostile values in each field the changed RPCs read: the documented code, and the
     round goes on unchanged."""
@@ -365,6 +394,7 @@ def test_every_scalar_field_has_a_limit(open_round):
     assert join(num_train=1 << 62) == C.INVALID_ARGUMENT
     assert join(device="d" * (1 << 20)) == C.OK  # stored cut to 64 characters
     assert join(device="\x00\x1b[2J") == C.INVALID_ARGUMENT
+    assert join(participant_version="9" * (1 << 20)) == C.INVALID_ARGUMENT
 
     def upload(**fields):
         h = header()

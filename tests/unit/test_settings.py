@@ -31,7 +31,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", sorted(parsers()))
 def test_every_flag_says_what_it_does_and_its_default(name):
     parser = parsers()[name]
-    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    # --help and --version print and exit: nothing to default.
+    flags = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
     flags += [a for a in parser._actions if not a.option_strings and a.help and a.nargs == "?"]
     assert flags, name
     for action in flags:

@@ -181,18 +181,22 @@ class DefencePolicy(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., q: _Optional[float] = ..., byzantine_fraction: _Optional[float] = ..., norm_factor: _Optional[float] = ..., cluster_factor: _Optional[float] = ..., twin_factor: _Optional[float] = ..., personalise: _Optional[bool] = ..., secure: _Optional[str] = ..., guard: _Optional[bool] = ..., mode: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class GetAggregatorStatusResponse(_message.Message):
-    __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy")
+    __slots__ = ("model_version", "open_round", "pending_updates", "pending_participants", "policy", "version", "revision")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPDATES_FIELD_NUMBER: _ClassVar[int]
     PENDING_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     open_round: int
     pending_updates: int
     pending_participants: _containers.RepeatedScalarFieldContainer[str]
     policy: DefencePolicy
-    def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ..., pending_participants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[DefencePolicy, _Mapping]] = ...) -> None: ...
+    version: str
+    revision: str
+    def __init__(self, model_version: _Optional[int] = ..., open_round: _Optional[int] = ..., pending_updates: _Optional[int] = ..., pending_participants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[DefencePolicy, _Mapping]] = ..., version: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("round", "to_version", "reason")

@@ -33,20 +33,22 @@ EVALUATION_VERDICT_REFUSED: EvaluationVerdict
 EVALUATION_VERDICT_DIVERGED: EvaluationVerdict
 
 class JoinRequest(_message.Message):
-    __slots__ = ("participant_id", "num_train", "num_test", "group", "device", "data_schema")
+    __slots__ = ("participant_id", "num_train", "num_test", "group", "device", "data_schema", "participant_version")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
     NUM_TEST_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_VERSION_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     num_train: int
     num_test: int
     group: int
     device: str
     data_schema: str
-    def __init__(self, participant_id: _Optional[str] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., group: _Optional[int] = ..., device: _Optional[str] = ..., data_schema: _Optional[str] = ...) -> None: ...
+    participant_version: str
+    def __init__(self, participant_id: _Optional[str] = ..., num_train: _Optional[int] = ..., num_test: _Optional[int] = ..., group: _Optional[int] = ..., device: _Optional[str] = ..., data_schema: _Optional[str] = ..., participant_version: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("participant_id", "participants")
@@ -343,7 +345,7 @@ class ParticipantCluster(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., cluster: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error", "members_total", "history_total", "stopped")
+    __slots__ = ("phase", "round", "rounds", "participants", "model_version", "history", "clusters", "purity", "done", "strategy", "error", "members_total", "history_total", "stopped", "version", "revision")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +360,8 @@ class GetStatusResponse(_message.Message):
     MEMBERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     phase: str
     round: int
     rounds: int
@@ -372,4 +376,6 @@ class GetStatusResponse(_message.Message):
     members_total: int
     history_total: int
     stopped: str
-    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ..., members_total: _Optional[int] = ..., history_total: _Optional[int] = ..., stopped: _Optional[str] = ...) -> None: ...
+    version: str
+    revision: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., participants: _Optional[int] = ..., model_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clusters: _Optional[_Iterable[_Union[ParticipantCluster, _Mapping]]] = ..., purity: _Optional[float] = ..., done: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ..., members_total: _Optional[int] = ..., history_total: _Optional[int] = ..., stopped: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
