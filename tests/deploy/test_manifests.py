@@ -44,6 +44,14 @@ CSI = CSI_DRIVER + "/"  # prefix of the driver's volume attributes
 CERT_MANAGER_KINDS = {"Issuer", "ClusterIssuer", "Certificate"}  # custom resources: no schema
 # How a shared development token would show up in a manifest (env, flag, Secret).
 SHARED_TOKEN = re.compile(r"auth[-_]token|flclustering-auth", re.I)
+# The Dockerfile's targets, and which one runs each service: the control plane's image for
+# the aggregator and the clusterer, the participant image for participants. An image is named
+# flclustering-<target> (a registry path may come before it, a tag or digest after it).
+TARGET_OF = {
+    "services.aggregator": "control-plane",
+    "services.clusterer": "control-plane",
+    "services.participant": "participant",
+}
 
 
 def documents(directory: Path = K8S) -> list[dict[str, Any]]:
@@ -110,6 +118,29 @@ def test_checkov_passes_with_justified_exceptions():
                 assert check.startswith("CKV_") and len(reason) > 10, value
 
 
+def dockerfile_stages(text: str) -> dict[str, str]:
+    """Each named stage of a Dockerfile (`FROM ... AS name`) -> its instructions."""
+    parts = re.split(r"^FROM\s+\S+(?:\s+AS\s+(\S+))?\s*$", text, flags=re.M | re.I)
+    return {name: body for name, body in zip(parts[1::2], parts[2::2], strict=True) if name}
+
+
+def image_name(image: str) -> str:
+    """An image reference without its registry path, tag or digest."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[0]
+
+
+def check_images(docs: list[dict[str, Any]], allowed: dict[str, set[str]] | None = None) -> None:
+    """Every workload's containers run the image of their service's target (or, for a
+    workload named in `allowed`, one of the images given there)."""
+    for doc in workloads(docs):
+        name = doc["metadata"]["name"]
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            module = c["command"][2]  # python -m services.<name>
+            wanted = (allowed or {}).get(name, {f"flclustering-{TARGET_OF[module]}"})
+            assert image_name(c["image"]) in wanted, f"{name} runs {c['image']}, not {wanted}"
+
+
 def test_hadolint_passes_and_image_matches_manifests_and_readme():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     run = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
@@ -117,12 +148,31 @@ def test_hadolint_passes_and_image_matches_manifests_and_readme():
     dockerfile = (ROOT / "Dockerfile").read_text()
     entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
     assert re.search(r"^USER 10001", dockerfile, re.M)
+    # Both targets, each running its own services by default.
+    stages = dockerfile_stages(dockerfile)
+    assert {"control-plane", "participant"} <= set(stages), list(stages)
+    for target in ("control-plane", "participant"):
+        cmd = json.loads(re.search(r"^CMD (\[.*\])$", stages[target], re.M).group(1))
+        assert TARGET_OF[cmd[0]] == target, (target, cmd)
     readme = (ROOT / "README.md").read_text()
-    for doc in workloads(documents()):
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    for target in ("control-plane", "participant"):
+        build = f"docker build --target {target} -t flclustering-{target}"
+        assert build in readme and build in deployment, build
+    docs = documents()
+    for doc in workloads(docs):
         for c in doc["spec"]["template"]["spec"]["containers"]:
             assert c["command"][: len(entry)] == entry
             module = c["command"][len(entry)]
             assert f"python -m {module}" in readme, module
+    check_images(docs)
+    # A participant on the control plane's image (no Parquet reader) fails the check.
+    swapped = copy.deepcopy(docs)
+    for doc in workloads(swapped):
+        (c,) = doc["spec"]["template"]["spec"]["containers"]
+        c["image"] = "flclustering-control-plane:0.2.0"
+    with pytest.raises(AssertionError, match="participant runs flclustering-control-plane"):
+        check_images(swapped)
 
 
 # ---- identities ------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from tests.deploy.checkov import run_checkov
 from tests.deploy.test_manifests import (
     CERT_MANAGER_KINDS,
     SHARED_TOKEN,
+    TARGET_OF,
     Pod,
     check_cert_manager_resource,
+    check_images,
     identity_volume,
     pods_of,
     probe,
@@ -111,18 +113,27 @@ def test_overlay_keeps_per_pod_identities_and_no_shared_token(name):
             assert env["FLCLUSTERING_TLS_DIR"] == mount, d["metadata"]["name"]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_overlay_runs_each_service_on_its_target_image(name):
+    # own-data: participants run the owners' task image, built on the participant image.
+    allowed = {"participant": {"flclustering-task"}} if name == "own-data" else None
+    check_images(render(name), allowed)
+
+
 def test_cpu_overlay_drops_gpus():
     docs = render("cpu")
     participant = find(docs, "StatefulSet", "participant")["spec"]["template"]["spec"]
     text = json.dumps(participant)
     assert "nvidia.com/gpu" not in text and "tolerations" not in participant
     assert participant["containers"][0]["args"][-2:] == ["--device", "cpu"]
-    assert all(c["image"] == "flclustering:0.1.0-cpu" for c in containers(docs))
+    for c in containers(docs):
+        assert c["image"] == f"flclustering-{TARGET_OF[c['command'][2]]}:0.2.0-cpu"
 
 
 def test_registry_overlay_pins_a_digest():
     for c in containers(render("registry")):
-        assert c["image"].startswith("registry.example.com/ml/flclustering@sha256:")
+        target = TARGET_OF[c["command"][2]]
+        assert c["image"].startswith(f"registry.example.com/ml/flclustering-{target}@sha256:")
 
 
 def test_operator_overlay_monitors_every_metrics_port():
@@ -359,8 +370,9 @@ def test_own_data_overlay_gives_each_owner_a_claim_and_the_aggregator_w0():
     assert ours["federation"]["dataset"] == "own" and is_reference(ours["federation"]["model"])
     assert ours["sample"] == scaffold["sample"]
     assert set(ours) == {"federation", "sample"}
-    # The owners' code runs where it is trusted: participants and the Job (the task image);
-    # the aggregator and the clusterer (and the aggregator's init container) run the plain one.
+    # The owners' code runs where it is trusted: participants and the Job (the task image, the
+    # participant image plus the task); the aggregator and the clusterer (and the aggregator's
+    # init container) run the control plane's.
     images = {
         d["metadata"]["name"]: {
             c["image"]
@@ -371,11 +383,13 @@ def test_own_data_overlay_gives_each_owner_a_claim_and_the_aggregator_w0():
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     }
     assert images == {
-        "aggregator": {"flclustering:0.1.0"},
-        "clusterer": {"flclustering:0.1.0"},
-        "participant": {"flclustering-task:0.1.0"},
-        "init-model": {"flclustering-task:0.1.0"},
+        "aggregator": {"flclustering-control-plane:0.2.0"},
+        "clusterer": {"flclustering-control-plane:0.2.0"},
+        "participant": {"flclustering-task:0.2.0"},
+        "init-model": {"flclustering-task:0.2.0"},
     }
+    task_dockerfile = (OVERLAYS / "own-data" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=flclustering-participant:0.2.0\n" in task_dockerfile
     # The aggregator starts from the file the Job writes, in the claim they share, read-only
     # for the aggregator; its init container waits for the card, written last.
     aggregator = find(docs, "Deployment", "aggregator")["spec"]["template"]["spec"]
