@@ -4,12 +4,16 @@
 release, so a change that would break a participant of that release fails the tests. The
 descriptor set is built by protoc from grpcio-tools, the compiler the stubs come from, out
 of proto/ as it is in the work tree: run this at the release commit, with nothing changed.
-Beside it goes a record of the version and the commit, which the old-participant test
-(tests/integration/test_compatibility.py) checks the code out from.
+Beside it go the release's services/ packaged (`git archive` of the commit, gzipped without
+a name or time) and a record of the version, the commit and the package's sha256: the
+old-participant test (tests/integration/test_compatibility.py) runs that package, and checks
+it against the commit where the clone has it.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,7 +24,8 @@ BASELINE = ROOT / "proto" / "baseline"
 
 
 def write(version: str) -> tuple[Path, Path]:
-    """Write flclustering-VERSION.binpb and its record; return both paths."""
+    """Write flclustering-VERSION.binpb, the packaged services/ and the record; return the
+    descriptor set's and the record's paths."""
     from grpc_tools import protoc
 
     dirty = subprocess.run(
@@ -47,10 +52,25 @@ def write(version: str) -> tuple[Path, Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    tar = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "services"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    package = BASELINE / f"flclustering-{version}-services.tar.gz"
+    package.write_bytes(gzip.compress(tar, compresslevel=9, mtime=0))
     record = BASELINE / f"flclustering-{version}.json"
-    record.write_text(
-        json.dumps({"version": version, "commit": commit, "protos": protos}, indent=2) + "\n"
-    )
+    entry = {
+        "version": version,
+        "commit": commit,
+        "protos": protos,
+        "package": {
+            "file": package.name,
+            "sha256": hashlib.sha256(package.read_bytes()).hexdigest(),
+        },
+    }
+    record.write_text(json.dumps(entry, indent=2) + "\n")
     return image, record
 
 

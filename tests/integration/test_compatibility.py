@@ -3,12 +3,15 @@ trains with the current aggregator and clusterer over mutual TLS; one older than
 clusterer accepts is refused at Join with one line saying to upgrade it.
 
 The past release is every one recorded in proto/baseline (its version and commit, written
-by scripts/proto_baseline.py); its code comes from git (`git archive COMMIT services`), so
-a shallow clone fails here, loudly: CI clones the whole history.
+by scripts/proto_baseline.py). Its code is the packaged copy beside the record
+(`flclustering-VERSION-services.tar.gz`, `git archive` of the release's services/, its
+sha256 in the record), so a shallow clone runs this too; where the clone has the release's
+commit, the package is checked file by file against it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -52,27 +55,54 @@ SERVICE_ENV = ("FLCLUSTERING_", "PARTICIPANT_", "CLUSTERER_", "AGGREGATOR_")
 
 
 def release_code(record: Path, dest: Path) -> Path:
-    """The services/ of the release `record` names, extracted under dest (returned)."""
+    """The services/ of the release `record` names, extracted under dest (returned): its
+    packaged copy, refused unless its sha256 is the one the record states."""
     release = json.loads(record.read_text())
-    commit = release["commit"]
+    package = record.parent / release["package"]["file"]
+    data = package.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert digest == release["package"]["sha256"], (
+        f"{package.name} has sha256 {digest}, not the {release['package']['sha256']} that "
+        f"{record.name} records"
+    )
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+        archive.extractall(dest, filter="data")
+    return dest
+
+
+def files_of(archive: tarfile.TarFile) -> dict[str, bytes]:
+    return {
+        m.name: archive.extractfile(m).read()  # type: ignore[union-attr]
+        for m in archive.getmembers()
+        if m.isfile()
+    }
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.stem)
+def test_packaged_release_is_the_release_commit(record: Path) -> None:
+    """The packaged copy holds exactly the release commit's services/, where this clone has
+    the commit (a shallow clone checks only the sha256, in release_code)."""
+    release = json.loads(record.read_text())
     git = shutil.which("git")
-    assert git, "git is needed to check out the baseline release's code"
+    assert git, "git is needed to compare the packaged release with its commit"
     found = subprocess.run(
-        [git, "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True
+        [git, "cat-file", "-e", f"{release['commit']}^{{commit}}"], cwd=ROOT, capture_output=True
     )
-    assert found.returncode == 0, (
-        f"commit {commit} of release {release['version']} ({record.name}) is not in this "
-        "clone: the old-participant test needs the full history (git fetch --unshallow)"
-    )
+    package = (record.parent / release["package"]["file"]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(package), mode="r:gz") as archive:
+        packaged = files_of(archive)
+    assert any(name.startswith("services/participant/") for name in packaged)
+    if found.returncode != 0:  # shallow: the sha256 in the record is the check
+        assert hashlib.sha256(package).hexdigest() == release["package"]["sha256"]
+        return
     tar = subprocess.run(
-        [git, "archive", "--format=tar", commit, "services"],
+        [git, "archive", "--format=tar", release["commit"], "services"],
         cwd=ROOT,
         capture_output=True,
         check=True,
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
-        archive.extractall(dest, filter="data")
-    return dest
+        assert files_of(archive) == packaged
 
 
 def participants_of(tree: Path, address: str, kit: Path, index: int, count: int) -> Any:
