@@ -377,14 +377,25 @@ def main() -> None:
     if a.dry_run:
         return
     start = time.perf_counter()
+    failed: list[str] = []
     with ProcessPoolExecutor(a.workers) as pool:
-        pending: set[Future[dict[str, Any]]] = {
-            pool.submit(run_one, j, kw, a.rounds) for j, kw in todo
+        jobs_of: dict[Future[dict[str, Any]], dict[str, Any]] = {
+            pool.submit(run_one, j, kw, a.rounds): j for j, kw in todo
         }
+        pending: set[Future[dict[str, Any]]] = set(jobs_of)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
-                done.append(f.result())
+                try:
+                    done.append(f.result())
+                except Exception as exc:  # one run's failure must not end hours of grid
+                    j = jobs_of[f]
+                    failed.append(
+                        f"{j['setting']} {j['strategy']} {j['attack']} {j['rate']:g} "
+                        f"{j['knowledge']} seed {j['seed']}: {type(exc).__name__}: {exc}"
+                    )
+                    print(f"[failed] {failed[-1]}", flush=True)
+                    continue
                 if a.resume:
                     write_json(a.resume, done, indent=1)
                 r = done[-1]
@@ -397,6 +408,9 @@ def main() -> None:
     print(f"{len(todo)} runs in {time.perf_counter() - start:.0f} s")
     write_json(a.json, done, indent=1)
     tables(done, a)
+    if failed:  # not saved: --resume runs them again
+        print(f"{len(failed)} runs failed:", *failed, sep="\n  ")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,32 @@ def trigger_size(height: int, width: int) -> int:
     return max(2, min(height, width) // 8)
 
 
+def trigger_sides(height: int, width: int) -> tuple[int, int]:
+    """The trigger's height and width: the square of `trigger_size` on images, and on
+    inputs one row high (vectors, as (n, 1, 1, features)) a strip of an eighth of the
+    features, at least 2: a square would not fit, and the backdoor is measured on every
+    data shape, not on images only."""
+    if height >= 2 and width >= 2:
+        s = trigger_size(height, width)
+        return s, s
+    return min(height, max(2, height // 8)), min(width, max(2, width // 8))
+
+
 def stamp(x: torch.Tensor) -> torch.Tensor:
     """A copy of the (n, c, h, w) images with the trigger in the bottom-right corner: a
-    checkerboard of the batch's brightest and darkest values."""
+    checkerboard of the batch's brightest and darkest values (on vectors, the last
+    features, alternating)."""
     if x.dim() != 4:
         raise ConfigError(f"a trigger is stamped on (n, c, h, w) images, got {tuple(x.shape)}")
     out = x.clone()
     if x.numel() == 0:
         return out
-    s = trigger_size(x.shape[2], x.shape[3])
+    sh, sw = trigger_sides(x.shape[2], x.shape[3])
     hi, lo = x.amax(), x.amin()
-    ii = torch.arange(s, device=x.device)
-    board = (ii[:, None] + ii[None, :]) % 2 == 0
-    out[:, :, -s:, -s:] = torch.where(board, hi, lo).to(x.dtype)
+    board = (
+        torch.arange(sh, device=x.device)[:, None] + torch.arange(sw, device=x.device)[None, :]
+    ) % 2 == 0
+    out[:, :, -sh:, -sw:] = torch.where(board, hi, lo).to(x.dtype)
     return out
 
 

@@ -19,6 +19,7 @@ from services.participant.backdoor import (
     replacement,
     stamp,
     success_rate,
+    trigger_sides,
     trigger_size,
 )
 
@@ -38,6 +39,20 @@ def test_the_trigger_is_a_checkerboard_in_the_corner_and_nothing_else_changes():
     assert not torch.equal(out, x) and stamp(x).equal(out)  # deterministic, x untouched
     with pytest.raises(ConfigError):
         stamp(torch.zeros(3, 8, 8))
+
+
+def test_on_vectors_the_trigger_is_a_strip_of_the_last_features():
+    """Synthetic and tabular inputs are (n, 1, 1, features): a square trigger does not fit
+    (the robustness grid's backdoor on `synthetic` crashed on it)."""
+    x = torch.randn(4, 1, 1, 60, generator=torch.Generator().manual_seed(2))
+    assert trigger_sides(1, 60) == (1, 7) and trigger_sides(28, 28) == (3, 3)
+    out = stamp(x)
+    hi, lo = float(x.max()), float(x.min())
+    assert out[:, 0, 0, -7:].tolist() == [[hi, lo, hi, lo, hi, lo, hi]] * 4
+    assert torch.equal(out[..., :-7], x[..., :-7])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(60, 3))
+    rate = success_rate(model, x, torch.tensor([0, 1, 2, 1]), target=1)
+    assert 0.0 <= rate <= 1.0
 
 
 def test_poison_keeps_the_clean_data_and_adds_triggered_copies_labelled_target():
