@@ -71,3 +71,20 @@ def test_every_rule_defends_on_the_device_of_the_deltas(device, rule):
     for c, d in want.cluster_deltas.items():
         assert got.cluster_deltas[c].device.type == device.type
         torch.testing.assert_close(got.cluster_deltas[c].cpu(), d, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cluster_check_needs_three_clusters_to_tell_which_is_off(device):
+    """Of two cluster deltas the lower median is the shorter: the check would drop the
+    longer, honest or not (it froze LEAF's synthetic federation at chance). With a third,
+    the median says which one is off."""
+    gen = torch.Generator().manual_seed(5)
+    short = 0.1 * torch.randn(5, 200, generator=gen)
+    long = 3.0 * torch.randn(5, 200, generator=gen)  # its cluster delta ~30x the short one's
+    # Only the cluster check: the round-wide screens would take the long rows first.
+    config = DefenceConfig(norm_factor=None, twin_factor=None)
+    two = defend(torch.cat([short, long]).to(device), [0] * 5 + [1] * 5, config)
+    assert not two.rejected_clusters and set(two.cluster_deltas) == {0, 1}
+    third = 0.1 * torch.randn(5, 200, generator=gen)
+    three = defend(torch.cat([short, long, third]).to(device), [0] * 5 + [1] * 5 + [2] * 5, config)
+    assert set(three.rejected_clusters) == {1}
+    assert "the median length" in three.rejected_clusters[1]
