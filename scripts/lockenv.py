@@ -22,42 +22,31 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from packaging.markers import Marker
-from packaging.utils import canonicalize_name
+from lock_filter import applies_here, entries, normalise  # scripts/: this file's folder
 
 # Installed by the venv itself (pip), or the project installed editable from the work tree.
 NOT_LOCKED = {"pip", "flclustering"}
 
 
 def pins(path: Path) -> dict[str, str]:
-    """The `name==version` pins of a pip requirements export that apply here."""
+    """The `name==version` pins of a pip requirements export that apply here (its entries
+    as lock_filter reads them, for the Dockerfile's subsets too)."""
     found: dict[str, str] = {}
-    logical = ""
-    for raw in path.read_text().splitlines():
-        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
-        if line.endswith("\\"):
-            logical += line[:-1] + " "
+    for name, lines in entries(path.read_text())[1]:
+        if not applies_here(lines[0]):
             continue
-        logical += line
-        entry, logical = logical.strip(), ""
-        if not entry or entry.startswith("-"):
-            continue
-        requirement, _, marker = entry.partition(";")
-        requirement = requirement.split("--hash", 1)[0].strip()
-        marker = marker.split("--hash", 1)[0].strip()
-        if marker and not Marker(marker).evaluate():
-            continue
-        name, sep, version = requirement.partition("==")
+        requirement = lines[0].partition(";")[0].rstrip().removesuffix("\\").strip()
+        _, sep, version = requirement.partition("==")
         if not sep:
             raise SystemExit(f"{path}: '{requirement}' is not pinned with ==")
-        found[canonicalize_name(name)] = version.strip()
+        found[name] = version.strip()
     return found
 
 
 def installed() -> dict[str, str]:
     """Every distribution importable in this interpreter, by canonical name."""
     return {
-        canonicalize_name(dist.metadata["Name"]): dist.version
+        normalise(dist.metadata["Name"]): dist.version
         for dist in metadata.distributions()
         if dist.metadata["Name"]
     }
