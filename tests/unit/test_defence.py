@@ -73,18 +73,38 @@ def test_every_rule_defends_on_the_device_of_the_deltas(device, rule):
         torch.testing.assert_close(got.cluster_deltas[c].cpu(), d, rtol=1e-5, atol=1e-6)
 
 
-def test_the_cluster_check_needs_three_clusters_to_tell_which_is_off(device):
-    """Of two cluster deltas the lower median is the shorter: the check would drop the
-    longer, honest or not (it froze LEAF's synthetic federation at chance). With a third,
+def test_of_two_clusters_the_check_keeps_a_longer_honest_one(device):
+    """Of two cluster deltas the lower median is the shorter: the length rule alone would
+    drop the longer, honest or not (it froze LEAF's synthetic federation at chance). An
+    honest cluster whose members pull different ways has a delta shorter than its updates,
+    so it stays however much longer than the other cluster's it is. With a third cluster
     the median says which one is off."""
     gen = torch.Generator().manual_seed(5)
     short = 0.1 * torch.randn(5, 200, generator=gen)
-    long = 3.0 * torch.randn(5, 200, generator=gen)  # its cluster delta ~30x the short one's
+    long = 3.0 * torch.randn(9, 200, generator=gen)  # its cluster delta ~20x the short one's
     # Only the cluster check: the round-wide screens would take the long rows first.
     config = DefenceConfig(norm_factor=None, twin_factor=None)
-    two = defend(torch.cat([short, long]).to(device), [0] * 5 + [1] * 5, config)
+    two = defend(torch.cat([short, long]).to(device), [0] * 5 + [1] * 9, config)
     assert not two.rejected_clusters and set(two.cluster_deltas) == {0, 1}
     third = 0.1 * torch.randn(5, 200, generator=gen)
-    three = defend(torch.cat([short, long, third]).to(device), [0] * 5 + [1] * 5 + [2] * 5, config)
+    rows = torch.cat([short, long, third]).to(device)
+    three = defend(rows, [0] * 5 + [1] * 9 + [2] * 5, config)
     assert set(three.rejected_clusters) == {1}
     assert "the median length" in three.rejected_clusters[1]
+
+
+def test_of_two_clusters_the_check_drops_one_colluders_won(device):
+    """Colluders who are most of one of two clusters and send jittered copies of one crafted
+    delta (jittered ALIE: each copy an ordinary length, past the norm and near-twin
+    screens) give a cluster delta as long as their copies: over 3x the honest cluster's and
+    longer than the round's median update, so it is dropped; the honest cluster stays."""
+    gen = torch.Generator().manual_seed(7)
+    honest_rows = torch.randn(5, 200, generator=gen)  # length ~14, their mean ~6
+    crafted = 2.0 * torch.randn(200, generator=gen)  # an ordinary length: ~28
+    copies = crafted + 0.1 * torch.randn(4, 200, generator=gen)
+    tipped = torch.cat([copies, torch.randn(1, 200, generator=gen)])  # 4 of its 5 rows
+    rows = torch.cat([honest_rows, tipped]).to(device)
+    out = defend(rows, [0] * 5 + [1] * 5, DefenceConfig("fedavg", 0.2, twin_factor=None))
+    assert set(out.rejected_clusters) == {1}, out.rejected_clusters
+    assert "the round's median update length" in out.rejected_clusters[1]
+    assert set(out.cluster_deltas) == {0}
