@@ -34,6 +34,24 @@ def test_norm_screen_catches_a_cluster_of_mostly_attackers(device):
     assert 0 in unscreened.rejected_clusters and 0 not in unscreened.cluster_deltas
 
 
+def test_norm_screen_measures_lengths_per_declared_sample(device):
+    """A delta is the sum of its local steps: a participant with four times the median data
+    sends a delta about four times as long, honestly, and is kept; without the counts the
+    screen rejects it. A claimed count buys at most COUNT_CAP times the median length: a
+    delta seven times the median is rejected however many samples its sender claims."""
+    gen = torch.Generator().manual_seed(3)
+    deltas = torch.randn(9, 200, generator=gen)
+    deltas /= deltas.norm(dim=1, keepdim=True)  # every row length 1
+    deltas[0] *= 4.0  # the largest shard: four times the median count
+    deltas[1] *= 7.0  # claims a billion samples
+    samples = [400, 10**9] + [100] * 7
+    config = DefenceConfig("fedavg", 0.2, twin_factor=None, cluster_factor=None)
+    counted = defend(deltas.to(device), [0] * 9, config, samples)
+    assert counted.rejected_updates == {1: "norm"}
+    plain = defend(deltas.to(device), [0] * 9, config)
+    assert plain.rejected_updates == {0: "norm", 1: "norm"}
+
+
 def test_fallback_is_reported_and_rows_map_back(device):
     deltas = honest(8).to(device)
     out = defend(deltas, [0] * 4 + [1] * 4, DefenceConfig("krum", 0.3))
