@@ -343,7 +343,10 @@ class DefenceSettings(Settings):
         0.2, ge=0, lt=0.5, description="share of attackers the robust rule assumes per cluster"
     )
     norm_factor: float = Field(
-        3.0, gt=1, description="reject deltas longer than this times the round's median"
+        3.0,
+        gt=1,
+        description="reject deltas longer than this times the round's median "
+        "(lengths per declared sample)",
     )
     cluster_factor: float = Field(
         3.0, gt=1, description="drop cluster deltas longer than this times their median"

@@ -6,13 +6,14 @@ weights: an honest delta is small and points where the data pulls, while a negat
 model is a delta of about twice (or many times) the whole model. Three layers, each reported:
 
 1. Round-wide screens. A delta longer than `norm_factor` times the median delta length
-   of the whole round is rejected. Taken over every selected participant, not per cluster,
-   so it holds as long as attackers are a minority of the round even when one cluster is
-   mostly attackers (which fair selection makes likely: 5 of 10 with 3 attackers gives a
-   majority 17% of the time). Then deltas with a near-twin are rejected (`twins`): honest
-   participants train on their own data with their own seeds and never send the same
-   delta, while colluders who all send one crafted delta (ALIE, IPM, Min-Max, Min-Sum) are
-   at distance 0 from each other, which is exactly what Krum-type scores reward.
+   of the whole round is rejected (lengths per declared sample: `norm_screen`). Taken over
+   every selected participant, not per cluster, so it holds as long as attackers are a
+   minority of the round even when one cluster is mostly attackers (which fair selection
+   makes likely: 5 of 10 with 3 attackers gives a majority 17% of the time). Then deltas
+   with a near-twin are rejected (`twins`): honest participants train on their own data
+   with their own seeds and never send the same delta, while colluders who all send one
+   crafted delta (ALIE, IPM, Min-Max, Min-Sum) are at distance 0 from each other, which is
+   exactly what Krum-type scores reward.
 2. The robust rule inside each cluster (flclustering's: centred clipping from a Multi-Krum
    start, which shrinks far updates instead of dropping them; f from the configured share),
    optionally over nearest-neighbour mixes of the rows (`mixing`).
