@@ -177,15 +177,14 @@ def select(
         raise ConfigError(f"{labels.size} cluster labels for {n} updates")
     rejected = {i: "non-finite" for i in torch.nonzero(~finite).flatten().tolist()}
     keep = finite.clone()
+    w_all = None
+    if samples is not None:
+        w_all = torch.as_tensor(samples, dtype=torch.float32, device=device)
     if config.norm_factor is not None and int(keep.sum()) >= 3:
         norms = gram.diagonal().clamp(min=0).sqrt()
         ok = torch.zeros(n, dtype=torch.bool, device=device)
-        counts = None if samples is None else torch.as_tensor(samples, dtype=torch.float64)
-        ok[keep] = norm_screen(
-            norms[keep],
-            config.norm_factor,
-            None if counts is None else counts.to(device)[keep],
-        )
+        counts = None if w_all is None else w_all[keep]
+        ok[keep] = norm_screen(norms[keep], config.norm_factor, counts)
         for i in torch.nonzero(keep & ~ok).flatten().tolist():
             rejected[i] = "norm"
         keep &= ok
@@ -197,9 +196,6 @@ def select(
         keep[idx[twin]] = False
 
     out = RoundDefence({}, rejected)
-    w_all = None
-    if samples is not None:
-        w_all = torch.as_tensor(samples, dtype=torch.float32, device=device)
     kept = keep.cpu().numpy()  # one copy off the device, not one per row
     for c in sorted(int(v) for v in np.unique(labels)):
         rows = tuple(i for i in np.flatnonzero(labels == c).tolist() if kept[i])
@@ -222,6 +218,11 @@ def select(
     return out
 
 
+def screened(defence: RoundDefence, n: int) -> list[int]:
+    """The rows of a round of n that passed the round-wide screens, ascending."""
+    return [i for i in range(n) if defence.rejected_updates.get(i) not in SCREENS]
+
+
 def round_reference(
     defence: RoundDefence, gram: torch.Tensor, config: DefenceConfig
 ) -> torch.Tensor:
@@ -230,7 +231,7 @@ def round_reference(
     rows the screens rejected. What the direction check measures cluster deltas against."""
     n = gram.shape[0]
     out = torch.zeros(n, dtype=torch.float64, device=gram.device)
-    kept = [i for i in range(n) if defence.rejected_updates.get(i) not in SCREENS]
+    kept = screened(defence, n)
     if not kept:
         return out
     idx = torch.tensor(kept, device=gram.device)
@@ -428,7 +429,7 @@ def check(
 
 def screened_length(defence: RoundDefence, gram: torch.Tensor) -> float | None:
     """The median length of the round's updates that passed the round-wide screens."""
-    kept = [i for i in range(gram.shape[0]) if defence.rejected_updates.get(i) not in SCREENS]
+    kept = screened(defence, gram.shape[0])
     if not kept:
         return None
     lengths = gram.diagonal()[kept].clamp(min=0).sqrt()
