@@ -451,7 +451,10 @@ def defend_rows(
         wanted = config.direction or config.recentre
         reference = round_reference(out, found.gram, config) if wanted else None
         figures = cluster_figures(out, found.gram, rows, reference)
-        check(out, figures.norms, config.cluster_factor, screened_length(out, found.gram))
+        # The round's median update matters only to the check of two clusters.
+        two = len(out.survivors) < CHECKED_CLUSTERS
+        row_length = screened_length(out, found.gram) if two else None
+        check(out, figures.norms, config.cluster_factor, row_length)
         if config.direction and len(out.survivors) >= 2:
             direction_check(out, figures)
         if reference is not None and config.recentre:
