@@ -6,7 +6,7 @@ split, the truth whatever attackers report; one round swings by +-3 points on Di
 shards); the final round's mean and worst accuracy are kept too, and for the backdoor the
 mean of the last 5 rounds' success rate (triggered test inputs of other classes classified
 as the target). Colluding attacks (alie, ipm, min-max, min-sum, cluster-steering, their
-jittered forms, adaptive, adaptive-steering) run once per knowledge mode (`own`: the
+jittered and fitted forms, adaptive, adaptive-steering) run once per knowledge mode (`own`: the
 colluders pool their own honest deltas; `omniscient`: everyone's); the others run once and
 count for both. The clean run ("none") runs once per setting, strategy and seed. An attack or
 setting the installed ExperimentConfig does not accept is skipped with one line (without
@@ -14,11 +14,11 @@ attack_knowledge, `own` runs as the installed attacks do and `omniscient` is ski
 
 `--grid full`: seeds 0 1 2 and every strength. `--grid quick`: seed 0, the settings of
 QUICK_SETTINGS and per family the strength in QUICK (the worst found so far: update QUICK
-from the full grid's JSON), jittered forms against flclustering only (the near-twin screen
-they evade is its own); under an hour on 2 cores. Prints per setting, knowledge mode and
-share a table of strategies (clean accuracy, worst under attack and what caused it, the
-largest backdoor success rate) with flclustering's goals, then a summary per setting;
-`--detail` adds every attack x strategy table.
+from the full grid's JSON), jittered and fitted forms against flclustering only (the
+near-twin screen and cluster check they evade are its own); about an hour on 2 cores.
+Prints per setting, knowledge mode and share a table of strategies (clean accuracy, worst
+under attack and what caused it, the largest backdoor success rate) with flclustering's
+goals, then a summary per setting; `--detail` adds every attack x strategy table.
 
     python benchmarks/robustness.py [--grid quick|full] [--settings ...] [--strategies ...]
         [--attacks ...] [--rates 0.2 0.3] [--knowledge own omniscient] [--seeds ...]
@@ -92,12 +92,25 @@ FAMILIES.update(
         for name in ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
     }
 )
+# Fitted: jittered, and shortened to the longest the rehearsed defence keeps (colluders who
+# know its thresholds; against a defence without any, the jittered form).
+FAMILIES.update(
+    {
+        f"{name}-fitted": {
+            label: {**kw, "attack_fit": True} for label, kw in FAMILIES[f"{name}-jittered"].items()
+        }
+        for name in ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
+    }
+)
 FAMILIES.update({name: {"": {"attack": name}} for name in ("adaptive", "adaptive-steering")})
 COLLUDING = frozenset(FAMILIES) - set(NON_COLLUDING)
 # The quick grid's strength per family: the worst of the full grid so far (practical-noniid,
 # table of docs/benchmarks.md: alie z 4 and ipm eps 10 hurt FedAvg and the robust
 # means most). Update from the full grid's JSON.
-QUICK = {"alie": "z 4", "ipm": "eps 10", "alie-jittered": "z 4", "ipm-jittered": "eps 10"}
+QUICK = {
+    **{f"alie{form}": "z 4" for form in ("", "-jittered", "-fitted")},
+    **{f"ipm{form}": "eps 10" for form in ("", "-jittered", "-fitted")},
+}
 KNOWLEDGE = ("own", "omniscient")
 BOTH = "-"  # the knowledge of a run that has none (clean, non-colluding): counts for both
 
@@ -195,7 +208,8 @@ def grid(a: Any) -> list[dict[str, Any]]:
                 for rate in a.rates:
                     for name in names:
                         family = VARIANTS[name][0]
-                        if quick and family.endswith("-jittered") and strategy != "flclustering":
+                        evasive = family.endswith(("-jittered", "-fitted"))
+                        if quick and evasive and strategy != "flclustering":
                             continue
                         for k in a.knowledge if family in COLLUDING else [BOTH]:
                             jobs.append({**base, "attack": name, "rate": rate, "knowledge": k})

@@ -172,13 +172,17 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
-                "Cluster models dropped by the cluster check",
+                "Cluster models dropped or shortened by the cluster check",
                 "none",
                 [
                     (
                         f"sum(increase(flclustering_cluster_models_rejected_total[{RANGE}]))",
                         "dropped",
-                    )
+                    ),
+                    (
+                        f"sum(increase(flclustering_cluster_models_shortened_total[{RANGE}]))",
+                        "shortened",
+                    ),
                 ],
             ),
             (

@@ -60,6 +60,13 @@ class AggregatorMetrics(Catalogue):
             "Cluster models dropped by the cluster check.",
         ),
         Metric(
+            "cluster_shortenings",
+            Counter,
+            "cluster_models_shortened_total",
+            "Cluster models the cluster check shortened to the round's median update length "
+            "(the longer of two, over the factor times the other).",
+        ),
+        Metric(
             "merges_refused",
             Counter,
             "merges_refused_total",

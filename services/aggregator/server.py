@@ -324,6 +324,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 len(report.rejected),
                 report.version,
             )
+            for c, why in report.shortened_clusters.items():
+                logger.info("[Aggregator.Aggregate] round %d: cluster %d %s", request.round, c, why)
         return pb.AggregateResponse(
             model_version=report.version,
             rejected=[pb.Rejection(participant_id=p, reason=r) for p, r in report.rejected.items()],
@@ -370,6 +372,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         for c, n in report.rejected_per_cluster.items():
             m.robust_rejections.labels(cluster_label(c)).inc(n)
         m.cluster_rejections.inc(len(report.rejected_clusters))
+        m.cluster_shortenings.inc(len(report.shortened_clusters))
         m.fallbacks.inc(len(report.fallbacks))
         if report.refused:
             m.merges_refused.inc()

@@ -110,6 +110,7 @@ class RoundReport:
     merged: tuple[str, ...] = ()  # --mode async: whose buffered updates the flush took
     staleness: tuple[int, ...] = ()  # --mode async: of each update the flush merged
     stale: int = 0  # --mode async: buffered updates refused at the flush (too old)
+    shortened_clusters: dict[int, str] = field(default_factory=dict)  # cluster -> why
 
     @property
     def noise(self) -> dict[str, float]:
@@ -143,6 +144,7 @@ class RoundReport:
             merged=tuple(str(p) for p in data.get("merged", ())),
             staleness=tuple(int(t) for t in data.get("staleness", ())),
             stale=int(data.get("stale", 0)),
+            shortened_clusters=ints(data.get("shortened_clusters", {})),
         )
 
 
@@ -447,6 +449,7 @@ class AggregatorState:
                 d.fallbacks,
                 per_cluster,
                 privacy=private,
+                shortened_clusters=d.shortened_reasons,
             )
             return self.last_report
 
@@ -523,6 +526,7 @@ class AggregatorState:
             merged=merged,
             staleness=staleness,
             stale=stale,
+            shortened_clusters=d.shortened_reasons,
         )
         return self._flushed(taken, report)
 

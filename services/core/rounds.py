@@ -212,7 +212,9 @@ def fixed_means(outcome: RoundDefence, expected: Mapping[int, float]) -> None:
     counts participants declare, would let one participant move it further)."""
     for c, choice in outcome.cluster_results.items():
         n = len(choice.rows)
-        mean = torch.full((n,), 1.0 / expected[c], dtype=torch.float32)
+        short = outcome.shortened_clusters.get(c)
+        scale = 1.0 if short is None else short.scale  # the cluster check's, kept
+        mean = torch.full((n,), scale / expected[c], dtype=torch.float32)
         rule = choice.selection.rule
         selection = Selection(rule, tuple(range(n)), (), coefficients=mean)
         outcome.cluster_results[c] = replace(choice, selection=selection)

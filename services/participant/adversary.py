@@ -121,6 +121,7 @@ class AttackConfig:
     norm_bound: float = 2.0  # backdoor: at most this times the unboosted delta's length
     jitter: float = 0.0  # colluders: own noise, times the median distance of their deltas
     knowledge: str = "own"  # colluders: their own honest deltas, or all (omniscient)
+    fit: bool = False  # colluders: shorten the crafted delta until the defence keeps it
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
@@ -247,6 +248,11 @@ class AttackSettings(Settings):
         description="colluding attacks: craft from the colluders' own honest deltas (own), "
         "or from every participant's and knowing the defence (omniscient: local only)",
     )
+    attack_fit: bool = Field(
+        False,
+        description="colluding attacks: shorten the crafted delta to the longest that the "
+        "defence, rehearsed on the deltas the colluders know, keeps (its thresholds known)",
+    )
     attack_placement: Annotated[str, choice(PLACEMENTS)] = Field(
         "per-group", description="spread attackers over the true groups, or at random"
     )
@@ -270,6 +276,7 @@ class AttackSettings(Settings):
             norm_bound=self.attack_norm_bound,
             jitter=self.attack_jitter,
             knowledge=self.attack_knowledge,
+            fit=self.attack_fit,
         )
 
     def services_refuse(self) -> str:

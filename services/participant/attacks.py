@@ -157,8 +157,9 @@ class Attack:
     def describe(self) -> str:
         """The attack and the settings it uses, for the attacker's log line."""
         jitter = f"jitter {self.config.jitter}" if self.pools_update and self.config.jitter else ""
+        fit = "fitted to the defence" if self.pools_update and self.config.fit else ""
         every = f"every {self.config.every} rounds" if self.periodic() else ""
-        return ", ".join(x for x in (self.kind, self.strength(), jitter, every) if x)
+        return ", ".join(x for x in (self.kind, self.strength(), jitter, fit, every) if x)
 
     # ---- the hooks -------------------------------------------------------------------
     def on_pretrain(

@@ -22,6 +22,8 @@ process pool them.
   defence, rehearsed by the colluders on the deltas they know plus their jittered copies,
   keeps at least half of the copies; adaptive-steering adds a pre-training delta that lands
   among the honest participants' (to be clustered with them) and lies.
+- Fitted (--attack-fit, any of the above but adaptive): the crafted delta shortened to the
+  longest the rehearsed defence keeps (`fitted`), so that no length bound drops it.
 """
 
 from __future__ import annotations
@@ -235,19 +237,20 @@ class Rehearsal:
     offsets: torch.Tensor  # (len(copies), d)
 
     def kept(self, crafted: torch.Tensor) -> int:
-        """How many jittered copies of `crafted` the defence merges (neither rejected nor
-        in a rejected cluster)."""
+        """How many jittered copies of `crafted` the defence merges whole (neither rejected
+        nor in a cluster the check drops or shortens)."""
         rows = torch.cat([self.honest, crafted[None, :] + self.offsets])
         out = defend(rows.float(), self.clusters + self.copies, self.defence)
-        survivors, h = set(out.survivors), self.honest.shape[0]
+        whole = set(out.survivors) - set(out.shortened_clusters)
+        h = self.honest.shape[0]
         return sum(
             1
             for j, c in enumerate(self.copies)
-            if h + j not in out.rejected_updates and c in survivors
+            if h + j not in out.rejected_updates and c in whole
         )
 
     def keeps(self, crafted: torch.Tensor) -> bool:
-        """Whether the defence merges at least half of the copies."""
+        """Whether the defence merges at least half of the copies whole."""
         return 2 * self.kept(crafted) >= len(self.copies)
 
 
@@ -298,6 +301,19 @@ def defence_aware(
     return mean + gamma * p, gamma
 
 
+def fitted(crafted: torch.Tensor, plan: Rehearsal) -> tuple[torch.Tensor, float]:
+    """The crafted delta shortened to the longest the rehearsed defence keeps (at least
+    half of the copies merged whole), and the factor: the attack of colluders who know the
+    defence's thresholds (a screen or check that acts on what is longer than a bound lets
+    through anything just under it, whole). Unchanged when the defence keeps it whole."""
+    if plan.keeps(crafted):
+        return crafted, 1.0
+    scale = _largest_gamma(
+        lambda s: plan.keeps(s * crafted), start=0.5, steps=ADAPTIVE_STEPS, cap=1.0
+    )
+    return scale * crafted, scale
+
+
 class Colluding(Attack):
     """A colluding attack: every colluder sends one delta crafted from the colluders' pooled
     honest deltas (omniscient: every participant's; plus, with --attack-jitter, noise of
@@ -316,6 +332,19 @@ class Colluding(Attack):
     def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
         f = view.colluders(pooled).shape[0]
         crafted = self.craft(pooled, view.size, f)
+        if self.config.fit:
+            plan = rehearsal(pooled, view, self.config.jitter)
+            crafted, scale = fitted(crafted, plan)
+            known = plan.honest if plan.honest.shape[0] >= 1 else pooled
+            jitter = evasion(plan.defence, self.config.jitter)
+            view.say(
+                "sends the %s delta of %d colluders in round %d, %.3g times as long",
+                self.kind,
+                f,
+                view.round,
+                scale,
+            )
+            return jittered(crafted, known, jitter, view.generator)
         crafted = jittered(crafted, pooled, self.config.jitter, view.generator)
         view.say("sends the %s delta of %d colluders in round %d", self.kind, f, view.round)
         return crafted

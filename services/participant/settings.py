@@ -157,6 +157,7 @@ GROUPS = (
             "attack_boost",
             "attack_norm_bound",
             "attack_jitter",
+            "attack_fit",
         ),
     ),
     Group("participant", "PARTICIPANT_"),

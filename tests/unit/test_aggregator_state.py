@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose
+from services.aggregator.state import AggregatorState, PendingUpdate, RoundClose, RoundReport
 from services.common.settings import DefenceSettings
 from services.core.errors import NotFoundError, SpecMismatchError, StateError
 from services.core.models import build_model
@@ -262,3 +262,18 @@ def test_a_private_round_keeps_its_bound_and_report_across_a_restart(tmp_path):
     assert again.aggregate(RoundClose(0, FEDAVG, {}, DEFENCE, 0.05)) == replace(
         report, replayed=True
     )
+
+
+def test_a_round_report_keeps_its_shortened_clusters_across_a_restart():
+    """state.json keeps the last report (the answer to a round asked again): the clusters the
+    check shortened come back with it, and a report written before they were reported
+    reads back with none."""
+    import json
+
+    report = RoundReport(3, 10, {}, {0: 0.5, 1: 0.5}, {}, {}, {0: 0, 1: 0})
+    report = replace(report, shortened_clusters={1: "cluster delta 4.0x the other's"})
+    back = RoundReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert back == report
+    old = report.to_json()
+    del old["shortened_clusters"]
+    assert RoundReport.from_json(json.loads(json.dumps(old))).shortened_clusters == {}

@@ -25,6 +25,7 @@ from services.participant.collusion import (
     assumed_defence,
     defence_aware,
     evasion,
+    fitted,
     ipm,
     jittered,
     median_distance,
@@ -317,3 +318,25 @@ def test_adaptive_steering_lands_among_everyone_when_omniscient_and_lies():
     own = attack.on_pretrain(ROUND[0], View(-1, 10, torch.Generator()), ROUND[:3])
     assert float((own - ROUND[:3].mean(0)).norm()) < float((own - ROUND.mean(0)).norm())
     assert attack.on_report({"accuracy": 0.9}, omniscient()) == {"accuracy": 0.1}
+
+
+def test_fitted_colluders_send_the_longest_delta_the_rehearsed_defence_keeps():
+    """--attack-fit: colluders who know the defence's thresholds shorten their crafted delta
+    until the defence they rehearse keeps it (a bound on length lets through whatever is
+    just under it); a delta the defence keeps whole is sent whole."""
+    view = omniscient()
+    plan = rehearsal(ROUND, view, 0.0)
+    crafted = ipm(ROUND, 10.0)  # -10 x the mean: far longer than any honest delta
+    assert not plan.keeps(crafted)
+    short, scale = fitted(crafted, plan)
+    assert 0 < scale < 1 and plan.keeps(short)
+    torch.testing.assert_close(short, scale * crafted)
+    assert not plan.keeps(1.01 * short)  # a little longer is dropped
+    fedavg = rehearsal(ROUND, omniscient(defence=DefenceConfig("fedavg", 0.2, None, None, None)), 0)
+    assert fitted(crafted, fedavg) == (crafted, 1.0)
+    # the hook sends the fitted delta, jittered past the near-twin screen
+    attack = build_attack(AttackConfig("ipm", epsilon=10.0, knowledge="omniscient", fit=True))
+    sent = attack.on_pooled(ROUND, omniscient())
+    length = evasion(plan.defence, 0.0) * median_distance(plan.honest)
+    assert float((sent - short).norm()) == pytest.approx(length, rel=1e-3)
+    assert "fitted to the defence" in attack.describe()

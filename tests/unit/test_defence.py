@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -111,18 +113,76 @@ def test_of_two_clusters_the_check_keeps_a_longer_honest_one(device):
     assert "the median length" in three.rejected_clusters[1]
 
 
-def test_of_two_clusters_the_check_drops_one_colluders_won(device):
+def test_of_two_clusters_the_check_shortens_one_colluders_won(device):
     """Colluders who are most of one of two clusters and send jittered copies of one crafted
     delta (jittered ALIE: each copy an ordinary length, past the norm and near-twin
     screens) give a cluster delta as long as their copies: over 3x the honest cluster's and
-    longer than the round's median update, so it is dropped; the honest cluster stays."""
+    longer than the round's median update, so it is shortened to that median length (the
+    most an attacker who knows the bound would send anyway); the honest cluster's stays."""
     gen = torch.Generator().manual_seed(7)
     honest_rows = torch.randn(5, 200, generator=gen)  # length ~14, their mean ~6
     crafted = 2.0 * torch.randn(200, generator=gen)  # an ordinary length: ~28
     copies = crafted + 0.1 * torch.randn(4, 200, generator=gen)
     tipped = torch.cat([copies, torch.randn(1, 200, generator=gen)])  # 4 of its 5 rows
     rows = torch.cat([honest_rows, tipped]).to(device)
-    out = defend(rows, [0] * 5 + [1] * 5, DefenceConfig("fedavg", 0.2, twin_factor=None))
-    assert set(out.rejected_clusters) == {1}, out.rejected_clusters
-    assert "the round's median update length" in out.rejected_clusters[1]
-    assert set(out.cluster_deltas) == {0}
+    config = DefenceConfig("fedavg", 0.2, twin_factor=None)
+    out = defend(rows, [0] * 5 + [1] * 5, config)
+    assert not out.rejected_clusters and set(out.shortened_clusters) == {1}
+    assert "the round's median update length" in out.shortened_reasons[1]
+    median_update = float(rows.norm(dim=1).median())
+    full = tipped.to(device).mean(0)
+    shortened = out.cluster_deltas[1]
+    assert float(shortened.norm()) == pytest.approx(median_update, rel=1e-4)
+    assert out.shortened_clusters[1].scale == pytest.approx(median_update / float(full.norm()))
+    torch.testing.assert_close(shortened, full * out.shortened_clusters[1].scale)
+    torch.testing.assert_close(out.cluster_deltas[0], honest_rows.to(device).mean(0))
+    # a coordinate-wise rule's cluster delta is shortened the same way
+    median_rule = defend(rows, [0] * 5 + [1] * 5, replace(config, rule="median"))
+    assert set(median_rule.shortened_clusters) == {1}
+    assert float(median_rule.cluster_deltas[1].norm()) == pytest.approx(median_update, rel=1e-4)
+
+
+def test_a_shortened_cluster_moves_the_merged_model_only_that_far(device):
+    """What the merge adds for a shortened cluster is its shortened delta: the next model
+    moves by at most the round's median update in that cluster's direction."""
+    from services.common.settings import DefenceSettings
+    from services.core.rounds import aggregate_round
+    from services.core.strategies import get_strategy
+
+    gen = torch.Generator().manual_seed(7)
+    honest_rows = torch.randn(5, 200, generator=gen)
+    crafted = 2.0 * torch.randn(200, generator=gen)
+    tipped = torch.cat([crafted + 0.1 * torch.randn(5, 200, generator=gen)])
+    rows = torch.cat([honest_rows, tipped]).to(device)
+    base = torch.zeros(200, device=device)
+    settings = DefenceSettings(twin_factor=0.001)
+    got = aggregate_round(
+        base, rows, [0] * 5 + [1] * 5, [10] * 10, get_strategy("flclustering"), 0, {}, settings
+    )
+    assert set(got.defence.shortened_clusters) == {1} and not got.defence.rejected_clusters
+    median_update = float(rows.norm(dim=1).median())
+    deltas = {c: got.defence.cluster_results[c].apply(rows) for c in (0, 1)}
+    assert float(deltas[1].norm()) == pytest.approx(median_update, rel=1e-4)
+    assert float(deltas[1].norm()) < 0.5 * float(tipped.mean(0).norm())  # it was longer
+    assert got.cluster_weights == {0: 0.5, 1: 0.5}
+    want = base + 0.5 * deltas[0] + 0.5 * deltas[1]
+    torch.testing.assert_close(got.global_weights, want, rtol=1e-5, atol=1e-5)
+
+
+def test_central_privacy_keeps_the_shortening_of_a_cluster():
+    """Under central DP every cluster's rule becomes a clipped sum over its expected count
+    (`fixed_means`); a cluster the check shortened stays that much shorter."""
+    from services.core.rounds import fixed_means
+
+    gen = torch.Generator().manual_seed(7)
+    honest_rows = torch.randn(5, 200, generator=gen)
+    tipped = 2.0 * torch.randn(200, generator=gen) + 0.1 * torch.randn(5, 200, generator=gen)
+    out = defend(torch.cat([honest_rows, tipped]), [0] * 5 + [1] * 5, DefenceConfig("fedavg"))
+    scale = out.shortened_clusters[1].scale
+    assert 0 < scale < 1
+    fixed_means(out, {0: 4.0, 1: 4.0})
+    torch.testing.assert_close(
+        out.cluster_results[1].selection.coefficients, torch.full((5,), scale / 4.0)
+    )
+    kept = out.cluster_results[0].selection.coefficients
+    torch.testing.assert_close(kept, torch.full((5,), 0.25))
