@@ -244,9 +244,7 @@ class Rehearsal:
         whole = set(out.survivors) - set(out.shortened_clusters)
         h = self.honest.shape[0]
         return sum(
-            1
-            for j, c in enumerate(self.copies)
-            if h + j not in out.rejected_updates and c in whole
+            1 for j, c in enumerate(self.copies) if h + j not in out.rejected_updates and c in whole
         )
 
     def keeps(self, crafted: torch.Tensor) -> bool:
