@@ -23,7 +23,7 @@ process pool them.
   keeps at least half of the copies; adaptive-steering adds a pre-training delta that lands
   among the honest participants' (to be clustered with them) and lies.
 - Fitted (--attack-fit, any of the above but adaptive): the crafted delta shortened to the
-  longest the rehearsed defence keeps (`fitted`), so that no length bound drops it.
+  longest the rehearsed defence merges whole (`fitted`), so that no length bound acts on it.
 """
 
 from __future__ import annotations
