@@ -84,21 +84,17 @@ FAMILIES: dict[str, dict[str, dict[str, Any]]] = {
     "ipm": {f"eps {e:g}": {"attack": "ipm", "attack_epsilon": e} for e in (0.1, 0.5, 2.0, 10.0)},
     **{name: {"": {"attack": name}} for name in ("min-max", "min-sum", "cluster-steering")},
 }
-FAMILIES.update(
-    {
-        f"{name}-jittered": {
-            label: {**kw, "attack_jitter": JITTER} for label, kw in FAMILIES[name].items()
-        }
-        for name in ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
-    }
-)
-# Fitted: jittered, and shortened to the longest the rehearsed defence keeps (colluders who
+# The colluding attacks' evasive forms: jittered past the near-twin screen, and fitted
+# (jittered, and shortened to the longest the rehearsed defence keeps whole: colluders who
 # know its thresholds; against a defence without any, the jittered form).
+EVASIVE = {
+    "jittered": {"attack_jitter": JITTER},
+    "fitted": {"attack_jitter": JITTER, "attack_fit": True},
+}
 FAMILIES.update(
     {
-        f"{name}-fitted": {
-            label: {**kw, "attack_fit": True} for label, kw in FAMILIES[f"{name}-jittered"].items()
-        }
+        f"{name}-{form}": {label: {**kw, **extra} for label, kw in FAMILIES[name].items()}
+        for form, extra in EVASIVE.items()
         for name in ("alie", "ipm", "min-max", "min-sum", "cluster-steering")
     }
 )
@@ -108,8 +104,8 @@ COLLUDING = frozenset(FAMILIES) - set(NON_COLLUDING)
 # table of docs/benchmarks.md: alie z 4 and ipm eps 10 hurt FedAvg and the robust
 # means most). Update from the full grid's JSON.
 QUICK = {
-    **{f"alie{form}": "z 4" for form in ("", "-jittered", "-fitted")},
-    **{f"ipm{form}": "eps 10" for form in ("", "-jittered", "-fitted")},
+    **{f"alie{form}": "z 4" for form in ("", *(f"-{f}" for f in EVASIVE))},
+    **{f"ipm{form}": "eps 10" for form in ("", *(f"-{f}" for f in EVASIVE))},
 }
 KNOWLEDGE = ("own", "omniscient")
 BOTH = "-"  # the knowledge of a run that has none (clean, non-colluding): counts for both
@@ -208,7 +204,7 @@ def grid(a: Any) -> list[dict[str, Any]]:
                 for rate in a.rates:
                     for name in names:
                         family = VARIANTS[name][0]
-                        evasive = family.endswith(("-jittered", "-fitted"))
+                        evasive = family.endswith(tuple(f"-{form}" for form in EVASIVE))
                         if quick and evasive and strategy != "flclustering":
                             continue
                         for k in a.knowledge if family in COLLUDING else [BOTH]:

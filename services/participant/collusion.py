@@ -299,6 +299,20 @@ def defence_aware(
     return mean + gamma * p, gamma
 
 
+def evading(
+    crafted: torch.Tensor,
+    plan: Rehearsal,
+    pooled: torch.Tensor,
+    jitter: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One colluder's copy of `crafted`, jittered as the rehearsal's copies are: by `evasion`
+    times the median distance between the honest deltas the colluders know (their pooled
+    ones when they know none), past the near-twin screen."""
+    known = plan.honest if plan.honest.shape[0] >= 1 else pooled
+    return jittered(crafted, known, evasion(plan.defence, jitter), generator)
+
+
 def fitted(crafted: torch.Tensor, plan: Rehearsal) -> tuple[torch.Tensor, float]:
     """The crafted delta shortened to the longest the rehearsed defence keeps (at least
     half of the copies merged whole), and the factor: the attack of colluders who know the
@@ -333,8 +347,6 @@ class Colluding(Attack):
         if self.config.fit:
             plan = rehearsal(pooled, view, self.config.jitter)
             crafted, scale = fitted(crafted, plan)
-            known = plan.honest if plan.honest.shape[0] >= 1 else pooled
-            jitter = evasion(plan.defence, self.config.jitter)
             view.say(
                 "sends the %s delta of %d colluders in round %d, %.3g times as long",
                 self.kind,
@@ -342,7 +354,7 @@ class Colluding(Attack):
                 view.round,
                 scale,
             )
-            return jittered(crafted, known, jitter, view.generator)
+            return evading(crafted, plan, pooled, self.config.jitter, view.generator)
         crafted = jittered(crafted, pooled, self.config.jitter, view.generator)
         view.say("sends the %s delta of %d colluders in round %d", self.kind, f, view.round)
         return crafted
@@ -422,8 +434,7 @@ class Adaptive(Colluding):
     def on_pooled(self, pooled: torch.Tensor, view: View) -> torch.Tensor:
         plan = rehearsal(pooled, view, self.config.jitter)
         crafted, gamma = defence_aware(pooled, plan, self.config.perturbation)
-        known = plan.honest if plan.honest.shape[0] >= 1 else pooled
-        sent = jittered(crafted, known, evasion(plan.defence, self.config.jitter), view.generator)
+        sent = evading(crafted, plan, pooled, self.config.jitter, view.generator)
         view.say(
             "sends the %s delta (gamma %.3g) of %d colluders in round %d",
             self.kind,
